@@ -1,0 +1,2 @@
+//! Chunk store.
+#![forbid(unsafe_code)]
