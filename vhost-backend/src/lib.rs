@@ -8,3 +8,6 @@
 //!   the migration target.
 
 pub mod block;
+pub mod cache;
+pub mod snapshot_layer;
+pub mod source;

@@ -1,0 +1,289 @@
+//! The bottom block layer: a snapshot served read-only through the chunk cache.
+//!
+//! A read is split at chunk boundaries. A zero chunk (no key) is filled
+//! with zeroes without touching the source or the cache; any other chunk
+//! comes from the shared [`ChunkCache`], which fetches a missing chunk once
+//! however many workers want it. A chunk the source cannot read or verify
+//! fails the whole read with an `io::Error`: the layer never returns data
+//! it could not verify, and never returns a chunk of the wrong length.
+
+use std::io;
+use std::sync::Arc;
+
+use crate::block::BlockDevice;
+use crate::cache::ChunkCache;
+use crate::source::{chunk_len, ChunkSource};
+
+/// A read-only [`BlockDevice`] over a [`ChunkSource`].
+pub struct SnapshotLayer {
+    source: Arc<dyn ChunkSource>,
+    cache: Arc<ChunkCache>,
+    size: u64,
+    chunk_size: u32,
+}
+
+/// The error for every mutation of a read-only layer.
+fn read_only_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "the snapshot layer is read-only",
+    )
+}
+
+/// The error for an access outside `0..size`.
+pub(crate) fn out_of_range(offset: u64, len: u64, size: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("access of {len} bytes at offset {offset} is past the device end ({size} bytes)"),
+    )
+}
+
+/// Checks that `offset..offset + len` lies within `size`.
+pub(crate) fn check_bounds(offset: u64, len: u64, size: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(out_of_range(offset, len, size)),
+    }
+}
+
+impl SnapshotLayer {
+    /// Serves `source` through `cache` (which may be shared with other layers).
+    ///
+    /// The image size must be a multiple of 512 and the chunk size a power
+    /// of two; otherwise this returns an `InvalidInput` error.
+    pub fn new(source: Arc<dyn ChunkSource>, cache: Arc<ChunkCache>) -> io::Result<SnapshotLayer> {
+        let size = source.image_size();
+        let chunk_size = source.chunk_size();
+        if !size.is_multiple_of(512) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("image size {size} is not a multiple of 512"),
+            ));
+        }
+        if !chunk_size.is_power_of_two() || chunk_size < 512 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("chunk size {chunk_size} is not a power of two of at least 512"),
+            ));
+        }
+        Ok(SnapshotLayer {
+            source,
+            cache,
+            size,
+            chunk_size,
+        })
+    }
+
+    /// The chunk size of the snapshot.
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// Number of chunks (the last one may be short).
+    pub fn chunk_count(&self) -> u64 {
+        self.size.div_ceil(u64::from(self.chunk_size))
+    }
+
+    /// The source this layer reads.
+    pub fn source(&self) -> &Arc<dyn ChunkSource> {
+        &self.source
+    }
+
+    /// The shared chunk cache.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    /// Chunk `index` in full: `None` for a zero chunk. With `transient`,
+    /// a chunk fetched by this call is not kept in the cache (one-pass
+    /// readers such as the copier).
+    pub fn chunk(&self, index: u64, transient: bool) -> io::Result<Option<Arc<[u8]>>> {
+        let expected = chunk_len(self.size, self.chunk_size, index);
+        if expected == 0 {
+            return Err(out_of_range(
+                index.saturating_mul(u64::from(self.chunk_size)),
+                0,
+                self.size,
+            ));
+        }
+        let Some(key) = self.source.chunk_key(index)? else {
+            return Ok(None);
+        };
+        let fetch = || {
+            let mut out = Vec::with_capacity(expected);
+            self.source.read_chunk(index, &mut out)?;
+            Ok(out)
+        };
+        let data = if transient {
+            self.cache.get_or_fetch_transient(&key, fetch)?
+        } else {
+            self.cache.get_or_fetch(&key, fetch)?
+        };
+        if data.len() != expected {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "chunk {index} is {} bytes long, expected {expected}",
+                    data.len()
+                ),
+            ));
+        }
+        Ok(Some(data))
+    }
+}
+
+impl BlockDevice for SnapshotLayer {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        true
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_bounds(offset, buf.len() as u64, self.size)?;
+        let cs = u64::from(self.chunk_size);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let index = pos / cs;
+            let within = (pos % cs) as usize;
+            let take = (buf.len() - done).min(self.chunk_size as usize - within);
+            let out = &mut buf[done..done + take];
+            match self.chunk(index, false)? {
+                None => out.fill(0),
+                Some(data) => out.copy_from_slice(&data[within..within + take]),
+            }
+            done += take;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(read_only_error())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(read_only_error())
+    }
+
+    fn write_zeroes(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(read_only_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{check_read_write, VecSource};
+
+    /// An image with data, zero, duplicate chunks and a short last chunk.
+    fn test_image(chunk: usize, chunks: usize, tail: usize) -> Vec<u8> {
+        let mut data = vec![0u8; chunk * chunks + tail];
+        for (i, b) in data.iter_mut().enumerate() {
+            let c = i / chunk;
+            *b = match c % 4 {
+                1 => 0,                        // zero chunk
+                3 => (i % chunk) as u8 ^ 0x3c, // duplicate content
+                _ => (i as u64).wrapping_mul(2654435761).to_le_bytes()[2],
+            };
+        }
+        data
+    }
+
+    #[test]
+    fn reads_match_the_source_image() {
+        let image = test_image(8192, 9, 512);
+        let src = Arc::new(VecSource::new(image.clone(), 8192));
+        let layer = SnapshotLayer::new(src.clone(), Arc::new(ChunkCache::new(1 << 20))).unwrap();
+        assert!(layer.read_only());
+        assert_eq!(layer.chunk_count(), 10);
+        let mut model = image.clone();
+        check_read_write(&layer, &mut model);
+        assert_eq!(model, image);
+    }
+
+    #[test]
+    fn zero_chunks_cost_no_io_and_duplicates_are_read_once() {
+        let image = test_image(4096, 8, 0);
+        let src = Arc::new(VecSource::new(image.clone(), 4096));
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let layer = SnapshotLayer::new(src.clone(), cache.clone()).unwrap();
+        let mut buf = vec![1u8; 4096];
+        layer.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, vec![0u8; 4096]);
+        layer.read_at(&mut buf, 5 * 4096).unwrap();
+        assert_eq!(src.reads(), 0, "zero chunks must not read the source");
+        // Chunks 3 and 7 have the same content, hence the same key.
+        layer.read_at(&mut buf, 3 * 4096).unwrap();
+        layer.read_at(&mut buf, 7 * 4096).unwrap();
+        assert_eq!(buf, image[7 * 4096..8 * 4096]);
+        assert_eq!(src.reads(), 1);
+        let mut all = vec![0u8; image.len()];
+        layer.read_at(&mut all, 0).unwrap();
+        assert_eq!(all, image);
+        // Chunks 0, 2, 4, 6 and the 3/7 pair.
+        assert_eq!(src.reads(), 5);
+        assert_eq!(cache.stats().misses, 5);
+    }
+
+    #[test]
+    fn a_corrupt_chunk_is_an_error_not_data() {
+        let image = test_image(4096, 4, 0);
+        let src = Arc::new(VecSource::new(image.clone(), 4096));
+        let layer = SnapshotLayer::new(src.clone(), Arc::new(ChunkCache::new(1 << 20))).unwrap();
+        src.set_failing(2, true);
+        let mut buf = vec![0u8; 3 * 4096];
+        let err = layer.read_at(&mut buf, 4096).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // Not cached: once the chunk reads again, so does the layer.
+        src.set_failing(2, false);
+        layer.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, image[4096..4 * 4096]);
+    }
+
+    #[test]
+    fn a_short_chunk_from_the_source_is_an_error() {
+        struct Short;
+        impl ChunkSource for Short {
+            fn image_size(&self) -> u64 {
+                8192
+            }
+            fn chunk_size(&self) -> u32 {
+                4096
+            }
+            fn chunk_key(&self, index: u64) -> io::Result<Option<[u8; 32]>> {
+                Ok(Some([index as u8; 32]))
+            }
+            fn read_chunk(&self, _index: u64, out: &mut Vec<u8>) -> io::Result<()> {
+                out.clear();
+                out.resize(100, 1);
+                Ok(())
+            }
+        }
+        let layer =
+            SnapshotLayer::new(Arc::new(Short), Arc::new(ChunkCache::new(1 << 20))).unwrap();
+        let mut buf = vec![0u8; 512];
+        assert_eq!(
+            layer.read_at(&mut buf, 0).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+
+    #[test]
+    fn out_of_range_and_bad_geometry_are_errors() {
+        let src = Arc::new(VecSource::new(vec![0u8; 4096], 4096));
+        let layer = SnapshotLayer::new(src, Arc::new(ChunkCache::new(0))).unwrap();
+        let mut buf = vec![0u8; 512];
+        assert!(layer.read_at(&mut buf, u64::MAX - 10).is_err());
+        assert!(layer.read_at(&mut buf, 4096).is_err());
+        assert!(layer.chunk(1, false).is_err());
+        let odd = Arc::new(VecSource::new(vec![0u8; 1000], 512));
+        assert!(SnapshotLayer::new(odd, Arc::new(ChunkCache::new(0))).is_err());
+    }
+}
