@@ -1,1 +1,2 @@
+mod guest;
 mod integration {}
