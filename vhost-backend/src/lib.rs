@@ -7,6 +7,7 @@
 //!   overlay over the snapshot reader (through a shared chunk cache), and
 //!   the migration target.
 
+pub mod bitmap;
 pub mod block;
 pub mod cache;
 pub mod snapshot_layer;
