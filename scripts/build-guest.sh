@@ -18,16 +18,19 @@
 #
 # Guest modes (kernel command line):
 #   guestmode=check   (default) the checks above
-#   guestmode=loop    write-and-verify loop on /loop.dat, printing
-#                     "LOOP <i> OK" lines, for guestiters=<N> iterations
-#                     (default 20) or until /stop exists on the disk; then
-#                     LOOP-DONE, GUEST-DONE and power off.
+#   guestmode=loop    the checks above, then a write-and-verify loop on
+#                     /loop.dat (1 MiB per iteration: write, sync, drop
+#                     caches, read back), printing "LOOP <i> OK|BAD", for
+#                     guestiters=<N> iterations (default 20, 0 = forever)
+#                     or until the line "stop" arrives on the serial
+#                     console; then LOOP-DONE <n>, GUEST-DONE, power off.
 #
 # Console markers (one per line, greppable):
-#   GUEST-INIT <kernel release>, DISK-SERIAL: <virtio-blk serial or none>,
-#   PAYLOAD-OK | PAYLOAD-BAD, SAW-BOOTS: <files or none>,
-#   WROTE-BOOT: boot-<N>.txt, GUEST-DONE, and INITRAMFS-FAIL: <why> when
-#   the initramfs cannot mount the root disk.
+#   GUEST-INIT <kernel release> mode=<mode>, DISK-SERIAL: <virtio-blk serial
+#   or none>, PAYLOAD-OK | PAYLOAD-BAD, SAW-BOOTS: <files or none>,
+#   WROTE-BOOT: boot-<N>.txt, LOOP-READY, LOOP <i> OK|BAD, LOOP-DONE <n>,
+#   ROOT-RO (root remounted read-only, so e2fsck -fn is clean), GUEST-DONE,
+#   and INITRAMFS-FAIL: <why> when the initramfs cannot mount the root.
 #
 # Idempotent and cached: the kernel download is kept, and the images are
 # rebuilt only when this script changes. Safe to run concurrently (flock).
@@ -196,7 +199,7 @@ chmod 755 "$INITRD/init"
 
 # --- Root disk --------------------------------------------------------------
 ROOT=$WORK/root
-mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,etc}
+mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,etc}
 cp "$BUSYBOX" "$ROOT/bin/busybox"
 "$BUSYBOX" --list-full | while read -r applet; do
     [[ $applet == bin/busybox ]] && continue
@@ -252,25 +255,6 @@ else
     echo "PAYLOAD-BAD"
 fi
 
-if [ "$mode" = loop ]; then
-    i=1
-    while [ $i -le "$iters" ] && [ ! -e /stop ]; do
-        dd if=/dev/urandom of=/loop.dat bs=64k count=16 2>/dev/null
-        want=$(sha256sum /loop.dat | cut -d' ' -f1)
-        sync
-        echo 3 >/proc/sys/vm/drop_caches
-        got=$(sha256sum /loop.dat | cut -d' ' -f1)
-        if [ "$want" = "$got" ]; then
-            echo "LOOP $i OK"
-        else
-            echo "LOOP $i BAD"
-        fi
-        i=$((i + 1))
-    done
-    echo "LOOP-DONE $((i - 1))"
-    finish
-fi
-
 seen=""
 n=1
 while [ -e "/boot-$n.txt" ]; do
@@ -281,11 +265,42 @@ seen=${seen# }
 echo "SAW-BOOTS: ${seen:-none}"
 {
     echo "boot $n"
+    echo "mode: $mode"
     echo "seen: ${seen:-none}"
     echo "serial: ${serial:-none}"
 } >"/boot-$n.txt"
 sync
 echo "WROTE-BOOT: boot-$n.txt"
+
+if [ "$mode" = loop ]; then
+    # The host stops the loop by writing "stop" to the serial console.
+    mount -t tmpfs tmpfs /run
+    (
+        while read -r line; do
+            if [ "$line" = stop ]; then
+                : >/run/stop
+                break
+            fi
+        done </dev/console
+    ) &
+    echo "LOOP-READY"
+    i=0
+    while [ ! -e /run/stop ] && { [ "$iters" -eq 0 ] || [ $i -lt "$iters" ]; }; do
+        i=$((i + 1))
+        dd if=/dev/urandom of=/loop.dat bs=64k count=16 2>/dev/null
+        want=$(sha256sum /loop.dat | cut -d' ' -f1)
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+        got=$(sha256sum /loop.dat | cut -d' ' -f1)
+        if [ "$want" = "$got" ]; then
+            echo "LOOP $i OK"
+        else
+            echo "LOOP $i BAD"
+        fi
+    done
+    echo "LOOP-DONE $i"
+    umount /run 2>/dev/null
+fi
 finish
 EOF
 chmod 755 "$ROOT/sbin/init"

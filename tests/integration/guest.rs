@@ -29,7 +29,7 @@ use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -211,14 +211,28 @@ pub struct GuestOutput {
     pub timed_out: bool,
     /// QEMU start to exit (or kill).
     pub elapsed: Duration,
-    /// QEMU start to the `GUEST-DONE` line: the guest boot time.
-    pub done_after: Option<Duration>,
+    /// Console lines with their time since QEMU started.
+    pub lines: Vec<(Duration, String)>,
 }
 
 impl GuestOutput {
     /// Console lines, trimmed.
     pub fn lines(&self) -> impl Iterator<Item = &str> {
-        self.console.lines().map(str::trim)
+        self.lines.iter().map(|(_, l)| l.trim())
+    }
+
+    /// Time from QEMU start to the first console line starting with
+    /// `prefix`.
+    pub fn time_of(&self, prefix: &str) -> Option<Duration> {
+        self.lines
+            .iter()
+            .find(|(_, l)| l.trim().starts_with(prefix))
+            .map(|(t, _)| *t)
+    }
+
+    /// QEMU start to `GUEST-DONE`: the guest boot time.
+    pub fn done_after(&self) -> Option<Duration> {
+        self.time_of("GUEST-DONE")
     }
 
     /// Whether a console line equals `marker`.
@@ -290,62 +304,152 @@ impl std::fmt::Display for GuestOutput {
 
 /// Run a QEMU command until it exits or `timeout` passes (then kill it),
 /// capturing the serial console (stdout) and stderr.
-pub fn run_to_completion(mut cmd: Command, timeout: Duration) -> GuestOutput {
-    let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let stdout = child.stdout.take().expect("piped stdout");
-    let console = thread::spawn(move || {
-        let mut text = String::new();
-        let mut done_after = None;
-        let mut reader = BufReader::new(stdout);
-        let mut line = Vec::new();
-        while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
-            let s = String::from_utf8_lossy(&line);
-            if done_after.is_none() && s.trim() == "GUEST-DONE" {
-                done_after = Some(started.elapsed());
-            }
-            text.push_str(&s);
-            line.clear();
-        }
-        (text, done_after)
-    });
-    let mut stderr_pipe = child.stderr.take().expect("piped stderr");
-    let stderr = thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr_pipe.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    });
+pub fn run_to_completion(cmd: Command, timeout: Duration) -> GuestOutput {
+    RunningGuest::spawn(cmd).finish(timeout)
+}
 
-    let (status, timed_out) = wait_with_timeout(&mut child, started + timeout);
-    let elapsed = started.elapsed();
-    let (console, done_after) = console.join().expect("console reader");
-    let stderr = stderr.join().expect("stderr reader");
-    GuestOutput {
-        console,
-        stderr,
-        status,
-        timed_out,
-        elapsed,
-        done_after,
+/// Console lines seen so far, each with its time since QEMU started.
+#[derive(Default)]
+struct Console {
+    lines: Vec<(Duration, String)>,
+    closed: bool,
+}
+
+/// A QEMU process whose console is being collected. Use it when the test
+/// must act while the guest runs (wait for a marker, then send `stop` to a
+/// `guestmode=loop` guest). Killed on drop.
+pub struct RunningGuest {
+    child: Child,
+    started: Instant,
+    console: Arc<(Mutex<Console>, Condvar)>,
+    readers: Vec<thread::JoinHandle<()>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl RunningGuest {
+    /// Start QEMU (stdin piped to the serial console).
+    pub fn spawn(mut cmd: Command) -> RunningGuest {
+        let started = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let console = Arc::new((Mutex::new(Console::default()), Condvar::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let shared = Arc::clone(&console);
+        let out_reader = thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+                let (lock, cvar) = &*shared;
+                lock.lock().unwrap().lines.push((started.elapsed(), text));
+                cvar.notify_all();
+                line.clear();
+            }
+            let (lock, cvar) = &*shared;
+            lock.lock().unwrap().closed = true;
+            cvar.notify_all();
+        });
+        let mut stderr_pipe = child.stderr.take().expect("piped stderr");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let shared_err = Arc::clone(&stderr);
+        let err_reader = thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = stderr_pipe.read_to_end(&mut buf);
+            *shared_err.lock().unwrap() = String::from_utf8_lossy(&buf).into_owned();
+        });
+        RunningGuest {
+            child,
+            started,
+            console,
+            readers: vec![out_reader, err_reader],
+            stderr,
+        }
+    }
+
+    /// Wait until a console line starts with `prefix`; returns that line,
+    /// or `None` if QEMU exits or `timeout` passes first.
+    pub fn wait_for(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cvar) = &*self.console;
+        let mut console = lock.lock().unwrap();
+        loop {
+            if let Some((_, line)) = console
+                .lines
+                .iter()
+                .find(|(_, l)| l.trim().starts_with(prefix))
+            {
+                return Some(line.trim().to_owned());
+            }
+            let now = Instant::now();
+            if console.closed || now >= deadline {
+                return None;
+            }
+            console = cvar.wait_timeout(console, deadline - now).unwrap().0;
+        }
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        let (lock, _) = &*self.console;
+        let console = lock.lock().unwrap();
+        console
+            .lines
+            .iter()
+            .map(|(_, l)| format!("{l}\n"))
+            .collect()
+    }
+
+    /// Type a line on the guest's serial console.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("piped stdin");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .expect("write to QEMU serial console");
+    }
+
+    /// Wait for QEMU to exit (killing it after `timeout`) and collect the
+    /// output.
+    pub fn finish(mut self, timeout: Duration) -> GuestOutput {
+        let deadline = Instant::now() + timeout;
+        let (status, timed_out) = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break (Some(status), false),
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break (None, true);
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("wait for QEMU: {e}"),
+            }
+        };
+        let elapsed = self.started.elapsed();
+        drop(self.child.stdin.take());
+        for reader in self.readers.drain(..) {
+            reader.join().expect("console reader");
+        }
+        let lines = std::mem::take(&mut self.console.0.lock().unwrap().lines);
+        GuestOutput {
+            console: lines.iter().map(|(_, l)| format!("{l}\n")).collect(),
+            stderr: std::mem::take(&mut *self.stderr.lock().unwrap()),
+            status,
+            timed_out,
+            elapsed,
+            lines,
+        }
     }
 }
 
-fn wait_with_timeout(child: &mut Child, deadline: Instant) -> (Option<ExitStatus>, bool) {
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return (Some(status), false),
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return (None, true);
-            }
-            Ok(None) => thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("wait for QEMU: {e}"),
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -497,8 +601,9 @@ mod tests {
 
     fn report_boot_time(what: &str, out: &GuestOutput) {
         eprintln!(
-            "guest boot ({what}): {:.2?} to GUEST-DONE, {:.2?} total",
-            out.done_after.unwrap_or_default(),
+            "guest boot ({what}): {:.2?} to GUEST-INIT, {:.2?} to GUEST-DONE, {:.2?} total",
+            out.time_of("GUEST-INIT").unwrap_or_default(),
+            out.done_after().unwrap_or_default(),
             out.elapsed
         );
     }
@@ -579,18 +684,34 @@ mod tests {
     }
 
     #[test]
-    fn guest_loop_mode_writes_and_verifies() {
-        let guest = require_guest!().with_kernel_args("guestmode=loop guestiters=3");
+    fn guest_loop_mode_runs_until_told_to_stop() {
+        let guest = require_guest!().with_kernel_args("guestmode=loop guestiters=0");
         let dir = tempfile::tempdir().unwrap();
         let disk = guest.copy_root(dir.path());
 
-        let out = run_to_completion(guest.qemu_file_cmd(&disk), BOOT_TIMEOUT);
+        let mut running = RunningGuest::spawn(guest.qemu_file_cmd(&disk));
+        let second = running.wait_for("LOOP 2 ", BOOT_TIMEOUT);
+        assert_eq!(
+            second.as_deref(),
+            Some("LOOP 2 OK"),
+            "{}",
+            running.console()
+        );
+        running.send_line("stop");
+        let out = running.finish(BOOT_TIMEOUT);
+
         assert!(out.payload_ok(), "{out}");
-        for i in 1..=3 {
+        assert_eq!(out.wrote_boot(), Some("boot-1.txt"), "{out}");
+        let iterations: u32 = out
+            .value("LOOP-DONE")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no LOOP-DONE\n{out}"));
+        assert!(iterations >= 2, "{out}");
+        for i in 1..=iterations {
             assert!(out.has(&format!("LOOP {i} OK")), "iteration {i}\n{out}");
         }
-        assert!(out.has("LOOP-DONE 3"), "{out}");
         assert!(out.guest_done(), "{out}");
+        assert!(out.status.is_some_and(|s| s.success()), "{out}");
         e2fsck(&disk).unwrap();
         assert!(read_guest_file(&disk, "/loop.dat").is_some());
     }
