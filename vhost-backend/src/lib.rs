@@ -12,3 +12,4 @@ pub mod block;
 pub mod cache;
 pub mod snapshot_layer;
 pub mod source;
+pub mod state;
