@@ -1,0 +1,83 @@
+//! The daemon's status report and run-time controls.
+//!
+//! [`Status`] is the contract between the daemon and its monitors: the
+//! control socket serves it as JSON, `recovery-cli status --json` prints
+//! it unchanged, and `/metrics` renders it as Prometheus text. Fields are
+//! only ever added, never renamed.
+
+use serde::{Deserialize, Serialize};
+
+/// Where the daemon is in its life.
+///
+/// ```text
+/// serving ──(--target)──> migrating <──> paused
+///                             │
+///                             ├──> complete   (all I/O passes to the target)
+///                             └──> failed     (reason in `Status::error`)
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Serving from the store and overlay; no migration target.
+    Serving,
+    /// The copier is moving chunks to the target.
+    Migrating,
+    /// The copier is paused by the operator.
+    Paused,
+    /// Every chunk is on the target; I/O passes straight to it.
+    Complete,
+    /// The migration stopped on an error it cannot get past.
+    Failed,
+}
+
+/// A point-in-time report of everything an operator watches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: State,
+    /// Why the state is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub snapshot: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+
+    pub bytes_total: u64,
+    pub bytes_migrated: u64,
+    pub bytes_copied_on_read: u64,
+    pub chunks_total: u64,
+    pub chunks_migrated: u64,
+    /// Chunks the copier could not read (corrupt or missing in the store).
+    pub chunks_failed: u64,
+    /// Copy rate over a recent window, in bytes per second.
+    pub copy_rate: f64,
+    /// The configured rate limit in bytes per second; 0 means unlimited.
+    pub rate_limit: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+
+    pub guest_read_ops: u64,
+    pub guest_read_bytes: u64,
+    pub guest_write_ops: u64,
+    pub guest_write_bytes: u64,
+    pub guest_flush_ops: u64,
+    /// Guest requests that completed with an I/O error status.
+    pub guest_io_errors: u64,
+
+    /// Bytes of guest data held in the overlay.
+    pub overlay_bytes: u64,
+    /// Chunk cache hits / (hits + misses), 0.0 before the first lookup.
+    pub cache_hit_rate: f64,
+    pub uptime_seconds: f64,
+}
+
+/// Commands an operator sends to a running daemon.
+pub trait Control: Send + Sync {
+    /// A fresh status report.
+    fn status(&self) -> Status;
+    /// Stops the copier after its in-flight chunks; guest I/O continues.
+    fn pause(&self) -> Result<(), String>;
+    /// Restarts a paused copier.
+    fn resume(&self) -> Result<(), String>;
+    /// Sets the copy rate limit in bytes per second; 0 means unlimited.
+    fn set_rate(&self, bytes_per_second: u64) -> Result<(), String>;
+}
