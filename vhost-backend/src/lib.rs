@@ -10,6 +10,7 @@
 pub mod bitmap;
 pub mod block;
 pub mod cache;
+pub mod overlay;
 pub mod snapshot_layer;
 pub mod source;
 pub mod state;
