@@ -1,0 +1,262 @@
+//! On-disk format constants and fixed-size headers.
+//!
+//! DO NOT MODIFY the magic numbers, versions or layouts in this file: stores
+//! written by released versions must stay readable. A format change means a
+//! new version number and code that reads both.
+//!
+//! All integers are little-endian. Every header's size is asserted at compile
+//! time against the sum of its fields.
+
+use thiserror::Error;
+
+/// `format` value of `config.json`.
+pub const CONFIG_FORMAT: &str = "instant-recovery-store";
+/// Version of the store layout recorded in `config.json`.
+pub const STORE_VERSION: u32 = 1;
+
+/// Smallest allowed chunk size (4 KiB).
+pub const MIN_CHUNK_SIZE: u32 = 4 << 10;
+/// Largest allowed chunk size (4 MiB).
+pub const MAX_CHUNK_SIZE: u32 = 4 << 20;
+/// Default chunk size (64 KiB).
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
+
+/// Magic of a pack file.
+pub const PACK_MAGIC: [u8; 8] = *b"IRPACK\0\0";
+/// Version of the pack format.
+pub const PACK_VERSION: u32 = 1;
+/// Pack header: magic, version, reserved.
+pub const PACK_HEADER_LEN: usize = 16;
+const _: () = assert!(PACK_HEADER_LEN == 8 + 4 + 4);
+
+/// Chunk record header: id, raw_len, stored_len, flags, check.
+pub const RECORD_HEADER_LEN: usize = 48;
+const _: () = assert!(RECORD_HEADER_LEN == 32 + 4 + 4 + 4 + 4);
+/// Record flag: the data is lz4 (block format) compressed.
+pub const RECORD_FLAG_COMPRESSED: u32 = 1;
+
+/// Magic of a per-pack index file.
+pub const IDX_MAGIC: [u8; 8] = *b"IRIDX\0\0\0";
+/// Version of the per-pack index format.
+pub const IDX_VERSION: u32 = 1;
+/// Per-pack index header: magic, version, reserved, entry count, pack id.
+pub const IDX_HEADER_LEN: usize = 40;
+const _: () = assert!(IDX_HEADER_LEN == 8 + 4 + 4 + 8 + 16);
+/// Per-pack index entry: id, offset, stored_len, raw_len.
+pub const IDX_ENTRY_LEN: usize = 48;
+const _: () = assert!(IDX_ENTRY_LEN == 32 + 8 + 4 + 4);
+
+/// Magic of a merged index file.
+pub const MIDX_MAGIC: [u8; 8] = *b"IRMIDX\0\0";
+/// Version of the merged index format.
+pub const MIDX_VERSION: u32 = 1;
+/// Merged index header: magic, version, fanout bits, generation, pack count,
+/// entry count, blake3 of (header with this field zeroed + pack table + fanout).
+pub const MIDX_HEADER_LEN: usize = 72;
+const _: () = assert!(MIDX_HEADER_LEN == 8 + 4 + 4 + 8 + 8 + 8 + 32);
+/// Merged index entry: id, pack number, stored_len, offset.
+pub const MIDX_ENTRY_LEN: usize = 48;
+const _: () = assert!(MIDX_ENTRY_LEN == 32 + 4 + 4 + 8);
+/// Fanout of the merged index: buckets by the first 16 bits of the id.
+pub const MIDX_FANOUT_BITS: u32 = 16;
+
+/// Magic of a snapshot manifest.
+pub const MANIFEST_MAGIC: [u8; 8] = *b"IRSNAP\0\0";
+/// Version of the manifest format.
+pub const MANIFEST_VERSION: u32 = 1;
+/// Manifest header: magic, version, chunk size, image size, chunk count,
+/// created (µs since epoch), metadata length, reserved, blake3 of
+/// (header with this field zeroed + metadata).
+pub const MANIFEST_HEADER_LEN: usize = 80;
+const _: () = assert!(MANIFEST_HEADER_LEN == 8 + 4 + 4 + 8 + 8 + 8 + 4 + 4 + 32);
+/// Largest accepted manifest metadata (JSON) length.
+pub const MANIFEST_MAX_META_LEN: u32 = 64 << 10;
+/// Trailing checksum length (blake3) of idx, midx and manifest files.
+pub const TRAILER_LEN: usize = 32;
+
+/// A decoding failure of an on-disk structure.
+#[derive(Debug, Error)]
+pub enum FormatError {
+    /// The magic number does not match.
+    #[error("Bad magic in {what}")]
+    BadMagic { what: &'static str },
+    /// The version is not one this program reads.
+    #[error("Unsupported {what} version {version} (supported: {supported})")]
+    UnsupportedVersion {
+        what: &'static str,
+        version: u32,
+        supported: u32,
+    },
+    /// A checksum does not match.
+    #[error("Checksum mismatch in {what}")]
+    BadChecksum { what: &'static str },
+    /// A field has an impossible value.
+    #[error("Invalid {what}: {detail}")]
+    Invalid { what: &'static str, detail: String },
+}
+
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+pub(crate) fn arr32_at(b: &[u8], at: usize) -> [u8; 32] {
+    let mut x = [0u8; 32];
+    x.copy_from_slice(&b[at..at + 32]);
+    x
+}
+
+pub(crate) fn check_magic_version(
+    b: &[u8],
+    magic: &[u8; 8],
+    version: u32,
+    what: &'static str,
+) -> Result<(), FormatError> {
+    if b.len() < 12 || &b[..8] != magic {
+        return Err(FormatError::BadMagic { what });
+    }
+    let v = u32_at(b, 8);
+    if v != version {
+        return Err(FormatError::UnsupportedVersion {
+            what,
+            version: v,
+            supported: version,
+        });
+    }
+    Ok(())
+}
+
+/// Header of one chunk record in a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub id: [u8; 32],
+    pub raw_len: u32,
+    pub stored_len: u32,
+    pub flags: u32,
+}
+
+impl RecordHeader {
+    fn check(b: &[u8]) -> u32 {
+        let h = blake3::hash(&b[..44]);
+        u32_at(h.as_bytes(), 0)
+    }
+
+    /// Encode, including the header check word.
+    pub fn encode(&self) -> [u8; RECORD_HEADER_LEN] {
+        let mut b = [0u8; RECORD_HEADER_LEN];
+        b[..32].copy_from_slice(&self.id);
+        b[32..36].copy_from_slice(&self.raw_len.to_le_bytes());
+        b[36..40].copy_from_slice(&self.stored_len.to_le_bytes());
+        b[40..44].copy_from_slice(&self.flags.to_le_bytes());
+        let c = Self::check(&b);
+        b[44..48].copy_from_slice(&c.to_le_bytes());
+        b
+    }
+
+    /// Decode and validate the check word and lengths.
+    pub fn decode(b: &[u8]) -> Result<RecordHeader, FormatError> {
+        if b.len() < RECORD_HEADER_LEN {
+            return Err(FormatError::Invalid {
+                what: "chunk record",
+                detail: "truncated header".into(),
+            });
+        }
+        if Self::check(b) != u32_at(b, 44) {
+            return Err(FormatError::BadChecksum {
+                what: "chunk record header",
+            });
+        }
+        let h = RecordHeader {
+            id: arr32_at(b, 0),
+            raw_len: u32_at(b, 32),
+            stored_len: u32_at(b, 36),
+            flags: u32_at(b, 40),
+        };
+        if h.raw_len > MAX_CHUNK_SIZE
+            || h.flags & !RECORD_FLAG_COMPRESSED != 0
+            || (h.flags & RECORD_FLAG_COMPRESSED == 0 && h.stored_len != h.raw_len)
+            || h.stored_len > MAX_CHUNK_SIZE + MAX_CHUNK_SIZE / 64 + 64
+        {
+            return Err(FormatError::Invalid {
+                what: "chunk record",
+                detail: format!(
+                    "raw_len {} stored_len {} flags {:#x}",
+                    h.raw_len, h.stored_len, h.flags
+                ),
+            });
+        }
+        Ok(h)
+    }
+}
+
+/// Encode a pack header.
+pub fn pack_header() -> [u8; PACK_HEADER_LEN] {
+    let mut b = [0u8; PACK_HEADER_LEN];
+    b[..8].copy_from_slice(&PACK_MAGIC);
+    b[8..12].copy_from_slice(&PACK_VERSION.to_le_bytes());
+    b
+}
+
+/// Validate a pack header.
+pub fn check_pack_header(b: &[u8]) -> Result<(), FormatError> {
+    check_magic_version(b, &PACK_MAGIC, PACK_VERSION, "pack")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_header_round_trip_and_check() {
+        let h = RecordHeader {
+            id: [7; 32],
+            raw_len: 65536,
+            stored_len: 1000,
+            flags: RECORD_FLAG_COMPRESSED,
+        };
+        let mut b = h.encode();
+        assert_eq!(RecordHeader::decode(&b).unwrap(), h);
+        b[33] ^= 1;
+        assert!(matches!(
+            RecordHeader::decode(&b),
+            Err(FormatError::BadChecksum { .. })
+        ));
+    }
+
+    #[test]
+    fn record_header_rejects_absurd_lengths() {
+        let h = RecordHeader {
+            id: [1; 32],
+            raw_len: u32::MAX,
+            stored_len: 10,
+            flags: 1,
+        };
+        assert!(RecordHeader::decode(&h.encode()).is_err());
+        let h = RecordHeader {
+            id: [1; 32],
+            raw_len: 10,
+            stored_len: 11,
+            flags: 0,
+        };
+        assert!(RecordHeader::decode(&h.encode()).is_err());
+    }
+
+    #[test]
+    fn pack_header_versions() {
+        assert!(check_pack_header(&pack_header()).is_ok());
+        let mut b = pack_header();
+        b[8] = 9;
+        assert!(matches!(
+            check_pack_header(&b),
+            Err(FormatError::UnsupportedVersion { version: 9, .. })
+        ));
+        assert!(check_pack_header(b"garbage garbage!").is_err());
+    }
+}

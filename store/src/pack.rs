@@ -1,0 +1,192 @@
+//! Pack files (`packs/<2 hex>/<pack>.pack`): immutable concatenations of
+//! self-describing chunk records.
+//!
+//! Layout: a 16-byte header (magic, version), then records, each a 48-byte
+//! [`RecordHeader`](crate::format::RecordHeader) (chunk id, raw length,
+//! stored length, flags, header check) followed by the stored data. Because
+//! records describe themselves, an index can be rebuilt from the packs alone.
+//!
+//! [`PackWriter`] fills a reusable in-memory buffer up to the target size
+//! (~32 MiB), then publishes the pack (temp file, fsync, rename, fsync dir)
+//! and only then its per-pack index: an index never names a pack that is not
+//! durable.
+
+use tracing::debug;
+
+use crate::backend::Backend;
+use crate::error::{IoContext, Result};
+use crate::format::{
+    check_pack_header, pack_header, FormatError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
+};
+use crate::id::{ChunkId, PackId};
+use crate::index::idx::{self, IdxEntry};
+
+/// Default target size of a pack.
+pub const PACK_TARGET_SIZE: usize = 32 << 20;
+
+/// Accumulates records and publishes packs with their index.
+#[derive(Debug)]
+pub struct PackWriter {
+    buf: Vec<u8>,
+    entries: Vec<IdxEntry>,
+    target: usize,
+}
+
+/// A pack that has been published.
+#[derive(Debug)]
+pub struct PublishedPack {
+    pub id: PackId,
+    pub entries: Vec<IdxEntry>,
+    /// Pack file size in bytes.
+    pub size: u64,
+}
+
+impl PackWriter {
+    /// A writer that publishes once a pack reaches `target` bytes.
+    pub fn new(target: usize) -> PackWriter {
+        let mut buf = Vec::with_capacity(target + (4 << 20) + 4096);
+        buf.extend_from_slice(&pack_header());
+        PackWriter {
+            buf,
+            entries: Vec::new(),
+            target,
+        }
+    }
+
+    /// Append one encoded record (header + data, as made by
+    /// [`encode_record`](crate::chunk::encode_record)).
+    pub fn add(&mut self, id: ChunkId, raw_len: u32, record: &[u8]) {
+        self.entries.push(IdxEntry {
+            id,
+            offset: self.buf.len() as u64,
+            stored_len: (record.len() - RECORD_HEADER_LEN) as u32,
+            raw_len,
+        });
+        self.buf.extend_from_slice(record);
+    }
+
+    /// True once the pack reached its target size.
+    pub fn is_full(&self) -> bool {
+        self.buf.len() >= self.target
+    }
+
+    /// True when no record was added since the last publish.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Publish the pack, then its index; resets the writer. Returns `None`
+    /// when there was nothing to publish.
+    pub fn publish(&mut self, backend: &dyn Backend) -> Result<Option<PublishedPack>> {
+        if self.entries.is_empty() {
+            return Ok(None);
+        }
+        let id = PackId::random();
+        let key = id.pack_key();
+        backend
+            .put(&key, &self.buf)
+            .ctx(|| format!("Failed to write pack {key}"))?;
+        let mut entries = std::mem::take(&mut self.entries);
+        let idx_bytes = idx::encode(&id, &mut entries);
+        let idx_key = id.idx_key();
+        backend
+            .put(&idx_key, &idx_bytes)
+            .ctx(|| format!("Failed to write pack index {idx_key}"))?;
+        let size = self.buf.len() as u64;
+        debug!(pack = %id, size, chunks = entries.len(), "published pack");
+        self.buf.truncate(PACK_HEADER_LEN);
+        Ok(Some(PublishedPack { id, entries, size }))
+    }
+}
+
+/// One record found by [`scan`].
+#[derive(Debug)]
+pub struct ScannedRecord<'a> {
+    pub offset: u64,
+    pub header: RecordHeader,
+    /// Header and data.
+    pub record: &'a [u8],
+}
+
+/// Walk the records of a whole pack held in memory. Stops with an error at
+/// the first damaged header (later records cannot be located).
+pub fn scan(pack: &[u8]) -> impl Iterator<Item = Result<ScannedRecord<'_>, FormatError>> + '_ {
+    let mut at = PACK_HEADER_LEN;
+    let mut failed = check_pack_header(pack).err();
+    std::iter::from_fn(move || {
+        if let Some(e) = failed.take() {
+            at = pack.len();
+            return Some(Err(e));
+        }
+        if at >= pack.len() {
+            return None;
+        }
+        let header = match RecordHeader::decode(&pack[at..]) {
+            Ok(h) => h,
+            Err(e) => {
+                at = pack.len();
+                return Some(Err(e));
+            }
+        };
+        let end = at + RECORD_HEADER_LEN + header.stored_len as usize;
+        if end > pack.len() {
+            at = pack.len();
+            return Some(Err(FormatError::Invalid {
+                what: "pack",
+                detail: "truncated record".into(),
+            }));
+        }
+        let rec = ScannedRecord {
+            offset: at as u64,
+            header,
+            record: &pack[at..end],
+        };
+        at = end;
+        Some(Ok(rec))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::LocalBackend;
+    use crate::chunk::{decode_record, encode_record};
+
+    #[test]
+    fn publish_then_scan_and_index_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        let mut w = PackWriter::new(1 << 20);
+        assert!(w.publish(&b).unwrap().is_none());
+        let mut rec = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..50u32 {
+            let data = vec![i as u8; 4096 + i as usize];
+            let id = ChunkId::of(&data);
+            rec.clear();
+            encode_record(&id, &data, &mut rec);
+            w.add(id, data.len() as u32, &rec);
+            ids.push((id, data));
+        }
+        let p = w.publish(&b).unwrap().unwrap();
+        assert!(w.is_empty());
+        let bytes = b.read(&p.id.pack_key()).unwrap();
+        assert_eq!(bytes.len() as u64, p.size);
+        let (pid, entries) = idx::decode(&b.read(&p.id.idx_key()).unwrap()).unwrap();
+        assert_eq!(pid, p.id);
+        assert_eq!(entries.len(), 50);
+        let scanned: Vec<_> = scan(&bytes).map(|r| r.unwrap()).collect();
+        assert_eq!(scanned.len(), 50);
+        let mut out = Vec::new();
+        for e in &entries {
+            let s = scanned.iter().find(|s| s.offset == e.offset).unwrap();
+            decode_record(s.record, &e.id, e.stored_len, &mut out).unwrap();
+            let (_, data) = ids.iter().find(|(id, _)| *id == e.id).unwrap();
+            assert_eq!(&out, data);
+        }
+        // A damaged header stops the scan with an error.
+        let mut bad = bytes.clone();
+        bad[PACK_HEADER_LEN + 40] ^= 0xff;
+        assert!(scan(&bad).next().unwrap().is_err());
+    }
+}

@@ -1,0 +1,335 @@
+//! [`Store`]: opening a store and reading verified chunks.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tracing::{debug, info};
+
+use crate::backend::{Backend, LocalBackend, Object};
+use crate::chunk::decode_record;
+use crate::config::{Config, CONFIG_KEY};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::RECORD_HEADER_LEN;
+use crate::id::{ChunkId, PackId};
+use crate::index::{self, IndexView, Loc};
+use crate::lock::{WriterLock, LOCK_FILE};
+use crate::snapshot::manifest::read_header;
+use crate::snapshot::reader::SnapshotReader;
+use crate::snapshot::{self, SnapshotInfo};
+
+const PACK_CACHE: usize = 256;
+
+/// A chunk store. Cheap to clone; `Send + Sync`.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    backend: Arc<dyn Backend>,
+    config: Config,
+    index: RwLock<Arc<IndexView>>,
+    packs: Mutex<HashMap<PackId, Arc<dyn Object>>>,
+}
+
+thread_local! {
+    static RECORD_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Store {
+    /// Create a new store at `path` (a missing or empty directory).
+    pub fn init(path: &Path, chunk_size: u32) -> Result<Store> {
+        let config = Config::new(chunk_size)?;
+        match fs::read_dir(path) {
+            Ok(mut rd) => {
+                if path.join(CONFIG_KEY).exists() {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!("A store already exists at {}", path.display()),
+                    ));
+                }
+                if rd.next().is_some() {
+                    return Err(Error::invalid(format!(
+                        "Cannot create a store in {}: directory is not empty",
+                        path.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(path)
+                    .map_err(|e| Error::io_path("Failed to create store directory", path, e))?;
+            }
+            Err(e) => return Err(Error::io_path("Failed to read directory", path, e)),
+        }
+        let backend = LocalBackend::new(path);
+        for d in ["packs", "index", "snapshots", "tmp"] {
+            fs::create_dir_all(path.join(d))
+                .map_err(|e| Error::io_path("Failed to create", &path.join(d), e))?;
+        }
+        fs::write(path.join(LOCK_FILE), b"")
+            .map_err(|e| Error::io_path("Failed to create", &path.join(LOCK_FILE), e))?;
+        backend
+            .put(CONFIG_KEY, &config.to_json())
+            .map_err(|e| Error::io_path("Failed to write", &path.join(CONFIG_KEY), e))?;
+        crate::backend::sync_dir(path).map_err(|e| Error::io_path("Failed to sync", path, e))?;
+        info!(path = %path.display(), chunk_size, "initialised store");
+        Store::open(path)
+    }
+
+    /// Open the store at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        match fs::metadata(path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::new(
+                    ErrorKind::NotAStore,
+                    format!("{} is not a store (not a directory)", path.display()),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::not_found(format!(
+                    "Store {} does not exist",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(Error::io_path("Failed to open store", path, e)),
+        }
+        let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(path));
+        let bytes = match backend.read(CONFIG_KEY) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::new(
+                    ErrorKind::NotAStore,
+                    format!("{} is not a store (no config.json)", path.display()),
+                ))
+            }
+            Err(e) => return Err(Error::io_path("Failed to read", &path.join(CONFIG_KEY), e)),
+        };
+        let config = Config::parse(&bytes, &path.display().to_string())?;
+        let view = IndexView::load(backend.as_ref())?;
+        debug!(path = %path.display(), chunks = view.chunk_count(), "opened store");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                root: path.to_path_buf(),
+                backend,
+                config,
+                index: RwLock::new(Arc::new(view)),
+                packs: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The store directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> u32 {
+        self.inner.config.chunk_size
+    }
+
+    /// The storage backend.
+    pub fn backend(&self) -> &dyn Backend {
+        self.inner.backend.as_ref()
+    }
+
+    /// The current index view.
+    pub fn index(&self) -> Arc<IndexView> {
+        match self.inner.index.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub(crate) fn set_index(&self, view: IndexView) {
+        let view = Arc::new(view);
+        match self.inner.index.write() {
+            Ok(mut g) => *g = view,
+            Err(p) => *p.into_inner() = view,
+        }
+    }
+
+    /// Reload the index from the backend (to see chunks published since open).
+    pub fn reload_index(&self) -> Result<()> {
+        let view = IndexView::load(self.backend())?;
+        self.set_index(view);
+        Ok(())
+    }
+
+    /// Take the writer lock, remove leftovers of crashed writers (temp files,
+    /// superseded index files) and refresh the index.
+    pub(crate) fn lock_writer(&self) -> Result<WriterLock> {
+        let lock = WriterLock::acquire(self.path())?;
+        let n = self
+            .backend()
+            .clean_temp()
+            .ctx(|| "Failed to clean the store's tmp directory".into())?;
+        if n > 0 {
+            info!(files = n, "removed leftover temporary files");
+        }
+        let view = IndexView::load(self.backend())?;
+        index::cleanup(self.backend(), &view)?;
+        self.set_index(view);
+        Ok(lock)
+    }
+
+    fn pack_object(&self, pack: &PackId) -> Result<Arc<dyn Object>> {
+        let mut cache = match self.inner.packs.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(o) = cache.get(pack) {
+            return Ok(o.clone());
+        }
+        let key = pack.pack_key();
+        let obj = self
+            .backend()
+            .open(&key)
+            .ctx(|| format!("Failed to open pack {key}"))?;
+        if cache.len() >= PACK_CACHE {
+            if let Some(k) = cache.keys().next().copied() {
+                cache.remove(&k);
+            }
+        }
+        cache.insert(*pack, obj.clone());
+        Ok(obj)
+    }
+
+    /// Read and verify the chunk at `loc`.
+    pub(crate) fn read_loc(&self, id: &ChunkId, loc: &Loc, out: &mut Vec<u8>) -> Result<()> {
+        let obj = self.pack_object(&loc.pack)?;
+        let where_ = || format!("pack {} at offset {}", loc.pack, loc.offset);
+        RECORD_BUF.with(|buf| {
+            let mut rec = buf.borrow_mut();
+            rec.resize(RECORD_HEADER_LEN + loc.stored_len as usize, 0);
+            obj.read_at(&mut rec, loc.offset).map_err(|e| {
+                Error::io(format!("Failed to read chunk {id} from {}", where_()), e).with_chunk(*id)
+            })?;
+            decode_record(&rec, id, loc.stored_len, out).map_err(|e| {
+                Error::corrupt(format!("Chunk {id} in {} is corrupt", where_()))
+                    .with_source(e)
+                    .with_chunk(*id)
+            })
+        })
+    }
+
+    /// Find a chunk, reloading the index once on a miss.
+    pub fn locate(&self, id: &ChunkId) -> Result<Option<Loc>> {
+        if let Some(loc) = self.index().lookup(id)? {
+            return Ok(Some(loc));
+        }
+        self.reload_index()?;
+        self.index().lookup(id)
+    }
+
+    /// Read the verified plaintext of chunk `id` into `out`.
+    ///
+    /// If the chunk or its pack is missing (a backup or gc published a new
+    /// index since this store was opened), reloads the index and retries once.
+    pub fn read_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        let missing =
+            || Error::not_found(format!("Chunk {id} is not in the index")).with_chunk(*id);
+        let loc = self.locate(id)?.ok_or_else(missing)?;
+        match self.read_loc(id, &loc, out) {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                debug!(chunk = %id, "pack gone, reloading index");
+                self.reload_index()?;
+                let loc = self.index().lookup(id)?.ok_or_else(missing)?;
+                self.read_loc(id, &loc, out)
+            }
+            other => other,
+        }
+    }
+
+    /// Snapshots (of one image name, or all), oldest first.
+    pub fn snapshots(&self, name: Option<&str>) -> Result<Vec<SnapshotInfo>> {
+        let mut out = Vec::new();
+        for l in snapshot::list(self.backend(), name, false)? {
+            match self.load_info(&l) {
+                Ok(i) => out.push(i),
+                // Forgotten between listing and opening.
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn load_info(&self, l: &snapshot::Listed) -> Result<SnapshotInfo> {
+        let key = l.key();
+        let obj = self
+            .backend()
+            .open(&key)
+            .ctx(|| format!("Failed to open snapshot manifest {key}"))?;
+        Ok(read_header(obj.as_ref(), &key)?.info)
+    }
+
+    /// Resolve `NAME`, `NAME@ID` or `ID`.
+    pub fn resolve(&self, reference: &str) -> Result<SnapshotInfo> {
+        let l = snapshot::resolve(self.backend(), reference)?;
+        self.load_info(&l)
+    }
+
+    /// Open a snapshot for reading; the reader holds the snapshot's shared
+    /// lock, which keeps gc from reclaiming it.
+    pub fn open_snapshot(&self, reference: &str) -> Result<SnapshotReader> {
+        let l = snapshot::resolve(self.backend(), reference)?;
+        SnapshotReader::open(self, &l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_open_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let s = Store::init(&p, 4096).unwrap();
+        assert_eq!(s.chunk_size(), 4096);
+        assert_eq!(
+            Store::init(&p, 4096).unwrap_err().kind(),
+            ErrorKind::AlreadyExists
+        );
+        assert_eq!(Store::open(&p).unwrap().chunk_size(), 4096);
+        let e = Store::open(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        assert_eq!(
+            Store::open(dir.path()).unwrap_err().kind(),
+            ErrorKind::NotAStore
+        );
+        assert_eq!(
+            Store::init(dir.path(), 4096).unwrap_err().kind(),
+            ErrorKind::InvalidInput,
+            "non-empty dir"
+        );
+        fs::write(
+            p.join("config.json"),
+            br#"{"format":"instant-recovery-store","version":7,"chunk_size":4096}"#,
+        )
+        .unwrap();
+        let e = Store::open(&p).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnsupportedVersion);
+    }
+
+    #[test]
+    fn missing_chunk_and_snapshot_are_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::init(dir.path(), 4096).unwrap();
+        let mut out = Vec::new();
+        let e = s.read_chunk(&ChunkId::of(b"x"), &mut out).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(e.chunk(), Some(&ChunkId::of(b"x")));
+        assert_eq!(s.resolve("web").unwrap_err().kind(), ErrorKind::NotFound);
+        assert!(s.snapshots(None).unwrap().is_empty());
+    }
+}
