@@ -1,2 +1,3 @@
+mod device_blkio;
 mod guest;
 mod integration {}

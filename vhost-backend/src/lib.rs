@@ -7,10 +7,16 @@
 //!   overlay over the snapshot reader (through a shared chunk cache), and
 //!   the migration target.
 
+pub mod backend;
 pub mod bitmap;
 pub mod block;
 pub mod cache;
+pub mod mem_device;
 pub mod overlay;
+pub mod request;
+pub mod serve;
 pub mod snapshot_layer;
 pub mod source;
 pub mod state;
+pub mod wire;
+pub mod worker;

@@ -1,0 +1,494 @@
+//! The vhost-user-blk device driven by a real client: libblkio's
+//! `virtio-blk-vhost-user` driver over a socket in a temp dir.
+//!
+//! Every I/O buffer lives in one blkio memory region (`alloc_mem_region` +
+//! `map_mem_region`, a memfd shared with the server). The test reads and
+//! fills that region through `/proc/self/fd/N`, the same memfd, so it needs
+//! no raw pointer dereferences.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use rand::{Rng, RngCore, SeedableRng};
+use vhost_backend::backend::DeviceConfig;
+use vhost_backend::block::BlockDevice;
+use vhost_backend::mem_device::MemDevice;
+use vhost_backend::serve::{BlockServer, StopHandle};
+
+const MIB: usize = 1 << 20;
+
+/// A server thread on a socket in its own temp dir.
+struct Server {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    stop: StopHandle,
+    thread: Option<JoinHandle<vhost_backend::serve::Result<()>>>,
+}
+
+impl Server {
+    fn start(dev: Arc<dyn BlockDevice>, cfg: DeviceConfig) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blk.sock");
+        let server = BlockServer::new(dev, cfg).unwrap();
+        let listening = server.bind(&path).unwrap();
+        let stop = StopHandle::new().unwrap();
+        let thread_stop = stop.clone();
+        let thread = thread::spawn(move || server.serve(listening, &thread_stop));
+        Server {
+            _dir: dir,
+            path,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn shutdown(mut self) -> vhost_backend::serve::Result<()> {
+        self.stop.stop();
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A blkio client with one mapped memory region.
+struct Client {
+    blkio: Blkio,
+    queues: Vec<Blkioq>,
+    region: MemoryRegion,
+    mem: File,
+}
+
+/// Outcome of one request: Ok or the negative errno blkio reported.
+type Outcome = Result<(), i32>;
+
+impl Client {
+    fn connect(path: &Path, num_queues: i32, read_only: bool, region_len: usize) -> Client {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
+        blkio.set_str("path", path.to_str().unwrap()).unwrap();
+        blkio.set_bool("read-only", read_only).unwrap();
+        blkio.connect().unwrap();
+        blkio.set_i32("num-queues", num_queues).unwrap();
+        let queues = blkio.start().unwrap().queues;
+        let region = blkio.alloc_mem_region(region_len).unwrap();
+        blkio.map_mem_region(&region).unwrap();
+        let mem = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{}", region.fd))
+            .unwrap();
+        Client {
+            blkio,
+            queues,
+            region,
+            mem,
+        }
+    }
+
+    fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").unwrap()
+    }
+
+    fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        read_via(&mut self.queues[q], &self.region, &self.mem, 0, offset, len)
+    }
+
+    fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> Outcome {
+        write_via(
+            &mut self.queues[q],
+            &self.region,
+            &self.mem,
+            0,
+            offset,
+            data,
+        )
+    }
+
+    fn flush(&mut self) -> Outcome {
+        self.queues[0].flush(0, ReqFlags::empty());
+        complete(&mut self.queues[0])
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Outcome {
+        self.queues[0].discard(offset, len, 0, ReqFlags::empty());
+        complete(&mut self.queues[0])
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Outcome {
+        self.queues[0].write_zeroes(offset, len, 0, ReqFlags::empty());
+        complete(&mut self.queues[0])
+    }
+}
+
+/// Waits for one completion and returns its outcome.
+fn complete(q: &mut Blkioq) -> Outcome {
+    let mut completions = [const { MaybeUninit::<Completion>::uninit() }; 1];
+    let mut timeout = Duration::from_secs(30);
+    let n = q
+        .do_io(&mut completions, 1, Some(&mut timeout), None)
+        .unwrap();
+    assert_eq!(n, 1, "request timed out");
+    // SAFETY: do_io returned 1, so it initialised the first completion.
+    let c = unsafe { completions[0].assume_init_read() };
+    if c.ret == 0 {
+        Ok(())
+    } else {
+        Err(c.ret)
+    }
+}
+
+fn read_via(
+    q: &mut Blkioq,
+    region: &MemoryRegion,
+    mem: &File,
+    region_off: usize,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, i32> {
+    assert!(region_off + len <= region.len);
+    // Poison the buffer so stale data cannot pass for a read.
+    mem.write_all_at(&vec![0xa5; len], region_off as u64)
+        .unwrap();
+    q.read(
+        offset,
+        (region.addr + region_off) as *mut u8,
+        len,
+        0,
+        ReqFlags::empty(),
+    );
+    complete(q)?;
+    let mut out = vec![0u8; len];
+    mem.read_exact_at(&mut out, region_off as u64).unwrap();
+    Ok(out)
+}
+
+fn write_via(
+    q: &mut Blkioq,
+    region: &MemoryRegion,
+    mem: &File,
+    region_off: usize,
+    offset: u64,
+    data: &[u8],
+) -> Outcome {
+    assert!(region_off + data.len() <= region.len);
+    mem.write_all_at(data, region_off as u64).unwrap();
+    q.write(
+        offset,
+        (region.addr + region_off) as *const u8,
+        data.len(),
+        0,
+        ReqFlags::empty(),
+    );
+    complete(q)
+}
+
+fn random_image(len: usize, seed: u64) -> Vec<u8> {
+    let mut image = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut image);
+    image
+}
+
+fn config(num_queues: usize) -> DeviceConfig {
+    DeviceConfig {
+        num_queues,
+        serial: "test-disk".into(),
+        ..DeviceConfig::default()
+    }
+}
+
+/// A device whose writes always fail, to see device errors reach the client.
+struct FailingWrites(MemDevice);
+
+impl BlockDevice for FailingWrites {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::other("injected write failure"))
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes(offset, len)
+    }
+}
+
+#[test]
+fn every_byte_read_equals_the_image() {
+    let size = 16 * MIB;
+    let image = random_image(size, 1);
+    let server = Server::start(Arc::new(MemDevice::from_vec(image.clone())), config(1));
+    let mut c = Client::connect(&server.path, 1, false, 4 * MIB);
+    assert_eq!(c.capacity(), size as u64);
+
+    // Start and end of the device.
+    assert_eq!(c.read(0, 0, 512).unwrap(), image[..512]);
+    assert_eq!(
+        c.read(0, (size - 512) as u64, 512).unwrap(),
+        image[size - 512..]
+    );
+    assert_eq!(
+        c.read(0, (size - 4096) as u64, 4096).unwrap(),
+        image[size - 4096..]
+    );
+
+    // The whole image in large requests.
+    for chunk in (0..size).step_by(4 * MIB) {
+        let got = c.read(0, chunk as u64, 4 * MIB).unwrap();
+        assert!(got == image[chunk..chunk + 4 * MIB], "mismatch at {chunk}");
+    }
+
+    // Odd 512-byte-aligned ranges.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    for _ in 0..200 {
+        let sectors = rng.gen_range(1..=300usize);
+        let start = rng.gen_range(0..size / 512 - sectors);
+        let (off, len) = (start * 512, sectors * 512);
+        let got = c.read(0, off as u64, len).unwrap();
+        assert!(got == image[off..off + len], "mismatch at {off}+{len}");
+    }
+}
+
+#[test]
+fn writes_flush_discard_and_write_zeroes_read_back() {
+    let size = 8 * MIB;
+    let mut model = random_image(size, 3);
+    let dev = Arc::new(MemDevice::from_vec(model.clone()));
+    let server = Server::start(dev.clone(), config(1));
+    let mut c = Client::connect(&server.path, 1, false, 2 * MIB);
+
+    let data = random_image(MIB + 1536, 4);
+    for off in [0usize, 512, 3 * MIB + 4096 + 512, size - data.len()] {
+        c.write(0, off as u64, &data).unwrap();
+        model[off..off + data.len()].copy_from_slice(&data);
+        assert_eq!(c.read(0, off as u64, data.len()).unwrap(), data);
+    }
+
+    let flushes = dev.flush_count();
+    c.flush().unwrap();
+    assert_eq!(
+        dev.flush_count(),
+        flushes + 1,
+        "FLUSH must reach the device"
+    );
+
+    c.discard(MIB as u64, 64 * 1024).unwrap();
+    model[MIB..MIB + 64 * 1024].fill(0);
+    c.write_zeroes(5 * MIB as u64 + 512, 3 * 4096).unwrap();
+    model[5 * MIB + 512..5 * MIB + 512 + 3 * 4096].fill(0);
+
+    for off in (0..size).step_by(2 * MIB) {
+        let got = c.read(0, off as u64, 2 * MIB).unwrap();
+        assert!(got == model[off..off + 2 * MIB], "mismatch at {off}");
+    }
+    assert!(
+        dev.snapshot() == model,
+        "device contents differ from the model"
+    );
+}
+
+#[test]
+fn read_only_device_refuses_writes() {
+    let image = random_image(MIB, 5);
+    let dev = Arc::new(MemDevice::from_vec(image.clone()));
+    let server = Server::start(
+        dev.clone(),
+        DeviceConfig {
+            read_only: true,
+            ..config(1)
+        },
+    );
+
+    // A read-write client sees VIRTIO_BLK_F_RO and cannot start.
+    let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
+    blkio
+        .set_str("path", server.path.to_str().unwrap())
+        .unwrap();
+    blkio.connect().unwrap();
+    assert!(blkio.start().is_err(), "read-write start on a RO device");
+    drop(blkio);
+
+    // A read-only client reads; every write-type request fails.
+    let mut c = Client::connect(&server.path, 1, true, MIB);
+    assert_eq!(c.read(0, 4096, 8192).unwrap(), image[4096..4096 + 8192]);
+    assert!(c.write(0, 0, &[1u8; 4096]).is_err());
+    assert!(c.write_zeroes(0, 4096).is_err());
+    assert!(c.discard(0, 4096).is_err());
+    assert!(dev.snapshot() == image, "a read-only device was modified");
+}
+
+#[test]
+fn device_errors_reach_the_client_as_errors() {
+    let image = random_image(MIB, 6);
+    let dev = Arc::new(FailingWrites(MemDevice::from_vec(image.clone())));
+    let server = Server::start(dev, config(1));
+    let mut c = Client::connect(&server.path, 1, false, MIB);
+    let ret = c.write(0, 0, &[7u8; 4096]).unwrap_err();
+    assert_eq!(ret, -libc::EIO);
+    // The device keeps serving after the failure.
+    assert_eq!(c.read(0, 0, 4096).unwrap(), image[..4096]);
+}
+
+#[test]
+fn reading_past_the_end_fails_cleanly() {
+    let size = MIB;
+    let image = random_image(size, 7);
+    let server = Server::start(Arc::new(MemDevice::from_vec(image.clone())), config(1));
+    let mut c = Client::connect(&server.path, 1, false, MIB);
+    assert_eq!(
+        c.read(0, (size - 512) as u64, 1024).unwrap_err(),
+        -libc::EIO
+    );
+    assert_eq!(c.read(0, size as u64, 512).unwrap_err(), -libc::EIO);
+    assert!(c.write(0, (size - 512) as u64, &[1u8; 1024]).is_err());
+    // Still serving, and the failed write touched nothing.
+    assert_eq!(
+        c.read(0, (size - 4096) as u64, 4096).unwrap(),
+        image[size - 4096..]
+    );
+}
+
+#[test]
+fn two_queues_work_in_parallel() {
+    let size = 16 * MIB;
+    let image = random_image(size, 8);
+    let dev = Arc::new(MemDevice::from_vec(image.clone()));
+    let server = Server::start(dev.clone(), config(2));
+    let c = Client::connect(&server.path, 2, false, 4 * MIB);
+    assert_eq!(c.blkio.get_i32("max-queues").unwrap(), 2);
+    let Client {
+        blkio: _blkio,
+        queues,
+        region,
+        mem,
+    } = c;
+    assert_eq!(queues.len(), 2);
+
+    thread::scope(|s| {
+        for (i, mut q) in queues.into_iter().enumerate() {
+            let (region, mem, image) = (&region, &mem, &image);
+            s.spawn(move || {
+                // Each thread owns half the device and half the region.
+                let half = size / 2;
+                let base = i * half;
+                let region_off = i * 2 * MIB;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(10 + i as u64);
+                let data = random_image(64 * 1024, 20 + i as u64);
+                for round in 0..100 {
+                    let off = base + rng.gen_range(0..(half - 256 * 1024) / 512) * 512;
+                    let got =
+                        read_via(&mut q, region, mem, region_off, off as u64, 128 * 1024).unwrap();
+                    assert!(
+                        got == image[off..off + 128 * 1024],
+                        "queue {i} round {round}"
+                    );
+                }
+                let off = (base + 4096) as u64;
+                write_via(&mut q, region, mem, region_off, off, &data).unwrap();
+                let got = read_via(&mut q, region, mem, region_off, off, data.len()).unwrap();
+                assert_eq!(got, data);
+            });
+        }
+    });
+    drop(server);
+    let snap = dev.snapshot();
+    assert_eq!(snap[4096..4096 + 64 * 1024], random_image(64 * 1024, 20));
+    let second = size / 2 + 4096;
+    assert_eq!(
+        snap[second..second + 64 * 1024],
+        random_image(64 * 1024, 21)
+    );
+}
+
+#[test]
+fn a_new_client_can_connect_after_a_disconnect() {
+    let image = random_image(2 * MIB, 9);
+    let dev = Arc::new(MemDevice::from_vec(image.clone()));
+    let server = Server::start(dev.clone(), config(2));
+
+    let mut first = Client::connect(&server.path, 2, false, MIB);
+    assert_eq!(first.read(1, 0, 4096).unwrap(), image[..4096]);
+    first.write(0, 8192, &[0x11; 4096]).unwrap();
+    drop(first);
+
+    // A different queue count this time: nothing of the first session leaks.
+    let mut second = Client::connect(&server.path, 1, false, MIB);
+    assert_eq!(second.read(0, 8192, 4096).unwrap(), vec![0x11; 4096]);
+    assert_eq!(
+        second.read(0, MIB as u64, 4096).unwrap(),
+        image[MIB..MIB + 4096]
+    );
+    drop(second);
+
+    let mut third = Client::connect(&server.path, 2, false, MIB);
+    assert_eq!(third.read(1, 0, 512).unwrap(), image[..512]);
+    drop(third);
+    // The server notices the last disconnect asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dev.flush_count() < 3 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(dev.flush_count() >= 3, "each disconnect flushes the device");
+}
+
+#[test]
+fn socket_is_private_and_stop_flushes_and_cleans_up() {
+    let dev = Arc::new(MemDevice::new(MIB));
+    let started = Instant::now();
+    let server = Server::start(dev.clone(), config(1));
+    let mode = std::fs::metadata(&server.path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A connected client is disconnected by stop.
+    let mut c = Client::connect(&server.path, 1, false, MIB);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    c.write(0, 0, &[3u8; 512]).unwrap();
+    let path = server.path.clone();
+    let flushes = dev.flush_count();
+    server.shutdown().unwrap();
+    assert!(dev.flush_count() > flushes, "stop must flush the device");
+    assert!(!path.exists(), "socket left behind after stop");
+    assert_eq!(dev.snapshot()[..512], [3u8; 512]);
+}
+
+#[test]
+fn bind_replaces_a_stale_socket_but_not_a_live_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blk.sock");
+    // A stale socket: bound, then its listener dropped.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let server = BlockServer::new(Arc::new(MemDevice::new(MIB)), config(1)).unwrap();
+    let live = server.bind(&path).unwrap();
+    // Now the socket is live: a second daemon must not steal it.
+    assert!(server.bind(&path).is_err());
+    // Nor may bind clobber a regular file.
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, b"data").unwrap();
+    assert!(server.bind(&file).is_err());
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
+    drop(live);
+    assert!(!path.exists());
+}

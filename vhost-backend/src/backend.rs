@@ -1,0 +1,526 @@
+//! The `VhostUserBackend` implementation: features, config space, queues.
+//!
+//! [`BlockBackend`] is what `vhost-user-backend` drives for one frontend
+//! connection: it announces the virtio-blk features and config space and
+//! hands each queue's kicks to that queue's [`Worker`]. A fresh backend is
+//! built for every connection (see [`crate::serve`]), so nothing negotiated
+//! with one frontend leaks into the next.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use tracing::{debug, error, warn};
+use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::block::BlockDevice;
+use crate::request::{ExecContext, Limits};
+use crate::wire::{BlkConfig, ID_BYTES, SECTOR_SHIFT};
+use crate::worker::{error_chain, GuestMem, Vring, Worker};
+
+/// Most queues a device can have (one worker thread each).
+pub const MAX_QUEUES: usize = 16;
+
+/// Size of the vhost-user config space window (vhost-user spec, GET_CONFIG).
+const CONFIG_SPACE_MAX: usize = 256;
+
+/// Logical blocks per physical block, as a power of two: 512-byte logical
+/// sectors on 4 KiB physical blocks, the granularity of the overlay.
+const PHYSICAL_BLOCK_EXP: u8 = 3;
+
+/// How the device presents itself to the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Number of request queues, 1..=16; each gets a worker thread.
+    pub num_queues: usize,
+    /// Largest virtqueue size the frontend may choose (a power of two).
+    pub queue_size: u16,
+    /// Offer `VIRTIO_BLK_F_RO` and refuse writes. Also forced when the
+    /// device itself is read-only.
+    pub read_only: bool,
+    /// GET_ID string: printable ASCII, truncated to 20 bytes.
+    pub serial: String,
+    /// `seg_max`: most data descriptors in one request.
+    pub seg_max: u32,
+    /// Most data bytes in one IN/OUT request (a multiple of 512); larger
+    /// requests get `VIRTIO_BLK_S_IOERR`.
+    pub max_request_bytes: u32,
+    /// `max_discard_sectors`.
+    pub max_discard_sectors: u32,
+    /// `max_discard_seg`.
+    pub max_discard_seg: u32,
+    /// `discard_sector_alignment`, in sectors.
+    pub discard_sector_alignment: u32,
+    /// `max_write_zeroes_sectors`.
+    pub max_write_zeroes_sectors: u32,
+    /// `max_write_zeroes_seg`.
+    pub max_write_zeroes_seg: u32,
+}
+
+impl DeviceConfig {
+    /// The default queue count: one per CPU, at most [`MAX_QUEUES`].
+    pub fn default_num_queues() -> usize {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_QUEUES)
+    }
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            num_queues: Self::default_num_queues(),
+            queue_size: 1024,
+            read_only: false,
+            serial: String::new(),
+            // QEMU's value for its default 128-entry queues.
+            seg_max: 126,
+            max_request_bytes: 32 << 20,
+            // 2 GiB per segment, in 4 KiB-aligned units.
+            max_discard_sectors: 1 << 22,
+            max_discard_seg: 32,
+            discard_sector_alignment: 8,
+            max_write_zeroes_sectors: 1 << 22,
+            max_write_zeroes_seg: 32,
+        }
+    }
+}
+
+/// Why a device configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `num_queues` out of range.
+    #[error("Queue count {0} is not within 1..=16")]
+    NumQueues(usize),
+    /// `queue_size` not a power of two.
+    #[error("Queue size {0} is not a power of two of at least 4")]
+    QueueSize(u16),
+    /// `serial` is not printable ASCII.
+    #[error("Serial {0:?} is not printable ASCII")]
+    Serial(String),
+    /// `seg_max` is 0 or needs more descriptors than a queue holds.
+    #[error("seg_max {seg_max} does not fit queues of {queue_size} descriptors")]
+    SegMax {
+        /// The configured `seg_max`.
+        seg_max: u32,
+        /// The configured queue size.
+        queue_size: u16,
+    },
+    /// `max_request_bytes` is 0 or not a multiple of 512.
+    #[error("Request limit {0} is not a positive multiple of 512")]
+    MaxRequest(u32),
+    /// A discard or write-zeroes limit is 0.
+    #[error("Discard and write-zeroes limits must be positive")]
+    ZeroLimit,
+}
+
+/// Result of configuration checks.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A validated configuration plus everything derived from it.
+#[derive(Clone, Debug)]
+pub(crate) struct DeviceSpec {
+    pub(crate) num_queues: usize,
+    pub(crate) queue_size: u16,
+    pub(crate) read_only: bool,
+    pub(crate) id: [u8; ID_BYTES],
+    pub(crate) limits: Limits,
+    pub(crate) config: BlkConfig,
+}
+
+impl DeviceSpec {
+    pub(crate) fn new(dev: &dyn BlockDevice, cfg: &DeviceConfig) -> Result<Self> {
+        if !(1..=MAX_QUEUES).contains(&cfg.num_queues) {
+            return Err(Error::NumQueues(cfg.num_queues));
+        }
+        if !cfg.queue_size.is_power_of_two() || cfg.queue_size < 4 {
+            return Err(Error::QueueSize(cfg.queue_size));
+        }
+        if !cfg
+            .serial
+            .bytes()
+            .all(|b| b.is_ascii_graphic() || b == b' ')
+        {
+            return Err(Error::Serial(cfg.serial.clone()));
+        }
+        // Header and status need two descriptors besides the data.
+        if cfg.seg_max == 0 || cfg.seg_max > u32::from(cfg.queue_size) - 2 {
+            return Err(Error::SegMax {
+                seg_max: cfg.seg_max,
+                queue_size: cfg.queue_size,
+            });
+        }
+        if cfg.max_request_bytes == 0 || !cfg.max_request_bytes.is_multiple_of(512) {
+            return Err(Error::MaxRequest(cfg.max_request_bytes));
+        }
+        if [
+            cfg.max_discard_sectors,
+            cfg.max_discard_seg,
+            cfg.discard_sector_alignment,
+            cfg.max_write_zeroes_sectors,
+            cfg.max_write_zeroes_seg,
+        ]
+        .contains(&0)
+        {
+            return Err(Error::ZeroLimit);
+        }
+
+        // virtio 1.2, 5.2.6: the id is NUL-padded, with no terminator at 20 bytes.
+        let mut id = [0u8; ID_BYTES];
+        let serial = cfg.serial.as_bytes();
+        let n = serial.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&serial[..n]);
+
+        let capacity = dev.size() >> SECTOR_SHIFT;
+        let read_only = cfg.read_only || dev.read_only();
+        let limits = Limits {
+            capacity,
+            seg_max: cfg.seg_max,
+            max_request_bytes: cfg.max_request_bytes,
+            max_discard_sectors: cfg.max_discard_sectors,
+            max_discard_seg: cfg.max_discard_seg,
+            max_write_zeroes_sectors: cfg.max_write_zeroes_sectors,
+            max_write_zeroes_seg: cfg.max_write_zeroes_seg,
+        };
+        let config = BlkConfig {
+            capacity: capacity.into(),
+            seg_max: cfg.seg_max.into(),
+            blk_size: 512.into(),
+            physical_block_exp: PHYSICAL_BLOCK_EXP,
+            min_io_size: (1u16 << PHYSICAL_BLOCK_EXP).into(),
+            // u16 cast: MAX_QUEUES is 16.
+            num_queues: (cfg.num_queues as u16).into(),
+            max_discard_sectors: cfg.max_discard_sectors.into(),
+            max_discard_seg: cfg.max_discard_seg.into(),
+            discard_sector_alignment: cfg.discard_sector_alignment.into(),
+            max_write_zeroes_sectors: cfg.max_write_zeroes_sectors.into(),
+            max_write_zeroes_seg: cfg.max_write_zeroes_seg.into(),
+            write_zeroes_may_unmap: 1,
+            ..BlkConfig::default()
+        };
+        Ok(DeviceSpec {
+            num_queues: cfg.num_queues,
+            queue_size: cfg.queue_size,
+            read_only,
+            id,
+            limits,
+            config,
+        })
+    }
+
+    /// The virtio feature bits the device offers.
+    pub(crate) fn features(&self) -> u64 {
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_DISCARD)
+            | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+}
+
+/// The virtio-blk device for one vhost-user connection.
+pub struct BlockBackend {
+    dev: Arc<dyn BlockDevice>,
+    spec: DeviceSpec,
+    event_idx: AtomicBool,
+    mem: RwLock<GuestMem>,
+    workers: Vec<Mutex<Worker>>,
+}
+
+impl BlockBackend {
+    /// A backend serving `dev` as described by `cfg`.
+    pub fn new(dev: Arc<dyn BlockDevice>, cfg: &DeviceConfig) -> Result<Self> {
+        let spec = DeviceSpec::new(&*dev, cfg)?;
+        Ok(Self::from_spec(dev, spec))
+    }
+
+    pub(crate) fn from_spec(dev: Arc<dyn BlockDevice>, spec: DeviceSpec) -> Self {
+        let workers = (0..spec.num_queues)
+            .map(|_| Mutex::new(Worker::new()))
+            .collect();
+        BlockBackend {
+            dev,
+            spec,
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            workers,
+        }
+    }
+
+    /// The config space bytes (`struct virtio_blk_config`).
+    pub fn config_space(&self) -> &[u8] {
+        self.spec.config.as_slice()
+    }
+}
+
+impl VhostUserBackend for BlockBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.spec.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.spec.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.spec.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!(
+            features = format_args!("{features:#x}"),
+            "frontend acked features"
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // blkio refuses a backend without REPLY_ACK, CONFIG and
+        // CONFIGURE_MEM_SLOTS; MQ lets the frontend ask for the queue count.
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // Any window inside the vhost-user config space is answered; bytes
+        // past `struct virtio_blk_config` (fields of features we do not
+        // offer) read as zero. An empty reply tells the frontend "error".
+        let (offset, size) = (offset as usize, size as usize);
+        match offset.checked_add(size) {
+            Some(end) if end <= CONFIG_SPACE_MAX => {}
+            _ => return Vec::new(),
+        }
+        let config = self.config_space();
+        let mut out = vec![0u8; size];
+        if offset < config.len() {
+            let n = (config.len() - offset).min(size);
+            out[..n].copy_from_slice(&config[offset..offset + n]);
+        }
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only `writeback` is writable, and only with VIRTIO_BLK_F_CONFIG_WCE,
+        // which we do not offer.
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "config space is read-only ({} bytes at {offset})",
+                buf.len()
+            ),
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue.
+        (0..self.spec.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without an exit event the daemon could not stop the worker threads.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                error!(thread_index, error = %e, "cannot create worker exit event");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            warn!(?evset, "ignoring unexpected queue event");
+            return Ok(());
+        }
+        // With one queue per thread, the thread's only vring is index 0.
+        let (Some(vring), Some(worker)) = (
+            vrings.get(usize::from(device_event)),
+            self.workers.get(thread_id),
+        ) else {
+            return Err(io::Error::other(format!(
+                "no queue {device_event} on worker thread {thread_id}"
+            )));
+        };
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let ctx = ExecContext {
+            dev: &*self.dev,
+            read_only: self.spec.read_only,
+            id: &self.spec.id,
+        };
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
+        // A broken queue must not kill the worker thread (the error would
+        // end its event loop for good); report it and wait for the next kick.
+        if let Err(e) = worker.process(vring, &mem, &ctx, &self.spec.limits, event_idx) {
+            error!(queue = thread_id, error = %error_chain(&e), "queue processing failed");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem_device::MemDevice;
+
+    fn backend(cfg: &DeviceConfig) -> BlockBackend {
+        BlockBackend::new(Arc::new(MemDevice::new(1 << 20)), cfg).unwrap()
+    }
+
+    #[test]
+    fn config_space_describes_the_device() {
+        let cfg = DeviceConfig {
+            num_queues: 3,
+            ..DeviceConfig::default()
+        };
+        let b = backend(&cfg);
+        let space = b.get_config(0, 60);
+        assert_eq!(space.len(), 60);
+        assert_eq!(space[0..8], 2048u64.to_le_bytes()); // 1 MiB / 512
+        assert_eq!(space[12..16], 126u32.to_le_bytes());
+        assert_eq!(space[20..24], 512u32.to_le_bytes());
+        assert_eq!(space[34..36], 3u16.to_le_bytes());
+        assert_eq!(space[56], 1);
+    }
+
+    #[test]
+    fn get_config_honours_any_window_without_panicking() {
+        let b = backend(&DeviceConfig::default());
+        assert_eq!(b.get_config(8, 4).len(), 4);
+        assert_eq!(b.get_config(0, 256).len(), 256);
+        assert_eq!(b.get_config(60, 36), vec![0; 36]);
+        assert!(b.get_config(0, 257).is_empty());
+        assert!(b.get_config(255, 2).is_empty());
+        assert!(b.get_config(u32::MAX, u32::MAX).is_empty());
+        assert!(b.set_config(0, &[1]).is_err());
+    }
+
+    #[test]
+    fn features_follow_read_only() {
+        let rw = backend(&DeviceConfig::default());
+        assert_eq!(rw.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(rw.features() & (1 << VIRTIO_F_VERSION_1), 0);
+        let ro = backend(&DeviceConfig {
+            read_only: true,
+            ..DeviceConfig::default()
+        });
+        assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let dev = Arc::new(MemDevice::new(4096).into_read_only());
+        let forced = BlockBackend::new(dev, &DeviceConfig::default()).unwrap();
+        assert_ne!(forced.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    }
+
+    #[test]
+    fn one_worker_thread_per_queue() {
+        let b = backend(&DeviceConfig {
+            num_queues: 4,
+            ..DeviceConfig::default()
+        });
+        assert_eq!(b.queues_per_thread(), vec![1, 2, 4, 8]);
+        assert!(b.exit_event(0).is_some());
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(4096));
+        let bad = [
+            DeviceConfig {
+                num_queues: 0,
+                ..DeviceConfig::default()
+            },
+            DeviceConfig {
+                num_queues: 17,
+                ..DeviceConfig::default()
+            },
+            DeviceConfig {
+                queue_size: 100,
+                ..DeviceConfig::default()
+            },
+            DeviceConfig {
+                serial: "bad\nserial".into(),
+                ..DeviceConfig::default()
+            },
+            DeviceConfig {
+                seg_max: 1023,
+                ..DeviceConfig::default()
+            },
+            DeviceConfig {
+                max_request_bytes: 1000,
+                ..DeviceConfig::default()
+            },
+            DeviceConfig {
+                max_discard_seg: 0,
+                ..DeviceConfig::default()
+            },
+        ];
+        for cfg in bad {
+            assert!(BlockBackend::new(dev.clone(), &cfg).is_err(), "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn long_serials_are_truncated_to_twenty_bytes() {
+        let dev = MemDevice::new(4096);
+        let cfg = DeviceConfig {
+            serial: "0123456789abcdefghijKLMN".into(),
+            ..DeviceConfig::default()
+        };
+        let spec = DeviceSpec::new(&dev, &cfg).unwrap();
+        assert_eq!(&spec.id, b"0123456789abcdefghij");
+        let short = DeviceSpec::new(
+            &dev,
+            &DeviceConfig {
+                serial: "snap-1".into(),
+                ..DeviceConfig::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(&short.id[..7], b"snap-1\0");
+        assert!(short.id[6..].iter().all(|&b| b == 0));
+    }
+}

@@ -1,0 +1,1 @@
+//! Unit tests of request parsing and execution.
