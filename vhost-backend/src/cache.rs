@@ -3,7 +3,9 @@
 //! Values are whole plaintext chunks (`Arc<[u8]>`) keyed by content key,
 //! so deduplicated chunks are cached once. The cache is split into shards
 //! by key; each shard has its own byte budget (`budget / shards`) and its
-//! own lock, so 16 workers rarely meet.
+//! own lock, so 16 workers rarely meet. Small budgets get fewer shards
+//! (at least 8 MiB each), so a shard always holds a few of the largest
+//! (4 MiB) chunks.
 //!
 //! **Eviction** is CLOCK (second chance): a hit only sets the entry's
 //! reference bit under the shard's *read* lock, so concurrent hits never
@@ -27,8 +29,18 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 /// The default byte budget (`--cache-size`): 256 MiB.
 pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 
-/// Number of shards. A power of two.
-const SHARDS: usize = 16;
+/// Most shards. A power of two.
+const MAX_SHARDS: usize = 16;
+
+/// Least budget per shard when there is more than one.
+const MIN_SHARD_BYTES: u64 = 8 << 20;
+
+/// Number of shards for `budget`: a power of two, 1..=16.
+fn shard_count(budget: u64) -> usize {
+    let n = (budget / MIN_SHARD_BYTES).clamp(1, MAX_SHARDS as u64) as usize;
+    // Round down to a power of two.
+    1 << (usize::BITS - 1 - n.leading_zeros())
+}
 
 /// A content key (the store's chunk hash).
 pub type ChunkKey = [u8; 32];
@@ -184,6 +196,7 @@ impl Drop for FetchGuard<'_> {
 /// A sharded, single-flight, CLOCK-evicted cache of chunks. See the module doc.
 pub struct ChunkCache {
     shards: Box<[Shard]>,
+    shard_mask: usize,
     shard_budget: u64,
     budget: u64,
     hits: AtomicU64,
@@ -203,9 +216,11 @@ impl ChunkCache {
     /// A cache holding at most `budget` bytes of chunk data. A budget of 0
     /// caches nothing but still coalesces concurrent fetches.
     pub fn new(budget: u64) -> ChunkCache {
+        let n = shard_count(budget);
         ChunkCache {
-            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
-            shard_budget: budget / SHARDS as u64,
+            shards: (0..n).map(|_| Shard::default()).collect(),
+            shard_mask: n - 1,
+            shard_budget: budget / n as u64,
             budget,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -222,7 +237,7 @@ impl ChunkCache {
             let w = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
             h = (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(29);
         }
-        &self.shards[(h >> 32) as usize & (SHARDS - 1)]
+        &self.shards[(h >> 32) as usize & self.shard_mask]
     }
 
     /// The cached chunk for `key`, if any (counts as a hit).
@@ -474,13 +489,29 @@ mod tests {
     }
 
     #[test]
+    fn shard_counts_follow_the_budget() {
+        assert_eq!(shard_count(0), 1);
+        assert_eq!(shard_count(15 << 20), 1);
+        assert_eq!(shard_count(16 << 20), 2);
+        assert_eq!(shard_count(40 << 20), 4);
+        assert_eq!(shard_count(256 << 20), 16);
+        assert_eq!(shard_count(u64::MAX), 16);
+        // Whatever the budget, the largest chunk fits in a shard.
+        let cache = ChunkCache::new(24 << 20);
+        cache
+            .get_or_fetch(&key(1), || Ok(vec![0; 4 << 20]))
+            .unwrap();
+        assert!(cache.get(&key(1)).is_some());
+    }
+
+    #[test]
     fn budget_is_respected_and_hot_entries_survive_a_scan() {
-        let budget = 16 * 8 * 4096; // 8 chunks of 4 KiB per shard.
+        let budget = 32 << 20; // 4 shards of 8 MiB: 128 chunks of 64 KiB each.
         let cache = ChunkCache::new(budget);
         for round in 0..3 {
             for i in 0..2000u64 {
                 let data = cache
-                    .get_or_fetch(&key(i), || Ok(vec![i as u8; 4096]))
+                    .get_or_fetch(&key(i), || Ok(vec![i as u8; 64 << 10]))
                     .unwrap();
                 assert_eq!(data[0], i as u8);
                 // Key 0..4 are hot: touched after every insert.
@@ -505,7 +536,9 @@ mod tests {
             .get_or_fetch_transient(&key(1), || Ok(vec![1; 100]))
             .unwrap();
         assert!(cache.get(&key(1)).is_none());
-        cache.get_or_fetch(&key(2), || Ok(vec![1; 8192])).unwrap();
+        cache
+            .get_or_fetch(&key(2), || Ok(vec![1; 17 * 4096]))
+            .unwrap();
         assert!(cache.get(&key(2)).is_none());
         cache.get_or_fetch(&key(3), || Ok(vec![1; 4096])).unwrap();
         assert!(cache.get(&key(3)).is_some());
