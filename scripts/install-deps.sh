@@ -80,9 +80,28 @@ for pkg in "${PACKAGES[@]}"; do
     esac
 done
 
+apt_install() {
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        --no-install-recommends --allow-downgrades "$@"
+}
 log "apt-get install ${args[*]}"
-"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-    --no-install-recommends --allow-downgrades "${args[@]}"
+if ! apt_install "${args[@]}"; then
+    if [[ $need_update -eq 1 ]]; then
+        exit 1
+    fi
+    # Stale package lists (a version no longer on the mirror): refresh, retry.
+    log "install failed; apt-get update and retry"
+    "${SUDO[@]}" apt-get update -q
+    target_qemu=${qemu_version:-$(candidate_version qemu-system-x86)}
+    args=()
+    for pkg in "${PACKAGES[@]}"; do
+        case $pkg in
+        qemu-system-x86 | qemu-utils) args+=("$pkg=$target_qemu") ;;
+        *) args+=("$pkg") ;;
+        esac
+    done
+    apt_install "${args[@]}"
+fi
 
 if ! qemu-storage-daemon --version >/dev/null 2>&1; then
     log "qemu-storage-daemon does not run after install"
