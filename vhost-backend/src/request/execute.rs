@@ -91,6 +91,18 @@ pub enum ExecuteError {
 }
 
 impl ExecuteError {
+    /// Whether the device (not the request) failed.
+    pub fn is_device_error(&self) -> bool {
+        matches!(
+            self,
+            ExecuteError::Read { .. }
+                | ExecuteError::Write { .. }
+                | ExecuteError::Flush(_)
+                | ExecuteError::Discard { .. }
+                | ExecuteError::WriteZeroes { .. }
+        )
+    }
+
     /// The status byte this error earns.
     pub fn status(&self) -> u8 {
         match self {
