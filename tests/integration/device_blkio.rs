@@ -492,3 +492,38 @@ fn bind_replaces_a_stale_socket_but_not_a_live_one() {
     drop(live);
     assert!(!path.exists());
 }
+
+#[test]
+fn qemu_guest_boots_from_the_device_and_reconnects() {
+    use crate::guest::{e2fsck, read_guest_file, run_to_completion, BOOT_TIMEOUT};
+    use vhost_backend::mem_device::FileDevice;
+
+    let guest = crate::guest::require_guest!();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = guest.copy_root(dir.path());
+    let dev = Arc::new(FileDevice::open(&disk, false).unwrap());
+    let server = Server::start(
+        dev,
+        DeviceConfig {
+            serial: "vhost-test-serial".into(),
+            ..config(2)
+        },
+    );
+
+    let first = run_to_completion(guest.qemu_vhost_user_cmd(&server.path, &[]), BOOT_TIMEOUT);
+    first.assert_clean_boot();
+    assert!(first.saw_boots().is_empty(), "{first}");
+    assert_eq!(first.wrote_boot(), Some("boot-1.txt"), "{first}");
+    assert_eq!(first.disk_serial(), Some("vhost-test-serial"), "{first}");
+
+    // A new QEMU process finds the same socket and the first boot's file.
+    let second = run_to_completion(guest.qemu_vhost_user_cmd(&server.path, &[]), BOOT_TIMEOUT);
+    second.assert_clean_boot();
+    assert_eq!(second.saw_boots(), ["boot-1.txt"], "{second}");
+    assert_eq!(second.wrote_boot(), Some("boot-2.txt"), "{second}");
+
+    server.shutdown().unwrap();
+    e2fsck(&disk).unwrap();
+    let record = read_guest_file(&disk, "/boot-2.txt").expect("boot-2.txt on disk");
+    assert!(record.contains("seen: boot-1.txt\n"), "{record}");
+}
