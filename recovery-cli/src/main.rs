@@ -1,2 +1,35 @@
+//! The `recovery-cli` binary: parse, set up logging, run, print errors.
 #![forbid(unsafe_code)]
-fn main() {}
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use recovery_cli::Cli;
+use tracing_subscriber::EnvFilter;
+
+fn init_tracing() {
+    // Bridge `log` records (rust-vmm crates) into tracing.
+    let _ = tracing_log::LogTracer::init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .finish();
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+fn main() -> ExitCode {
+    // Usage errors: clap prints them and exits with status 2.
+    let cli = Cli::parse();
+    init_tracing();
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error: {info}");
+    }));
+    match recovery_cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -198,7 +198,10 @@ impl Store {
             chunk_size: self.chunk_size(),
             chunk_count: 0,
             created: String::new(),
-            source: source.display().to_string(),
+            source: std::fs::canonicalize(source)
+                .unwrap_or_else(|_| source.to_path_buf())
+                .display()
+                .to_string(),
             parent: parent.as_ref().map(|p| p.info().id.clone()),
         };
         let manifest = ManifestWriter::create(self.backend(), info, created)?;

@@ -7,6 +7,7 @@ pub mod chunk;
 pub mod config;
 pub mod error;
 pub mod format;
+pub mod gc;
 pub mod id;
 pub mod index;
 pub mod lock;
@@ -18,6 +19,7 @@ pub mod verify;
 
 pub use backup::{BackupOptions, BackupStats, Progress};
 pub use error::{Error, ErrorKind, Result};
+pub use gc::{GcOptions, GcStats};
 pub use id::{ChunkId, PackId};
 pub use repo::Store;
 pub use restore::{RestoreOptions, RestoreStats};

@@ -37,6 +37,7 @@ pub struct VerifyOptions<'a> {
 /// What is wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ProblemKind {
     /// A chunk named by a snapshot or the index cannot be found.
     MissingChunk,

@@ -1,0 +1,60 @@
+//! One module per subcommand, each `Args` → `Config` → `run`.
+
+pub mod backup;
+pub mod forget;
+pub mod gc;
+pub mod init;
+pub mod restore;
+pub mod snapshots;
+pub mod verify;
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+/// All subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new store.
+    Init(init::Args),
+    /// Back up a raw image file or block device as a new snapshot.
+    Backup(backup::Args),
+    /// List snapshots.
+    Snapshots(snapshots::Args),
+    /// Restore a snapshot to a raw file or block device.
+    Restore(restore::Args),
+    /// Re-read and re-hash stored chunks; exit non-zero on any problem.
+    Verify(verify::Args),
+    /// Forget a snapshot (gc reclaims its space).
+    Forget(forget::Args),
+    /// Reclaim space of chunks no snapshot uses.
+    Gc(gc::Args),
+}
+
+impl Command {
+    /// Validate the arguments and run the command.
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            Command::Init(a) => init::run(a.try_into()?),
+            Command::Backup(a) => backup::run(a.try_into()?),
+            Command::Snapshots(a) => snapshots::run(a.try_into()?),
+            Command::Restore(a) => restore::run(a.try_into()?),
+            Command::Verify(a) => verify::run(a.try_into()?),
+            Command::Forget(a) => forget::run(a.try_into()?),
+            Command::Gc(a) => gc::run(a.try_into()?),
+        }
+    }
+}
+
+/// The `--store` option shared by commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArg {
+    /// Store directory.
+    #[arg(long, short = 's', env = "RECOVERY_STORE", value_name = "STORE")]
+    pub store: PathBuf,
+}
+
+/// Open the store named by `--store`.
+pub fn open_store(path: &std::path::Path) -> anyhow::Result<store::Store> {
+    Ok(store::Store::open(path)?)
+}

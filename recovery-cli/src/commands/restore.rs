@@ -1,0 +1,78 @@
+//! `recovery-cli restore --store STORE SNAPSHOT TARGET [--json]`
+
+use std::path::PathBuf;
+
+use store::RestoreOptions;
+
+use super::{open_store, StoreArg};
+use crate::output;
+
+/// Arguments of `restore`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub store: StoreArg,
+    /// Snapshot: NAME (newest), NAME@ID or ID.
+    pub snapshot: String,
+    /// Raw file (created or overwritten, sparse) or block device.
+    pub target: PathBuf,
+    /// Worker threads (default: twice the cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Validated `restore` configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub store: PathBuf,
+    pub snapshot: String,
+    pub target: PathBuf,
+    pub threads: Option<usize>,
+    pub json: bool,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = anyhow::Error;
+
+    fn try_from(a: Args) -> anyhow::Result<Config> {
+        if a.threads == Some(0) {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        Ok(Config {
+            store: a.store.store,
+            snapshot: a.snapshot,
+            target: a.target,
+            threads: a.threads,
+            json: a.json,
+        })
+    }
+}
+
+/// Run the restore.
+pub fn run(c: Config) -> anyhow::Result<()> {
+    let s = open_store(&c.store)?;
+    let info = s.resolve(&c.snapshot)?;
+    let pb = output::progress(info.image_size, "restore");
+    let cb = |n: u64| pb.inc(n);
+    let opts = RestoreOptions {
+        progress: Some(&cb),
+        threads: c.threads,
+    };
+    let stats = s.restore(&info.reference(), &c.target, &opts);
+    pb.finish_and_clear();
+    let stats = stats?;
+    if c.json {
+        return output::json(&stats);
+    }
+    output::line(&format!(
+        "Restored {} to {}: {} in {:.2} s ({})",
+        stats.snapshot,
+        stats.target,
+        output::size(stats.image_size),
+        stats.seconds,
+        output::rate(stats.image_size, stats.seconds)
+    ))
+}

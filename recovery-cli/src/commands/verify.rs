@@ -1,0 +1,113 @@
+//! `recovery-cli verify --store STORE [SNAPSHOT] [--json]`
+
+use std::path::PathBuf;
+
+use store::{ProblemKind, VerifyOptions};
+
+use super::{open_store, StoreArg};
+use crate::output;
+
+/// Arguments of `verify`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub store: StoreArg,
+    /// Only the chunks of this snapshot (NAME, NAME@ID or ID); default: all.
+    pub snapshot: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Validated `verify` configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub store: PathBuf,
+    pub snapshot: Option<String>,
+    pub json: bool,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = anyhow::Error;
+
+    fn try_from(a: Args) -> anyhow::Result<Config> {
+        Ok(Config {
+            store: a.store.store,
+            snapshot: a.snapshot,
+            json: a.json,
+        })
+    }
+}
+
+/// Run verify; fails when anything is wrong.
+pub fn run(c: Config) -> anyhow::Result<()> {
+    let s = open_store(&c.store)?;
+    let total = match &c.snapshot {
+        Some(r) => s.resolve(r)?.image_size,
+        None => 0,
+    };
+    let pb = output::progress(total, "verify");
+    let cb = |n: u64| pb.inc(n);
+    let report = s.verify(
+        c.snapshot.as_deref(),
+        &VerifyOptions {
+            progress: Some(&cb),
+            threads: None,
+        },
+    );
+    pb.finish_and_clear();
+    let report = report?;
+    if c.json {
+        output::json(&report)?;
+    } else {
+        for p in &report.problems {
+            let what = match p.kind {
+                ProblemKind::MissingChunk => "missing chunk",
+                ProblemKind::CorruptChunk => "corrupt chunk",
+                ProblemKind::CorruptManifest => "corrupt manifest",
+                ProblemKind::DamagedIndex => "damaged index",
+                _ => "problem",
+            };
+            let chunk = p.chunk.map(|c| format!(" {c}")).unwrap_or_default();
+            let loc = p
+                .location
+                .as_ref()
+                .map(|l| format!(" ({l})"))
+                .unwrap_or_default();
+            output::line(&format!("{what}{chunk}{loc}: {}", p.error))?;
+            for u in &p.used_by {
+                let ranges: Vec<String> = u
+                    .ranges
+                    .iter()
+                    .map(|r| format!("{}-{}", r[0], r[1]))
+                    .collect();
+                let more = if u.ranges_omitted > 0 {
+                    format!(" and {} more", u.ranges_omitted)
+                } else {
+                    String::new()
+                };
+                output::line(&format!(
+                    "  used by {} bytes {}{more}",
+                    u.snapshot,
+                    ranges.join(", ")
+                ))?;
+            }
+        }
+        output::line(&format!(
+            "checked {} chunks ({}) of {} snapshots in {:.2} s: {}",
+            report.chunks_checked,
+            output::size(report.bytes_checked),
+            report.snapshots_checked,
+            report.seconds,
+            if report.is_ok() {
+                "no problems".to_string()
+            } else {
+                format!("{} problems", report.problems.len())
+            }
+        ))?;
+    }
+    if !report.is_ok() {
+        anyhow::bail!("Verify found {} problems", report.problems.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,486 @@
+//! `forget` and garbage collection.
+//!
+//! Protocol (see also the crate docs):
+//! 1. `forget` atomically renames `<id>.snap` to `<id>.snap.forgotten`. New
+//!    readers can no longer resolve it; readers already holding it keep their
+//!    shared `flock` on the file.
+//! 2. gc takes the writer lock (no backup or other gc runs), then for each
+//!    forgotten manifest tries a non-blocking *exclusive* `flock`. Got it: no
+//!    reader uses it; it will be deleted. Busy: a reader still serves it, so
+//!    it counts as live this time.
+//! 3. Mark: every chunk of every live manifest (and busy forgotten one) goes
+//!    into a Bloom filter (false positives only keep garbage).
+//! 4. Sweep: per pack, live vs. dead bytes from one pass over the index.
+//!    Packs with no live chunk are dropped; packs with at least
+//!    `repack_threshold` dead bytes are repacked: their live chunks are
+//!    verified and copied into new packs, which are published with their
+//!    indexes. Packs that no index names (left by a crashed backup) are
+//!    deleted.
+//! 5. A new merged index generation without the dropped packs is published;
+//!    only then are the old packs and the forgotten manifests deleted.
+//!    A reader whose index view still names a deleted pack reloads the index
+//!    and finds the chunk in its new pack.
+
+mod bloom;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, TryLockError};
+use std::io;
+use std::time::Instant;
+
+use serde::Serialize;
+use tracing::{info, info_span, warn};
+
+use crate::chunk::decode_record;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::{PACK_HEADER_LEN, RECORD_HEADER_LEN};
+use crate::id::{ChunkId, PackId};
+use crate::index::{self, IndexView};
+use crate::pack::{scan, PackWriter, PACK_TARGET_SIZE};
+use crate::repo::Store;
+use crate::snapshot::manifest::{decode_entry, read_header, ENTRY_LEN};
+use crate::snapshot::{self, forgotten_key, Listed, SnapshotInfo};
+use bloom::Bloom;
+
+/// Default fraction of dead bytes that makes gc repack a pack.
+pub const DEFAULT_REPACK_THRESHOLD: f64 = 0.2;
+
+/// Options of [`Store::gc`].
+#[derive(Debug, Clone, Copy)]
+pub struct GcOptions {
+    /// Repack a pack when at least this fraction of its bytes is dead.
+    pub repack_threshold: f64,
+}
+
+impl Default for GcOptions {
+    fn default() -> GcOptions {
+        GcOptions {
+            repack_threshold: DEFAULT_REPACK_THRESHOLD,
+        }
+    }
+}
+
+/// What gc did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcStats {
+    /// Forgotten manifests deleted.
+    pub manifests_deleted: u64,
+    /// Forgotten manifests kept because a reader still holds them.
+    pub manifests_in_use: u64,
+    /// Live manifests.
+    pub manifests_live: u64,
+    /// Indexed chunks before gc.
+    pub chunks_before: u64,
+    /// Indexed chunks after gc.
+    pub chunks_after: u64,
+    /// Packs deleted because none of their chunks is live.
+    pub packs_deleted: u64,
+    /// Packs rewritten without their dead chunks.
+    pub packs_repacked: u64,
+    /// New packs written by repacking.
+    pub packs_written: u64,
+    /// Unindexed packs (left by crashed backups) deleted.
+    pub orphan_packs_deleted: u64,
+    /// Pack bytes before gc.
+    pub bytes_before: u64,
+    /// Pack bytes after gc.
+    pub bytes_after: u64,
+    /// `bytes_before - bytes_after`.
+    pub bytes_freed: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct PackUse {
+    live_bytes: u64,
+    live_chunks: u64,
+}
+
+impl Store {
+    /// Forget a snapshot: it disappears from listings; gc reclaims its space
+    /// once no reader holds it.
+    pub fn forget(&self, reference: &str) -> Result<SnapshotInfo> {
+        let l = snapshot::resolve(self.backend(), reference)?;
+        let info = self.load_info(&l)?;
+        let to = forgotten_key(&l.name, &l.id);
+        self.backend()
+            .rename(&l.key(), &to)
+            .ctx(|| format!("Failed to forget snapshot {}", info.reference()))?;
+        info!(snapshot = %info.reference(), "forgot snapshot");
+        Ok(info)
+    }
+
+    /// Delete unreferenced chunks: see the module docs for the protocol.
+    pub fn gc(&self, opts: &GcOptions) -> Result<GcStats> {
+        let span = info_span!("gc", store = %self.path().display());
+        let _e = span.enter();
+        let start = Instant::now();
+        let _lock = self.lock_writer()?;
+        let backend = self.backend();
+        let view = self.index();
+        let mut stats = GcStats {
+            chunks_before: view.chunk_count(),
+            ..Default::default()
+        };
+
+        // Forgotten manifests no reader holds are ours to delete.
+        let mut doomed: Vec<(Listed, Option<File>)> = Vec::new();
+        let mut live: Vec<Listed> = Vec::new();
+        for l in snapshot::list(backend, None, true)? {
+            if !l.forgotten {
+                live.push(l);
+                continue;
+            }
+            let Some(path) = backend.local_path(&l.key()) else {
+                doomed.push((l, None));
+                continue;
+            };
+            let f = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io_path("Failed to open", &path, e)),
+            };
+            match f.try_lock() {
+                Ok(()) => doomed.push((l, Some(f))),
+                Err(TryLockError::WouldBlock) => {
+                    stats.manifests_in_use += 1;
+                    live.push(l);
+                }
+                Err(TryLockError::Error(e)) => {
+                    return Err(Error::io_path("Failed to lock", &path, e))
+                }
+            }
+        }
+        stats.manifests_live = live.len() as u64 - stats.manifests_in_use;
+
+        // Mark.
+        let mut bloom = Bloom::new(view.chunk_count());
+        for l in &live {
+            mark(backend, l, &mut bloom).map_err(|e| {
+                e.context(format!(
+                    "Failed to mark chunks of snapshot {}@{}; gc aborted",
+                    l.name, l.id
+                ))
+            })?;
+        }
+
+        // Sweep accounting.
+        let mut usage: HashMap<PackId, PackUse> = HashMap::new();
+        view.for_each(|id, loc| {
+            let u = usage.entry(loc.pack).or_default();
+            if bloom.contains(id) {
+                u.live_bytes += (RECORD_HEADER_LEN + loc.stored_len as usize) as u64;
+                u.live_chunks += 1;
+            }
+            Ok(())
+        })?;
+        let known: HashSet<PackId> = view.packs().into_iter().collect();
+        let damaged: HashSet<PackId> = view
+            .damaged()
+            .iter()
+            .filter_map(|k| k.strip_prefix("index/")?.strip_suffix(".idx")?.parse().ok())
+            .collect();
+        let mut drop: HashSet<PackId> = HashSet::new();
+        let mut repack: Vec<PackId> = Vec::new();
+        for p in list_packs(backend)? {
+            let key = p.pack_key();
+            let size = match backend.size(&key) {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("Failed to stat pack {key}"), e)),
+            };
+            stats.bytes_before += size;
+            if !known.contains(&p) {
+                if damaged.contains(&p) {
+                    warn!("keeping pack {p}: its index is damaged");
+                    continue;
+                }
+                backend
+                    .delete(&key)
+                    .ctx(|| format!("Failed to delete orphan pack {key}"))?;
+                stats.orphan_packs_deleted += 1;
+                stats.bytes_freed += size;
+                continue;
+            }
+            let u = usage.get(&p).copied().unwrap_or_default();
+            let dead = size.saturating_sub(PACK_HEADER_LEN as u64 + u.live_bytes);
+            if u.live_chunks == 0 {
+                drop.insert(p);
+            } else if dead as f64 >= opts.repack_threshold * size as f64 && dead > 0 {
+                repack.push(p);
+            }
+        }
+
+        // Repack.
+        let mut writer = PackWriter::new(PACK_TARGET_SIZE);
+        let mut buf = Vec::new();
+        for p in repack {
+            match live_records(self, &view, &bloom, &p, &mut buf) {
+                Ok((bytes, keep)) => {
+                    for (id, raw_len, start, end) in keep {
+                        writer.add(id, raw_len, &bytes[start..end]);
+                        if writer.is_full() && writer.publish(backend)?.is_some() {
+                            stats.packs_written += 1;
+                        }
+                    }
+                    drop.insert(p);
+                    stats.packs_repacked += 1;
+                }
+                Err(e) if e.kind() == ErrorKind::Corrupt => {
+                    warn!("not repacking pack {p}: {e:?}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if writer.publish(backend)?.is_some() {
+            stats.packs_written += 1;
+        }
+
+        // Publish the new index, then delete.
+        let fresh = IndexView::load(backend)?;
+        let merged = index::merge(backend, &fresh, &drop)?;
+        stats.chunks_after = merged.chunk_count();
+        self.set_index(merged);
+        for p in &drop {
+            if !usage.contains_key(p) || usage[p].live_chunks == 0 {
+                stats.packs_deleted += 1;
+            }
+            let key = p.pack_key();
+            backend
+                .delete(&key)
+                .ctx(|| format!("Failed to delete pack {key}"))?;
+        }
+        for (l, _lock) in &doomed {
+            backend
+                .delete(&l.key())
+                .ctx(|| format!("Failed to delete forgotten manifest {}", l.key()))?;
+            stats.manifests_deleted += 1;
+        }
+        drop_locks(doomed);
+        stats.bytes_after = list_packs(backend)?
+            .iter()
+            .map(|p| backend.size(&p.pack_key()).unwrap_or(0))
+            .sum();
+        stats.bytes_freed = stats.bytes_before.saturating_sub(stats.bytes_after);
+        stats.seconds = start.elapsed().as_secs_f64();
+        info!(?stats, "gc done");
+        Ok(stats)
+    }
+}
+
+fn drop_locks(doomed: Vec<(Listed, Option<File>)>) {
+    drop(doomed);
+}
+
+/// Add every chunk of manifest `l` to `bloom`. A live manifest forgotten
+/// since listing is read under its new name.
+fn mark(backend: &dyn crate::backend::Backend, l: &Listed, bloom: &mut Bloom) -> Result<()> {
+    let mut key = l.key();
+    let obj = match backend.open(&key) {
+        Ok(o) => o,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !l.forgotten => {
+            key = forgotten_key(&l.name, &l.id);
+            backend
+                .open(&key)
+                .ctx(|| format!("Failed to open snapshot manifest {key}"))?
+        }
+        Err(e) => {
+            return Err(Error::io(
+                format!("Failed to open snapshot manifest {key}"),
+                e,
+            ))
+        }
+    };
+    let m = read_header(obj.as_ref(), &key)?;
+    let mut buf = vec![0u8; 4096 * ENTRY_LEN];
+    let mut first = 0u64;
+    while first < m.info.chunk_count {
+        let n = (m.info.chunk_count - first).min(4096) as usize;
+        let b = &mut buf[..n * ENTRY_LEN];
+        obj.read_at(b, m.entries_offset + first * ENTRY_LEN as u64)
+            .ctx(|| format!("Failed to read snapshot manifest {key}"))?;
+        for e in b.chunks_exact(ENTRY_LEN) {
+            if let Some(id) = decode_entry(e) {
+                bloom.insert(&id);
+            }
+        }
+        first += n as u64;
+    }
+    Ok(())
+}
+
+/// All pack files present in the backend.
+fn list_packs(backend: &dyn crate::backend::Backend) -> Result<Vec<PackId>> {
+    let mut out = Vec::new();
+    for dir in backend
+        .list("packs")
+        .ctx(|| "Failed to list packs".into())?
+    {
+        for name in backend
+            .list(&format!("packs/{dir}"))
+            .ctx(|| format!("Failed to list packs/{dir}"))?
+        {
+            if let Some(p) = name.strip_suffix(".pack").and_then(|s| s.parse().ok()) {
+                out.push(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+type Kept = Vec<(ChunkId, u32, usize, usize)>;
+
+/// Read pack `p` and return its bytes with the live, verified records the
+/// index attributes to it. A damaged record is a `Corrupt` error.
+fn live_records(
+    store: &Store,
+    view: &IndexView,
+    bloom: &Bloom,
+    p: &PackId,
+    buf: &mut Vec<u8>,
+) -> Result<(Vec<u8>, Kept)> {
+    let key = p.pack_key();
+    let bytes = store
+        .backend()
+        .read(&key)
+        .ctx(|| format!("Failed to read pack {key}"))?;
+    let mut keep = Vec::new();
+    for rec in scan(&bytes) {
+        let rec =
+            rec.map_err(|e| Error::corrupt(format!("Pack {key} is damaged")).with_source(e))?;
+        let id = ChunkId(rec.header.id);
+        if !bloom.contains(&id) {
+            continue;
+        }
+        match view.lookup(&id)? {
+            Some(loc) if loc.pack == *p && loc.offset == rec.offset => {}
+            _ => continue,
+        }
+        decode_record(rec.record, &id, rec.header.stored_len, buf).map_err(|e| {
+            Error::corrupt(format!(
+                "Chunk {id} in pack {key} at offset {} is corrupt",
+                rec.offset
+            ))
+            .with_source(e)
+            .with_chunk(id)
+        })?;
+        let start = rec.offset as usize;
+        keep.push((id, rec.header.raw_len, start, start + rec.record.len()));
+    }
+    Ok((bytes, keep))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::tests::{image, setup};
+    use crate::BackupOptions;
+
+    fn opts() -> BackupOptions<'static> {
+        BackupOptions {
+            pack_size: Some(64 << 10),
+            ..Default::default()
+        }
+    }
+
+    fn read_all(store: &Store, reference: &str) -> Vec<u8> {
+        let r = store.open_snapshot(reference).unwrap();
+        let mut v = vec![0u8; r.image_size() as usize];
+        r.read_at(&mut v, 0).unwrap();
+        v
+    }
+
+    #[test]
+    fn forget_then_gc_reclaims_and_keeps_the_rest() {
+        let (dir, store) = setup(4096);
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        let img_a = image(10, 1 << 20);
+        let mut img_b = image(11, 1 << 20);
+        img_b[..256 << 10].copy_from_slice(&img_a[..256 << 10]);
+        std::fs::write(&a, &img_a).unwrap();
+        std::fs::write(&b, &img_b).unwrap();
+        store.backup("a", &a, &opts()).unwrap();
+        store.backup("b", &b, &opts()).unwrap();
+
+        // gc with nothing forgotten frees nothing.
+        let s = store.gc(&GcOptions::default()).unwrap();
+        assert_eq!(s.bytes_freed, 0, "{s:?}");
+
+        let forgotten = store.forget("a").unwrap();
+        assert_eq!(forgotten.name, "a");
+        assert_eq!(store.resolve("a").unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(store.snapshots(None).unwrap().len(), 1);
+
+        // A fresh store handle whose index view predates gc.
+        let stale = Store::open(store.path()).unwrap();
+        let s = store
+            .gc(&GcOptions {
+                repack_threshold: 0.0,
+            })
+            .unwrap();
+        assert_eq!(s.manifests_deleted, 1);
+        assert!(s.bytes_freed > s.bytes_before / 4, "{s:?}");
+        assert!(s.chunks_after < s.chunks_before);
+        assert!(s.packs_deleted > 0);
+        assert_eq!(read_all(&store, "b"), img_b);
+        assert_eq!(
+            read_all(&stale, "b"),
+            img_b,
+            "stale reader reloads the index"
+        );
+        assert!(store.verify(None, &Default::default()).unwrap().is_ok());
+        assert!(store.backend().list("snapshots/a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn gc_keeps_forgotten_snapshot_held_by_a_reader() {
+        let (dir, store) = setup(4096);
+        let a = dir.path().join("a.img");
+        let img = image(12, 512 << 10);
+        std::fs::write(&a, &img).unwrap();
+        store.backup("a", &a, &opts()).unwrap();
+        let reader = store.open_snapshot("a").unwrap();
+        store.forget("a").unwrap();
+        // A reader opening after forget cannot get it.
+        assert_eq!(
+            store.open_snapshot("a").unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+
+        let s = store.gc(&GcOptions::default()).unwrap();
+        assert_eq!(s.manifests_in_use, 1);
+        assert_eq!(s.manifests_deleted, 0);
+        assert_eq!(s.bytes_freed, 0);
+        let mut v = vec![0u8; img.len()];
+        reader.read_at(&mut v, 0).unwrap();
+        assert_eq!(v, img);
+
+        drop(reader);
+        let s = store.gc(&GcOptions::default()).unwrap();
+        assert_eq!(s.manifests_deleted, 1);
+        assert_eq!(s.chunks_after, 0);
+        assert!(list_packs(store.backend()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn gc_deletes_orphan_packs_and_temp_files() {
+        let (dir, store) = setup(4096);
+        let a = dir.path().join("a.img");
+        std::fs::write(&a, image(13, 256 << 10)).unwrap();
+        store.backup("a", &a, &opts()).unwrap();
+        // A pack without an index, as a crash between the two would leave.
+        let mut w = PackWriter::new(1 << 20);
+        let data = vec![9u8; 4096];
+        let mut rec = Vec::new();
+        crate::chunk::encode_record(&ChunkId::of(&data), &data, &mut rec);
+        w.add(ChunkId::of(&data), 4096, &rec);
+        let p = w.publish(store.backend()).unwrap().unwrap();
+        store.backend().delete(&p.id.idx_key()).unwrap();
+        std::fs::write(store.path().join("tmp/leftover.tmp"), b"x").unwrap();
+        let s = store.gc(&GcOptions::default()).unwrap();
+        assert_eq!(s.orphan_packs_deleted, 1);
+        assert!(!store.backend().exists(&p.id.pack_key()).unwrap());
+        assert!(store.backend().list("tmp").unwrap().is_empty());
+        assert!(store.verify(None, &Default::default()).unwrap().is_ok());
+    }
+}
