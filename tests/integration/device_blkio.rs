@@ -239,7 +239,15 @@ fn every_byte_read_equals_the_image() {
     let image = random_image(size, 1);
     let server = Server::start(Arc::new(MemDevice::from_vec(image.clone())), config(1));
     let mut c = Client::connect(&server.path, 1, false, 4 * MIB);
+    // The config space as a real driver sees it.
     assert_eq!(c.capacity(), size as u64);
+    assert_eq!(c.blkio.get_i32("request-alignment").unwrap(), 512);
+    assert_eq!(c.blkio.get_i32("optimal-io-alignment").unwrap(), 4096);
+    assert_eq!(c.blkio.get_i32("max-segments").unwrap(), 126);
+    assert_eq!(c.blkio.get_i32("discard-alignment").unwrap(), 4096);
+    assert_eq!(c.blkio.get_u64("max-discard-len").unwrap(), 2 << 30);
+    assert_eq!(c.blkio.get_u64("max-write-zeroes-len").unwrap(), 2 << 30);
+    assert!(c.blkio.get_bool("flush-needed").unwrap());
 
     // Start and end of the device.
     assert_eq!(c.read(0, 0, 512).unwrap(), image[..512]);
