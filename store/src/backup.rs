@@ -33,7 +33,7 @@ use tracing::{info, info_span, warn};
 
 use crate::chunk::{encode_record, is_zero};
 use crate::error::{Error, Result};
-use crate::id::ChunkId;
+use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView, MERGE_THRESHOLD};
 use crate::pack::{PackWriter, PACK_TARGET_SIZE};
 use crate::repo::Store;
@@ -147,6 +147,8 @@ struct Shared<'a> {
     view: &'a IndexView,
     manifest: &'a ManifestWriter,
     seen: Mutex<HashSet<ChunkId>>,
+    /// Packs published by this backup (discarded if it fails).
+    published: Mutex<Vec<PackId>>,
     counters: Counters,
     abort: AtomicBool,
     progress: Option<Progress<'a>>,
@@ -211,6 +213,7 @@ impl Store {
             view: &view,
             manifest: &manifest,
             seen: Mutex::new(HashSet::new()),
+            published: Mutex::new(Vec::new()),
             counters: Counters::default(),
             abort: AtomicBool::new(false),
             progress: opts.progress,
@@ -221,14 +224,14 @@ impl Store {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
             .max(1);
-        let (bytes_new, packs_new) = run_pipeline(
+        let pipeline = run_pipeline(
             &shared,
             &file,
             source,
             parent.as_ref(),
             threads,
             opts.pack_size.unwrap_or(PACK_TARGET_SIZE),
-        )?;
+        );
 
         let c = &shared.counters;
         let counts = (
@@ -237,9 +240,19 @@ impl Store {
             c.chunks_zero.load(Ordering::Relaxed),
             c.chunks_parent.load(Ordering::Relaxed),
         );
+        let published =
+            std::mem::take(&mut *shared.published.lock().unwrap_or_else(|p| p.into_inner()));
         drop(shared);
         let key = manifest_key(name, &manifest.info().id.clone());
-        let info = manifest.publish(self.backend(), &key)?;
+        let done =
+            pipeline.and_then(|written| Ok((written, manifest.publish(self.backend(), &key)?)));
+        let ((bytes_new, packs_new), info) = match done {
+            Ok(x) => x,
+            Err(e) => {
+                self.discard_packs(&published);
+                return Err(e);
+            }
+        };
         drop(parent);
 
         let view = IndexView::load(self.backend())?;
@@ -465,7 +478,6 @@ fn write_packs(
     out_free: Sender<Output>,
     pack_size: usize,
 ) -> Result<(u64, u64)> {
-    let backend = shared.store.backend();
     let mut writer = PackWriter::new(pack_size);
     let (mut bytes, mut packs) = (0u64, 0u64);
     while let Ok(output) = outputs.recv() {
@@ -475,7 +487,7 @@ fn write_packs(
             bytes += (end - start) as u64;
             start = end;
             if writer.is_full() {
-                writer.publish(backend)?;
+                publish(shared, &mut writer)?;
                 packs += 1;
             }
         }
@@ -484,10 +496,42 @@ fn write_packs(
             return Ok((bytes, packs));
         }
     }
-    if writer.publish(backend)?.is_some() {
+    if publish(shared, &mut writer)? {
         packs += 1;
     }
     Ok((bytes, packs))
+}
+
+fn publish(shared: &Shared<'_>, writer: &mut PackWriter) -> Result<bool> {
+    let p = writer.publish(shared.store.backend())?;
+    if let Some(p) = &p {
+        shared
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(p.id);
+    }
+    Ok(p.is_some())
+}
+
+impl Store {
+    /// Best-effort removal of the packs a failed backup published: nothing
+    /// references them, and a full disk needs the space back. Index first,
+    /// so the index never names a missing pack.
+    fn discard_packs(&self, packs: &[PackId]) {
+        for p in packs {
+            let r = self
+                .backend()
+                .delete(&p.idx_key())
+                .and_then(|()| self.backend().delete(&p.pack_key()));
+            if let Err(e) = r {
+                warn!("could not remove pack {p} of the failed backup: {e}");
+            }
+        }
+        if !packs.is_empty() {
+            info!(packs = packs.len(), "removed packs of the failed backup");
+        }
+    }
 }
 
 #[allow(dead_code)]

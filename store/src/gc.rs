@@ -245,6 +245,12 @@ impl Store {
             if !usage.contains_key(p) || usage[p].live_chunks == 0 {
                 stats.packs_deleted += 1;
             }
+            // The pack's own index first (it may still be unmerged), so no
+            // index ever names a deleted pack.
+            let idx = p.idx_key();
+            backend
+                .delete(&idx)
+                .ctx(|| format!("Failed to delete pack index {idx}"))?;
             let key = p.pack_key();
             backend
                 .delete(&key)
@@ -430,6 +436,27 @@ mod tests {
         );
         assert!(store.verify(None, &Default::default()).unwrap().is_ok());
         assert!(store.backend().list("snapshots/a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn gc_with_unmerged_pack_indexes_leaves_no_dangling_entries() {
+        let (dir, store) = setup(4096);
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        std::fs::write(&a, image(20, 1 << 20)).unwrap();
+        let img_b = image(21, 1 << 20);
+        std::fs::write(&b, &img_b).unwrap();
+        // Large packs: one per backup, never merged before gc.
+        store.backup("a", &a, &BackupOptions::default()).unwrap();
+        store.backup("b", &b, &BackupOptions::default()).unwrap();
+        assert_eq!(store.index().unmerged_pack_count(), 2);
+        store.forget("a").unwrap();
+        store.gc(&GcOptions::default()).unwrap();
+        let reopened = Store::open(store.path()).unwrap();
+        let mut on_disk = list_packs(reopened.backend()).unwrap();
+        on_disk.sort();
+        assert_eq!(reopened.index().packs(), on_disk);
+        assert!(reopened.verify(None, &Default::default()).unwrap().is_ok());
+        assert_eq!(read_all(&reopened, "b"), img_b);
     }
 
     #[test]

@@ -1,4 +1,77 @@
-//! Chunk store (design doc placeholder, filled in below).
+//! Deduplicating, compressed, content-addressed chunk store for VM disk
+//! images.
+//!
+//! # Model
+//! A store is a directory. An image (`web01`) is cut into fixed-size chunks
+//! aligned to the disk (a power of two from 4 KiB to 4 MiB, fixed per store,
+//! default 64 KiB), because VM images change in place at block granularity.
+//! A chunk's id ([`ChunkId`]) is the blake3 hash of its plaintext. Chunks are
+//! lz4-compressed (kept raw when that does not save space) and appended to
+//! pack files; all-zero chunks are never stored. Each backup publishes an
+//! immutable snapshot manifest that lists, for every chunk index, a chunk id
+//! or "zero".
+//!
+//! # Layout
+//! ```text
+//! STORE/
+//!   config.json                   {"format":"instant-recovery-store","version":1,"chunk_size":N}
+//!   lock                          writer lock (flock), holds the writer's PID
+//!   packs/<2 hex>/<pack>.pack     immutable chunk records          (pack.rs)
+//!   index/<pack>.idx              per-pack sorted index            (index/idx.rs)
+//!   index/merged-<gen>.midx       merged sorted index with fanout  (index/midx.rs)
+//!   snapshots/<name>/<id>.snap    manifests                        (snapshot/manifest.rs)
+//!   snapshots/<name>/<id>.snap.forgotten   forgotten, awaiting gc
+//!   tmp/                          temp files, swept by the next writer
+//! ```
+//! Magic numbers, versions and header layouts live in [`format`] (do not
+//! modify). All I/O on packs, indexes and manifests goes through the
+//! [`backend::Backend`] trait: objects are published whole and atomically and
+//! never rewritten in place, so an object-store backend can follow.
+//!
+//! # Index
+//! Opening a store never loads the whole index. Per-pack `.idx` files (about
+//! a thousand entries each) are loaded only while unmerged; once more than
+//! [`index::MERGE_THRESHOLD`] exist, the writer merges them into a new
+//! `merged-<gen>.midx`: a header, the pack table, a 65536-bucket fanout and
+//! 48-byte sorted entries. Open reads ~0.5 MiB (fanout) + 16 B per pack; a
+//! lookup is a handful of `pread`s inside one fanout bucket.
+//!
+//! # Durability
+//! Every object is published as: write to `tmp/`, fsync, rename into place,
+//! fsync the directory. Order within a backup: pack → its `.idx` → (more
+//! packs) → manifest. So an index never names a pack that is not durable and
+//! a manifest never names a chunk that is not durable and indexed. A crash or
+//! `ENOSPC` at any point leaves: temp files (deleted by the next writer),
+//! and possibly packs no manifest references (a failed backup deletes its own
+//! packs; a killed one leaves them for dedup by the next backup or for gc).
+//! No partial snapshot is ever visible. Every read re-hashes the chunk and
+//! compares it with its id: corruption is an error naming the chunk, pack and
+//! offset, never wrong data.
+//!
+//! # Concurrency
+//! | operation          | lock                                   | runs concurrently with |
+//! |--------------------|----------------------------------------|------------------------|
+//! | backup             | writer lock (exclusive, non-blocking)  | readers, forget        |
+//! | gc                 | writer lock                            | readers, forget        |
+//! | index merge        | writer lock (inside backup or gc)      | readers                |
+//! | forget             | none (one atomic rename)               | everything             |
+//! | restore, verify, `SnapshotReader` (instant boot) | shared flock on each manifest they use | everything |
+//! | snapshots, resolve | none                                   | everything             |
+//!
+//! A second writer fails at once with "Store … is locked by PID n".
+//!
+//! # Forget and garbage collection
+//! `forget` renames the manifest to `.snap.forgotten`. gc, under the writer
+//! lock, deletes a forgotten manifest only if it can take an exclusive flock
+//! on it; a manifest still held by a reader (a booted VM, a restore) counts as
+//! live. It marks the chunks of all live manifests in a Bloom filter (false
+//! positives only keep garbage), drops packs with no live chunk, repacks packs
+//! with enough dead bytes (live chunks verified and copied to new packs,
+//! published with their indexes), publishes a new merged index without the
+//! old packs, and only then deletes old packs and forgotten manifests.
+//! Readers whose index view names a deleted pack reload the index and retry
+//! once. A backup cannot run during gc, so a chunk a backup is about to
+//! reference (dedup) is never deleted under it. See [`gc`] for details.
 #![forbid(unsafe_code)]
 
 pub mod backend;

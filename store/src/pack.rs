@@ -14,7 +14,7 @@
 use tracing::debug;
 
 use crate::backend::Backend;
-use crate::error::{IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::format::{
     check_pack_header, pack_header, FormatError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
 };
@@ -89,9 +89,14 @@ impl PackWriter {
         let mut entries = std::mem::take(&mut self.entries);
         let idx_bytes = idx::encode(&id, &mut entries);
         let idx_key = id.idx_key();
-        backend
-            .put(&idx_key, &idx_bytes)
-            .ctx(|| format!("Failed to write pack index {idx_key}"))?;
+        if let Err(e) = backend.put(&idx_key, &idx_bytes) {
+            // Without its index the pack is unreachable: give the space back.
+            let _ = backend.delete(&key);
+            return Err(Error::io(
+                format!("Failed to write pack index {idx_key}"),
+                e,
+            ));
+        }
         let size = self.buf.len() as u64;
         debug!(pack = %id, size, chunks = entries.len(), "published pack");
         self.buf.truncate(PACK_HEADER_LEN);

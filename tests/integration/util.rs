@@ -1,0 +1,69 @@
+//! Helpers shared by the integration tests.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The `recovery-cli` binary of this workspace, built once per test process
+/// (`cargo build -p recovery-cli` in the same target dir and profile as this
+/// test binary, a no-op when it is up to date).
+pub fn recovery_cli_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current test executable");
+        // target/<profile>/deps/integration-<hash>
+        let profile_dir = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .expect("test binary lives in target/<profile>/deps")
+            .to_path_buf();
+        let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+        let bin = profile_dir.join("recovery-cli");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "recovery-cli",
+            "--bin",
+            "recovery-cli",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status();
+        match status {
+            Ok(s) if s.success() => {}
+            other if bin.exists() => {
+                eprintln!(
+                    "warning: building recovery-cli failed ({other:?}); using existing {}",
+                    bin.display()
+                );
+            }
+            other => panic!("cannot build recovery-cli: {other:?}"),
+        }
+        assert!(bin.exists(), "{} missing after build", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A `Command` running the workspace's `recovery-cli` with logging quiet.
+pub fn recovery_cli() -> Command {
+    let mut c = Command::new(recovery_cli_path());
+    c.env_remove("RECOVERY_STORE").env("RUST_LOG", "warn");
+    c
+}
+
+/// Print a loud skip message and return from the test.
+#[macro_export]
+macro_rules! skip {
+    ($($arg:tt)*) => {{
+        eprintln!("SKIPPED: {}", format!($($arg)*));
+        return;
+    }};
+}
