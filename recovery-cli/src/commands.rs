@@ -4,6 +4,7 @@ pub mod backup;
 pub mod forget;
 pub mod gc;
 pub mod init;
+pub mod instant_boot;
 pub mod restore;
 pub mod snapshots;
 pub mod verify;
@@ -29,6 +30,8 @@ pub enum Command {
     Forget(forget::Args),
     /// Reclaim space of chunks no snapshot uses.
     Gc(gc::Args),
+    /// Serve a snapshot as a vhost-user-blk device for QEMU, writes to an overlay.
+    InstantBoot(instant_boot::Args),
 }
 
 impl Command {
@@ -42,6 +45,7 @@ impl Command {
             Command::Verify(a) => verify::run(a.try_into()?),
             Command::Forget(a) => forget::run(a.try_into()?),
             Command::Gc(a) => gc::run(a.try_into()?),
+            Command::InstantBoot(a) => instant_boot::run(a.try_into()?),
         }
     }
 }

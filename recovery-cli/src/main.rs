@@ -14,6 +14,7 @@ fn init_tracing() {
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .finish();
     let _ = tracing::subscriber::set_global_default(subscriber);
 }

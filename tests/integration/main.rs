@@ -1,6 +1,7 @@
+mod boot;
 mod device_blkio;
 mod guest;
-mod util;
 mod store_cli;
 mod store_props;
+mod util;
 mod integration {}

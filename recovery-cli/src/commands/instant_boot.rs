@@ -1,0 +1,288 @@
+//! `instant-boot`: serve a snapshot as a vhost-user-blk device.
+//!
+//! The daemon binds its socket before it prints anything, so the QEMU
+//! arguments it prints work the moment they appear. SIGINT and SIGTERM
+//! stop it cleanly: the device is flushed and the socket removed. With
+//! `--qemu` it also launches QEMU itself and stops when QEMU exits.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing::{info, warn};
+use vhost_backend::backend::DeviceConfig;
+use vhost_backend::daemon::{Daemon, DaemonConfig};
+
+use super::StoreArg;
+use crate::output::{self, parse_size};
+
+/// Arguments of `instant-boot`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    store: StoreArg,
+    /// Snapshot to serve: NAME, NAME@ID or ID.
+    snapshot: String,
+    /// vhost-user socket to create (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// State directory: the overlay with the guest's writes and migration progress.
+    #[arg(long, value_name = "DIR")]
+    state: PathBuf,
+    /// Refuse guest writes (the device reports VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    read_only: bool,
+    /// Number of virtqueues, one worker thread each (default: cores, at most 16).
+    #[arg(long, value_name = "N")]
+    queues: Option<usize>,
+    /// Chunk cache budget.
+    #[arg(long, default_value = "256M", value_parser = parse_size, value_name = "SIZE")]
+    cache_size: u64,
+    /// Serial number the guest sees (GET_ID); default: the snapshot id.
+    #[arg(long, value_name = "ID")]
+    serial: Option<String>,
+    /// Print the start-up information as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Launch QEMU attached to the socket; arguments after `--` are passed to it.
+    #[arg(long)]
+    qemu: bool,
+    /// QEMU binary for `--qemu`.
+    #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
+    qemu_binary: String,
+    /// Guest memory in MiB for the printed and launched QEMU arguments.
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    memory: u64,
+    /// Extra QEMU arguments (with `--qemu`).
+    #[arg(last = true, value_name = "QEMU ARGS")]
+    qemu_args: Vec<String>,
+}
+
+/// Validated `instant-boot` settings.
+#[derive(Debug)]
+pub struct Config {
+    daemon: DaemonConfig,
+    json: bool,
+    qemu: Option<QemuLaunch>,
+    memory: u64,
+}
+
+#[derive(Debug)]
+struct QemuLaunch {
+    binary: String,
+    extra: Vec<String>,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = anyhow::Error;
+
+    fn try_from(a: Args) -> anyhow::Result<Config> {
+        let queues = a.queues.unwrap_or_else(DeviceConfig::default_num_queues);
+        if !(1..=16).contains(&queues) {
+            bail!("--queues must be between 1 and 16, not {queues}");
+        }
+        if a.memory < 64 {
+            bail!("--memory must be at least 64 (MiB)");
+        }
+        if !a.qemu && !a.qemu_args.is_empty() {
+            bail!("extra QEMU arguments need --qemu");
+        }
+        let device = DeviceConfig {
+            num_queues: queues,
+            read_only: a.read_only,
+            serial: a.serial.unwrap_or_default(),
+            ..DeviceConfig::default()
+        };
+        Ok(Config {
+            daemon: DaemonConfig {
+                store: a.store.store,
+                snapshot: a.snapshot,
+                socket: a.socket,
+                state: a.state,
+                cache_size: a.cache_size,
+                device,
+            },
+            json: a.json,
+            qemu: a.qemu.then_some(QemuLaunch {
+                binary: a.qemu_binary,
+                extra: a.qemu_args,
+            }),
+            memory: a.memory,
+        })
+    }
+}
+
+/// What `instant-boot` prints once the socket accepts connections.
+#[derive(Debug, Serialize)]
+struct Ready {
+    socket: String,
+    snapshot: String,
+    image_size: u64,
+    queues: usize,
+    read_only: bool,
+    qemu_args: Vec<String>,
+    libvirt_xml: String,
+}
+
+/// QEMU arguments that attach a vhost-user-blk socket with shared guest RAM.
+pub fn qemu_args(socket: &str, memory_mib: u64, queues: usize) -> Vec<String> {
+    [
+        "-machine",
+        "q35,memory-backend=mem",
+        "-m",
+        &format!("{memory_mib}M"),
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={memory_mib}M,share=on"),
+        "-chardev",
+        &format!("socket,id=vu0,path={socket}"),
+        "-device",
+        &format!("vhost-user-blk-pci,chardev=vu0,num-queues={queues},bootindex=1"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The libvirt `<disk>` element for the socket, plus the shared memory it needs.
+pub fn libvirt_xml(socket: &str) -> String {
+    format!(
+        "<!-- in <domain>: shared guest memory, required by vhost-user -->\n\
+         <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n\
+         <!-- in <devices>: -->\n\
+         <disk type='vhostuser' device='disk'>\n  \
+           <driver name='qemu' type='raw'/>\n  \
+           <source type='unix' path='{socket}'><reconnect enabled='yes' timeout='1'/></source>\n  \
+           <target dev='vda' bus='virtio'/>\n\
+         </disk>"
+    )
+}
+
+/// Serve the snapshot until stopped.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let daemon = Daemon::start(&cfg.daemon)?;
+    let socket = daemon.socket().display().to_string();
+    let qemu = qemu_args(&socket, cfg.memory, cfg.daemon.device.num_queues);
+    let ready = Ready {
+        socket: socket.clone(),
+        snapshot: daemon.snapshot().reference(),
+        image_size: daemon.snapshot().image_size,
+        queues: cfg.daemon.device.num_queues,
+        read_only: cfg.daemon.device.read_only,
+        qemu_args: qemu.clone(),
+        libvirt_xml: libvirt_xml(&socket),
+    };
+    print_ready(&ready, cfg.json)?;
+    info!(socket = %socket, snapshot = %ready.snapshot, "serving");
+
+    let stop = daemon.stop_handle();
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM]).context("Failed to install signal handlers")?;
+    let signal_handle = signals.handle();
+    let signal_stop = stop.clone();
+    let signal_thread = thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                info!(signal = sig, "stopping");
+                signal_stop.stop();
+            }
+        })
+        .context("Failed to start the signal thread")?;
+
+    let qemu_thread = match &cfg.qemu {
+        Some(launch) => {
+            let mut args = qemu;
+            args.extend(launch.extra.iter().cloned());
+            let child = Command::new(&launch.binary)
+                .args(&args)
+                .spawn()
+                .with_context(|| format!("Failed to start {}", launch.binary))?;
+            Some(watch_qemu(child, stop.clone())?)
+        }
+        None => None,
+    };
+
+    let result = daemon.run();
+    signal_handle.close();
+    let _ = signal_thread.join();
+    if let Some(t) = qemu_thread {
+        let _ = t.join();
+    }
+    result?;
+    info!("stopped cleanly");
+    Ok(())
+}
+
+/// Stops the daemon when QEMU exits; kills QEMU if the daemon stops first.
+fn watch_qemu(
+    mut child: Child,
+    stop: vhost_backend::serve::StopHandle,
+) -> anyhow::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("qemu".into())
+        .spawn(move || loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    info!(%status, "QEMU exited");
+                    stop.stop();
+                    return;
+                }
+                Ok(None) if stop.is_stopped() => {
+                    warn!("daemon stopping: terminating QEMU");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return;
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(100)),
+                Err(e) => {
+                    warn!(error = %e, "lost track of QEMU");
+                    stop.stop();
+                    return;
+                }
+            }
+        })
+        .context("Failed to start the QEMU watcher")
+}
+
+fn print_ready(ready: &Ready, json: bool) -> anyhow::Result<()> {
+    if json {
+        let s = serde_json::to_string(ready).context("Failed to encode JSON")?;
+        return output::line(&s);
+    }
+    output::line(&format!(
+        "Serving {} ({}) on {}",
+        ready.snapshot,
+        output::size(ready.image_size),
+        ready.socket
+    ))?;
+    output::line("")?;
+    output::line("Attach it to QEMU with:")?;
+    output::line(&format!("  {}", shell_words(&ready.qemu_args)))?;
+    output::line("")?;
+    output::line("Or to a libvirt domain with:")?;
+    for l in ready.libvirt_xml.lines() {
+        output::line(&format!("  {l}"))?;
+    }
+    output::line("")?;
+    output::line("Press Ctrl-C to stop (the device is flushed first).")
+}
+
+fn shell_words(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_=,./:".contains(c))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
