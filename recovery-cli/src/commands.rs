@@ -5,6 +5,7 @@ pub mod forget;
 pub mod gc;
 pub mod init;
 pub mod instant_boot;
+pub mod monitor;
 pub mod restore;
 pub mod snapshots;
 pub mod verify;
@@ -32,6 +33,16 @@ pub enum Command {
     Gc(gc::Args),
     /// Serve a snapshot as a vhost-user-blk device for QEMU, writes to an overlay.
     InstantBoot(instant_boot::Args),
+    /// Show a running daemon's state and migration progress (--watch for a live bar).
+    Status(monitor::StatusArgs),
+    /// Pause the background copier; guest I/O continues.
+    Pause(monitor::ControlArgs),
+    /// Resume a paused copier.
+    Resume(monitor::ControlArgs),
+    /// Change the copy rate limit (e.g. 50M, 1G, unlimited).
+    SetRate(monitor::SetRateArgs),
+    /// Print the daemon's Prometheus metrics.
+    Metrics(monitor::ControlArgs),
 }
 
 impl Command {
@@ -46,6 +57,11 @@ impl Command {
             Command::Forget(a) => forget::run(a.try_into()?),
             Command::Gc(a) => gc::run(a.try_into()?),
             Command::InstantBoot(a) => instant_boot::run(a.try_into()?),
+            Command::Status(a) => monitor::status(a.try_into()?),
+            Command::Pause(a) => monitor::pause(a.try_into()?),
+            Command::Resume(a) => monitor::resume(a.try_into()?),
+            Command::SetRate(a) => monitor::set_rate(a.try_into()?),
+            Command::Metrics(a) => monitor::metrics(a.try_into()?),
         }
     }
 }
