@@ -41,7 +41,10 @@ pub enum ErrorKind {
 }
 
 /// A store error: a kind, a message with context, and an optional cause.
-pub struct Error {
+/// One pointer wide, so `Result<T, Error>` stays small.
+pub struct Error(Box<Inner>);
+
+struct Inner {
     kind: ErrorKind,
     message: String,
     chunk: Option<ChunkId>,
@@ -52,13 +55,13 @@ pub struct Error {
 impl Error {
     /// A new error of `kind` with `message` (short, capitalised, no trailing dot).
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error {
+        Error(Box::new(Inner {
             kind,
             message: message.into(),
             chunk: None,
             snapshot: None,
             source: None,
-        }
+        }))
     }
 
     /// An I/O failure while doing `action`; the kind follows the I/O error
@@ -90,55 +93,55 @@ impl Error {
 
     /// Attach the cause.
     pub fn with_source(mut self, source: impl Into<Box<dyn StdError + Send + Sync>>) -> Error {
-        self.source = Some(source.into());
+        self.0.source = Some(source.into());
         self
     }
 
     /// Attach the chunk this error concerns.
     pub fn with_chunk(mut self, chunk: ChunkId) -> Error {
-        self.chunk = Some(chunk);
+        self.0.chunk = Some(chunk);
         self
     }
 
     /// Attach the snapshot this error concerns.
     pub fn with_snapshot(mut self, snapshot: impl Into<String>) -> Error {
-        self.snapshot = Some(snapshot.into());
+        self.0.snapshot = Some(snapshot.into());
         self
     }
 
     /// Wrap this error in an outer context message, keeping kind, chunk and
     /// snapshot (the old message becomes the source).
     pub fn context(self, message: impl Into<String>) -> Error {
-        let kind = self.kind;
-        let chunk = self.chunk;
-        let snapshot = self.snapshot.clone();
-        Error {
+        let kind = self.0.kind;
+        let chunk = self.0.chunk;
+        let snapshot = self.0.snapshot.clone();
+        Error(Box::new(Inner {
             kind,
             message: message.into(),
             chunk,
             snapshot,
             source: Some(Box::new(self)),
-        }
+        }))
     }
 
     /// The class of this error.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.0.kind
     }
 
     /// The chunk this error concerns, if any.
     pub fn chunk(&self) -> Option<&ChunkId> {
-        self.chunk.as_ref()
+        self.0.chunk.as_ref()
     }
 
     /// The snapshot this error concerns, if any.
     pub fn snapshot(&self) -> Option<&str> {
-        self.snapshot.as_deref()
+        self.0.snapshot.as_deref()
     }
 
     /// The message of this error alone (without its causes).
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 }
 
@@ -157,14 +160,15 @@ pub(crate) fn io_kind(err: &io::Error) -> ErrorKind {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        f.write_str(&self.0.message)
     }
 }
 
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}: {}", self.kind, self.message)?;
+        write!(f, "{:?}: {}", self.0.kind, self.0.message)?;
         let mut source = self
+            .0
             .source
             .as_deref()
             .map(|s| s as &(dyn StdError + 'static));
@@ -178,7 +182,8 @@ impl fmt::Debug for Error {
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
+        self.0
+            .source
             .as_deref()
             .map(|s| s as &(dyn StdError + 'static))
     }
@@ -205,6 +210,11 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::NoSpace);
         let chain = format!("{err:?}");
         assert!(chain.contains("No space left on device"), "{chain}");
+    }
+
+    #[test]
+    fn error_is_one_pointer() {
+        assert_eq!(std::mem::size_of::<Error>(), std::mem::size_of::<usize>());
     }
 
     #[test]
