@@ -12,7 +12,7 @@
 //! | 0      | 8    | magic `IRBITMAP` |
 //! | 8      | 4    | version (1) |
 //! | 12     | 4    | header size (4096) |
-//! | 16     | 4    | kind (1 = overlay blocks, 2 = migrated chunks) |
+//! | 16     | 4    | kind (1 = overlay blocks, 2 = migrated chunks, 3 = guest-written chunks) |
 //! | 20     | 4    | granule: bytes of image per bit |
 //! | 24     | 8    | image size in bytes |
 //! | 32     | 8    | number of bits, `ceil(image size / granule)` |
@@ -94,6 +94,8 @@ pub enum BitmapKind {
     OverlayBlocks,
     /// One bit per chunk: the migration target holds the chunk.
     MigratedChunks,
+    /// One bit per chunk: the guest wrote the chunk after it migrated.
+    GuestWrittenChunks,
 }
 
 impl BitmapKind {
@@ -101,6 +103,7 @@ impl BitmapKind {
         match self {
             BitmapKind::OverlayBlocks => 1,
             BitmapKind::MigratedChunks => 2,
+            BitmapKind::GuestWrittenChunks => 3,
         }
     }
 
@@ -108,6 +111,7 @@ impl BitmapKind {
         match code {
             1 => "overlay blocks".into(),
             2 => "migrated chunks".into(),
+            3 => "guest-written chunks".into(),
             n => format!("unknown kind {n}"),
         }
     }
