@@ -1,0 +1,27 @@
+//! The scenarios, one module each. Every scenario returns a [`Report`].
+
+pub mod boot;
+pub mod chunk_size;
+pub mod ingest;
+pub mod io;
+pub mod restore;
+pub mod startup;
+
+use crate::report::Report;
+use crate::Ctx;
+
+/// Scenario names, in the order `all` runs them.
+pub const ALL: &[&str] = &["ingest", "chunk-size", "restore", "io", "startup", "boot"];
+
+/// Runs scenario `name`.
+pub fn run(name: &str, ctx: &Ctx) -> anyhow::Result<Report> {
+    match name {
+        "ingest" => ingest::run(ctx),
+        "chunk-size" => chunk_size::run(ctx),
+        "restore" => restore::run(ctx),
+        "io" => io::run(ctx),
+        "startup" => startup::run(ctx),
+        "boot" => boot::run(ctx),
+        _ => anyhow::bail!("unknown scenario {name:?} (known: {})", ALL.join(", ")),
+    }
+}
