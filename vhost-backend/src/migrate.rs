@@ -102,6 +102,8 @@
 
 mod copier;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
 mod throttle;
 

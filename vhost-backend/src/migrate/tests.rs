@@ -14,12 +14,12 @@ use crate::cache::ChunkCache;
 use crate::source::{check_read_write, VecSource};
 use crate::state::StateBinding;
 
-const CS: u32 = 16 << 10;
+pub(super) const CS: u32 = 16 << 10;
 const CSU: usize = CS as usize;
 
 /// An image of `chunks` chunks (plus a short tail chunk of `tail` bytes):
 /// every third chunk zero, one duplicate, the rest pseudo-random.
-fn image(chunks: usize, tail: usize, seed: u64) -> Vec<u8> {
+pub(super) fn image(chunks: usize, tail: usize, seed: u64) -> Vec<u8> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut data = vec![0u8; chunks * CSU + tail];
     for (i, chunk) in data.chunks_mut(CSU).enumerate() {
@@ -34,15 +34,15 @@ fn image(chunks: usize, tail: usize, seed: u64) -> Vec<u8> {
     data
 }
 
-struct Fixture {
+pub(super) struct Fixture {
     dir: tempfile::TempDir,
     src: Arc<VecSource>,
     snapshot: Arc<SnapshotLayer>,
-    image: Vec<u8>,
+    pub(super) image: Vec<u8>,
 }
 
 impl Fixture {
-    fn new(image: Vec<u8>) -> Fixture {
+    pub(super) fn new(image: Vec<u8>) -> Fixture {
         let src = Arc::new(VecSource::new(image.clone(), CS));
         let snapshot =
             Arc::new(SnapshotLayer::new(src.clone(), Arc::new(ChunkCache::new(1 << 20))).unwrap());
@@ -89,11 +89,11 @@ impl Fixture {
         MigratingDevice::open(state, overlay, self.snapshot.clone(), target, opts)
     }
 
-    fn open(&self, opts: MigrationOptions) -> Arc<MigratingDevice> {
+    pub(super) fn open(&self, opts: MigrationOptions) -> Arc<MigratingDevice> {
         self.try_open(opts).unwrap()
     }
 
-    fn target_bytes(&self) -> Vec<u8> {
+    pub(super) fn target_bytes(&self) -> Vec<u8> {
         let mut bytes = std::fs::read(self.target_path()).unwrap();
         bytes.truncate(self.image.len());
         bytes
@@ -113,7 +113,7 @@ impl Fixture {
     }
 }
 
-fn fast() -> MigrationOptions {
+pub(super) fn fast() -> MigrationOptions {
     MigrationOptions {
         workers: 4,
         checkpoint_interval: Duration::from_millis(20),
@@ -251,9 +251,12 @@ fn copy_on_read_moves_chunks_and_the_shared_check_holds_mid_migration() {
 #[test]
 fn concurrent_guest_writes_and_flushes_during_migration_reach_the_target() {
     for seed in [11u64, 12, 13] {
-        let fx = Fixture::new(image(128, 0, seed));
+        // A small image written hard: most copies overlap a write to their chunk.
+        let fx = Fixture::new(image(32, 0, seed));
+        // Slow store reads widen every race window between copies and writes.
+        fx.src.set_read_delay(Duration::from_millis(1));
         let dev = fx.open(MigrationOptions {
-            copy_rate: 6 << 20,
+            copy_rate: 1 << 20,
             ..fast()
         });
         let model = Mutex::new(fx.image.clone());
