@@ -764,3 +764,32 @@ fn a_full_target_fails_writes_keeps_reads_and_recovers() {
     assert_same(&on_target, &model, "target after recovery");
     drop(dev);
 }
+
+#[test]
+fn the_copier_backs_off_while_the_guest_is_busy() {
+    let fx = Fixture::new(image(64, 0, 101));
+    let dev = fx.open(MigrationOptions {
+        workers: 2,
+        yield_window: Duration::from_millis(5),
+        max_yield: Duration::from_millis(100),
+        ..fast()
+    });
+    let mut buf = vec![0u8; 512];
+    dev.read_at(&mut buf, 0).unwrap();
+    let busy_for = Duration::from_millis(400);
+    let started = Instant::now();
+    dev.start().unwrap();
+    // A guest that never pauses: each worker copies at most one chunk per
+    // max_yield, so about 2 * 400 / 100 chunks instead of all 64.
+    while started.elapsed() < busy_for {
+        dev.read_at(&mut buf, 0).unwrap();
+    }
+    let during = dev.status().chunks_migrated;
+    assert!(
+        during <= 1 + 2 * 6,
+        "{during} chunks copied while the guest was busy"
+    );
+    // Idle again: the copier runs at full speed.
+    wait_complete(&dev);
+    assert_same(&fx.target_bytes(), &fx.image, "target");
+}
