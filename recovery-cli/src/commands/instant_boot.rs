@@ -164,6 +164,11 @@ pub fn libvirt_xml(socket: &str) -> String {
 
 /// Serve the snapshot until stopped.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
+    // Handlers go in before anything is announced, so a SIGTERM sent as
+    // soon as the socket appears still stops the daemon cleanly.
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM]).context("Failed to install signal handlers")?;
+    let signal_handle = signals.handle();
     let daemon = Daemon::start(&cfg.daemon)?;
     let socket = daemon.socket().display().to_string();
     let qemu = qemu_args(&socket, cfg.memory, cfg.daemon.device.num_queues);
@@ -180,9 +185,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     info!(socket = %socket, snapshot = %ready.snapshot, "serving");
 
     let stop = daemon.stop_handle();
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM]).context("Failed to install signal handlers")?;
-    let signal_handle = signals.handle();
     let signal_stop = stop.clone();
     let signal_thread = thread::Builder::new()
         .name("signals".into())
