@@ -217,6 +217,10 @@ impl MigratingDevice {
             && matches!(l.snapshot.source().chunk_key(c), Ok(None));
         if !cheap {
             self.limiter.acquire(len, || self.stopping());
+            if lock(&self.ctl).paused {
+                // Paused while waiting: left for the next pass.
+                return;
+            }
         }
         let prefetched = if l.overlay.any_present(start, len) {
             None
