@@ -5,6 +5,8 @@
 //!                                    │
 //!                                 MeteredDevice (guest op counters)
 //!                                    │
+//!                                 MigratingDevice (with --target: copier, migrated bitmap)
+//!                                    │
 //!                                 Overlay (guest writes, --state DIR)
 //!                                    │
 //!                                 SnapshotLayer ── ChunkCache (--cache-size)
@@ -12,26 +14,38 @@
 //!                                 store::SnapshotReader (shared lock on the manifest)
 //! ```
 //!
-//! [`Daemon::start`] opens everything and binds the socket, so QEMU can
-//! connect the moment it returns; nothing is read up front but the
-//! overlay's bitmap, so start-up time does not grow with the image.
-//! [`Daemon::run`] serves until [`Daemon::stop_handle`] is stopped, then
+//! [`Daemon::start`] opens everything, binds the vhost-user socket and the
+//! control socket and starts the copier, so QEMU can connect the moment it
+//! returns; nothing is read up front but the bitmaps, so start-up time does
+//! not grow with the image. [`Daemon::run`] serves until
+//! [`Daemon::stop_handle`] is stopped, then checkpoints the migration and
 //! flushes every layer.
+//!
+//! A state dir whose migration is complete is served from the target
+//! alone: the overlay is gone and the store is only opened to check that
+//! the state belongs to the snapshot.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use store::{SnapshotInfo, SnapshotReader, Store};
 
 use crate::backend::DeviceConfig;
 use crate::block::BlockDevice;
 use crate::cache::ChunkCache;
+use crate::control::{spawn_progress_logger, ControlServer, ProgressLogger};
+use crate::daemon_status::DaemonStatus;
+use crate::metered::MeteredDevice;
+use crate::migrate::{MigratingDevice, MigrationOptions};
 use crate::overlay::Overlay;
 use crate::serve::{BlockServer, Listening, StopHandle};
 use crate::snapshot_layer::SnapshotLayer;
 use crate::source::ChunkSource;
 use crate::state::{StateBinding, StateDir};
+use crate::status::{Control, State};
+use crate::target::Target;
 
 /// Everything `instant-boot` needs to know.
 #[derive(Debug, Clone)]
@@ -49,6 +63,14 @@ pub struct DaemonConfig {
     /// Device settings (queues, read-only, serial); `serial` empty means
     /// "use the snapshot id".
     pub device: DeviceConfig,
+    /// The control socket; `None` means `control.sock` in the state dir.
+    pub control: Option<PathBuf>,
+    /// Migrate to this raw file or block device.
+    pub target: Option<PathBuf>,
+    /// Copier settings (with `target`).
+    pub migration: MigrationOptions,
+    /// How often progress is logged.
+    pub log_interval: Duration,
 }
 
 /// Why the daemon could not start or stopped with an error.
@@ -69,12 +91,33 @@ pub enum Error {
     /// Opening the overlay failed.
     #[error("Failed to open the overlay in {0}")]
     Overlay(PathBuf, #[source] crate::overlay::Error),
+    /// The state dir has a migration in progress but no `--target` was given.
+    #[error("State dir {state} is migrating to {target}: pass --target {target}")]
+    TargetMissing {
+        /// The state dir.
+        state: PathBuf,
+        /// The recorded target.
+        target: String,
+    },
+    /// Opening the migration target failed.
+    #[error("Failed to open migration target {0}")]
+    Target(PathBuf, #[source] crate::target::Error),
+    /// Opening or starting the migration failed.
+    #[error("Failed to start the migration to {0}")]
+    Migration(PathBuf, #[source] crate::migrate::Error),
+    /// The control socket could not be created.
+    #[error("Failed to start the control socket")]
+    Control(#[source] crate::control::Error),
     /// Binding or serving the vhost-user socket failed.
     #[error("vhost-user server failed")]
     Serve(#[from] crate::serve::Error),
     /// The final flush failed: writes since the last guest flush may be lost.
     #[error("Failed to flush the device on shutdown")]
     Flush(#[source] io::Error),
+    /// The final migration checkpoint failed: progress since the last
+    /// checkpoint is redone on restart.
+    #[error("Failed to checkpoint the migration on shutdown")]
+    Checkpoint(#[source] io::Error),
 }
 
 /// A `Result` of this module.
@@ -88,9 +131,13 @@ pub struct Daemon {
     stop: StopHandle,
     device: Arc<dyn BlockDevice>,
     cache: Arc<ChunkCache>,
+    migration: Option<Arc<MigratingDevice>>,
+    status: Arc<DaemonStatus>,
+    control: ControlServer,
+    logger: ProgressLogger,
     // Held for the daemon's lifetime: the state dir's flock and the
     // snapshot's shared lock (gc keeps its chunks while we serve).
-    _state: StateDir,
+    _state: Arc<StateDir>,
     _reader: Arc<SnapshotReader>,
 }
 
@@ -110,18 +157,55 @@ impl Daemon {
             image_size: info.image_size,
             chunk_size: info.chunk_size,
         };
-        let state = StateDir::open_or_create(&cfg.state, &binding)
-            .map_err(|e| Error::State(cfg.state.clone(), e))?;
+        let state = Arc::new(
+            StateDir::open_or_create(&cfg.state, &binding)
+                .map_err(|e| Error::State(cfg.state.clone(), e))?,
+        );
+        let recorded_target = state.state().target;
+        if let (Some(recorded), None) = (&recorded_target, &cfg.target) {
+            return Err(Error::TargetMissing {
+                state: cfg.state.clone(),
+                target: recorded.display().to_string(),
+            });
+        }
 
         let cache = Arc::new(ChunkCache::new(cfg.cache_size));
-        let source: Arc<dyn ChunkSource> = reader.clone();
-        let lower: Arc<dyn BlockDevice> = Arc::new(
-            SnapshotLayer::new(source, cache.clone()).map_err(|e| Error::Layer("snapshot", e))?,
-        );
-        let overlay = Overlay::open_in(&state, lower)
-            .map_err(|e| Error::Overlay(cfg.state.clone(), e))?
-            .with_read_only(cfg.device.read_only);
-        let device: Arc<dyn BlockDevice> = Arc::new(overlay);
+        let reference = info.reference();
+        let (inner, migration, overlay): (Arc<dyn BlockDevice>, _, _) = match &cfg.target {
+            Some(path) => {
+                let target = Target::open(path, info.image_size)
+                    .map_err(|e| Error::Target(path.clone(), e))?;
+                let migration = if MigratingDevice::is_complete_in(&state) {
+                    MigratingDevice::open_complete(state.clone(), target)
+                } else {
+                    let (snapshot, overlay) = Self::layers(&reader, &cache, &state, cfg)?;
+                    MigratingDevice::open(
+                        state.clone(),
+                        overlay,
+                        snapshot,
+                        target,
+                        cfg.migration.clone(),
+                    )
+                }
+                .map_err(|e| Error::Migration(path.clone(), e))?;
+                (migration.clone(), Some(migration), None)
+            }
+            None => {
+                let (_, overlay) = Self::layers(&reader, &cache, &state, cfg)?;
+                (overlay.clone(), None, Some(overlay))
+            }
+        };
+        let metered = Arc::new(MeteredDevice::new(inner));
+        let device: Arc<dyn BlockDevice> = metered.clone();
+
+        let mut status = DaemonStatus::new(reference, metered).with_cache(cache.clone());
+        if let Some(overlay) = overlay {
+            status = status.with_overlay(overlay);
+        }
+        if let Some(migration) = &migration {
+            status = status.with_migration(migration.clone());
+        }
+        let status = Arc::new(status);
 
         let mut device_cfg = cfg.device.clone();
         if device_cfg.serial.is_empty() {
@@ -130,6 +214,19 @@ impl Daemon {
         let server = BlockServer::new(device.clone(), device_cfg)?;
         let listening = server.bind(&cfg.socket)?;
         let stop = StopHandle::new().map_err(|e| Error::Layer("stop handle", e))?;
+        let control_path = cfg
+            .control
+            .clone()
+            .unwrap_or_else(|| state.control_socket_path());
+        let control =
+            ControlServer::start(&control_path, status.clone()).map_err(Error::Control)?;
+        let logger = spawn_progress_logger(status.clone(), cfg.log_interval)
+            .map_err(|e| Error::Layer("progress logger", e))?;
+        if let (Some(migration), Some(path)) = (&migration, &cfg.target) {
+            migration
+                .start()
+                .map_err(|e| Error::Migration(path.clone(), e))?;
+        }
         Ok(Daemon {
             info,
             server,
@@ -137,9 +234,30 @@ impl Daemon {
             stop,
             device,
             cache,
+            migration,
+            status,
+            control,
+            logger,
             _state: state,
             _reader: reader,
         })
+    }
+
+    /// The snapshot layer and the overlay over it.
+    fn layers(
+        reader: &Arc<SnapshotReader>,
+        cache: &Arc<ChunkCache>,
+        state: &StateDir,
+        cfg: &DaemonConfig,
+    ) -> Result<(Arc<SnapshotLayer>, Arc<Overlay>)> {
+        let source: Arc<dyn ChunkSource> = reader.clone();
+        let snapshot = Arc::new(
+            SnapshotLayer::new(source, cache.clone()).map_err(|e| Error::Layer("snapshot", e))?,
+        );
+        let overlay = Overlay::open_in(state, snapshot.clone())
+            .map_err(|e| Error::Overlay(cfg.state.clone(), e))?
+            .with_read_only(cfg.device.read_only);
+        Ok((snapshot, Arc::new(overlay)))
     }
 
     /// The snapshot being served.
@@ -157,18 +275,50 @@ impl Daemon {
         &self.cache
     }
 
+    /// The control socket.
+    pub fn control_socket(&self) -> &Path {
+        self.control.path()
+    }
+
+    /// The migration, when there is a target.
+    pub fn migration(&self) -> Option<&Arc<MigratingDevice>> {
+        self.migration.as_ref()
+    }
+
+    /// The daemon's status and controls (what the control socket serves).
+    pub fn status(&self) -> Arc<dyn Control> {
+        self.status.clone()
+    }
+
+    /// Whether the migration has finished (complete or failed); `true`
+    /// without a target.
+    pub fn migration_finished(&self, timeout: Duration) -> bool {
+        match &self.migration {
+            Some(m) => matches!(m.wait(timeout), State::Complete | State::Failed),
+            None => true,
+        }
+    }
+
     /// A handle that stops [`Daemon::run`] from any thread.
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()
     }
 
-    /// Serves QEMU connections until stopped, then flushes every layer.
+    /// Serves QEMU connections until stopped, then stops the copier with
+    /// a final checkpoint and flushes every layer.
     pub fn run(self) -> Result<()> {
         let served = self.server.serve(self.listening, &self.stop);
+        let checkpoint = match &self.migration {
+            Some(m) => m.shutdown().map_err(Error::Checkpoint),
+            None => Ok(()),
+        };
         // serve() flushes on the way out; flush again in case it failed
         // before reaching that point, so the guest's writes are durable.
         let flushed = self.device.flush().map_err(Error::Flush);
+        self.logger.stop();
+        self.control.shutdown();
         served?;
+        checkpoint?;
         flushed
     }
 }

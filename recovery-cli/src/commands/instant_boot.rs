@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -17,7 +18,11 @@ use signal_hook::iterator::Signals;
 use tracing::{info, warn};
 use vhost_backend::backend::DeviceConfig;
 use vhost_backend::daemon::{Daemon, DaemonConfig};
+use vhost_backend::migrate::{MigratingDevice, MigrationOptions};
+use vhost_backend::serve::StopHandle;
+use vhost_backend::status::State;
 
+use super::monitor::parse_rate;
 use super::StoreArg;
 use crate::output::{self, parse_size};
 
@@ -46,6 +51,24 @@ pub struct Args {
     /// Serial number the guest sees (GET_ID); default: the snapshot id.
     #[arg(long, value_name = "ID")]
     serial: Option<String>,
+    /// Control socket for status, pause, resume and set-rate (default: STATE/control.sock).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Migrate the disk to this raw file (created sparse if missing) or block device.
+    #[arg(long, value_name = "PATH")]
+    target: Option<PathBuf>,
+    /// Copy rate limit in bytes per second (e.g. 100M); default unlimited.
+    #[arg(long, value_parser = parse_rate, value_name = "RATE")]
+    copy_rate: Option<u64>,
+    /// Chunks the copier moves in parallel.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    copy_workers: usize,
+    /// Hash the target against snapshot + overlay before completing.
+    #[arg(long)]
+    verify: bool,
+    /// Seconds between progress log lines.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    log_interval: u64,
     /// Print the start-up information as JSON.
     #[arg(long)]
     json: bool,
@@ -92,6 +115,21 @@ impl TryFrom<Args> for Config {
         if !a.qemu && !a.qemu_args.is_empty() {
             bail!("extra QEMU arguments need --qemu");
         }
+        if a.target.is_none() && (a.copy_rate.is_some() || a.verify) {
+            bail!("--copy-rate and --verify need --target");
+        }
+        if !(1..=256).contains(&a.copy_workers) {
+            bail!("--copy-workers must be between 1 and 256");
+        }
+        if a.read_only && a.target.is_some() {
+            bail!("--read-only cannot be combined with --target: the migrated disk is the guest's");
+        }
+        let migration = MigrationOptions {
+            copy_rate: a.copy_rate.unwrap_or(0),
+            workers: a.copy_workers,
+            verify: a.verify,
+            ..MigrationOptions::default()
+        };
         let device = DeviceConfig {
             num_queues: queues,
             read_only: a.read_only,
@@ -106,6 +144,10 @@ impl TryFrom<Args> for Config {
                 state: a.state,
                 cache_size: a.cache_size,
                 device,
+                control: a.control,
+                target: a.target,
+                migration,
+                log_interval: Duration::from_secs(a.log_interval.max(1)),
             },
             json: a.json,
             qemu: a.qemu.then_some(QemuLaunch {
@@ -121,6 +163,8 @@ impl TryFrom<Args> for Config {
 #[derive(Debug, Serialize)]
 struct Ready {
     socket: String,
+    control: String,
+    target: Option<String>,
     snapshot: String,
     image_size: u64,
     queues: usize,
@@ -174,6 +218,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let qemu = qemu_args(&socket, cfg.memory, cfg.daemon.device.num_queues);
     let ready = Ready {
         socket: socket.clone(),
+        control: daemon.control_socket().display().to_string(),
+        target: cfg.daemon.target.as_ref().map(|t| t.display().to_string()),
         snapshot: daemon.snapshot().reference(),
         image_size: daemon.snapshot().image_size,
         queues: cfg.daemon.device.num_queues,
@@ -204,7 +250,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 .args(&args)
                 .spawn()
                 .with_context(|| format!("Failed to start {}", launch.binary))?;
-            Some(watch_qemu(child, stop.clone())?)
+            Some(watch_qemu(
+                child,
+                stop.clone(),
+                daemon.migration().cloned(),
+            )?)
         }
         None => None,
     };
@@ -220,10 +270,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stops the daemon when QEMU exits; kills QEMU if the daemon stops first.
+/// Stops the daemon when QEMU exits (once the migration, if any, has
+/// finished); kills QEMU if the daemon stops first.
 fn watch_qemu(
     mut child: Child,
-    stop: vhost_backend::serve::StopHandle,
+    stop: StopHandle,
+    migration: Option<Arc<MigratingDevice>>,
 ) -> anyhow::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("qemu".into())
@@ -231,6 +283,17 @@ fn watch_qemu(
             match child.try_wait() {
                 Ok(Some(status)) => {
                     info!(%status, "QEMU exited");
+                    if let Some(m) = &migration {
+                        if !m.is_complete() {
+                            info!("waiting for the migration to finish");
+                        }
+                        while !stop.is_stopped()
+                            && !matches!(
+                                m.wait(Duration::from_millis(200)),
+                                State::Complete | State::Failed
+                            )
+                        {}
+                    }
                     stop.stop();
                     return;
                 }
@@ -261,6 +324,13 @@ fn print_ready(ready: &Ready, json: bool) -> anyhow::Result<()> {
         ready.snapshot,
         output::size(ready.image_size),
         ready.socket
+    ))?;
+    if let Some(target) = &ready.target {
+        output::line(&format!("Migrating to {target}"))?;
+    }
+    output::line(&format!(
+        "Control socket {} (recovery-cli status --control {} --watch)",
+        ready.control, ready.control
     ))?;
     output::line("")?;
     output::line("Attach it to QEMU with:")?;
