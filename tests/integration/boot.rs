@@ -24,7 +24,14 @@ pub struct BootDaemon {
 impl BootDaemon {
     /// Starts `instant-boot --json` with `extra` arguments and waits until
     /// it reports that the socket is listening.
-    pub fn start(store: &Path, snapshot: &str, dir: &Path, extra: &[&str]) -> BootDaemon {
+    /// `last` is appended after `extra` (e.g. the path of `--target`).
+    pub fn start(
+        store: &Path,
+        snapshot: &str,
+        dir: &Path,
+        extra: &[&str],
+        last: Option<&Path>,
+    ) -> BootDaemon {
         let socket = dir.join("vhost.sock");
         let mut child = recovery_cli()
             .arg("instant-boot")
@@ -37,6 +44,7 @@ impl BootDaemon {
             .arg(dir.join("state"))
             .arg("--json")
             .args(extra)
+            .args(last)
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn recovery-cli instant-boot");
@@ -57,6 +65,13 @@ impl BootDaemon {
             socket,
             ready,
         }
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// SIGTERM, then wait: the daemon must flush and exit 0.
@@ -153,7 +168,7 @@ fn guest_boots_from_store_and_keeps_its_writes_across_restarts() {
     std::fs::remove_file(&image).unwrap();
 
     // First boot, straight from the store.
-    let daemon = BootDaemon::start(&store, "guest", dir.path(), &["--queues", "1"]);
+    let daemon = BootDaemon::start(&store, "guest", dir.path(), &["--queues", "1"], None);
     assert_eq!(daemon.ready["snapshot"], format!("guest@{id}"));
     let first = run_to_completion(guest.qemu_vhost_user_cmd(&daemon.socket, &[]), BOOT_TIMEOUT);
     first.assert_clean_boot();
@@ -190,7 +205,7 @@ fn guest_boots_from_store_and_keeps_its_writes_across_restarts() {
 
     // Second boot on the same state, by a new daemon: sees the first
     // boot's file.
-    let daemon = BootDaemon::start(&store, "guest", dir.path(), &["--queues", "2"]);
+    let daemon = BootDaemon::start(&store, "guest", dir.path(), &["--queues", "2"], None);
     let second = run_to_completion(guest.qemu_vhost_user_cmd(&daemon.socket, &[]), BOOT_TIMEOUT);
     second.assert_clean_boot();
     assert_eq!(second.saw_boots(), ["boot-1.txt"], "{second}");
@@ -217,7 +232,7 @@ fn state_made_for_another_snapshot_is_refused() {
         .unwrap();
     assert!(out.status.success());
 
-    let daemon = BootDaemon::start(&store, "a", dir.path(), &[]);
+    let daemon = BootDaemon::start(&store, "a", dir.path(), &[], None);
     daemon.stop();
     let out = recovery_cli()
         .arg("instant-boot")
