@@ -89,6 +89,7 @@ pub struct Client {
     region: MemoryRegion,
     mem: File,
     capacity: u64,
+    filled: bool,
 }
 
 /// Region size: enough for 32 slots of 1 MiB.
@@ -119,16 +120,13 @@ impl Client {
             .write(true)
             .open(format!("/proc/self/fd/{}", region.fd))
             .context("open the region's memfd")?;
-        // Random contents, so writes carry incompressible, non-zero data.
-        let mut buf = vec![0u8; REGION];
-        rand::rngs::StdRng::seed_from_u64(99).fill_bytes(&mut buf);
-        mem.write_all_at(&buf, 0)?;
         Ok(Client {
             _blkio: blkio,
             q,
             region,
             mem,
             capacity,
+            filled: false,
         })
     }
 
@@ -211,6 +209,13 @@ impl Client {
         let blocks = span.min(self.capacity) / block;
         if blocks == 0 || w.qd == 0 || w.qd * w.block > REGION {
             bail!("workload {} does not fit", w.name);
+        }
+        if w.pattern == Pattern::RandWrite && !self.filled {
+            // Random contents, so writes carry incompressible, non-zero data.
+            let mut buf = vec![0u8; REGION];
+            rand::rngs::StdRng::seed_from_u64(99).fill_bytes(&mut buf);
+            self.mem.write_all_at(&buf, 0)?;
+            self.filled = true;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(42);
         let mut next_seq = 0u64;

@@ -228,6 +228,17 @@ pub fn mbps(bytes: u64, secs: f64) -> f64 {
     }
 }
 
+/// The median (mean of the middle two for an even count); NaN if empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
 /// `2.31×`.
 pub fn ratio_str(r: f64) -> String {
     if r.is_finite() {
@@ -277,5 +288,8 @@ mod tests {
         assert_eq!(ratio_str(f64::NAN), "-");
         assert_eq!(secs_str(0.0123), "12.3 ms");
         assert_eq!(secs_str(1.5), "1.50 s");
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
     }
 }

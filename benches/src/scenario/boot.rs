@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use crate::peers::Ours;
-use crate::report::{ratio_str, secs_str, Report, Table};
+use crate::report::{median, ratio_str, secs_str, Report, Table};
 use crate::stack::Server;
 use crate::tools;
 use crate::Ctx;
@@ -81,12 +81,6 @@ fn boot(root: &Path, socket: &Path, timeout: Duration) -> anyhow::Result<Boot> {
         let n = console.len();
         format!("console:\n{}", console[n.saturating_sub(30)..].join("\n"))
     })
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Runs the scenario.
