@@ -472,34 +472,69 @@ fn work(
     Ok(())
 }
 
+/// Fill packs from the workers' output; a publisher thread writes and
+/// fsyncs full packs meanwhile (double buffering), so fsync latency does not
+/// stall hashing and compression.
 fn write_packs(
     shared: &Shared<'_>,
     outputs: &Receiver<Output>,
     out_free: Sender<Output>,
     pack_size: usize,
 ) -> Result<(u64, u64)> {
-    let mut writer = PackWriter::new(pack_size);
-    let (mut bytes, mut packs) = (0u64, 0u64);
-    while let Ok(output) = outputs.recv() {
-        let mut start = 0;
-        for &(id, raw_len, end) in &output.chunks {
-            writer.add(id, raw_len, &output.records[start..end]);
-            bytes += (end - start) as u64;
-            start = end;
-            if writer.is_full() {
-                publish(shared, &mut writer)?;
-                packs += 1;
+    let (full_tx, full_rx) = bounded::<PackWriter>(1);
+    let (empty_tx, empty_rx) = bounded::<PackWriter>(2);
+    std::thread::scope(|s| {
+        let publisher = s.spawn(move || -> Result<u64> {
+            let mut packs = 0;
+            for mut w in full_rx {
+                match publish(shared, &mut w) {
+                    Ok(true) => packs += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        shared.abort.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+                let _ = empty_tx.send(w);
+            }
+            Ok(packs)
+        });
+        let mut bytes = 0u64;
+        let mut spare = Some(PackWriter::new(pack_size));
+        let mut writer = PackWriter::new(pack_size);
+        'outer: while let Ok(output) = outputs.recv() {
+            let mut start = 0;
+            for &(id, raw_len, end) in &output.chunks {
+                writer.add(id, raw_len, &output.records[start..end]);
+                bytes += (end - start) as u64;
+                start = end;
+                if writer.is_full() {
+                    let next = match spare.take() {
+                        Some(w) => w,
+                        None => match empty_rx.recv() {
+                            Ok(w) => w,
+                            Err(_) => break 'outer,
+                        },
+                    };
+                    if full_tx.send(std::mem::replace(&mut writer, next)).is_err() {
+                        break 'outer;
+                    }
+                }
+            }
+            let _ = out_free.send(output);
+            if shared.abort.load(Ordering::Relaxed) {
+                break;
             }
         }
-        let _ = out_free.send(output);
-        if shared.abort.load(Ordering::Relaxed) {
-            return Ok((bytes, packs));
+        if !shared.abort.load(Ordering::Relaxed) {
+            let _ = full_tx.send(writer);
         }
-    }
-    if publish(shared, &mut writer)? {
-        packs += 1;
-    }
-    Ok((bytes, packs))
+        drop(full_tx);
+        let packs = publisher
+            .join()
+            .unwrap_or_else(|_| Err(Error::new(crate::ErrorKind::Io, "Pack publisher panicked")))?;
+        Ok((bytes, packs))
+    })
 }
 
 fn publish(shared: &Shared<'_>, writer: &mut PackWriter) -> Result<bool> {
