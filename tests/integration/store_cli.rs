@@ -544,3 +544,77 @@ fn full_disk_fails_cleanly_and_next_backup_succeeds() {
     ]);
     assert!(fs::read(&out).unwrap() == small_img);
 }
+
+/// Detaches a loop device on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path) -> Option<Loop> {
+        let o = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        if !o.status.success() {
+            return None;
+        }
+        let dev = String::from_utf8(o.stdout).ok()?.trim().to_string();
+        Path::new(&dev).exists().then_some(Loop(dev))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn block_device_source_and_target() {
+    let env = Env::new();
+    env.init("16K");
+    let src_file = env.path("src.img");
+    let img = make_image(&src_file, 30, 4 << 20);
+    let Some(src) = Loop::attach(&src_file) else {
+        crate::skip!("block device test: cannot attach a loop device (needs root and losetup)");
+    };
+    let s = ok_json(&[
+        &"backup",
+        &"--store",
+        &env.store(),
+        &"--name",
+        &"dev",
+        &src.0,
+        &"--json",
+    ]);
+    assert_eq!(
+        s["image_size"],
+        4 << 20,
+        "size of a block device by seeking"
+    );
+
+    // Target device pre-filled with garbage: zero chunks must be written.
+    let dst_file = env.path("dst.img");
+    fs::write(&dst_file, vec![0xffu8; 5 << 20]).unwrap();
+    let Some(dst) = Loop::attach(&dst_file) else {
+        crate::skip!("block device test: cannot attach a second loop device");
+    };
+    ok(&[&"restore", &"--store", &env.store(), &"dev", &dst.0]);
+    drop(dst);
+    let out = fs::read(&dst_file).unwrap();
+    assert!(out[..img.len()] == img[..], "device content differs");
+    assert!(
+        out[img.len()..].iter().all(|&b| b == 0xff),
+        "bytes past the image untouched"
+    );
+
+    // A device smaller than the image is refused.
+    let small_file = env.path("small.img");
+    fs::write(&small_file, vec![0u8; 1 << 20]).unwrap();
+    if let Some(small) = Loop::attach(&small_file) {
+        let e = fails(&[&"restore", &"--store", &env.store(), &"dev", &small.0]);
+        assert!(e.contains("the image needs"), "{e}");
+    }
+}
