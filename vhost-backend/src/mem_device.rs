@@ -5,6 +5,10 @@
 //! it also counts flushes so tests can check that FLUSH and shutdown reach
 //! the device. `FileDevice` serves a raw file with `pread`/`pwrite`,
 //! `fdatasync` and hole punching, for benchmarks and pass-through.
+//!
+//! Both override the vectored methods: `MemDevice` copies once between
+//! its buffer and guest memory, `FileDevice` hands the guest buffers to
+//! `preadv`/`pwritev`, so request data crosses user space zero times.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -14,8 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use rustix::fs::FallocateFlags;
+use vm_memory::VolatileSlice;
 
 use crate::block::BlockDevice;
+use crate::wire::{preadv_all, pwritev_all};
 
 /// Checks `offset + len <= size` without overflow.
 fn check_bounds(offset: u64, len: u64, size: u64) -> io::Result<()> {
@@ -26,6 +32,10 @@ fn check_bounds(offset: u64, len: u64, size: u64) -> io::Result<()> {
             format!("range {offset}+{len} is beyond the device size {size}"),
         )),
     }
+}
+
+fn total_len(bufs: &[VolatileSlice<'_>]) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
 }
 
 fn read_only_error() -> io::Error {
@@ -118,6 +128,32 @@ impl BlockDevice for MemDevice {
         Ok(())
     }
 
+    fn read_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        let data = self.data.read().unwrap_or_else(|e| e.into_inner());
+        check_bounds(offset, total_len(bufs), data.len() as u64)?;
+        // Bounds checked above, so every position fits in usize.
+        let mut at = offset as usize;
+        for buf in bufs {
+            buf.copy_from(&data[at..at + buf.len()]);
+            at += buf.len();
+        }
+        Ok(())
+    }
+
+    fn write_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(read_only_error());
+        }
+        let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+        check_bounds(offset, total_len(bufs), data.len() as u64)?;
+        let mut at = offset as usize;
+        for buf in bufs {
+            buf.copy_to(&mut data[at..at + buf.len()]);
+            at += buf.len();
+        }
+        Ok(())
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.fill(offset, len, 0)
     }
@@ -204,6 +240,19 @@ impl BlockDevice for FileDevice {
             return Ok(());
         }
         rustix::fs::fdatasync(&self.file).map_err(io::Error::from)
+    }
+
+    fn read_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        check_bounds(offset, total_len(bufs), self.size)?;
+        preadv_all(&self.file, bufs, offset)
+    }
+
+    fn write_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(read_only_error());
+        }
+        check_bounds(offset, total_len(bufs), self.size)?;
+        pwritev_all(&self.file, bufs, offset)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -34,7 +34,7 @@ mod execute;
 #[cfg(test)]
 mod tests;
 
-pub use execute::{ExecContext, ExecuteError, BOUNCE_CHUNK};
+pub use execute::{ExecContext, ExecuteError};
 
 /// Status byte: success.
 pub const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;

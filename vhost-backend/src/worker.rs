@@ -2,8 +2,7 @@
 //! returns it on the used ring.
 //!
 //! Each queue has its own worker thread (see `BlockBackend::queues_per_thread`),
-//! so a worker owns its bounce buffer and needs no locking beyond the
-//! vring's own. With `VIRTIO_RING_F_EVENT_IDX` the worker disables guest
+//! so a worker needs no locking beyond the vring's own. With `VIRTIO_RING_F_EVENT_IDX` the worker disables guest
 //! notifications, drains, and re-enables them, looping while re-enabling
 //! reports that more requests arrived in between; it signals the guest
 //! only when the used-event index asks for it.
@@ -64,12 +63,10 @@ pub(crate) fn error_chain(e: &dyn StdError) -> String {
 
 /// One queue's worker state.
 #[derive(Debug, Default)]
-pub struct Worker {
-    bounce: Vec<u8>,
-}
+pub struct Worker {}
 
 impl Worker {
-    /// A worker with an empty bounce buffer (it grows on demand).
+    /// A worker for one queue.
     pub fn new() -> Self {
         Self::default()
     }
@@ -153,7 +150,7 @@ impl Worker {
             len = request.data_len(),
             "request"
         );
-        match request.execute(ctx, mem, &mut self.bounce) {
+        match request.execute(ctx, mem) {
             Ok(written) => request.complete(mem, STATUS_OK, written),
             Err(e) => {
                 if e.is_device_error() {

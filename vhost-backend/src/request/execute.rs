@@ -1,19 +1,19 @@
 //! Running a validated [`Request`] against a [`BlockDevice`].
 //!
-//! Data moves between guest memory and the device through the worker's
-//! bounce buffer, at most [`BOUNCE_CHUNK`] bytes at a time, so a worker
-//! never holds more than that however large the request.
+//! Request data never passes through a buffer of ours: the guest buffers
+//! of an IN or OUT request become [`VolatileSlice`]s handed to
+//! [`BlockDevice::read_vectored_at`] / [`BlockDevice::write_vectored_at`]
+//! in one call, so a device that can (a file: `preadv`) moves the data
+//! with no copy in user space, and one that cannot copies once through its
+//! per-thread scratch buffer.
 
 use std::io;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileSlice};
 
 use super::{Buffer, Request, RequestType, STATUS_IOERR, STATUS_UNSUPP};
 use crate::block::BlockDevice;
 use crate::wire::{ID_BYTES, SECTOR_SHIFT};
-
-/// Largest amount of data moved through the bounce buffer in one step.
-pub const BOUNCE_CHUNK: usize = 1 << 20;
 
 /// What a request runs against.
 #[derive(Clone, Copy)]
@@ -116,14 +116,10 @@ impl ExecuteError {
 impl Request {
     /// Runs the request; returns the number of bytes written into guest
     /// data buffers (for the used length).
-    ///
-    /// `bounce` is the worker's reusable buffer; it grows up to
-    /// [`BOUNCE_CHUNK`] bytes.
-    pub fn execute<M: GuestMemory + ?Sized>(
+    pub fn execute<M: GuestMemory<Bitmap = ()> + ?Sized>(
         &self,
         ctx: &ExecContext<'_>,
         mem: &M,
-        bounce: &mut Vec<u8>,
     ) -> Result<u32, ExecuteError> {
         let writes = matches!(
             self.request_type,
@@ -137,8 +133,31 @@ impl Request {
         }
         let offset = self.sector << SECTOR_SHIFT;
         match self.request_type {
-            RequestType::In => self.read(ctx.dev, mem, bounce, offset),
-            RequestType::Out => self.write(ctx.dev, mem, bounce, offset).map(|()| 0),
+            RequestType::In => {
+                let bufs = guest_slices(&self.data, mem, Permissions::Write)
+                    .map_err(ExecuteError::WriteGuest)?;
+                ctx.dev
+                    .read_vectored_at(&bufs, offset)
+                    .map_err(|source| ExecuteError::Read {
+                        offset,
+                        len: self.data_len as usize,
+                        source,
+                    })?;
+                // data_len <= max_request_bytes, a u32.
+                Ok(u32::try_from(self.data_len).unwrap_or(u32::MAX))
+            }
+            RequestType::Out => {
+                let bufs = guest_slices(&self.data, mem, Permissions::Read)
+                    .map_err(ExecuteError::ReadGuest)?;
+                ctx.dev
+                    .write_vectored_at(&bufs, offset)
+                    .map_err(|source| ExecuteError::Write {
+                        offset,
+                        len: self.data_len as usize,
+                        source,
+                    })?;
+                Ok(0)
+            }
             RequestType::Flush => ctx.dev.flush().map(|()| 0).map_err(ExecuteError::Flush),
             RequestType::GetId => {
                 // virtio 1.2, 5.2.6: the id is a NUL-padded string of up to
@@ -177,67 +196,22 @@ impl Request {
             RequestType::Unsupported(t) => Err(ExecuteError::Unsupported(t)),
         }
     }
-
-    fn read<M: GuestMemory + ?Sized>(
-        &self,
-        dev: &dyn BlockDevice,
-        mem: &M,
-        bounce: &mut Vec<u8>,
-        offset: u64,
-    ) -> Result<u32, ExecuteError> {
-        let mut cursor = Cursor::new(&self.data);
-        let mut done = 0u64;
-        while done < self.data_len {
-            let n = chunk_len(self.data_len - done);
-            let buf = bounce_slice(bounce, n);
-            let at = offset + done;
-            dev.read_at(buf, at).map_err(|source| ExecuteError::Read {
-                offset: at,
-                len: n,
-                source,
-            })?;
-            cursor.scatter(mem, buf).map_err(ExecuteError::WriteGuest)?;
-            done += n as u64;
-        }
-        // data_len <= max_request_bytes, a u32.
-        Ok(u32::try_from(done).unwrap_or(u32::MAX))
-    }
-
-    fn write<M: GuestMemory + ?Sized>(
-        &self,
-        dev: &dyn BlockDevice,
-        mem: &M,
-        bounce: &mut Vec<u8>,
-        offset: u64,
-    ) -> Result<(), ExecuteError> {
-        let mut cursor = Cursor::new(&self.data);
-        let mut done = 0u64;
-        while done < self.data_len {
-            let n = chunk_len(self.data_len - done);
-            let buf = bounce_slice(bounce, n);
-            cursor.gather(mem, buf).map_err(ExecuteError::ReadGuest)?;
-            let at = offset + done;
-            dev.write_at(buf, at)
-                .map_err(|source| ExecuteError::Write {
-                    offset: at,
-                    len: n,
-                    source,
-                })?;
-            done += n as u64;
-        }
-        Ok(())
-    }
 }
 
-fn chunk_len(remaining: u64) -> usize {
-    usize::try_from(remaining).map_or(BOUNCE_CHUNK, |r| r.min(BOUNCE_CHUNK))
-}
-
-fn bounce_slice(bounce: &mut Vec<u8>, n: usize) -> &mut [u8] {
-    if bounce.len() < n {
-        bounce.resize(n, 0);
+/// The guest buffers as host slices, in order. A buffer that spans two
+/// guest memory regions becomes two slices.
+fn guest_slices<'m, M: GuestMemory<Bitmap = ()> + ?Sized>(
+    buffers: &[Buffer],
+    mem: &'m M,
+    access: Permissions,
+) -> Result<Vec<VolatileSlice<'m>>, GuestMemoryError> {
+    let mut out = Vec::with_capacity(buffers.len());
+    for b in buffers {
+        for slice in mem.get_slices(b.addr, b.len as usize, access)? {
+            out.push(slice?);
+        }
     }
-    &mut bounce[..n]
+    Ok(out)
 }
 
 /// A position inside a list of guest buffers.
@@ -290,21 +264,6 @@ impl<'a> Cursor<'a> {
             let (addr, n) = self.next_piece(src.len())?;
             mem.write_slice(&src[..n], addr)?;
             src = &src[n..];
-        }
-        Ok(())
-    }
-
-    /// Fills `dst` from the guest buffers from the cursor on.
-    fn gather<M: GuestMemory + ?Sized>(
-        &mut self,
-        mem: &M,
-        mut dst: &mut [u8],
-    ) -> Result<(), GuestMemoryError> {
-        while !dst.is_empty() {
-            let (addr, n) = self.next_piece(dst.len())?;
-            let (head, rest) = dst.split_at_mut(n);
-            mem.read_slice(head, addr)?;
-            dst = rest;
         }
         Ok(())
     }

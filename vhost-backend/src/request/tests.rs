@@ -11,8 +11,8 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::block::BlockDevice;
-use crate::mem_device::MemDevice;
+use crate::block::{BlockDevice, SCRATCH_CHUNK};
+use crate::mem_device::{FileDevice, MemDevice};
 use crate::wire::{DiscardWriteZeroes, RequestHeader};
 
 const MEM_SIZE: usize = 16 << 20;
@@ -104,8 +104,7 @@ fn run(mem: &GuestMemoryMmap, req: &Request, dev: &dyn BlockDevice, read_only: b
         read_only,
         id: ID,
     };
-    let mut bounce = Vec::new();
-    let used = match req.execute(&ctx, mem, &mut bounce) {
+    let used = match req.execute(&ctx, mem) {
         Ok(n) => req.complete(mem, STATUS_OK, n),
         Err(e) => req.complete(mem, e.status(), 0),
     };
@@ -172,20 +171,123 @@ fn in_request_reads_device_into_guest_buffers() {
     assert_eq!(guest_bytes(&mem, DATA + 0x2_0000, 3072), expect[1024..]);
 }
 
+/// A device with only the required methods, so requests take the
+/// default (scratch-buffer) vectored paths.
+struct Plain(MemDevice);
+
+impl BlockDevice for Plain {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes(offset, len)
+    }
+}
+
+/// The same image behind each way of moving data: a device copying
+/// through the default scratch buffer, `MemDevice` (one copy), and
+/// `FileDevice` (`preadv`/`pwritev` straight into guest memory).
+fn every_device(image: &[u8], dir: &std::path::Path) -> Vec<(&'static str, Box<dyn BlockDevice>)> {
+    let path = dir.join("image.raw");
+    std::fs::write(&path, image).unwrap();
+    vec![
+        (
+            "default",
+            Box::new(Plain(MemDevice::from_vec(image.to_vec()))),
+        ),
+        ("mem", Box::new(MemDevice::from_vec(image.to_vec()))),
+        ("file", Box::new(FileDevice::open(&path, false).unwrap())),
+    ]
+}
+
 #[test]
-fn large_in_request_goes_through_the_bounce_buffer_in_chunks() {
+fn large_requests_span_several_scratch_chunks_on_every_device() {
     let mem = guest();
+    let dir = tempfile::tempdir().unwrap();
     let image: Vec<u8> = (0..4 << 20).map(|i: usize| (i % 253) as u8).collect();
-    let dev = MemDevice::from_vec(image.clone());
-    let len = (BOUNCE_CHUNK * 2 + 512) as u32;
-    header(&mem, HDR, VIRTIO_BLK_T_IN, 1);
     let limits = Limits {
         capacity: (4 << 20) / 512,
         ..limits()
     };
-    let req = parse_with(&mem, &[rd(HDR, 16), wr(DATA, len), wr(STATUS, 1)], &limits).unwrap();
-    assert_eq!(run(&mem, &req, &dev, false), (STATUS_OK, len + 1));
-    assert!(guest_bytes(&mem, DATA, len as usize) == image[512..512 + len as usize]);
+    for (name, dev) in every_device(&image, dir.path()) {
+        // One huge buffer, then the same length split unevenly in three.
+        let len = (SCRATCH_CHUNK * 2 + 512) as u32;
+        mem.write_slice(&vec![POISON; len as usize], GuestAddress(DATA))
+            .unwrap();
+        header(&mem, HDR, VIRTIO_BLK_T_IN, 1);
+        let req = parse_with(&mem, &[rd(HDR, 16), wr(DATA, len), wr(STATUS, 1)], &limits).unwrap();
+        assert_eq!(
+            run(&mem, &req, &*dev, false),
+            (STATUS_OK, len + 1),
+            "{name}"
+        );
+        assert!(
+            guest_bytes(&mem, DATA, len as usize) == image[512..512 + len as usize],
+            "{name}: IN mismatch"
+        );
+
+        let data: Vec<u8> = (0..len as usize).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+        mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        header(&mem, HDR, VIRTIO_BLK_T_OUT, 3);
+        let (a, b) = (1000 * 512, SCRATCH_CHUNK as u32 + 7 * 512 + 100);
+        let descs = [
+            rd(HDR, 16),
+            rd(DATA, a),
+            rd(DATA + u64::from(a), b),
+            rd(DATA + u64::from(a + b), len - a - b),
+            wr(STATUS, 1),
+        ];
+        let req = parse_with(&mem, &descs, &limits).unwrap();
+        assert_eq!(run(&mem, &req, &*dev, false), (STATUS_OK, 1), "{name}");
+        let mut back = vec![0u8; len as usize];
+        dev.read_at(&mut back, 3 * 512).unwrap();
+        assert!(back == data, "{name}: OUT mismatch");
+    }
+}
+
+#[test]
+fn buffers_spanning_two_guest_regions_reach_every_device() {
+    // Two adjacent regions: one guest buffer maps to two host slices.
+    let half = MEM_SIZE / 2;
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), half), (GuestAddress(half as u64), half)])
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, image) = pattern_device();
+    let across = half as u64 - 1536;
+    for (name, dev) in every_device(&image, dir.path()) {
+        mem.write_slice(&[POISON; 8192], GuestAddress(across))
+            .unwrap();
+        header(&mem, HDR, VIRTIO_BLK_T_IN, 4);
+        let req = parse(&mem, &[rd(HDR, 16), wr(across, 4096), wr(STATUS, 1)]).unwrap();
+        assert_eq!(run(&mem, &req, &*dev, false), (STATUS_OK, 4097), "{name}");
+        assert_eq!(
+            guest_bytes(&mem, across, 4096),
+            image[2048..2048 + 4096],
+            "{name}"
+        );
+
+        let data: Vec<u8> = (0..4096).map(|i| (i % 13) as u8).collect();
+        mem.write_slice(&data, GuestAddress(across)).unwrap();
+        header(&mem, HDR, VIRTIO_BLK_T_OUT, 16);
+        let req = parse(&mem, &[rd(HDR, 16), rd(across, 4096), wr(STATUS, 1)]).unwrap();
+        assert_eq!(run(&mem, &req, &*dev, false), (STATUS_OK, 1), "{name}");
+        let mut back = vec![0u8; 4096];
+        dev.read_at(&mut back, 16 * 512).unwrap();
+        assert_eq!(back, data, "{name}");
+    }
 }
 
 #[test]
