@@ -4,6 +4,7 @@ pub mod boot;
 pub mod chunk_size;
 pub mod ingest;
 pub mod io;
+pub mod migrate;
 pub mod restore;
 pub mod startup;
 
@@ -11,7 +12,15 @@ use crate::report::Report;
 use crate::Ctx;
 
 /// Scenario names, in the order `all` runs them.
-pub const ALL: &[&str] = &["ingest", "chunk-size", "restore", "io", "startup", "boot"];
+pub const ALL: &[&str] = &[
+    "ingest",
+    "chunk-size",
+    "restore",
+    "io",
+    "startup",
+    "boot",
+    "migrate",
+];
 
 /// Runs scenario `name`.
 pub fn run(name: &str, ctx: &Ctx) -> anyhow::Result<Report> {
@@ -22,6 +31,7 @@ pub fn run(name: &str, ctx: &Ctx) -> anyhow::Result<Report> {
         "io" => io::run(ctx),
         "startup" => startup::run(ctx),
         "boot" => boot::run(ctx),
+        "migrate" => migrate::run(ctx),
         _ => anyhow::bail!("unknown scenario {name:?} (known: {})", ALL.join(", ")),
     }
 }
