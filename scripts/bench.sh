@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Run the benchmarks and regenerate the tables in docs/BENCHMARKS.md.
+#
+#   scripts/bench.sh [SCENARIO...] [-- SIDEBYSIDE OPTIONS]
+#
+# With no scenario, runs every side-by-side scenario (ingest, chunk-size,
+# restore, io, startup, boot, migrate), then `cargo bench` (criterion).
+# Each scenario prints a markdown table and writes target/sidebyside/
+# SCENARIO.{md,json}; at the end the tables are spliced into
+# docs/BENCHMARKS.md between its <!-- BEGIN/END SCENARIO --> markers.
+#
+# Options after `--` go to the harness, e.g. `-- --quick` for a smoke run
+# (small images, short runs: do not commit those numbers) or `-- --warm`.
+# BENCH_SKIP_CRITERION=1 skips `cargo bench`.
+#
+# Needs root for dropping the page cache between runs (otherwise the
+# reports say "warm"), ~12 GiB free under target/, and the tools from
+# scripts/install-deps.sh (restic, borg, qemu-img, qemu-storage-daemon,
+# qemu-system-x86_64). Takes about 30 minutes on 2 cores.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+
+scenarios=()
+while [[ $# -gt 0 && $1 != -- ]]; do
+    scenarios+=("$1")
+    shift
+done
+[[ ${1:-} == -- ]] && shift
+[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(all)
+
+"$REPO/scripts/install-deps.sh"
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+cargo build --release -p recovery-cli
+cargo build --release -p benches --bin sidebyside
+SIDEBYSIDE=$CARGO_TARGET_DIR/release/sidebyside
+OUT=$REPO/target/sidebyside
+
+echo "machine: $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+status=0
+for s in "${scenarios[@]}"; do
+    "$SIDEBYSIDE" "$s" --out "$OUT" --cli "$CARGO_TARGET_DIR/release/recovery-cli" "$@" || status=1
+done
+"$SIDEBYSIDE" update-docs --out "$OUT"
+
+if [[ ${scenarios[*]} == all && ${BENCH_SKIP_CRITERION:-0} != 1 ]]; then
+    cargo bench -p benches
+fi
+exit $status
