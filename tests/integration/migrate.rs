@@ -1,6 +1,6 @@
 //! Migration to a target while the guest runs: `instant-boot --target`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,15 @@ fn random_io(client: &mut Client, model: &mut [u8], rng: &mut impl Rng, ops: usi
     }
 }
 
+/// Polls the daemon until its migration is complete (2 minutes at most).
+fn wait_complete(state: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while status(state)["state"] != "complete" {
+        assert!(Instant::now() < deadline, "migration did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn assert_target_equals(target: &Path, model: &[u8]) {
     let got = std::fs::read(target).unwrap();
     assert_eq!(got.len(), model.len(), "target size");
@@ -88,23 +97,45 @@ fn assert_target_equals(target: &Path, model: &[u8]) {
     }
 }
 
+/// A store holding one backup `vm` of a test image, and the paths a
+/// migrating daemon uses, all in one temp dir.
+struct Fixture {
+    dir: tempfile::TempDir,
+    image: Vec<u8>,
+    store: PathBuf,
+    target: PathBuf,
+    state: PathBuf,
+}
+
+impl Fixture {
+    fn new(size: usize, seed: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let image = test_image(size, seed);
+        let image_path = dir.path().join("disk.img");
+        std::fs::write(&image_path, &image).unwrap();
+        let (store, _) = store_with_backup(dir.path(), "vm", &image_path);
+        Fixture {
+            target: dir.path().join("target.raw"),
+            state: dir.path().join("state"),
+            store,
+            image,
+            dir,
+        }
+    }
+
+    /// Starts `instant-boot --target` with `args` before `--target`.
+    fn daemon(&self, args: &[&str]) -> BootDaemon {
+        let mut all = args.to_vec();
+        all.push("--target");
+        BootDaemon::start(&self.store, "vm", self.dir.path(), &all, Some(&self.target))
+    }
+}
+
 #[test]
 fn guest_writes_during_migration_all_reach_the_target() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = test_image(24 * MIB, 1);
-    let image_path = dir.path().join("disk.img");
-    std::fs::write(&image_path, &image).unwrap();
-    let (store, _) = store_with_backup(dir.path(), "vm", &image_path);
-    let target = dir.path().join("target.raw");
-    let state = dir.path().join("state");
-
-    let daemon = BootDaemon::start(
-        &store,
-        "vm",
-        dir.path(),
-        &["--queues", "1", "--copy-rate", "6M", "--target"],
-        Some(&target),
-    );
+    let f = Fixture::new(24 * MIB, 1);
+    let (image, target, state) = (&f.image, &f.target, &f.state);
+    let daemon = f.daemon(&["--queues", "1", "--copy-rate", "6M"]);
     let mut client = Client::connect(&daemon.socket, 64 * 1024);
     assert_eq!(client.capacity(), image.len() as u64);
     let mut model = image.clone();
@@ -148,20 +179,15 @@ fn guest_writes_during_migration_all_reach_the_target() {
 
 #[test]
 fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = test_image(24 * MIB, 3);
-    let image_path = dir.path().join("disk.img");
-    std::fs::write(&image_path, &image).unwrap();
-    let (store, _) = store_with_backup(dir.path(), "vm", &image_path);
-    let target = dir.path().join("target.raw");
-    let state = dir.path().join("state");
-    let args = ["--queues", "1", "--copy-rate", "4M", "--target"];
+    let f = Fixture::new(24 * MIB, 3);
+    let (image, target, state) = (&f.image, &f.target, &f.state);
+    let args = ["--queues", "1", "--copy-rate", "4M"];
 
     let mut model = image.clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     let mut durable_floor = 0;
     for round in 0..4 {
-        let daemon = BootDaemon::start(&store, "vm", dir.path(), &args, Some(&target));
+        let daemon = f.daemon(&args);
         let start = status(&state);
         assert!(
             num(&start, "chunks_migrated") >= durable_floor,
@@ -190,7 +216,7 @@ fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
     }
 
     // A last run finishes the migration.
-    let daemon = BootDaemon::start(&store, "vm", dir.path(), &args, Some(&target));
+    let daemon = f.daemon(&args);
     assert!(num(&status(&state), "chunks_migrated") >= durable_floor);
     let mut client = Client::connect(&daemon.socket, 64 * 1024);
     let got = client.read(0, 64 * 1024).unwrap();
@@ -202,11 +228,7 @@ fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while status(&state)["state"] != "complete" {
-        assert!(Instant::now() < deadline, "migration did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_complete(state);
     drop(client);
     daemon.stop();
     assert_target_equals(&target, &model);
@@ -214,20 +236,9 @@ fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
 
 #[test]
 fn status_watch_draws_a_progress_bar_until_complete() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = test_image(8 * MIB, 5);
-    let image_path = dir.path().join("disk.img");
-    std::fs::write(&image_path, &image).unwrap();
-    let (store, _) = store_with_backup(dir.path(), "vm", &image_path);
-    let target = dir.path().join("target.raw");
-    let state = dir.path().join("state");
-    let daemon = BootDaemon::start(
-        &store,
-        "vm",
-        dir.path(),
-        &["--copy-rate", "4M", "--target"],
-        Some(&target),
-    );
+    let f = Fixture::new(8 * MIB, 5);
+    let (image, target, state) = (&f.image, &f.target, &f.state);
+    let daemon = f.daemon(&["--copy-rate", "4M"]);
     let pause = recovery_cli()
         .args(["pause", "--control"])
         .arg(state.join("control.sock"))
@@ -285,11 +296,7 @@ fn migrated_target_boots_on_its_own() {
     first.assert_clean_boot();
     assert_eq!(first.wrote_boot(), Some("boot-1.txt"), "{first}");
     let state = dir.path().join("state");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while status(&state)["state"] != "complete" {
-        assert!(Instant::now() < deadline, "migration did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_complete(&state);
     daemon.stop();
 
     // The target alone is the disk now: a plain raw file boots.
