@@ -141,13 +141,13 @@ fn guest_writes_during_migration_all_reach_the_target() {
     let mut model = image.clone();
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
 
-    let mut last = status(&state);
+    let mut last = status(state);
     let mut saw_migrating = false;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         random_io(&mut client, &mut model, &mut rng, 40);
         client.flush().unwrap();
-        let now = status(&state);
+        let now = status(state);
         for field in ["bytes_migrated", "chunks_migrated", "guest_write_ops"] {
             assert!(num(&now, field) >= num(&last, field), "{field} went back");
         }
@@ -173,7 +173,7 @@ fn guest_writes_during_migration_all_reach_the_target() {
     client.flush().unwrap();
     drop(client);
     daemon.stop();
-    assert_target_equals(&target, &model);
+    assert_target_equals(target, &model);
     assert!(!state.join("overlay.data").exists(), "overlay not freed");
 }
 
@@ -188,7 +188,7 @@ fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
     let mut durable_floor = 0;
     for round in 0..4 {
         let daemon = f.daemon(&args);
-        let start = status(&state);
+        let start = status(state);
         assert!(
             num(&start, "chunks_migrated") >= durable_floor,
             "round {round}: progress went back from {durable_floor} to {start}"
@@ -205,9 +205,9 @@ fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
             client.flush().unwrap();
         }
         // Bits set before a checkpoint (at most 1 s apart) survive a kill.
-        durable_floor = num(&status(&state), "chunks_migrated");
+        durable_floor = num(&status(state), "chunks_migrated");
         std::thread::sleep(Duration::from_millis(1500));
-        if status(&state)["state"] == "complete" {
+        if status(state)["state"] == "complete" {
             drop(client);
             daemon.stop();
             break;
@@ -217,7 +217,7 @@ fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
 
     // A last run finishes the migration.
     let daemon = f.daemon(&args);
-    assert!(num(&status(&state), "chunks_migrated") >= durable_floor);
+    assert!(num(&status(state), "chunks_migrated") >= durable_floor);
     let mut client = Client::connect(&daemon.socket, 64 * 1024);
     let got = client.read(0, 64 * 1024).unwrap();
     assert!(got == model[..64 * 1024], "flushed data lost after kill -9");
@@ -231,7 +231,7 @@ fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
     wait_complete(state);
     drop(client);
     daemon.stop();
-    assert_target_equals(&target, &model);
+    assert_target_equals(target, &model);
 }
 
 #[test]
@@ -245,7 +245,7 @@ fn status_watch_draws_a_progress_bar_until_complete() {
         .output()
         .unwrap();
     assert!(pause.status.success(), "{pause:?}");
-    assert_eq!(status(&state)["state"], "paused");
+    assert_eq!(status(state)["state"], "paused");
     let resume = recovery_cli()
         .args(["resume", "--control"])
         .arg(state.join("control.sock"))
@@ -270,9 +270,9 @@ fn status_watch_draws_a_progress_bar_until_complete() {
     assert!(screen.contains('%'), "no percentage drawn: {screen}");
     assert!(screen.contains("100"), "never reached 100%: {screen}");
     assert!(screen.contains("complete"), "{screen}");
-    assert_eq!(status(&state)["state"], "complete");
+    assert_eq!(status(state)["state"], "complete");
     daemon.stop();
-    assert_target_equals(&target, &image);
+    assert_target_equals(target, image);
 }
 
 #[test]
