@@ -4,7 +4,8 @@
 #   scripts/bench.sh [SCENARIO...] [-- SIDEBYSIDE OPTIONS]
 #
 # With no scenario, runs every side-by-side scenario (ingest, chunk-size,
-# restore, io, startup, boot, migrate), then `cargo bench` (criterion).
+# restore, io, startup, boot, migrate), ingest and restore again with a
+# warm page cache, then `cargo bench` (criterion).
 # Each scenario prints a markdown table and writes target/sidebyside/
 # SCENARIO.{md,json}; at the end the tables are spliced into
 # docs/BENCHMARKS.md between its <!-- BEGIN/END SCENARIO --> markers.
@@ -39,9 +40,16 @@ OUT=$REPO/target/sidebyside
 
 echo "machine: $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 status=0
+run() { "$SIDEBYSIDE" "$@" --out "$OUT" --cli "$CARGO_TARGET_DIR/release/recovery-cli" || status=1; }
 for s in "${scenarios[@]}"; do
-    "$SIDEBYSIDE" "$s" --out "$OUT" --cli "$CARGO_TARGET_DIR/release/recovery-cli" "$@" || status=1
+    run "$s" "$@"
 done
+if [[ ${scenarios[*]} == all ]]; then
+    # Backup and restore again with the inputs in the page cache: the CPU
+    # cost without the disk (ingest-warm, restore-warm sections).
+    run ingest --warm "$@"
+    run restore --warm "$@"
+fi
 "$SIDEBYSIDE" update-docs --out "$OUT"
 
 if [[ ${scenarios[*]} == all && ${BENCH_SKIP_CRITERION:-0} != 1 ]]; then

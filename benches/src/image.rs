@@ -149,11 +149,17 @@ pub fn series(images: &Path, size: u64) -> anyhow::Result<[PathBuf; 3]> {
     let mut out = vec![v0];
     for step in 1..=2u64 {
         let path = images.join(format!("ext4-{}-v{step}.img", size_tag(size)));
-        let recipe = format!("{RECIPE}+rewrite{REWRITE}x{step}");
+        let recipe = format!("{RECIPE}+sparse-rewrite{REWRITE}x{step}");
         if !stamp_ok(&path, size, &recipe) {
             eprintln!("image: making {}", path.display());
             let tmp = path.with_extension("tmp");
-            fs::copy(&prev, &tmp)?;
+            // Keep the holes of v0 (free space), like a raw image file.
+            tools::run(
+                Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(&prev)
+                    .arg(&tmp),
+            )?;
             rewrite_blocks(&tmp, REWRITE, step)?;
             fs::rename(&tmp, &path)?;
             write_stamp(&path, &recipe)?;

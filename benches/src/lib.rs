@@ -69,6 +69,9 @@ pub struct Ctx {
     pub duration: f64,
     /// Repetitions of short measurements (startup, boot).
     pub reps: usize,
+    /// Rounds of long measurements (ingest, chunk-size, restore, migrate);
+    /// tables show the median.
+    pub rounds: usize,
 }
 
 impl Ctx {
@@ -85,12 +88,36 @@ impl Ctx {
         self.drop_caches && tools::drop_caches()
     }
 
-    /// What [`Ctx::cold`] does, for reports.
+    /// Before a timed run that reads `inputs`: drops the page cache, or
+    /// with `--warm` reads the inputs once so that they are cached.
+    pub fn prepare(&self, inputs: &[&Path]) -> anyhow::Result<()> {
+        if self.drop_caches {
+            self.cold();
+        } else {
+            for p in inputs {
+                tools::read_tree(p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A report for scenario `name` (`NAME-warm` with `--warm`).
+    pub fn report(&self, name: &str) -> report::Report {
+        if self.drop_caches {
+            report::Report::new(name, self.cache_mode())
+        } else {
+            report::Report::new(&format!("{name}-warm"), self.cache_mode())
+        }
+    }
+
+    /// What [`Ctx::cold`] and [`Ctx::prepare`] do, for reports.
     pub fn cache_mode(&self) -> &'static str {
-        if self.drop_caches && tools::can_drop_caches() {
+        if !self.drop_caches {
+            "warm page cache: inputs read once before every timed run (--warm)"
+        } else if tools::can_drop_caches() {
             "page cache dropped before every timed run"
         } else {
-            "warm page cache (drop_caches not writable or --warm)"
+            "page cache NOT dropped (drop_caches not writable): warm-ish"
         }
     }
 }

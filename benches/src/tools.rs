@@ -89,6 +89,21 @@ pub fn dir_bytes(dir: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// Reads every file under `path` (or `path` itself) once, discarding the
+/// data: puts it in the page cache.
+pub fn read_tree(path: &Path) -> anyhow::Result<()> {
+    let meta = fs::metadata(path)?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            read_tree(&entry?.path())?;
+        }
+    } else if meta.is_file() {
+        let mut f = fs::File::open(path)?;
+        std::io::copy(&mut f, &mut std::io::sink())?;
+    }
+    Ok(())
+}
+
 /// Bytes allocated on disk for `path` (a file).
 pub fn allocated_bytes(path: &Path) -> anyhow::Result<u64> {
     Ok(fs::metadata(path)?.blocks() * 512)

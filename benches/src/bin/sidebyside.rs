@@ -30,6 +30,10 @@ struct Args {
     /// Repetitions of short measurements (default 5, --quick 2).
     #[arg(long)]
     reps: Option<usize>,
+    /// Rounds of the long scenarios (ingest, chunk-size, restore,
+    /// migrate); tables show the median time (default 1).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Output directory for reports (default: target/sidebyside).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -75,6 +79,7 @@ impl TryFrom<Args> for Ctx {
             quick: a.quick,
             drop_caches: !a.warm,
             duration: a.duration.unwrap_or(if a.quick { 1.0 } else { 5.0 }),
+            rounds: a.rounds.max(1),
             reps: a.reps.unwrap_or(if a.quick { 2 } else { 5 }).max(1),
         })
     }
@@ -84,17 +89,19 @@ fn update_docs(ctx: &Ctx) -> anyhow::Result<()> {
     let path = ctx.root.join("docs/BENCHMARKS.md");
     let mut doc =
         std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    for name in scenario::ALL {
+    let names = scenario::ALL
+        .iter()
+        .flat_map(|n| [n.to_string(), format!("{n}-warm")]);
+    for name in names {
         let md = ctx.out.join(format!("{name}.md"));
         let Ok(body) = std::fs::read_to_string(&md) else {
-            eprintln!(
-                "update-docs: no {} yet, keeping the old {name} section",
-                md.display()
-            );
             continue;
         };
-        match report::splice(&doc, name, &body) {
-            Some(new) => doc = new,
+        match report::splice(&doc, &name, &body) {
+            Some(new) => {
+                doc = new;
+                eprintln!("update-docs: {name} from {}", md.display());
+            }
             None => eprintln!("update-docs: no markers for {name} in {}", path.display()),
         }
     }

@@ -97,7 +97,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let dir = ctx.scratch("boot")?;
     let ours = Ours::init(&ctx.cli, &dir.join("store"), None)?;
     ours.backup("root", &root_img)?;
-    let mut report = Report::new("boot", ctx.cache_mode());
+    let mut report = ctx.report("boot");
     let timeout = Duration::from_secs(300);
 
     let (mut ours_boots, mut qsd_boots) = (Vec::new(), Vec::new());

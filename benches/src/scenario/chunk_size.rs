@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::image::{self, Borrowed};
 use crate::peers::Ours;
-use crate::report::{bytes_str, mbps, secs_str, Report, Table};
+use crate::report::{bytes_str, mbps, median, secs_str, Report, Table};
 use crate::tools::dir_bytes;
 use crate::Ctx;
 
@@ -29,28 +29,33 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let series = image::series(&ctx.images, size)?;
     let dir = ctx.scratch("chunk-size")?;
     let disk = dir.join("disk.img");
-    let mut report = Report::new("chunk-size", ctx.cache_mode());
+    let mut report = ctx.report("chunk-size");
     let mut rows = Vec::new();
     for cs in SIZES {
         let store = dir.join(format!("store-{}", cs >> 10));
-        let ours = Ours::init(&ctx.cli, &store, Some(cs))?;
         let mut row = Row {
             chunk_size: cs,
             secs: [0.0; 3],
             stored: [0; 3],
             added: [0; 3],
         };
-        let mut last = 0;
-        for (i, src) in series.iter().enumerate() {
-            let _moved = Borrowed::new(src, &disk)?;
-            ctx.cold();
-            let (run, _) = ours.backup("disk", &disk)?;
-            let stored = dir_bytes(&store)?;
-            row.secs[i] = run.secs;
-            row.stored[i] = stored;
-            row.added[i] = stored - last.min(stored);
-            last = stored;
+        let mut secs: [Vec<f64>; 3] = Default::default();
+        for _ in 0..ctx.rounds {
+            crate::remove_dir_if_exists(&store)?;
+            let ours = Ours::init(&ctx.cli, &store, Some(cs))?;
+            let mut last = 0;
+            for (i, src) in series.iter().enumerate() {
+                let _moved = Borrowed::new(src, &disk)?;
+                ctx.prepare(&[&disk])?;
+                let (run, _) = ours.backup("disk", &disk)?;
+                let stored = dir_bytes(&store)?;
+                secs[i].push(run.secs);
+                row.stored[i] = stored;
+                row.added[i] = stored - last.min(stored);
+                last = stored;
+            }
         }
+        row.secs = secs.map(|v| median(&v));
         eprintln!(
             "chunk-size {}: {:.2} / {:.2} / {:.2} s, +{} / +{}",
             bytes_str(cs),
@@ -67,9 +72,11 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
 
     let mut t = Table::new(
         &format!(
-            "Chunk size trade-off, {} ext4 image, full + two incrementals rewriting {:.0} % of 4 KiB blocks",
+            "Chunk size trade-off, {} ext4 image, full + two incrementals rewriting {:.0} % of \
+             4 KiB blocks (median time of {} rounds)",
             bytes_str(size),
-            image::REWRITE * 100.0
+            image::REWRITE * 100.0,
+            ctx.rounds
         ),
         &[
             "chunk size",

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::image::{self, Borrowed};
 use crate::peers::{Borg, Ours, Restic};
-use crate::report::{bytes_str, mbps, ratio_str, secs_str, Report, Table};
+use crate::report::{bytes_str, mbps, median, ratio_str, secs_str, Report, Table};
 use crate::tools::{self, dir_bytes};
 use crate::Ctx;
 
@@ -29,27 +29,18 @@ struct Step {
 
 const STEPS: [&str; 3] = ["full", "incremental 1", "incremental 2"];
 
-/// Runs the scenario.
-pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
-    tools::require("restic")?;
-    tools::require("borg")?;
-    let size = ctx
-        .size
-        .unwrap_or(if ctx.quick { 256 << 20 } else { 2 << 30 });
-    let series = image::series(&ctx.images, size)?;
+/// One round: fresh repositories, the whole series with every tool.
+fn round(ctx: &Ctx, series: &[std::path::PathBuf; 3]) -> anyhow::Result<(Vec<Step>, u64)> {
     let dir = ctx.scratch("ingest")?;
     let disk = dir.join("disk.img");
     let ours = Ours::init(&ctx.cli, &dir.join("ours"), None)?;
     let restic = Restic::init(&dir.join("restic"), &dir.join("restic-cache"))?;
     let borg = Borg::init(&dir.join("borg"), &dir.join("borg-base"))?;
     let restic_version = restic.repo_version()?;
-    let mut report = Report::new("ingest", ctx.cache_mode());
-
     let mut steps = Vec::new();
     let mut last = [0u64; 3];
     for (i, src) in series.iter().enumerate() {
         let _moved = Borrowed::new(src, &disk)?;
-        eprintln!("ingest: {} backup", STEPS[i]);
         let mut measure = |k: usize, secs: f64, repo: &std::path::Path| {
             let stored = dir_bytes(repo)?;
             let m = Measured {
@@ -60,17 +51,15 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             last[k] = stored;
             anyhow::Ok(m)
         };
-        ctx.cold();
-        let (run, json) = ours.backup("disk", &disk)?;
-        let o = measure(0, run.secs, &ours.store)?;
-        report.set(&format!("ours_backup_{i}"), &json);
-        ctx.cold();
+        ctx.prepare(&[&disk])?;
+        let o = measure(0, ours.backup("disk", &disk)?.0.secs, &ours.store)?;
+        ctx.prepare(&[&disk])?;
         let r = measure(1, restic.backup(&disk)?.secs, &restic.repo)?;
-        ctx.cold();
+        ctx.prepare(&[&disk])?;
         let b = measure(2, borg.create(&format!("v{i}"), &disk)?.secs, &borg.repo)?;
         eprintln!(
-            "ingest: ours {:.2} s, restic {:.2} s, borg {:.2} s",
-            o.secs, r.secs, b.secs
+            "ingest: {}: ours {:.2} s, restic {:.2} s, borg {:.2} s",
+            STEPS[i], o.secs, r.secs, b.secs
         );
         steps.push(Step {
             step: STEPS[i],
@@ -80,9 +69,43 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         });
     }
     crate::remove_dir_if_exists(&dir)?;
+    Ok((steps, restic_version))
+}
+
+/// Runs the scenario.
+pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
+    tools::require("restic")?;
+    tools::require("borg")?;
+    let size = ctx
+        .size
+        .unwrap_or(if ctx.quick { 256 << 20 } else { 2 << 30 });
+    let series = image::series(&ctx.images, size)?;
+    let mut report = ctx.report("ingest");
+    let mut rounds = Vec::new();
+    let mut restic_version = 0;
+    for r in 0..ctx.rounds {
+        eprintln!("ingest: round {}/{}", r + 1, ctx.rounds);
+        let (steps, v) = round(ctx, &series)?;
+        restic_version = v;
+        rounds.push(steps);
+    }
+    // Median time per step and tool; sizes from the last round (they do
+    // not depend on timing).
+    let mut steps = rounds[rounds.len() - 1].clone();
+    for (i, s) in steps.iter_mut().enumerate() {
+        let med =
+            |f: fn(&Step) -> f64| median(&rounds.iter().map(|r| f(&r[i])).collect::<Vec<_>>());
+        s.ours.secs = med(|s| s.ours.secs);
+        s.restic.secs = med(|s| s.restic.secs);
+        s.borg.secs = med(|s| s.borg.secs);
+    }
 
     let mut time = Table::new(
-        &format!("Backup wall time, {} ext4 image", bytes_str(size)),
+        &format!(
+            "Backup wall time, {} ext4 image (median of {} rounds)",
+            bytes_str(size),
+            ctx.rounds
+        ),
         &[
             "backup",
             "ours",
@@ -157,5 +180,6 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     report.set("image_size", size);
     report.set("restic_repository_version", restic_version);
     report.set("steps", &steps);
+    report.set("rounds", &rounds);
     Ok(report)
 }

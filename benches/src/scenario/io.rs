@@ -186,7 +186,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     ours.backup("disk", &img)?;
     let raw = dir.join("raw.img");
     std::fs::copy(&img, &raw)?;
-    let mut report = Report::new("io", ctx.cache_mode());
+    let mut report = ctx.report("io");
 
     let mut results: Results = BTreeMap::new();
     for setup in Setup::ALL {

@@ -80,7 +80,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let big = image::sparse(&ctx.images, big_size, &small)?;
     let dir = ctx.scratch("startup")?;
     let ours = Ours::init(&ctx.cli, &dir.join("store"), None)?;
-    let mut report = Report::new("startup", ctx.cache_mode());
+    let mut report = ctx.report("startup");
 
     let mut timings = Vec::new();
     let mut backup_secs = Vec::new();
