@@ -34,6 +34,8 @@ pub const RECORD_HEADER_LEN: usize = 48;
 const _: () = assert!(RECORD_HEADER_LEN == 32 + 4 + 4 + 4 + 4);
 /// Record flag: the data is lz4 (block format) compressed.
 pub const RECORD_FLAG_COMPRESSED: u32 = 1;
+/// Largest stored (possibly compressed) length a valid record can have.
+pub const MAX_STORED_LEN: u32 = MAX_CHUNK_SIZE + MAX_CHUNK_SIZE / 64 + 64;
 
 /// Magic of a per-pack index file.
 pub const IDX_MAGIC: [u8; 8] = *b"IRIDX\0\0\0";
@@ -182,7 +184,7 @@ impl RecordHeader {
         if h.raw_len > MAX_CHUNK_SIZE
             || h.flags & !RECORD_FLAG_COMPRESSED != 0
             || (h.flags & RECORD_FLAG_COMPRESSED == 0 && h.stored_len != h.raw_len)
-            || h.stored_len > MAX_CHUNK_SIZE + MAX_CHUNK_SIZE / 64 + 64
+            || h.stored_len > MAX_STORED_LEN
         {
             return Err(FormatError::Invalid {
                 what: "chunk record",

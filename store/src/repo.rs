@@ -13,7 +13,7 @@ use crate::backend::{Backend, LocalBackend, Object};
 use crate::chunk::decode_record;
 use crate::config::{Config, CONFIG_KEY};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::format::RECORD_HEADER_LEN;
+use crate::format::{MAX_STORED_LEN, RECORD_HEADER_LEN};
 use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView, Loc};
 use crate::lock::{WriterLock, LOCK_FILE};
@@ -206,6 +206,16 @@ impl Store {
     pub(crate) fn read_loc(&self, id: &ChunkId, loc: &Loc, out: &mut Vec<u8>) -> Result<()> {
         let obj = self.pack_object(&loc.pack)?;
         let where_ = || format!("pack {} at offset {}", loc.pack, loc.offset);
+        // The index is checksummed, not trusted: refuse a length no record
+        // can have before allocating a buffer for it.
+        if loc.stored_len > MAX_STORED_LEN {
+            return Err(Error::corrupt(format!(
+                "Index gives chunk {id} in {} an impossible length of {} bytes",
+                where_(),
+                loc.stored_len
+            ))
+            .with_chunk(*id));
+        }
         RECORD_BUF.with(|buf| {
             let mut rec = buf.borrow_mut();
             rec.resize(RECORD_HEADER_LEN + loc.stored_len as usize, 0);
@@ -319,6 +329,45 @@ mod tests {
         .unwrap();
         let e = Store::open(&p).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::UnsupportedVersion);
+    }
+
+    /// Found by the `pack` fuzz target: an index entry claiming a stored
+    /// length of gigabytes made the reader allocate it before reading.
+    #[test]
+    fn absurd_index_length_is_corrupt_without_allocating() {
+        use crate::index::idx::{self, IdxEntry};
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::init(dir.path(), 4096).unwrap();
+        let pack = PackId([7; 16]);
+        let id = ChunkId::of(b"x");
+        let mut rec = Vec::new();
+        let stored = crate::chunk::encode_record(&id, b"x", &mut rec);
+        let mut bytes = crate::format::pack_header().to_vec();
+        bytes.extend_from_slice(&rec);
+        s.backend().put(&pack.pack_key(), &bytes).unwrap();
+        for (stored_len, ok) in [(stored, true), (u32::MAX - 100, false)] {
+            let mut entries = [IdxEntry {
+                id,
+                offset: 16,
+                stored_len,
+                raw_len: 1,
+            }];
+            s.backend()
+                .put(&pack.idx_key(), &idx::encode(&pack, &mut entries))
+                .unwrap();
+            s.reload_index().unwrap();
+            let mut out = Vec::new();
+            let r = s.read_chunk(&id, &mut out);
+            if ok {
+                r.unwrap();
+                assert_eq!(out, b"x");
+            } else {
+                let e = r.unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:?}");
+                assert_eq!(e.chunk(), Some(&id));
+                RECORD_BUF.with(|b| assert!(b.borrow().capacity() < 1 << 20));
+            }
+        }
     }
 
     #[test]
