@@ -73,8 +73,11 @@ for t in "${targets[@]}"; do
     fi
 done
 
+passed=$((${#targets[@]} - ${#failed[@]}))
 if ((${#failed[@]})); then
     echo "fuzzing found problems in: ${failed[*]}"
+    echo "fuzz: $passed passed, ${#failed[@]} failed"
     exit 1
 fi
 echo "fuzzing: ${#targets[@]} targets ran ${seconds}s each without a crash"
+echo "fuzz: $passed passed, 0 failed"
