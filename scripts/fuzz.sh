@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-ALL_TARGETS=(request_parse manifest index pack)
+ALL_TARGETS=(request_parse manifest index pack state)
 seconds=${FUZZ_SECONDS:-60}
 export RUSTC_BOOTSTRAP=1
 # Debug assertions on: overflow checks turn silent wrap-arounds into crashes.

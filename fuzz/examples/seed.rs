@@ -1,7 +1,8 @@
 //! Writes the seed corpora under `fuzz/corpus/<target>/` from the real
 //! encoders: manifests from `ManifestWriter`, packs and idx files from
 //! `PackWriter`, merged indexes in the compact form the `index` target
-//! expands, and virtio-blk requests the way a driver lays them out.
+//! expands, virtio-blk requests the way a driver lays them out, and state
+//! dir files (bitmaps, `state.json`) from `PersistentBitmap` and `StateDir`.
 //!
 //! Usage: `cargo run --example seed -- <corpus dir>` (scripts/fuzz.sh --seed).
 
@@ -17,6 +18,8 @@ use store::pack::PackWriter;
 use store::snapshot::manifest::ManifestWriter;
 use store::snapshot::{id_from_micros, manifest_key, SnapshotInfo};
 use store::{ChunkId, PackId};
+use vhost_backend::bitmap::{BitmapHeader, BitmapKind, PersistentBitmap};
+use vhost_backend::state::{StateBinding, StateDir};
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
@@ -343,6 +346,83 @@ fn indexes(dir: &Path, tmp: &Path) {
     }
 }
 
+fn state_seed(flags: u8, header: &BitmapHeader, state_json: &[u8], bitmap: &[u8]) -> Vec<u8> {
+    let mut seed = vec![flags, 0];
+    seed.extend_from_slice(&header.granule.to_le_bytes());
+    seed.extend_from_slice(&(header.image_size as u32).to_le_bytes());
+    seed.push(header.binding.len() as u8);
+    seed.extend_from_slice(header.binding.as_bytes());
+    seed.extend_from_slice(&(state_json.len() as u16).to_le_bytes());
+    seed.extend_from_slice(state_json);
+    seed.extend_from_slice(bitmap);
+    seed
+}
+
+fn states(dir: &Path, tmp: &Path) {
+    // state.json as the daemon writes it, for the binding the target expects.
+    let binding = StateBinding {
+        snapshot_id: "web@2024-01-01T00:00:00.000000Z".into(),
+        image_size: 1 << 20,
+        chunk_size: 65536,
+    };
+    let state_dir = tmp.join("state");
+    drop(StateDir::open_or_create(&state_dir, &binding).expect("create state dir"));
+    let state_json = fs::read(state_dir.join("state.json")).expect("read state.json");
+    let cases = [
+        (
+            BitmapKind::OverlayBlocks,
+            4096u32,
+            1u64 << 20,
+            vec![0u64, 5, 6, 7, 255],
+        ),
+        (
+            BitmapKind::MigratedChunks,
+            65536,
+            65536 * 100 + 1,
+            (0..101).collect(),
+        ),
+        (BitmapKind::GuestWrittenChunks, 4096, 0, vec![]),
+    ];
+    for (i, (kind, granule, image_size, bits)) in cases.into_iter().enumerate() {
+        let header = BitmapHeader {
+            kind,
+            granule,
+            image_size,
+            binding: binding.snapshot_id.clone(),
+        };
+        let path = tmp.join(format!("b{i}.bitmap"));
+        let b = PersistentBitmap::create(&path, &header).expect("create bitmap");
+        for bit in bits {
+            b.set(bit);
+        }
+        b.sync().expect("sync bitmap");
+        drop(b);
+        let bitmap = fs::read(&path).expect("read bitmap");
+        write(
+            dir,
+            &format!("bitmap-{i}"),
+            &state_seed(0, &header, &state_json, &bitmap),
+        );
+        write(
+            dir,
+            &format!("bitmap-{i}-claimed"),
+            &state_seed(7, &header, b"", &bitmap),
+        );
+    }
+    let other = String::from_utf8_lossy(&state_json).replace("1048576", "2097152");
+    let header = BitmapHeader {
+        kind: BitmapKind::OverlayBlocks,
+        granule: 4096,
+        image_size: 0,
+        binding: String::new(),
+    };
+    write(
+        dir,
+        "state-mismatch",
+        &state_seed(0, &header, other.as_bytes(), b""),
+    );
+}
+
 fn main() {
     let out: PathBuf = std::env::args_os()
         .nth(1)
@@ -356,4 +436,5 @@ fn main() {
     manifests(&out.join("manifest"), tmp.path());
     packs(&out.join("pack"), tmp.path());
     indexes(&out.join("index"), tmp.path());
+    states(&out.join("state"), tmp.path());
 }
