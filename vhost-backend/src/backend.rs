@@ -2,9 +2,15 @@
 //!
 //! [`BlockBackend`] is what `vhost-user-backend` drives for one frontend
 //! connection: it announces the virtio-blk features and config space and
-//! hands each queue's kicks to that queue's [`Worker`]. A fresh backend is
-//! built for every connection (see [`crate::serve`]), so nothing negotiated
-//! with one frontend leaks into the next.
+//! hands each queue's kicks to that queue's [`Worker`], which runs
+//! requests on the backend's I/O [`Pool`]. A fresh backend is built for
+//! every connection (see [`crate::serve`]), so nothing negotiated with one
+//! frontend leaks into the next.
+//!
+//! `stop_vring` (GET_VRING_BASE), `reset_device` and
+//! [`BlockBackend::quiesce`] return only once the queues they cover hold
+//! no request (see [`crate::worker`]); dropping the backend finishes every
+//! queued job before joining the pool.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,13 +18,14 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use tracing::{debug, error, warn};
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -26,12 +33,15 @@ use vmm_sys_util::event::{
 };
 
 use crate::block::BlockDevice;
-use crate::request::{ExecContext, Limits};
+use crate::request::Limits;
 use crate::wire::{BlkConfig, ID_BYTES, SECTOR_SHIFT};
-use crate::worker::{error_chain, GuestMem, Vring, Worker};
+use crate::worker::{error_chain, GuestMem, InFlight, Pool, Target, Vring, Worker};
 
 /// Most queues a device can have (one worker thread each).
 pub const MAX_QUEUES: usize = 16;
+
+/// Most I/O pool threads a device may have.
+pub const MAX_IO_THREADS: usize = 64;
 
 /// Size of the vhost-user config space window (vhost-user spec, GET_CONFIG).
 const CONFIG_SPACE_MAX: usize = 256;
@@ -67,6 +77,10 @@ pub struct DeviceConfig {
     pub max_write_zeroes_sectors: u32,
     /// `max_write_zeroes_seg`.
     pub max_write_zeroes_seg: u32,
+    /// Threads executing requests beside the queue workers, shared by all
+    /// queues; this bounds how many requests run at once. 0 runs every
+    /// request on its queue's worker thread, one after another.
+    pub io_threads: usize,
 }
 
 impl DeviceConfig {
@@ -75,6 +89,15 @@ impl DeviceConfig {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, MAX_QUEUES)
+    }
+
+    /// The default I/O pool size: two threads per CPU (requests block on
+    /// reads of cold chunks as often as they compute), within 4..=16.
+    pub fn default_io_threads() -> usize {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .saturating_mul(2)
+            .clamp(4, 16)
     }
 }
 
@@ -94,6 +117,7 @@ impl Default for DeviceConfig {
             discard_sector_alignment: 8,
             max_write_zeroes_sectors: 1 << 22,
             max_write_zeroes_seg: 32,
+            io_threads: Self::default_io_threads(),
         }
     }
 }
@@ -124,6 +148,9 @@ pub enum Error {
     /// A discard or write-zeroes limit is 0.
     #[error("Discard and write-zeroes limits must be positive")]
     ZeroLimit,
+    /// `io_threads` out of range.
+    #[error("I/O thread count {0} is not within 0..=64")]
+    IoThreads(usize),
 }
 
 /// Result of configuration checks.
@@ -134,6 +161,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub(crate) struct DeviceSpec {
     pub(crate) num_queues: usize,
     pub(crate) queue_size: u16,
+    pub(crate) io_threads: usize,
     pub(crate) read_only: bool,
     pub(crate) id: [u8; ID_BYTES],
     pub(crate) limits: Limits,
@@ -176,6 +204,9 @@ impl DeviceSpec {
         {
             return Err(Error::ZeroLimit);
         }
+        if cfg.io_threads > MAX_IO_THREADS {
+            return Err(Error::IoThreads(cfg.io_threads));
+        }
 
         // virtio 1.2, 5.2.6: the id is NUL-padded, with no terminator at 20 bytes.
         let mut id = [0u8; ID_BYTES];
@@ -213,6 +244,7 @@ impl DeviceSpec {
         Ok(DeviceSpec {
             num_queues: cfg.num_queues,
             queue_size: cfg.queue_size,
+            io_threads: cfg.io_threads,
             read_only,
             id,
             limits,
@@ -242,11 +274,14 @@ impl DeviceSpec {
 
 /// The virtio-blk device for one vhost-user connection.
 pub struct BlockBackend {
-    dev: Arc<dyn BlockDevice>,
+    target: Arc<Target>,
     spec: DeviceSpec,
     event_idx: AtomicBool,
     mem: RwLock<GuestMem>,
     workers: Vec<Mutex<Worker>>,
+    /// Each worker's in-flight set, readable without the worker's lock.
+    in_flight: Vec<Arc<InFlight>>,
+    pool: Option<Pool>,
 }
 
 impl BlockBackend {
@@ -257,15 +292,56 @@ impl BlockBackend {
     }
 
     pub(crate) fn from_spec(dev: Arc<dyn BlockDevice>, spec: DeviceSpec) -> Self {
-        let workers = (0..spec.num_queues)
-            .map(|_| Mutex::new(Worker::new()))
-            .collect();
-        BlockBackend {
+        let workers: Vec<Worker> = (0..spec.num_queues).map(Worker::new).collect();
+        let in_flight = workers.iter().map(|w| w.in_flight().clone()).collect();
+        let pool = match spec.io_threads {
+            0 => None,
+            n => Pool::new("blk-io", n)
+                .inspect_err(|e| {
+                    warn!(error = %e, "cannot start the I/O pool; requests run on the queue workers");
+                })
+                .ok(),
+        };
+        let target = Arc::new(Target {
             dev,
+            read_only: spec.read_only,
+            id: spec.id,
+            limits: spec.limits.clone(),
+        });
+        BlockBackend {
+            target,
             spec,
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
-            workers,
+            workers: workers.into_iter().map(Mutex::new).collect(),
+            in_flight,
+            pool,
+        }
+    }
+
+    /// Requests of queue `queue` the device holds (popped, not yet used).
+    pub fn in_flight(&self, queue: usize) -> usize {
+        self.in_flight.get(queue).map_or(0, |f| f.len())
+    }
+
+    /// Waits until queue `queue` holds no request: its worker has finished
+    /// dispatching and every request it took is on the used ring.
+    pub fn quiesce_queue(&self, queue: usize) {
+        let (Some(worker), Some(in_flight)) = (self.workers.get(queue), self.in_flight.get(queue))
+        else {
+            return;
+        };
+        // The worker holds its lock while it pops and dispatches: taking it
+        // waits for the batch under way. It is released before waiting for
+        // the jobs, which never need it, so a late kick cannot block here.
+        drop(worker.lock().unwrap_or_else(PoisonError::into_inner));
+        in_flight.wait_idle();
+    }
+
+    /// Waits until no queue holds a request.
+    pub fn quiesce(&self) {
+        for queue in 0..self.workers.len() {
+            self.quiesce_queue(queue);
         }
     }
 
@@ -341,6 +417,17 @@ impl VhostUserBackend for BlockBackend {
         ))
     }
 
+    fn reset_device(&self) {
+        // The rings are disabled already; let what they handed us finish.
+        self.quiesce();
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend is about to read the ring state.
+        self.quiesce_queue(queue_index as usize);
+        Ok(())
+    }
+
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
         *self.mem.write().unwrap_or_else(PoisonError::into_inner) = mem;
         Ok(())
@@ -387,16 +474,20 @@ impl VhostUserBackend for BlockBackend {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let ctx = ExecContext {
-            dev: &*self.dev,
-            read_only: self.spec.read_only,
-            id: &self.spec.id,
-        };
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
+        // A kick that raced with GET_VRING_BASE or a ring disable: the
+        // queue is stopped and its requests must stay where they are.
+        {
+            let state = vring.get_ref();
+            if !state.get_queue().ready() || !state.is_enabled() {
+                return Ok(());
+            }
+        }
         // A broken queue must not kill the worker thread (the error would
         // end its event loop for good); report it and wait for the next kick.
-        if let Err(e) = worker.process(vring, &mem, &ctx, &self.spec.limits, event_idx) {
+        let pool = self.pool.as_ref();
+        if let Err(e) = worker.process(vring, &mem, &self.target, pool, event_idx) {
             error!(queue = thread_id, error = %error_chain(&e), "queue processing failed");
         }
         Ok(())
@@ -495,6 +586,10 @@ mod tests {
             },
             DeviceConfig {
                 max_discard_seg: 0,
+                ..DeviceConfig::default()
+            },
+            DeviceConfig {
+                io_threads: MAX_IO_THREADS + 1,
                 ..DeviceConfig::default()
             },
         ];

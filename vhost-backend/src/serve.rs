@@ -11,6 +11,9 @@
 //! Every connection gets a fresh [`BlockBackend`] and `VhostUserDaemon`,
 //! so a reconnecting QEMU (guest reboot, QEMU restart) starts from a clean
 //! device state, while the listening socket stays in place throughout.
+//! A connection ends only once every request it started has completed
+//! (and the device is flushed), so no late completion can land in the
+//! rings of the next one.
 //! [`StopHandle::stop`] may be called from any thread (e.g. a signal
 //! handling thread): it wakes the accept wait, shuts the current connection
 //! down, and `serve` returns after a final [`BlockDevice::flush`].
@@ -284,7 +287,7 @@ impl BlockServer {
     fn serve_connection(&self, listener: &mut Listener, stop: &StopHandle) -> Result<()> {
         let backend = Arc::new(BlockBackend::from_spec(self.dev.clone(), self.spec.clone()));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new("vhost-user-blk".to_owned(), backend, mem)
+        let mut daemon = VhostUserDaemon::new("vhost-user-blk".to_owned(), backend.clone(), mem)
             .map_err(|e| Error::Daemon(e.to_string()))?;
         // The listener is readable, so this accepts without blocking.
         daemon
@@ -297,8 +300,13 @@ impl BlockServer {
         }
         let ended = daemon.wait();
         stop.set_connection(None);
-        // Dropping the daemon stops and joins the queue worker threads.
+        // Dropping the daemon stops and joins the queue worker threads, so
+        // nothing new is dispatched; then let the requests the frontend
+        // left in flight finish before the flush below and before the next
+        // frontend can connect.
         drop(daemon);
+        backend.quiesce();
+        drop(backend);
         match ended {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(

@@ -1,0 +1,120 @@
+//! Which requests of one queue the device holds: popped from the
+//! available ring, not yet on the used ring.
+//!
+//! Tracked per descriptor head, so stopping a queue can wait until the
+//! device owns nothing, and so the set can later be mirrored into the
+//! `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` region that lets a restarted
+//! daemon resubmit what a crashed one held.
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+/// The in-flight heads of one queue.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    /// Head → how many times it is in flight. More than once only when a
+    /// (buggy) driver resubmits a head the device still holds.
+    heads: Mutex<HashMap<u16, u32>>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u16, u32>> {
+        // Updates are single map operations: a poisoned map is consistent.
+        self.heads.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records that the device took `head`; returns how many requests of
+    /// this queue were in flight before.
+    pub fn begin(&self, head: u16) -> usize {
+        let mut heads = self.lock();
+        let before = heads.values().map(|&n| n as usize).sum();
+        *heads.entry(head).or_insert(0) += 1;
+        before
+    }
+
+    /// Records that `head` is on the used ring.
+    pub fn end(&self, head: u16) {
+        let mut heads = self.lock();
+        match heads.get_mut(&head) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                heads.remove(&head);
+            }
+            None => {}
+        }
+        if heads.is_empty() {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Number of requests in flight.
+    pub fn len(&self) -> usize {
+        self.lock().values().map(|&n| n as usize).sum()
+    }
+
+    /// Whether nothing is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// The in-flight heads, ascending.
+    pub fn heads(&self) -> Vec<u16> {
+        let mut heads: Vec<u16> = self.lock().keys().copied().collect();
+        heads.sort_unstable();
+        heads
+    }
+
+    /// Blocks until nothing is in flight.
+    pub fn wait_idle(&self) {
+        let mut heads = self.lock();
+        while !heads.is_empty() {
+            heads = self
+                .idle
+                .wait(heads)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::thread;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn tracks_heads_and_wakes_waiters_when_empty() {
+        let f = Arc::new(InFlight::new());
+        assert_eq!(f.begin(5), 0);
+        assert_eq!(f.begin(2), 1);
+        assert_eq!(f.begin(5), 2);
+        assert_eq!(f.len(), 3);
+        assert_eq!(f.heads(), [2, 5]);
+        f.end(5);
+        assert_eq!(f.heads(), [2, 5]);
+        f.end(7); // never begun: ignored
+        f.end(5);
+        assert_eq!(f.heads(), [2]);
+
+        let waiter = {
+            let f = f.clone();
+            thread::spawn(move || f.wait_idle())
+        };
+        thread::sleep(Duration::from_millis(50));
+        assert!(
+            !waiter.is_finished(),
+            "wait_idle returned with head 2 in flight"
+        );
+        f.end(2);
+        waiter.join().unwrap();
+        assert!(f.is_empty());
+    }
+}
