@@ -17,6 +17,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ALL_TARGETS=(request_parse manifest index pack state)
 seconds=${FUZZ_SECONDS:-60}
 export RUSTC_BOOTSTRAP=1
+# A small ASan quarantine: the default 256 MiB hands every large buffer (the
+# merged index's 512 KiB fanout) fresh pages, halving exec/s; use-after-free
+# is still caught within the last 8 MiB freed.
+export ASAN_OPTIONS=${ASAN_OPTIONS:-quarantine_size_mb=8}
 # Debug assertions on: overflow checks turn silent wrap-arounds into crashes.
 build_flags=(--debug-assertions)
 
