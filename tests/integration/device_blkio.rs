@@ -501,6 +501,214 @@ fn bind_replaces_a_stale_socket_but_not_a_live_one() {
     assert!(!path.exists());
 }
 
+/// A device whose I/O at one offset blocks until the gate opens, and which
+/// logs, in order, every write that returned and every flush call.
+struct Gated {
+    inner: MemDevice,
+    gated: u64,
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    log: std::sync::Mutex<Vec<Event>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Event {
+    Wrote(u64),
+    Flushed,
+}
+
+impl Gated {
+    fn new(image: Vec<u8>, gated: u64) -> Gated {
+        Gated {
+            inner: MemDevice::from_vec(image),
+            gated,
+            open: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            log: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn pass(&self, offset: u64) {
+        if offset != self.gated {
+            return;
+        }
+        // The timeout keeps a failing test from hanging forever.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut open = self.open.lock().unwrap();
+        while !*open && Instant::now() < deadline {
+            open = self
+                .opened
+                .wait_timeout(open, Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+    }
+
+    fn open_gate(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    fn log(&self) -> Vec<Event> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl BlockDevice for Gated {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.pass(offset);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.pass(offset);
+        self.inner.write_at(buf, offset)?;
+        self.log.lock().unwrap().push(Event::Wrote(offset));
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.log.lock().unwrap().push(Event::Flushed);
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+/// Waits for the next completion: (user_data, outcome).
+fn next_completion(q: &mut Blkioq) -> (usize, Outcome) {
+    let mut completions = [const { MaybeUninit::<Completion>::uninit() }; 1];
+    let mut timeout = Duration::from_secs(30);
+    let n = q
+        .do_io(&mut completions, 1, Some(&mut timeout), None)
+        .unwrap();
+    assert_eq!(n, 1, "request timed out");
+    // SAFETY: do_io returned 1, so it initialised the first completion.
+    let c = unsafe { completions[0].assume_init_read() };
+    (c.user_data, if c.ret == 0 { Ok(()) } else { Err(c.ret) })
+}
+
+#[test]
+fn a_slow_request_does_not_hold_up_later_ones_on_the_same_queue() {
+    let image = random_image(4 * MIB, 11);
+    let dev = Arc::new(Gated::new(image.clone(), 0));
+    let server = Server::start(dev.clone(), config(1));
+    let mut c = Client::connect(&server.path, 1, false, MIB);
+    let base = c.region.addr;
+    // Request 1 reads the gated offset 0, request 2 reads 64 KiB further.
+    c.queues[0].read(0, base as *mut u8, 4096, 1, ReqFlags::empty());
+    c.queues[0].read(65536, (base + 4096) as *mut u8, 4096, 2, ReqFlags::empty());
+    assert_eq!(next_completion(&mut c.queues[0]), (2, Ok(())));
+    dev.open_gate();
+    assert_eq!(next_completion(&mut c.queues[0]), (1, Ok(())));
+    let mut got = vec![0u8; 8192];
+    c.mem.read_exact_at(&mut got, 0).unwrap();
+    assert_eq!(got[..4096], image[..4096]);
+    assert_eq!(got[4096..], image[65536..65536 + 4096]);
+}
+
+#[test]
+fn flush_covers_every_write_completed_before_it_under_concurrency() {
+    const WRITES: usize = 400;
+    let dev = Arc::new(Gated::new(vec![0; 8 * MIB], u64::MAX));
+    dev.open_gate();
+    let server = Server::start(dev.clone(), config(1));
+    let mut c = Client::connect(&server.path, 1, false, MIB);
+    c.mem.write_all_at(&random_image(MIB, 12), 0).unwrap();
+    let q = &mut c.queues[0];
+    let base = c.region.addr;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    const FLUSH: usize = usize::MAX;
+    let (mut submitted, mut outstanding) = (0usize, 0usize);
+    let mut completed: Vec<u64> = Vec::new();
+    // (writes completed when the flush was submitted, device log length then)
+    let mut flush_pending: Option<(usize, usize)> = None;
+    let mut flushes = 0;
+    while submitted < WRITES || outstanding > 0 {
+        while submitted < WRITES && outstanding < 16 {
+            let offset = rng.gen_range(0..(8 * MIB / 4096) as u64) * 4096;
+            let slot = submitted % 16;
+            q.write(
+                offset,
+                (base + slot * 4096) as *const u8,
+                4096,
+                offset as usize,
+                ReqFlags::empty(),
+            );
+            submitted += 1;
+            outstanding += 1;
+            // A flush now and then, with writes still in flight.
+            if flush_pending.is_none() && rng.gen_ratio(1, 10) {
+                flush_pending = Some((completed.len(), dev.log().len()));
+                q.flush(FLUSH, ReqFlags::empty());
+                outstanding += 1;
+            }
+        }
+        let (user_data, outcome) = next_completion(q);
+        outcome.unwrap();
+        outstanding -= 1;
+        if user_data != FLUSH {
+            completed.push(user_data as u64);
+            continue;
+        }
+        // Every write the client had seen complete was logged as written
+        // before a flush call the device received after the FLUSH arrived.
+        let (seen, log_start) = flush_pending.take().unwrap();
+        let log = dev.log();
+        let flush_at = log_start
+            + log[log_start..]
+                .iter()
+                .position(|e| *e == Event::Flushed)
+                .expect("FLUSH completed without a device flush");
+        let durable: Vec<u64> = log[..flush_at]
+            .iter()
+            .filter_map(|e| match e {
+                Event::Wrote(o) => Some(*o),
+                Event::Flushed => None,
+            })
+            .collect();
+        for offset in &completed[..seen] {
+            assert!(durable.contains(offset), "write at {offset} not covered");
+        }
+        flushes += 1;
+    }
+    assert!(flushes > 5, "only {flushes} flushes");
+    assert_eq!(completed.len(), WRITES);
+}
+
+#[test]
+fn stop_waits_for_requests_in_flight_then_flushes() {
+    let dev = Arc::new(Gated::new(vec![0; MIB], 8192));
+    let server = Server::start(dev.clone(), config(1));
+    let mut c = Client::connect(&server.path, 1, false, MIB);
+    c.mem.write_all_at(&[0x5a; 4096], 0).unwrap();
+    // Two writes: the gated one stays in flight, the other completes.
+    let base = c.region.addr;
+    c.queues[0].write(8192, base as *const u8, 4096, 1, ReqFlags::empty());
+    c.queues[0].write(0, base as *const u8, 4096, 2, ReqFlags::empty());
+    assert_eq!(next_completion(&mut c.queues[0]), (2, Ok(())));
+
+    let stopper = thread::spawn(move || server.shutdown());
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        !stopper.is_finished(),
+        "the server stopped with a write in flight"
+    );
+    dev.open_gate();
+    stopper.join().unwrap().unwrap();
+    // The write finished before the shutdown flush.
+    let log = dev.log();
+    let wrote = log.iter().position(|e| *e == Event::Wrote(8192)).unwrap();
+    assert!(log[wrote..].contains(&Event::Flushed), "{log:?}");
+    assert_eq!(dev.inner.snapshot()[8192..8192 + 4096], [0x5a; 4096]);
+    drop(c);
+}
+
 #[test]
 fn qemu_guest_boots_from_the_device_and_reconnects() {
     use crate::guest::{e2fsck, read_guest_file, run_to_completion, BOOT_TIMEOUT};

@@ -15,7 +15,8 @@
 //! qcow2 overlay over the raw image: the do-it-yourself instant recovery).
 //!
 //! Targets: `file` is our server on a `FileDevice`, `mem` on a `MemDevice`
-//! holding the image, `qsd` is `qemu-storage-daemon --blockdev driver=file`
+//! holding the image (`file@N`, `mem@N`: with an I/O pool of N threads,
+//! `@0` runs every request on the queue's worker thread), `qsd` is `qemu-storage-daemon --blockdev driver=file`
 //! (default cache mode: page cache, thread-pool AIO) exporting
 //! vhost-user-blk, `qsd-qcow2` the same over a fresh qcow2 overlay.
 
@@ -212,9 +213,19 @@ fn start_target(
 ) -> Result<(Running, PathBuf), String> {
     let sock = dir.join(format!("{name}.sock"));
     let _ = std::fs::remove_file(&sock);
+    // `file@N` / `mem@N`: our server with an I/O pool of N threads.
+    let (name, io_threads) = match name.split_once('@') {
+        Some((base, n)) => (
+            base,
+            n.parse()
+                .map_err(|_| format!("bad thread count in {name}"))?,
+        ),
+        None => (name, DeviceConfig::default_io_threads()),
+    };
     let ours = |dev: Arc<dyn BlockDevice>| -> Result<Running, String> {
         let cfg = DeviceConfig {
             num_queues: queues,
+            io_threads,
             ..DeviceConfig::default()
         };
         let server = BlockServer::new(dev, cfg).map_err(|e| e.to_string())?;
@@ -384,20 +395,28 @@ fn main() {
     }
     let dir = tempfile::tempdir().expect("temp dir");
     let mut mem_image = None;
-    // results[(workload, target)] = IOPS per run
+    // Every target runs for the whole session; each workload is measured
+    // on all of them in short back-to-back slices, rotating the order, so
+    // the ratios of one repetition compare like conditions.
+    let mut running = Vec::new();
+    for target in &args.targets {
+        match start_target(target, &args.image, &mut mem_image, dir.path(), args.queues) {
+            Ok(r) => running.push(r),
+            Err(e) => {
+                eprintln!("start {target}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    // results[(workload, target)] = IOPS per repetition
     let mut results: BTreeMap<(usize, String), Vec<f64>> = BTreeMap::new();
-    for run in 0..args.runs {
-        for target in &args.targets {
-            let (running, sock) =
-                match start_target(target, &args.image, &mut mem_image, dir.path(), args.queues) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        eprintln!("start {target}: {e}");
-                        std::process::exit(1);
-                    }
-                };
-            for (wi, w) in args.workloads.iter().enumerate() {
-                match measure(&sock, w, args.secs, args.size as u64) {
+    for (wi, w) in args.workloads.iter().enumerate() {
+        for run in 0..args.runs {
+            for k in 0..args.targets.len() {
+                let ti = (k + run) % args.targets.len();
+                let target = &args.targets[ti];
+                let sock = &running[ti].1;
+                match measure(sock, w, args.secs, args.size as u64) {
                     Ok((iops, mibs)) => {
                         eprintln!(
                             "run {run} {:<10} {:<10} {:>10.0} IOPS {:>8.1} MiB/s",
@@ -405,12 +424,15 @@ fn main() {
                         );
                         results.entry((wi, target.clone())).or_default().push(iops);
                     }
-                    Err(e) => eprintln!("run {run} {target} {}: {e}", w.name),
+                    Err(e) => {
+                        eprintln!("run {run} {target} {}: {e}", w.name);
+                        std::process::exit(1);
+                    }
                 }
             }
-            drop(running);
         }
     }
+    drop(running);
 
     println!(
         "\n{:<10} {:<10} {:>12} {:>22} {:>10}",
@@ -434,10 +456,10 @@ fn main() {
             );
         }
         // Ratios per run (same run, same conditions), then their range.
-        for ours in ["file", "mem"] {
+        for ours in args.targets.iter().filter(|t| !t.starts_with("qsd")) {
             for peer in ["qsd", "qsd-qcow2"] {
                 let (Some(a), Some(b)) = (
-                    results.get(&(wi, ours.to_owned())),
+                    results.get(&(wi, ours.clone())),
                     results.get(&(wi, peer.to_owned())),
                 ) else {
                     continue;
