@@ -3,22 +3,26 @@
 //!
 //! ```text
 //! cargo run --release -p vhost-backend --example blk_timing -- \
-//!     [--image PATH] [--size-mib N] [--secs S] [--runs N] \
+//!     [--image PATH] [--size-mib N] [--secs S] [--runs N] [--queues N] \
 //!     [--targets file,mem,qsd,qsd-qcow2] [--workloads rr4k-qd1,...]
 //! ```
 //!
 //! The image (1 GiB of random bytes by default) is created if missing and
-//! read once so it sits in the page cache. Each run measures every workload
-//! on every target, in rotation, so a noisy neighbour on the machine hurts
-//! all targets alike; the report gives the median and the range over runs,
-//! and ratios of our targets to `qsd` (for writes also to `qsd-qcow2`, a
-//! qcow2 overlay over the raw image: the do-it-yourself instant recovery).
+//! read once so it sits in the page cache. Every target is a server process
+//! of its own, started once: `file` is our server on a `FileDevice`, `mem`
+//! on a `MemDevice` holding the image (`file@N`, `mem@N`: with an I/O pool
+//! of N threads, `@0` runs every request on the queue's worker thread),
+//! `qsd` is `qemu-storage-daemon --blockdev driver=file` (default cache
+//! mode: page cache, thread-pool AIO) exporting vhost-user-blk, and
+//! `qsd-qcow2` the same over a fresh qcow2 overlay on the image (the
+//! do-it-yourself instant recovery).
 //!
-//! Targets: `file` is our server on a `FileDevice`, `mem` on a `MemDevice`
-//! holding the image (`file@N`, `mem@N`: with an I/O pool of N threads,
-//! `@0` runs every request on the queue's worker thread), `qsd` is `qemu-storage-daemon --blockdev driver=file`
-//! (default cache mode: page cache, thread-pool AIO) exporting
-//! vhost-user-blk, `qsd-qcow2` the same over a fresh qcow2 overlay.
+//! Each workload is measured on every target in short back-to-back slices,
+//! rotating the order, `--runs` times; the report gives the median and the
+//! range, and per-repetition ratios of our targets to the peers. Besides
+//! IOPS it reports the server's CPU time per request (all its threads,
+//! from `/proc/PID/task/*/schedstat`), which a busy machine disturbs much
+//! less than throughput.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -27,7 +31,7 @@ use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
@@ -102,6 +106,8 @@ struct Args {
     targets: Vec<String>,
     workloads: Vec<Workload>,
     queues: usize,
+    /// Internal: run our server `NAME` on `SOCKET` (`--serve NAME --socket SOCKET`).
+    serve: Option<(String, PathBuf)>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -117,7 +123,10 @@ fn parse_args() -> Result<Args, String> {
             .filter(|w| w.name != "sr1m-qd1")
             .collect(),
         queues: 1,
+        serve: None,
     };
+    let mut serve_name = None;
+    let mut socket = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -153,9 +162,12 @@ fn parse_args() -> Result<Args, String> {
                     })
                     .collect::<Result<_, _>>()?;
             }
+            "--serve" => serve_name = Some(value()?),
+            "--socket" => socket = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown argument {other}")),
         }
     }
+    args.serve = serve_name.zip(socket);
     Ok(args)
 }
 
@@ -178,77 +190,44 @@ fn prepare_image(path: &Path, size: usize) -> io::Result<()> {
     Ok(())
 }
 
-/// A running target: our server thread or a qemu-storage-daemon process.
-enum Running {
-    Ours {
-        stop: StopHandle,
-        thread: Option<JoinHandle<vhost_backend::serve::Result<()>>>,
-    },
-    Qsd(Child),
+/// A target server in its own process, so its CPU time can be read.
+struct Running {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl Running {
+    /// CPU time of the server so far (user + system, every thread,
+    /// including threads that have exited), in nanoseconds.
+    fn cpu_ns(&self) -> u64 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) else {
+            return 0;
+        };
+        // Fields after the parenthesised command name; utime and stime are
+        // fields 14 and 15 of the whole line, in clock ticks.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+            .sum();
+        // /proc reports USER_HZ ticks, 100 per second on Linux.
+        ticks * 10_000_000
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        match self {
-            Running::Ours { stop, thread } => {
-                stop.stop();
-                if let Some(t) = thread.take() {
-                    let _ = t.join();
-                }
-            }
-            Running::Qsd(child) => {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-fn start_target(
-    name: &str,
-    image: &Path,
-    mem_image: &mut Option<Arc<MemDevice>>,
-    dir: &Path,
-    queues: usize,
-) -> Result<(Running, PathBuf), String> {
-    let sock = dir.join(format!("{name}.sock"));
+/// Starts target `name` serving `image` on a socket in `dir`.
+fn start_target(name: &str, image: &Path, dir: &Path, queues: usize) -> Result<Running, String> {
+    let sock = dir.join(format!("{}.sock", name.replace('@', "-")));
     let _ = std::fs::remove_file(&sock);
-    // `file@N` / `mem@N`: our server with an I/O pool of N threads.
-    let (name, io_threads) = match name.split_once('@') {
-        Some((base, n)) => (
-            base,
-            n.parse()
-                .map_err(|_| format!("bad thread count in {name}"))?,
-        ),
-        None => (name, DeviceConfig::default_io_threads()),
-    };
-    let ours = |dev: Arc<dyn BlockDevice>| -> Result<Running, String> {
-        let cfg = DeviceConfig {
-            num_queues: queues,
-            io_threads,
-            ..DeviceConfig::default()
-        };
-        let server = BlockServer::new(dev, cfg).map_err(|e| e.to_string())?;
-        let listening = server.bind(&sock).map_err(|e| e.to_string())?;
-        let stop = StopHandle::new().map_err(|e| e.to_string())?;
-        let thread_stop = stop.clone();
-        let thread = thread::spawn(move || server.serve(listening, &thread_stop));
-        Ok(Running::Ours {
-            stop,
-            thread: Some(thread),
-        })
-    };
-    let running = match name {
-        "file" => ours(Arc::new(
-            FileDevice::open(image, false).map_err(|e| e.to_string())?,
-        ))?,
-        "mem" => {
-            if mem_image.is_none() {
-                let bytes = std::fs::read(image).map_err(|e| e.to_string())?;
-                *mem_image = Some(Arc::new(MemDevice::from_vec(bytes)));
-            }
-            ours(mem_image.clone().ok_or("no image")?)?
-        }
+    let mut cmd = match name {
         "qsd" | "qsd-qcow2" => {
             let blockdev = if name == "qsd" {
                 format!("driver=file,node-name=f,filename={}", image.display())
@@ -269,34 +248,80 @@ fn start_target(
                     overlay.display()
                 )
             };
-            let child = Command::new("qemu-storage-daemon")
-                .arg("--blockdev")
+            let mut cmd = Command::new("qemu-storage-daemon");
+            cmd.arg("--blockdev")
                 .arg(blockdev)
                 .arg("--export")
                 .arg(format!(
-                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},\
+                 writable=on,num-queues={queues}",
                     sock.display()
-                ))
-                .stdout(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("qemu-storage-daemon: {e}"))?;
-            let running = Running::Qsd(child);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !sock.exists() {
-                if Instant::now() > deadline {
-                    return Err("qemu-storage-daemon did not create its socket".into());
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            running
+                ));
+            cmd
         }
-        other => return Err(format!("unknown target {other}")),
+        _ => {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let mut cmd = Command::new(exe);
+            cmd.arg("--serve")
+                .arg(name)
+                .arg("--socket")
+                .arg(&sock)
+                .arg("--image")
+                .arg(image)
+                .arg("--queues")
+                .arg(queues.to_string());
+            cmd
+        }
     };
-    Ok((running, sock))
+    let child = cmd
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start {name}: {e}"))?;
+    let running = Running { child, sock };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !running.sock.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{name} did not create its socket"));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    Ok(running)
 }
 
-/// Runs `w` for `secs` against the device at `sock`; returns (IOPS, MiB/s).
-fn measure(sock: &Path, w: &Workload, secs: f64, size: u64) -> Result<(f64, f64), String> {
+/// The `--serve NAME` mode: our server on `image` until killed.
+/// `file` is a `FileDevice`, `mem` a `MemDevice` holding the image;
+/// `@N` sets the I/O pool size (`@0`: requests run on the queue workers).
+fn serve(name: &str, sock: &Path, image: &Path, queues: usize) -> Result<(), String> {
+    let (kind, io_threads) = match name.split_once('@') {
+        Some((kind, n)) => (
+            kind,
+            n.parse()
+                .map_err(|_| format!("bad thread count in {name}"))?,
+        ),
+        None => (name, DeviceConfig::default_io_threads()),
+    };
+    let dev: Arc<dyn BlockDevice> = match kind {
+        "file" => Arc::new(FileDevice::open(image, false).map_err(|e| e.to_string())?),
+        "mem" => Arc::new(MemDevice::from_vec(
+            std::fs::read(image).map_err(|e| e.to_string())?,
+        )),
+        other => return Err(format!("unknown target {other}")),
+    };
+    let cfg = DeviceConfig {
+        num_queues: queues,
+        io_threads,
+        ..DeviceConfig::default()
+    };
+    let server = BlockServer::new(dev, cfg).map_err(|e| e.to_string())?;
+    let stop = StopHandle::new().map_err(|e| e.to_string())?;
+    server
+        .bind_and_serve(sock, &stop)
+        .map_err(|e| e.to_string())
+}
+
+/// Runs `w` for `secs` against the device at `sock`; returns (IOPS, MiB/s,
+/// requests completed).
+fn measure(sock: &Path, w: &Workload, secs: f64, size: u64) -> Result<(f64, f64, u64), String> {
     let e = |e: blkio::Error| e.to_string();
     let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(e)?;
     blkio
@@ -373,12 +398,7 @@ fn measure(sock: &Path, w: &Workload, secs: f64, size: u64) -> Result<(f64, f64)
     }
     let elapsed = start.elapsed().as_secs_f64();
     let iops = done as f64 / elapsed;
-    Ok((iops, iops * w.block as f64 / MIB as f64))
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    Ok((iops, iops * w.block as f64 / MIB as f64, done))
 }
 
 fn main() {
@@ -389,40 +409,52 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some((name, sock)) = &args.serve {
+        if let Err(e) = serve(name, sock, &args.image, args.queues) {
+            eprintln!("serve {name}: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = prepare_image(&args.image, args.size) {
         eprintln!("prepare image {}: {e}", args.image.display());
         std::process::exit(1);
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut mem_image = None;
     // Every target runs for the whole session; each workload is measured
     // on all of them in short back-to-back slices, rotating the order, so
     // the ratios of one repetition compare like conditions.
     let mut running = Vec::new();
     for target in &args.targets {
-        match start_target(target, &args.image, &mut mem_image, dir.path(), args.queues) {
+        match start_target(target, &args.image, dir.path(), args.queues) {
             Ok(r) => running.push(r),
             Err(e) => {
-                eprintln!("start {target}: {e}");
+                eprintln!("{e}");
                 std::process::exit(1);
             }
         }
     }
-    // results[(workload, target)] = IOPS per repetition
-    let mut results: BTreeMap<(usize, String), Vec<f64>> = BTreeMap::new();
+    // results[(workload, target)] = (IOPS, server CPU µs per request) per repetition
+    let mut results: BTreeMap<(usize, String), Vec<(f64, f64)>> = BTreeMap::new();
     for (wi, w) in args.workloads.iter().enumerate() {
         for run in 0..args.runs {
             for k in 0..args.targets.len() {
                 let ti = (k + run) % args.targets.len();
                 let target = &args.targets[ti];
-                let sock = &running[ti].1;
-                match measure(sock, w, args.secs, args.size as u64) {
-                    Ok((iops, mibs)) => {
+                let cpu_before = running[ti].cpu_ns();
+                match measure(&running[ti].sock, w, args.secs, args.size as u64) {
+                    Ok((iops, mibs, requests)) => {
+                        let cpu = running[ti].cpu_ns().saturating_sub(cpu_before) as f64 / 1e3;
+                        let per_req = cpu / requests as f64;
                         eprintln!(
-                            "run {run} {:<10} {:<10} {:>10.0} IOPS {:>8.1} MiB/s",
-                            target, w.name, iops, mibs
+                            "run {run} {target:<10} {:<10} {iops:>10.0} IOPS {mibs:>8.1} MiB/s \
+                             {per_req:>7.2} us CPU/req",
+                            w.name
                         );
-                        results.entry((wi, target.clone())).or_default().push(iops);
+                        results
+                            .entry((wi, target.clone()))
+                            .or_default()
+                            .push((iops, per_req));
                     }
                     Err(e) => {
                         eprintln!("run {run} {target} {}: {e}", w.name);
@@ -433,29 +465,40 @@ fn main() {
         }
     }
     drop(running);
+    report(&args, &results);
+}
 
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn report(args: &Args, results: &BTreeMap<(usize, String), Vec<(f64, f64)>>) {
     println!(
-        "\n{:<10} {:<10} {:>12} {:>22} {:>10}",
-        "workload", "target", "median IOPS", "range", "MiB/s"
+        "\n{:<10} {:<10} {:>11} {:>23} {:>9} {:>12}",
+        "workload", "target", "median IOPS", "range", "MiB/s", "us CPU/req"
     );
     for (wi, w) in args.workloads.iter().enumerate() {
         for t in &args.targets {
             let Some(v) = results.get(&(wi, t.clone())) else {
                 continue;
             };
-            let mut v = v.clone();
-            let m = median(&mut v);
+            let mut iops: Vec<f64> = v.iter().map(|r| r.0).collect();
+            let mut cpu: Vec<f64> = v.iter().map(|r| r.1).collect();
+            let m = median(&mut iops);
             println!(
-                "{:<10} {:<10} {:>12.0} {:>10.0}..{:<10.0} {:>10.1}",
+                "{:<10} {:<10} {:>11.0} {:>11.0}..{:<11.0} {:>9.1} {:>12.2}",
                 w.name,
                 t,
                 m,
-                v[0],
-                v[v.len() - 1],
-                m * w.block as f64 / MIB as f64
+                iops[0],
+                iops[iops.len() - 1],
+                m * w.block as f64 / MIB as f64,
+                median(&mut cpu)
             );
         }
-        // Ratios per run (same run, same conditions), then their range.
+        // Ratios per repetition (same conditions), then their median and
+        // range; for CPU, peer cost / our cost (above 1: we are cheaper).
         for ours in args.targets.iter().filter(|t| !t.starts_with("qsd")) {
             for peer in ["qsd", "qsd-qcow2"] {
                 let (Some(a), Some(b)) = (
@@ -464,13 +507,16 @@ fn main() {
                 ) else {
                     continue;
                 };
-                let mut r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
-                let m = median(&mut r);
+                let mut r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a.0 / b.0).collect();
+                let mut c: Vec<f64> = a.iter().zip(b).map(|(a, b)| b.1 / a.1).collect();
+                let (m, mc) = (median(&mut r), median(&mut c));
                 println!(
-                    "{:<10} {ours}/{peer}: median {m:.2}x, range {:.2}..{:.2}x",
+                    "{:<10} {ours}/{peer}: IOPS {m:.2}x ({:.2}..{:.2}), CPU efficiency {mc:.2}x ({:.2}..{:.2})",
                     w.name,
                     r[0],
-                    r[r.len() - 1]
+                    r[r.len() - 1],
+                    c[0],
+                    c[c.len() - 1]
                 );
             }
         }
