@@ -4,6 +4,15 @@
 //! copy-on-write overlay, the migration target) implements [`BlockDevice`].
 //! Nothing behind this trait knows anything about virtio: requests arrive
 //! as byte offsets and lengths, already validated against [`BlockDevice::size`].
+//!
+//! Request data reaches a device as guest memory: [`VolatileSlice`]s
+//! handed to [`BlockDevice::read_vectored_at`] and
+//! [`BlockDevice::write_vectored_at`]. The defaults go through a scratch
+//! buffer and the byte-slice methods, so a layer works with only those;
+//! a layer that overrides them moves the data with one copy (or none:
+//! `preadv` into the slices, see `crate::wire::preadv_all`).
+//! [`sub_slices`] and [`copy_to_slices`] help such an override serve a
+//! request range by range.
 
 use std::cell::RefCell;
 use std::io;
@@ -102,6 +111,50 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+/// The part of `bufs` holding bytes `start..start + len` of their
+/// concatenation, for a layer that serves a request range by range (e.g.
+/// some blocks from its own file, the rest from the layer below).
+pub fn sub_slices<'a>(
+    bufs: &[VolatileSlice<'a>],
+    start: usize,
+    len: usize,
+) -> io::Result<Vec<VolatileSlice<'a>>> {
+    let mut out = Vec::new();
+    let (mut skip, mut want) = (start, len);
+    for buf in bufs {
+        if want == 0 {
+            break;
+        }
+        if skip >= buf.len() {
+            skip -= buf.len();
+            continue;
+        }
+        let n = (buf.len() - skip).min(want);
+        out.push(buf.subslice(skip, n).map_err(io::Error::other)?);
+        want -= n;
+        skip = 0;
+    }
+    if want > 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {start}+{len} is beyond the buffers"),
+        ));
+    }
+    Ok(out)
+}
+
+/// Copies `src` into the concatenation of `bufs` from byte `start` on: a
+/// layer holding data in memory (a cache) fills guest buffers with one
+/// copy this way.
+pub fn copy_to_slices(bufs: &[VolatileSlice<'_>], start: usize, src: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    for piece in sub_slices(bufs, start, src.len())? {
+        piece.copy_from(&src[done..done + piece.len()]);
+        done += piece.len();
+    }
+    Ok(())
+}
+
 /// Runs `f` with this thread's scratch buffer, or a fresh one if the
 /// scratch is already in use further up the stack (a layer whose default
 /// method calls another layer's).
@@ -117,4 +170,42 @@ fn scratch_slice(scratch: &mut Vec<u8>, n: usize) -> &mut [u8] {
         scratch.resize(n, 0);
     }
     &mut scratch[..n]
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+    use super::*;
+
+    #[test]
+    fn sub_slices_and_copies_follow_the_concatenation() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        // Three buffers of 100, 50 and 200 bytes, not adjacent.
+        let bufs: Vec<VolatileSlice<'_>> = [(0u64, 100usize), (1000, 50), (5000, 200)]
+            .iter()
+            .map(|&(addr, len)| mem.get_slice(GuestAddress(addr), len).unwrap())
+            .collect();
+        let lens = |v: &[VolatileSlice<'_>]| v.iter().map(|s| s.len()).collect::<Vec<_>>();
+        assert_eq!(lens(&sub_slices(&bufs, 0, 350).unwrap()), [100, 50, 200]);
+        assert_eq!(lens(&sub_slices(&bufs, 90, 70).unwrap()), [10, 50, 10]);
+        assert_eq!(lens(&sub_slices(&bufs, 150, 200).unwrap()), [200]);
+        assert!(sub_slices(&bufs, 150, 0).unwrap().is_empty());
+        assert!(sub_slices(&bufs, 300, 51).is_err());
+        assert!(sub_slices(&bufs, usize::MAX, 1).is_err());
+
+        let src: Vec<u8> = (1..=70).collect();
+        copy_to_slices(&bufs, 90, &src).unwrap();
+        let read = |addr, len| {
+            let mut v = vec![0u8; len];
+            mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+            v
+        };
+        assert_eq!(read(90, 10), src[..10]);
+        assert_eq!(read(1000, 50), src[10..60]);
+        assert_eq!(read(5000, 10), src[60..]);
+        assert_eq!(read(5010, 1), [0]);
+        assert!(copy_to_slices(&bufs, 340, &src[..11]).is_err());
+    }
 }
