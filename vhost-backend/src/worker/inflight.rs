@@ -12,10 +12,16 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 /// The in-flight heads of one queue.
 #[derive(Debug, Default)]
 pub struct InFlight {
+    heads: Mutex<Heads>,
+    idle: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Heads {
     /// Head → how many times it is in flight. More than once only when a
     /// (buggy) driver resubmits a head the device still holds.
-    heads: Mutex<HashMap<u16, u32>>,
-    idle: Condvar,
+    count: HashMap<u16, u32>,
+    total: usize,
 }
 
 impl InFlight {
@@ -24,7 +30,7 @@ impl InFlight {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u16, u32>> {
+    fn lock(&self) -> MutexGuard<'_, Heads> {
         // Updates are single map operations: a poisoned map is consistent.
         self.heads.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -33,39 +39,41 @@ impl InFlight {
     /// this queue were in flight before.
     pub fn begin(&self, head: u16) -> usize {
         let mut heads = self.lock();
-        let before = heads.values().map(|&n| n as usize).sum();
-        *heads.entry(head).or_insert(0) += 1;
+        let before = heads.total;
+        *heads.count.entry(head).or_insert(0) += 1;
+        heads.total += 1;
         before
     }
 
     /// Records that `head` is on the used ring.
     pub fn end(&self, head: u16) {
         let mut heads = self.lock();
-        match heads.get_mut(&head) {
+        match heads.count.get_mut(&head) {
             Some(n) if *n > 1 => *n -= 1,
             Some(_) => {
-                heads.remove(&head);
+                heads.count.remove(&head);
             }
-            None => {}
+            None => return,
         }
-        if heads.is_empty() {
+        heads.total -= 1;
+        if heads.total == 0 {
             self.idle.notify_all();
         }
     }
 
     /// Number of requests in flight.
     pub fn len(&self) -> usize {
-        self.lock().values().map(|&n| n as usize).sum()
+        self.lock().total
     }
 
     /// Whether nothing is in flight.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().total == 0
     }
 
     /// The in-flight heads, ascending.
     pub fn heads(&self) -> Vec<u16> {
-        let mut heads: Vec<u16> = self.lock().keys().copied().collect();
+        let mut heads: Vec<u16> = self.lock().count.keys().copied().collect();
         heads.sort_unstable();
         heads
     }
@@ -73,7 +81,7 @@ impl InFlight {
     /// Blocks until nothing is in flight.
     pub fn wait_idle(&self) {
         let mut heads = self.lock();
-        while !heads.is_empty() {
+        while heads.total > 0 {
             heads = self
                 .idle
                 .wait(heads)
