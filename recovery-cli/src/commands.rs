@@ -32,7 +32,7 @@ pub enum Command {
     /// Reclaim space of chunks no snapshot uses.
     Gc(gc::Args),
     /// Serve a snapshot as a vhost-user-blk device for QEMU, writes to an overlay.
-    InstantBoot(instant_boot::Args),
+    InstantBoot(Box<instant_boot::Args>),
     /// Show a running daemon's state and migration progress (--watch for a live bar).
     Status(monitor::StatusArgs),
     /// Pause the background copier; guest I/O continues.
@@ -56,7 +56,7 @@ impl Command {
             Command::Verify(a) => verify::run(a.try_into()?),
             Command::Forget(a) => forget::run(a.try_into()?),
             Command::Gc(a) => gc::run(a.try_into()?),
-            Command::InstantBoot(a) => instant_boot::run(a.try_into()?),
+            Command::InstantBoot(a) => instant_boot::run((*a).try_into()?),
             Command::Status(a) => monitor::status(a.try_into()?),
             Command::Pause(a) => monitor::pause(a.try_into()?),
             Command::Resume(a) => monitor::resume(a.try_into()?),

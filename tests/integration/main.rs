@@ -1,8 +1,11 @@
 mod blkio_client;
 mod boot;
+mod corruption;
 mod device_blkio;
+mod full_disk;
 mod guest;
 mod migrate;
+mod permissions;
 mod store_cli;
 mod store_props;
 mod util;

@@ -264,6 +264,8 @@ mod tests {
             guest_write_bytes: 0,
             guest_flush_ops: 0,
             guest_io_errors: 0,
+            chunk_read_errors: 0,
+            chunks_repaired: 0,
             overlay_bytes: 0,
             cache_hit_rate: f64::NEG_INFINITY,
             uptime_seconds: 1.5,

@@ -45,6 +45,7 @@ use crate::snapshot_layer::SnapshotLayer;
 use crate::source::ChunkSource;
 use crate::state::{StateBinding, StateDir};
 use crate::status::{Control, State};
+use crate::store_source::StoreSource;
 use crate::target::Target;
 
 /// Everything `instant-boot` needs to know.
@@ -69,6 +70,9 @@ pub struct DaemonConfig {
     pub target: Option<PathBuf>,
     /// Copier settings (with `target`).
     pub migration: MigrationOptions,
+    /// With `target`: take chunks the served snapshot cannot deliver from
+    /// this other snapshot of the same image (`NAME@ID`, `NAME` or `ID`).
+    pub repair_from: Option<String>,
     /// How often progress is logged.
     pub log_interval: Duration,
 }
@@ -82,6 +86,21 @@ pub enum Error {
     /// Opening the snapshot failed.
     #[error("Failed to open snapshot {0}")]
     OpenSnapshot(String, #[source] store::Error),
+    /// Opening the `--repair-from` snapshot failed.
+    #[error("Failed to open repair snapshot {0}")]
+    OpenRepair(String, #[source] store::Error),
+    /// `--repair-from` names the served snapshot itself.
+    #[error("Repair snapshot {0} is the snapshot being served; name another backup of the image")]
+    RepairIsServed(String),
+    /// The `--repair-from` snapshot is not of the same image.
+    #[error("Cannot use --repair-from")]
+    RepairSource(#[source] crate::migrate::Error),
+    /// `--repair-from` without a target.
+    #[error("--repair-from needs --target: it repairs the migration")]
+    RepairWithoutTarget,
+    /// Tightening the state dir's permissions failed.
+    #[error("Failed to make state dir {0} private (mode 0700)")]
+    StateMode(PathBuf, #[source] io::Error),
     /// Opening the state dir failed.
     #[error("Failed to open state dir {0}")]
     State(PathBuf, #[source] crate::state::Error),
@@ -145,12 +164,46 @@ impl Daemon {
     /// Opens the store, the snapshot and the state dir, builds the layers
     /// and binds the socket.
     pub fn start(cfg: &DaemonConfig) -> Result<Daemon> {
+        if cfg.repair_from.is_some() && cfg.target.is_none() {
+            return Err(Error::RepairWithoutTarget);
+        }
         let store = Store::open(&cfg.store).map_err(|e| Error::OpenStore(cfg.store.clone(), e))?;
         let reader = store
             .open_snapshot(&cfg.snapshot)
             .map_err(|e| Error::OpenSnapshot(cfg.snapshot.clone(), e))?;
         let info = reader.info().clone();
         let reader = Arc::new(reader);
+        // Opened up front: a bad --repair-from fails before anything is served.
+        let repair = match &cfg.repair_from {
+            Some(r) => {
+                let repair = store
+                    .open_snapshot(r)
+                    .map_err(|e| Error::OpenRepair(r.clone(), e))?;
+                let r = repair.info();
+                if r.id == info.id {
+                    return Err(Error::RepairIsServed(r.reference()));
+                }
+                let checks = [
+                    ("image size", r.image_size, info.image_size),
+                    (
+                        "chunk size",
+                        u64::from(r.chunk_size),
+                        u64::from(info.chunk_size),
+                    ),
+                ];
+                if let Some((what, found, expected)) = checks.into_iter().find(|(_, a, b)| a != b) {
+                    return Err(Error::RepairSource(crate::migrate::Error::RepairGeometry {
+                        reference: r.reference(),
+                        what,
+                        found,
+                        expected,
+                    }));
+                }
+                Some(Arc::new(StoreSource::new(Arc::new(repair))))
+            }
+            None => None,
+        };
+        let source = Arc::new(StoreSource::new(reader.clone()));
 
         let binding = StateBinding {
             snapshot_id: info.id.clone(),
@@ -161,6 +214,7 @@ impl Daemon {
             StateDir::open_or_create(&cfg.state, &binding)
                 .map_err(|e| Error::State(cfg.state.clone(), e))?,
         );
+        make_private(&cfg.state)?;
         let recorded_target = state.state().target;
         if let (Some(recorded), None) = (&recorded_target, &cfg.target) {
             return Err(Error::TargetMissing {
@@ -178,7 +232,7 @@ impl Daemon {
                 let migration = if MigratingDevice::is_complete_in(&state) {
                     MigratingDevice::open_complete(state.clone(), target)
                 } else {
-                    let (snapshot, overlay) = Self::layers(&reader, &cache, &state, cfg)?;
+                    let (snapshot, overlay) = Self::layers(&source, &cache, &state, cfg)?;
                     MigratingDevice::open(
                         state.clone(),
                         overlay,
@@ -188,17 +242,33 @@ impl Daemon {
                     )
                 }
                 .map_err(|e| Error::Migration(path.clone(), e))?;
+                if let Some(repair) = &repair {
+                    if migration.is_complete() {
+                        tracing::info!("migration already complete: --repair-from is not needed");
+                    } else {
+                        let layer = SnapshotLayer::new(repair.clone(), cache.clone())
+                            .map_err(|e| Error::Layer("repair snapshot", e))?;
+                        migration
+                            .set_repair_source(Arc::new(layer), repair.reader().info().reference())
+                            .map_err(|e| Error::Migration(path.clone(), e))?;
+                    }
+                }
                 (migration.clone(), Some(migration), None)
             }
             None => {
-                let (_, overlay) = Self::layers(&reader, &cache, &state, cfg)?;
+                let (_, overlay) = Self::layers(&source, &cache, &state, cfg)?;
                 (overlay.clone(), None, Some(overlay))
             }
         };
         let metered = Arc::new(MeteredDevice::new(inner));
         let device: Arc<dyn BlockDevice> = metered.clone();
 
-        let mut status = DaemonStatus::new(reference, metered).with_cache(cache.clone());
+        let mut status = DaemonStatus::new(reference, metered)
+            .with_cache(cache.clone())
+            .with_store_source(source);
+        if let Some(repair) = repair {
+            status = status.with_store_source(repair);
+        }
         if let Some(overlay) = overlay {
             status = status.with_overlay(overlay);
         }
@@ -245,12 +315,12 @@ impl Daemon {
 
     /// The snapshot layer and the overlay over it.
     fn layers(
-        reader: &Arc<SnapshotReader>,
+        source: &Arc<StoreSource>,
         cache: &Arc<ChunkCache>,
         state: &StateDir,
         cfg: &DaemonConfig,
     ) -> Result<(Arc<SnapshotLayer>, Arc<Overlay>)> {
-        let source: Arc<dyn ChunkSource> = reader.clone();
+        let source: Arc<dyn ChunkSource> = source.clone();
         let snapshot = Arc::new(
             SnapshotLayer::new(source, cache.clone()).map_err(|e| Error::Layer("snapshot", e))?,
         );
@@ -321,4 +391,18 @@ impl Daemon {
         checkpoint?;
         flushed
     }
+}
+
+/// Makes the state dir private (mode 0700): it holds the guest's data and
+/// the control socket. A dir created by us already is; an existing one
+/// with group or other bits is tightened, with a warning.
+fn make_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |e| Error::StateMode(dir.to_path_buf(), e);
+    let mode = std::fs::metadata(dir).map_err(err)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "state dir was accessible to other users; setting mode 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
 }

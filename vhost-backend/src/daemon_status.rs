@@ -2,7 +2,8 @@
 //!
 //! The status report combines the guest counters of the
 //! [`MeteredDevice`], the migration (if there is a target), the chunk
-//! cache's hit rate, the overlay's size and the uptime. Control commands
+//! cache's hit rate, the overlay's size, the failed chunk reads of the
+//! store sources and the uptime. Control commands
 //! (pause, resume, set-rate) go to the migration; without a target they
 //! are refused with a message saying so.
 
@@ -15,6 +16,7 @@ use crate::metered::MeteredDevice;
 use crate::migrate::MigratingDevice;
 use crate::overlay::Overlay;
 use crate::status::{Control, State, Status};
+use crate::store_source::StoreSource;
 
 const NO_TARGET: &str = "no migration target: start instant-boot with --target to migrate";
 
@@ -27,6 +29,7 @@ pub struct DaemonStatus {
     cache: Option<Arc<ChunkCache>>,
     overlay: Option<Arc<Overlay>>,
     migration: Option<Arc<MigratingDevice>>,
+    sources: Vec<Arc<StoreSource>>,
 }
 
 impl DaemonStatus {
@@ -40,6 +43,7 @@ impl DaemonStatus {
             cache: None,
             overlay: None,
             migration: None,
+            sources: Vec::new(),
         }
     }
 
@@ -59,6 +63,13 @@ impl DaemonStatus {
     /// Reports and controls `migration`.
     pub fn with_migration(mut self, migration: Arc<MigratingDevice>) -> DaemonStatus {
         self.migration = Some(migration);
+        self
+    }
+
+    /// Counts the failed chunk reads of `source` in `chunk_read_errors`
+    /// (may be called once per source: the served snapshot, the repair one).
+    pub fn with_store_source(mut self, source: Arc<StoreSource>) -> DaemonStatus {
+        self.sources.push(source);
         self
     }
 
@@ -90,6 +101,8 @@ impl Control for DaemonStatus {
             guest_write_bytes: guest.write_bytes,
             guest_flush_ops: guest.flush_ops,
             guest_io_errors: guest.io_errors,
+            chunk_read_errors: self.sources.iter().map(|s| s.read_errors()).sum(),
+            chunks_repaired: 0,
             overlay_bytes: self.overlay.as_ref().map_or(0, |o| o.allocated_bytes()),
             cache_hit_rate: self.cache.as_ref().map_or(0.0, |c| c.stats().hit_rate()),
             uptime_seconds: self.started.elapsed().as_secs_f64(),

@@ -103,6 +103,7 @@
 mod copier;
 #[cfg(test)]
 mod proptests;
+mod repair;
 #[cfg(test)]
 mod tests;
 mod throttle;
@@ -111,7 +112,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -124,6 +125,7 @@ use crate::state::{self, MigrationState, StateDir};
 use crate::status::{State, Status};
 use crate::target::Target;
 
+use repair::Repair;
 use throttle::{RateLimiter, RateWindow};
 
 /// Stripes of the chunk lock table.
@@ -225,6 +227,21 @@ pub enum Error {
     /// Starting the copier thread failed.
     #[error("Failed to start the copier")]
     Spawn(#[source] io::Error),
+    /// The repair snapshot is not a snapshot of the same image.
+    #[error("Repair snapshot {reference} has {what} {found}, the served snapshot has {expected}: --repair-from needs another snapshot of the same image")]
+    RepairGeometry {
+        /// The repair snapshot.
+        reference: String,
+        /// `image size` or `chunk size`.
+        what: &'static str,
+        /// Its value in the repair snapshot.
+        found: u64,
+        /// Its value in the served snapshot.
+        expected: u64,
+    },
+    /// A repair source was set twice.
+    #[error("A repair snapshot is already set ({0})")]
+    RepairAlreadySet(String),
 }
 
 /// Result alias for this module.
@@ -251,6 +268,8 @@ pub struct MigrationStatus {
     pub chunks_migrated: u64,
     /// Chunks the store could not deliver.
     pub chunks_failed: u64,
+    /// Chunks taken from the repair snapshot (see [`MigratingDevice::set_repair_source`]).
+    pub chunks_repaired: u64,
     /// Migration rate over the last few seconds, bytes per second.
     pub copy_rate: f64,
     /// Configured rate limit, 0 = unlimited.
@@ -275,6 +294,7 @@ impl MigrationStatus {
         status.chunks_total = self.chunks_total;
         status.chunks_migrated = self.chunks_migrated;
         status.chunks_failed = self.chunks_failed;
+        status.chunks_repaired = self.chunks_repaired;
         status.copy_rate = self.copy_rate;
         status.rate_limit = self.rate_limit;
         status.eta_seconds = self.eta_seconds;
@@ -374,6 +394,7 @@ pub struct MigratingDevice {
     guest_in_flight: AtomicU64,
     last_guest_io_ns: AtomicU64,
     copier: Mutex<Option<JoinHandle<()>>>,
+    repair: OnceLock<Repair>,
 }
 
 impl MigratingDevice {
@@ -555,6 +576,7 @@ impl MigratingDevice {
             guest_in_flight: AtomicU64::new(0),
             last_guest_io_ns: AtomicU64::new(0),
             copier: Mutex::new(None),
+            repair: OnceLock::new(),
         }
     }
 
@@ -714,6 +736,7 @@ impl MigratingDevice {
             chunks_total: self.chunks,
             chunks_migrated,
             chunks_failed: lock(&self.failed).len() as u64,
+            chunks_repaired: self.repair.get().map_or(0, Repair::count),
             copy_rate,
             rate_limit: self.limiter.rate(),
             eta_seconds,
@@ -827,6 +850,19 @@ impl MigratingDevice {
             };
             chunk.map(ChunkBuf::Shared)
         };
+        self.write_copy(l, c, data)
+    }
+
+    /// Writes `data` (`None`: zeroes) as the copy of chunk `c` and sets its
+    /// migrated bit. The caller holds the chunk's lock and saw its bit clear.
+    fn write_copy(
+        &self,
+        l: &Layers,
+        c: u64,
+        data: Option<ChunkBuf>,
+    ) -> std::result::Result<Copied, CopyError> {
+        let start = self.chunk_start(c);
+        let len = self.chunk_len(c);
         let data = data.filter(|d| !is_zero(d.bytes()));
         let written = match &data {
             Some(d) => self.target.write_at(d.bytes(), start),

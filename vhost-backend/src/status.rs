@@ -48,6 +48,10 @@ pub struct Status {
     pub chunks_migrated: u64,
     /// Chunks the copier could not read (corrupt or missing in the store).
     pub chunks_failed: u64,
+    /// Chunks migrated from the `--repair-from` snapshot because the served
+    /// snapshot's copy could not be read (since this process started).
+    #[serde(default)]
+    pub chunks_repaired: u64,
     /// Copy rate over a recent window, in bytes per second.
     pub copy_rate: f64,
     /// The configured rate limit in bytes per second; 0 means unlimited.
@@ -62,6 +66,10 @@ pub struct Status {
     pub guest_flush_ops: u64,
     /// Guest requests that completed with an I/O error status.
     pub guest_io_errors: u64,
+    /// Chunk fetches from the store that failed (corrupt, missing or
+    /// unreadable chunk), by the guest's reads and the copier alike.
+    #[serde(default)]
+    pub chunk_read_errors: u64,
 
     /// Bytes of guest data held in the overlay.
     pub overlay_bytes: u64,

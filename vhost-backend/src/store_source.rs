@@ -4,12 +4,68 @@
 //! errors become `io::Error`s that keep the whole message chain (chunk id,
 //! pack, snapshot), so a corrupt chunk reaches the guest as an I/O error
 //! and the log says which chunk it was.
+//!
+//! [`StoreSource`] wraps a reader and counts the failed fetches, which the
+//! daemon reports as `chunk_read_errors` in its status.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use store::{ErrorKind, SnapshotReader};
 
 use crate::source::ChunkSource;
+
+/// A snapshot reader as a [`ChunkSource`] that counts failed chunk reads.
+pub struct StoreSource {
+    reader: Arc<SnapshotReader>,
+    read_errors: AtomicU64,
+}
+
+impl StoreSource {
+    /// Serves `reader`.
+    pub fn new(reader: Arc<SnapshotReader>) -> StoreSource {
+        StoreSource {
+            reader,
+            read_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// The wrapped reader.
+    pub fn reader(&self) -> &Arc<SnapshotReader> {
+        &self.reader
+    }
+
+    /// Chunk lookups and reads that failed so far.
+    pub fn read_errors(&self) -> u64 {
+        self.read_errors.load(Ordering::Relaxed)
+    }
+
+    fn count<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if r.is_err() {
+            self.read_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl ChunkSource for StoreSource {
+    fn image_size(&self) -> u64 {
+        self.reader.image_size()
+    }
+
+    fn chunk_size(&self) -> u32 {
+        self.reader.chunk_size()
+    }
+
+    fn chunk_key(&self, index: u64) -> io::Result<Option<[u8; 32]>> {
+        self.count(ChunkSource::chunk_key(&*self.reader, index))
+    }
+
+    fn read_chunk(&self, index: u64, out: &mut Vec<u8>) -> io::Result<()> {
+        self.count(ChunkSource::read_chunk(&*self.reader, index, out))
+    }
+}
 
 impl ChunkSource for SnapshotReader {
     fn image_size(&self) -> u64 {

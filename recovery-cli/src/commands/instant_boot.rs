@@ -4,6 +4,11 @@
 //! arguments it prints work the moment they appear. SIGINT and SIGTERM
 //! stop it cleanly: the device is flushed and the socket removed. With
 //! `--qemu` it also launches QEMU itself and stops when QEMU exits.
+//!
+//! `--repair-from SNAPSHOT` (with `--target`) finishes a migration that
+//! would stop on damaged chunks by taking those chunks from another backup
+//! of the same image. It is never implied: the repaired data is older or
+//! newer than the booted snapshot, so the operator chooses it.
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -66,6 +71,11 @@ pub struct Args {
     /// Hash the target against snapshot + overlay before completing.
     #[arg(long)]
     verify: bool,
+    /// Take chunks the served snapshot cannot deliver (corrupt, missing) from
+    /// this other backup of the same image (NAME@ID or ID), so the migration
+    /// completes; the guest's own writes are kept. Every repaired chunk is logged.
+    #[arg(long, value_name = "SNAPSHOT")]
+    repair_from: Option<String>,
     /// Seconds between progress log lines.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     log_interval: u64,
@@ -115,8 +125,8 @@ impl TryFrom<Args> for Config {
         if !a.qemu && !a.qemu_args.is_empty() {
             bail!("extra QEMU arguments need --qemu");
         }
-        if a.target.is_none() && (a.copy_rate.is_some() || a.verify) {
-            bail!("--copy-rate and --verify need --target");
+        if a.target.is_none() && (a.copy_rate.is_some() || a.verify || a.repair_from.is_some()) {
+            bail!("--copy-rate, --verify and --repair-from need --target");
         }
         if !(1..=256).contains(&a.copy_workers) {
             bail!("--copy-workers must be between 1 and 256");
@@ -147,6 +157,7 @@ impl TryFrom<Args> for Config {
                 control: a.control,
                 target: a.target,
                 migration,
+                repair_from: a.repair_from,
                 log_interval: Duration::from_secs(a.log_interval.max(1)),
             },
             json: a.json,
@@ -165,6 +176,8 @@ struct Ready {
     socket: String,
     control: String,
     target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    repair_from: Option<String>,
     snapshot: String,
     image_size: u64,
     queues: usize,
@@ -220,6 +233,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         socket: socket.clone(),
         control: daemon.control_socket().display().to_string(),
         target: cfg.daemon.target.as_ref().map(|t| t.display().to_string()),
+        repair_from: cfg.daemon.repair_from.clone(),
         snapshot: daemon.snapshot().reference(),
         image_size: daemon.snapshot().image_size,
         queues: cfg.daemon.device.num_queues,
@@ -327,6 +341,11 @@ fn print_ready(ready: &Ready, json: bool) -> anyhow::Result<()> {
     ))?;
     if let Some(target) = &ready.target {
         output::line(&format!("Migrating to {target}"))?;
+    }
+    if let Some(repair) = &ready.repair_from {
+        output::line(&format!(
+            "Damaged chunks will be taken from {repair} (each one is logged)"
+        ))?;
     }
     output::line(&format!(
         "Control socket {} (recovery-cli status --control {} --watch)",

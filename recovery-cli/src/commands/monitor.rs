@@ -523,6 +523,8 @@ mod tests {
             guest_write_bytes: 120 << 10,
             guest_flush_ops: 7,
             guest_io_errors: 0,
+            chunk_read_errors: 0,
+            chunks_repaired: 0,
             overlay_bytes: 120 << 10,
             cache_hit_rate: 0.875,
             uptime_seconds: 3725.0,

@@ -84,6 +84,12 @@ pub fn render_metrics(status: &Status) -> String {
         "Chunks the copier could not read from the store.",
         status.chunks_failed as f64,
     );
+    out.simple(
+        "chunks_repaired_total",
+        Kind::Counter,
+        "Chunks migrated from the --repair-from snapshot.",
+        status.chunks_repaired as f64,
+    );
     let ratio = if status.bytes_total == 0 {
         1.0
     } else {
@@ -156,6 +162,12 @@ pub fn render_metrics(status: &Status) -> String {
         Kind::Counter,
         "Guest requests completed with an I/O error.",
         status.guest_io_errors as f64,
+    );
+    out.simple(
+        "chunk_read_errors_total",
+        Kind::Counter,
+        "Chunk fetches from the store that failed (corrupt or missing chunk).",
+        status.chunk_read_errors as f64,
     );
 
     out.simple(
@@ -282,6 +294,8 @@ mod tests {
             guest_write_bytes: 12288,
             guest_flush_ops: 1,
             guest_io_errors: 0,
+            chunk_read_errors: 0,
+            chunks_repaired: 0,
             overlay_bytes: 12288,
             cache_hit_rate: 0.75,
             uptime_seconds: 12.5,

@@ -186,6 +186,8 @@ mod tests {
             guest_write_bytes: 0,
             guest_flush_ops: 0,
             guest_io_errors: 0,
+            chunk_read_errors: 0,
+            chunks_repaired: 0,
             overlay_bytes: 0,
             cache_hit_rate: 0.0,
             uptime_seconds: 1.0,

@@ -369,6 +369,8 @@ mod tests {
                 guest_write_bytes: 8192,
                 guest_flush_ops: 1,
                 guest_io_errors: 0,
+                chunk_read_errors: 0,
+                chunks_repaired: 0,
                 overlay_bytes: 8192,
                 cache_hit_rate: 0.5,
                 uptime_seconds: 3.0,

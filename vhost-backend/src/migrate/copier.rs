@@ -197,7 +197,7 @@ impl MigratingDevice {
         }
     }
 
-    fn mark_failed(&self, c: u64, e: &io::Error) {
+    fn mark_failed(&self, c: u64, e: &dyn std::fmt::Display) {
         tracing::error!(
             chunk = c,
             offset = self.chunk_start(c),
@@ -222,24 +222,44 @@ impl MigratingDevice {
                 return;
             }
         }
+        // The served snapshot's error once it failed and a repair source
+        // is set: from then on the chunk comes from the repair source.
+        let mut repairing: Option<io::Error> = None;
         let prefetched = if l.overlay.any_present(start, len) {
             None
         } else {
             match l.snapshot.chunk(c, true) {
                 Ok(chunk) => Some(chunk),
+                Err(e) if self.repair.get().is_some() => {
+                    repairing = Some(e);
+                    None
+                }
                 Err(e) => return self.mark_failed(c, &e),
             }
         };
         let mut backoff = Duration::from_millis(10);
         loop {
-            match self.copy_chunk(l, c, prefetched.clone()) {
+            let result = match &repairing {
+                None => self.copy_chunk(l, c, prefetched.clone()),
+                Some(_) => self.repair_chunk(l, c),
+            };
+            match result {
                 Ok(Copied::Now(_)) => {
                     self.bytes_copied.fetch_add(len, Ordering::Relaxed);
                     self.clear_target_error();
+                    if let Some(primary) = &repairing {
+                        self.note_repaired(c, primary);
+                    }
                     return;
                 }
                 Ok(Copied::Already) => return,
-                Err(CopyError::Read(e)) => return self.mark_failed(c, &e),
+                Err(CopyError::Read(e)) => match &repairing {
+                    None if self.repair.get().is_some() => repairing = Some(e),
+                    None => return self.mark_failed(c, &e),
+                    Some(primary) => {
+                        return self.mark_failed(c, &format!("{primary}; {e}"));
+                    }
+                },
                 Err(CopyError::Write(e)) => {
                     self.note_target_error(c, &e);
                     let until = Instant::now() + backoff;
@@ -321,7 +341,7 @@ impl MigratingDevice {
             .map(|(c, r)| (*c, r.clone()))
             .unwrap_or_default();
         self.set_phase(Phase::Failed(format!(
-            "{failed} chunks could not be read from the store (first: chunk {first} at offset {}); resume retries them",
+            "{failed} chunks could not be read from the store (first: chunk {first} at offset {}); resume retries them, or restart with --repair-from SNAPSHOT to take them from another backup of the image",
             self.chunk_start(first)
         )));
         tracing::error!(failed, "migration stopped with unreadable chunks");
@@ -419,6 +439,11 @@ impl MigratingDevice {
                     .map(|()| Some(ChunkBuf::Owned(buf)))
             } else {
                 l.snapshot.chunk(c, true).map(|o| o.map(ChunkBuf::Shared))
+            };
+            // A chunk the served snapshot cannot deliver was repaired.
+            let expected = match expected {
+                Err(_) if self.repair.get().is_some() => self.repaired_data(l, c),
+                other => other,
             };
             target_buf.resize(len, 0);
             let same = match expected {

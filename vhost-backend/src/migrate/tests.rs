@@ -36,8 +36,8 @@ pub(super) fn image(chunks: usize, tail: usize, seed: u64) -> Vec<u8> {
 
 pub(super) struct Fixture {
     dir: tempfile::TempDir,
-    src: Arc<VecSource>,
-    snapshot: Arc<SnapshotLayer>,
+    pub(super) src: Arc<VecSource>,
+    pub(super) snapshot: Arc<SnapshotLayer>,
     pub(super) image: Vec<u8>,
 }
 
@@ -123,13 +123,13 @@ pub(super) fn fast() -> MigrationOptions {
     }
 }
 
-fn wait_complete(dev: &MigratingDevice) {
+pub(super) fn wait_complete(dev: &MigratingDevice) {
     let state = dev.wait(Duration::from_secs(60));
     assert_eq!(state, State::Complete, "{:?}", dev.status());
 }
 
 /// Panics at the first byte where `got` differs from `want`.
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
+pub(super) fn assert_same(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
         panic!(
