@@ -14,6 +14,9 @@
 //!                                 store::SnapshotReader (shared lock on the manifest)
 //! ```
 //!
+//! With `--repair-from`, a second `SnapshotLayer` over another snapshot
+//! of the same image (sharing the cache) backs the migration's repairs.
+//!
 //! [`Daemon::start`] opens everything, binds the vhost-user socket and the
 //! control socket and starts the copier, so QEMU can connect the moment it
 //! returns; nothing is read up front but the bitmaps, so start-up time does
@@ -24,6 +27,60 @@
 //! A state dir whose migration is complete is served from the target
 //! alone: the overlay is gone and the store is only opened to check that
 //! the state belongs to the snapshot.
+//!
+//! # Faults: what is guaranteed
+//!
+//! **A damaged store** (a flipped bit, a truncated or missing pack):
+//! - every chunk is re-hashed on every fetch from the store, so a damaged
+//!   chunk is an error, never data: a guest read touching it completes
+//!   with `VIRTIO_BLK_S_IOERR`, reads of every other range are unaffected,
+//!   and the error is not cached (a repaired store serves it again);
+//! - each failed fetch is logged at error level with the chunk id, the
+//!   snapshot (`NAME@ID`), the chunk index and its byte offset, and counted
+//!   in `status` (`chunk_read_errors`; the guest's failed requests in
+//!   `guest_io_errors`);
+//! - the copier marks the chunk failed, writes nothing for it and migrates
+//!   every other chunk; the state ends `failed` naming the first one, and
+//!   `chunks_failed` counts them. `recovery-cli verify` names the chunk,
+//!   the snapshots using it and their byte ranges;
+//! - a guest write that covers a damaged chunk's blocks whole replaces
+//!   them (the overlay never reads below for whole blocks); a partial
+//!   block write needs the old block and fails;
+//! - `--repair-from SNAPSHOT` (another backup of the same image: same
+//!   image size and chunk size, refused otherwise before anything is
+//!   opened) lets the copier take exactly the chunks the served snapshot
+//!   cannot deliver from that backup, with the guest's written blocks laid
+//!   over them, logs each one (`warn`) and counts them in
+//!   `chunks_repaired`; the migration then completes. The repaired data is
+//!   older or newer than the booted snapshot, so this is never automatic.
+//!
+//! **A full disk** (ENOSPC, or any write error):
+//! - under the overlay (state dir): a guest write needing new blocks fails
+//!   with `VIRTIO_BLK_S_IOERR`; its blocks' bits are not set, so the range
+//!   reads as before or as the failed write left it (virtio leaves a
+//!   failed write's range undefined); reads, flushes of acknowledged
+//!   writes and overwrites of blocks the overlay already holds keep
+//!   working (on file systems that overwrite in place);
+//! - under the target: the copier retries with backoff (status `error`:
+//!   "Target write failed, retrying"), guest writes to migrated chunks
+//!   that need new space fail with `VIRTIO_BLK_S_IOERR`, writes to chunks
+//!   not migrated go to the overlay, every read works (copy-on-read falls
+//!   back to the overlay);
+//! - in both cases the daemon keeps running and recovers by itself once
+//!   space is freed: the next write succeeds, the copier goes on and the
+//!   migration completes. Only a failed *sync* (fdatasync of the target or
+//!   a bitmap) is not retried: the state turns `failed` and the daemon
+//!   must be restarted, which resumes from the last durable checkpoint.
+//!
+//! **Other users**: the vhost-user and control sockets are created 0600
+//! (bound under a temporary name, chmod'ed, then renamed into place; the
+//! control socket lives in the state dir by default), the state dir is 0700 (an existing one with
+//! group or other bits is tightened, with a warning) and its files 0600:
+//! another user can neither attach to the disk, nor control the
+//! migration, nor read the guest's writes. Snapshot references are
+//! validated by the store (names `[A-Za-z0-9._-]`, not starting with `.`;
+//! ids by their exact format) before any path is built from them, so `..`,
+//! `/` and absolute paths never leave the store's directories.
 
 use std::io;
 use std::path::{Path, PathBuf};

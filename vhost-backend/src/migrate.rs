@@ -92,7 +92,13 @@
 //!   (logged with its index and offset) and the copier goes on; at the
 //!   end the state is `failed` with the count. [`MigratingDevice::resume`]
 //!   retries failed chunks (a chunk the guest has since overwritten whole
-//!   no longer needs the store).
+//!   no longer needs the store). Nothing is written to the target for a
+//!   failed chunk and its bit stays clear, so the target never holds a
+//!   guessed chunk; guest reads of it keep failing with an I/O error.
+//!   With a repair source ([`MigratingDevice::set_repair_source`],
+//!   `--repair-from`), such a chunk is taken from another snapshot of the
+//!   same image instead, under the guest's own blocks; see the `repair`
+//!   module for why that is only ever the operator's explicit choice.
 //! - A target write error (ENOSPC, EIO) is retried with backoff and shown
 //!   in the status; guest writes to migrated chunks fail with that error,
 //!   reads keep working (copy-on-read falls back to the overlay), and
