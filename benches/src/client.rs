@@ -204,7 +204,15 @@ impl Client {
     }
 
     /// Runs `w` over the first `span` bytes of the device for `duration`.
-    pub fn run(&mut self, w: &Workload, span: u64, duration: Duration) -> anyhow::Result<Stats> {
+    /// With `one_pass`, a sequential workload also stops after reading the
+    /// span once, so a cold run does not turn warm by wrapping around.
+    pub fn run(
+        &mut self,
+        w: &Workload,
+        span: u64,
+        duration: Duration,
+        one_pass: bool,
+    ) -> anyhow::Result<Stats> {
         let block = w.block as u64;
         let blocks = span.min(self.capacity) / block;
         if blocks == 0 || w.qd == 0 || w.qd * w.block > REGION {
@@ -240,6 +248,12 @@ impl Client {
         }
         let mut in_flight = w.qd;
         let mut ops = 0u64;
+        let mut submitted = w.qd as u64;
+        let limit = if one_pass && w.pattern == Pattern::SeqRead {
+            blocks
+        } else {
+            u64::MAX
+        };
         while in_flight > 0 {
             let n = self.reap(&mut done, 1)?;
             let now = Instant::now();
@@ -248,7 +262,8 @@ impl Client {
                 let slot = unsafe { c.assume_init_ref() }.user_data;
                 ops += 1;
                 lat_us.push(now.duration_since(started[slot]).as_secs_f32() * 1e6);
-                if now < end {
+                if now < end && submitted < limit {
+                    submitted += 1;
                     started[slot] = now;
                     let off = offset(&mut rng);
                     self.submit(w, slot, off);

@@ -140,7 +140,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         let mut server = Server::ours(&ctx.cli, &ours.store, "disk", &sub, 256 << 20, &extra)?;
         server.wait_ready(Duration::from_secs(30))?;
         let mut client = Client::connect(&server.socket)?;
-        let stats = client.run(w, size, duration)?;
+        let stats = client.run(w, size, duration, false)?;
         let still = with_target
             && status(&ctx.cli, &sub.join("state/control.sock"))
                 .is_ok_and(|s| s["state"].as_str() != Some("complete"));
