@@ -21,6 +21,8 @@ use crate::Ctx;
 struct Timing {
     image_size: u64,
     cold: bool,
+    /// qemu-storage-daemon exporting the raw image instead of ours.
+    qsd: bool,
     /// Spawn → socket exists, per repetition (s).
     socket: Vec<f64>,
     /// Spawn → blkio connected and started (vhost-user handshake done).
@@ -35,15 +37,27 @@ fn max(v: &[f64]) -> f64 {
 
 /// One start: spawn, wait for the socket, connect, read 4 KiB, stop.
 /// Returns (spawn → socket, → connected, → first read) in seconds.
+/// What is started: snapshot `name` of `store`, backed up from `img`.
+struct Subject<'a> {
+    store: &'a Path,
+    name: &'a str,
+    img: &'a Path,
+    size: u64,
+}
+
 fn start_once(
     ctx: &Ctx,
-    store: &Path,
-    name: &str,
-    img: &Path,
-    size: u64,
+    sub: &Subject<'_>,
     dir: &Path,
     cold: bool,
+    qsd: bool,
 ) -> anyhow::Result<(f64, f64, f64)> {
+    let Subject {
+        store,
+        name,
+        img,
+        size,
+    } = *sub;
     std::fs::create_dir_all(dir)?;
     let mut want = vec![0u8; 4096];
     std::fs::File::open(img)?.read_exact_at(&mut want, 0)?;
@@ -51,7 +65,11 @@ fn start_once(
         ctx.cold();
     }
     let start = Instant::now();
-    let mut server = Server::ours(&ctx.cli, store, name, dir, 256 << 20, &[])?;
+    let mut server = if qsd {
+        Server::qsd_raw(img, "", &dir.join("qsd.sock"), &dir.join("qsd.log"))?
+    } else {
+        Server::ours(&ctx.cli, store, name, dir, 256 << 20, &[])?
+    };
     server.wait_ready(Duration::from_secs(30))?;
     let socket = start.elapsed().as_secs_f64();
     let mut client = Client::connect_retry(&server.socket, Duration::from_secs(30))?;
@@ -88,32 +106,31 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         eprintln!("startup: backing up {}", bytes_str(size));
         let (run, _) = ours.backup(name, img)?;
         backup_secs.push(run.secs);
-        for cold in [true, false] {
+        let subject = Subject {
+            store: &ours.store,
+            name,
+            img,
+            size,
+        };
+        for (cold, qsd) in [(true, false), (true, true), (false, false), (false, true)] {
             let mut t = Timing {
                 image_size: size,
                 cold,
+                qsd,
                 socket: Vec::new(),
                 connected: Vec::new(),
                 first_read: Vec::new(),
             };
             if !cold {
                 // Warm-up start, not counted.
-                start_once(
-                    ctx,
-                    &ours.store,
-                    name,
-                    img,
-                    size,
-                    &dir.join("warmup"),
-                    false,
-                )?;
+                start_once(ctx, &subject, &dir.join("warmup"), false, qsd)?;
             }
             for rep in 0..ctx.reps {
                 let sub = dir.join(format!("{name}-{rep}"));
-                let (socket, connected, first) =
-                    start_once(ctx, &ours.store, name, img, size, &sub, cold)?;
+                let (socket, connected, first) = start_once(ctx, &subject, &sub, cold, qsd)?;
                 eprintln!(
-                    "startup: {} {} rep {rep}: socket {:.1} ms, first read {:.1} ms",
+                    "startup: {} {} {} rep {rep}: socket {:.1} ms, first read {:.1} ms",
+                    if qsd { "qsd" } else { "ours" },
                     bytes_str(size),
                     if cold { "cold" } else { "warm" },
                     socket * 1e3,
@@ -130,10 +147,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
 
     let mut tab = Table::new(
         &format!(
-            "`recovery-cli instant-boot` start-up, {} repetitions each",
+            "Start-up of `recovery-cli instant-boot` (store snapshot) and of qemu-storage-daemon \
+             (raw image), {} repetitions each",
             ctx.reps
         ),
         &[
+            "server",
             "image",
             "page cache",
             "spawn → socket (median / max)",
@@ -143,6 +162,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     );
     for t in &timings {
         tab.row(vec![
+            if t.qsd { "qsd raw" } else { "ours" }.to_string(),
             bytes_str(t.image_size),
             if t.cold { "dropped" } else { "warm" }.to_string(),
             format!(
@@ -161,7 +181,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let by = |size: u64, cold: bool| {
         timings
             .iter()
-            .find(|t| t.image_size == size && t.cold == cold)
+            .find(|t| t.image_size == size && t.cold == cold && !t.qsd)
             .map_or(f64::NAN, |t| median(&t.first_read))
     };
     let flat_warm = by(big_size, false) / by(small_size, false);
@@ -182,7 +202,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         secs_str(backup_secs[1])
     ));
     report.tables.push(tab);
-    for t in &timings {
+    for t in timings.iter().filter(|t| !t.qsd) {
         let m = median(&t.socket);
         report.target(
             &format!(
