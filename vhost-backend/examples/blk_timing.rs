@@ -17,6 +17,10 @@
 //! `qsd-qcow2` the same over a fresh qcow2 overlay on the image (the
 //! do-it-yourself instant recovery).
 //!
+//! `base:file` runs `--serve file` from the binary named by the
+//! `BLK_TIMING_BASE` environment variable: an older build, for before/after
+//! comparisons in the same run.
+//!
 //! Each workload is measured on every target in short back-to-back slices,
 //! rotating the order, `--runs` times; the report gives the median and the
 //! range, and per-repetition ratios of our targets to the peers. Besides
@@ -225,7 +229,7 @@ impl Drop for Running {
 
 /// Starts target `name` serving `image` on a socket in `dir`.
 fn start_target(name: &str, image: &Path, dir: &Path, queues: usize) -> Result<Running, String> {
-    let sock = dir.join(format!("{}.sock", name.replace('@', "-")));
+    let sock = dir.join(format!("{}.sock", name.replace(['@', ':'], "-")));
     let _ = std::fs::remove_file(&sock);
     let mut cmd = match name {
         "qsd" | "qsd-qcow2" => {
@@ -260,7 +264,17 @@ fn start_target(name: &str, image: &Path, dir: &Path, queues: usize) -> Result<R
             cmd
         }
         _ => {
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            // `base:NAME`: the same server built from another revision, for
+            // before/after runs (the binary named by BLK_TIMING_BASE).
+            let (exe, name) = match name.strip_prefix("base:") {
+                Some(rest) => (
+                    PathBuf::from(
+                        std::env::var_os("BLK_TIMING_BASE").ok_or("BLK_TIMING_BASE is not set")?,
+                    ),
+                    rest,
+                ),
+                None => (std::env::current_exe().map_err(|e| e.to_string())?, name),
+            };
             let mut cmd = Command::new(exe);
             cmd.arg("--serve")
                 .arg(name)

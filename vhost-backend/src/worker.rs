@@ -5,18 +5,26 @@
 //! ```text
 //!  kick ─▶ Worker (the queue's thread)          I/O Pool (shared by queues)
 //!          pop chains, parse, InFlight.begin ─▶ execute ─▶ complete
-//!          └─ one request, nothing in flight:
-//!             execute + complete right here (no hand-off latency)
+//!          └─ cheap requests: execute + complete right here
 //! ```
 //!
 //! **Threads.** Each queue has its own worker thread (see
-//! `BlockBackend::queues_per_thread`). Parsing always happens there;
-//! execution moves to the [`Pool`] whenever the worker pops more than one
-//! request or the queue already has requests in flight, so a slow request
-//! (a cold chunk, a large read) never holds up the ones behind it. A lone
-//! request on an idle queue runs on the worker itself, which keeps QD1
-//! latency free of any thread hand-off. Without a pool every request runs
-//! on the worker, one after another.
+//! `BlockBackend::queues_per_thread`). Parsing always happens there.
+//! Execution moves to the [`Pool`] unless handing it over would cost more
+//! than running it:
+//! - a lone request on an idle queue runs on the worker (QD1 latency
+//!   carries no thread hand-off);
+//! - GET_ID and refusals run on the worker;
+//! - reads and writes of at most [`SMALL_REQUEST`] bytes run on the worker
+//!   while their recent average run time is below [`INLINE_BELOW`] (page
+//!   cache or chunk cache hits); once they turn slow (cold chunks) the
+//!   average rises within a request or two and they go back to the pool;
+//! - everything else (large requests, FLUSH, DISCARD, WRITE_ZEROES) goes
+//!   to the pool, so a slow request never holds up the ones behind it.
+//!
+//! The worker submits a batch's pool jobs before it runs the batch's cheap
+//! requests. Without a pool every request runs on the worker, in ring
+//! order.
 //!
 //! **Completion** ([`complete`]) takes the vring lock once: `add_used` with
 //! the request's own head index and used length, then, with
@@ -49,7 +57,9 @@
 use std::error::Error as StdError;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, error, trace, warn};
 use vhost_user_backend::{VringRwLock, VringT};
@@ -57,7 +67,7 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::block::BlockDevice;
-use crate::request::{ExecContext, Limits, Request, STATUS_IOERR, STATUS_OK};
+use crate::request::{ExecContext, Limits, Request, RequestType, STATUS_IOERR, STATUS_OK};
 use crate::wire::ID_BYTES;
 
 mod inflight;
@@ -145,11 +155,26 @@ impl std::fmt::Debug for Target {
     }
 }
 
+/// Reads and writes up to this size count as small (see [`INLINE_BELOW`]).
+pub const SMALL_REQUEST: u64 = 64 << 10;
+
+/// Small reads and writes run on the worker itself while their recent
+/// average run time is below this: handing them to the pool would cost
+/// more (a thread wake-up, a context switch) than running them.
+pub const INLINE_BELOW: Duration = Duration::from_micros(10);
+
+/// Weight of the newest run time in the moving average (1/8).
+const AVERAGE_SHIFT: u32 = 3;
+
 /// One queue's worker state.
 #[derive(Debug)]
 pub struct Worker {
     queue: usize,
     in_flight: Arc<InFlight>,
+    /// Moving average of the run time of small reads and writes, in
+    /// nanoseconds, wherever they ran. It starts high, so the first
+    /// requests of a connection go to the pool until it has learnt.
+    small_ns: Arc<AtomicU64>,
 }
 
 impl Worker {
@@ -158,6 +183,7 @@ impl Worker {
         Worker {
             queue,
             in_flight: Arc::new(InFlight::new()),
+            small_ns: Arc::new(AtomicU64::new(2 * INLINE_BELOW.as_nanos() as u64)),
         }
     }
 
@@ -215,6 +241,7 @@ impl Worker {
                 return Ok(());
             }
             let batch = chains.len();
+            let mut inline = Vec::new();
             let mut jobs: Vec<Job> = Vec::new();
             for chain in chains {
                 let head = chain.head_index();
@@ -230,25 +257,51 @@ impl Worker {
                         continue;
                     }
                 };
-                match pool {
-                    Some(_) if batch > 1 || before > 0 => {
-                        let (vring, mem, target) = (vring.clone(), mem.clone(), target.clone());
-                        let (queue, in_flight) = (self.queue, self.in_flight.clone());
-                        jobs.push(Box::new(move || {
-                            let len = execute(&request, &target, &mem);
-                            complete(&vring, queue, head, len);
-                            in_flight.end(head);
-                        }));
-                    }
-                    _ => {
-                        let len = execute(&request, target, &mem);
-                        self.finish(vring, head, len);
-                    }
+                // Without a pool, or alone on an idle queue: right away,
+                // in ring order. Cheap requests: here too, but after the
+                // slow ones of the batch are on their way to the pool.
+                if pool.is_none() || (batch == 1 && before == 0) {
+                    let len = timed(&self.small_ns, &request, || execute(&request, target, &mem));
+                    self.finish(vring, head, len);
+                    continue;
                 }
+                if self.cheap(&request) {
+                    inline.push((head, request));
+                    continue;
+                }
+                let (vring, mem, target) = (vring.clone(), mem.clone(), target.clone());
+                let (queue, in_flight) = (self.queue, self.in_flight.clone());
+                let small_ns = self.small_ns.clone();
+                jobs.push(Box::new(move || {
+                    let len = timed(&small_ns, &request, || execute(&request, &target, &mem));
+                    complete(&vring, queue, head, len);
+                    in_flight.end(head);
+                }));
             }
+            // The pool starts on the slow requests while this thread runs
+            // the cheap ones.
             if let Some(pool) = pool {
                 pool.submit(jobs);
             }
+            for (head, request) in inline {
+                let len = timed(&self.small_ns, &request, || execute(&request, target, &mem));
+                self.finish(vring, head, len);
+            }
+        }
+    }
+
+    /// Whether `request` costs less to run here than to hand to the pool:
+    /// GET_ID and refusals always; small reads and writes while they have
+    /// recently taken less than [`INLINE_BELOW`] (a page-cache or chunk
+    /// cache hit, not a cold chunk read).
+    fn cheap(&self, request: &Request) -> bool {
+        match request.request_type() {
+            RequestType::GetId | RequestType::Unsupported(_) => true,
+            RequestType::In | RequestType::Out => {
+                request.data_len() <= SMALL_REQUEST
+                    && self.small_ns.load(Ordering::Relaxed) < INLINE_BELOW.as_nanos() as u64
+            }
+            RequestType::Flush | RequestType::Discard | RequestType::WriteZeroes => false,
         }
     }
 
@@ -256,6 +309,24 @@ impl Worker {
         complete(vring, self.queue, head, len);
         self.in_flight.end(head);
     }
+}
+
+/// Runs `run` and, for a small read or write, folds its run time into the
+/// moving average `small_ns`.
+fn timed(small_ns: &AtomicU64, request: &Request, run: impl FnOnce() -> u32) -> u32 {
+    let small = matches!(request.request_type(), RequestType::In | RequestType::Out)
+        && request.data_len() <= SMALL_REQUEST;
+    if !small {
+        return run();
+    }
+    let start = Instant::now();
+    let len = run();
+    let took = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    // Racy read-modify-write: a lost update only delays the average a bit.
+    let old = small_ns.load(Ordering::Relaxed);
+    let new = old - (old >> AVERAGE_SHIFT) + (took >> AVERAGE_SHIFT);
+    small_ns.store(new, Ordering::Relaxed);
+    len
 }
 
 /// Runs a parsed request and writes its status; returns the used length.

@@ -540,3 +540,91 @@ fn stopping_a_queue_waits_for_its_requests_in_flight() {
     assert_eq!(backend.in_flight(0), 0);
     assert_eq!(vrings[0].queue_next_avail(), 2);
 }
+
+/// A device that records which thread ran each read, with an adjustable delay.
+struct Traced {
+    inner: MemDevice,
+    delay_us: std::sync::atomic::AtomicU64,
+    readers: Mutex<Vec<thread::ThreadId>>,
+}
+
+impl BlockDevice for Traced {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.readers.lock().unwrap().push(thread::current().id());
+        let delay = self.delay_us.load(std::sync::atomic::Ordering::SeqCst);
+        thread::sleep(Duration::from_micros(delay));
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+#[test]
+fn cheap_requests_run_on_the_worker_until_they_turn_slow() {
+    const SIZE: u16 = 256;
+    let atomic = guest_memory();
+    let guard = atomic.memory();
+    let mem: &GuestMemoryMmap = &guard;
+    let queue = MockSplitQueue::new(mem, SIZE);
+    let dev = Arc::new(Traced {
+        inner: MemDevice::new(1 << 20),
+        delay_us: 0.into(),
+        readers: Mutex::new(Vec::new()),
+    });
+    let vring = vring_for(&atomic, &queue, SIZE, true);
+    let pool = Pool::new("test-io", 2).unwrap();
+    let target = target(dev.clone());
+    let mut worker = Worker::new(0);
+    let me = thread::current().id();
+    let mut total = 0u16;
+    // Runs one batch of four 512-byte reads; returns the threads that ran them.
+    let mut batch = |worker: &mut Worker| {
+        dev.readers.lock().unwrap().clear();
+        for slot in 0..4u16 {
+            let descs = io_chain(mem, slot * 3, u64::from(slot), VIRTIO_BLK_T_IN, 0);
+            queue.add_desc_chains(&descs, slot * 3).unwrap();
+        }
+        worker
+            .process(&vring, &atomic, &target, Some(&pool), true)
+            .unwrap();
+        total += 4;
+        wait_used(mem, total);
+        worker.in_flight().wait_idle();
+        dev.readers.lock().unwrap().clone()
+    };
+
+    // Fast reads: once the worker has seen a few, it runs them itself.
+    let mut learnt = false;
+    for _ in 0..10 {
+        if batch(&mut worker).iter().all(|t| *t == me) {
+            learnt = true;
+            break;
+        }
+    }
+    assert!(learnt, "fast reads kept going to the pool");
+    assert!(batch(&mut worker).iter().all(|t| *t == me));
+
+    // Slow reads: after at most a batch, they go back to the pool.
+    dev.delay_us
+        .store(2000, std::sync::atomic::Ordering::SeqCst);
+    let first = batch(&mut worker);
+    let second = batch(&mut worker);
+    assert!(
+        first.iter().chain(&second).any(|t| *t != me),
+        "slow reads stayed on the worker"
+    );
+    assert!(second.iter().all(|t| *t != me), "{second:?}");
+}
