@@ -221,6 +221,10 @@ pub fn libvirt_xml(socket: &str) -> String {
 
 /// Serve the snapshot until stopped.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
+    // Everything the daemon creates (sockets, state files, a new target)
+    // is private to its user from the first moment, whatever the caller's
+    // umask: no window in which another user could open it.
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
     // Handlers go in before anything is announced, so a SIGTERM sent as
     // soon as the socket appears still stops the daemon cleanly.
     let mut signals =
