@@ -113,7 +113,7 @@ fn measure(
             let sub = dir.join(format!("w{i}"));
             let server = start(ctx, setup, &sub, store, raw, size)?;
             ctx.cold();
-            let mut client = Client::connect(&server.socket)?;
+            let mut client = Client::connect_retry(&server.socket, Duration::from_secs(10))?;
             let stats = client.run(w, size, duration, true)?;
             drop(client);
             server.stop()?;
@@ -124,7 +124,7 @@ fn measure(
         return Ok(out);
     }
     let server = start(ctx, setup, dir, store, raw, size)?;
-    let mut client = Client::connect(&server.socket)?;
+    let mut client = Client::connect_retry(&server.socket, Duration::from_secs(10))?;
     if setup.warm() {
         ctx.cold();
         client.read_all()?;

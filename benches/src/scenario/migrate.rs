@@ -139,7 +139,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         ctx.cold();
         let mut server = Server::ours(&ctx.cli, &ours.store, "disk", &sub, 256 << 20, &extra)?;
         server.wait_ready(Duration::from_secs(30))?;
-        let mut client = Client::connect(&server.socket)?;
+        let mut client = Client::connect_retry(&server.socket, Duration::from_secs(10))?;
         let stats = client.run(w, size, duration, false)?;
         let still = with_target
             && status(&ctx.cli, &sub.join("state/control.sock"))
