@@ -18,7 +18,8 @@
 //! - reads and writes of at most [`SMALL_REQUEST`] bytes run on the worker
 //!   while their recent average run time is below [`INLINE_BELOW`] (page
 //!   cache or chunk cache hits); once they turn slow (cold chunks) the
-//!   average rises within a request or two and they go back to the pool;
+//!   average rises within about ten requests and they go back to the
+//!   pool, while one preempted request barely moves it;
 //! - everything else (large requests, FLUSH, DISCARD, WRITE_ZEROES) goes
 //!   to the pool, so a slow request never holds up the ones behind it.
 //!
@@ -165,6 +166,9 @@ pub const INLINE_BELOW: Duration = Duration::from_micros(10);
 
 /// Weight of the newest run time in the moving average (1/8).
 const AVERAGE_SHIFT: u32 = 3;
+
+/// What a single sample may add to twice the average, in nanoseconds.
+const SAMPLE_SLACK_NS: u64 = 2_000;
 
 /// One queue's worker state.
 #[derive(Debug)]
@@ -324,9 +328,19 @@ fn timed(small_ns: &AtomicU64, request: &Request, run: impl FnOnce() -> u32) -> 
     let took = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     // Racy read-modify-write: a lost update only delays the average a bit.
     let old = small_ns.load(Ordering::Relaxed);
-    let new = old - (old >> AVERAGE_SHIFT) + (took >> AVERAGE_SHIFT);
-    small_ns.store(new, Ordering::Relaxed);
+    small_ns.store(fold(old, took), Ordering::Relaxed);
     len
+}
+
+/// The moving average `old` (ns) after a request that took `took` ns.
+///
+/// A sample counts for at most twice the average (plus a little): a
+/// thread preempted mid-request on a busy host must not send the next few
+/// dozen cheap requests to the pool, while a real change (cold chunks)
+/// still lifts the average past [`INLINE_BELOW`] within ten or so.
+fn fold(old: u64, took: u64) -> u64 {
+    let sample = took.min(old.saturating_mul(2).saturating_add(SAMPLE_SLACK_NS));
+    old - (old >> AVERAGE_SHIFT) + (sample >> AVERAGE_SHIFT)
 }
 
 /// Runs a parsed request and writes its status; returns the used length.
