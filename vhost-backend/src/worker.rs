@@ -16,10 +16,11 @@
 //!   carries no thread hand-off);
 //! - GET_ID and refusals run on the worker;
 //! - reads and writes of at most [`SMALL_REQUEST`] bytes run on the worker
-//!   while their recent average run time is below [`INLINE_BELOW`] (page
-//!   cache or chunk cache hits); once they turn slow (cold chunks) the
-//!   average rises within about ten requests and they go back to the
-//!   pool, while one preempted request barely moves it;
+//!   while their recent average run time is below [`INLINE_READS_BELOW`]
+//!   or [`INLINE_WRITES_BELOW`] (page cache or chunk cache hits); once they
+//!   turn slow (cold chunks) the average rises within about ten requests
+//!   and they go back to the pool, while one preempted request barely
+//!   moves it;
 //! - everything else (large requests, FLUSH, DISCARD, WRITE_ZEROES) goes
 //!   to the pool, so a slow request never holds up the ones behind it.
 //!
@@ -156,13 +157,18 @@ impl std::fmt::Debug for Target {
     }
 }
 
-/// Reads and writes up to this size count as small (see [`INLINE_BELOW`]).
+/// Reads and writes up to this size count as small (see [`RunTimes`]).
 pub const SMALL_REQUEST: u64 = 64 << 10;
 
-/// Small reads and writes run on the worker itself while their recent
-/// average run time is below this: handing them to the pool would cost
-/// more (a thread wake-up, a context switch) than running them.
-pub const INLINE_BELOW: Duration = Duration::from_micros(10);
+/// Small reads run on the worker itself while their recent average run
+/// time is below this: handing them to the pool would cost more (a thread
+/// wake-up, a context switch) than running them.
+pub const INLINE_READS_BELOW: Duration = Duration::from_micros(10);
+
+/// The same for small writes. Higher, because writes to one file
+/// serialise on its inode lock in the kernel, so the pool buys them little
+/// parallelism unless they really wait (dirty-page throttling).
+pub const INLINE_WRITES_BELOW: Duration = Duration::from_micros(40);
 
 /// Weight of the newest run time in the moving average (1/8).
 const AVERAGE_SHIFT: u32 = 3;
@@ -175,10 +181,64 @@ const SAMPLE_SLACK_NS: u64 = 2_000;
 pub struct Worker {
     queue: usize,
     in_flight: Arc<InFlight>,
-    /// Moving average of the run time of small reads and writes, in
-    /// nanoseconds, wherever they ran. It starts high, so the first
-    /// requests of a connection go to the pool until it has learnt.
-    small_ns: Arc<AtomicU64>,
+    run_times: Arc<RunTimes>,
+}
+
+/// Moving averages of how long small reads and small writes take,
+/// wherever they ran, in nanoseconds. They start above their limits, so
+/// the first requests of a connection go to the pool until they are known.
+#[derive(Debug)]
+struct RunTimes {
+    read_ns: AtomicU64,
+    write_ns: AtomicU64,
+}
+
+impl RunTimes {
+    fn new() -> Self {
+        RunTimes {
+            read_ns: AtomicU64::new(2 * INLINE_READS_BELOW.as_nanos() as u64),
+            write_ns: AtomicU64::new(2 * INLINE_WRITES_BELOW.as_nanos() as u64),
+        }
+    }
+
+    /// The average `request` belongs to and its inline limit, if it is a
+    /// small read or write.
+    fn class(&self, request: &Request) -> Option<(&AtomicU64, Duration)> {
+        if request.data_len() > SMALL_REQUEST {
+            return None;
+        }
+        match request.request_type() {
+            RequestType::In => Some((&self.read_ns, INLINE_READS_BELOW)),
+            RequestType::Out => Some((&self.write_ns, INLINE_WRITES_BELOW)),
+            _ => None,
+        }
+    }
+
+    /// Whether `request` costs less to run on the worker than to hand to
+    /// the pool: GET_ID and refusals always; small reads and writes while
+    /// they are recently fast.
+    fn cheap(&self, request: &Request) -> bool {
+        match request.request_type() {
+            RequestType::GetId | RequestType::Unsupported(_) => true,
+            _ => self.class(request).is_some_and(|(average, limit)| {
+                average.load(Ordering::Relaxed) < limit.as_nanos() as u64
+            }),
+        }
+    }
+
+    /// Runs `run` and folds its run time into `request`'s average.
+    fn timed(&self, request: &Request, run: impl FnOnce() -> u32) -> u32 {
+        let Some((average, _)) = self.class(request) else {
+            return run();
+        };
+        let start = Instant::now();
+        let len = run();
+        let took = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        // Racy read-modify-write: a lost update only delays the average.
+        let old = average.load(Ordering::Relaxed);
+        average.store(fold(old, took), Ordering::Relaxed);
+        len
+    }
 }
 
 impl Worker {
@@ -187,7 +247,7 @@ impl Worker {
         Worker {
             queue,
             in_flight: Arc::new(InFlight::new()),
-            small_ns: Arc::new(AtomicU64::new(2 * INLINE_BELOW.as_nanos() as u64)),
+            run_times: Arc::new(RunTimes::new()),
         }
     }
 
@@ -265,19 +325,21 @@ impl Worker {
                 // in ring order. Cheap requests: here too, but after the
                 // slow ones of the batch are on their way to the pool.
                 if pool.is_none() || (batch == 1 && before == 0) {
-                    let len = timed(&self.small_ns, &request, || execute(&request, target, &mem));
+                    let len = self
+                        .run_times
+                        .timed(&request, || execute(&request, target, &mem));
                     self.finish(vring, head, len);
                     continue;
                 }
-                if self.cheap(&request) {
+                if self.run_times.cheap(&request) {
                     inline.push((head, request));
                     continue;
                 }
                 let (vring, mem, target) = (vring.clone(), mem.clone(), target.clone());
                 let (queue, in_flight) = (self.queue, self.in_flight.clone());
-                let small_ns = self.small_ns.clone();
+                let run_times = self.run_times.clone();
                 jobs.push(Box::new(move || {
-                    let len = timed(&small_ns, &request, || execute(&request, &target, &mem));
+                    let len = run_times.timed(&request, || execute(&request, &target, &mem));
                     complete(&vring, queue, head, len);
                     in_flight.end(head);
                 }));
@@ -288,24 +350,11 @@ impl Worker {
                 pool.submit(jobs);
             }
             for (head, request) in inline {
-                let len = timed(&self.small_ns, &request, || execute(&request, target, &mem));
+                let len = self
+                    .run_times
+                    .timed(&request, || execute(&request, target, &mem));
                 self.finish(vring, head, len);
             }
-        }
-    }
-
-    /// Whether `request` costs less to run here than to hand to the pool:
-    /// GET_ID and refusals always; small reads and writes while they have
-    /// recently taken less than [`INLINE_BELOW`] (a page-cache or chunk
-    /// cache hit, not a cold chunk read).
-    fn cheap(&self, request: &Request) -> bool {
-        match request.request_type() {
-            RequestType::GetId | RequestType::Unsupported(_) => true,
-            RequestType::In | RequestType::Out => {
-                request.data_len() <= SMALL_REQUEST
-                    && self.small_ns.load(Ordering::Relaxed) < INLINE_BELOW.as_nanos() as u64
-            }
-            RequestType::Flush | RequestType::Discard | RequestType::WriteZeroes => false,
         }
     }
 
@@ -315,29 +364,12 @@ impl Worker {
     }
 }
 
-/// Runs `run` and, for a small read or write, folds its run time into the
-/// moving average `small_ns`.
-fn timed(small_ns: &AtomicU64, request: &Request, run: impl FnOnce() -> u32) -> u32 {
-    let small = matches!(request.request_type(), RequestType::In | RequestType::Out)
-        && request.data_len() <= SMALL_REQUEST;
-    if !small {
-        return run();
-    }
-    let start = Instant::now();
-    let len = run();
-    let took = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    // Racy read-modify-write: a lost update only delays the average a bit.
-    let old = small_ns.load(Ordering::Relaxed);
-    small_ns.store(fold(old, took), Ordering::Relaxed);
-    len
-}
-
 /// The moving average `old` (ns) after a request that took `took` ns.
 ///
 /// A sample counts for at most twice the average (plus a little): a
 /// thread preempted mid-request on a busy host must not send the next few
 /// dozen cheap requests to the pool, while a real change (cold chunks)
-/// still lifts the average past [`INLINE_BELOW`] within ten or so.
+/// still lifts the average past its limit within ten or so.
 fn fold(old: u64, took: u64) -> u64 {
     let sample = took.min(old.saturating_mul(2).saturating_add(SAMPLE_SLACK_NS));
     old - (old >> AVERAGE_SHIFT) + (sample >> AVERAGE_SHIFT)

@@ -642,7 +642,7 @@ fn the_run_time_average_shrugs_off_outliers_but_follows_a_shift() {
     let steps = (1..=20)
         .find(|_| {
             avg = fold(avg, 100_000);
-            avg >= INLINE_BELOW.as_nanos() as u64
+            avg >= INLINE_READS_BELOW.as_nanos() as u64
         })
         .unwrap();
     assert!(steps <= 12, "{steps}");
@@ -650,7 +650,7 @@ fn the_run_time_average_shrugs_off_outliers_but_follows_a_shift() {
     let steps = (1..=40)
         .find(|_| {
             avg = fold(avg, 2_000);
-            avg < INLINE_BELOW.as_nanos() as u64
+            avg < INLINE_READS_BELOW.as_nanos() as u64
         })
         .unwrap();
     assert!(steps <= 20, "{steps}");
