@@ -50,9 +50,11 @@ if [[ ${scenarios[*]} == all ]]; then
     run ingest --warm "$@"
     run restore --warm "$@"
 fi
-"$SIDEBYSIDE" update-docs --out "$OUT"
-
 if [[ ${scenarios[*]} == all && ${BENCH_SKIP_CRITERION:-0} != 1 ]]; then
     cargo bench -p benches
+    "$SIDEBYSIDE" criterion --out "$OUT" --criterion-dir "$CARGO_TARGET_DIR/criterion" || status=1
 fi
+"$SIDEBYSIDE" update-docs --out "$OUT"
+
+
 exit $status

@@ -38,6 +38,7 @@
 
 pub mod client;
 pub mod image;
+pub mod microbench;
 pub mod peers;
 pub mod report;
 pub mod scenario;

@@ -15,6 +15,10 @@ use serde::Serialize;
 pub struct Run {
     /// Wall time from spawn to exit.
     pub secs: f64,
+    /// CPU time (user + system) of the command and every descendant it
+    /// waited for; NaN if unknown. Unlike wall time, it barely changes
+    /// when other processes compete for the cores.
+    pub cpu_secs: f64,
     pub stdout: String,
     pub stderr: String,
 }
@@ -25,9 +29,11 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<Run> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let cpu_before = children_cpu();
     let start = Instant::now();
     let out = cmd.output().with_context(|| format!("spawn {what}"))?;
     let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = children_cpu() - cpu_before;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
@@ -40,6 +46,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<Run> {
     }
     Ok(Run {
         secs,
+        cpu_secs,
         stdout,
         stderr,
     })
@@ -50,9 +57,30 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<Run> {
 pub fn run_and_sync(cmd: &mut Command, path: &Path) -> anyhow::Result<Run> {
     let start = Instant::now();
     let mut r = run(cmd)?;
-    run(Command::new("sync").arg("-f").arg(path))?;
+    let sync = run(Command::new("sync").arg("-f").arg(path))?;
     r.secs = start.elapsed().as_secs_f64();
+    r.cpu_secs += sync.cpu_secs;
     Ok(r)
+}
+
+/// User + system CPU seconds of this process's waited-for children
+/// (`cutime` + `cstime` in /proc/self/stat); NaN if unreadable.
+pub fn children_cpu() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let ticks = *TICKS.get_or_init(|| version("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0));
+    let Ok(stat) = fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name start at field 3.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    match (field(16), field(17)) {
+        (Some(u), Some(s)) => (u + s) / ticks,
+        _ => f64::NAN,
+    }
 }
 
 fn tail(s: &str, lines: usize) -> String {
@@ -213,6 +241,15 @@ mod tests {
         assert_eq!(ok.stdout, "hi\n");
         let err = run(Command::new("sh").args(["-c", "echo oops >&2; exit 3"])).unwrap_err();
         assert!(err.to_string().contains("oops"), "{err}");
+    }
+
+    #[test]
+    fn cpu_time_of_children_is_counted() {
+        let r =
+            run(Command::new("sh")
+                .args(["-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"]))
+            .unwrap();
+        assert!(r.cpu_secs > 0.0 && r.cpu_secs <= r.secs + 0.05, "{r:?}");
     }
 
     #[test]

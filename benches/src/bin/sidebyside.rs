@@ -13,7 +13,8 @@ use clap::Parser;
 #[command(name = "sidebyside")]
 struct Args {
     /// Scenario (ingest, chunk-size, restore, io, startup, boot, migrate),
-    /// `all`, or `update-docs` to splice the last results into docs/BENCHMARKS.md.
+    /// `all`, `criterion` to tabulate the last `cargo bench` results, or
+    /// `update-docs` to splice the last results into docs/BENCHMARKS.md.
     scenario: String,
     /// Image size (default per scenario: 2G, io and startup 1G).
     #[arg(long, value_parser = parse_size)]
@@ -40,6 +41,10 @@ struct Args {
     /// Scratch directory (default: OUT/work); needs ~10 GiB.
     #[arg(long)]
     work: Option<PathBuf>,
+    /// criterion's output directory for `criterion` (default:
+    /// $CARGO_TARGET_DIR/criterion or target/criterion).
+    #[arg(long)]
+    criterion_dir: Option<PathBuf>,
     /// The recovery-cli binary (default: next to this one).
     #[arg(long, env = "RECOVERY_CLI")]
     cli: Option<PathBuf>,
@@ -62,7 +67,7 @@ impl TryFrom<Args> for Ctx {
                 .context("executable directory")?
                 .join("recovery-cli"),
         };
-        if a.scenario != "update-docs" && !cli.exists() {
+        if !["update-docs", "criterion"].contains(&a.scenario.as_str()) && !cli.exists() {
             bail!(
                 "{} not found: build it with `cargo build --release -p recovery-cli` \
                  (same target dir) or pass --cli",
@@ -91,7 +96,8 @@ fn update_docs(ctx: &Ctx) -> anyhow::Result<()> {
         std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
     let names = scenario::ALL
         .iter()
-        .flat_map(|n| [n.to_string(), format!("{n}-warm")]);
+        .flat_map(|n| [n.to_string(), format!("{n}-warm")])
+        .chain(["criterion".to_string()]);
     for name in names {
         let md = ctx.out.join(format!("{name}.md"));
         let Ok(body) = std::fs::read_to_string(&md) else {
@@ -110,9 +116,26 @@ fn update_docs(ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(scenario_name: &str, ctx: &Ctx) -> anyhow::Result<()> {
+fn criterion(ctx: &Ctx, dir: &Path) -> anyhow::Result<()> {
+    let benches = benches::microbench::collect(dir);
+    if benches.is_empty() {
+        bail!(
+            "no criterion results in {}: run `cargo bench -p benches`",
+            dir.display()
+        );
+    }
+    let mut report = report::Report::new("criterion", "in-process, inputs in memory or page cache");
+    report.tables.push(benches::microbench::table(&benches));
+    println!("{}", report.finish(&ctx.out)?);
+    Ok(())
+}
+
+fn run(scenario_name: &str, ctx: &Ctx, criterion_dir: &Path) -> anyhow::Result<()> {
     if scenario_name == "update-docs" {
         return update_docs(ctx);
+    }
+    if scenario_name == "criterion" {
+        return criterion(ctx, criterion_dir);
     }
     if cfg!(debug_assertions) {
         eprintln!("warning: debug build; use --release for real numbers");
@@ -142,6 +165,12 @@ fn run(scenario_name: &str, ctx: &Ctx) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let args = Args::parse();
     let name = args.scenario.clone();
+    let criterion_dir = args.criterion_dir.clone().unwrap_or_else(|| {
+        std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+            .join("criterion")
+    });
     let ctx = match Ctx::try_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -149,7 +178,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&name, &ctx) {
+    match run(&name, &ctx, &criterion_dir) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -17,6 +17,7 @@ pub const SIZES: [u64; 5] = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20];
 struct Row {
     chunk_size: u64,
     secs: [f64; 3],
+    cpu: [f64; 3],
     stored: [u64; 3],
     added: [u64; 3],
 }
@@ -36,10 +37,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         let mut row = Row {
             chunk_size: cs,
             secs: [0.0; 3],
+            cpu: [0.0; 3],
             stored: [0; 3],
             added: [0; 3],
         };
         let mut secs: [Vec<f64>; 3] = Default::default();
+        let mut cpu: [Vec<f64>; 3] = Default::default();
         for _ in 0..ctx.rounds {
             crate::remove_dir_if_exists(&store)?;
             let ours = Ours::init(&ctx.cli, &store, Some(cs))?;
@@ -50,12 +53,14 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
                 let (run, _) = ours.backup("disk", &disk)?;
                 let stored = dir_bytes(&store)?;
                 secs[i].push(run.secs);
+                cpu[i].push(run.cpu_secs);
                 row.stored[i] = stored;
                 row.added[i] = stored - last.min(stored);
                 last = stored;
             }
         }
         row.secs = secs.map(|v| median(&v));
+        row.cpu = cpu.map(|v| median(&v));
         eprintln!(
             "chunk-size {}: {:.2} / {:.2} / {:.2} s, +{} / +{}",
             bytes_str(cs),
@@ -83,6 +88,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             "full",
             "incr 1",
             "incr 2",
+            "CPU full / incr 1 / incr 2",
             "stored after full",
             "added by incr 1",
             "added by incr 2",
@@ -96,6 +102,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             t_cell(r.secs[0]),
             t_cell(r.secs[1]),
             t_cell(r.secs[2]),
+            format!("{:.1} / {:.1} / {:.1} s", r.cpu[0], r.cpu[1], r.cpu[2]),
             bytes_str(r.stored[0]),
             bytes_str(r.added[1]),
             bytes_str(r.added[2]),

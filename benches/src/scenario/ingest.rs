@@ -13,6 +13,8 @@ use crate::Ctx;
 #[derive(Debug, Clone, Copy, Serialize)]
 struct Measured {
     secs: f64,
+    /// User + system CPU seconds.
+    cpu: f64,
     /// Repository size after the backup.
     stored: u64,
     /// Growth of the repository by this backup.
@@ -41,10 +43,11 @@ fn round(ctx: &Ctx, series: &[std::path::PathBuf; 3]) -> anyhow::Result<(Vec<Ste
     let mut last = [0u64; 3];
     for (i, src) in series.iter().enumerate() {
         let _moved = Borrowed::new(src, &disk)?;
-        let mut measure = |k: usize, secs: f64, repo: &std::path::Path| {
+        let mut measure = |k: usize, run: tools::Run, repo: &std::path::Path| {
             let stored = dir_bytes(repo)?;
             let m = Measured {
-                secs,
+                secs: run.secs,
+                cpu: run.cpu_secs,
                 stored,
                 added: stored.saturating_sub(last[k]),
             };
@@ -52,14 +55,14 @@ fn round(ctx: &Ctx, series: &[std::path::PathBuf; 3]) -> anyhow::Result<(Vec<Ste
             anyhow::Ok(m)
         };
         ctx.prepare(&[&disk])?;
-        let o = measure(0, ours.backup("disk", &disk)?.0.secs, &ours.store)?;
+        let o = measure(0, ours.backup("disk", &disk)?.0, &ours.store)?;
         ctx.prepare(&[&disk])?;
-        let r = measure(1, restic.backup(&disk)?.secs, &restic.repo)?;
+        let r = measure(1, restic.backup(&disk)?, &restic.repo)?;
         ctx.prepare(&[&disk])?;
-        let b = measure(2, borg.create(&format!("v{i}"), &disk)?.secs, &borg.repo)?;
+        let b = measure(2, borg.create(&format!("v{i}"), &disk)?, &borg.repo)?;
         eprintln!(
-            "ingest: {}: ours {:.2} s, restic {:.2} s, borg {:.2} s",
-            STEPS[i], o.secs, r.secs, b.secs
+            "ingest: {}: ours {:.2} s (cpu {:.2}), restic {:.2} s (cpu {:.2}), borg {:.2} s (cpu {:.2})",
+            STEPS[i], o.secs, o.cpu, r.secs, r.cpu, b.secs, b.cpu
         );
         steps.push(Step {
             step: STEPS[i],
@@ -98,6 +101,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         s.ours.secs = med(|s| s.ours.secs);
         s.restic.secs = med(|s| s.restic.secs);
         s.borg.secs = med(|s| s.borg.secs);
+        s.ours.cpu = med(|s| s.ours.cpu);
+        s.restic.cpu = med(|s| s.restic.cpu);
+        s.borg.cpu = med(|s| s.borg.cpu);
     }
 
     let mut time = Table::new(
@@ -141,6 +147,32 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             "no compression"
         }
     ));
+    let mut cpu = Table::new(
+        "CPU time (user + system, all threads and child processes; median)",
+        &[
+            "backup",
+            "ours",
+            "restic",
+            "borg",
+            "restic ÷ ours",
+            "borg ÷ ours",
+        ],
+    );
+    for s in &steps {
+        cpu.row(vec![
+            s.step.to_string(),
+            secs_str(s.ours.cpu),
+            secs_str(s.restic.cpu),
+            secs_str(s.borg.cpu),
+            ratio_str(s.restic.cpu / s.ours.cpu),
+            ratio_str(s.borg.cpu / s.ours.cpu),
+        ]);
+    }
+    cpu.note(
+        "CPU time barely depends on what else runs on the machine; wall time on a loaded \
+         machine favours single-threaded tools (borg), which lose less to contention than a \
+         tool that needs every core.",
+    );
     let mut stored = Table::new(
         "Repository size after each backup (growth in parentheses)",
         &["after", "ours", "restic", "borg", "ours ÷ borg"],
@@ -156,6 +188,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         ]);
     }
     report.tables.push(time);
+    report.tables.push(cpu);
     report.tables.push(stored);
 
     for (i, s) in steps.iter().enumerate() {

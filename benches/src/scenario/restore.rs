@@ -24,19 +24,26 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let mut report = ctx.report("restore");
 
     let (mut os, mut qs, mut rs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cpu: [Vec<f64>; 3] = Default::default();
     for round in 0..ctx.rounds {
         let ours_target = dir.join("ours.img");
         ctx.prepare(&[&ours.store])?;
-        let o = ours.restore("disk", &ours_target)?.secs;
+        let run = ours.restore("disk", &ours_target)?;
+        let o = run.secs;
+        cpu[0].push(run.cpu_secs);
         if round == 0 && !image::same_contents(&img, &ours_target)? {
             anyhow::bail!("recovery-cli restore produced a different image");
         }
         std::fs::remove_file(&ours_target)?;
         ctx.prepare(&[&img])?;
-        let q = peers::qemu_img_convert(&img, &dir.join("qemu.img"))?.secs;
+        let run = peers::qemu_img_convert(&img, &dir.join("qemu.img"))?;
+        let q = run.secs;
+        cpu[1].push(run.cpu_secs);
         std::fs::remove_file(dir.join("qemu.img"))?;
         ctx.prepare(&[&restic.repo])?;
-        let r = restic.restore(&dir.join("restic-out"))?.secs;
+        let run = restic.restore(&dir.join("restic-out"))?;
+        let r = run.secs;
+        cpu[2].push(run.cpu_secs);
         crate::remove_dir_if_exists(&dir.join("restic-out"))?;
         eprintln!("restore: ours {o:.2} s, qemu-img {q:.2} s, restic {r:.2} s");
         os.push(o);
@@ -52,18 +59,29 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             bytes_str(size),
             ctx.rounds
         ),
-        &["tool", "time", "throughput", "ours ÷ tool (throughput)"],
+        &[
+            "tool",
+            "time",
+            "throughput",
+            "ours ÷ tool (throughput)",
+            "CPU (user + sys)",
+        ],
     );
-    for (name, secs) in [
+    let cpu = cpu.map(|v| median(&v));
+    for (i, (name, secs)) in [
         ("ours: `recovery-cli restore`", o),
         ("`qemu-img convert -O raw` (raw → raw)", q),
         ("`restic restore`", r),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         t.row(vec![
             name.to_string(),
             secs_str(secs),
             format!("{:.0} MB/s", mbps(size, secs)),
             ratio_str(secs / o),
+            secs_str(cpu[i]),
         ]);
     }
     t.note("Every time includes a final `sync -f` of the target filesystem, so each tool's output is durable.");
@@ -74,7 +92,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     report.set("image_size", size);
     report.set(
         "seconds",
-        serde_json::json!({"ours": o, "qemu_img": q, "restic": r}),
+        serde_json::json!({"ours": os, "qemu_img": qs, "restic": rs, "cpu_median": cpu}),
     );
     Ok(report)
 }
