@@ -28,10 +28,12 @@
 //! requests. Without a pool every request runs on the worker, in ring
 //! order.
 //!
-//! **Completion** ([`complete`]) takes the vring lock once: `add_used` with
-//! the request's own head index and used length, then, with
-//! `VIRTIO_RING_F_EVENT_IDX`, the used-event check, and the signal if the
-//! driver asked for one. The worker itself handles EVENT_IDX on the
+//! **Completion** ([`complete`], on a pool thread) takes the vring lock
+//! once: `add_used` with the request's own head index and used length,
+//! then, with `VIRTIO_RING_F_EVENT_IDX`, the used-event check, and the
+//! signal if the driver asked for one. The worker puts what it ran itself
+//! on the used ring as it goes and signals once per batch ([`notify`]),
+//! so a driver reaps a batch of cheap requests at once. The worker itself handles EVENT_IDX on the
 //! available side as disable → drain → re-enable, looping while
 //! re-enabling reports that requests arrived in between.
 //!
@@ -355,11 +357,19 @@ impl Worker {
                     .timed(&request, || execute(&request, target, &mem));
                 self.finish(vring, head, len);
             }
+            // One signal for everything this thread completed: the driver
+            // then reaps the batch at once and answers with one kick.
+            notify(vring, self.queue);
         }
     }
 
+    /// Puts a request completed on this thread on the used ring; the
+    /// signal follows once per batch.
     fn finish(&self, vring: &Vring, head: u16, len: u32) {
-        complete(vring, self.queue, head, len);
+        if let Err(e) = vring.add_used(head, len) {
+            let e = Error::AddUsed { head, source: e };
+            error!(queue = self.queue, error = %error_chain(&e), "completing a request failed");
+        }
         self.in_flight.end(head);
     }
 }
@@ -413,6 +423,27 @@ fn execute(request: &Request, target: &Target, mem: &GuestMemoryMmap) -> u32 {
             );
             request.complete(mem, STATUS_IOERR, 0)
         }
+    }
+}
+
+/// Signals the guest if completions since the last signal call for it
+/// (EVENT_IDX) or always (without it).
+pub fn notify(vring: &Vring, queue: usize) {
+    let result = {
+        let mut state = vring.get_mut();
+        state
+            .needs_notification()
+            .map_err(Error::Notification)
+            .and_then(|needed| {
+                if needed {
+                    state.signal_used_queue().map_err(Error::Signal)
+                } else {
+                    Ok(())
+                }
+            })
+    };
+    if let Err(e) = result {
+        error!(queue, error = %error_chain(&e), "signalling the guest failed");
     }
 }
 
