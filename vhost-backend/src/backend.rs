@@ -91,13 +91,16 @@ impl DeviceConfig {
             .clamp(1, MAX_QUEUES)
     }
 
-    /// The default I/O pool size: two threads per CPU (requests block on
-    /// reads of cold chunks as often as they compute), within 4..=16.
+    /// The default I/O pool size: four threads per CPU, within 8..=32.
+    /// Cheap requests never reach the pool (see [`crate::worker`]), so
+    /// idle threads cost nothing; the ones that do (large reads, cold
+    /// chunks, flushes) block as often as they compute, and more of them
+    /// in flight keep the store's disk busy.
     pub fn default_io_threads() -> usize {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get())
-            .saturating_mul(2)
-            .clamp(4, 16)
+            .saturating_mul(4)
+            .clamp(8, 32)
     }
 }
 
