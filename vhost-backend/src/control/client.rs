@@ -24,22 +24,33 @@ pub fn request_with_timeout(path: &Path, req: &Request, timeout: Duration) -> Re
     let deadline = Instant::now() + timeout;
     let mut line = serde_json::to_vec(req).expect("a Request always serializes");
     line.push(b'\n');
-    stream
+    let sent = stream
         .set_write_timeout(Some(timeout.max(Duration::from_millis(1))))
-        .and_then(|()| stream.write_all(&line))
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout {
-                path: path_buf(),
-                timeout,
-            },
-            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
-                Error::Closed { path: path_buf() }
-            }
-            _ => Error::Send {
-                path: path_buf(),
-                source,
-            },
-        })?;
+        .and_then(|()| stream.write_all(&line));
+    match sent {
+        Ok(()) => {}
+        // A daemon that refuses the connection (too many clients) answers
+        // and closes at once, possibly before our request arrives: its
+        // answer is still waiting to be read, so read on. Without one the
+        // read below reports the connection closed.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) => {}
+        Err(source) => {
+            return Err(match source.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout {
+                    path: path_buf(),
+                    timeout,
+                },
+                _ => Error::Send {
+                    path: path_buf(),
+                    source,
+                },
+            })
+        }
+    }
 
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
