@@ -1,16 +1,18 @@
-//! The `VhostUserBackend` implementation: features, config space, queues.
+//! The virtio-blk device of one frontend connection: features, config
+//! space, queues.
 //!
-//! [`BlockBackend`] is what `vhost-user-backend` drives for one frontend
-//! connection: it announces the virtio-blk features and config space and
-//! hands each queue's kicks to that queue's [`Worker`], which runs
-//! requests on the backend's I/O [`Pool`]. A fresh backend is built for
-//! every connection (see [`crate::serve`]), so nothing negotiated with one
-//! frontend leaks into the next.
+//! [`BlockBackend`] is what the vhost-user request handler
+//! ([`crate::handler`]) drives for one frontend connection: it announces
+//! the virtio-blk features and config space and hands each queue's kicks
+//! to that queue's [`Worker`], which runs requests on the backend's I/O
+//! [`Pool`]. A fresh backend is built for every connection (see
+//! [`crate::serve`]), so nothing negotiated with one frontend leaks into
+//! the next.
 //!
-//! `stop_vring` (GET_VRING_BASE), `reset_device` and
-//! [`BlockBackend::quiesce`] return only once the queues they cover hold
-//! no request (see [`crate::worker`]); dropping the backend finishes every
-//! queued job before joining the pool.
+//! [`BlockBackend::stop_vring`] (GET_VRING_BASE),
+//! [`BlockBackend::reset_device`] and [`BlockBackend::quiesce`] return only
+//! once the queues they cover hold no request (see [`crate::worker`]);
+//! dropping the backend finishes every queued job before joining the pool.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use tracing::{debug, error, warn};
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringT};
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -27,12 +29,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
 use crate::block::BlockDevice;
+use crate::inflight::InflightQueue;
 use crate::request::Limits;
 use crate::wire::{BlkConfig, ID_BYTES, SECTOR_SHIFT};
 use crate::worker::{error_chain, GuestMem, InFlight, Pool, Target, Vring, Worker};
@@ -354,43 +353,51 @@ impl BlockBackend {
     }
 }
 
-impl VhostUserBackend for BlockBackend {
-    type Bitmap = ();
-    type Vring = Vring;
-
-    fn num_queues(&self) -> usize {
+/// What the vhost-user handler asks of the device.
+impl BlockBackend {
+    /// Number of request queues.
+    pub fn num_queues(&self) -> usize {
         self.spec.num_queues
     }
 
-    fn max_queue_size(&self) -> usize {
+    /// Largest queue size the frontend may choose.
+    pub fn max_queue_size(&self) -> usize {
         usize::from(self.spec.queue_size)
     }
 
-    fn features(&self) -> u64 {
+    /// The virtio feature bits offered (with `VHOST_USER_F_PROTOCOL_FEATURES`).
+    pub fn features(&self) -> u64 {
         self.spec.features()
     }
 
-    fn acked_features(&self, features: u64) {
+    /// The frontend acked `features`.
+    pub fn acked_features(&self, features: u64) {
         debug!(
             features = format_args!("{features:#x}"),
             "frontend acked features"
         );
     }
 
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+    /// The vhost-user protocol features offered.
+    pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         // blkio refuses a backend without REPLY_ACK, CONFIG and
-        // CONFIGURE_MEM_SLOTS; MQ lets the frontend ask for the queue count.
+        // CONFIGURE_MEM_SLOTS; MQ lets the frontend ask for the queue
+        // count; INFLIGHT_SHMFD lets a restarted daemon resubmit what a
+        // dead one held (see crate::inflight).
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
-    fn set_event_idx(&self, enabled: bool) {
+    /// Whether `VIRTIO_RING_F_EVENT_IDX` was negotiated.
+    pub fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Release);
     }
 
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+    /// A window of the config space (GET_CONFIG); empty means "error".
+    pub fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // Any window inside the vhost-user config space is answered; bytes
         // past `struct virtio_blk_config` (fields of features we do not
         // offer) read as zero. An empty reply tells the frontend "error".
@@ -408,7 +415,8 @@ impl VhostUserBackend for BlockBackend {
         out
     }
 
-    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+    /// SET_CONFIG: always refused.
+    pub fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // Only `writeback` is writable, and only with VIRTIO_BLK_F_CONFIG_WCE,
         // which we do not offer.
         Err(io::Error::new(
@@ -420,63 +428,63 @@ impl VhostUserBackend for BlockBackend {
         ))
     }
 
-    fn reset_device(&self) {
-        // The rings are disabled already; let what they handed us finish.
+    /// RESET_DEVICE: the rings are disabled already; let what they handed
+    /// us finish.
+    pub fn reset_device(&self) {
         self.quiesce();
     }
 
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: the frontend is about to read the ring state.
-        self.quiesce_queue(queue_index as usize);
+    /// GET_VRING_BASE: the frontend is about to read the ring state of
+    /// `queue_index`, which is no longer ready; returns once it holds
+    /// nothing (requests left to resubmit are run first).
+    pub fn stop_vring(&self, queue_index: u32, vring: &Vring) -> io::Result<()> {
+        let queue = queue_index as usize;
+        if let Some(worker) = self.workers.get(queue) {
+            let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
+            if worker.pending_resubmits() > 0 {
+                let mem = self.memory();
+                worker.resubmit_pending(vring, &mem, &self.target, self.pool.as_ref());
+            }
+        }
+        self.quiesce_queue(queue);
         Ok(())
     }
 
-    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+    /// The guest memory table changed (the handler shares one
+    /// [`GuestMem`] with the vrings; this keeps the workers' copy).
+    pub fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
         *self.mem.write().unwrap_or_else(PoisonError::into_inner) = mem;
         Ok(())
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker thread per queue.
-        (0..self.spec.num_queues).map(|q| 1u64 << q).collect()
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        // Without an exit event the daemon could not stop the worker threads.
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                error!(thread_index, error = %e, "cannot create worker exit event");
-                None
-            }
-        }
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        if evset != EventSet::IN {
-            warn!(?evset, "ignoring unexpected queue event");
-            return Ok(());
-        }
-        // With one queue per thread, the thread's only vring is index 0.
-        let (Some(vring), Some(worker)) = (
-            vrings.get(usize::from(device_event)),
-            self.workers.get(thread_id),
-        ) else {
-            return Err(io::Error::other(format!(
-                "no queue {device_event} on worker thread {thread_id}"
-            )));
-        };
-        let mem = self
-            .mem
+    fn memory(&self) -> GuestMem {
+        self.mem
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+            .clone()
+    }
+
+    /// Queue `queue` starts (or restarts after a reconnection): `shared`
+    /// is its part of the in-flight region, `resubmit` the heads a previous
+    /// daemon held; they run on the next [`BlockBackend::process_queue`].
+    pub fn start_queue(&self, queue: usize, shared: Option<InflightQueue>, resubmit: Vec<u16>) {
+        if let Some(worker) = self.workers.get(queue) {
+            worker
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .start(shared, resubmit);
+        }
+    }
+
+    /// Handles a kick of queue `queue`: runs every available request (and
+    /// first any left to resubmit). A stopped or disabled queue is left
+    /// alone.
+    pub fn process_queue(&self, queue: usize, vring: &Vring) {
+        let Some(worker) = self.workers.get(queue) else {
+            warn!(queue, "kick for a queue the device does not have");
+            return;
+        };
+        let mem = self.memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
         // A kick that raced with GET_VRING_BASE or a ring disable: the
@@ -484,16 +492,15 @@ impl VhostUserBackend for BlockBackend {
         {
             let state = vring.get_ref();
             if !state.get_queue().ready() || !state.is_enabled() {
-                return Ok(());
+                return;
             }
         }
-        // A broken queue must not kill the worker thread (the error would
-        // end its event loop for good); report it and wait for the next kick.
+        // A broken queue must not end the queue's thread; report it and
+        // wait for the next kick.
         let pool = self.pool.as_ref();
         if let Err(e) = worker.process(vring, &mem, &self.target, pool, event_idx) {
-            error!(queue = thread_id, error = %error_chain(&e), "queue processing failed");
+            error!(queue, error = %error_chain(&e), "queue processing failed");
         }
-        Ok(())
     }
 }
 
@@ -550,13 +557,12 @@ mod tests {
     }
 
     #[test]
-    fn one_worker_thread_per_queue() {
-        let b = backend(&DeviceConfig {
-            num_queues: 4,
-            ..DeviceConfig::default()
-        });
-        assert_eq!(b.queues_per_thread(), vec![1, 2, 4, 8]);
-        assert!(b.exit_event(0).is_some());
+    fn offers_inflight_tracking() {
+        let b = backend(&DeviceConfig::default());
+        assert!(b
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        assert_eq!(b.num_queues(), DeviceConfig::default().num_queues);
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub mod cache;
 pub mod control;
 pub mod daemon;
 pub mod daemon_status;
+pub mod handler;
+pub mod inflight;
 pub mod mem_device;
 pub mod metered;
 pub mod migrate;

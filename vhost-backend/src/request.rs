@@ -30,10 +30,12 @@ use crate::wire::{
     DiscardWriteZeroes, RequestHeader, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, SEGMENT_FLAG_UNMAP,
 };
 
+mod chain;
 mod execute;
 #[cfg(test)]
 mod tests;
 
+pub use chain::descriptors_at;
 pub use execute::{ExecContext, ExecuteError};
 
 /// Status byte: success.
@@ -290,9 +292,19 @@ impl Request {
         M::Target: GuestMemory,
     {
         let descs: Vec<Descriptor> = chain.by_ref().collect();
-        let mem = chain.memory();
-        let status = locate_status(&descs, mem).map_err(|e| reject(e, None))?;
-        parse_body(&descs, mem, limits, status).map_err(|e| reject(e, Some(status)))
+        Self::from_descriptors(&descs, chain.memory(), limits)
+    }
+
+    /// Parses and validates the request made of `descs` (a chain's
+    /// descriptors in order, indirect tables expanded, e.g. from
+    /// [`descriptors_at`]), reading its header and segments from `mem`.
+    pub fn from_descriptors<M: GuestMemory + ?Sized>(
+        descs: &[Descriptor],
+        mem: &M,
+        limits: &Limits,
+    ) -> Result<Request, Rejected> {
+        let status = locate_status(descs, mem).map_err(|e| reject(e, None))?;
+        parse_body(descs, mem, limits, status).map_err(|e| reject(e, Some(status)))
     }
 
     /// The request type.

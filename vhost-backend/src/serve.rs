@@ -8,9 +8,12 @@
 //!                                   repeated until stop.stop()
 //! ```
 //!
-//! Every connection gets a fresh [`BlockBackend`] and `VhostUserDaemon`,
-//! so a reconnecting QEMU (guest reboot, QEMU restart) starts from a clean
-//! device state, while the listening socket stays in place throughout.
+//! Every connection gets a fresh [`BlockBackend`] and [`BlkHandler`], so a
+//! reconnecting QEMU (guest reboot, QEMU restart, or this daemon restarted
+//! under a running guest) starts from a clean device state, while the
+//! listening socket stays in place throughout. What a previous daemon left
+//! in flight comes back through the frontend's in-flight region
+//! ([`crate::inflight`]).
 //! A connection ends only once every request it started has completed
 //! (and the device is flushed), so no late completion can land in the
 //! rings of the next one.
@@ -25,6 +28,7 @@
 
 use std::fs::{self, DirBuilder, Permissions};
 use std::io;
+use std::net::Shutdown;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -33,14 +37,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::{debug, info, warn};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{self, BlockBackend, DeviceConfig, DeviceSpec};
 use crate::block::BlockDevice;
+use crate::handler::BlkHandler;
 use crate::worker::error_chain;
 
 /// Why serving failed.
@@ -70,9 +73,9 @@ pub enum Error {
     /// Waiting for a connection failed.
     #[error("Wait for a connection")]
     Wait(#[source] io::Error),
-    /// The vhost-user daemon could not be created or could not accept.
-    #[error("Start vhost-user daemon: {0}")]
-    Daemon(String),
+    /// A connection could not be accepted or set up.
+    #[error("Accept vhost-user connection")]
+    Accept(#[source] io::Error),
     /// The final flush failed.
     #[error("Flush device on shutdown")]
     Flush(#[source] io::Error),
@@ -84,7 +87,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 struct StopInner {
     stopped: AtomicBool,
     wake: EventFd,
-    connection: Mutex<Option<ShutdownHandle>>,
+    connection: Mutex<Option<UnixStream>>,
 }
 
 /// Stops a running [`BlockServer::serve`] from any thread. Cheap to clone.
@@ -115,8 +118,9 @@ impl StopHandle {
             .connection
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(handle) = connection.as_ref() {
-            handle.shutdown();
+        if let Some(stream) = connection.as_ref() {
+            // Ends the request loop: its next read fails.
+            let _ = stream.shutdown(Shutdown::Both);
         }
     }
 
@@ -125,7 +129,7 @@ impl StopHandle {
         self.inner.stopped.load(Ordering::SeqCst)
     }
 
-    fn set_connection(&self, handle: Option<ShutdownHandle>) {
+    fn set_connection(&self, handle: Option<UnixStream>) {
         *self
             .inner
             .connection
@@ -145,7 +149,7 @@ impl std::fmt::Debug for StopHandle {
 /// A bound, listening vhost-user socket. Dropping it removes the socket
 /// file (unless another daemon has replaced it since).
 pub struct Listening {
-    listener: Listener,
+    listener: UnixListener,
     path: PathBuf,
     inode: (u64, u64),
 }
@@ -224,7 +228,7 @@ impl BlockServer {
         let meta = fs::symlink_metadata(path).map_err(bind_err)?;
         info!(path = %path.display(), "vhost-user-blk socket listening");
         Ok(Listening {
-            listener: Listener::from(listener),
+            listener,
             path: path.to_owned(),
             inode: (meta.dev(), meta.ino()),
         })
@@ -235,7 +239,7 @@ impl BlockServer {
     ///
     /// A frontend disconnecting (or misbehaving) ends only its connection;
     /// the next one is accepted on the same socket.
-    pub fn serve(&self, mut listening: Listening, stop: &StopHandle) -> Result<()> {
+    pub fn serve(&self, listening: Listening, stop: &StopHandle) -> Result<()> {
         const LISTENER: u64 = 0;
         const STOP: u64 = 1;
         let epoll = Epoll::new().map_err(Error::Poll)?;
@@ -267,8 +271,10 @@ impl BlockServer {
             if stop.is_stopped() {
                 break Ok(());
             }
-            if let Err(e) = self.serve_connection(&mut listening.listener, stop) {
-                break Err(e);
+            match listening.listener.accept() {
+                Ok((stream, _)) => self.serve_connection(stream, stop),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(Error::Accept(e)),
             }
         };
         info!("vhost-user-blk server stopping; flushing device");
@@ -283,42 +289,56 @@ impl BlockServer {
         self.serve(listening, stop)
     }
 
-    /// Accepts one frontend and serves it until it disconnects.
-    fn serve_connection(&self, listener: &mut Listener, stop: &StopHandle) -> Result<()> {
-        let backend = Arc::new(BlockBackend::from_spec(self.dev.clone(), self.spec.clone()));
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new("vhost-user-blk".to_owned(), backend.clone(), mem)
-            .map_err(|e| Error::Daemon(e.to_string()))?;
-        // The listener is readable, so this accepts without blocking.
-        daemon
-            .start(listener)
-            .map_err(|e| Error::Daemon(e.to_string()))?;
+    /// Serves one frontend until it disconnects (or `stop`).
+    fn serve_connection(&self, stream: UnixStream, stop: &StopHandle) {
         info!("vhost-user frontend connected");
-        stop.set_connection(daemon.shutdown_handle());
-        if stop.is_stopped() {
-            daemon.request_shutdown();
-        }
-        let ended = daemon.wait();
-        stop.set_connection(None);
-        // Dropping the daemon stops and joins the queue worker threads, so
-        // nothing new is dispatched; then let the requests the frontend
-        // left in flight finish before the flush below and before the next
-        // frontend can connect.
-        drop(daemon);
-        backend.quiesce();
-        drop(backend);
+        let ended = self.run_connection(stream, stop);
         match ended {
             Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => info!("vhost-user frontend disconnected"),
-            Err(e) => warn!(error = %e, "vhost-user connection failed"),
+            | Err(VhostUserError::Disconnected)
+            | Err(VhostUserError::PartialMessage)
+            | Err(VhostUserError::SocketBroken(_)) => info!("vhost-user frontend disconnected"),
+            Err(_) if stop.is_stopped() => info!("vhost-user connection closed"),
+            Err(e) => warn!(error = %error_chain(&e), "vhost-user connection failed"),
         }
         // Whatever the guest wrote is made durable between frontends.
         if let Err(e) = self.dev.flush() {
             warn!(error = %error_chain(&e), "flush after disconnect failed");
         }
-        Ok(())
+    }
+
+    /// Handles the frontend's messages until the connection ends; returns
+    /// once every request it started has completed.
+    fn run_connection(
+        &self,
+        stream: UnixStream,
+        stop: &StopHandle,
+    ) -> std::result::Result<(), VhostUserError> {
+        let backend = Arc::new(BlockBackend::from_spec(self.dev.clone(), self.spec.clone()));
+        let handler = Arc::new(Mutex::new(
+            BlkHandler::new(backend.clone()).map_err(VhostUserError::ReqHandlerError)?,
+        ));
+        let ended = (|| {
+            stop.set_connection(Some(
+                stream.try_clone().map_err(VhostUserError::SocketError)?,
+            ));
+            if stop.is_stopped() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+            let mut requests = BackendReqHandler::from_stream(stream, handler.clone());
+            loop {
+                requests.handle_request()?;
+            }
+        })();
+        stop.set_connection(None);
+        // No kick is taken after this; then the requests the frontend left
+        // in flight finish before the flush and before the next frontend.
+        handler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stop_queues();
+        backend.quiesce();
+        ended
     }
 }
 

@@ -49,6 +49,14 @@
 //! still in flight when the FLUSH arrives are not covered, as the spec
 //! allows.
 //!
+//! **Restarts.** With `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` the queue
+//! has an [`InflightQueue`]: every head is marked there when it is taken
+//! (before anything runs) and cleared when it is put on the used ring
+//! (under the vring lock, around `add_used`), so a daemon that dies at any
+//! instant leaves behind exactly the requests it held. The next daemon's
+//! worker runs those first ([`Worker::start`]), read from the descriptor
+//! table by head index, then continues with the available ring.
+//!
 //! **Stopping.** Every popped request is in [`InFlight`] (per descriptor
 //! head) until it is on the used ring. `BlockBackend::stop_vring` and
 //! `reset_device` wait for the worker to finish dispatching, then for the
@@ -65,13 +73,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, error, trace, warn};
-use vhost_user_backend::{VringRwLock, VringT};
+use tracing::{debug, error, info, trace, warn};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::block::BlockDevice;
-use crate::request::{ExecContext, Limits, Request, RequestType, STATUS_IOERR, STATUS_OK};
+use crate::inflight::InflightQueue;
+use crate::request::{
+    descriptors_at, ExecContext, Limits, Rejected, Request, RequestType, STATUS_IOERR, STATUS_OK,
+};
 use crate::wire::ID_BYTES;
 
 mod inflight;
@@ -184,6 +195,10 @@ pub struct Worker {
     queue: usize,
     in_flight: Arc<InFlight>,
     run_times: Arc<RunTimes>,
+    /// The queue's part of the shared in-flight region, if negotiated.
+    shared: Option<InflightQueue>,
+    /// Heads a previous daemon held, to run before the available ring.
+    resubmit: Vec<u16>,
 }
 
 /// Moving averages of how long small reads and small writes take,
@@ -250,7 +265,23 @@ impl Worker {
             queue,
             in_flight: Arc::new(InFlight::new()),
             run_times: Arc::new(RunTimes::new()),
+            shared: None,
+            resubmit: Vec::new(),
         }
+    }
+
+    /// Starts the queue on a (re)connection: `shared` is its part of the
+    /// in-flight region (if the frontend provided one), `resubmit` the
+    /// heads a previous daemon held, which run on the next
+    /// [`Worker::process`] before anything from the available ring.
+    pub fn start(&mut self, shared: Option<InflightQueue>, resubmit: Vec<u16>) {
+        self.shared = shared;
+        self.resubmit = resubmit;
+    }
+
+    /// Heads waiting to be resubmitted.
+    pub fn pending_resubmits(&self) -> usize {
+        self.resubmit.len()
     }
 
     /// The requests this queue's device holds.
@@ -283,7 +314,8 @@ impl Worker {
         }
     }
 
-    /// Takes requests until the available ring is empty.
+    /// Takes requests until the available ring is empty: first the heads
+    /// to resubmit, then the available ring.
     fn drain(
         &mut self,
         vring: &Vring,
@@ -291,6 +323,7 @@ impl Worker {
         target: &Arc<Target>,
         pool: Option<&Pool>,
     ) -> Result<()> {
+        self.resubmit_pending(vring, mem, target, pool);
         // Jobs keep this mapping alive however the memory table changes.
         let mem: Arc<GuestMemoryMmap> = mem.memory().into_inner();
         loop {
@@ -306,68 +339,128 @@ impl Worker {
             if chains.is_empty() {
                 return Ok(());
             }
-            let batch = chains.len();
-            let mut inline = Vec::new();
-            let mut jobs: Vec<Job> = Vec::new();
-            for chain in chains {
-                let head = chain.head_index();
-                let before = self.in_flight.begin(head);
-                let request = match Request::parse(chain, &target.limits) {
-                    Ok(request) => request,
-                    Err(rejected) => {
-                        // Guest-controlled: debug level so a misbehaving
-                        // guest cannot flood the host's logs.
-                        debug!(error = %error_chain(&rejected), "rejecting malformed request");
-                        let len = rejected.complete(&*mem);
-                        self.finish(vring, head, len);
-                        continue;
-                    }
-                };
-                // Without a pool, or alone on an idle queue: right away,
-                // in ring order. Cheap requests: here too, but after the
-                // slow ones of the batch are on their way to the pool.
-                if pool.is_none() || (batch == 1 && before == 0) {
-                    let len = self
-                        .run_times
-                        .timed(&request, || execute(&request, target, &mem));
+            // Marked in ring order before any of them runs (see
+            // crate::inflight for why the order matters).
+            if let Some(shared) = &self.shared {
+                for chain in &chains {
+                    shared.fetch(chain.head_index());
+                }
+            }
+            let batch: Vec<_> = chains
+                .into_iter()
+                .map(|chain| (chain.head_index(), Request::parse(chain, &target.limits)))
+                .collect();
+            self.dispatch(batch, vring, &mem, target, pool);
+        }
+    }
+
+    /// Runs (or hands to the pool) the requests a previous daemon held, in
+    /// the order it took them. They are marked in the shared region already.
+    pub fn resubmit_pending(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMem,
+        target: &Arc<Target>,
+        pool: Option<&Pool>,
+    ) {
+        if self.resubmit.is_empty() {
+            return;
+        }
+        let heads = std::mem::take(&mut self.resubmit);
+        let mem: Arc<GuestMemoryMmap> = mem.memory().into_inner();
+        let (table, size) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            (GuestAddress(queue.desc_table()), queue.size())
+        };
+        info!(
+            queue = self.queue,
+            count = heads.len(),
+            "resubmitting the requests a previous daemon held"
+        );
+        let batch: Vec<_> = heads
+            .into_iter()
+            .map(|head| {
+                let descs = descriptors_at(&*mem, table, size, head);
+                (
+                    head,
+                    Request::from_descriptors(&descs, &*mem, &target.limits),
+                )
+            })
+            .collect();
+        self.dispatch(batch, vring, &mem, target, pool);
+    }
+
+    /// Runs or hands to the pool one batch of parsed requests, completing
+    /// the rejected ones.
+    fn dispatch(
+        &mut self,
+        batch: Vec<(u16, std::result::Result<Request, Rejected>)>,
+        vring: &Vring,
+        mem: &Arc<GuestMemoryMmap>,
+        target: &Arc<Target>,
+        pool: Option<&Pool>,
+    ) {
+        let size = batch.len();
+        let mut inline = Vec::new();
+        let mut jobs: Vec<Job> = Vec::new();
+        for (head, parsed) in batch {
+            let before = self.in_flight.begin(head);
+            let request = match parsed {
+                Ok(request) => request,
+                Err(rejected) => {
+                    // Guest-controlled: debug level so a misbehaving
+                    // guest cannot flood the host's logs.
+                    debug!(error = %error_chain(&rejected), "rejecting malformed request");
+                    let len = rejected.complete(&**mem);
                     self.finish(vring, head, len);
                     continue;
                 }
-                if self.run_times.cheap(&request) {
-                    inline.push((head, request));
-                    continue;
-                }
-                let (vring, mem, target) = (vring.clone(), mem.clone(), target.clone());
-                let (queue, in_flight) = (self.queue, self.in_flight.clone());
-                let run_times = self.run_times.clone();
-                jobs.push(Box::new(move || {
-                    let len = run_times.timed(&request, || execute(&request, &target, &mem));
-                    complete(&vring, queue, head, len);
-                    in_flight.end(head);
-                }));
-            }
-            // The pool starts on the slow requests while this thread runs
-            // the cheap ones.
-            if let Some(pool) = pool {
-                pool.submit(jobs);
-            }
-            for (head, request) in inline {
+            };
+            // Without a pool, or alone on an idle queue: right away, in
+            // ring order. Cheap requests: here too, but after the slow
+            // ones of the batch are on their way to the pool.
+            if pool.is_none() || (size == 1 && before == 0) {
                 let len = self
                     .run_times
-                    .timed(&request, || execute(&request, target, &mem));
+                    .timed(&request, || execute(&request, target, mem));
                 self.finish(vring, head, len);
+                continue;
             }
-            // One signal for everything this thread completed: the driver
-            // then reaps the batch at once and answers with one kick.
-            notify(vring, self.queue);
+            if self.run_times.cheap(&request) {
+                inline.push((head, request));
+                continue;
+            }
+            let (vring, mem, target) = (vring.clone(), mem.clone(), target.clone());
+            let (queue, in_flight) = (self.queue, self.in_flight.clone());
+            let (run_times, shared) = (self.run_times.clone(), self.shared.clone());
+            jobs.push(Box::new(move || {
+                let len = run_times.timed(&request, || execute(&request, &target, &mem));
+                complete(&vring, queue, shared.as_ref(), head, len);
+                in_flight.end(head);
+            }));
         }
+        // The pool starts on the slow requests while this thread runs the
+        // cheap ones.
+        if let Some(pool) = pool {
+            pool.submit(jobs);
+        }
+        for (head, request) in inline {
+            let len = self
+                .run_times
+                .timed(&request, || execute(&request, target, mem));
+            self.finish(vring, head, len);
+        }
+        // One signal for everything this thread completed: the driver then
+        // reaps the batch at once and answers with one kick.
+        notify(vring, self.queue);
     }
 
     /// Puts a request completed on this thread on the used ring; the
     /// signal follows once per batch.
     fn finish(&self, vring: &Vring, head: u16, len: u32) {
-        if let Err(e) = vring.add_used(head, len) {
-            let e = Error::AddUsed { head, source: e };
+        let result = put_used(&mut vring.get_mut(), self.shared.as_ref(), head, len);
+        if let Err(e) = result {
             error!(queue = self.queue, error = %error_chain(&e), "completing a request failed");
         }
         self.in_flight.end(head);
@@ -447,15 +540,34 @@ pub fn notify(vring: &Vring, queue: usize) {
     }
 }
 
+/// Puts `head` on the used ring with `len` used bytes, keeping the shared
+/// in-flight region in step (see [`crate::inflight`]): the caller holds
+/// the vring lock, so puts of one queue never interleave.
+fn put_used(
+    state: &mut VringState<GuestMem>,
+    shared: Option<&InflightQueue>,
+    head: u16,
+    len: u32,
+) -> Result<()> {
+    if let Some(shared) = shared {
+        shared.pre_put(head);
+    }
+    state
+        .add_used(head, len)
+        .map_err(|source| Error::AddUsed { head, source })?;
+    if let Some(shared) = shared {
+        shared.post_put(head, state.get_queue().next_used());
+    }
+    Ok(())
+}
+
 /// Puts `head` on the used ring with `len` used bytes and signals the
 /// guest if it asked to be (EVENT_IDX) or always (without it), all under
 /// one vring lock. Failures are logged: the request is gone either way.
-pub fn complete(vring: &Vring, queue: usize, head: u16, len: u32) {
+pub fn complete(vring: &Vring, queue: usize, shared: Option<&InflightQueue>, head: u16, len: u32) {
     let result = {
         let mut state = vring.get_mut();
-        state
-            .add_used(head, len)
-            .map_err(|source| Error::AddUsed { head, source })
+        put_used(&mut state, shared, head, len)
             .and_then(|()| state.needs_notification().map_err(Error::Notification))
             .and_then(|needed| {
                 if needed {

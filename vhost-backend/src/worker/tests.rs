@@ -7,14 +7,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::epoll::EventSet;
 
 use super::*;
 use crate::backend::{BlockBackend, DeviceConfig};
@@ -512,7 +510,7 @@ fn stopping_a_queue_waits_for_its_requests_in_flight() {
         .add_desc_chains(&io_chain(mem, 3, 1, VIRTIO_BLK_T_IN, 8), 3)
         .unwrap();
     let vrings = [vring_for(&atomic, &queue, QUEUE_SIZE, true)];
-    backend.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+    backend.process_queue(0, &vrings[0]);
     assert_eq!(wait_used(mem, 1), [(3, 513)]);
     assert_eq!(backend.in_flight(0), 1);
 
@@ -520,7 +518,8 @@ fn stopping_a_queue_waits_for_its_requests_in_flight() {
     vrings[0].set_queue_ready(false);
     let stopper = {
         let backend = backend.clone();
-        thread::spawn(move || backend.stop_vring(0))
+        let vring = vrings[0].clone();
+        thread::spawn(move || backend.stop_vring(0, &vring))
     };
     thread::sleep(Duration::from_millis(100));
     assert!(
@@ -531,7 +530,7 @@ fn stopping_a_queue_waits_for_its_requests_in_flight() {
     queue
         .add_desc_chains(&io_chain(mem, 6, 2, VIRTIO_BLK_T_IN, 16), 6)
         .unwrap();
-    backend.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+    backend.process_queue(0, &vrings[0]);
 
     dev.open_gate();
     stopper.join().unwrap().unwrap();
