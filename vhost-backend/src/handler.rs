@@ -674,3 +674,6 @@ fn queue_loop(queue: usize, backend: &BlockBackend, vring: &Vring, epoll: &Epoll
         backend.process_queue(queue, vring);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -187,6 +187,9 @@ struct Ready {
 }
 
 /// QEMU arguments that attach a vhost-user-blk socket with shared guest RAM.
+/// `reconnect=1`: if the daemon restarts (upgrade, crash), QEMU reconnects
+/// within a second and the guest carries on; requests the old daemon held
+/// are resubmitted from the in-flight region.
 pub fn qemu_args(socket: &str, memory_mib: u64, queues: usize) -> Vec<String> {
     [
         "-machine",
@@ -196,7 +199,7 @@ pub fn qemu_args(socket: &str, memory_mib: u64, queues: usize) -> Vec<String> {
         "-object",
         &format!("memory-backend-memfd,id=mem,size={memory_mib}M,share=on"),
         "-chardev",
-        &format!("socket,id=vu0,path={socket}"),
+        &format!("socket,id=vu0,path={socket},reconnect=1"),
         "-device",
         &format!("vhost-user-blk-pci,chardev=vu0,num-queues={queues},bootindex=1"),
     ]
