@@ -20,7 +20,8 @@
 #   guestmode=check   (default) the checks above
 #   guestmode=loop    the checks above, then a write-and-verify loop on
 #                     /loop.dat (1 MiB per iteration: write, sync, drop
-#                     caches, read back), printing "LOOP <i> OK|BAD", for
+#                     caches, read back), printing "LOOP-SUM <i> <sha256
+#                     written>" then "LOOP <i> OK|BAD", for
 #                     guestiters=<N> iterations (default 20, 0 = forever)
 #                     or until the line "stop" arrives on the serial
 #                     console; then LOOP-DONE <n>, GUEST-DONE, power off.
@@ -28,7 +29,8 @@
 # Console markers (one per line, greppable):
 #   GUEST-INIT <kernel release> mode=<mode>, DISK-SERIAL: <virtio-blk serial
 #   or none>, PAYLOAD-OK | PAYLOAD-BAD, SAW-BOOTS: <files or none>,
-#   WROTE-BOOT: boot-<N>.txt, LOOP-READY, LOOP <i> OK|BAD, LOOP-DONE <n>,
+#   WROTE-BOOT: boot-<N>.txt, LOOP-READY, LOOP-SUM <i> <sha256>,
+#   LOOP <i> OK|BAD, LOOP-DONE <n>,
 #   ROOT-RO (root remounted read-only, so e2fsck -fn is clean), GUEST-DONE,
 #   and INITRAMFS-FAIL: <why> when the initramfs cannot mount the root.
 #
@@ -292,6 +294,10 @@ if [ "$mode" = loop ]; then
         sync
         echo 3 >/proc/sys/vm/drop_caches
         got=$(sha256sum /loop.dat | cut -d' ' -f1)
+        # What this iteration wrote, so the host can check the disk after
+        # power-off (printed before the result: a host that sees the result
+        # already has the sum).
+        echo "LOOP-SUM $i $want"
         if [ "$want" = "$got" ]; then
             echo "LOOP $i OK"
         else

@@ -32,6 +32,35 @@ impl BootDaemon {
         extra: &[&str],
         last: Option<&Path>,
     ) -> BootDaemon {
+        Self::spawn(store, snapshot, dir, extra, last, Stdio::inherit())
+    }
+
+    /// [`BootDaemon::start`] with the daemon's stderr appended to `log`, so
+    /// a test can show it in its failure message.
+    pub fn start_logged(
+        store: &Path,
+        snapshot: &str,
+        dir: &Path,
+        extra: &[&str],
+        last: Option<&Path>,
+        log: &Path,
+    ) -> BootDaemon {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
+        Self::spawn(store, snapshot, dir, extra, last, Stdio::from(file))
+    }
+
+    fn spawn(
+        store: &Path,
+        snapshot: &str,
+        dir: &Path,
+        extra: &[&str],
+        last: Option<&Path>,
+        stderr: Stdio,
+    ) -> BootDaemon {
         let socket = dir.join("vhost.sock");
         let mut child = recovery_cli()
             .arg("instant-boot")
@@ -46,6 +75,7 @@ impl BootDaemon {
             .args(extra)
             .args(last)
             .stdout(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("spawn recovery-cli instant-boot");
         let stdout = child.stdout.take().expect("stdout");
@@ -65,6 +95,11 @@ impl BootDaemon {
             socket,
             ready,
         }
+    }
+
+    /// Process id of the running daemon.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// SIGKILL, as a crash.

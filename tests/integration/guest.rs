@@ -14,6 +14,7 @@
 //! | `SAW-BOOTS: <files>`    | `boot-<n>.txt` files left by earlier boots       |
 //! | `WROTE-BOOT: <file>`    | this boot's record, synced                        |
 //! | `LOOP <i> OK` / `BAD`   | `guestmode=loop` write-and-verify iterations     |
+//! | `LOOP-SUM <i> <sha256>` | what iteration `i` wrote (just before its result)|
 //! | `GUEST-DONE`            | root remounted read-only, about to power off     |
 //! | `INITRAMFS-FAIL: <why>` | the initramfs could not mount the root disk      |
 //!
@@ -124,13 +125,29 @@ impl Guest {
     /// memfd, as vhost-user requires). `extra` is appended to QEMU's
     /// arguments.
     pub fn qemu_vhost_user_cmd(&self, socket: &Path, extra: &[&str]) -> Command {
+        self.vhost_user_cmd(socket, "", extra)
+    }
+
+    /// [`Guest::qemu_vhost_user_cmd`] with `reconnect=1` on the chardev:
+    /// when the daemon goes away QEMU keeps the guest running and retries
+    /// the socket every second, then resumes the device on the new daemon.
+    pub fn qemu_vhost_user_reconnect_cmd(&self, socket: &Path, extra: &[&str]) -> Command {
+        self.vhost_user_cmd(socket, ",reconnect=1", extra)
+    }
+
+    /// QEMU with a vhost-user-blk disk; `chardev_opts` is appended to the
+    /// socket chardev's options.
+    fn vhost_user_cmd(&self, socket: &Path, chardev_opts: &str, extra: &[&str]) -> Command {
         let mut cmd = self.base_cmd("q35,memory-backend=mem");
         cmd.arg("-object")
             .arg(format!(
                 "memory-backend-memfd,id=mem,size={GUEST_MEM_MIB}M,share=on"
             ))
             .arg("-chardev")
-            .arg(format!("socket,id=vu0,path={}", socket.display()))
+            .arg(format!(
+                "socket,id=vu0,path={}{chardev_opts}",
+                socket.display()
+            ))
             .args(["-device", "vhost-user-blk-pci,chardev=vu0"])
             .args(extra);
         cmd
@@ -488,6 +505,55 @@ pub fn read_guest_file(img: &Path, path: &str) -> Option<String> {
         return None;
     }
     Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Copy the host file `src` into an ext4 image as `path` (debugfs
+/// `write`; the image must not be mounted or booted meanwhile).
+pub fn write_guest_file(img: &Path, src: &Path, path: &str) {
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .arg("-R")
+        .arg(format!("write {} {path}", src.display()))
+        .arg(img)
+        .output()
+        .expect("run debugfs");
+    // debugfs exits 0 even when the write fails; anything on stderr but
+    // its version banner is the failure.
+    let err = String::from_utf8_lossy(&out.stderr);
+    let failed = err.lines().any(|l| !l.starts_with("debugfs "));
+    assert!(
+        out.status.success() && !failed,
+        "debugfs write {} {path}: {err}",
+        src.display()
+    );
+}
+
+/// Size and SHA-256 (hex) of a file in an ext4 image, read without
+/// mounting it (debugfs `dump` into `scratch`, then `sha256sum`); `None`
+/// if the file does not exist.
+pub fn guest_file_digest(img: &Path, path: &str, scratch: &Path) -> Option<(u64, String)> {
+    let _ = std::fs::remove_file(scratch);
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump {path} {}", scratch.display()))
+        .arg(img)
+        .output()
+        .expect("run debugfs");
+    if !out.status.success() || String::from_utf8_lossy(&out.stderr).contains("not found") {
+        return None;
+    }
+    let len = std::fs::metadata(scratch).ok()?.len();
+    let sum = Command::new("sha256sum")
+        .arg(scratch)
+        .output()
+        .expect("run sha256sum");
+    assert!(sum.status.success(), "sha256sum failed: {sum:?}");
+    let hex = String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    Some((len, hex))
 }
 
 /// Byte offset of `path`'s first data block inside an ext4 image.

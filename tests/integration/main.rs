@@ -6,6 +6,7 @@ mod full_disk;
 mod guest;
 mod migrate;
 mod permissions;
+mod reconnect;
 mod store_cli;
 mod store_props;
 mod util;

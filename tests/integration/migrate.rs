@@ -14,7 +14,7 @@ use crate::util::recovery_cli;
 const MIB: usize = 1 << 20;
 
 /// `recovery-cli status --json` of the daemon whose state dir is `state`.
-fn status(state: &Path) -> serde_json::Value {
+pub(crate) fn status(state: &Path) -> serde_json::Value {
     let out = recovery_cli()
         .args(["status", "--json", "--control"])
         .arg(state.join("control.sock"))
@@ -24,7 +24,7 @@ fn status(state: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
-fn num(status: &serde_json::Value, field: &str) -> u64 {
+pub(crate) fn num(status: &serde_json::Value, field: &str) -> u64 {
     status[field]
         .as_u64()
         .unwrap_or_else(|| panic!("{field} missing in {status}"))
@@ -81,7 +81,7 @@ fn random_io(client: &mut Client, model: &mut [u8], rng: &mut impl Rng, ops: usi
 }
 
 /// Polls the daemon until its migration is complete (2 minutes at most).
-fn wait_complete(state: &Path) {
+pub(crate) fn wait_complete(state: &Path) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while status(state)["state"] != "complete" {
         assert!(Instant::now() < deadline, "migration did not finish");

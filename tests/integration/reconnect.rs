@@ -1,0 +1,480 @@
+//! Reconnect without I/O loss (issue 5): `kill -9` of the daemon under a
+//! running guest.
+//!
+//! QEMU's vhost-user chardev has `reconnect=1`: when the daemon dies, QEMU
+//! keeps the guest running, stops the device and retries the socket every
+//! second. A new daemon on the same store, state directory, socket and
+//! target must take over so that the guest's write-and-verify loop never
+//! sees an I/O error, no acknowledged write is lost, and the migration to
+//! the target resumes from its last checkpoint.
+//!
+//! Each kill lands while the guest writes: after an iteration starts, the
+//! test polls the daemon until its guest write counter rises, then stops it
+//! (SIGSTOP) for a few hundred milliseconds, so the guest's next requests
+//! stay outstanding, and only then sends SIGKILL (the same crash, at the
+//! moment it stopped). The round summary printed to stderr says how many
+//! daemon threads were inside an I/O system call at that moment.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::{Rng, RngCore, SeedableRng};
+
+use crate::boot::{store_with_backup, BootDaemon};
+use crate::guest::{
+    e2fsck, guest_file_digest, require_guest, write_guest_file, GuestOutput, RunningGuest,
+    BOOT_TIMEOUT,
+};
+use crate::migrate::{num, status, wait_complete};
+use crate::util::recovery_cli;
+
+/// Kill-and-restart rounds.
+const ROUNDS: u32 = 3;
+
+/// Copier rate limit: slow enough that the guest disk's non-zero data
+/// ([`FILLER_BYTES`] and more) is still migrating after all rounds (zero
+/// chunks cost nothing; copy-on-read of the guest's own reads adds to the
+/// progress), fast enough to show progress between two looks.
+const COPY_RATE: &str = "256K";
+
+/// Random data added to the 64 MiB guest disk before the backup, so the
+/// copier has work for longer than the test runs (about 100 s at
+/// [`COPY_RATE`]).
+const FILLER_BYTES: usize = 24 << 20;
+
+/// How long to wait for guest writes to show up in the daemon's counters
+/// before killing it anyway.
+const WRITE_WAIT: Duration = Duration::from_secs(3);
+
+/// Loop iterations that must pass after each restart.
+const ITERATIONS_AFTER_RESTART: u32 = 2;
+
+/// Time for one loop iteration, including QEMU's reconnect (1 s retry) and
+/// the new daemon's start. An idle TCG guest needs a second or two.
+const ITERATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The copier checkpoints its migrated bitmap at least this often
+/// (`MigrateOptions::checkpoint_interval`, 1 s) plus margin: progress
+/// reported this long before a kill survives it.
+const CHECKPOINT_MARGIN: Duration = Duration::from_millis(1500);
+
+/// Guest kernel messages that mean the guest saw an I/O error.
+const IO_ERROR_MARKERS: [&str; 4] = [
+    "I/O error",
+    "EXT4-fs error",
+    "blk_update_request",
+    "Buffer I/O",
+];
+
+/// Size of `/loop.dat`, written by every loop iteration.
+const LOOP_FILE_BYTES: u64 = 1 << 20;
+
+/// The daemon under test and everything needed to start it again.
+struct Setup {
+    dir: tempfile::TempDir,
+    store: PathBuf,
+    target: PathBuf,
+    state: PathBuf,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl Setup {
+    /// Starts (or restarts) `instant-boot` on the same store, state,
+    /// socket and target; its stderr goes to the shared log.
+    fn start(&mut self) -> BootDaemon {
+        self.starts += 1;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .and_then(|mut f| writeln!(f, "=== daemon start {} ===", self.starts))
+            .unwrap();
+        BootDaemon::start_logged(
+            &self.store,
+            "guest",
+            self.dir.path(),
+            &["--queues", "1", "--copy-rate", COPY_RATE, "--target"],
+            Some(&self.target),
+            &self.log,
+        )
+    }
+
+    /// Bytes the target holds according to the running daemon.
+    fn migrated(&self) -> u64 {
+        num(&status(&self.state), "bytes_migrated")
+    }
+
+    /// The last console lines and the daemons' stderr, for failure
+    /// messages.
+    fn context(&self, console: &str) -> String {
+        let lines: Vec<&str> = console.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(40)..];
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let log_lines: Vec<&str> = log.lines().collect();
+        let log_tail = &log_lines[log_lines.len().saturating_sub(60)..];
+        let mut out = String::new();
+        let _ = writeln!(out, "--- guest console (last {} lines) ---", tail.len());
+        for l in tail {
+            let _ = writeln!(out, "{l}");
+        }
+        let _ = writeln!(out, "--- daemon stderr (last {} lines) ---", log_tail.len());
+        for l in log_tail {
+            let _ = writeln!(out, "{l}");
+        }
+        out.push_str("---");
+        out
+    }
+}
+
+/// Writes [`FILLER_BYTES`] of random data into `image` as `/filler.bin`.
+fn add_filler(image: &Path, dir: &Path, seed: u64) {
+    let mut data = vec![0u8; FILLER_BYTES];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    let filler = dir.join("filler.bin");
+    std::fs::write(&filler, data).unwrap();
+    write_guest_file(image, &filler, "/filler.bin");
+    std::fs::remove_file(&filler).unwrap();
+    e2fsck(image).unwrap_or_else(|e| panic!("image with filler: {e}"));
+}
+
+/// Polls the daemon until its guest write counter rises (the guest's
+/// `sync` is sending writes), then waits a few random milliseconds more.
+/// Returns the time waited, whether writes were seen and the last status.
+fn wait_for_guest_writes(setup: &Setup, rng: &mut impl Rng) -> (Duration, bool, serde_json::Value) {
+    let start = Instant::now();
+    let base = num(&status(&setup.state), "guest_write_ops");
+    let (seen, last) = loop {
+        let now = status(&setup.state);
+        if num(&now, "guest_write_ops") > base {
+            break (true, now);
+        }
+        if start.elapsed() >= WRITE_WAIT {
+            break (false, now);
+        }
+    };
+    std::thread::sleep(Duration::from_millis(rng.gen_range(0..20)));
+    (start.elapsed(), seen, last)
+}
+
+/// Threads of the stopped process `pid` that are inside a block I/O system
+/// call (pread64, pwrite64, preadv, pwritev, fsync, fdatasync, fallocate,
+/// preadv2, pwritev2 on x86_64): requests the daemon had taken off the
+/// queue and not finished when it died. Diagnostic only; 0 if unknown.
+fn threads_in_io(pid: u32) -> usize {
+    const IO_SYSCALLS: [u64; 9] = [17, 18, 295, 296, 74, 75, 285, 327, 328];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("syscall")).ok())
+        .filter(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|n| IO_SYSCALLS.contains(&n))
+        })
+        .count()
+}
+
+/// Sends `signal` (a `kill -<signal>` name) to `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
+
+/// `LOOP <i> OK|BAD` results in console order.
+fn loop_results(console: &str) -> Vec<(u32, bool)> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            if words.next() != Some("LOOP") {
+                return None;
+            }
+            let i = words.next()?.parse().ok()?;
+            match words.next()? {
+                "OK" => Some((i, true)),
+                "BAD" => Some((i, false)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The highest loop iteration that reported a result.
+fn last_iteration(console: &str) -> u32 {
+    loop_results(console)
+        .iter()
+        .map(|&(i, _)| i)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Console lines that show a guest I/O error.
+fn io_error_lines(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .filter(|l| IO_ERROR_MARKERS.iter().any(|m| l.contains(m)))
+        .collect()
+}
+
+/// Waits for iteration `i`'s result line and panics with the context
+/// unless it is `LOOP <i> OK` and the guest printed no I/O error so far.
+fn expect_ok(setup: &Setup, guest: &RunningGuest, i: u32, what: &str) {
+    let line = guest.wait_for(&format!("LOOP {i} "), ITERATION_TIMEOUT);
+    let console = guest.console();
+    assert_eq!(
+        line.as_deref(),
+        Some(format!("LOOP {i} OK").as_str()),
+        "{what}: iteration {i} did not pass within {ITERATION_TIMEOUT:?}\n{}",
+        setup.context(&console)
+    );
+    let errors = io_error_lines(&console);
+    assert!(
+        errors.is_empty(),
+        "{what}: the guest saw I/O errors: {errors:?}\n{}",
+        setup.context(&console)
+    );
+}
+
+/// One kill: where the guest and the migration were.
+struct Round {
+    /// The iteration running when the daemon died.
+    killed_in: u32,
+    /// Delay after that iteration started.
+    delay: Duration,
+    /// The daemon's guest write counter rose just before the kill.
+    mid_write: bool,
+    /// How long the daemon was stopped (SIGSTOP) before SIGKILL.
+    frozen: Duration,
+    /// Daemon threads stopped inside an I/O system call.
+    busy: usize,
+    /// Progress reported at least one checkpoint before the kill.
+    durable: u64,
+    /// Progress reported just before the kill (may be lost).
+    live: u64,
+    /// Progress the restarted daemon reported first.
+    resumed: u64,
+    /// Progress after the guest passed its iterations on the new daemon.
+    after: u64,
+    /// The last passed iteration after the restart.
+    reached: u32,
+}
+
+impl std::fmt::Display for Round {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stopped {:.0?} into iteration {}{} with {} threads in I/O calls, killed \
+             {:.0?} later; passed up to {}; bytes migrated: {} checkpointed, {} live, \
+             {} at restart, {} after",
+            self.delay,
+            self.killed_in,
+            if self.mid_write { " (mid-write)" } else { "" },
+            self.busy,
+            self.frozen,
+            self.reached,
+            self.durable,
+            self.live,
+            self.resumed,
+            self.after
+        )
+    }
+}
+
+#[test]
+fn guest_rides_out_daemon_kill_9() {
+    let guest = require_guest!().with_kernel_args("guestmode=loop guestiters=0");
+    let started = Instant::now();
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let image = guest.copy_root(dir.path());
+    let image_size = std::fs::metadata(&image).unwrap().len();
+    add_filler(&image, dir.path(), seed);
+    let (store, _) = store_with_backup(dir.path(), "guest", &image);
+    std::fs::remove_file(&image).unwrap();
+    let mut setup = Setup {
+        target: dir.path().join("target.raw"),
+        state: dir.path().join("state"),
+        log: dir.path().join("daemon.log"),
+        store,
+        dir,
+        starts: 0,
+    };
+    eprintln!("reconnect: seed {seed}, image {image_size} bytes, copy rate {COPY_RATE}/s");
+
+    let mut daemon = setup.start();
+    let mut running = RunningGuest::spawn(guest.qemu_vhost_user_reconnect_cmd(&daemon.socket, &[]));
+    assert!(
+        running.wait_for("LOOP-READY", BOOT_TIMEOUT).is_some(),
+        "guest did not reach its loop\n{}",
+        setup.context(&running.console())
+    );
+    for i in 1..=2 {
+        expect_ok(&setup, &running, i, "before any kill");
+    }
+
+    let mut rounds = Vec::new();
+    for round in 1..=ROUNDS {
+        let what = format!("round {round}");
+        let before = status(&setup.state);
+        assert_eq!(
+            before["state"], "migrating",
+            "{what}: the migration must still run when the daemon dies: {before}"
+        );
+        let durable = num(&before, "bytes_migrated");
+        std::thread::sleep(CHECKPOINT_MARGIN);
+
+        // Kill while the guest writes: the next result line starts an
+        // iteration (dd of 1 MiB, sha256sum, sync).
+        let seen = last_iteration(&running.console());
+        expect_ok(&setup, &running, seen + 1, &what);
+        let killed_in = seen + 2;
+        let (delay, mid_write, last) = wait_for_guest_writes(&setup, &mut rng);
+        let live = num(&last, "bytes_migrated");
+        // Freeze the daemon first: requests the guest submits meanwhile
+        // stay outstanding, so the kill always strands guest I/O. SIGKILL
+        // of a stopped process is the same crash at the moment it stopped.
+        signal(daemon.pid(), "STOP");
+        let frozen = Duration::from_millis(rng.gen_range(100..600));
+        std::thread::sleep(frozen);
+        let busy = threads_in_io(daemon.pid());
+        daemon.kill();
+
+        daemon = setup.start();
+        let resumed = setup.migrated();
+        assert!(
+            resumed >= durable,
+            "{what}: migration progress went back from {durable} (checkpointed) to \
+             {resumed} bytes after the restart\n{}",
+            setup.context(&running.console())
+        );
+
+        let reached = killed_in + ITERATIONS_AFTER_RESTART;
+        for i in killed_in..=reached {
+            expect_ok(&setup, &running, i, &format!("{what}, after the restart"));
+        }
+        let after = setup.migrated();
+        assert!(
+            after > resumed,
+            "{what}: migration did not resume: {resumed} bytes at the restart, {after} \
+             after iteration {reached}\n{}",
+            setup.context(&running.console())
+        );
+        let r = Round {
+            killed_in,
+            delay,
+            mid_write,
+            frozen,
+            busy,
+            durable,
+            live,
+            resumed,
+            after,
+            reached,
+        };
+        eprintln!("reconnect: {what}: {r}");
+        rounds.push(r);
+    }
+    assert!(
+        rounds.iter().any(|r| r.mid_write),
+        "no kill landed while the guest was writing (no write within {WRITE_WAIT:?} \
+         of an iteration's start)"
+    );
+    let migrating = status(&setup.state);
+    assert_eq!(
+        migrating["state"], "migrating",
+        "the kills must all land during the migration: {migrating}"
+    );
+
+    running.send_line("stop");
+    let out = running.finish(BOOT_TIMEOUT);
+    let done = check_guest_output(&setup, &out, &rounds);
+
+    // Finish the migration at full speed, then the target alone is the disk.
+    let rate = recovery_cli()
+        .args(["set-rate", "--control"])
+        .arg(setup.state.join("control.sock"))
+        .arg("unlimited")
+        .output()
+        .unwrap();
+    assert!(rate.status.success(), "set-rate failed: {rate:?}");
+    wait_complete(&setup.state);
+    daemon.stop();
+    check_target(&setup, &out, done, image_size);
+    eprintln!("reconnect: passed in {:.1?}", started.elapsed());
+}
+
+/// Asserts the guest stopped cleanly with every iteration OK and no I/O
+/// error; returns the number of iterations.
+fn check_guest_output(setup: &Setup, out: &GuestOutput, rounds: &[Round]) -> u32 {
+    let context = || format!("{out}\n{}", setup.context(&out.console));
+    assert!(
+        !out.timed_out && out.status.is_some_and(|s| s.success()) && out.guest_done(),
+        "the guest did not stop and power off cleanly after \"stop\"\n{}",
+        context()
+    );
+    let errors = io_error_lines(&out.console);
+    assert!(
+        errors.is_empty(),
+        "the guest saw I/O errors: {errors:?}\n{}",
+        context()
+    );
+    let done: u32 = out
+        .value("LOOP-DONE")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no LOOP-DONE\n{}", context()));
+    let results = loop_results(&out.console);
+    let expected: Vec<(u32, bool)> = (1..=done).map(|i| (i, true)).collect();
+    assert_eq!(
+        results,
+        expected,
+        "every iteration must pass, in order\n{}",
+        context()
+    );
+    let mut previous = 0;
+    for r in rounds {
+        assert!(
+            r.reached > r.killed_in && r.killed_in > previous,
+            "iterations did not go up across the restart: {r}"
+        );
+        previous = r.reached;
+    }
+    assert!(done >= previous, "LOOP-DONE {done} < {previous}");
+    done
+}
+
+/// The completed target holds a clean file system whose `/loop.dat` is
+/// what the guest's last iteration wrote.
+fn check_target(setup: &Setup, out: &GuestOutput, done: u32, image_size: u64) {
+    let target = &setup.target;
+    assert_eq!(std::fs::metadata(target).unwrap().len(), image_size);
+    e2fsck(target).unwrap_or_else(|e| panic!("target after migration: {e}"));
+    let want = out
+        .value(&format!("LOOP-SUM {done} "))
+        .unwrap_or_else(|| {
+            panic!(
+                "no LOOP-SUM for iteration {done} (guest cache older than \
+                 scripts/build-guest.sh?)\n{out}"
+            )
+        })
+        .to_owned();
+    let scratch = setup.dir.path().join("loop.dat");
+    let (len, sum) = guest_file_digest(target, "/loop.dat", &scratch)
+        .unwrap_or_else(|| panic!("/loop.dat missing on the target"));
+    assert_eq!(len, LOOP_FILE_BYTES, "/loop.dat size on the target");
+    assert_eq!(
+        sum, want,
+        "/loop.dat on the target is not what iteration {done} wrote"
+    );
+}
