@@ -57,6 +57,12 @@
 //! bitmap; it merely lacks some bits of the sync that did not complete,
 //! whose caller was never told the sync succeeded.
 //!
+//! # Surviving the daemon, not the machine: the live journal
+//!
+//! Bits also go to `<bitmap>.live` as they are set (page cache only), so a
+//! daemon killed between syncs loses no acknowledged write as long as the
+//! machine keeps running; see [`journal`].
+//!
 //! # Failures
 //!
 //! An error in any step poisons the bitmap: every later sync fails. After
@@ -71,6 +77,13 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+
+mod journal;
+
+/// The live journal path of the bitmap at `bitmap` (see [`journal`]).
+pub fn journal_path(bitmap: &Path) -> PathBuf {
+    journal::path_for(bitmap)
+}
 
 // On-disk format constants: do not modify, add a new version instead.
 /// Magic number at offset 0.
@@ -301,6 +314,8 @@ pub struct PersistentBitmap {
     /// The highest sync number that completed.
     done: AtomicU64,
     poisoned: AtomicBool,
+    /// Bits set since the last sync, for a restart on the same boot.
+    journal: Option<journal::Journal>,
 }
 
 impl PersistentBitmap {
@@ -334,6 +349,8 @@ impl PersistentBitmap {
         tmp_name.push(".tmp");
         let tmp = PathBuf::from(tmp_name);
         let nbits = header.nbits();
+        // A journal without its bitmap belongs to a bitmap that is gone.
+        journal::remove(path);
         {
             let f = OpenOptions::new()
                 .read(true)
@@ -444,13 +461,25 @@ impl PersistentBitmap {
         file.read_exact_at(&mut bytes, HEADER_SIZE as u64)
             .map_err(read_err)?;
         let nwords = nbits.div_ceil(64) as usize;
+        let fingerprint = fnv1a(&expected.encode());
+        let journaled = journal::recover(path, fingerprint, nwords);
         let mut ones = 0u64;
+        let mut recovered = 0u64;
+        let mut dirty: Box<[AtomicBool]> = (0..Self::pages(nbits))
+            .map(|_| AtomicBool::new(false))
+            .collect();
         let live: Box<[AtomicU64]> = bytes
             .chunks_exact(8)
             .take(nwords)
             .enumerate()
             .map(|(i, w)| {
                 let mut w = le_u64(w);
+                let extra = journaled.as_ref().map_or(0, |j| j[i] & !w);
+                if extra != 0 {
+                    recovered += u64::from(extra.count_ones());
+                    *dirty[i / WORDS_PER_PAGE].get_mut() = true;
+                    w |= extra;
+                }
                 if i == nwords - 1 && !nbits.is_multiple_of(64) {
                     w &= (1u64 << (nbits % 64)) - 1;
                 }
@@ -458,20 +487,27 @@ impl PersistentBitmap {
                 AtomicU64::new(w)
             })
             .collect();
+        if recovered > 0 {
+            tracing::info!(
+                path = %path.display(),
+                bits = recovered,
+                "recovered bits a previous daemon set after its last sync"
+            );
+        }
+        let journal = journal::Journal::start(path, fingerprint, &live);
         Ok(PersistentBitmap {
             path: path.to_path_buf(),
             file,
             header: expected.clone(),
             nbits,
             live,
-            dirty: (0..Self::pages(nbits))
-                .map(|_| AtomicBool::new(false))
-                .collect(),
+            dirty,
             ones: AtomicU64::new(ones),
             sync_lock: Mutex::new(()),
             started: AtomicU64::new(0),
             done: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
+            journal,
         })
     }
 
@@ -547,6 +583,9 @@ impl PersistentBitmap {
             if added > 0 {
                 newly += added;
                 self.dirty[word / WORDS_PER_PAGE].store(true, Ordering::Release);
+                if let Some(journal) = &self.journal {
+                    journal.record(word, &self.live[word]);
+                }
             }
             pos = (word as u64 + 1) * 64;
         }
@@ -641,6 +680,9 @@ impl PersistentBitmap {
                     self.dirty[*p].store(true, Ordering::Release);
                 }
                 self.poisoned.store(true, Ordering::SeqCst);
+                if let Some(journal) = &self.journal {
+                    journal.invalidate();
+                }
                 tracing::error!(path = %self.path.display(), error = %e, "bitmap sync failed");
                 Err(e)
             }
@@ -717,12 +759,59 @@ mod tests {
         bm.sync().unwrap();
         assert!(bm.set(70_000)); // never synced
         drop(bm);
+        // The machine reboots: the page cache, and with it the live
+        // journal's promise, is gone.
+        journal::pretend_reboot(&path);
         let (bm, created) = PersistentBitmap::open_or_create(&path, &h).unwrap();
         assert!(!created);
         assert_eq!(bm.count_ones(), 152);
         assert!(bm.get(5) && bm.get(60) && bm.get(199) && bm.get(100_000));
         assert!(!bm.get(4) && !bm.get(59) && !bm.get(200) && !bm.get(70_000));
         assert!(!bm.get(100_001) && !bm.get(u64::MAX));
+    }
+
+    #[test]
+    fn unsynced_bits_survive_a_daemon_restart_on_the_same_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let h = header("snap-a", 4096 * 10_000);
+        let bm = PersistentBitmap::create(&path, &h).unwrap();
+        bm.set(3);
+        bm.sync().unwrap();
+        bm.set_range(100..300);
+        bm.set(9_999);
+        // Killed: no sync, no destructor work beyond closing files.
+        drop(bm);
+        let bm = PersistentBitmap::open(&path, &h).unwrap();
+        assert_eq!(bm.count_ones(), 202);
+        assert!(bm.get(3) && bm.get(100) && bm.get(299) && bm.get(9_999));
+        // Recovered bits are dirty: the next sync persists them (after the
+        // data), so they no longer depend on the journal.
+        bm.sync().unwrap();
+        drop(bm);
+        journal::pretend_reboot(&path);
+        assert_eq!(PersistentBitmap::open(&path, &h).unwrap().count_ones(), 202);
+    }
+
+    #[test]
+    fn a_journal_of_another_bitmap_or_a_new_bitmap_is_not_merged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let bm = PersistentBitmap::create(&path, &header("snap-a", 4096 * 64)).unwrap();
+        bm.set(1);
+        drop(bm);
+        // Same file name, another snapshot: the journal is ignored.
+        std::fs::remove_file(&path).unwrap();
+        let other = header("snap-b", 4096 * 64);
+        std::fs::copy(journal_path(&path), dir.path().join("saved")).unwrap();
+        let bm = PersistentBitmap::create(&path, &other).unwrap();
+        assert!(!journal_path(&path).exists() || !bm.get(1));
+        drop(bm);
+        std::fs::copy(dir.path().join("saved"), journal_path(&path)).unwrap();
+        assert_eq!(
+            PersistentBitmap::open(&path, &other).unwrap().count_ones(),
+            0
+        );
     }
 
     #[test]
@@ -804,6 +893,8 @@ mod tests {
             Ok(())
         })
         .unwrap();
+        // What the disk alone holds (after a reboot, without the journal).
+        journal::pretend_reboot(&path);
         let reopened = PersistentBitmap::open(&path, &h).unwrap();
         assert!(reopened.get(1));
         assert!(
