@@ -1,26 +1,22 @@
 //! The vhost-user-blk device driven by a real client: libblkio's
-//! `virtio-blk-vhost-user` driver over a socket in a temp dir.
-//!
-//! Every I/O buffer lives in one blkio memory region (`alloc_mem_region` +
-//! `map_mem_region`, a memfd shared with the server). The test reads and
-//! fills that region through `/proc/self/fd/N`, the same memfd, so it needs
-//! no raw pointer dereferences.
+//! `virtio-blk-vhost-user` driver ([`crate::blkio_client`]) over a socket
+//! in a temp dir.
 
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::mem::MaybeUninit;
-use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use blkio::{Blkio, ReqFlags};
 use rand::{Rng, RngCore, SeedableRng};
 use vhost_backend::backend::DeviceConfig;
 use vhost_backend::block::BlockDevice;
 use vhost_backend::mem_device::MemDevice;
 use vhost_backend::serve::{BlockServer, StopHandle};
+
+use crate::blkio_client::{next_completion, read_on, write_on, Client, Options};
 
 const MIB: usize = 1 << 20;
 
@@ -62,137 +58,6 @@ impl Drop for Server {
             let _ = t.join();
         }
     }
-}
-
-/// A blkio client with one mapped memory region.
-struct Client {
-    blkio: Blkio,
-    queues: Vec<Blkioq>,
-    region: MemoryRegion,
-    mem: File,
-}
-
-/// Outcome of one request: Ok or the negative errno blkio reported.
-type Outcome = Result<(), i32>;
-
-impl Client {
-    fn connect(path: &Path, num_queues: i32, read_only: bool, region_len: usize) -> Client {
-        let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
-        blkio.set_str("path", path.to_str().unwrap()).unwrap();
-        blkio.set_bool("read-only", read_only).unwrap();
-        blkio.connect().unwrap();
-        blkio.set_i32("num-queues", num_queues).unwrap();
-        let queues = blkio.start().unwrap().queues;
-        let region = blkio.alloc_mem_region(region_len).unwrap();
-        blkio.map_mem_region(&region).unwrap();
-        let mem = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/self/fd/{}", region.fd))
-            .unwrap();
-        Client {
-            blkio,
-            queues,
-            region,
-            mem,
-        }
-    }
-
-    fn capacity(&self) -> u64 {
-        self.blkio.get_u64("capacity").unwrap()
-    }
-
-    fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
-        read_via(&mut self.queues[q], &self.region, &self.mem, 0, offset, len)
-    }
-
-    fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> Outcome {
-        write_via(
-            &mut self.queues[q],
-            &self.region,
-            &self.mem,
-            0,
-            offset,
-            data,
-        )
-    }
-
-    fn flush(&mut self) -> Outcome {
-        self.queues[0].flush(0, ReqFlags::empty());
-        complete(&mut self.queues[0])
-    }
-
-    fn discard(&mut self, offset: u64, len: u64) -> Outcome {
-        self.queues[0].discard(offset, len, 0, ReqFlags::empty());
-        complete(&mut self.queues[0])
-    }
-
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> Outcome {
-        self.queues[0].write_zeroes(offset, len, 0, ReqFlags::empty());
-        complete(&mut self.queues[0])
-    }
-}
-
-/// Waits for one completion and returns its outcome.
-fn complete(q: &mut Blkioq) -> Outcome {
-    let mut completions = [const { MaybeUninit::<Completion>::uninit() }; 1];
-    let mut timeout = Duration::from_secs(30);
-    let n = q
-        .do_io(&mut completions, 1, Some(&mut timeout), None)
-        .unwrap();
-    assert_eq!(n, 1, "request timed out");
-    // SAFETY: do_io returned 1, so it initialised the first completion.
-    let c = unsafe { completions[0].assume_init_read() };
-    if c.ret == 0 {
-        Ok(())
-    } else {
-        Err(c.ret)
-    }
-}
-
-fn read_via(
-    q: &mut Blkioq,
-    region: &MemoryRegion,
-    mem: &File,
-    region_off: usize,
-    offset: u64,
-    len: usize,
-) -> Result<Vec<u8>, i32> {
-    assert!(region_off + len <= region.len);
-    // Poison the buffer so stale data cannot pass for a read.
-    mem.write_all_at(&vec![0xa5; len], region_off as u64)
-        .unwrap();
-    q.read(
-        offset,
-        (region.addr + region_off) as *mut u8,
-        len,
-        0,
-        ReqFlags::empty(),
-    );
-    complete(q)?;
-    let mut out = vec![0u8; len];
-    mem.read_exact_at(&mut out, region_off as u64).unwrap();
-    Ok(out)
-}
-
-fn write_via(
-    q: &mut Blkioq,
-    region: &MemoryRegion,
-    mem: &File,
-    region_off: usize,
-    offset: u64,
-    data: &[u8],
-) -> Outcome {
-    assert!(region_off + data.len() <= region.len);
-    mem.write_all_at(data, region_off as u64).unwrap();
-    q.write(
-        offset,
-        (region.addr + region_off) as *const u8,
-        data.len(),
-        0,
-        ReqFlags::empty(),
-    );
-    complete(q)
 }
 
 fn random_image(len: usize, seed: u64) -> Vec<u8> {
@@ -238,31 +103,31 @@ fn every_byte_read_equals_the_image() {
     let size = 16 * MIB;
     let image = random_image(size, 1);
     let server = Server::start(Arc::new(MemDevice::from_vec(image.clone())), config(1));
-    let mut c = Client::connect(&server.path, 1, false, 4 * MIB);
+    let mut c = Client::connect(&server.path, 4 * MIB);
     // The config space as a real driver sees it.
     assert_eq!(c.capacity(), size as u64);
-    assert_eq!(c.blkio.get_i32("request-alignment").unwrap(), 512);
-    assert_eq!(c.blkio.get_i32("optimal-io-alignment").unwrap(), 4096);
-    assert_eq!(c.blkio.get_i32("max-segments").unwrap(), 126);
-    assert_eq!(c.blkio.get_i32("discard-alignment").unwrap(), 4096);
-    assert_eq!(c.blkio.get_u64("max-discard-len").unwrap(), 2 << 30);
-    assert_eq!(c.blkio.get_u64("max-write-zeroes-len").unwrap(), 2 << 30);
-    assert!(c.blkio.get_bool("flush-needed").unwrap());
+    assert_eq!(c.blkio().get_i32("request-alignment").unwrap(), 512);
+    assert_eq!(c.blkio().get_i32("optimal-io-alignment").unwrap(), 4096);
+    assert_eq!(c.blkio().get_i32("max-segments").unwrap(), 126);
+    assert_eq!(c.blkio().get_i32("discard-alignment").unwrap(), 4096);
+    assert_eq!(c.blkio().get_u64("max-discard-len").unwrap(), 2 << 30);
+    assert_eq!(c.blkio().get_u64("max-write-zeroes-len").unwrap(), 2 << 30);
+    assert!(c.blkio().get_bool("flush-needed").unwrap());
 
     // Start and end of the device.
-    assert_eq!(c.read(0, 0, 512).unwrap(), image[..512]);
+    assert_eq!(c.read(0, 512).unwrap(), image[..512]);
     assert_eq!(
-        c.read(0, (size - 512) as u64, 512).unwrap(),
+        c.read((size - 512) as u64, 512).unwrap(),
         image[size - 512..]
     );
     assert_eq!(
-        c.read(0, (size - 4096) as u64, 4096).unwrap(),
+        c.read((size - 4096) as u64, 4096).unwrap(),
         image[size - 4096..]
     );
 
     // The whole image in large requests.
     for chunk in (0..size).step_by(4 * MIB) {
-        let got = c.read(0, chunk as u64, 4 * MIB).unwrap();
+        let got = c.read(chunk as u64, 4 * MIB).unwrap();
         assert!(got == image[chunk..chunk + 4 * MIB], "mismatch at {chunk}");
     }
 
@@ -272,7 +137,7 @@ fn every_byte_read_equals_the_image() {
         let sectors = rng.gen_range(1..=300usize);
         let start = rng.gen_range(0..size / 512 - sectors);
         let (off, len) = (start * 512, sectors * 512);
-        let got = c.read(0, off as u64, len).unwrap();
+        let got = c.read(off as u64, len).unwrap();
         assert!(got == image[off..off + len], "mismatch at {off}+{len}");
     }
 }
@@ -283,13 +148,13 @@ fn writes_flush_discard_and_write_zeroes_read_back() {
     let mut model = random_image(size, 3);
     let dev = Arc::new(MemDevice::from_vec(model.clone()));
     let server = Server::start(dev.clone(), config(1));
-    let mut c = Client::connect(&server.path, 1, false, 2 * MIB);
+    let mut c = Client::connect(&server.path, 2 * MIB);
 
     let data = random_image(MIB + 1536, 4);
     for off in [0usize, 512, 3 * MIB + 4096 + 512, size - data.len()] {
-        c.write(0, off as u64, &data).unwrap();
+        c.write(off as u64, &data).unwrap();
         model[off..off + data.len()].copy_from_slice(&data);
-        assert_eq!(c.read(0, off as u64, data.len()).unwrap(), data);
+        assert_eq!(c.read(off as u64, data.len()).unwrap(), data);
     }
 
     let flushes = dev.flush_count();
@@ -306,7 +171,7 @@ fn writes_flush_discard_and_write_zeroes_read_back() {
     model[5 * MIB + 512..5 * MIB + 512 + 3 * 4096].fill(0);
 
     for off in (0..size).step_by(2 * MIB) {
-        let got = c.read(0, off as u64, 2 * MIB).unwrap();
+        let got = c.read(off as u64, 2 * MIB).unwrap();
         assert!(got == model[off..off + 2 * MIB], "mismatch at {off}");
     }
     assert!(
@@ -337,9 +202,9 @@ fn read_only_device_refuses_writes() {
     drop(blkio);
 
     // A read-only client reads; every write-type request fails.
-    let mut c = Client::connect(&server.path, 1, true, MIB);
-    assert_eq!(c.read(0, 4096, 8192).unwrap(), image[4096..4096 + 8192]);
-    assert!(c.write(0, 0, &[1u8; 4096]).is_err());
+    let mut c = Client::connect_with(&server.path, Options::new(MIB).read_only());
+    assert_eq!(c.read(4096, 8192).unwrap(), image[4096..4096 + 8192]);
+    assert!(c.write(0, &[1u8; 4096]).is_err());
     assert!(c.write_zeroes(0, 4096).is_err());
     assert!(c.discard(0, 4096).is_err());
     assert!(dev.snapshot() == image, "a read-only device was modified");
@@ -350,11 +215,11 @@ fn device_errors_reach_the_client_as_errors() {
     let image = random_image(MIB, 6);
     let dev = Arc::new(FailingWrites(MemDevice::from_vec(image.clone())));
     let server = Server::start(dev, config(1));
-    let mut c = Client::connect(&server.path, 1, false, MIB);
-    let ret = c.write(0, 0, &[7u8; 4096]).unwrap_err();
+    let mut c = Client::connect(&server.path, MIB);
+    let ret = c.write(0, &[7u8; 4096]).unwrap_err();
     assert_eq!(ret, -libc::EIO);
     // The device keeps serving after the failure.
-    assert_eq!(c.read(0, 0, 4096).unwrap(), image[..4096]);
+    assert_eq!(c.read(0, 4096).unwrap(), image[..4096]);
 }
 
 #[test]
@@ -362,16 +227,13 @@ fn reading_past_the_end_fails_cleanly() {
     let size = MIB;
     let image = random_image(size, 7);
     let server = Server::start(Arc::new(MemDevice::from_vec(image.clone())), config(1));
-    let mut c = Client::connect(&server.path, 1, false, MIB);
-    assert_eq!(
-        c.read(0, (size - 512) as u64, 1024).unwrap_err(),
-        -libc::EIO
-    );
-    assert_eq!(c.read(0, size as u64, 512).unwrap_err(), -libc::EIO);
-    assert!(c.write(0, (size - 512) as u64, &[1u8; 1024]).is_err());
+    let mut c = Client::connect(&server.path, MIB);
+    assert_eq!(c.read((size - 512) as u64, 1024).unwrap_err(), -libc::EIO);
+    assert_eq!(c.read(size as u64, 512).unwrap_err(), -libc::EIO);
+    assert!(c.write((size - 512) as u64, &[1u8; 1024]).is_err());
     // Still serving, and the failed write touched nothing.
     assert_eq!(
-        c.read(0, (size - 4096) as u64, 4096).unwrap(),
+        c.read((size - 4096) as u64, 4096).unwrap(),
         image[size - 4096..]
     );
 }
@@ -382,19 +244,14 @@ fn two_queues_work_in_parallel() {
     let image = random_image(size, 8);
     let dev = Arc::new(MemDevice::from_vec(image.clone()));
     let server = Server::start(dev.clone(), config(2));
-    let c = Client::connect(&server.path, 2, false, 4 * MIB);
-    assert_eq!(c.blkio.get_i32("max-queues").unwrap(), 2);
-    let Client {
-        blkio: _blkio,
-        queues,
-        region,
-        mem,
-    } = c;
+    let c = Client::connect_with(&server.path, Options::new(4 * MIB).queues(2));
+    assert_eq!(c.blkio().get_i32("max-queues").unwrap(), 2);
+    let (_blkio, queues, buf) = c.into_parts();
     assert_eq!(queues.len(), 2);
 
     thread::scope(|s| {
         for (i, mut q) in queues.into_iter().enumerate() {
-            let (region, mem, image) = (&region, &mem, &image);
+            let (buf, image) = (&buf, &image);
             s.spawn(move || {
                 // Each thread owns half the device and half the region.
                 let half = size / 2;
@@ -404,16 +261,15 @@ fn two_queues_work_in_parallel() {
                 let data = random_image(64 * 1024, 20 + i as u64);
                 for round in 0..100 {
                     let off = base + rng.gen_range(0..(half - 256 * 1024) / 512) * 512;
-                    let got =
-                        read_via(&mut q, region, mem, region_off, off as u64, 128 * 1024).unwrap();
+                    let got = read_on(&mut q, buf, region_off, off as u64, 128 * 1024).unwrap();
                     assert!(
                         got == image[off..off + 128 * 1024],
                         "queue {i} round {round}"
                     );
                 }
                 let off = (base + 4096) as u64;
-                write_via(&mut q, region, mem, region_off, off, &data).unwrap();
-                let got = read_via(&mut q, region, mem, region_off, off, data.len()).unwrap();
+                write_on(&mut q, buf, region_off, off, &data).unwrap();
+                let got = read_on(&mut q, buf, region_off, off, data.len()).unwrap();
                 assert_eq!(got, data);
             });
         }
@@ -434,22 +290,22 @@ fn a_new_client_can_connect_after_a_disconnect() {
     let dev = Arc::new(MemDevice::from_vec(image.clone()));
     let server = Server::start(dev.clone(), config(2));
 
-    let mut first = Client::connect(&server.path, 2, false, MIB);
-    assert_eq!(first.read(1, 0, 4096).unwrap(), image[..4096]);
-    first.write(0, 8192, &[0x11; 4096]).unwrap();
+    let mut first = Client::connect_with(&server.path, Options::new(MIB).queues(2));
+    assert_eq!(first.read_queue(1, 0, 4096).unwrap(), image[..4096]);
+    first.write(8192, &[0x11; 4096]).unwrap();
     drop(first);
 
     // A different queue count this time: nothing of the first session leaks.
-    let mut second = Client::connect(&server.path, 1, false, MIB);
-    assert_eq!(second.read(0, 8192, 4096).unwrap(), vec![0x11; 4096]);
+    let mut second = Client::connect(&server.path, MIB);
+    assert_eq!(second.read(8192, 4096).unwrap(), vec![0x11; 4096]);
     assert_eq!(
-        second.read(0, MIB as u64, 4096).unwrap(),
+        second.read(MIB as u64, 4096).unwrap(),
         image[MIB..MIB + 4096]
     );
     drop(second);
 
-    let mut third = Client::connect(&server.path, 2, false, MIB);
-    assert_eq!(third.read(1, 0, 512).unwrap(), image[..512]);
+    let mut third = Client::connect_with(&server.path, Options::new(MIB).queues(2));
+    assert_eq!(third.read_queue(1, 0, 512).unwrap(), image[..512]);
     drop(third);
     // The server notices the last disconnect asynchronously.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -471,9 +327,9 @@ fn socket_is_private_and_stop_flushes_and_cleans_up() {
     assert_eq!(mode & 0o777, 0o600);
 
     // A connected client is disconnected by stop.
-    let mut c = Client::connect(&server.path, 1, false, MIB);
+    let mut c = Client::connect(&server.path, MIB);
     assert!(started.elapsed() < Duration::from_secs(5));
-    c.write(0, 0, &[3u8; 512]).unwrap();
+    c.write(0, &[3u8; 512]).unwrap();
     let path = server.path.clone();
     let flushes = dev.flush_count();
     server.shutdown().unwrap();
@@ -580,34 +436,20 @@ impl BlockDevice for Gated {
     }
 }
 
-/// Waits for the next completion: (user_data, outcome).
-fn next_completion(q: &mut Blkioq) -> (usize, Outcome) {
-    let mut completions = [const { MaybeUninit::<Completion>::uninit() }; 1];
-    let mut timeout = Duration::from_secs(30);
-    let n = q
-        .do_io(&mut completions, 1, Some(&mut timeout), None)
-        .unwrap();
-    assert_eq!(n, 1, "request timed out");
-    // SAFETY: do_io returned 1, so it initialised the first completion.
-    let c = unsafe { completions[0].assume_init_read() };
-    (c.user_data, if c.ret == 0 { Ok(()) } else { Err(c.ret) })
-}
-
 #[test]
 fn a_slow_request_does_not_hold_up_later_ones_on_the_same_queue() {
     let image = random_image(4 * MIB, 11);
     let dev = Arc::new(Gated::new(image.clone(), 0));
     let server = Server::start(dev.clone(), config(1));
-    let mut c = Client::connect(&server.path, 1, false, MIB);
-    let base = c.region.addr;
+    let mut c = Client::connect(&server.path, MIB);
+    let (q, buf) = c.queue(0);
     // Request 1 reads the gated offset 0, request 2 reads 64 KiB further.
-    c.queues[0].read(0, base as *mut u8, 4096, 1, ReqFlags::empty());
-    c.queues[0].read(65536, (base + 4096) as *mut u8, 4096, 2, ReqFlags::empty());
-    assert_eq!(next_completion(&mut c.queues[0]), (2, Ok(())));
+    q.read(0, buf.ptr(0, 4096), 4096, 1, ReqFlags::empty());
+    q.read(65536, buf.ptr(4096, 4096), 4096, 2, ReqFlags::empty());
+    assert_eq!(next_completion(q), (2, Ok(())));
     dev.open_gate();
-    assert_eq!(next_completion(&mut c.queues[0]), (1, Ok(())));
-    let mut got = vec![0u8; 8192];
-    c.mem.read_exact_at(&mut got, 0).unwrap();
+    assert_eq!(next_completion(q), (1, Ok(())));
+    let got = buf.contents(0, 8192);
     assert_eq!(got[..4096], image[..4096]);
     assert_eq!(got[4096..], image[65536..65536 + 4096]);
 }
@@ -618,10 +460,9 @@ fn flush_covers_every_write_completed_before_it_under_concurrency() {
     let dev = Arc::new(Gated::new(vec![0; 8 * MIB], u64::MAX));
     dev.open_gate();
     let server = Server::start(dev.clone(), config(1));
-    let mut c = Client::connect(&server.path, 1, false, MIB);
-    c.mem.write_all_at(&random_image(MIB, 12), 0).unwrap();
-    let q = &mut c.queues[0];
-    let base = c.region.addr;
+    let mut c = Client::connect(&server.path, MIB);
+    let (q, buf) = c.queue(0);
+    buf.fill(0, &random_image(MIB, 12));
     let mut rng = rand::rngs::StdRng::seed_from_u64(13);
     const FLUSH: usize = usize::MAX;
     let (mut submitted, mut outstanding) = (0usize, 0usize);
@@ -635,7 +476,7 @@ fn flush_covers_every_write_completed_before_it_under_concurrency() {
             let slot = submitted % 16;
             q.write(
                 offset,
-                (base + slot * 4096) as *const u8,
+                buf.ptr(slot * 4096, 4096),
                 4096,
                 offset as usize,
                 ReqFlags::empty(),
@@ -687,13 +528,13 @@ fn flush_covers_every_write_completed_before_it_under_concurrency() {
 fn stop_waits_for_requests_in_flight_then_flushes() {
     let dev = Arc::new(Gated::new(vec![0; MIB], 8192));
     let server = Server::start(dev.clone(), config(1));
-    let mut c = Client::connect(&server.path, 1, false, MIB);
-    c.mem.write_all_at(&[0x5a; 4096], 0).unwrap();
+    let mut c = Client::connect(&server.path, MIB);
+    let (q, buf) = c.queue(0);
+    buf.fill(0, &[0x5a; 4096]);
     // Two writes: the gated one stays in flight, the other completes.
-    let base = c.region.addr;
-    c.queues[0].write(8192, base as *const u8, 4096, 1, ReqFlags::empty());
-    c.queues[0].write(0, base as *const u8, 4096, 2, ReqFlags::empty());
-    assert_eq!(next_completion(&mut c.queues[0]), (2, Ok(())));
+    q.write(8192, buf.ptr(0, 4096), 4096, 1, ReqFlags::empty());
+    q.write(0, buf.ptr(0, 4096), 4096, 2, ReqFlags::empty());
+    assert_eq!(next_completion(q), (2, Ok(())));
 
     let stopper = thread::spawn(move || server.shutdown());
     thread::sleep(Duration::from_millis(300));

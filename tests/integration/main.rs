@@ -7,6 +7,7 @@ mod guest;
 mod migrate;
 mod permissions;
 mod reconnect;
+mod restart;
 mod store_cli;
 mod store_props;
 mod util;
