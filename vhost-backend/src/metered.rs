@@ -5,13 +5,18 @@
 //! show guest activity and anything that wants to stay out of the guest's
 //! way (the copier yields on its own, inside the migrating device) can ask
 //! how long the guest has been idle.
+//!
+//! Vectored requests (guest memory) are passed down as they are, so the
+//! layers below fill or drain guest memory themselves.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::block::BlockDevice;
+use vm_memory::VolatileSlice;
+
+use crate::block::{total_len, BlockDevice};
 
 /// A snapshot of the guest counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -131,6 +136,21 @@ impl BlockDevice for MeteredDevice {
         self.count(&self.read_ops, Some((&self.read_bytes, n)), r)
     }
 
+    /// Passes guest memory down, so the layers below fill it directly.
+    fn read_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        let r = self.inner.read_vectored_at(bufs, offset);
+        self.count(&self.read_ops, Some((&self.read_bytes, total_len(bufs))), r)
+    }
+
+    fn write_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        let r = self.inner.write_vectored_at(bufs, offset);
+        self.count(
+            &self.write_ops,
+            Some((&self.write_bytes, total_len(bufs))),
+            r,
+        )
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let r = self.inner.write_at(buf, offset);
         self.count(
@@ -159,6 +179,7 @@ impl BlockDevice for MeteredDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::tests::{check_vectored_read, read_vectored, split_lens};
     use crate::mem_device::MemDevice;
     use crate::source::check_read_write;
 
@@ -182,5 +203,18 @@ mod tests {
         assert_eq!(after.read_bytes - before.read_bytes, 4096);
         assert_eq!(after.write_bytes - before.write_bytes, 512);
         assert!(dev.idle_for().unwrap() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn vectored_requests_pass_through_and_are_counted() {
+        let image: Vec<u8> = (0..64 * 1024).map(|i| (i % 249) as u8).collect();
+        let dev = MeteredDevice::new(Arc::new(MemDevice::from_vec(image.clone())));
+        let lens = split_lens(10_000, &[1, 4096, 4097, 9000]);
+        assert_eq!(read_vectored(&dev, 777, &lens).unwrap(), image[777..10_777]);
+        check_vectored_read(&dev, 3, &[1, 0, 511]);
+        let c = dev.counters();
+        assert_eq!((c.read_ops, c.read_bytes), (3, 10_000 + 2 * 512));
+        assert!(read_vectored(&dev, 64 * 1024 - 100, &[50, 51]).is_err());
+        assert_eq!(dev.counters().io_errors, 1);
     }
 }

@@ -122,8 +122,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vm_memory::VolatileSlice;
+
 use crate::bitmap::{self, BitmapHeader, BitmapKind, PersistentBitmap};
-use crate::block::BlockDevice;
+use crate::block::{total_len, BlockDevice, ReadDest, ReadRun};
 use crate::overlay::{LockTable, Overlay};
 use crate::snapshot_layer::{check_bounds, SnapshotLayer};
 use crate::source::chunk_len;
@@ -950,7 +952,13 @@ impl MigratingDevice {
     }
 
     /// Serves `out` (at `pos`, inside chunk `c`, which is not migrated).
-    fn read_unmigrated(&self, l: &Layers, c: u64, out: &mut [u8], pos: u64) -> io::Result<()> {
+    fn read_unmigrated(
+        &self,
+        l: &Layers,
+        c: u64,
+        out: &mut ReadRun<'_, '_>,
+        pos: u64,
+    ) -> io::Result<()> {
         let copy =
             self.opts.copy_on_read && !lock(&self.ctl).paused && !self.target_failing_recently();
         if copy {
@@ -959,35 +967,37 @@ impl MigratingDevice {
                     let len = self.chunk_len(c) as u64;
                     self.bytes_copied_on_read.fetch_add(len, Ordering::Relaxed);
                     let at = (pos - self.chunk_start(c)) as usize;
-                    match data {
-                        Some(d) => out.copy_from_slice(&d.bytes()[at..at + out.len()]),
-                        None => out.fill(0),
-                    }
-                    return Ok(());
+                    return match data {
+                        Some(d) => out.copy_from(&d.bytes()[at..at + out.len()]),
+                        None => out.fill_zeroes(),
+                    };
                 }
-                Ok(Copied::Already) => return self.target.read_at(out, pos),
+                Ok(Copied::Already) => return self.read_target(out, pos),
                 Err(CopyError::Write(e)) => self.note_target_error(c, &e),
                 // The overlay read below reports it to the guest.
                 Err(CopyError::Read(_)) => {}
             }
         }
-        l.overlay.read_at(out, pos)
-    }
-}
-
-impl BlockDevice for MigratingDevice {
-    fn size(&self) -> u64 {
-        self.size
+        out.read_device(l.overlay.as_ref(), pos)
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    /// Serves `out` at `pos` from the target.
+    fn read_target(&self, out: &mut ReadRun<'_, '_>, pos: u64) -> io::Result<()> {
+        out.read_with(pos, |buf, at| self.target.read_at(buf, at))
+    }
+
+    /// Serves a guest read of `len` bytes at `offset` into `dest`: migrated
+    /// runs of chunks from the target, the others chunk by chunk with
+    /// copy-on-read.
+    fn read_into(&self, mut dest: ReadDest<'_, '_>, offset: u64, len: u64) -> io::Result<()> {
         let _io = self.guest_io();
-        check_bounds(offset, buf.len() as u64, self.size)?;
+        check_bounds(offset, len, self.size)?;
         let Some(l) = self.layers() else {
-            return self.target.read_at(buf, offset);
+            // A request's length is a usize.
+            return self.read_target(&mut dest.next_run(len as usize)?, offset);
         };
         let cs = u64::from(self.chunk_size);
-        let end = offset + buf.len() as u64;
+        let end = offset + len;
         let last = end.saturating_sub(1) / cs;
         let mut pos = offset;
         while pos < end {
@@ -998,15 +1008,33 @@ impl BlockDevice for MigratingDevice {
             } else {
                 end.min((c + 1) * cs)
             };
-            let out = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            let mut out = dest.next_run((run_end - pos) as usize)?;
             if migrated {
-                self.target.read_at(out, pos)?;
+                self.read_target(&mut out, pos)?;
             } else {
-                self.read_unmigrated(&l, c, out, pos)?;
+                self.read_unmigrated(&l, c, &mut out, pos)?;
             }
             pos = run_end;
         }
         Ok(())
+    }
+}
+
+impl BlockDevice for MigratingDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let len = buf.len() as u64;
+        self.read_into(ReadDest::bytes(buf), offset, len)
+    }
+
+    /// Chunks not migrated yet reach guest memory with one copy (from the
+    /// chunk just copied, or the overlay's vectored read); the target is
+    /// read through a scratch buffer.
+    fn read_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        self.read_into(ReadDest::guest(bufs), offset, total_len(bufs))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

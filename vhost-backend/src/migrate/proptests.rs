@@ -1,5 +1,6 @@
 //! Model-based test of the migrating device: random guest writes,
-//! discards, reads (copy-on-read), flushes, copier steps, checkpoints and
+//! discards, reads (copy-on-read; into bytes and into guest buffers cut
+//! at random places), flushes, copier steps, checkpoints and
 //! crashes (drop without any sync, then reopen) against a `Vec<u8>` model.
 //!
 //! After a crash every 4 KiB block must read as its content at the last
@@ -13,6 +14,7 @@ use proptest::prelude::*;
 
 use super::tests::{fast, image, Fixture, CS};
 use super::{MigrationOptions, State};
+use crate::block::tests::{read_vectored, split_lens};
 use crate::block::BlockDevice;
 
 const CHUNKS: usize = 8;
@@ -33,6 +35,12 @@ enum Op {
     Read {
         offset: u64,
         len: u64,
+    },
+    /// A read into guest buffers cut at `cuts`.
+    ReadVectored {
+        offset: u64,
+        len: u64,
+        cuts: Vec<usize>,
     },
     Flush,
     /// The copier copies one chunk.
@@ -57,6 +65,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (range(), any::<u8>()).prop_map(|((offset, len), seed)| Op::Write { offset, len, seed }),
         1 => range().prop_map(|(offset, len)| Op::Discard { offset, len }),
         2 => range().prop_map(|(offset, len)| Op::Read { offset, len }),
+        2 => (range(), proptest::collection::vec(any::<usize>(), 0..8))
+            .prop_map(|((offset, len), cuts)| Op::ReadVectored { offset, len, cuts }),
         2 => Just(Op::Flush),
         3 => (0..CHUNKS as u64).prop_map(|chunk| Op::Copy { chunk }),
         1 => Just(Op::Checkpoint),
@@ -121,6 +131,23 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 dev.discard(offset, len).unwrap();
                 model.apply(offset, &vec![0u8; len as usize]);
             }
+            Op::ReadVectored {
+                offset,
+                len,
+                ref cuts,
+            } => {
+                let lens = split_lens(len as usize, cuts);
+                let got = read_vectored(dev.as_ref(), offset, &lens).unwrap();
+                let want = &model.bytes[offset as usize..(offset + len) as usize];
+                prop_assert!(
+                    got == want,
+                    "op {}: vectored read of {} at {} in {:?} differs",
+                    i,
+                    len,
+                    offset,
+                    lens
+                );
+            }
             Op::Read { offset, len } => {
                 let mut got = vec![0u8; len as usize];
                 dev.read_at(&mut got, offset).unwrap();
@@ -184,6 +211,13 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     prop_assert!(
         target == model.bytes,
         "the completed target differs from the model"
+    );
+    // Complete: reads pass to the target, vectored ones too.
+    let lens = split_lens(SIZE as usize - 700, &[1, 4095, 4097, CS as usize + 3]);
+    let got = read_vectored(dev.as_ref(), 700, &lens).unwrap();
+    prop_assert!(
+        got == model.bytes[700..],
+        "vectored read after completion differs"
     );
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Property tests of the overlay (over a real snapshot layer over a
 //! `VecSource`) against a `Vec<u8>` model, including reopening after a
-//! flush and "crashes" (dropping the overlay without a flush).
+//! flush and "crashes" (dropping the overlay without a flush). Reads go
+//! through `read_at` and through `read_vectored_at` into guest buffers cut
+//! at random places, over runs of overlay, snapshot and discarded blocks.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use proptest::prelude::*;
 
 use super::tests::{image, lower};
 use super::{Overlay, BLOCK_SIZE};
+use crate::block::tests::{check_vectored_read, read_vectored, split_lens};
 use crate::block::BlockDevice;
 
 /// Image size: 12 chunks of 8 KiB plus a tail that is not a whole block.
@@ -24,6 +27,12 @@ enum Op {
     Read {
         offset: u64,
         len: u64,
+    },
+    /// A read into guest buffers cut at `cuts`.
+    ReadVectored {
+        offset: u64,
+        len: u64,
+        cuts: Vec<usize>,
     },
     Discard {
         offset: u64,
@@ -67,6 +76,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (offset(), len(), any::<u8>()).prop_map(|(offset, len, seed)| Op::Write { offset, len, seed }),
         3 => (offset(), len()).prop_map(|(offset, len)| Op::Read { offset, len }),
+        3 => (offset(), len(), proptest::collection::vec(any::<usize>(), 0..10))
+            .prop_map(|(offset, len, cuts)| Op::ReadVectored { offset, len, cuts }),
         2 => (offset(), len()).prop_map(|(offset, len)| Op::Discard { offset, len }),
         2 => (offset(), len()).prop_map(|(offset, len)| Op::WriteZeroes { offset, len }),
         2 => Just(Op::Flush),
@@ -126,6 +137,14 @@ proptest! {
                     ov.read_at(&mut buf, offset).unwrap();
                     prop_assert!(buf == model[offset as usize..(offset + len) as usize],
                         "read of {} at {} differs", len, offset);
+                }
+                Op::ReadVectored { offset, len, cuts } => {
+                    let (offset, len) = clamp(offset, len);
+                    let lens = split_lens(len as usize, &cuts);
+                    check_vectored_read(&ov, offset, &lens);
+                    let got = read_vectored(&ov, offset, &lens).unwrap();
+                    prop_assert!(got == model[offset as usize..(offset + len) as usize],
+                        "vectored read of {} at {} in {:?} differs", len, offset, lens);
                 }
                 Op::Discard { offset, len } => {
                     let (offset, len) = clamp(offset, len);
