@@ -19,18 +19,26 @@
 # Guest modes (kernel command line):
 #   guestmode=check   (default) the checks above
 #   guestmode=loop    the checks above, then a write-and-verify loop on
-#                     /loop.dat (1 MiB per iteration: write, sync, drop
-#                     caches, read back), printing "LOOP-SUM <i> <sha256
+#                     /loop.dat (1 MiB of fresh random data per iteration,
+#                     written with O_DIRECT and fsync'ed, then sync, drop
+#                     caches, read back with O_DIRECT and compared with
+#                     what was written), printing "LOOP-SUM <i> <sha256
 #                     written>" then "LOOP <i> OK|BAD", for
 #                     guestiters=<N> iterations (default 20, 0 = forever)
 #                     or until the line "stop" arrives on the serial
 #                     console; then LOOP-DONE <n>, GUEST-DONE, power off.
+#                     guestwriters=<N> (default 1) runs N writers at once,
+#                     the k-th (k >= 2) on /loop-<k>.dat, and the N
+#                     read-backs at once too, so several requests are in
+#                     flight together; each extra file prints
+#                     "LOOP-FILE-SUM <i> /loop-<k>.dat <sha256>" before
+#                     the result, which covers every file.
 #
 # Console markers (one per line, greppable):
 #   GUEST-INIT <kernel release> mode=<mode>, DISK-SERIAL: <virtio-blk serial
 #   or none>, PAYLOAD-OK | PAYLOAD-BAD, SAW-BOOTS: <files or none>,
 #   WROTE-BOOT: boot-<N>.txt, LOOP-READY, LOOP-SUM <i> <sha256>,
-#   LOOP <i> OK|BAD, LOOP-DONE <n>,
+#   LOOP-FILE-SUM <i> <file> <sha256>, LOOP <i> OK|BAD, LOOP-DONE <n>,
 #   ROOT-RO (root remounted read-only, so e2fsck -fn is clean), GUEST-DONE,
 #   and INITRAMFS-FAIL: <why> when the initramfs cannot mount the root.
 #
@@ -240,10 +248,12 @@ finish() {
 
 mode=check
 iters=20
+writers=1
 for arg in $(cat /proc/cmdline); do
     case $arg in
     guestmode=*) mode=${arg#guestmode=} ;;
     guestiters=*) iters=${arg#guestiters=} ;;
+    guestwriters=*) writers=${arg#guestwriters=} ;;
     esac
 done
 
@@ -285,20 +295,69 @@ if [ "$mode" = loop ]; then
             fi
         done </dev/console
     ) &
+    files=/loop.dat
+    k=2
+    while [ $k -le "$writers" ]; do
+        files="$files /loop-$k.dat"
+        k=$((k + 1))
+    done
     echo "LOOP-READY"
     i=0
     while [ ! -e /run/stop ] && { [ "$iters" -eq 0 ] || [ $i -lt "$iters" ]; }; do
         i=$((i + 1))
-        dd if=/dev/urandom of=/loop.dat bs=64k count=16 2>/dev/null
-        want=$(sha256sum /loop.dat | cut -d' ' -f1)
+        ok=1
+        # Fresh data per file in tmpfs: what each writer must leave on disk.
+        k=0
+        for f in $files; do
+            k=$((k + 1))
+            dd if=/dev/urandom of=/run/want-$k bs=64k count=16 2>/dev/null
+        done
+        # The writers run at once, O_DIRECT (each 64 KiB block is its own
+        # request, no page cache merging) and fsync their file, so writes
+        # and flushes of different files are in flight together. Waiting
+        # on each pid (not a bare wait, which would also wait for the
+        # console reader) collects every writer's exit status.
+        pids=""
+        k=0
+        for f in $files; do
+            k=$((k + 1))
+            dd if=/run/want-$k of="$f" bs=64k oflag=direct conv=fsync 2>/dev/null &
+            pids="$pids $!"
+        done
+        for p in $pids; do
+            wait "$p" || ok=0
+        done
         sync
         echo 3 >/proc/sys/vm/drop_caches
-        got=$(sha256sum /loop.dat | cut -d' ' -f1)
+        # Read every file back at once, O_DIRECT: the device's data, not a
+        # cached copy.
+        pids=""
+        k=0
+        for f in $files; do
+            k=$((k + 1))
+            dd if="$f" of=/run/got-$k bs=64k iflag=direct 2>/dev/null &
+            pids="$pids $!"
+        done
+        for p in $pids; do
+            wait "$p" || ok=0
+        done
         # What this iteration wrote, so the host can check the disk after
         # power-off (printed before the result: a host that sees the result
-        # already has the sum).
-        echo "LOOP-SUM $i $want"
-        if [ "$want" = "$got" ]; then
+        # already has the sums).
+        k=0
+        for f in $files; do
+            k=$((k + 1))
+            want=$(sha256sum /run/want-$k | cut -d' ' -f1)
+            got=$(sha256sum /run/got-$k | cut -d' ' -f1)
+            [ "$want" = "$got" ] || ok=0
+            if [ $k -eq 1 ]; then
+                echo "LOOP-SUM $i $want"
+            else
+                echo "LOOP-FILE-SUM $i $f $want"
+            fi
+            rm -f /run/want-$k /run/got-$k
+        done
+        if [ $ok -eq 1 ]; then
             echo "LOOP $i OK"
         else
             echo "LOOP $i BAD"

@@ -32,11 +32,21 @@ impl BootDaemon {
         extra: &[&str],
         last: Option<&Path>,
     ) -> BootDaemon {
-        Self::spawn(store, snapshot, dir, extra, last, Stdio::inherit())
+        Self::spawn(
+            recovery_cli(),
+            store,
+            snapshot,
+            dir,
+            extra,
+            last,
+            Stdio::inherit(),
+        )
     }
 
     /// [`BootDaemon::start`] with the daemon's stderr appended to `log`, so
-    /// a test can show it in its failure message.
+    /// a test can show it in its failure message, and `env` added to its
+    /// environment, e.g. `("RUST_LOG", "vhost_backend::handler=info")` (the
+    /// daemon logs at `warn` by default).
     pub fn start_logged(
         store: &Path,
         snapshot: &str,
@@ -44,16 +54,20 @@ impl BootDaemon {
         extra: &[&str],
         last: Option<&Path>,
         log: &Path,
+        env: &[(&str, &str)],
     ) -> BootDaemon {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
-        Self::spawn(store, snapshot, dir, extra, last, Stdio::from(file))
+        let mut cmd = recovery_cli();
+        cmd.envs(env.iter().copied());
+        Self::spawn(cmd, store, snapshot, dir, extra, last, Stdio::from(file))
     }
 
     fn spawn(
+        mut cmd: Command,
         store: &Path,
         snapshot: &str,
         dir: &Path,
@@ -62,7 +76,7 @@ impl BootDaemon {
         stderr: Stdio,
     ) -> BootDaemon {
         let socket = dir.join("vhost.sock");
-        let mut child = recovery_cli()
+        let mut child = cmd
             .arg("instant-boot")
             .arg("--store")
             .arg(store)

@@ -15,6 +15,7 @@
 //! | `WROTE-BOOT: <file>`    | this boot's record, synced                        |
 //! | `LOOP <i> OK` / `BAD`   | `guestmode=loop` write-and-verify iterations     |
 //! | `LOOP-SUM <i> <sha256>` | what iteration `i` wrote (just before its result)|
+//! | `LOOP-FILE-SUM <i> <file> <sha256>` | the same for `/loop-<k>.dat` (`guestwriters=`)|
 //! | `GUEST-DONE`            | root remounted read-only, about to power off     |
 //! | `INITRAMFS-FAIL: <why>` | the initramfs could not mount the root disk      |
 //!
@@ -385,6 +386,11 @@ impl RunningGuest {
             readers: vec![out_reader, err_reader],
             stderr,
         }
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Wait until a console line starts with `prefix`; returns that line,
