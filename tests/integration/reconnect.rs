@@ -472,7 +472,9 @@ fn expect_ok(setup: &Setup, guest: &RunningGuest, i: u32, what: &str) {
     assert_eq!(
         line.as_deref(),
         Some(format!("LOOP {i} OK").as_str()),
-        "{what}: iteration {i} did not pass within {ITERATION_TIMEOUT:?}\n{}",
+        "{what}: iteration {i} did not pass within {ITERATION_TIMEOUT:?} (the in-flight \
+         region marks {:?} requests held now)\n{}",
+        held_requests(guest.pid()),
         setup.context(&console)
     );
     let errors = io_error_lines(&console);
@@ -628,7 +630,11 @@ fn guest_rides_out_daemon_kill_9() {
 
         let reached = killed_in + ITERATIONS_AFTER_RESTART;
         for i in killed_in..=reached {
-            expect_ok(&setup, &running, i, &format!("{what}, after the restart"));
+            let after_restart = format!(
+                "{what}, after the restart (stopped after {} stops, {:?} requests held)",
+                aim.stops, aim.held
+            );
+            expect_ok(&setup, &running, i, &after_restart);
         }
         let after = setup.migrated_beyond(resumed);
         let recovery = Recovery::from_log(&setup.start_log(setup.starts));
