@@ -187,12 +187,12 @@ impl BlkHandler {
                 resubmit = recovered.resubmit;
             }
         }
-        let wake = !resubmit.is_empty();
         self.backend.start_queue(index, shared, resubmit);
         self.update_registration(index)?;
-        if wake {
-            self.queues[index].wake();
-        }
+        // Look at the ring without waiting for a kick: a dead daemon may
+        // have consumed the kick for requests it never took, and with
+        // EVENT_IDX the guest does not kick again for them.
+        self.queues[index].wake();
         Ok(())
     }
 
@@ -416,7 +416,8 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         self.vring(index)?.set_enabled(enable);
         self.update_registration(index as usize)?;
         if enable {
-            // Requests to resubmit wait for the ring to be enabled.
+            // Requests to resubmit, and any the guest made available while
+            // no daemon listened, wait for the ring to be enabled.
             self.queues[index as usize].wake();
         }
         Ok(())

@@ -1101,7 +1101,9 @@ fn free_overlay(state: &StateDir) {
     let data = state.overlay_data_path();
     let others = [
         state.overlay_bitmap_path(),
+        bitmap::journal_path(&state.overlay_bitmap_path()),
         state.dir().join(GUEST_WRITTEN_BITMAP),
+        bitmap::journal_path(&state.dir().join(GUEST_WRITTEN_BITMAP)),
     ];
     let mut removed = false;
     if data.exists() {

@@ -199,6 +199,9 @@ pub struct Worker {
     shared: Option<InflightQueue>,
     /// Heads a previous daemon held, to run before the available ring.
     resubmit: Vec<u16>,
+    /// Signal the guest once, unconditionally, on the first processing
+    /// after a (re)start (see [`Worker::start`]).
+    announce: bool,
 }
 
 /// Moving averages of how long small reads and small writes take,
@@ -267,6 +270,7 @@ impl Worker {
             run_times: Arc::new(RunTimes::new()),
             shared: None,
             resubmit: Vec::new(),
+            announce: false,
         }
     }
 
@@ -277,6 +281,12 @@ impl Worker {
     pub fn start(&mut self, shared: Option<InflightQueue>, resubmit: Vec<u16>) {
         self.shared = shared;
         self.resubmit = resubmit;
+        // A daemon killed between putting a request on the used ring and
+        // signalling the guest leaves a completion the guest never heard
+        // of; with EVENT_IDX no later completion would signal it either
+        // (the used event index was already passed). One unconditional
+        // signal after a (re)start covers it; a spurious one is harmless.
+        self.announce = true;
     }
 
     /// Heads waiting to be resubmitted.
@@ -300,9 +310,24 @@ impl Worker {
         pool: Option<&Pool>,
         event_idx: bool,
     ) -> Result<()> {
-        if !event_idx {
-            return self.drain(vring, mem, target, pool);
+        let result = if event_idx {
+            self.drain_with_event_idx(vring, mem, target, pool)
+        } else {
+            self.drain(vring, mem, target, pool)
+        };
+        if std::mem::take(&mut self.announce) {
+            vring.signal_used_queue().map_err(Error::Signal)?;
         }
+        result
+    }
+
+    fn drain_with_event_idx(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMem,
+        target: &Arc<Target>,
+        pool: Option<&Pool>,
+    ) -> Result<()> {
         loop {
             vring.disable_notification().map_err(Error::Notification)?;
             self.drain(vring, mem, target, pool)?;

@@ -126,7 +126,7 @@ fn connect(
     vq: &MockSplitQueue<'_, GuestMemoryMmap>,
     inflight: Option<(&File, u16)>,
     base: u32,
-) -> EventFd {
+) -> (EventFd, EventFd) {
     h.set_owner().unwrap();
     let features = h.get_features().unwrap();
     h.set_features(features).unwrap();
@@ -163,7 +163,7 @@ fn connect(
     h.set_vring_kick(0, Some(as_file(kick.try_clone().unwrap())))
         .unwrap();
     h.set_vring_enable(0, true).unwrap();
-    kick
+    (kick, call)
 }
 
 /// An eventfd as the `File` a frontend message carries.
@@ -219,7 +219,7 @@ fn a_restarted_daemon_completes_what_the_dead_one_held() {
     // The new daemon: QEMU restores the available index to the used index.
     let dev = Arc::new(MemDevice::new(1 << 20));
     let mut h = handler(dev.clone());
-    let kick = connect(&mut h, &g, &vq, Some((&file, QSIZE)), 1);
+    let (kick, _call) = connect(&mut h, &g, &vq, Some((&file, QSIZE)), 1);
     wait_used(&g.mem, 3);
     for slot in [0u64, 2] {
         assert_eq!(status(&g.mem, slot), 0, "request in slot {slot} failed");
@@ -258,12 +258,51 @@ fn a_restarted_daemon_completes_what_the_dead_one_held() {
 }
 
 #[test]
+fn a_completion_the_dead_daemon_never_signalled_is_signalled() {
+    let g = guest();
+    let vq = MockSplitQueue::new(&g.mem, QSIZE);
+    request(&vq, &g.mem, 0, 0, VIRTIO_BLK_T_IN, 0);
+    make_available(&vq, &[0]);
+    let (region, file) = InflightRegion::create(1, QSIZE).unwrap();
+    let dead = region.queue(0).unwrap();
+    dead.start(0, 0);
+    dead.fetch(0);
+    // The dead daemon put head 0 on the used ring and died before the
+    // signal; the guest (EVENT_IDX, used_event 0) waits for it, and the
+    // guest made nothing else available, so it will not kick.
+    dead.pre_put(0);
+    g.mem.write_obj(0u32, GuestAddress(USED_RING + 4)).unwrap();
+    g.mem
+        .write_obj(4097u32, GuestAddress(USED_RING + 8))
+        .unwrap();
+    g.mem
+        .store(1u16, GuestAddress(USED_RING + 2), Ordering::Release)
+        .unwrap();
+    dead.post_put(0, 1);
+    drop(region);
+
+    let mut h = handler(Arc::new(MemDevice::new(1 << 20)));
+    let (_kick, call) = connect(&mut h, &g, &vq, Some((&file, QSIZE)), 1);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match call.read() {
+            Ok(n) if n > 0 => break,
+            _ => {
+                assert!(Instant::now() < deadline, "the guest was never signalled");
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    assert_eq!(used_idx(&g.mem), 1, "nothing may be run again");
+}
+
+#[test]
 fn without_an_inflight_region_the_device_still_works() {
     let g = guest();
     let vq = MockSplitQueue::new(&g.mem, QSIZE);
     let dev = Arc::new(MemDevice::new(1 << 20));
     let mut h = handler(dev.clone());
-    let kick = connect(&mut h, &g, &vq, None, 0);
+    let (kick, _call) = connect(&mut h, &g, &vq, None, 0);
     request(&vq, &g.mem, 0, 0, VIRTIO_BLK_T_OUT, 0);
     g.mem
         .write_slice(&[7u8; 4096], GuestAddress(0x1_1000))
