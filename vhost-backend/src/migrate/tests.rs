@@ -62,7 +62,7 @@ impl Fixture {
         self.size().div_ceil(u64::from(CS))
     }
 
-    fn state_path(&self) -> PathBuf {
+    pub(super) fn state_path(&self) -> PathBuf {
         self.dir.path().join("state")
     }
 
