@@ -39,7 +39,7 @@ args=(-accel tcg -m "$MEM_MIB" -smp 1 -nodefaults -no-user-config
 if [[ -n $socket ]]; then
     args+=(-machine "q35,memory-backend=mem"
         -object "memory-backend-memfd,id=mem,size=${MEM_MIB}M,share=on"
-        -chardev "socket,id=vu0,path=$socket"
+        -chardev "socket,id=vu0,path=$socket,reconnect=1"
         -device "vhost-user-blk-pci,chardev=vu0")
 else
     args+=(-machine q35 -drive "file=$disk,format=raw,if=virtio")
