@@ -265,19 +265,6 @@ impl ReadRun<'_, '_> {
             ReadRun::Guest(bufs) => preadv_all(file, bufs, offset),
         }
     }
-
-    /// Fills the range with `read` (a byte-slice read) at `offset`, through
-    /// the scratch buffer for guest memory.
-    pub fn read_with(
-        &mut self,
-        offset: u64,
-        mut read: impl FnMut(&mut [u8], u64) -> io::Result<()>,
-    ) -> io::Result<()> {
-        match self {
-            ReadRun::Bytes(buf) => read(buf, offset),
-            ReadRun::Guest(bufs) => read_through_scratch(bufs, offset, read),
-        }
-    }
 }
 
 /// Total length of `bufs` in bytes.

@@ -983,7 +983,7 @@ impl MigratingDevice {
 
     /// Serves `out` at `pos` from the target.
     fn read_target(&self, out: &mut ReadRun<'_, '_>, pos: u64) -> io::Result<()> {
-        out.read_with(pos, |buf, at| self.target.read_at(buf, at))
+        self.target.read_run(out, pos)
     }
 
     /// Serves a guest read of `len` bytes at `offset` into `dest`: migrated

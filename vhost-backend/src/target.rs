@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rustix::fs::FallocateFlags;
 
 use crate::bitmap::sync_parent_dir;
+use crate::block::ReadRun;
 use crate::snapshot_layer::check_bounds;
 
 /// Largest buffer of zeroes written when the kernel cannot zero a range.
@@ -199,6 +200,12 @@ impl Target {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_bounds(offset, buf.len() as u64, self.image_size)?;
         self.file.read_exact_at(buf, offset)
+    }
+
+    /// Fills `out` from `offset`: `preadv` straight into guest memory.
+    pub fn read_run(&self, out: &mut ReadRun<'_, '_>, offset: u64) -> io::Result<()> {
+        check_bounds(offset, out.len() as u64, self.image_size)?;
+        out.read_file(&self.file, offset)
     }
 
     /// Writes `buf` at `offset` (not durable until [`Target::sync`]).
