@@ -21,7 +21,7 @@ use serde::Serialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{info, warn};
-use vhost_backend::backend::DeviceConfig;
+use vhost_backend::backend::{DeviceConfig, MAX_IO_THREADS};
 use vhost_backend::daemon::{Daemon, DaemonConfig};
 use vhost_backend::migrate::{MigratingDevice, MigrationOptions};
 use vhost_backend::serve::StopHandle;
@@ -50,6 +50,11 @@ pub struct Args {
     /// Number of virtqueues, one worker thread each (default: cores, at most 16).
     #[arg(long, value_name = "N")]
     queues: Option<usize>,
+    /// Threads running slow requests (large reads, cold chunks, flushes) for
+    /// all queues; 0 runs every request on its queue's thread
+    /// (default: four per CPU, 8 to 32).
+    #[arg(long, value_name = "N")]
+    io_threads: Option<usize>,
     /// Chunk cache budget.
     #[arg(long, default_value = "256M", value_parser = parse_size, value_name = "SIZE")]
     cache_size: u64,
@@ -119,6 +124,12 @@ impl TryFrom<Args> for Config {
         if !(1..=16).contains(&queues) {
             bail!("--queues must be between 1 and 16, not {queues}");
         }
+        let io_threads = a
+            .io_threads
+            .unwrap_or_else(DeviceConfig::default_io_threads);
+        if io_threads > MAX_IO_THREADS {
+            bail!("--io-threads must be between 0 and {MAX_IO_THREADS}, not {io_threads}");
+        }
         if a.memory < 64 {
             bail!("--memory must be at least 64 (MiB)");
         }
@@ -142,6 +153,7 @@ impl TryFrom<Args> for Config {
         };
         let device = DeviceConfig {
             num_queues: queues,
+            io_threads,
             read_only: a.read_only,
             serial: a.serial.unwrap_or_default(),
             ..DeviceConfig::default()
@@ -383,4 +395,47 @@ fn shell_words(args: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn config(extra: &[&str]) -> anyhow::Result<Config> {
+        let base = [
+            "x", "--store", "/s", "snap", "--socket", "/v.sock", "--state", "/st",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra)).expect("arguments parse");
+        Config::try_from(cli.args)
+    }
+
+    #[test]
+    fn io_threads_default_to_the_pool_size_and_are_bounded() {
+        let default = config(&[]).unwrap();
+        assert_eq!(
+            default.daemon.device.io_threads,
+            DeviceConfig::default_io_threads()
+        );
+        assert_eq!(
+            config(&["--io-threads", "0"])
+                .unwrap()
+                .daemon
+                .device
+                .io_threads,
+            0
+        );
+        let err = config(&["--io-threads", "65"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--io-threads must be between 0 and 64"),
+            "{err}"
+        );
+    }
 }
