@@ -55,9 +55,18 @@ impl IndexView {
     /// Load the current index, retrying when a concurrent merge deletes a
     /// file between listing and opening it.
     pub fn load(backend: &dyn Backend) -> Result<IndexView> {
+        Self::load_without(backend, &HashSet::new())
+    }
+
+    /// [`IndexView::load`], ignoring the unmerged indexes of the packs in
+    /// `skip`. A chunk stored in several packs has one location in a view
+    /// (the first index loaded wins), so a merge that drops packs must not
+    /// load theirs: the surviving copy (e.g. the one gc just repacked)
+    /// would otherwise be hidden behind the dropped one and lost.
+    pub fn load_without(backend: &dyn Backend, skip: &HashSet<PackId>) -> Result<IndexView> {
         let mut attempt = 0;
         loop {
-            match Self::load_once(backend) {
+            match Self::load_once(backend, skip) {
                 Err(e) if e.kind() == ErrorKind::NotFound && attempt < 5 => {
                     debug!("index changed while loading, retrying: {e:?}");
                     attempt += 1;
@@ -67,7 +76,7 @@ impl IndexView {
         }
     }
 
-    fn load_once(backend: &dyn Backend) -> Result<IndexView> {
+    fn load_once(backend: &dyn Backend, skip: &HashSet<PackId>) -> Result<IndexView> {
         let names = backend
             .list("index")
             .ctx(|| "Failed to list index directory".into())?;
@@ -96,6 +105,9 @@ impl IndexView {
             };
             if view.midx_packs.contains(&pack) {
                 view.superseded.push(key);
+                continue;
+            }
+            if skip.contains(&pack) {
                 continue;
             }
             let bytes = backend
@@ -290,7 +302,9 @@ pub fn merge(backend: &dyn Backend, view: &IndexView, drop: &HashSet<PackId>) ->
         packs = table.len(),
         "published merged index"
     );
-    let new = IndexView::load(backend)?;
+    // The dropped packs' own indexes are still there until the caller
+    // deletes them; the new view must not resolve anything to them.
+    let new = IndexView::load_without(backend, drop)?;
     cleanup(backend, &new)?;
     Ok(new)
 }
@@ -323,6 +337,25 @@ mod tests {
         b.put(&pack.idx_key(), &idx::encode(&pack, &mut entries))
             .unwrap();
         entries
+    }
+
+    #[test]
+    fn dropping_a_pack_keeps_the_copies_other_unmerged_packs_hold() {
+        // Chunk 3 is in both packs (e.g. gc copied it from p1 into p2).
+        // Whichever index loads first, merging without p1 keeps it in p2.
+        for (first, second) in [([1u8; 16], [2u8; 16]), ([2; 16], [1; 16])] {
+            let dir = tempfile::tempdir().unwrap();
+            let b = LocalBackend::new(dir.path());
+            let (p1, p2) = (PackId(first), PackId(second));
+            publish_idx(&b, p1, &[1, 2, 3]);
+            publish_idx(&b, p2, &[3, 4]);
+            let drop: HashSet<PackId> = [p1].into_iter().collect();
+            let v = IndexView::load_without(&b, &drop).unwrap();
+            let v = merge(&b, &v, &drop).unwrap();
+            let three = ChunkId::of(&3u32.to_le_bytes());
+            assert_eq!(v.lookup(&three).unwrap().map(|l| l.pack), Some(p2));
+            assert_eq!(v.chunk_count(), 2);
+        }
     }
 
     #[test]
