@@ -217,7 +217,9 @@ pub fn resolve(backend: &dyn Backend, reference: &str) -> Result<Listed> {
             return Ok(l);
         }
     }
-    validate_name(reference).map_err(|_| not_found())?;
+    // Not a name any snapshot can have (e.g. "../x"): say so, rather than
+    // "not found", which would suggest a typo.
+    validate_name(reference)?;
     list(backend, Some(reference), false)?
         .pop()
         .ok_or_else(not_found)
@@ -275,7 +277,7 @@ mod tests {
         );
         assert_eq!(
             resolve(&b, "../etc").unwrap_err().kind(),
-            crate::ErrorKind::NotFound
+            crate::ErrorKind::InvalidInput
         );
         assert_eq!(list(&b, None, false).unwrap().len(), 3);
         assert_eq!(list(&b, None, true).unwrap().len(), 4);
