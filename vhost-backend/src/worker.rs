@@ -547,22 +547,19 @@ fn execute(request: &Request, target: &Target, mem: &GuestMemoryMmap) -> u32 {
 /// Signals the guest if completions since the last signal call for it
 /// (EVENT_IDX) or always (without it).
 pub fn notify(vring: &Vring, queue: usize) {
-    let result = {
-        let mut state = vring.get_mut();
-        state
-            .needs_notification()
-            .map_err(Error::Notification)
-            .and_then(|needed| {
-                if needed {
-                    state.signal_used_queue().map_err(Error::Signal)
-                } else {
-                    Ok(())
-                }
-            })
-    };
+    let result = signal_if_needed(&mut vring.get_mut());
     if let Err(e) = result {
         error!(queue, error = %error_chain(&e), "signalling the guest failed");
     }
+}
+
+/// Signals the guest if it asked to be (EVENT_IDX) or always (without it);
+/// the caller holds the vring lock.
+fn signal_if_needed(state: &mut VringState<GuestMem>) -> Result<()> {
+    if state.needs_notification().map_err(Error::Notification)? {
+        state.signal_used_queue().map_err(Error::Signal)?;
+    }
+    Ok(())
 }
 
 /// Puts `head` on the used ring with `len` used bytes, keeping the shared
@@ -592,15 +589,7 @@ fn put_used(
 pub fn complete(vring: &Vring, queue: usize, shared: Option<&InflightQueue>, head: u16, len: u32) {
     let result = {
         let mut state = vring.get_mut();
-        put_used(&mut state, shared, head, len)
-            .and_then(|()| state.needs_notification().map_err(Error::Notification))
-            .and_then(|needed| {
-                if needed {
-                    state.signal_used_queue().map_err(Error::Signal)
-                } else {
-                    Ok(())
-                }
-            })
+        put_used(&mut state, shared, head, len).and_then(|()| signal_if_needed(&mut state))
     };
     if let Err(e) = result {
         error!(queue, error = %error_chain(&e), "completing a request failed");
