@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let queue_size = c.u16() % 1024 + 1;
     let used = c.u16();
     let size = region_bytes(1, queue_size);
-    let (_, file) = InflightRegion::create(1, queue_size).expect("memfd");
+    let file = InflightRegion::create(1, queue_size).expect("memfd");
     let bytes = c.bytes((size as usize).min(data.len()));
     file.write_all_at(bytes, 0).expect("write region");
     let region = InflightRegion::map(file.try_clone().expect("dup"), 0, size, 1, queue_size)

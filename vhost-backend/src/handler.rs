@@ -457,7 +457,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     ) -> VhostUserResult<(VhostUserInflight, File)> {
         let (num_queues, queue_size) = (request.num_queues, request.queue_size);
         check_inflight_shape(&self.backend, num_queues, queue_size)?;
-        let (_, file) = InflightRegion::create(num_queues, queue_size).map_err(handler_error)?;
+        let file = InflightRegion::create(num_queues, queue_size).map_err(handler_error)?;
         let size = inflight::region_bytes(num_queues, queue_size);
         debug!(num_queues, queue_size, size, "created in-flight region");
         Ok((

@@ -136,10 +136,11 @@ pub struct InflightRegion {
 }
 
 impl InflightRegion {
-    /// Creates a zeroed region (a fresh memfd) for `num_queues` queues of
-    /// `queue_size` descriptors; returns it with the file to send to the
-    /// frontend (`GET_INFLIGHT_FD`).
-    pub fn create(num_queues: u16, queue_size: u16) -> Result<(Self, File)> {
+    /// Creates the zeroed memfd of a region for `num_queues` queues of
+    /// `queue_size` descriptors, to send to the frontend
+    /// (`GET_INFLIGHT_FD`); the frontend hands it back to be mapped
+    /// (`SET_INFLIGHT_FD`, [`InflightRegion::map`]).
+    pub fn create(num_queues: u16, queue_size: u16) -> Result<File> {
         if num_queues == 0 || queue_size == 0 {
             return Err(Error::Empty {
                 num_queues,
@@ -154,9 +155,7 @@ impl InflightRegion {
         .map_err(|e| Error::Create(e.into()))?;
         let file = File::from(fd);
         file.set_len(size).map_err(Error::Create)?;
-        let mapped = file.try_clone().map_err(Error::Create)?;
-        let region = Self::map(mapped, 0, size, num_queues, queue_size)?;
-        Ok((region, file))
+        Ok(file)
     }
 
     /// Maps a region the frontend handed back (`SET_INFLIGHT_FD`).
@@ -356,7 +355,8 @@ mod tests {
     use super::*;
 
     fn region(queues: u16, size: u16) -> (InflightRegion, File) {
-        InflightRegion::create(queues, size).unwrap()
+        let file = InflightRegion::create(queues, size).unwrap();
+        (remap(&file, queues, size), file)
     }
 
     /// A second mapping of the same memfd, as the next daemon gets it.

@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::*;
 use crate::backend::DeviceConfig;
 use crate::block::BlockDevice;
-use crate::inflight::InflightRegion;
+use crate::inflight::{InflightQueue, InflightRegion};
 use crate::mem_device::MemDevice;
 use crate::wire::RequestHeader;
 
@@ -95,6 +95,25 @@ fn make_available(vq: &MockSplitQueue<'_, GuestMemoryMmap>, heads: &[u16]) {
             .store(head);
     }
     vq.avail().idx().store(idx + heads.len() as u16);
+}
+
+/// The in-flight region in `file`, as a daemon maps it.
+fn map_region(file: &File) -> InflightRegion {
+    let size = inflight::region_bytes(1, QSIZE);
+    InflightRegion::map(file.try_clone().unwrap(), 0, size, 1, QSIZE).unwrap()
+}
+
+/// What a (dead) daemon did to complete `head` as the first entry of an
+/// empty used ring, with a 4 KiB read's used length: the full put protocol
+/// of the in-flight region around the used element and index.
+fn dead_daemon_puts(mem: &GuestMemoryMmap, dead: &InflightQueue, head: u16) {
+    dead.pre_put(head);
+    mem.write_obj(u32::from(head), GuestAddress(USED_RING + 4))
+        .unwrap();
+    mem.write_obj(4097u32, GuestAddress(USED_RING + 8)).unwrap();
+    mem.store(1u16, GuestAddress(USED_RING + 2), Ordering::Release)
+        .unwrap();
+    dead.post_put(head, 1);
 }
 
 fn used_idx(mem: &GuestMemoryMmap) -> u16 {
@@ -199,21 +218,14 @@ fn a_restarted_daemon_completes_what_the_dead_one_held() {
             .unwrap();
     }
     make_available(&vq, &[0, 3, 6]);
-    let (region, file) = InflightRegion::create(1, QSIZE).unwrap();
+    let file = InflightRegion::create(1, QSIZE).unwrap();
+    let region = map_region(&file);
     let dead = region.queue(0).unwrap();
     dead.start(0, 0);
     for head in [0, 3, 6] {
         dead.fetch(head);
     }
-    dead.pre_put(3);
-    g.mem.write_obj(3u32, GuestAddress(USED_RING + 4)).unwrap();
-    g.mem
-        .write_obj(4097u32, GuestAddress(USED_RING + 8))
-        .unwrap();
-    g.mem
-        .store(1u16, GuestAddress(USED_RING + 2), Ordering::Release)
-        .unwrap();
-    dead.post_put(3, 1);
+    dead_daemon_puts(&g.mem, &dead, 3);
     drop(region);
 
     // The new daemon: QEMU restores the available index to the used index.
@@ -252,7 +264,7 @@ fn a_restarted_daemon_completes_what_the_dead_one_held() {
     // Stopping the queue leaves nothing marked in flight.
     let state = h.get_vring_base(0).unwrap();
     assert_eq!({ state.num }, 4);
-    let check = InflightRegion::map(file, 0, inflight::region_bytes(1, QSIZE), 1, QSIZE).unwrap();
+    let check = map_region(&file);
     let q = check.queue(0).unwrap();
     assert!((0..QSIZE).all(|head| !q.is_inflight(head)));
 }
@@ -263,22 +275,15 @@ fn a_completion_the_dead_daemon_never_signalled_is_signalled() {
     let vq = MockSplitQueue::new(&g.mem, QSIZE);
     request(&vq, &g.mem, 0, 0, VIRTIO_BLK_T_IN, 0);
     make_available(&vq, &[0]);
-    let (region, file) = InflightRegion::create(1, QSIZE).unwrap();
+    let file = InflightRegion::create(1, QSIZE).unwrap();
+    let region = map_region(&file);
     let dead = region.queue(0).unwrap();
     dead.start(0, 0);
     dead.fetch(0);
     // The dead daemon put head 0 on the used ring and died before the
     // signal; the guest (EVENT_IDX, used_event 0) waits for it, and the
     // guest made nothing else available, so it will not kick.
-    dead.pre_put(0);
-    g.mem.write_obj(0u32, GuestAddress(USED_RING + 4)).unwrap();
-    g.mem
-        .write_obj(4097u32, GuestAddress(USED_RING + 8))
-        .unwrap();
-    g.mem
-        .store(1u16, GuestAddress(USED_RING + 2), Ordering::Release)
-        .unwrap();
-    dead.post_put(0, 1);
+    dead_daemon_puts(&g.mem, &dead, 0);
     drop(region);
 
     let mut h = handler(Arc::new(MemDevice::new(1 << 20)));
