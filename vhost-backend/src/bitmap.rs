@@ -462,7 +462,10 @@ impl PersistentBitmap {
             .map_err(read_err)?;
         let nwords = nbits.div_ceil(64) as usize;
         let fingerprint = fnv1a(&expected.encode());
-        let journaled = journal::recover(path, fingerprint, nwords);
+        let boot = journal::boot_id();
+        let journaled = boot
+            .as_ref()
+            .and_then(|b| journal::recover(path, fingerprint, nwords, b));
         let mut ones = 0u64;
         let mut recovered = 0u64;
         let mut dirty: Box<[AtomicBool]> = (0..Self::pages(nbits))
@@ -494,7 +497,9 @@ impl PersistentBitmap {
                 "recovered bits a previous daemon set after its last sync"
             );
         }
-        let journal = journal::Journal::start(path, fingerprint, &live);
+        let journal = boot
+            .as_ref()
+            .and_then(|b| journal::Journal::start(path, fingerprint, &live, b));
         Ok(PersistentBitmap {
             path: path.to_path_buf(),
             file,

@@ -58,8 +58,12 @@ const BOOT_ID_LEN: usize = 36;
 /// Where the kernel tells the boot id.
 const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
-/// This boot's id, if the kernel tells it.
-fn boot_id() -> Option<[u8; BOOT_ID_LEN]> {
+/// The kernel's id of the running boot.
+pub(super) type BootId = [u8; BOOT_ID_LEN];
+
+/// This boot's id, if the kernel tells it (without it there is no journal:
+/// nothing could tell a daemon restart from a reboot).
+pub(super) fn boot_id() -> Option<BootId> {
     let text = fs::read_to_string(BOOT_ID_PATH).ok()?;
     text.trim().as_bytes().try_into().ok()
 }
@@ -85,7 +89,12 @@ fn encode_header(fingerprint: u64, boot: &[u8; BOOT_ID_LEN]) -> [u8; HEADER_SIZE
 /// The words a previous daemon of this boot journaled for the bitmap
 /// whose header hashes to `fingerprint`, or `None` if there is no such
 /// journal (none, another boot, another bitmap, damaged).
-pub(super) fn recover(bitmap: &Path, fingerprint: u64, nwords: usize) -> Option<Vec<u64>> {
+pub(super) fn recover(
+    bitmap: &Path,
+    fingerprint: u64,
+    nwords: usize,
+    boot: &BootId,
+) -> Option<Vec<u64>> {
     let path = path_for(bitmap);
     let file = File::open(&path).ok()?;
     let mut h = [0u8; HEADER_SIZE];
@@ -98,8 +107,7 @@ pub(super) fn recover(bitmap: &Path, fingerprint: u64, nwords: usize) -> Option<
         tracing::warn!(path = %path.display(), "ignoring a live bitmap journal that does not belong to this bitmap");
         return None;
     }
-    let boot = boot_id()?;
-    if h[BOOT_ID_AT..BOOT_ID_AT + BOOT_ID_LEN] != boot {
+    if h[BOOT_ID_AT..BOOT_ID_AT + BOOT_ID_LEN] != boot[..] {
         tracing::info!(path = %path.display(), "the machine rebooted since the journal was written: using the synced bitmap alone");
         return None;
     }
@@ -143,11 +151,15 @@ pub(super) struct Journal {
 
 impl Journal {
     /// Starts the journal of the bitmap at `bitmap` (header hash
-    /// `fingerprint`) holding `words`, which must include every bit of an
-    /// older journal. Returns `None` (after a warning) where the machine
-    /// cannot tell its boot id or the file cannot be written.
-    pub(super) fn start(bitmap: &Path, fingerprint: u64, words: &[AtomicU64]) -> Option<Journal> {
-        let boot = boot_id()?;
+    /// `fingerprint`) on boot `boot`, holding `words`, which must include
+    /// every bit of an older journal. Returns `None` (after a warning)
+    /// where the file cannot be written.
+    pub(super) fn start(
+        bitmap: &Path,
+        fingerprint: u64,
+        words: &[AtomicU64],
+        boot: &BootId,
+    ) -> Option<Journal> {
         let path = path_for(bitmap);
         let start = || -> io::Result<File> {
             let file = OpenOptions::new()
@@ -167,7 +179,7 @@ impl Journal {
             // Words first, then the header: a superset of the old journal's
             // bits is in place before the new boot id vouches for them.
             file.write_all_at(&bytes, HEADER_SIZE as u64)?;
-            file.write_all_at(&encode_header(fingerprint, &boot), 0)?;
+            file.write_all_at(&encode_header(fingerprint, boot), 0)?;
             file.set_len(len)?;
             Ok(file)
         };
