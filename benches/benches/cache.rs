@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use block::cache::{ChunkCache, ChunkKey};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
-use vhost_backend::cache::{ChunkCache, ChunkKey};
 
 const CHUNK: usize = 64 << 10;
 const OPS_PER_ITER: u64 = 2000;

@@ -7,13 +7,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use block::cache::ChunkCache;
+use block::device::BlockDevice;
+use block::snapshot::SnapshotLayer;
+use block::source::{ChunkSource, VecSource};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{Rng, SeedableRng};
 use store::{BackupOptions, Store};
-use vhost_backend::block::BlockDevice;
-use vhost_backend::cache::ChunkCache;
-use vhost_backend::snapshot_layer::SnapshotLayer;
-use vhost_backend::source::{ChunkSource, VecSource};
 
 const IMAGE: usize = 64 << 20;
 const CHUNK: u32 = 64 << 10;

@@ -8,11 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use block::device::BlockDevice;
+use block::mem_device::MemDevice;
+use block::overlay::Overlay;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rand::{Rng, RngCore, SeedableRng};
-use vhost_backend::block::BlockDevice;
-use vhost_backend::mem_device::MemDevice;
-use vhost_backend::overlay::Overlay;
 
 const SIZE: usize = 256 << 20;
 const BLOCK: u64 = 4096;

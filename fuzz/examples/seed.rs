@@ -18,8 +18,8 @@ use store::pack::PackWriter;
 use store::snapshot::manifest::ManifestWriter;
 use store::snapshot::{id_from_micros, manifest_key, SnapshotInfo};
 use store::{ChunkId, PackId};
-use vhost_backend::bitmap::{BitmapHeader, BitmapKind, PersistentBitmap};
-use vhost_backend::state::{StateBinding, StateDir};
+use block::bitmap::{BitmapHeader, BitmapKind, PersistentBitmap};
+use daemon::state_dir::{StateBinding, StateDir};
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;

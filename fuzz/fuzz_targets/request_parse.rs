@@ -22,7 +22,7 @@ use instant_recovery_fuzz::request::{
     QUEUE_SIZE, REGIONS,
 };
 use libfuzzer_sys::fuzz_target;
-use vhost_backend::mem_device::MemDevice;
+use block::mem_device::MemDevice;
 use vhost_backend::request::{
     ExecContext, Limits, Request, RequestType, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };

@@ -1,7 +1,7 @@
 //! Fuzzes the decoders of an instant-boot state dir: the persistent
-//! bitmap file (`vhost_backend::bitmap::PersistentBitmap::open`: header,
+//! bitmap file (`block::bitmap::PersistentBitmap::open`: header,
 //! checksum, geometry, bit pages) and `state.json`
-//! (`vhost_backend::state::StateDir::open_or_create`).
+//! (`daemon::state_dir::StateDir::open_or_create`).
 //!
 //! Input: a flags byte (bit 0: recompute the bitmap header checksum, bit 1:
 //! expect the header the file itself claims, bit 2: pad or cut the file to
@@ -20,8 +20,8 @@ use std::sync::OnceLock;
 
 use instant_recovery_fuzz::Cursor;
 use libfuzzer_sys::fuzz_target;
-use vhost_backend::bitmap::{BitmapHeader, BitmapKind, PersistentBitmap, HEADER_SIZE, PAGE_BYTES};
-use vhost_backend::state::{StateBinding, StateDir};
+use block::bitmap::{BitmapHeader, BitmapKind, PersistentBitmap, HEADER_SIZE, PAGE_BYTES};
+use daemon::state_dir::{StateBinding, StateDir};
 
 const CHECKSUM_AT: usize = HEADER_SIZE - 8;
 /// Largest bitmap the harness pads a file to.

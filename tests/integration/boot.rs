@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
-use vhost_backend::block::BlockDevice;
-use vhost_backend::cache::ChunkCache;
-use vhost_backend::overlay::Overlay;
-use vhost_backend::snapshot_layer::SnapshotLayer;
-use vhost_backend::state::{StateBinding, StateDir};
+use block::cache::ChunkCache;
+use block::device::BlockDevice;
+use block::overlay::Overlay;
+use block::snapshot::SnapshotLayer;
+use daemon::state_dir::{StateBinding, StateDir};
 
 use crate::guest::{e2fsck, read_guest_file, require_guest, run_to_completion, BOOT_TIMEOUT};
 use crate::util::recovery_cli;

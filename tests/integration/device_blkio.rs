@@ -10,10 +10,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, ReqFlags};
+use block::device::BlockDevice;
+use block::mem_device::MemDevice;
 use rand::{Rng, RngCore, SeedableRng};
 use vhost_backend::backend::DeviceConfig;
-use vhost_backend::block::BlockDevice;
-use vhost_backend::mem_device::MemDevice;
 use vhost_backend::serve::{BlockServer, StopHandle};
 
 use crate::blkio_client::{next_completion, read_on, write_on, Client, Options};
@@ -555,7 +555,7 @@ fn stop_waits_for_requests_in_flight_then_flushes() {
 #[test]
 fn qemu_guest_boots_from_the_device_and_reconnects() {
     use crate::guest::{e2fsck, read_guest_file, run_to_completion, BOOT_TIMEOUT};
-    use vhost_backend::mem_device::FileDevice;
+    use block::mem_device::FileDevice;
 
     let guest = crate::guest::require_guest!();
     let dir = tempfile::tempdir().unwrap();

@@ -60,7 +60,7 @@ const WRITERS: u32 = 3;
 /// The daemon's log filter: the recovery messages below are at INFO, the
 /// default level is WARN.
 const DAEMON_LOG: &str =
-    "warn,vhost_backend::handler=info,vhost_backend::worker=info,vhost_backend::bitmap=info";
+    "warn,vhost_backend::handler=info,vhost_backend::worker=info,block::bitmap=info";
 
 /// Logged (INFO, `vhost_backend::handler`) by a daemon that found requests
 /// marked in flight by the previous one, with `requests=<n>`.
@@ -69,7 +69,7 @@ const RECOVERED_REQUESTS: &str = "recovered requests a previous daemon held";
 /// Logged (INFO, `vhost_backend::worker`) when it runs them again.
 const RESUBMITTING: &str = "resubmitting the requests a previous daemon held";
 
-/// Logged (INFO, `vhost_backend::bitmap`) when a bitmap's live journal held
+/// Logged (INFO, `block::bitmap`) when a bitmap's live journal held
 /// bits set after its last sync, with `path=<bitmap>`.
 const RECOVERED_BITS: &str = "recovered bits a previous daemon set after its last sync";
 

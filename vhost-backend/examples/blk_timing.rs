@@ -39,10 +39,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
+use block::mem_device::{FileDevice, MemDevice};
+use block::BlockDevice;
 use rand::{Rng, RngCore, SeedableRng};
 use vhost_backend::backend::DeviceConfig;
-use vhost_backend::block::BlockDevice;
-use vhost_backend::mem_device::{FileDevice, MemDevice};
 use vhost_backend::serve::{BlockServer, StopHandle};
 
 const KIB: usize = 1 << 10;

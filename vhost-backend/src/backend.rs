@@ -30,11 +30,12 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::block::BlockDevice;
 use crate::inflight::InflightQueue;
 use crate::request::Limits;
 use crate::wire::{BlkConfig, ID_BYTES, SECTOR_SHIFT};
-use crate::worker::{error_chain, GuestMem, InFlight, Pool, Target, Vring, Worker};
+use crate::worker::{GuestMem, InFlight, Pool, Target, Vring, Worker};
+use block::device::BlockDevice;
+use block::error_chain;
 
 /// Most queues a device can have (one worker thread each).
 pub const MAX_QUEUES: usize = 16;
@@ -507,7 +508,7 @@ impl BlockBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mem_device::MemDevice;
+    use block::mem_device::MemDevice;
 
     fn backend(cfg: &DeviceConfig) -> BlockBackend {
         BlockBackend::new(Arc::new(MemDevice::new(1 << 20)), cfg).unwrap()

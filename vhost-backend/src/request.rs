@@ -6,7 +6,7 @@
 //! every sector range lies inside the device, every size is within the
 //! limits advertised in the config space. Each check cites the virtio 1.2
 //! section that makes it a MUST. [`Request::execute`](Request::execute)
-//! then runs the request against a [`BlockDevice`](crate::block::BlockDevice)
+//! then runs the request against a [`BlockDevice`](block::device::BlockDevice)
 //! and nothing it does can reach outside the buffers `parse` accepted.
 //!
 //! A request that fails to parse is [`Rejected`]: if its status byte could

@@ -42,9 +42,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{self, BlockBackend, DeviceConfig, DeviceSpec};
-use crate::block::BlockDevice;
 use crate::handler::BlkHandler;
-use crate::worker::error_chain;
+use block::device::BlockDevice;
+use block::error_chain;
 
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]

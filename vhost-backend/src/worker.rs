@@ -66,7 +66,6 @@
 //! own reference to the guest memory mapping, so a memory table swap never
 //! unmaps a buffer under a running request.
 
-use std::error::Error as StdError;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,12 +77,13 @@ use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::block::BlockDevice;
 use crate::inflight::InflightQueue;
 use crate::request::{
     descriptors_at, ExecContext, Limits, Rejected, Request, RequestType, STATUS_IOERR, STATUS_OK,
 };
 use crate::wire::ID_BYTES;
+use block::device::BlockDevice;
+use block::error_chain;
 
 mod inflight;
 mod pool;
@@ -124,18 +124,6 @@ pub enum Error {
 
 /// Result of worker operations.
 pub type Result<T> = std::result::Result<T, Error>;
-
-/// Formats an error with its whole source chain.
-pub(crate) fn error_chain(e: &dyn StdError) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
 
 /// What every request of a device runs against; shared with the pool.
 pub struct Target {

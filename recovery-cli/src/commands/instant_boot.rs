@@ -17,15 +17,14 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use daemon::{
+    Daemon, DaemonConfig, DeviceConfig, MigratingDevice, MigrationOptions, StopHandle,
+    MAX_IO_THREADS,
+};
 use serde::Serialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{info, warn};
-use vhost_backend::backend::{DeviceConfig, MAX_IO_THREADS};
-use vhost_backend::daemon::{Daemon, DaemonConfig};
-use vhost_backend::migrate::{MigratingDevice, MigrationOptions};
-use vhost_backend::serve::StopHandle;
-use vhost_backend::status::State;
 
 use super::monitor::parse_rate;
 use super::StoreArg;
@@ -321,11 +320,9 @@ fn watch_qemu(
                             info!("waiting for the migration to finish");
                         }
                         while !stop.is_stopped()
-                            && !matches!(
-                                m.wait(Duration::from_millis(200)),
-                                State::Complete | State::Failed
-                            )
-                        {}
+                            && !m.wait(Duration::from_millis(200)).is_finished()
+                        {
+                        }
                     }
                     stop.stop();
                     return;

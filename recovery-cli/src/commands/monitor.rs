@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use control::{human, Request};
+use control::{State, Status};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use vhost_backend::control::{self, human, Request};
-use vhost_backend::status::{State, Status};
 
 use crate::output;
 
-/// The socket's name inside a state dir (`vhost_backend::state`).
+/// The socket's name inside a state dir (`daemon::state_dir`).
 const CONTROL_SOCKET: &str = "control.sock";
 
 /// How long `status --watch` waits for an unreachable daemon to return.
@@ -215,7 +215,7 @@ impl<W: Write> View<W> {
     fn update(&mut self, status: &Status) -> anyhow::Result<()> {
         match self {
             View::Bar(bar) => {
-                bar.set_message(state_name(status.state));
+                bar.set_message(status.state.name());
                 bar.set_prefix(rate_and_eta(status));
                 bar.set_length(status.bytes_total);
                 bar.set_position(status.bytes_migrated.min(status.bytes_total));
@@ -330,16 +330,6 @@ fn watch<W: Write>(
     }
 }
 
-fn state_name(state: State) -> &'static str {
-    match state {
-        State::Serving => "serving",
-        State::Migrating => "migrating",
-        State::Paused => "paused",
-        State::Complete => "complete",
-        State::Failed => "failed",
-    }
-}
-
 fn eta(status: &Status) -> String {
     match (status.state, status.eta_seconds) {
         (State::Complete, _) => "done".to_string(),
@@ -362,7 +352,7 @@ fn rate_and_eta(status: &Status) -> String {
 pub fn progress_line(status: &Status) -> String {
     format!(
         "{} {:.1}% {} of {}, {}",
-        state_name(status.state),
+        status.state.name(),
         human::percent(status.bytes_migrated, status.bytes_total),
         human::format_bytes(status.bytes_migrated),
         human::format_bytes(status.bytes_total),
@@ -382,7 +372,7 @@ fn completion_line(status: &Status) -> String {
 
 /// The one-shot human summary of `status`, one `Label: value` per line.
 pub fn summary(s: &Status) -> String {
-    let mut rows: Vec<(&str, String)> = vec![("State", state_name(s.state).to_string())];
+    let mut rows: Vec<(&str, String)> = vec![("State", s.state.name().to_string())];
     if let Some(error) = &s.error {
         rows.push(("Error", error.clone()));
     }
@@ -497,8 +487,8 @@ mod tests {
     use std::sync::Arc;
 
     use clap::Parser;
-    use vhost_backend::control::ControlServer;
-    use vhost_backend::status::Control;
+    use control::Control;
+    use daemon::control_server::ControlServer;
 
     use super::*;
 

@@ -16,10 +16,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::backend::DeviceConfig;
-use crate::block::BlockDevice;
 use crate::inflight::{InflightQueue, InflightRegion};
-use crate::mem_device::MemDevice;
 use crate::wire::RequestHeader;
+use block::device::BlockDevice;
+use block::mem_device::MemDevice;
 
 const MEM_SIZE: usize = 1 << 20;
 /// Where the frontend "maps" guest memory in its own address space.

@@ -12,8 +12,8 @@ use std::io;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions, VolatileSlice};
 
 use super::{Buffer, Request, RequestType, STATUS_IOERR, STATUS_UNSUPP};
-use crate::block::BlockDevice;
 use crate::wire::{ID_BYTES, SECTOR_SHIFT};
+use block::device::BlockDevice;
 
 /// What a request runs against.
 #[derive(Clone, Copy)]

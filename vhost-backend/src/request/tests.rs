@@ -11,9 +11,9 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
-use crate::block::{BlockDevice, SCRATCH_CHUNK};
-use crate::mem_device::{FileDevice, MemDevice};
 use crate::wire::{DiscardWriteZeroes, RequestHeader};
+use block::device::{BlockDevice, SCRATCH_CHUNK};
+use block::mem_device::{FileDevice, MemDevice};
 
 const MEM_SIZE: usize = 16 << 20;
 const HDR: u64 = 0x10_0000;

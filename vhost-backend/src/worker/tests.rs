@@ -16,9 +16,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::backend::{BlockBackend, DeviceConfig};
-use crate::mem_device::MemDevice;
 use crate::request::STATUS_UNSUPP;
 use crate::wire::RequestHeader;
+use block::mem_device::MemDevice;
 
 const QUEUE_SIZE: u16 = 16;
 const TIMEOUT: Duration = Duration::from_secs(10);

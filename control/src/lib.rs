@@ -1,0 +1,280 @@
+//! The daemon's control socket: line-delimited JSON on a unix socket.
+//!
+//! One request object per line, one response object per line, any number
+//! of requests per connection:
+//!
+//! ```text
+//! {"cmd":"status"}                              {"ok":true,"status":{...}}
+//! {"cmd":"pause"}                               {"ok":true}
+//! {"cmd":"resume"}                              {"ok":true}
+//! {"cmd":"set-rate","bytes_per_second":N}       {"ok":true}
+//! {"cmd":"metrics"}                             {"ok":true,"metrics":"# HELP ..."}
+//! anything else                                 {"ok":false,"error":"..."}
+//! ```
+//!
+//! The socket is created with mode 0600: it is bound under a temporary
+//! name, chmod'ed, then renamed into place, so the final path is never
+//! reachable with looser permissions. A stale socket left by a killed
+//! daemon is replaced; a live one (something answers a connect) or a
+//! non-socket file at the path is an error, never clobbered.
+//!
+//! Threads: one accept thread plus one thread per connection (at most
+//! [`MAX_CLIENTS`]). Every thread waits in `epoll` on its socket and a
+//! shared stop `eventfd`, so [`ControlServer::shutdown`] wakes and joins
+//! them all without timeouts or polling. A bad request gets an error
+//! response; a line longer than [`MAX_LINE`] or a client that stops
+//! reading its responses closes only that connection.
+
+pub mod client;
+pub mod human;
+pub mod metrics;
+pub mod progress;
+pub mod status;
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::debug;
+
+pub use client::{fetch_metrics, fetch_status, request, request_with_timeout, send_command};
+pub use metrics::render_metrics;
+pub use status::{Control, State, Status};
+
+/// Longest request line accepted, newline included.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Most connections served at once; more are told so and closed.
+pub const MAX_CLIENTS: usize = 64;
+/// How long [`request`] waits for the daemon.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the control socket server and client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Control socket path {path} exists and is not a socket")]
+    NotASocket { path: PathBuf },
+    #[error("Control socket {path} is in use by a running daemon")]
+    InUse { path: PathBuf },
+    #[error("Failed to inspect control socket path {path}")]
+    Inspect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Failed to bind control socket {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Failed to set up the control socket event loop")]
+    EventLoop(#[source] io::Error),
+    #[error("Failed to start the control socket thread")]
+    Spawn(#[source] io::Error),
+    #[error("Cannot connect to control socket {path}: is the daemon running?")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Failed to send the request to control socket {path}")]
+    Send {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Failed to read the response from control socket {path}")]
+    Receive {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("No response from control socket {path} within {timeout:?}")]
+    Timeout { path: PathBuf, timeout: Duration },
+    #[error("Control socket {path} closed the connection without a response")]
+    Closed { path: PathBuf },
+    #[error("Invalid response from control socket {path}")]
+    BadResponse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Daemon refused the request: {0}")]
+    Refused(String),
+    #[error("Daemon response lacks the `{0}` field")]
+    MissingField(&'static str),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A request line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    SetRate { bytes_per_second: u64 },
+    Metrics,
+}
+
+/// A response line. `ok` is false exactly when `error` is set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+}
+
+impl Response {
+    /// `{"ok":true}`.
+    pub fn ok() -> Self {
+        Response {
+            ok: true,
+            error: None,
+            status: None,
+            metrics: None,
+        }
+    }
+
+    /// `{"ok":false,"error":message}`.
+    pub fn error(message: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            error: Some(message.into()),
+            status: None,
+            metrics: None,
+        }
+    }
+
+    /// `Err(Error::Refused)` for an error response, the response otherwise.
+    pub fn into_result(self) -> Result<Response> {
+        if self.ok {
+            Ok(self)
+        } else {
+            Err(Error::Refused(
+                self.error.unwrap_or_else(|| "no reason given".to_string()),
+            ))
+        }
+    }
+}
+
+/// Executes one request against the daemon.
+pub fn handle_request(control: &dyn Control, request: &Request) -> Response {
+    let done = |result: std::result::Result<(), String>| match result {
+        Ok(()) => Response::ok(),
+        Err(message) => Response::error(message),
+    };
+    match request {
+        Request::Status => Response {
+            status: Some(finite(control.status())),
+            ..Response::ok()
+        },
+        Request::Pause => done(control.pause()),
+        Request::Resume => done(control.resume()),
+        Request::SetRate { bytes_per_second } => done(control.set_rate(*bytes_per_second)),
+        Request::Metrics => Response {
+            metrics: Some(render_metrics(&control.status())),
+            ..Response::ok()
+        },
+    }
+}
+
+/// JSON has no NaN or infinity (serde_json writes `null`, which no
+/// client can read back as a number): report such values as unknown.
+fn finite(mut status: Status) -> Status {
+    for value in [
+        &mut status.copy_rate,
+        &mut status.cache_hit_rate,
+        &mut status.uptime_seconds,
+    ] {
+        if !value.is_finite() {
+            *value = 0.0;
+        }
+    }
+    status.eta_seconds = status.eta_seconds.filter(|eta| eta.is_finite());
+    status
+}
+
+/// Parses and executes one request line (without its newline).
+pub fn handle_line(control: &dyn Control, line: &[u8]) -> Response {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    match serde_json::from_slice::<Request>(line) {
+        Ok(request) => {
+            debug!(?request, "control request");
+            handle_request(control, &request)
+        }
+        Err(e) => Response::error(format!("Invalid request: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::State;
+
+    #[test]
+    fn wire_format_matches_the_documented_protocol() {
+        let set = serde_json::to_string(&Request::SetRate {
+            bytes_per_second: 5,
+        })
+        .unwrap();
+        assert_eq!(set, r#"{"cmd":"set-rate","bytes_per_second":5}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"cmd":"status"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::ok()).unwrap(),
+            r#"{"ok":true}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::error("no")).unwrap(),
+            r#"{"ok":false,"error":"no"}"#
+        );
+    }
+
+    #[test]
+    fn non_finite_numbers_are_reported_as_unknown() {
+        let status = Status {
+            state: State::Migrating,
+            error: None,
+            snapshot: "s".into(),
+            target: None,
+            bytes_total: 0,
+            bytes_migrated: 0,
+            bytes_copied_on_read: 0,
+            chunks_total: 0,
+            chunks_migrated: 0,
+            chunks_failed: 0,
+            copy_rate: f64::NAN,
+            rate_limit: 0,
+            eta_seconds: Some(f64::INFINITY),
+            guest_read_ops: 0,
+            guest_read_bytes: 0,
+            guest_write_ops: 0,
+            guest_write_bytes: 0,
+            guest_flush_ops: 0,
+            guest_io_errors: 0,
+            chunk_read_errors: 0,
+            chunks_repaired: 0,
+            overlay_bytes: 0,
+            cache_hit_rate: f64::NEG_INFINITY,
+            uptime_seconds: 1.5,
+        };
+        let clean = finite(status);
+        assert_eq!(
+            (clean.copy_rate, clean.cache_hit_rate, clean.eta_seconds),
+            (0.0, 0.0, None)
+        );
+        assert_eq!(clean.uptime_seconds, 1.5);
+        // And the cleaned report survives a JSON round trip.
+        let json = serde_json::to_string(&clean).unwrap();
+        assert_eq!(serde_json::from_str::<Status>(&json).unwrap(), clean);
+    }
+}

@@ -1,0 +1,528 @@
+//! Prometheus text exposition (format 0.0.4) of a [`Status`].
+//!
+//! Every metric is prefixed `instant_recovery_`. Monotonic counts are
+//! counters with a `_total` suffix; everything else is a gauge. The state
+//! is a one-hot gauge over every [`State`], so a dashboard can graph
+//! `instant_recovery_state{state="migrating"}` without string matching.
+//! `eta_seconds` is omitted while unknown rather than reported as a
+//! sentinel.
+
+use std::fmt::Write as _;
+
+use crate::status::{State, Status};
+
+const PREFIX: &str = "instant_recovery_";
+
+/// Renders `status` in the Prometheus text format: a `# HELP` and a
+/// `# TYPE` line per metric, then its samples, one per line.
+pub fn render_metrics(status: &Status) -> String {
+    let mut out = Metrics::default();
+
+    let target = status.target.as_deref().unwrap_or("");
+    out.metric(
+        "info",
+        Kind::Gauge,
+        "The snapshot being served and the migration target.",
+    );
+    out.sample(
+        "info",
+        &[("snapshot", &status.snapshot), ("target", target)],
+        1.0,
+    );
+
+    out.metric(
+        "state",
+        Kind::Gauge,
+        "Daemon state, one-hot over all states.",
+    );
+    for (state, name) in State::ALL.map(|s| (s, s.name())) {
+        let value = if status.state == state { 1.0 } else { 0.0 };
+        out.sample("state", &[("state", name)], value);
+    }
+
+    out.simple(
+        "image_bytes",
+        Kind::Gauge,
+        "Size of the disk image in bytes.",
+        status.bytes_total as f64,
+    );
+    out.simple(
+        "bytes_migrated_total",
+        Kind::Counter,
+        "Bytes of the image migrated to the target.",
+        status.bytes_migrated as f64,
+    );
+    out.simple(
+        "bytes_copied_on_read_total",
+        Kind::Counter,
+        "Bytes migrated early because the guest read them.",
+        status.bytes_copied_on_read as f64,
+    );
+    out.simple(
+        "chunks",
+        Kind::Gauge,
+        "Number of chunks in the image.",
+        status.chunks_total as f64,
+    );
+    out.simple(
+        "chunks_migrated_total",
+        Kind::Counter,
+        "Chunks migrated to the target.",
+        status.chunks_migrated as f64,
+    );
+    out.simple(
+        "chunks_failed_total",
+        Kind::Counter,
+        "Chunks the copier could not read from the store.",
+        status.chunks_failed as f64,
+    );
+    out.simple(
+        "chunks_repaired_total",
+        Kind::Counter,
+        "Chunks migrated from the --repair-from snapshot.",
+        status.chunks_repaired as f64,
+    );
+    let ratio = if status.bytes_total == 0 {
+        1.0
+    } else {
+        status.bytes_migrated.min(status.bytes_total) as f64 / status.bytes_total as f64
+    };
+    out.simple(
+        "migration_progress_ratio",
+        Kind::Gauge,
+        "Fraction of the image migrated, 0 to 1.",
+        ratio,
+    );
+    out.simple(
+        "copy_rate_bytes_per_second",
+        Kind::Gauge,
+        "Copy rate over a recent window.",
+        status.copy_rate,
+    );
+    out.simple(
+        "copy_rate_limit_bytes_per_second",
+        Kind::Gauge,
+        "Configured copy rate limit; 0 means unlimited.",
+        status.rate_limit as f64,
+    );
+    if let Some(eta) = status.eta_seconds {
+        out.simple(
+            "eta_seconds",
+            Kind::Gauge,
+            "Estimated seconds until the migration completes.",
+            eta,
+        );
+    }
+
+    out.metric(
+        "guest_ops_total",
+        Kind::Counter,
+        "Guest requests by operation.",
+    );
+    out.sample(
+        "guest_ops_total",
+        &[("op", "read")],
+        status.guest_read_ops as f64,
+    );
+    out.sample(
+        "guest_ops_total",
+        &[("op", "write")],
+        status.guest_write_ops as f64,
+    );
+    out.sample(
+        "guest_ops_total",
+        &[("op", "flush")],
+        status.guest_flush_ops as f64,
+    );
+    out.metric(
+        "guest_bytes_total",
+        Kind::Counter,
+        "Guest bytes by operation.",
+    );
+    out.sample(
+        "guest_bytes_total",
+        &[("op", "read")],
+        status.guest_read_bytes as f64,
+    );
+    out.sample(
+        "guest_bytes_total",
+        &[("op", "write")],
+        status.guest_write_bytes as f64,
+    );
+    out.simple(
+        "guest_io_errors_total",
+        Kind::Counter,
+        "Guest requests completed with an I/O error.",
+        status.guest_io_errors as f64,
+    );
+    out.simple(
+        "chunk_read_errors_total",
+        Kind::Counter,
+        "Chunk fetches from the store that failed (corrupt or missing chunk).",
+        status.chunk_read_errors as f64,
+    );
+
+    out.simple(
+        "overlay_bytes",
+        Kind::Gauge,
+        "Bytes of guest data held in the overlay.",
+        status.overlay_bytes as f64,
+    );
+    out.simple(
+        "cache_hit_ratio",
+        Kind::Gauge,
+        "Chunk cache hits over lookups.",
+        status.cache_hit_rate,
+    );
+    out.simple(
+        "uptime_seconds",
+        Kind::Gauge,
+        "Seconds since the daemon started.",
+        status.uptime_seconds,
+    );
+
+    out.text
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+#[derive(Default)]
+struct Metrics {
+    text: String,
+}
+
+impl Metrics {
+    fn metric(&mut self, name: &str, kind: Kind, help: &str) {
+        let kind = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+        };
+        // Writing to a String cannot fail.
+        let _ = writeln!(self.text, "# HELP {PREFIX}{name} {}", escape_help(help));
+        let _ = writeln!(self.text, "# TYPE {PREFIX}{name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let _ = write!(self.text, "{PREFIX}{name}");
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (key, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{key}=\"{}\"", escape_label(val));
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {}", format_value(value));
+    }
+
+    fn simple(&mut self, name: &str, kind: Kind, help: &str, value: f64) {
+        self.metric(name, kind, help);
+        self.sample(name, &[], value);
+    }
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// HELP text escapes backslash and newline.
+fn escape_help(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// Prometheus spells the special floats `NaN`, `+Inf` and `-Inf`.
+fn format_value(value: f64) -> String {
+    if value.is_nan() {
+        "NaN".to_string()
+    } else if value == f64::INFINITY {
+        "+Inf".to_string()
+    } else if value == f64::NEG_INFINITY {
+        "-Inf".to_string()
+    } else {
+        format!("{value}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use super::*;
+
+    fn sample_status() -> Status {
+        Status {
+            state: State::Migrating,
+            error: None,
+            snapshot: "vm1/2024-05-01".to_string(),
+            target: Some("/dev/vg0/\"prod\"\\disk".to_string()),
+            bytes_total: 4 << 30,
+            bytes_migrated: 1 << 30,
+            bytes_copied_on_read: 64 << 20,
+            chunks_total: 1024,
+            chunks_migrated: 256,
+            chunks_failed: 0,
+            copy_rate: 123_456_789.5,
+            rate_limit: 0,
+            eta_seconds: Some(26.1),
+            guest_read_ops: 10,
+            guest_read_bytes: 40960,
+            guest_write_ops: 3,
+            guest_write_bytes: 12288,
+            guest_flush_ops: 1,
+            guest_io_errors: 0,
+            chunk_read_errors: 0,
+            chunks_repaired: 0,
+            overlay_bytes: 12288,
+            cache_hit_rate: 0.75,
+            uptime_seconds: 12.5,
+        }
+    }
+
+    /// A parsed sample line: `name{labels} value`.
+    #[derive(Debug)]
+    struct Sample {
+        name: String,
+        labels: BTreeMap<String, String>,
+        value: f64,
+    }
+
+    fn is_metric_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+
+    /// A strict parser for the subset of the text format we emit.
+    fn parse_sample(line: &str) -> Result<Sample, String> {
+        let name_end = line.find(['{', ' ']).ok_or("no value")?;
+        let name = &line[..name_end];
+        if !is_metric_name(name) {
+            return Err(format!("bad metric name {name:?}"));
+        }
+        let mut rest = &line[name_end..];
+        let mut labels = BTreeMap::new();
+        if let Some(inner) = rest.strip_prefix('{') {
+            let mut chars = inner.char_indices().peekable();
+            let end;
+            loop {
+                // Label name up to '='.
+                let start = chars.peek().map(|&(i, _)| i).ok_or("unterminated labels")?;
+                if inner[start..].starts_with('}') {
+                    end = start + 1;
+                    break;
+                }
+                let eq = inner[start..].find('=').ok_or("label without '='")? + start;
+                let key = &inner[start..eq];
+                if !is_metric_name(key) || key.contains(':') {
+                    return Err(format!("bad label name {key:?}"));
+                }
+                while chars.peek().is_some_and(|&(i, _)| i <= eq) {
+                    chars.next();
+                }
+                if chars.next().map(|(_, c)| c) != Some('"') {
+                    return Err("label value not quoted".into());
+                }
+                let mut value = String::new();
+                loop {
+                    match chars.next().ok_or("unterminated label value")?.1 {
+                        '\\' => match chars.next().ok_or("dangling escape")?.1 {
+                            '\\' => value.push('\\'),
+                            '"' => value.push('"'),
+                            'n' => value.push('\n'),
+                            c => return Err(format!("bad escape \\{c}")),
+                        },
+                        '"' => break,
+                        '\n' => return Err("raw newline in label".into()),
+                        c => value.push(c),
+                    }
+                }
+                labels.insert(key.to_string(), value);
+                match chars.next().ok_or("unterminated labels")? {
+                    (_, ',') => continue,
+                    (i, '}') => {
+                        end = i + 1;
+                        break;
+                    }
+                    (_, c) => return Err(format!("unexpected {c:?} after label")),
+                }
+            }
+            rest = &inner[end..];
+        }
+        let value = rest.strip_prefix(' ').ok_or("no space before value")?;
+        let value = match value {
+            "NaN" => f64::NAN,
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse::<f64>()
+                .map_err(|e| format!("bad value {v:?}: {e}"))?,
+        };
+        Ok(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        })
+    }
+
+    /// Parses a whole exposition, checking HELP/TYPE precede samples.
+    fn parse(text: &str) -> Vec<Sample> {
+        assert!(text.ends_with('\n'), "exposition must end with a newline");
+        let mut types: HashMap<String, String> = HashMap::new();
+        let mut helps = HashMap::new();
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            assert!(!line.is_empty(), "empty line in exposition");
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').expect("HELP has text");
+                assert!(is_metric_name(name) && !help.is_empty(), "{line}");
+                assert!(
+                    helps.insert(name.to_string(), ()).is_none(),
+                    "duplicate HELP {name}"
+                );
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE has kind");
+                assert!(["counter", "gauge"].contains(&kind), "{line}");
+                assert!(
+                    types.insert(name.to_string(), kind.to_string()).is_none(),
+                    "dup TYPE {name}"
+                );
+            } else {
+                assert!(!line.starts_with('#'), "unknown comment {line}");
+                let sample = parse_sample(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+                let kind = types
+                    .get(&sample.name)
+                    .unwrap_or_else(|| panic!("no TYPE for {line}"));
+                assert!(helps.contains_key(&sample.name), "no HELP for {line}");
+                assert_eq!(kind == "counter", sample.name.ends_with("_total"), "{line}");
+                assert!(sample.name.starts_with(PREFIX), "{line}");
+                samples.push(sample);
+            }
+        }
+        samples
+    }
+
+    fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+        let want: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let found: Vec<_> = samples
+            .iter()
+            .filter(|s| s.name == format!("{PREFIX}{name}") && s.labels == want)
+            .collect();
+        assert_eq!(found.len(), 1, "expected one sample {name}{labels:?}");
+        found[0].value
+    }
+
+    #[test]
+    fn every_line_parses_and_values_match_the_status() {
+        let status = sample_status();
+        let text = render_metrics(&status);
+        let samples = parse(&text);
+
+        assert_eq!(
+            value(&samples, "bytes_migrated_total", &[]),
+            (1u64 << 30) as f64
+        );
+        assert_eq!(value(&samples, "image_bytes", &[]), (4u64 << 30) as f64);
+        assert_eq!(
+            value(&samples, "copy_rate_bytes_per_second", &[]),
+            123_456_789.5
+        );
+        assert_eq!(value(&samples, "migration_progress_ratio", &[]), 0.25);
+        assert_eq!(value(&samples, "eta_seconds", &[]), 26.1);
+        assert_eq!(value(&samples, "guest_ops_total", &[("op", "write")]), 3.0);
+        assert_eq!(
+            value(&samples, "guest_bytes_total", &[("op", "read")]),
+            40960.0
+        );
+        assert_eq!(value(&samples, "cache_hit_ratio", &[]), 0.75);
+        // The target's quote and backslash survive the escaping round trip.
+        let info = [
+            ("snapshot", "vm1/2024-05-01"),
+            ("target", "/dev/vg0/\"prod\"\\disk"),
+        ];
+        assert_eq!(value(&samples, "info", &info), 1.0);
+    }
+
+    #[test]
+    fn state_is_one_hot() {
+        for (state, name) in State::ALL.map(|s| (s, s.name())) {
+            let status = Status {
+                state,
+                ..sample_status()
+            };
+            let samples = parse(&render_metrics(&status));
+            for other in State::ALL.map(State::name) {
+                let expected = if other == name { 1.0 } else { 0.0 };
+                assert_eq!(
+                    value(&samples, "state", &[("state", other)]),
+                    expected,
+                    "{name}/{other}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_eta_is_omitted_and_special_floats_are_spelled_right() {
+        let status = Status {
+            eta_seconds: None,
+            copy_rate: f64::NAN,
+            uptime_seconds: f64::INFINITY,
+            bytes_total: 0,
+            target: None,
+            snapshot: "line\nbreak".to_string(),
+            ..sample_status()
+        };
+        let text = render_metrics(&status);
+        let samples = parse(&text);
+        assert!(!text.contains("eta_seconds"));
+        assert!(value(&samples, "copy_rate_bytes_per_second", &[]).is_nan());
+        assert_eq!(value(&samples, "uptime_seconds", &[]), f64::INFINITY);
+        assert_eq!(value(&samples, "migration_progress_ratio", &[]), 1.0);
+        assert_eq!(
+            value(
+                &samples,
+                "info",
+                &[("snapshot", "line\nbreak"), ("target", "")]
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn the_test_parser_rejects_malformed_lines() {
+        for bad in [
+            "instant_recovery_x",
+            "instant_recovery_x 1 2",
+            "instant-recovery 1",
+            "instant_recovery_x{a=\"b} 1",
+            "instant_recovery_x{a=b} 1",
+            "instant_recovery_x{a=\"\\q\"} 1",
+            "instant_recovery_x{a=\"b\"}1",
+            "instant_recovery_x abc",
+        ] {
+            assert!(parse_sample(bad).is_err(), "{bad:?} should not parse");
+        }
+        let ok = parse_sample("instant_recovery_x{a=\"b\",c=\"d\"} 1.5").unwrap();
+        assert_eq!(ok.labels.len(), 2);
+        assert_eq!(ok.value, 1.5);
+    }
+}

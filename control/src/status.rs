@@ -1,0 +1,120 @@
+//! The daemon's status report and run-time controls.
+//!
+//! [`Status`] is the contract between the daemon and its monitors: the
+//! control socket serves it as JSON, `recovery-cli status --json` prints
+//! it unchanged, and `/metrics` renders it as Prometheus text. Fields are
+//! only ever added, never renamed.
+
+use serde::{Deserialize, Serialize};
+
+/// Where the daemon is in its life.
+///
+/// ```text
+/// serving ──(--target)──> migrating <──> paused
+///                             │
+///                             ├──> complete   (all I/O passes to the target)
+///                             └──> failed     (reason in `Status::error`)
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Serving from the store and overlay; no migration target.
+    #[default]
+    Serving,
+    /// The copier is moving chunks to the target.
+    Migrating,
+    /// The copier is paused by the operator.
+    Paused,
+    /// Every chunk is on the target; I/O passes straight to it.
+    Complete,
+    /// The migration stopped on an error it cannot get past.
+    Failed,
+}
+
+impl State {
+    /// Every state, in lifecycle order.
+    pub const ALL: [State; 5] = [
+        State::Serving,
+        State::Migrating,
+        State::Paused,
+        State::Complete,
+        State::Failed,
+    ];
+
+    /// The state's name, as it appears in JSON, metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Serving => "serving",
+            State::Migrating => "migrating",
+            State::Paused => "paused",
+            State::Complete => "complete",
+            State::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A point-in-time report of everything an operator watches.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: State,
+    /// Why the state is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub snapshot: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+
+    pub bytes_total: u64,
+    pub bytes_migrated: u64,
+    pub bytes_copied_on_read: u64,
+    pub chunks_total: u64,
+    pub chunks_migrated: u64,
+    /// Chunks the copier could not read (corrupt or missing in the store).
+    pub chunks_failed: u64,
+    /// Chunks migrated from the `--repair-from` snapshot because the served
+    /// snapshot's copy could not be read (since this process started).
+    #[serde(default)]
+    pub chunks_repaired: u64,
+    /// Copy rate over a recent window, in bytes per second.
+    pub copy_rate: f64,
+    /// The configured rate limit in bytes per second; 0 means unlimited.
+    pub rate_limit: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+
+    pub guest_read_ops: u64,
+    pub guest_read_bytes: u64,
+    pub guest_write_ops: u64,
+    pub guest_write_bytes: u64,
+    pub guest_flush_ops: u64,
+    /// Guest requests that completed with an I/O error status.
+    pub guest_io_errors: u64,
+    /// Chunk fetches from the store that failed (corrupt, missing or
+    /// unreadable chunk), by the guest's reads and the copier alike.
+    #[serde(default)]
+    pub chunk_read_errors: u64,
+
+    /// Bytes of guest data held in the overlay.
+    pub overlay_bytes: u64,
+    /// Chunk cache hits / (hits + misses), 0.0 before the first lookup.
+    pub cache_hit_rate: f64,
+    pub uptime_seconds: f64,
+}
+
+/// Commands an operator sends to a running daemon.
+pub trait Control: Send + Sync {
+    /// A fresh status report.
+    fn status(&self) -> Status;
+    /// Stops the copier after its in-flight chunks; guest I/O continues.
+    fn pause(&self) -> Result<(), String>;
+    /// Restarts a paused copier.
+    fn resume(&self) -> Result<(), String>;
+    /// Sets the copy rate limit in bytes per second; 0 means unlimited.
+    fn set_rate(&self, bytes_per_second: u64) -> Result<(), String>;
+}

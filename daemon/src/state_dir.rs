@@ -1,0 +1,498 @@
+//! The `--state DIR` of an instant-boot daemon.
+//!
+//! ```text
+//! DIR/
+//!   lock             flock'ed exclusively while a daemon runs; holds its PID
+//!   state.json       which snapshot this state belongs to, migration state
+//!   overlay.data     sparse copy-on-write data file, image size   (overlay)
+//!   overlay.bitmap   allocation bitmap, one bit per 4 KiB block   (overlay)
+//!   migrated.bitmap  one bit per chunk migrated to the target     (copier)
+//! ```
+//!
+//! `state.json` is written atomically (temporary file, fsync, rename, fsync
+//! of the directory) and created before any other file, so a state dir
+//! either has no `state.json` (and nothing in it is trusted: the overlay
+//! files are checked against the snapshot by their own headers) or a
+//! complete one. The lock is an `flock` on `DIR/lock`, released by the
+//! kernel when the daemon exits however it exits, so a stale lock file
+//! never blocks a restart.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use block::file::write_atomic;
+use block::state::{LayerFile, LayerState, MigrationState};
+
+/// Version of `state.json`. Do not modify; add a new version instead.
+pub const STATE_FORMAT_VERSION: u32 = 1;
+
+const STATE_FILE: &str = "state.json";
+const LOCK_FILE: &str = "lock";
+const OVERLAY_DATA: &str = "overlay.data";
+const OVERLAY_BITMAP: &str = "overlay.bitmap";
+const MIGRATED_BITMAP: &str = "migrated.bitmap";
+const GUEST_WRITTEN_BITMAP: &str = "guest-written.bitmap";
+const CONTROL_SOCKET: &str = "control.sock";
+
+/// What a state dir is for: the snapshot being served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateBinding {
+    /// The snapshot id (as the store prints it).
+    pub snapshot_id: String,
+    /// Image size in bytes.
+    pub image_size: u64,
+    /// The snapshot's chunk size in bytes.
+    pub chunk_size: u32,
+}
+
+/// The contents of `state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFile {
+    /// Format version, [`STATE_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// The snapshot this state belongs to.
+    pub snapshot_id: String,
+    /// Image size in bytes.
+    pub image_size: u64,
+    /// The snapshot's chunk size.
+    pub chunk_size: u32,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// The migration target, once one was given.
+    #[serde(default)]
+    pub target: Option<PathBuf>,
+    /// Migration progress.
+    #[serde(default)]
+    pub migration: MigrationState,
+}
+
+/// Errors of the state dir.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Creating the directory failed.
+    #[error("Failed to create state dir {dir}")]
+    CreateDir {
+        /// The state dir.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening or locking the lock file failed.
+    #[error("Failed to lock state dir {dir}")]
+    Lock {
+        /// The state dir.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the lock.
+    #[error("State dir {dir} is in use by {holder}")]
+    Locked {
+        /// The state dir.
+        dir: PathBuf,
+        /// "PID n", or "another process" if its PID is unknown.
+        holder: String,
+    },
+    /// Reading `state.json` failed.
+    #[error("Failed to read {path}")]
+    Read {
+        /// The state file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `state.json` is not valid.
+    #[error("State file {path} is corrupt")]
+    Parse {
+        /// The state file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `state.json` has a version this build does not know.
+    #[error("State file {path} has unsupported format version {version} (this build reads {STATE_FORMAT_VERSION})")]
+    UnsupportedVersion {
+        /// The state file.
+        path: PathBuf,
+        /// The version found.
+        version: u32,
+    },
+    /// The state belongs to another snapshot.
+    #[error("State dir {dir} belongs to snapshot {found}, not {expected}; use another --state")]
+    SnapshotMismatch {
+        /// The state dir.
+        dir: PathBuf,
+        /// The snapshot being served.
+        expected: String,
+        /// The snapshot the state was made for.
+        found: String,
+    },
+    /// Same snapshot id, different geometry: the state is damaged.
+    #[error("State dir {dir} records {field} {found} for snapshot {snapshot}, but the snapshot has {expected}")]
+    GeometryMismatch {
+        /// The state dir.
+        dir: PathBuf,
+        /// The snapshot.
+        snapshot: String,
+        /// "image size" or "chunk size".
+        field: &'static str,
+        /// The snapshot's value.
+        expected: u64,
+        /// The recorded value.
+        found: u64,
+    },
+    /// Writing `state.json` failed.
+    #[error("Failed to write {path}")]
+    Write {
+        /// The state file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Result alias for this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// An open, locked state dir. The lock is held until this is dropped; keep
+/// it alive as long as anything uses the files inside.
+pub struct StateDir {
+    dir: PathBuf,
+    _lock: File,
+    state: Mutex<StateFile>,
+}
+
+impl std::fmt::Debug for StateDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDir").field("dir", &self.dir).finish()
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let lock_err = |source| Error::Lock {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(lock_err)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = match text.trim().parse::<u32>() {
+                Ok(pid) => format!("PID {pid}"),
+                Err(_) => "another process".to_string(),
+            };
+            return Err(Error::Locked {
+                dir: dir.to_path_buf(),
+                holder,
+            });
+        }
+        Err(e) => return Err(lock_err(e.into())),
+    }
+    file.set_len(0).map_err(lock_err)?;
+    file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0)
+        .map_err(lock_err)?;
+    Ok(file)
+}
+
+impl StateDir {
+    /// Opens the state dir `dir` for `binding`, creating it (mode 0700) and
+    /// its `state.json` if needed, and locks it. Fails if another process
+    /// holds it or if it belongs to another snapshot.
+    pub fn open_or_create(dir: &Path, binding: &StateBinding) -> Result<StateDir> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| Error::CreateDir {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+        let lock = lock_dir(dir)?;
+        let path = dir.join(STATE_FILE);
+        let state = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let state = parse_state(&path, &bytes)?;
+                check_binding(dir, &state, binding)?;
+                state
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let state = StateFile {
+                    format_version: STATE_FORMAT_VERSION,
+                    snapshot_id: binding.snapshot_id.clone(),
+                    image_size: binding.image_size,
+                    chunk_size: binding.chunk_size,
+                    created_unix: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                    target: None,
+                    migration: MigrationState::NotStarted,
+                };
+                store_state(&path, &state)?;
+                tracing::info!(dir = %dir.display(), snapshot = %binding.snapshot_id, "created state dir");
+                state
+            }
+            Err(source) => return Err(Error::Read { path, source }),
+        };
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A copy of the current `state.json` contents.
+    pub fn state(&self) -> StateFile {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes the state with `f` and writes it atomically. On error the
+    /// in-memory state is left unchanged.
+    pub fn update<F: FnOnce(&mut StateFile)>(&self, f: F) -> Result<()> {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = guard.clone();
+        f(&mut next);
+        store_state(&self.state_path(), &next)?;
+        *guard = next;
+        Ok(())
+    }
+
+    /// The binding string stored in bitmap headers: the snapshot id.
+    pub fn binding_tag(&self) -> String {
+        self.state().snapshot_id
+    }
+
+    /// `DIR/state.json`.
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    /// `DIR/lock`.
+    pub fn lock_path(&self) -> PathBuf {
+        self.dir.join(LOCK_FILE)
+    }
+
+    /// `DIR/control.sock`, the default control socket.
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.dir.join(CONTROL_SOCKET)
+    }
+}
+
+fn parse_state(path: &Path, bytes: &[u8]) -> Result<StateFile> {
+    #[derive(Deserialize)]
+    struct Version {
+        format_version: u32,
+    }
+    let parse_err = |source| Error::Parse {
+        path: path.to_path_buf(),
+        source,
+    };
+    let version: Version = serde_json::from_slice(bytes).map_err(parse_err)?;
+    if version.format_version != STATE_FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion {
+            path: path.to_path_buf(),
+            version: version.format_version,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(parse_err)
+}
+
+fn check_binding(dir: &Path, state: &StateFile, binding: &StateBinding) -> Result<()> {
+    if state.snapshot_id != binding.snapshot_id {
+        return Err(Error::SnapshotMismatch {
+            dir: dir.to_path_buf(),
+            expected: binding.snapshot_id.clone(),
+            found: state.snapshot_id.clone(),
+        });
+    }
+    let geometry = [
+        ("image size", binding.image_size, state.image_size),
+        (
+            "chunk size",
+            u64::from(binding.chunk_size),
+            u64::from(state.chunk_size),
+        ),
+    ];
+    for (field, expected, found) in geometry {
+        if expected != found {
+            return Err(Error::GeometryMismatch {
+                dir: dir.to_path_buf(),
+                snapshot: binding.snapshot_id.clone(),
+                field,
+                expected,
+                found,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn store_state(path: &Path, state: &StateFile) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(state).map_err(|e| Error::Write {
+        path: path.to_path_buf(),
+        source: io::Error::other(e),
+    })?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes).map_err(|source| Error::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl LayerState for StateDir {
+    fn path(&self, file: LayerFile) -> PathBuf {
+        self.dir.join(match file {
+            LayerFile::OverlayData => OVERLAY_DATA,
+            LayerFile::OverlayBitmap => OVERLAY_BITMAP,
+            LayerFile::MigratedBitmap => MIGRATED_BITMAP,
+            LayerFile::GuestWrittenBitmap => GUEST_WRITTEN_BITMAP,
+        })
+    }
+
+    fn binding_tag(&self) -> String {
+        StateDir::binding_tag(self)
+    }
+
+    fn geometry(&self) -> (u64, u32) {
+        let s = self.state();
+        (s.image_size, s.chunk_size)
+    }
+
+    fn migration(&self) -> (MigrationState, Option<PathBuf>) {
+        let s = self.state();
+        (s.migration, s.target)
+    }
+
+    fn set_migration(&self, state: MigrationState, target: Option<PathBuf>) -> io::Result<()> {
+        self.update(|s| {
+            s.migration = state;
+            s.target = target;
+        })
+        .map_err(io::Error::other)
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(id: &str) -> StateBinding {
+        StateBinding {
+            snapshot_id: id.into(),
+            image_size: 1 << 30,
+            chunk_size: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn create_then_reopen_keeps_the_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let sd = StateDir::open_or_create(&dir, &binding("aa11")).unwrap();
+        assert_eq!(sd.state().snapshot_id, "aa11");
+        assert_eq!(sd.state().migration, MigrationState::NotStarted);
+        sd.update(|s| {
+            s.target = Some("/dev/sdz".into());
+            s.migration = MigrationState::InProgress;
+        })
+        .unwrap();
+        assert_eq!(
+            sd.path(LayerFile::OverlayBitmap),
+            dir.join("overlay.bitmap")
+        );
+        drop(sd);
+        let sd = StateDir::open_or_create(&dir, &binding("aa11")).unwrap();
+        let st = sd.state();
+        assert_eq!(st.migration, MigrationState::InProgress);
+        assert_eq!(st.target.as_deref(), Some(Path::new("/dev/sdz")));
+        assert_eq!(st.image_size, 1 << 30);
+        let text = std::fs::read_to_string(sd.state_path()).unwrap();
+        assert!(text.contains("\"migration\": \"in_progress\""), "{text}");
+        assert!(!dir.join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn another_snapshot_is_refused_naming_both() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sd = StateDir::open_or_create(tmp.path(), &binding("aa11")).unwrap();
+        drop(sd);
+        let err = StateDir::open_or_create(tmp.path(), &binding("bb22")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("aa11") && msg.contains("bb22"), "{msg}");
+        let mut other = binding("aa11");
+        other.image_size = 1 << 29;
+        assert!(matches!(
+            StateDir::open_or_create(tmp.path(), &other),
+            Err(Error::GeometryMismatch {
+                field: "image size",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_second_daemon_is_refused_naming_the_pid() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sd = StateDir::open_or_create(tmp.path(), &binding("aa11")).unwrap();
+        let err = StateDir::open_or_create(tmp.path(), &binding("aa11")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "State dir {} is in use by PID {}",
+                tmp.path().display(),
+                std::process::id()
+            )
+        );
+        drop(sd);
+        StateDir::open_or_create(tmp.path(), &binding("aa11")).unwrap();
+    }
+
+    #[test]
+    fn corrupt_or_future_state_files_are_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("state.json"), b"{not json").unwrap();
+        assert!(matches!(
+            StateDir::open_or_create(tmp.path(), &binding("aa11")),
+            Err(Error::Parse { .. })
+        ));
+        std::fs::write(
+            tmp.path().join("state.json"),
+            br#"{"format_version": 7, "whatever": 1}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            StateDir::open_or_create(tmp.path(), &binding("aa11")),
+            Err(Error::UnsupportedVersion { version: 7, .. })
+        ));
+    }
+}
