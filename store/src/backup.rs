@@ -649,17 +649,15 @@ pub(crate) mod tests {
         std::fs::write(&src, &img).unwrap();
         let s3 = store.backup("web", &src, &opts).unwrap();
         assert!(s3.chunks_new <= 2, "{s3:?}");
-        store
-            .restore(&s3.snapshot, &out, &RestoreOptions::default())
-            .unwrap();
+        let force = RestoreOptions {
+            force: true,
+            ..Default::default()
+        };
+        store.restore(&s3.snapshot, &out, &force).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), img);
         // The older snapshot is still intact.
         store
-            .restore(
-                &format!("web@{}", s1.snapshot),
-                &out,
-                &RestoreOptions::default(),
-            )
+            .restore(&format!("web@{}", s1.snapshot), &out, &force)
             .unwrap();
         assert_ne!(std::fs::read(&out).unwrap(), img);
 

@@ -6,10 +6,15 @@
 //! chunks are simply skipped and stay holes (sparse). A block device must be
 //! at least as large as the image; zero chunks are written as zeros. The
 //! target is fsynced before returning.
+//!
+//! What may be overwritten is decided in [`target`] before anything is opened
+//! for writing: never a file inside a store (whatever the options), an
+//! existing regular file only with [`RestoreOptions::force`].
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+mod target;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -29,12 +34,15 @@ pub struct RestoreOptions<'a> {
     pub progress: Option<Progress<'a>>,
     /// Worker threads (default: twice the cores, to overlap I/O).
     pub threads: Option<usize>,
+    /// Overwrite an existing regular file (never a file inside a store).
+    pub force: bool,
 }
 
 impl std::fmt::Debug for RestoreOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RestoreOptions")
             .field("threads", &self.threads)
+            .field("force", &self.force)
             .finish()
     }
 }
@@ -55,48 +63,10 @@ pub struct RestoreStats {
 
 const BATCH: u64 = 16;
 
-/// Open the restore target; returns it and whether zeros must be written.
-fn open_target(target: &Path, image_size: u64) -> Result<(File, bool)> {
-    let is_block = match fs::metadata(target) {
-        Ok(m) if m.file_type().is_block_device() => true,
-        Ok(m) if m.is_file() => false,
-        Ok(_) => {
-            return Err(Error::invalid(format!(
-                "Restore target {} is not a regular file or block device",
-                target.display()
-            )))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-        Err(e) => return Err(Error::io_path("Failed to stat restore target", target, e)),
-    };
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(!is_block)
-        .truncate(false)
-        .open(target)
-        .map_err(|e| Error::io_path("Failed to open restore target", target, e))?;
-    if is_block {
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|e| Error::io_path("Failed to get the size of", target, e))?;
-        if size < image_size {
-            return Err(Error::invalid(format!(
-                "Restore target {} has {size} bytes, the image needs {image_size}",
-                target.display()
-            )));
-        }
-    } else {
-        // Drop old content so that skipped zero chunks read back as zeros.
-        file.set_len(0)
-            .and_then(|()| file.set_len(image_size))
-            .map_err(|e| Error::io_path("Failed to size restore target", target, e))?;
-    }
-    Ok((file, is_block))
-}
-
 impl Store {
-    /// Restore snapshot `reference` to `target` (a raw file, created or
-    /// overwritten and sparse where the image is zero, or a block device).
+    /// Restore snapshot `reference` to `target` (a raw file, created, or
+    /// overwritten with `force`, sparse where the image is zero; or a block
+    /// device). Refuses any target inside a store; see [`target`].
     pub fn restore(
         &self,
         reference: &str,
@@ -109,7 +79,42 @@ impl Store {
         let span = info_span!("restore", snapshot = %snap, target = %target.display());
         let _e = span.enter();
         reader.verify_manifest()?;
-        let (file, write_zeros) = open_target(target, reader.image_size())?;
+        let checked = target::check(self.path(), target, opts.force)?;
+        let (file, write_zeros) = checked.open(reader.image_size())?;
+        let result = self.restore_into(&reader, &file, target, write_zeros, opts);
+        if result.is_err() && checked.creates() {
+            // Leave nothing behind that looks like a restored image.
+            drop(file);
+            let _ = std::fs::remove_file(target);
+        }
+        let (written, zeros) = result?;
+        let stats = RestoreStats {
+            snapshot: snap,
+            target: target.display().to_string(),
+            image_size: reader.image_size(),
+            bytes_written: written,
+            chunks_total: reader.chunk_count(),
+            chunks_zero: zeros,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        info!(
+            bytes = stats.bytes_written,
+            seconds = stats.seconds,
+            "restore done"
+        );
+        Ok(stats)
+    }
+
+    /// Write every chunk of `reader` into `file`; returns bytes written and
+    /// zero chunks.
+    fn restore_into(
+        &self,
+        reader: &SnapshotReader,
+        file: &File,
+        target: &Path,
+        write_zeros: bool,
+        opts: &RestoreOptions<'_>,
+    ) -> Result<(u64, u64)> {
         let threads = opts
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)
@@ -119,8 +124,8 @@ impl Store {
         let zeros = AtomicU64::new(0);
         let abort = AtomicBool::new(false);
         let ctx = Ctx {
-            reader: &reader,
-            file: &file,
+            reader,
+            file,
             target,
             write_zeros,
             next: &next,
@@ -144,21 +149,7 @@ impl Store {
         })?;
         file.sync_all()
             .map_err(|e| Error::io_path("Failed to sync restore target", target, e))?;
-        let stats = RestoreStats {
-            snapshot: snap,
-            target: target.display().to_string(),
-            image_size: reader.image_size(),
-            bytes_written: written.load(Ordering::Relaxed),
-            chunks_total: reader.chunk_count(),
-            chunks_zero: zeros.load(Ordering::Relaxed),
-            seconds: start.elapsed().as_secs_f64(),
-        };
-        info!(
-            bytes = stats.bytes_written,
-            seconds = stats.seconds,
-            "restore done"
-        );
-        Ok(stats)
+        Ok((written.into_inner(), zeros.into_inner()))
     }
 }
 
@@ -233,5 +224,78 @@ impl Ctx<'_> {
                 p(done);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::tests::{image, setup};
+    use crate::{BackupOptions, ErrorKind};
+
+    #[test]
+    fn restore_never_writes_into_a_store_and_needs_force_to_overwrite() {
+        let (dir, store) = setup(4096);
+        let src = dir.path().join("disk.img");
+        let img = image(40, 1 << 20);
+        std::fs::write(&src, &img).unwrap();
+        store.backup("vm", &src, &BackupOptions::default()).unwrap();
+        let force = RestoreOptions {
+            force: true,
+            ..Default::default()
+        };
+        let config = store.path().join("config.json");
+        let config_before = std::fs::read(&config).unwrap();
+        let pack = std::fs::read_dir(store.path().join("packs"))
+            .unwrap()
+            .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+            .map(|e| e.unwrap().path())
+            .next()
+            .unwrap();
+        let pack_before = std::fs::read(&pack).unwrap();
+        for t in [&config, &pack, &store.path().join("tmp/new.img")] {
+            let e = store.restore("vm", t, &force).unwrap_err();
+            assert!(e.to_string().contains("inside the store"), "{e}");
+        }
+        assert_eq!(std::fs::read(&config).unwrap(), config_before);
+        assert_eq!(std::fs::read(&pack).unwrap(), pack_before);
+        assert!(!store.path().join("tmp/new.img").exists());
+        assert!(store.verify(None, &Default::default()).unwrap().is_ok());
+
+        let out = dir.path().join("out.img");
+        std::fs::write(&out, b"precious").unwrap();
+        let e = store
+            .restore("vm", &out, &RestoreOptions::default())
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        assert!(e.to_string().contains("--force"), "{e}");
+        assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+        store.restore("vm", &out, &force).unwrap();
+        assert!(std::fs::read(&out).unwrap() == img);
+    }
+
+    #[test]
+    fn failed_restore_removes_the_file_it_created() {
+        let (dir, store) = setup(4096);
+        let src = dir.path().join("disk.img");
+        std::fs::write(&src, image(41, 256 << 10)).unwrap();
+        store.backup("vm", &src, &BackupOptions::default()).unwrap();
+        // Damage every pack: the first chunk read fails.
+        for d in std::fs::read_dir(store.path().join("packs")).unwrap() {
+            for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+                let p = f.unwrap().path();
+                let mut b = std::fs::read(&p).unwrap();
+                for x in b.iter_mut().skip(200) {
+                    *x ^= 0x55;
+                }
+                std::fs::write(&p, b).unwrap();
+            }
+        }
+        let out = dir.path().join("out.img");
+        let e = store
+            .restore("vm", &out, &RestoreOptions::default())
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:?}");
+        assert!(!out.exists(), "a failed restore left its new target");
     }
 }

@@ -182,13 +182,14 @@ fn backup_restore_is_identical_and_second_backup_dedups() {
         &env.store(),
         &format!("web01@{id2}"),
         &out,
+        &"--force",
     ]);
     assert!(fs::read(&out).unwrap() == img, "second restore differs");
 
     // Restoring over an existing file of different content is still exact.
     let id1 = s1["snapshot"].as_str().unwrap();
-    ok(&[&"restore", &"--store", &env.store(), &id1, &out]);
-    ok(&[&"restore", &"--store", &env.store(), &id2, &out]);
+    ok(&[&"restore", &"--store", &env.store(), &id1, &out, &"--force"]);
+    ok(&[&"restore", &"--store", &env.store(), &id2, &out, &"--force"]);
     assert!(fs::read(&out).unwrap() == img);
 
     let list = ok_json(&[&"snapshots", &"--store", &env.store(), &"--json"]);
@@ -617,4 +618,72 @@ fn block_device_source_and_target() {
         let e = fails(&[&"restore", &"--store", &env.store(), &"dev", &small.0]);
         assert!(e.contains("the image needs"), "{e}");
     }
+}
+
+/// `restore` never writes inside a store, whatever the flags, and overwrites
+/// an existing file only with `--force`.
+#[test]
+fn store_restore_refuses_store_files_and_existing_files() {
+    let env = Env::new();
+    env.init("4K");
+    let src = env.path("disk.img");
+    let img = make_image(&src, 50, 2 << 20);
+    ok(&[&"backup", &"--store", &env.store(), &"--name", &"vm", &src]);
+    let config = env.store().join("config.json");
+    let config_before = fs::read(&config).unwrap();
+    let pack = pack_files(&env.store()).remove(0);
+    let pack_before = fs::read(&pack).unwrap();
+    let store = env.store();
+    for target in [&config, &pack] {
+        for force in [false, true] {
+            let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+                vec![&"restore", &"--store", &store, &"vm", target];
+            if force {
+                args.push(&"--force");
+            }
+            let e = fails(&args);
+            assert!(e.contains("inside the store"), "{e}");
+        }
+    }
+    assert!(
+        fs::read(&config).unwrap() == config_before,
+        "config.json changed"
+    );
+    assert!(fs::read(&pack).unwrap() == pack_before, "pack changed");
+    let v = ok(&[&"verify", &"--store", &env.store()]);
+    assert!(v.contains("no problems"), "{v}");
+
+    // Another store is just as off limits.
+    let other = env.path("other");
+    ok(&[&"init", &other]);
+    let e = fails(&[
+        &"restore",
+        &"--store",
+        &env.store(),
+        &"vm",
+        &other.join("snapshots/x.img"),
+        &"--force",
+    ]);
+    assert!(e.contains("inside the store"), "{e}");
+
+    // An existing file: refused, untouched, with what is there; --force works.
+    let out = env.path("out.img");
+    fs::write(&out, b"precious data").unwrap();
+    let e = fails(&[&"restore", &"--store", &env.store(), &"vm", &out]);
+    assert!(
+        e.contains("already exists (a regular file of 13 bytes)") && e.contains("--force"),
+        "{e}"
+    );
+    assert_eq!(fs::read(&out).unwrap(), b"precious data");
+    let r = ok_json(&[
+        &"restore",
+        &"--store",
+        &env.store(),
+        &"vm",
+        &out,
+        &"--force",
+        &"--json",
+    ]);
+    assert_eq!(r["image_size"], 2 << 20);
+    assert!(fs::read(&out).unwrap() == img, "forced restore differs");
 }

@@ -80,7 +80,7 @@ proptest! {
             fs::write(&src, &img).unwrap();
             let stats = store.backup("p", &src, &opts).unwrap();
             prop_assert_eq!(stats.image_size, img.len() as u64);
-            store.restore("p", &out, &RestoreOptions::default()).unwrap();
+            store.restore("p", &out, &RestoreOptions { force: true, ..Default::default() }).unwrap();
             prop_assert!(fs::read(&out).unwrap() == img, "restore differs");
 
             let r = store.open_snapshot("p").unwrap();

@@ -1,4 +1,7 @@
-//! `recovery-cli restore --store STORE SNAPSHOT TARGET [--json]`
+//! `recovery-cli restore --store STORE SNAPSHOT TARGET [--force] [--json]`
+//!
+//! Never writes inside a store; an existing regular file is overwritten only
+//! with `--force` (see `store::restore`).
 
 use std::path::PathBuf;
 
@@ -14,8 +17,11 @@ pub struct Args {
     pub store: StoreArg,
     /// Snapshot: NAME (newest), NAME@ID or ID.
     pub snapshot: String,
-    /// Raw file (created or overwritten, sparse) or block device.
+    /// Raw file (created, sparse) or block device (not mounted).
     pub target: PathBuf,
+    /// Overwrite an existing regular file (never a file inside a store).
+    #[arg(long)]
+    pub force: bool,
     /// Worker threads (default: twice the cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -31,6 +37,7 @@ pub struct Config {
     pub snapshot: String,
     pub target: PathBuf,
     pub threads: Option<usize>,
+    pub force: bool,
     pub json: bool,
 }
 
@@ -46,6 +53,7 @@ impl TryFrom<Args> for Config {
             snapshot: a.snapshot,
             target: a.target,
             threads: a.threads,
+            force: a.force,
             json: a.json,
         })
     }
@@ -60,6 +68,7 @@ pub fn run(c: Config) -> anyhow::Result<()> {
     let opts = RestoreOptions {
         progress: Some(&cb),
         threads: c.threads,
+        force: c.force,
     };
     let stats = s.restore(&info.reference(), &c.target, &opts);
     pb.finish_and_clear();
