@@ -90,8 +90,8 @@ pub mod state_dir;
 // What the CLI needs to configure and stop a daemon, without reaching into
 // the layers below.
 pub use block::migrate::{MigratingDevice, MigrationOptions};
-pub use vhost_backend::backend::{DeviceConfig, MAX_IO_THREADS};
-pub use vhost_backend::serve::StopHandle;
+pub use vhost_backend::device::{DeviceConfig, MAX_IO_THREADS};
+pub use vhost_backend::socket::StopHandle;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -108,7 +108,7 @@ use block::store_source::StoreSource;
 use block::target::Target;
 use control::Control;
 use store::{SnapshotInfo, SnapshotReader, Store};
-use vhost_backend::serve::{BlockServer, Listening};
+use vhost_backend::socket::{BlockServer, Listening};
 
 use crate::control_server::ControlServer;
 use crate::operator_status::DaemonStatus;
@@ -196,7 +196,7 @@ pub enum Error {
     Control(#[source] control::Error),
     /// Binding or serving the vhost-user socket failed.
     #[error("vhost-user server failed")]
-    Serve(#[from] vhost_backend::serve::Error),
+    Serve(#[from] vhost_backend::socket::Error),
     /// The final flush failed: writes since the last guest flush may be lost.
     #[error("Failed to flush the device on shutdown")]
     Flush(#[source] io::Error),

@@ -13,8 +13,8 @@ use blkio::{Blkio, ReqFlags};
 use block::device::BlockDevice;
 use block::mem_device::MemDevice;
 use rand::{Rng, RngCore, SeedableRng};
-use vhost_backend::backend::DeviceConfig;
-use vhost_backend::serve::{BlockServer, StopHandle};
+use vhost_backend::device::DeviceConfig;
+use vhost_backend::socket::{BlockServer, StopHandle};
 
 use crate::blkio_client::{next_completion, read_on, write_on, Client, Options};
 
@@ -25,7 +25,7 @@ struct Server {
     _dir: tempfile::TempDir,
     path: PathBuf,
     stop: StopHandle,
-    thread: Option<JoinHandle<vhost_backend::serve::Result<()>>>,
+    thread: Option<JoinHandle<vhost_backend::socket::Result<()>>>,
 }
 
 impl Server {
@@ -45,7 +45,7 @@ impl Server {
         }
     }
 
-    fn shutdown(mut self) -> vhost_backend::serve::Result<()> {
+    fn shutdown(mut self) -> vhost_backend::socket::Result<()> {
         self.stop.stop();
         self.thread.take().unwrap().join().unwrap()
     }

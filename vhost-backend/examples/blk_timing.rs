@@ -42,8 +42,8 @@ use blkio::{Blkio, Completion, ReqFlags};
 use block::mem_device::{FileDevice, MemDevice};
 use block::BlockDevice;
 use rand::{Rng, RngCore, SeedableRng};
-use vhost_backend::backend::DeviceConfig;
-use vhost_backend::serve::{BlockServer, StopHandle};
+use vhost_backend::device::DeviceConfig;
+use vhost_backend::socket::{BlockServer, StopHandle};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;

@@ -1,5 +1,5 @@
 //! The vhost-user request handler: the frontend's messages, applied to a
-//! [`BlockBackend`].
+//! [`VhostUserBlk`].
 //!
 //! This implements the `vhost` crate's [`VhostUserBackendReqHandlerMut`]
 //! directly instead of using `vhost-user-backend`'s handler, which answers
@@ -13,7 +13,7 @@
 //!                                                    │ memory table, vring setup,
 //!                                                    │ in-flight region (crate::inflight)
 //!                                                    ▼
-//!  kick eventfd ─▶ queue thread (one per queue) ─▶ BlockBackend::process_queue
+//!  kick eventfd ─▶ queue thread (one per queue) ─▶ VhostUserBlk::process_queue
 //! ```
 //!
 //! **Queue life cycle.** A queue *starts* once it has a kick eventfd
@@ -27,7 +27,7 @@
 //!
 //! **Threads.** The connection's thread runs the handler (serialised by
 //! the `Mutex` that `BackendReqHandler` wants); each queue has a thread of
-//! its own that waits for kicks. They meet in [`BlockBackend`], whose
+//! its own that waits for kicks. They meet in [`VhostUserBlk`], whose
 //! per-queue worker lock orders a kick's processing against GET_VRING_BASE.
 
 use std::fs::File;
@@ -51,7 +51,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMma
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::BlockBackend;
+use crate::device::VhostUserBlk;
 use crate::inflight::{self, InflightRegion};
 use crate::worker::{GuestMem, Vring};
 
@@ -71,7 +71,7 @@ struct Mapping {
 
 /// Handles one frontend connection's vhost-user messages.
 pub struct BlkHandler {
-    backend: Arc<BlockBackend>,
+    backend: Arc<VhostUserBlk>,
     vrings: Vec<Vring>,
     mem: GuestMem,
     mappings: Vec<Mapping>,
@@ -101,7 +101,7 @@ fn handler_error(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Vhos
 
 impl BlkHandler {
     /// A handler for `backend`, with one (idle) thread per queue.
-    pub fn new(backend: Arc<BlockBackend>) -> io::Result<Self> {
+    pub fn new(backend: Arc<VhostUserBlk>) -> io::Result<Self> {
         let mem = GuestMem::new(GuestMemoryMmap::new());
         backend.update_memory(mem.clone())?;
         let max = u16::try_from(backend.max_queue_size()).unwrap_or(u16::MAX);
@@ -544,7 +544,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
 /// The frontend may ask for an in-flight region covering at most the
 /// device's queues at their largest size.
 fn check_inflight_shape(
-    backend: &BlockBackend,
+    backend: &VhostUserBlk,
     num_queues: u16,
     queue_size: u16,
 ) -> VhostUserResult<()> {
@@ -578,7 +578,7 @@ struct QueueThread {
 }
 
 impl QueueThread {
-    fn spawn(queue: usize, backend: Arc<BlockBackend>, vring: Vring) -> io::Result<Self> {
+    fn spawn(queue: usize, backend: Arc<VhostUserBlk>, vring: Vring) -> io::Result<Self> {
         let epoll = Arc::new(Epoll::new()?);
         let exit = EventFd::new(EFD_NONBLOCK)?;
         let wake = EventFd::new(EFD_NONBLOCK)?;
@@ -644,7 +644,7 @@ impl QueueThread {
     }
 }
 
-fn queue_loop(queue: usize, backend: &BlockBackend, vring: &Vring, epoll: &Epoll, wake: &EventFd) {
+fn queue_loop(queue: usize, backend: &VhostUserBlk, vring: &Vring, epoll: &Epoll, wake: &EventFd) {
     let mut events = [EpollEvent::default(); 3];
     loop {
         let n = match epoll.wait(-1, &mut events) {

@@ -2,10 +2,10 @@
 //!
 //! (Design doc follows; see `docs/ARCHITECTURE.md` for the map.)
 
-pub mod backend;
+pub mod device;
 pub mod handler;
 pub mod inflight;
 pub mod request;
-pub mod serve;
+pub mod socket;
 pub mod wire;
 pub mod worker;

@@ -4,12 +4,12 @@
 //!
 //! ```text
 //!  kick ─▶ Worker (the queue's thread)          I/O Pool (shared by queues)
-//!          pop chains, parse, InFlight.begin ─▶ execute ─▶ complete
+//!          pop chains, parse, HeldHeads.begin ─▶ execute ─▶ complete
 //!          └─ cheap requests: execute + complete right here
 //! ```
 //!
 //! **Threads.** Each queue has its own worker thread (see
-//! `BlockBackend::queues_per_thread`). Parsing always happens there.
+//! `VhostUserBlk::queues_per_thread`). Parsing always happens there.
 //! Execution moves to the [`Pool`] unless handing it over would cost more
 //! than running it:
 //! - a lone request on an idle queue runs on the worker (QD1 latency
@@ -57,8 +57,8 @@
 //! worker runs those first ([`Worker::start`]), read from the descriptor
 //! table by head index, then continues with the available ring.
 //!
-//! **Stopping.** Every popped request is in [`InFlight`] (per descriptor
-//! head) until it is on the used ring. `BlockBackend::stop_vring` and
+//! **Stopping.** Every popped request is in [`HeldHeads`] (per descriptor
+//! head) until it is on the used ring. `VhostUserBlk::stop_vring` and
 //! `reset_device` wait for the worker to finish dispatching, then for the
 //! queue's in-flight set to empty, so the frontend never reads a ring
 //! state that a late completion would change, and the server waits for all
@@ -85,12 +85,12 @@ use crate::wire::ID_BYTES;
 use block::device::BlockDevice;
 use block::error_chain;
 
-mod inflight;
+mod held;
 mod pool;
 #[cfg(test)]
 mod tests;
 
-pub use inflight::InFlight;
+pub use held::HeldHeads;
 pub use pool::{Job, Pool};
 
 /// Guest memory as the vhost-user daemon shares it.
@@ -126,7 +126,7 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// What every request of a device runs against; shared with the pool.
-pub struct Target {
+pub struct ServedDisk {
     /// The device.
     pub dev: Arc<dyn BlockDevice>,
     /// Refuse write-type requests (`VIRTIO_BLK_F_RO` is offered).
@@ -137,7 +137,7 @@ pub struct Target {
     pub limits: Limits,
 }
 
-impl Target {
+impl ServedDisk {
     /// The execution context of one request.
     pub fn context(&self) -> ExecContext<'_> {
         ExecContext {
@@ -148,9 +148,9 @@ impl Target {
     }
 }
 
-impl std::fmt::Debug for Target {
+impl std::fmt::Debug for ServedDisk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Target")
+        f.debug_struct("ServedDisk")
             .field("size", &self.dev.size())
             .field("read_only", &self.read_only)
             .field("limits", &self.limits)
@@ -181,7 +181,7 @@ const SAMPLE_SLACK_NS: u64 = 2_000;
 #[derive(Debug)]
 pub struct Worker {
     queue: usize,
-    in_flight: Arc<InFlight>,
+    in_flight: Arc<HeldHeads>,
     run_times: Arc<RunTimes>,
     /// The queue's part of the shared in-flight region, if negotiated.
     shared: Option<InflightQueue>,
@@ -254,7 +254,7 @@ impl Worker {
     pub fn new(queue: usize) -> Self {
         Worker {
             queue,
-            in_flight: Arc::new(InFlight::new()),
+            in_flight: Arc::new(HeldHeads::new()),
             run_times: Arc::new(RunTimes::new()),
             shared: None,
             resubmit: Vec::new(),
@@ -283,7 +283,7 @@ impl Worker {
     }
 
     /// The requests this queue's device holds.
-    pub fn in_flight(&self) -> &Arc<InFlight> {
+    pub fn in_flight(&self) -> &Arc<HeldHeads> {
         &self.in_flight
     }
 
@@ -294,7 +294,7 @@ impl Worker {
         &mut self,
         vring: &Vring,
         mem: &GuestMem,
-        target: &Arc<Target>,
+        target: &Arc<ServedDisk>,
         pool: Option<&Pool>,
         event_idx: bool,
     ) -> Result<()> {
@@ -313,7 +313,7 @@ impl Worker {
         &mut self,
         vring: &Vring,
         mem: &GuestMem,
-        target: &Arc<Target>,
+        target: &Arc<ServedDisk>,
         pool: Option<&Pool>,
     ) -> Result<()> {
         loop {
@@ -333,7 +333,7 @@ impl Worker {
         &mut self,
         vring: &Vring,
         mem: &GuestMem,
-        target: &Arc<Target>,
+        target: &Arc<ServedDisk>,
         pool: Option<&Pool>,
     ) -> Result<()> {
         self.resubmit_pending(vring, mem, target, pool);
@@ -373,7 +373,7 @@ impl Worker {
         &mut self,
         vring: &Vring,
         mem: &GuestMem,
-        target: &Arc<Target>,
+        target: &Arc<ServedDisk>,
         pool: Option<&Pool>,
     ) {
         if self.resubmit.is_empty() {
@@ -411,7 +411,7 @@ impl Worker {
         batch: Vec<(u16, std::result::Result<Request, Rejected>)>,
         vring: &Vring,
         mem: &Arc<GuestMemoryMmap>,
-        target: &Arc<Target>,
+        target: &Arc<ServedDisk>,
         pool: Option<&Pool>,
     ) {
         let size = batch.len();
@@ -494,7 +494,7 @@ fn fold(old: u64, took: u64) -> u64 {
 /// Runs a parsed request and writes its status; returns the used length.
 /// A panicking device earns the request an IOERR instead of a lost
 /// completion.
-fn execute(request: &Request, target: &Target, mem: &GuestMemoryMmap) -> u32 {
+fn execute(request: &Request, target: &ServedDisk, mem: &GuestMemoryMmap) -> u32 {
     trace!(
         request_type = ?request.request_type(),
         sector = request.sector(),

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
-use crate::backend::DeviceConfig;
+use crate::device::DeviceConfig;
 use crate::inflight::{InflightQueue, InflightRegion};
 use crate::wire::RequestHeader;
 use block::device::BlockDevice;
@@ -199,7 +199,7 @@ fn handler(dev: Arc<MemDevice>) -> BlkHandler {
         seg_max: u32::from(QSIZE) - 2,
         ..DeviceConfig::default()
     };
-    BlkHandler::new(Arc::new(BlockBackend::new(dev, &cfg).unwrap())).unwrap()
+    BlkHandler::new(Arc::new(VhostUserBlk::new(dev, &cfg).unwrap())).unwrap()
 }
 
 #[test]

@@ -15,7 +15,7 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::backend::{BlockBackend, DeviceConfig};
+use crate::device::{DeviceConfig, VhostUserBlk};
 use crate::request::STATUS_UNSUPP;
 use crate::wire::RequestHeader;
 use block::mem_device::MemDevice;
@@ -92,8 +92,8 @@ fn limits() -> Limits {
     }
 }
 
-fn target(dev: Arc<dyn BlockDevice>) -> Arc<Target> {
-    Arc::new(Target {
+fn target(dev: Arc<dyn BlockDevice>) -> Arc<ServedDisk> {
+    Arc::new(ServedDisk {
         dev,
         read_only: false,
         id: [0; ID_BYTES],
@@ -491,7 +491,7 @@ fn stopping_a_queue_waits_for_its_requests_in_flight() {
     let queue = MockSplitQueue::new(mem, QUEUE_SIZE);
     let dev = Arc::new(Gated::new(1 << 20, 0));
     let backend = Arc::new(
-        BlockBackend::new(
+        VhostUserBlk::new(
             dev.clone(),
             &DeviceConfig {
                 num_queues: 1,

@@ -11,7 +11,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 /// The in-flight heads of one queue.
 #[derive(Debug, Default)]
-pub struct InFlight {
+pub struct HeldHeads {
     heads: Mutex<Heads>,
     idle: Condvar,
 }
@@ -24,7 +24,7 @@ struct Heads {
     total: usize,
 }
 
-impl InFlight {
+impl HeldHeads {
     /// An empty set.
     pub fn new() -> Self {
         Self::default()
@@ -100,7 +100,7 @@ mod tests {
 
     #[test]
     fn tracks_heads_and_wakes_waiters_when_empty() {
-        let f = Arc::new(InFlight::new());
+        let f = Arc::new(HeldHeads::new());
         assert_eq!(f.begin(5), 0);
         assert_eq!(f.begin(2), 1);
         assert_eq!(f.begin(5), 2);

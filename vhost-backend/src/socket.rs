@@ -8,7 +8,7 @@
 //!                                   repeated until stop.stop()
 //! ```
 //!
-//! Every connection gets a fresh [`BlockBackend`] and [`BlkHandler`], so a
+//! Every connection gets a fresh [`VhostUserBlk`] and [`BlkHandler`], so a
 //! reconnecting QEMU (guest reboot, QEMU restart, or this daemon restarted
 //! under a running guest) starts from a clean device state, while the
 //! listening socket stays in place throughout. What a previous daemon left
@@ -41,7 +41,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::backend::{self, BlockBackend, DeviceConfig, DeviceSpec};
+use crate::device::{self, DeviceConfig, DeviceSpec, VhostUserBlk};
 use crate::handler::BlkHandler;
 use block::device::BlockDevice;
 use block::error_chain;
@@ -51,7 +51,7 @@ use block::error_chain;
 pub enum Error {
     /// The device configuration is invalid.
     #[error("Validate device configuration")]
-    Config(#[from] backend::Error),
+    Config(#[from] device::Error),
     /// Something that is not a socket is in the way.
     #[error("Refuse to replace {0}: not a socket")]
     NotASocket(PathBuf),
@@ -314,7 +314,7 @@ impl BlockServer {
         stream: UnixStream,
         stop: &StopHandle,
     ) -> std::result::Result<(), VhostUserError> {
-        let backend = Arc::new(BlockBackend::from_spec(self.dev.clone(), self.spec.clone()));
+        let backend = Arc::new(VhostUserBlk::from_spec(self.dev.clone(), self.spec.clone()));
         let handler = Arc::new(Mutex::new(
             BlkHandler::new(backend.clone()).map_err(VhostUserError::ReqHandlerError)?,
         ));

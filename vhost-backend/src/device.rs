@@ -1,7 +1,7 @@
 //! The virtio-blk device of one frontend connection: features, config
 //! space, queues.
 //!
-//! [`BlockBackend`] is what the vhost-user request handler
+//! [`VhostUserBlk`] is what the vhost-user request handler
 //! ([`crate::handler`]) drives for one frontend connection: it announces
 //! the virtio-blk features and config space and hands each queue's kicks
 //! to that queue's [`Worker`], which runs requests on the backend's I/O
@@ -9,8 +9,8 @@
 //! [`crate::serve`]), so nothing negotiated with one frontend leaks into
 //! the next.
 //!
-//! [`BlockBackend::stop_vring`] (GET_VRING_BASE),
-//! [`BlockBackend::reset_device`] and [`BlockBackend::quiesce`] return only
+//! [`VhostUserBlk::stop_vring`] (GET_VRING_BASE),
+//! [`VhostUserBlk::reset_device`] and [`VhostUserBlk::quiesce`] return only
 //! once the queues they cover hold no request (see [`crate::worker`]);
 //! dropping the backend finishes every queued job before joining the pool.
 
@@ -33,7 +33,7 @@ use vm_memory::{ByteValued, GuestMemoryAtomic, GuestMemoryMmap};
 use crate::inflight::InflightQueue;
 use crate::request::Limits;
 use crate::wire::{BlkConfig, ID_BYTES, SECTOR_SHIFT};
-use crate::worker::{GuestMem, InFlight, Pool, Target, Vring, Worker};
+use crate::worker::{GuestMem, HeldHeads, Pool, ServedDisk, Vring, Worker};
 use block::device::BlockDevice;
 use block::error_chain;
 
@@ -276,18 +276,18 @@ impl DeviceSpec {
 }
 
 /// The virtio-blk device for one vhost-user connection.
-pub struct BlockBackend {
-    target: Arc<Target>,
+pub struct VhostUserBlk {
+    target: Arc<ServedDisk>,
     spec: DeviceSpec,
     event_idx: AtomicBool,
     mem: RwLock<GuestMem>,
     workers: Vec<Mutex<Worker>>,
     /// Each worker's in-flight set, readable without the worker's lock.
-    in_flight: Vec<Arc<InFlight>>,
+    in_flight: Vec<Arc<HeldHeads>>,
     pool: Option<Pool>,
 }
 
-impl BlockBackend {
+impl VhostUserBlk {
     /// A backend serving `dev` as described by `cfg`.
     pub fn new(dev: Arc<dyn BlockDevice>, cfg: &DeviceConfig) -> Result<Self> {
         let spec = DeviceSpec::new(&*dev, cfg)?;
@@ -305,13 +305,13 @@ impl BlockBackend {
                 })
                 .ok(),
         };
-        let target = Arc::new(Target {
+        let target = Arc::new(ServedDisk {
             dev,
             read_only: spec.read_only,
             id: spec.id,
             limits: spec.limits.clone(),
         });
-        BlockBackend {
+        VhostUserBlk {
             target,
             spec,
             event_idx: AtomicBool::new(false),
@@ -355,7 +355,7 @@ impl BlockBackend {
 }
 
 /// What the vhost-user handler asks of the device.
-impl BlockBackend {
+impl VhostUserBlk {
     /// Number of request queues.
     pub fn num_queues(&self) -> usize {
         self.spec.num_queues
@@ -467,7 +467,7 @@ impl BlockBackend {
 
     /// Queue `queue` starts (or restarts after a reconnection): `shared`
     /// is its part of the in-flight region, `resubmit` the heads a previous
-    /// daemon held; they run on the next [`BlockBackend::process_queue`].
+    /// daemon held; they run on the next [`VhostUserBlk::process_queue`].
     pub fn start_queue(&self, queue: usize, shared: Option<InflightQueue>, resubmit: Vec<u16>) {
         if let Some(worker) = self.workers.get(queue) {
             worker
@@ -510,8 +510,8 @@ mod tests {
     use super::*;
     use block::mem_device::MemDevice;
 
-    fn backend(cfg: &DeviceConfig) -> BlockBackend {
-        BlockBackend::new(Arc::new(MemDevice::new(1 << 20)), cfg).unwrap()
+    fn backend(cfg: &DeviceConfig) -> VhostUserBlk {
+        VhostUserBlk::new(Arc::new(MemDevice::new(1 << 20)), cfg).unwrap()
     }
 
     #[test]
@@ -553,7 +553,7 @@ mod tests {
         });
         assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
         let dev = Arc::new(MemDevice::new(4096).into_read_only());
-        let forced = BlockBackend::new(dev, &DeviceConfig::default()).unwrap();
+        let forced = VhostUserBlk::new(dev, &DeviceConfig::default()).unwrap();
         assert_ne!(forced.features() & (1 << VIRTIO_BLK_F_RO), 0);
     }
 
@@ -604,7 +604,7 @@ mod tests {
             },
         ];
         for cfg in bad {
-            assert!(BlockBackend::new(dev.clone(), &cfg).is_err(), "{cfg:?}");
+            assert!(VhostUserBlk::new(dev.clone(), &cfg).is_err(), "{cfg:?}");
         }
     }
 
