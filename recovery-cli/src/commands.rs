@@ -1,6 +1,7 @@
 //! One module per subcommand, each `Args` → `Config` → `run`.
 
 pub mod backup;
+pub mod files;
 pub mod forget;
 pub mod gc;
 pub mod init;
@@ -25,6 +26,14 @@ pub enum Command {
     Snapshots(snapshots::Args),
     /// Restore a snapshot to a raw file or block device.
     Restore(restore::Args),
+    /// List files in a snapshot without restoring it (partitions at the top).
+    Ls(files::LsArgs),
+    /// Print a file from a snapshot to stdout.
+    Cat(files::CatArgs),
+    /// Restore files and directories from a snapshot into a directory.
+    RestoreFiles(files::RestoreFilesArgs),
+    /// Mount a snapshot read-only with FUSE (each filesystem, plus disk.raw).
+    Mount(files::MountArgs),
     /// Re-read and re-hash stored chunks; exit non-zero on any problem.
     Verify(verify::Args),
     /// Forget a snapshot (gc reclaims its space).
@@ -53,6 +62,10 @@ impl Command {
             Command::Backup(a) => backup::run(a.try_into()?),
             Command::Snapshots(a) => snapshots::run(a.try_into()?),
             Command::Restore(a) => restore::run(a.try_into()?),
+            Command::Ls(a) => files::ls(a.try_into()?),
+            Command::Cat(a) => files::cat(a.try_into()?),
+            Command::RestoreFiles(a) => files::restore_files(a.try_into()?),
+            Command::Mount(a) => files::mount(a.try_into()?),
             Command::Verify(a) => verify::run(a.try_into()?),
             Command::Forget(a) => forget::run(a.try_into()?),
             Command::Gc(a) => gc::run(a.try_into()?),

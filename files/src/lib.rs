@@ -1,0 +1,106 @@
+//! Recover any file: list, read and restore single files from a disk-image
+//! snapshot without restoring the disk.
+//!
+//! # Layers
+//! ```text
+//!  restore (restore-files)   fuse (mount)      CLI ls / cat
+//!            \                  |                /
+//!             browse::Browser: stat, list, read_link, open   (one per thread)
+//!               | ext4-view over a volume's bytes (ExtReader)
+//!             disk::Disk: partition table + detected filesystem per volume
+//!               | partition (GPT, MBR + EBR chain)   detect (magic numbers)
+//!             device: ReadAt -> Slice (a partition) -> SnapshotDevice
+//!               | bounded LRU of verified chunks, fetch counters
+//!             store::SnapshotReader (shared flock on the manifest)
+//! ```
+//!
+//! # Paths
+//! A user path starts at the snapshot's top. On a partitioned disk the top
+//! lists the partitions as `p1`, `p2`, ... (Linux numbering, logical MBR
+//! partitions from `p5`); on an unpartitioned disk the top is the
+//! filesystem's root. `..` is refused. Inside a filesystem `ext4-view`
+//! resolves symlinks, and never outside it.
+//!
+//! # What is fetched
+//! Only chunks holding the metadata and data a request needs: superblock and
+//! group descriptors on first use of a filesystem, then inodes, directory
+//! blocks, extent trees and file data. Zero chunks are never fetched. The
+//! cache ([`device::DEFAULT_CACHE_BYTES`]) is an LRU; a file read once
+//! sequentially costs its size plus metadata, rounded up to chunks.
+//!
+//! # Untrusted images
+//! A snapshot is data from a guest, maybe a hostile one. Partition tables
+//! are parsed with every number bounds-checked and every loop capped
+//! ([`partition`]); filesystems are read by `ext4-view` (no `unsafe`, checked
+//! arithmetic, checksums where the filesystem has them, capped symlink hops
+//! and path length); directories are capped at [`browse::MAX_DIR_ENTRIES`]
+//! entries and trees at [`restore::MAX_DEPTH`] levels; `restore-files` never
+//! writes through a symlink and never outside its target directory.
+//!
+//! # Errors
+//! A chunk that fails verification fails only the reads that touch it: the
+//! error chain names the chunk index, the image offset and the chunk id.
+//! Other files stay readable; `restore-files` goes on and lists failures;
+//! `mount` answers `EIO` for that file and logs the chain.
+//!
+//! # Concurrency
+//! [`device::SnapshotDevice`] and [`disk::Disk`] are `Send + Sync`; the
+//! chunk cache is behind a mutex that is not held while fetching. A
+//! [`browse::Browser`] holds `ext4-view` handles (`Rc`) and stays on one
+//! thread; `mount` keeps one per FUSE thread.
+#![forbid(unsafe_code)]
+
+pub mod browse;
+pub mod detect;
+pub mod device;
+pub mod disk;
+pub mod error;
+pub mod fuse;
+pub mod partition;
+pub mod restore;
+
+pub use browse::{Browser, Entry, EntryKind, FileReader};
+pub use detect::FsKind;
+pub use device::{FetchStats, ReadAt, SnapshotDevice};
+pub use disk::{Disk, Volume};
+pub use error::{Error, Result};
+
+/// Exercise every entry point on an untrusted image, with small bounds
+/// (the fuzz target's body; also useful as a smoke test).
+pub fn probe(image: Vec<u8>) {
+    let disk = match Disk::open(std::sync::Arc::new(image)) {
+        Ok(d) => std::sync::Arc::new(d),
+        Err(_) => return,
+    };
+    let b = Browser::new(disk.clone());
+    let _ = b.list("/");
+    for vol in 0..disk.volumes().len() {
+        probe_dir(&b, vol, b"/".to_vec(), 0);
+    }
+}
+
+fn probe_dir(b: &Browser, vol: usize, dir: Vec<u8>, depth: usize) {
+    if depth > 4 {
+        return;
+    }
+    let Ok(entries) = b.list_in(vol, &dir, 64) else {
+        return;
+    };
+    for e in entries {
+        let path = browse::join(&dir, &e.raw_name);
+        match e.kind {
+            EntryKind::Dir => probe_dir(b, vol, path, depth + 1),
+            EntryKind::File => {
+                if let Ok(mut f) = b.open_in(vol, &path) {
+                    let mut buf = vec![0u8; 8192];
+                    let _ = f.read_at(&mut buf, 0);
+                    let _ = f.read_at(&mut buf, f.size().saturating_sub(100));
+                }
+            }
+            EntryKind::Symlink => {
+                let _ = b.open_in(vol, &path);
+            }
+            _ => {}
+        }
+    }
+}
