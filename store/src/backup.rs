@@ -18,6 +18,8 @@
 //! packs (reused for dedup by the next backup, or reclaimed by gc) and temp
 //! files (removed by the next writer).
 
+pub mod changed;
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
@@ -172,13 +174,6 @@ impl Store {
         let (file, image_size) = open_source(source)?;
         let _lock = self.lock_writer()?;
 
-        let all = snapshot::list(self.backend(), None, true)?;
-        let last_micros = all
-            .iter()
-            .filter_map(|l| micros_from_id(&l.id))
-            .max()
-            .unwrap_or(0);
-        let created = now_micros().max(last_micros + 1);
         let parent = if opts.no_parent {
             None
         } else {
@@ -193,6 +188,54 @@ impl Store {
                 None => None,
             }
         };
+        let source_desc = std::fs::canonicalize(source)
+            .unwrap_or_else(|_| source.to_path_buf())
+            .display()
+            .to_string();
+        self.backup_with(
+            name,
+            image_size,
+            source_desc,
+            parent,
+            opts,
+            start,
+            |shared, parent, per_batch, free, work| {
+                read_source(shared, &file, source, parent, per_batch, free, work)
+            },
+        )
+    }
+
+    /// The part of a backup every source shares: manifest, pipeline
+    /// (`read` fills batches), publish, index merge, stats. The caller
+    /// holds the writer lock.
+    #[allow(clippy::too_many_arguments)]
+    fn backup_with<R>(
+        &self,
+        name: &str,
+        image_size: u64,
+        source: String,
+        parent: Option<SnapshotReader>,
+        opts: &BackupOptions<'_>,
+        start: Instant,
+        read: R,
+    ) -> Result<BackupStats>
+    where
+        R: FnOnce(
+                &Shared<'_>,
+                Option<&SnapshotReader>,
+                usize,
+                &Receiver<Batch>,
+                &Sender<Batch>,
+            ) -> Result<()>
+            + Send,
+    {
+        let all = snapshot::list(self.backend(), None, true)?;
+        let last_micros = all
+            .iter()
+            .filter_map(|l| micros_from_id(&l.id))
+            .max()
+            .unwrap_or(0);
+        let created = now_micros().max(last_micros + 1);
         let info = SnapshotInfo {
             id: String::new(),
             name: name.to_string(),
@@ -200,10 +243,7 @@ impl Store {
             chunk_size: self.chunk_size(),
             chunk_count: 0,
             created: String::new(),
-            source: std::fs::canonicalize(source)
-                .unwrap_or_else(|_| source.to_path_buf())
-                .display()
-                .to_string(),
+            source,
             parent: parent.as_ref().map(|p| p.info().id.clone()),
         };
         let manifest = ManifestWriter::create(self.backend(), info, created)?;
@@ -226,11 +266,10 @@ impl Store {
             .max(1);
         let pipeline = run_pipeline(
             &shared,
-            &file,
-            source,
             parent.as_ref(),
             threads,
             opts.pack_size.unwrap_or(PACK_TARGET_SIZE),
+            read,
         );
 
         let c = &shared.counters;
@@ -287,14 +326,23 @@ impl Store {
     }
 }
 
-fn run_pipeline(
+fn run_pipeline<R>(
     shared: &Shared<'_>,
-    file: &File,
-    source: &Path,
     parent: Option<&SnapshotReader>,
     threads: usize,
     pack_size: usize,
-) -> Result<(u64, u64)> {
+    read: R,
+) -> Result<(u64, u64)>
+where
+    R: FnOnce(
+            &Shared<'_>,
+            Option<&SnapshotReader>,
+            usize,
+            &Receiver<Batch>,
+            &Sender<Batch>,
+        ) -> Result<()>
+        + Send,
+{
     let cs = shared.chunk_size;
     let per_batch = ((1usize << 20) / cs).max(1);
     let pool_size = threads * 2 + 2;
@@ -316,7 +364,7 @@ fn run_pipeline(
     }
     std::thread::scope(|s| {
         let reader = s.spawn(move || {
-            let r = read_source(shared, file, source, parent, per_batch, &free_rx, &work_tx);
+            let r = read(shared, parent, per_batch, &free_rx, &work_tx);
             if r.is_err() {
                 shared.abort.store(true, Ordering::Relaxed);
             }
