@@ -307,7 +307,8 @@ pub struct PersistentBitmap {
     /// The highest sync number that completed.
     done: AtomicU64,
     poisoned: AtomicBool,
-    /// Bits set since the last sync, for a restart on the same boot.
+    /// Mirror of every word of `live` in `<bitmap>.live` (page cache
+    /// only), for a restart on the same boot.
     journal: Option<journal::Journal>,
 }
 

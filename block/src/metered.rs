@@ -1,10 +1,11 @@
 //! Guest I/O counters: [`MeteredDevice`] wraps the device the guest sees.
 //!
-//! Every request is counted (ops, bytes, errors) with relaxed atomics, and
-//! the time of the last request is recorded, so the status report can
-//! show guest activity and anything that wants to stay out of the guest's
-//! way (the copier yields on its own, inside the migrating device) can ask
-//! how long the guest has been idle.
+//! Every request is counted (ops, bytes, errors) with relaxed atomics;
+//! the daemon's status report (`guest_*` fields) reads them. The time of
+//! the last request is recorded too ([`MeteredDevice::idle_for`]). The
+//! copier does not read any of this: it keeps its own guest-activity
+//! clock inside [`MigratingDevice`](crate::migrate::MigratingDevice),
+//! which sees every guest request and yields to it.
 //!
 //! Vectored requests (guest memory) are passed down as they are, so the
 //! layers below fill or drain guest memory themselves.

@@ -139,8 +139,6 @@ use throttle::{RateLimiter, RateWindow};
 /// Stripes of the chunk lock table.
 const CHUNK_LOCK_STRIPES: usize = 4096;
 
-/// File in the state dir recording chunks the guest wrote after migration.
-
 /// How long after a target write error copy-on-read is not attempted.
 const TARGET_ERROR_HOLDOFF: Duration = Duration::from_secs(1);
 
@@ -1030,9 +1028,10 @@ impl BlockDevice for MigratingDevice {
         self.read_into(ReadDest::bytes(buf), offset, len)
     }
 
-    /// Chunks not migrated yet reach guest memory with one copy (from the
-    /// chunk just copied, or the overlay's vectored read); the target is
-    /// read through a scratch buffer.
+    /// Migrated chunks go from the target to guest memory with `preadv`
+    /// (no copy, [`Target::read_run`]); chunks not migrated yet reach it
+    /// with one copy (from the chunk just copied) or through the overlay's
+    /// vectored read.
     fn read_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
         self.read_into(ReadDest::guest(bufs), offset, total_len(bufs))
     }

@@ -1,13 +1,29 @@
 //! The `--state DIR` of an instant-boot daemon.
 //!
+//! This module is the one home of the state dir's layout; every other
+//! doc links here.
+//!
 //! ```text
-//! DIR/
-//!   lock             flock'ed exclusively while a daemon runs; holds its PID
-//!   state.json       which snapshot this state belongs to, migration state
-//!   overlay.data     sparse copy-on-write data file, image size   (overlay)
-//!   overlay.bitmap   allocation bitmap, one bit per 4 KiB block   (overlay)
-//!   migrated.bitmap  one bit per chunk migrated to the target     (copier)
+//! DIR/                  mode 0700 (a looser existing one is tightened); files 0600
+//!   lock                  flock'ed exclusively while a daemon runs; holds its PID
+//!   state.json            snapshot id, image size, chunk size, target, migration
+//!                         state (`not_started` / `in_progress` / `complete`)
+//!   overlay.data          sparse copy-on-write data file, image size  (block::overlay)
+//!   overlay.bitmap        one bit per 4 KiB block the overlay holds    (block::overlay)
+//!   migrated.bitmap       one bit per chunk on the target              (block::migrate)
+//!   guest-written.bitmap  one bit per chunk the guest wrote after it
+//!                         migrated, so `--verify` skips it            (block::migrate)
+//!   *.bitmap.live         live journal of each bitmap above: a page-cache
+//!                         mirror of its words, for a restart on the same
+//!                         boot                                         (block::bitmap::journal)
+//!   control.sock          control socket (0600), unless --control names another path
 //! ```
+//!
+//! The bitmap and journal formats are documented in `block::bitmap` and
+//! `block::bitmap::journal`. The block layers name their files through
+//! [`LayerState`] (implemented here), so they never hard-code this layout.
+//! Once a migration is complete, the overlay's files and
+//! `guest-written.bitmap` (and their journals) are deleted.
 //!
 //! `state.json` is written atomically (temporary file, fsync, rename, fsync
 //! of the directory) and created before any other file, so a state dir

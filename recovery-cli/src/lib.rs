@@ -1,9 +1,47 @@
 //! `recovery-cli`: back up VM disk images into a dedup chunk store, restore
-//! them, and (later) boot them instantly.
+//! them whole or file by file, boot them instantly from the store
+//! (`instant-boot`) while a background copier moves them to production
+//! storage, and watch and steer that daemon.
 //!
+//! # What this crate owns
+//! Only the command line: parsing, validation, printing, signals, and
+//! launching QEMU. Every piece of logic lives in a library crate below it
+//! (see `docs/ARCHITECTURE.md` for the crate graph):
+//!
+//! | commands | module | library it drives |
+//! |---|---|---|
+//! | `init`, `backup`, `snapshots`, `restore`, `verify`, `forget`, `gc` | [`commands`]`::{init, backup, …}` | `store` |
+//! | `ls`, `cat`, `restore-files`, `mount` | [`commands::files`] | `files` |
+//! | `instant-boot` | [`commands::instant_boot`] | `daemon` (which assembles `block`, `vhost-backend`, `control`) |
+//! | `status`, `pause`, `resume`, `set-rate`, `metrics` | [`commands::monitor`] | `control` (client only) |
+//!
+//! The CLI does not link the virtio crates directly: `instant-boot` goes
+//! through `daemon`'s re-exports (`DaemonConfig`, `DeviceConfig`,
+//! `MigrationOptions`, `StopHandle`), and the monitor commands need only
+//! the control protocol.
+//!
+//! # Model
 //! Each command is one module under [`commands`] with the same shape:
-//! clap `Args` → `TryFrom<Args> for Config` (validation) → `run(Config)`.
-//! The binary (`main.rs`) only parses, installs logging and prints errors.
+//! clap `Args` → `TryFrom<Args> for Config` (validation, one-line errors)
+//! → `run(Config)`. The binary (`main.rs`) only parses, installs the
+//! `tracing` subscriber (with the `tracing-log` bridge for rust-vmm's
+//! `log` records; `RUST_LOG`, default `warn`, on stderr) and prints the
+//! error chain. [`output`] holds the shared printing helpers: a human
+//! table or summary by default, one JSON object with `--json`, progress
+//! bars only on a terminal.
+//!
+//! # Threads
+//! Store commands run on the main thread and the store's own scoped
+//! worker threads. `instant-boot` runs the daemon on the main thread
+//! (`Daemon::run`) and adds two of its own: `signals` (SIGINT/SIGTERM →
+//! `StopHandle::stop`) and, with `--qemu`, `qemu` (stops the daemon when
+//! QEMU exits, once the migration has finished; kills QEMU if the daemon
+//! stops first). The daemon's threads are listed in `docs/ARCHITECTURE.md`.
+//!
+//! # Errors and exit codes
+//! Commands return `anyhow::Result` (only here, never in the libraries);
+//! `main` prints `error: outer: inner: root` on one line and exits 1.
+//! Usage errors exit 2 (clap). `verify` exits 1 when it finds damage.
 #![forbid(unsafe_code)]
 
 pub mod commands;

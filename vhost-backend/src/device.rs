@@ -4,9 +4,10 @@
 //! [`VhostUserBlk`] is what the vhost-user request handler
 //! ([`crate::handler`]) drives for one frontend connection: it announces
 //! the virtio-blk features and config space and hands each queue's kicks
-//! to that queue's [`Worker`], which runs requests on the backend's I/O
-//! [`Pool`]. A fresh backend is built for every connection (see
-//! [`crate::serve`]), so nothing negotiated with one frontend leaks into
+//! to that queue's [`Worker`] (on the queue's `vq{N}` thread), which runs
+//! requests itself or on the backend's I/O [`Pool`]. A fresh backend (and
+//! with it a fresh pool) is built for every connection (see
+//! [`crate::socket`]), so nothing negotiated with one frontend leaks into
 //! the next.
 //!
 //! [`VhostUserBlk::stop_vring`] (GET_VRING_BASE),
@@ -37,7 +38,7 @@ use crate::worker::{GuestMem, HeldHeads, Pool, ServedDisk, Vring, Worker};
 use block::device::BlockDevice;
 use block::error_chain;
 
-/// Most queues a device can have (one worker thread each).
+/// Most queues a device can have (one `vq{N}` thread each).
 pub const MAX_QUEUES: usize = 16;
 
 /// Most I/O pool threads a device may have.
@@ -53,7 +54,8 @@ const PHYSICAL_BLOCK_EXP: u8 = 3;
 /// How the device presents itself to the guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
-    /// Number of request queues, 1..=16; each gets a worker thread.
+    /// Number of request queues, 1..=16; each gets one thread, `vq{N}`, which
+    /// both waits for its kicks and is its worker.
     pub num_queues: usize,
     /// Largest virtqueue size the frontend may choose (a power of two).
     pub queue_size: u16,
@@ -92,10 +94,11 @@ impl DeviceConfig {
     }
 
     /// The default I/O pool size: four threads per CPU, within 8..=32.
-    /// Cheap requests never reach the pool (see [`crate::worker`]), so
-    /// idle threads cost nothing; the ones that do (large reads, cold
-    /// chunks, flushes) block as often as they compute, and more of them
-    /// in flight keep the store's disk busy.
+    /// Requests known to be cheap run on their queue's thread instead
+    /// (see [`crate::worker`] for the exact rule), so idle threads cost
+    /// nothing; the ones that reach the pool (large reads, cold chunks,
+    /// flushes) block as often as they compute, and more of them in
+    /// flight keep the store's disk busy.
     pub fn default_io_threads() -> usize {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get())

@@ -13,7 +13,8 @@
 //!                                                    │ memory table, vring setup,
 //!                                                    │ in-flight region (crate::inflight)
 //!                                                    ▼
-//!  kick eventfd ─▶ queue thread (one per queue) ─▶ VhostUserBlk::process_queue
+//!  kick eventfd ─▶ vq{N} (one thread per queue) ─▶ VhostUserBlk::process_queue
+//!                                                   (the queue's Worker, same thread)
 //! ```
 //!
 //! **Queue life cycle.** A queue *starts* once it has a kick eventfd
@@ -25,10 +26,16 @@
 //! *stops* at GET_VRING_BASE, which returns only once the device holds no
 //! request of that queue.
 //!
-//! **Threads.** The connection's thread runs the handler (serialised by
-//! the `Mutex` that `BackendReqHandler` wants); each queue has a thread of
-//! its own that waits for kicks. They meet in [`VhostUserBlk`], whose
-//! per-queue worker lock orders a kick's processing against GET_VRING_BASE.
+//! **Threads.** The connection's thread (the one in
+//! [`BlockServer::serve`](crate::socket::BlockServer::serve)) runs the
+//! handler, serialised by the `Mutex` that `BackendReqHandler` wants. Each
+//! queue has one thread of its own, `vq{N}`, spawned here for the
+//! connection: it waits for kicks and runs the queue's
+//! [`Worker`](crate::worker::Worker) itself (there is no separate kick
+//! thread). They meet in [`VhostUserBlk`], whose per-queue worker lock
+//! orders a kick's processing against GET_VRING_BASE. The handler takes
+//! that lock (and the vring lock, briefly) only after its own `Mutex`,
+//! never the other way round.
 
 use std::fs::File;
 use std::io;

@@ -8,25 +8,34 @@
 //!          └─ cheap requests: execute + complete right here
 //! ```
 //!
-//! **Threads.** Each queue has its own worker thread (see
-//! `VhostUserBlk::queues_per_thread`). Parsing always happens there.
-//! Execution moves to the [`Pool`] unless handing it over would cost more
-//! than running it:
-//! - a lone request on an idle queue runs on the worker (QD1 latency
-//!   carries no thread hand-off);
-//! - GET_ID and refusals run on the worker;
+//! **Threads.** Each queue has exactly one thread, `vq{N}` (started per
+//! connection by [`crate::handler`]): it waits for the queue's kicks *and*
+//! is this worker, so "the kick thread" and "the worker" are the same
+//! thread. Parsing always happens there. Execution moves to the shared
+//! I/O [`Pool`] (`blk-io-{i}` threads) unless handing it over would cost
+//! more than running it:
+//! - a batch of exactly one request on a queue that held nothing runs on
+//!   the worker, whatever its type and size (QD1 latency carries no
+//!   thread hand-off);
+//! - requests that fail to parse, GET_ID and unsupported types run on the
+//!   worker;
 //! - reads and writes of at most [`SMALL_REQUEST`] bytes run on the worker
-//!   while their recent average run time is below [`INLINE_READS_BELOW`]
-//!   or [`INLINE_WRITES_BELOW`] (page cache or chunk cache hits); once they
-//!   turn slow (cold chunks) the average rises within about ten requests
-//!   and they go back to the pool, while one preempted request barely
-//!   moves it;
-//! - everything else (large requests, FLUSH, DISCARD, WRITE_ZEROES) goes
+//!   while the queue's moving average of their run time (one for reads,
+//!   one for writes, weight 1/8, fed by every small request wherever it
+//!   ran) is below [`INLINE_READS_BELOW`] or [`INLINE_WRITES_BELOW`] (page
+//!   cache or chunk cache hits). The averages start at twice their limits,
+//!   so on a new connection small requests *do* go to the pool until a
+//!   handful of fast ones have pulled the average under the limit. Once
+//!   they turn slow (cold chunks) the average rises past the limit within
+//!   about ten requests and they go back to the pool, while one preempted
+//!   request barely moves it (a sample counts for at most twice the
+//!   average);
+//! - everything else (larger requests, FLUSH, DISCARD, WRITE_ZEROES) goes
 //!   to the pool, so a slow request never holds up the ones behind it.
 //!
 //! The worker submits a batch's pool jobs before it runs the batch's cheap
-//! requests. Without a pool every request runs on the worker, in ring
-//! order.
+//! requests. Without a pool (`io_threads` 0) every request runs on the
+//! worker, in ring order.
 //!
 //! **Completion** ([`complete`], on a pool thread) takes the vring lock
 //! once: `add_used` with the request's own head index and used length,

@@ -1,6 +1,9 @@
 //! The live journal of a [`PersistentBitmap`](super::PersistentBitmap):
-//! bits set since the last sync, kept for a restart of the daemon on the
-//! same boot of the machine.
+//! a page-cache mirror of the *whole* bitmap as it is in memory (every set
+//! bit, synced or not; a sync does not clear it), kept for a restart of the
+//! daemon on the same boot of the machine. It holds more than the bits set
+//! since the last sync, which is harmless: a bit that is also on disk
+//! merges as a no-op.
 //!
 //! A persisted bit waits for a sync, which waits for a guest flush or a
 //! checkpoint. That is what a power failure allows (a write the guest did
@@ -10,9 +13,11 @@
 //! in the kernel's page cache, which outlives the process. Only the bits
 //! that say where it is would be lost.
 //!
-//! So every bit that goes from 0 to 1 is also written, before the request
-//! that set it completes, to `<bitmap>.live`, without fsync: one 8-byte
-//! `pwrite` of its word into the page cache. The next daemon merges the
+//! So the journal starts as a copy of every word of the bitmap (after
+//! merging an older journal), and every bit that goes from 0 to 1 is also
+//! written, before the request that set it completes, to `<bitmap>.live`,
+//! without fsync: one 8-byte `pwrite` of its whole word into the page
+//! cache. The next daemon merges the
 //! journal into the bitmap **only if the machine has not rebooted since**
 //! (the journal records `/proc/sys/kernel/random/boot_id`): on the same
 //! boot, the page cache still holds every byte the journal's bits
