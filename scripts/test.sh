@@ -5,8 +5,9 @@
 #
 # Installs missing system packages (QEMU, qemu-utils, busybox, e2fsprogs,
 # ...), builds the test guest (cached in .guest-cache/), then runs every
-# workspace test. RECOVERY_REQUIRE_GUEST=1 makes the QEMU tests fail instead
-# of skipping if the guest cannot be built.
+# workspace test. RECOVERY_REQUIRE_GUEST=1 makes every test that lacks its
+# environment (the guest, root for tmpfs mounts, loop devices and other
+# users, libvirtd) fail instead of skipping.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

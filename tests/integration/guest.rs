@@ -77,8 +77,11 @@ impl Guest {
         match GUEST.get_or_init(build_uncached) {
             Ok(guest) => Some(guest.clone()),
             Err(why) => {
-                if std::env::var_os("RECOVERY_REQUIRE_GUEST").is_some_and(|v| v != "0") {
-                    panic!("test guest unavailable and RECOVERY_REQUIRE_GUEST is set: {why}");
+                if crate::util::skips_are_failures() {
+                    panic!(
+                        "test guest unavailable and {} is set: {why}",
+                        crate::util::REQUIRE_ENV
+                    );
                 }
                 eprintln!();
                 eprintln!("!!! SKIPPING QEMU GUEST TEST: {why}");

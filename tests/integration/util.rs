@@ -59,11 +59,33 @@ pub fn recovery_cli() -> Command {
     c
 }
 
-/// Print a loud skip message and return from the test.
+/// The variable that turns every skip into a failure. `scripts/test.sh`
+/// (and so CI, which runs as root with every package installed) sets it.
+pub const REQUIRE_ENV: &str = "RECOVERY_REQUIRE_GUEST";
+
+/// Whether a test that lacks its environment (root, a guest, a tool) must
+/// fail instead of skipping: [`REQUIRE_ENV`] is set to anything but `0`.
+pub fn skips_are_failures() -> bool {
+    std::env::var_os(REQUIRE_ENV).is_some_and(|v| v != "0")
+}
+
+/// Return from the test with a loud skip message, or panic with the same
+/// message when [`skips_are_failures`], so CI can never pass a test that
+/// did not run.
 #[macro_export]
 macro_rules! skip {
     ($($arg:tt)*) => {{
-        eprintln!("SKIPPED: {}", format!($($arg)*));
+        let why = format!($($arg)*);
+        if $crate::util::skips_are_failures() {
+            panic!(
+                "cannot run this test and {} is set: {why}",
+                $crate::util::REQUIRE_ENV
+            );
+        }
+        eprintln!();
+        eprintln!("!!! SKIPPED: {why}");
+        eprintln!("!!! (set {}=1 to make this a failure)", $crate::util::REQUIRE_ENV);
+        eprintln!();
         return;
     }};
 }
