@@ -1,7 +1,20 @@
-//! The daemon's control socket: line-delimited JSON on a unix socket.
+//! The control protocol between an instant-boot daemon and its monitors.
 //!
-//! One request object per line, one response object per line, any number
-//! of requests per connection:
+//! # What this crate owns
+//! Plain data and text, nothing of the device: the operator's status type
+//! ([`Status`], [`State`]) and the [`Control`] trait a daemon implements,
+//! the request and response lines of the control socket ([`Request`],
+//! [`Response`], [`handle_line`]), the client ([`client`]), and the texts
+//! built from a status (Prometheus in [`metrics`], progress lines in
+//! [`progress`], units in [`human`]). It depends on no crate of this
+//! workspace, so `recovery-cli status` links no virtio and no store. The
+//! server (socket, threads) is `daemon::control_server`, and the daemon's
+//! `Control` is `daemon::operator_status::DaemonStatus`.
+//!
+//! # Wire protocol
+//! Line-delimited JSON on a unix socket (by default `control.sock` in the
+//! daemon's state dir, mode 0600). One request object per line, one
+//! response object per line, any number of requests per connection:
 //!
 //! ```text
 //! {"cmd":"status"}                              {"ok":true,"status":{...}}
@@ -12,18 +25,42 @@
 //! anything else                                 {"ok":false,"error":"..."}
 //! ```
 //!
-//! The socket is created with mode 0600: it is bound under a temporary
-//! name, chmod'ed, then renamed into place, so the final path is never
-//! reachable with looser permissions. A stale socket left by a killed
-//! daemon is replaced; a live one (something answers a connect) or a
-//! non-socket file at the path is an error, never clobbered.
+//! A line is at most [`MAX_LINE`] bytes; a server serves at most
+//! [`MAX_CLIENTS`] connections at once and tells the next one so. The
+//! client sends one request per connection and waits at most
+//! [`DEFAULT_TIMEOUT`] for the answer.
 //!
-//! Threads: one accept thread plus one thread per connection (at most
-//! [`MAX_CLIENTS`]). Every thread waits in `epoll` on its socket and a
-//! shared stop `eventfd`, so [`ControlServer::shutdown`] wakes and joins
-//! them all without timeouts or polling. A bad request gets an error
-//! response; a line longer than [`MAX_LINE`] or a client that stops
-//! reading its responses closes only that connection.
+//! # The status type
+//! [`Status`] is the one report an operator sees: the control socket
+//! serves it as JSON, `recovery-cli status --json` prints it unchanged, and
+//! `/metrics` ([`render_metrics`]) renders the same fields as Prometheus
+//! text. Fields are only ever added, never renamed (new ones are
+//! `#[serde(default)]`, so an older daemon's report still parses). The
+//! daemon fills it at each request from its parts:
+//!
+//! | fields | come from |
+//! |---|---|
+//! | `state`, `error`, `target`, `bytes_*`, `chunks_*`, `copy_rate`, `rate_limit`, `eta_seconds` | the migration's `block::migrate::MigrationStatus` (without a target: `state` = `serving`, migration fields 0) |
+//! | `guest_*_ops`, `guest_*_bytes`, `guest_io_errors` | the guest counters of `block::metered::MeteredDevice` |
+//! | `chunk_read_errors` | failed store fetches counted by each `block::store_source::StoreSource` (served and repair snapshot) |
+//! | `overlay_bytes`, `cache_hit_rate`, `uptime_seconds`, `snapshot` | the overlay (or the migration), the chunk cache, the daemon |
+//!
+//! [`State`] is `serving` (no target), `migrating`, `paused`, `complete` or
+//! `failed`; it maps one to one from the copier's
+//! `block::migrate::MigrationPhase` (the one story of states, persistent
+//! and run-time, is told in `block::state`). JSON has no NaN or infinity,
+//! so non-finite rates and ETAs are reported as 0 or absent.
+//!
+//! # Concurrency
+//! [`Control`] is `Send + Sync`: the daemon's server calls
+//! [`handle_line`] from one thread per connection at the same time, and
+//! every call builds a fresh [`Status`]. Nothing here holds a lock.
+//!
+//! # Errors
+//! One [`Error`] enum for both sides, each variant naming the failed step
+//! and the socket path (bind, connect, send, receive, timeout, a refused
+//! request). A bad request line gets an error response, never a closed
+//! connection.
 
 pub mod client;
 pub mod human;
@@ -243,29 +280,12 @@ mod tests {
     fn non_finite_numbers_are_reported_as_unknown() {
         let status = Status {
             state: State::Migrating,
-            error: None,
             snapshot: "s".into(),
-            target: None,
-            bytes_total: 0,
-            bytes_migrated: 0,
-            bytes_copied_on_read: 0,
-            chunks_total: 0,
-            chunks_migrated: 0,
-            chunks_failed: 0,
             copy_rate: f64::NAN,
-            rate_limit: 0,
             eta_seconds: Some(f64::INFINITY),
-            guest_read_ops: 0,
-            guest_read_bytes: 0,
-            guest_write_ops: 0,
-            guest_write_bytes: 0,
-            guest_flush_ops: 0,
-            guest_io_errors: 0,
-            chunk_read_errors: 0,
-            chunks_repaired: 0,
-            overlay_bytes: 0,
             cache_hit_rate: f64::NEG_INFINITY,
             uptime_seconds: 1.5,
+            ..Status::default()
         };
         let clean = finite(status);
         assert_eq!(

@@ -1,7 +1,26 @@
 //! The instant-boot daemon: the whole stack, assembled and served.
 //!
+//! # What this crate owns
+//! Assembly and everything that belongs to one running daemon rather than
+//! to a layer: opening the store and snapshot, the state directory
+//! ([`state_dir`]), building the block stack and the vhost-user server,
+//! the control socket server ([`control_server`]), the operator's status
+//! ([`operator_status`]) and the progress log ([`progress_log`]). It
+//! depends on `store`, `block`, `vhost-backend` and `control`; the CLI
+//! configures and stops it through the re-exports below, without reaching
+//! into the layers.
+//!
+//! | module | owns |
+//! |---|---|
+//! | this crate root | [`Daemon`] (`start`, `run`, `stop_handle`), [`DaemonConfig`], [`Error`] |
+//! | [`state_dir`] | `--state DIR`: its layout (the one home of it), the `flock`, `state.json` (atomic writes, binding to one snapshot); implements `block::state::LayerState` |
+//! | [`control_server`] | the control socket server: bind (0600, under a temporary name, then renamed), the `control-accept` thread, one `control-conn` thread per client |
+//! | [`operator_status`] | [`operator_status::DaemonStatus`], the daemon's `control::Control`: builds a `control::Status` from the parts, routes pause/resume/set-rate to the migration |
+//! | [`progress_log`] | the `progress-log` thread: a progress line every `--log-interval` while migrating, each state change once |
+//!
+//! # Model
 //! ```text
-//!   QEMU ── vhost-user socket ──> BlockServer (virtio-blk, one worker per queue)
+//!   QEMU ── vhost-user socket ──> BlockServer (virtio-blk; one vq{N} thread per queue + I/O pool)
 //!                                    │
 //!                                 MeteredDevice (guest op counters)
 //!                                    │
@@ -11,86 +30,70 @@
 //!                                    │
 //!                                 SnapshotLayer ── ChunkCache (--cache-size)
 //!                                    │
-//!                                 store::SnapshotReader (shared lock on the manifest)
+//!                                 StoreSource ── store::SnapshotReader (shared lock on the manifest)
 //! ```
 //!
 //! With `--repair-from`, a second `SnapshotLayer` over another snapshot
 //! of the same image (sharing the cache) backs the migration's repairs.
+//! Without `--target` the overlay sits directly under the metered device.
 //!
-//! [`Daemon::start`] opens everything, binds the vhost-user socket and the
-//! control socket and starts the copier, so QEMU can connect the moment it
-//! returns; nothing is read up front but the bitmaps, so start-up time does
-//! not grow with the image. [`Daemon::run`] serves until
-//! [`Daemon::stop_handle`] is stopped, then checkpoints the migration and
-//! flushes every layer.
+//! [`Daemon::start`] opens the store and snapshot, locks and checks the
+//! state dir, opens the target and the layers, binds the vhost-user socket
+//! and the control socket, starts the progress logger and then the
+//! copier, so QEMU can connect the moment it returns; nothing is read up
+//! front but the bitmaps, so start-up time does not grow with the image.
+//! [`Daemon::run`] serves QEMU connections on the calling thread until
+//! [`Daemon::stop_handle`] is stopped, then stops the copier with a final
+//! checkpoint, flushes every layer, and stops the logger and the control
+//! server.
 //!
 //! A state dir whose migration is complete is served from the target
 //! alone: the overlay is gone and the store is only opened to check that
-//! the state belongs to the snapshot.
+//! the state belongs to the snapshot. A state dir recorded with a target
+//! refuses to start without `--target`.
 //!
-//! # Faults: what is guaranteed
+//! # Threads
+//! The caller of [`Daemon::run`] accepts QEMU and runs its vhost-user
+//! messages; `vq{N}` and `blk-io-{i}` serve each connection (crate
+//! `vhost-backend`); `copier` and `copier-{i}` migrate (crate `block`);
+//! this crate adds `control-accept`, `control-conn` (at most
+//! `control::MAX_CLIENTS`) and `progress-log`. Every thread and what it
+//! owns is in the table in `docs/ARCHITECTURE.md`, "Threads"; the lock
+//! order is there too. Building a status reads atomics and takes only
+//! leaf locks (each cache shard's, the migration's small mutexes), so a
+//! `status` request never waits for guest or copier I/O.
 //!
-//! **A damaged store** (a flipped bit, a truncated or missing pack):
-//! - every chunk is re-hashed on every fetch from the store, so a damaged
-//!   chunk is an error, never data: a guest read touching it completes
-//!   with `VIRTIO_BLK_S_IOERR`, reads of every other range are unaffected,
-//!   and the error is not cached (a repaired store serves it again);
-//! - each failed fetch is logged at error level with the chunk id, the
-//!   snapshot (`NAME@ID`), the chunk index and its byte offset, and counted
-//!   in `status` (`chunk_read_errors`; the guest's failed requests in
-//!   `guest_io_errors`);
-//! - the copier marks the chunk failed, writes nothing for it and migrates
-//!   every other chunk; the state ends `failed` naming the first one, and
-//!   `chunks_failed` counts them. `recovery-cli verify` names the chunk,
-//!   the snapshots using it and their byte ranges;
-//! - a guest write that covers a damaged chunk's blocks whole replaces
-//!   them (the overlay never reads below for whole blocks); a partial
-//!   block write needs the old block and fails;
-//! - `--repair-from SNAPSHOT` (another backup of the same image: same
-//!   image size and chunk size, refused otherwise before anything is
-//!   opened) lets the copier take exactly the chunks the served snapshot
-//!   cannot deliver from that backup, with the guest's written blocks laid
-//!   over them, logs each one (`warn`) and counts them in
-//!   `chunks_repaired`; the migration then completes. The repaired data is
-//!   older or newer than the booted snapshot, so this is never automatic.
+//! # Formats
+//! The state dir's layout and `state.json` are documented in [`state_dir`];
+//! the bitmaps it holds in `block::bitmap`. The store's formats are the
+//! `store` crate's.
 //!
-//! **A full disk** (ENOSPC, or any write error):
-//! - under the overlay (state dir): a guest write needing new blocks fails
-//!   with `VIRTIO_BLK_S_IOERR`; its blocks' bits are not set, so the range
-//!   reads as before or as the failed write left it (virtio leaves a
-//!   failed write's range undefined); reads, flushes of acknowledged
-//!   writes and overwrites of blocks the overlay already holds keep
-//!   working (on file systems that overwrite in place);
-//! - under the target: the copier retries with backoff (status `error`:
-//!   "Target write failed, retrying"), guest writes to migrated chunks
-//!   that need new space fail with `VIRTIO_BLK_S_IOERR`, writes to chunks
-//!   not migrated go to the overlay, every read works (copy-on-read falls
-//!   back to the overlay);
-//! - in both cases the daemon keeps running and recovers by itself once
-//!   space is freed: the next write succeeds, the copier goes on and the
-//!   migration completes. Only a failed *sync* (fdatasync of the target or
-//!   a bitmap) is not retried: the state turns `failed` and the daemon
-//!   must be restarted, which resumes from the last durable checkpoint.
+//! # Faults
+//! What the daemon guarantees when the store is damaged, a disk fills up,
+//! the daemon is killed or the machine crashes, and against other users,
+//! with the test that proves each, has one home: `docs/ARCHITECTURE.md`,
+//! "Fault guarantees". The arguments behind them live with the layers
+//! (`block::bitmap`, `block::overlay`, `block::migrate`,
+//! `vhost_backend::inflight`).
 //!
-//! **Other users**: the vhost-user and control sockets are created 0600
-//! (bound under a temporary name, chmod'ed, then renamed into place; the
-//! control socket lives in the state dir by default), the state dir is 0700 (an existing one with
-//! group or other bits is tightened, with a warning) and its files 0600:
-//! another user can neither attach to the disk, nor control the
-//! migration, nor read the guest's writes. Snapshot references are
-//! validated by the store (names `[A-Za-z0-9._-]`, not starting with `.`;
-//! ids by their exact format) before any path is built from them, so `..`,
-//! `/` and absolute paths never leave the store's directories.
+//! # Errors
+//! [`Error`] names the step of start-up or shutdown that failed (open the
+//! store, the snapshot, the state dir, a layer, the target, the migration,
+//! the control socket, the vhost-user server; the final flush or
+//! checkpoint), with the cause as its source. Start-up errors happen
+//! before QEMU can connect.
 
 pub mod control_server;
 pub mod operator_status;
 pub mod progress_log;
+pub mod qemu;
 pub mod state_dir;
 
 // What the CLI needs to configure and stop a daemon, without reaching into
 // the layers below.
 pub use block::migrate::{MigratingDevice, MigrationOptions};
 pub use vhost_backend::device::{DeviceConfig, MAX_IO_THREADS};
+pub use block::socket::SocketOwner;
 pub use vhost_backend::socket::StopHandle;
 
 use std::io;
@@ -124,6 +127,8 @@ pub struct DaemonConfig {
     pub snapshot: String,
     /// The vhost-user socket to create.
     pub socket: PathBuf,
+    /// Who owns the vhost-user socket (default: the daemon's user).
+    pub socket_owner: Option<SocketOwner>,
     /// The state directory (overlay, bitmaps, state.json).
     pub state: PathBuf,
     /// Byte budget of the chunk cache.
@@ -142,6 +147,9 @@ pub struct DaemonConfig {
     pub repair_from: Option<String>,
     /// How often progress is logged.
     pub log_interval: Duration,
+    /// The caller starts a guest on the socket (`instant-boot --qemu`):
+    /// refused while a QEMU started on this state earlier still runs.
+    pub starts_guest: bool,
 }
 
 /// Why the daemon could not start or stopped with an error.
@@ -168,9 +176,38 @@ pub enum Error {
     /// Tightening the state dir's permissions failed.
     #[error("Failed to make state dir {0} private (mode 0700)")]
     StateMode(PathBuf, #[source] io::Error),
-    /// Opening the state dir failed.
-    #[error("Failed to open state dir {0}")]
-    State(PathBuf, #[source] crate::state_dir::Error),
+    /// Opening the state dir failed (the error names the dir).
+    #[error(transparent)]
+    State(crate::state_dir::Error),
+    /// Writing the state failed.
+    #[error("Failed to record the migration target in state dir {0}")]
+    RecordTarget(PathBuf, #[source] crate::state_dir::Error),
+    /// A socket path cannot work.
+    #[error("Cannot create the {what} at {path}: {why}")]
+    SocketPath {
+        /// "vhost-user socket" or "control socket".
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why not.
+        why: String,
+    },
+    /// A QEMU started on this state's overlay still runs.
+    #[error("A guest started on state dir {state} still runs (QEMU PID {pid}); stop it before starting another: two guests on one overlay destroy each other's writes")]
+    GuestRunning {
+        /// The state dir.
+        state: PathBuf,
+        /// The QEMU's PID.
+        pid: u32,
+    },
+    /// The recorded target is gone.
+    #[error("Target {target} does not exist, but state dir {state} records a migration to it; restore the target, or start over with a new --state (nothing was created)")]
+    TargetGone {
+        /// The target.
+        target: PathBuf,
+        /// The state dir.
+        state: PathBuf,
+    },
     /// Building a block layer failed.
     #[error("Failed to open the {0} layer")]
     Layer(&'static str, #[source] io::Error),
@@ -185,9 +222,10 @@ pub enum Error {
         /// The recorded target.
         target: String,
     },
-    /// Opening the migration target failed.
-    #[error("Failed to open migration target {0}")]
-    Target(PathBuf, #[source] block::target::Error),
+    /// Opening, locking or identifying the migration target failed (the
+    /// error names the target).
+    #[error(transparent)]
+    Target(block::target::Error),
     /// Opening or starting the migration failed.
     #[error("Failed to start the migration to {0}")]
     Migration(PathBuf, #[source] block::migrate::Error),
@@ -234,6 +272,16 @@ impl Daemon {
         if cfg.repair_from.is_some() && cfg.target.is_none() {
             return Err(Error::RepairWithoutTarget);
         }
+        // What can be checked before anything is created, is.
+        check_socket_path("vhost-user socket", &cfg.socket, true)?;
+        match &cfg.control {
+            Some(control) => check_socket_path("control socket", control, true)?,
+            None => check_socket_path(
+                "control socket",
+                &state_dir::control_socket_in(&cfg.state),
+                false,
+            )?,
+        }
         let store = Store::open(&cfg.store).map_err(|e| Error::OpenStore(cfg.store.clone(), e))?;
         let reader = store
             .open_snapshot(&cfg.snapshot)
@@ -277,11 +325,22 @@ impl Daemon {
             image_size: info.image_size,
             chunk_size: info.chunk_size,
         };
-        let state = Arc::new(
-            StateDir::open_or_create(&cfg.state, &binding)
-                .map_err(|e| Error::State(cfg.state.clone(), e))?,
-        );
+        let state = Arc::new(StateDir::open_or_create(&cfg.state, &binding).map_err(Error::State)?);
+        // From here on, a failed start takes back what it created.
+        let mut undo = UndoStart {
+            state: Some(state.clone()),
+            target: None,
+        };
         make_private(&cfg.state)?;
+        if let Some(guest) = state.live_guest() {
+            if cfg.starts_guest {
+                return Err(Error::GuestRunning {
+                    state: cfg.state.clone(),
+                    pid: guest.pid,
+                });
+            }
+            tracing::warn!(pid = guest.pid, "a QEMU started on this state earlier still runs; it may reconnect to this daemon");
+        }
         let recorded_target = state.state().target;
         if let (Some(recorded), None) = (&recorded_target, &cfg.target) {
             return Err(Error::TargetMissing {
@@ -294,8 +353,10 @@ impl Daemon {
         let reference = info.reference();
         let (inner, migration, overlay): (Arc<dyn BlockDevice>, _, _) = match &cfg.target {
             Some(path) => {
-                let target = Target::open(path, info.image_size)
-                    .map_err(|e| Error::Target(path.clone(), e))?;
+                let target = open_target(&state, path, info.image_size, &cfg.state)?;
+                if target.created() {
+                    undo.target = Some(path.clone());
+                }
                 let migration = if MigratingDevice::is_complete_in(&*state) {
                     MigratingDevice::open_complete(state.clone(), target)
                 } else {
@@ -349,7 +410,7 @@ impl Daemon {
             device_cfg.serial = info.id.clone();
         }
         let server = BlockServer::new(device.clone(), device_cfg)?;
-        let listening = server.bind(&cfg.socket)?;
+        let listening = server.bind_owned(&cfg.socket, cfg.socket_owner.as_ref())?;
         let stop = StopHandle::new().map_err(|e| Error::Layer("stop handle", e))?;
         let control_path = cfg
             .control
@@ -364,6 +425,8 @@ impl Daemon {
                 .start()
                 .map_err(|e| Error::Migration(path.clone(), e))?;
         }
+        undo.state = None;
+        undo.target = None;
         Ok(Daemon {
             info,
             server,
@@ -395,6 +458,11 @@ impl Daemon {
             .map_err(|e| Error::Overlay(cfg.state.clone(), e))?
             .with_read_only(cfg.device.read_only);
         Ok((snapshot, Arc::new(overlay)))
+    }
+
+    /// The state dir (to record a guest started on it).
+    pub fn state_dir(&self) -> &Arc<StateDir> {
+        &self._state
     }
 
     /// The snapshot being served.
@@ -458,6 +526,101 @@ impl Daemon {
         checkpoint?;
         flushed
     }
+}
+
+/// What a failed [`Daemon::start`] takes back: the state it created, the
+/// target file it created.
+struct UndoStart {
+    state: Option<Arc<StateDir>>,
+    target: Option<PathBuf>,
+}
+
+impl Drop for UndoStart {
+    fn drop(&mut self) {
+        if let Some(target) = &self.target {
+            match std::fs::remove_file(target) {
+                Ok(()) => tracing::info!(target = %target.display(), "removed the target this failed start created"),
+                Err(e) => tracing::warn!(target = %target.display(), error = %e, "failed to remove the target this failed start created"),
+            }
+        }
+        if let Some(state) = &self.state {
+            state.remove_created();
+        }
+    }
+}
+
+/// Refuses a socket path that cannot be bound or connected to: 108 bytes
+/// or more (`sun_path` holds 107 and a NUL), a missing directory
+/// (`dir_must_exist`), something other than a socket already there.
+fn check_socket_path(what: &'static str, path: &Path, dir_must_exist: bool) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let err = |why: String| Error::SocketPath {
+        what,
+        path: path.to_path_buf(),
+        why,
+    };
+    let len = path.as_os_str().as_bytes().len();
+    if len >= SUN_PATH_MAX {
+        return Err(err(format!(
+            "the path is {len} bytes, a Unix socket path must be shorter than {SUN_PATH_MAX}"
+        )));
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if dir_must_exist && !dir.is_dir() {
+        return Err(err(format!("directory {} does not exist", dir.display())));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => Err(err(
+            "something other than a socket is there (it is never replaced)".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Size of `sockaddr_un.sun_path`, the terminating NUL included.
+const SUN_PATH_MAX: usize = 108;
+
+/// Opens and locks the target, creating it only for a migration that has
+/// not started, and checks (or, on a first start, records) its identity.
+fn open_target(state: &StateDir, path: &Path, image_size: u64, dir: &Path) -> Result<Target> {
+    use block::state::MigrationState;
+    use block::target::TargetOpen;
+    let recorded = state.state();
+    let started = recorded.migration != MigrationState::NotStarted;
+    let how = TargetOpen {
+        create: !started,
+        lock: true,
+    };
+    let target = Target::open_with(path, image_size, how).map_err(|e| match e {
+        block::target::Error::Missing { path } => Error::TargetGone {
+            target: path,
+            state: dir.to_path_buf(),
+        },
+        e => Error::Target(e),
+    })?;
+    let same_path = recorded.target.as_deref().is_some_and(|r| {
+        std::fs::canonicalize(path).is_ok_and(|p| p == r)
+    });
+    match &recorded.target_identity {
+        // Another path: the migration refuses it, naming both.
+        _ if started && !same_path => {}
+        Some(identity) if started => target.check_identity(identity).map_err(Error::Target)?,
+        // A first start (or a state from before identities were recorded).
+        _ => {
+            if started {
+                tracing::warn!(target = %path.display(), "the state records no identity for its target (made by an older version): recording it now");
+            }
+            let identity = target.mark().map_err(Error::Target)?;
+            state
+                .update(|s| s.target_identity = Some(identity))
+                .map_err(|e| Error::RecordTarget(dir.to_path_buf(), e))?;
+        }
+    }
+    Ok(target)
 }
 
 /// Makes the state dir private (mode 0700): it holds the guest's data and
