@@ -22,6 +22,7 @@
 //! closure panics, the waiters get an error instead of waiting forever.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -44,6 +45,38 @@ fn shard_count(budget: u64) -> usize {
 
 /// A content key (the store's chunk hash).
 pub type ChunkKey = [u8; 32];
+
+/// Folds a key's four words into one (FNV-style). Keys are already
+/// cryptographic hashes, so this needs no DoS-resistant hasher (SipHash was
+/// a tenth of a cached read's CPU); it still mixes every byte because test
+/// keys may not be hashes.
+fn mix(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for word in key.chunks_exact(8) {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+        h = (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(29);
+    }
+    h
+}
+
+/// The hasher of the cache's maps: [`mix`] of the key bytes.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 ^= mix(bytes);
+    }
+
+    // The array's length prefix carries nothing: every key is 32 bytes.
+    fn write_usize(&mut self, _: usize) {}
+}
+
+type KeyMap<V> = HashMap<ChunkKey, V, BuildHasherDefault<KeyHasher>>;
 
 /// Counters of a [`ChunkCache`], all since it was created.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -118,11 +151,11 @@ impl InFlight {
 
 #[derive(Default)]
 struct ShardInner {
-    index: HashMap<ChunkKey, usize>,
+    index: KeyMap<usize>,
     slots: Vec<Slot>,
     hand: usize,
     bytes: u64,
-    inflight: HashMap<ChunkKey, Arc<InFlight>>,
+    inflight: KeyMap<Arc<InFlight>>,
 }
 
 impl ShardInner {
@@ -231,13 +264,17 @@ impl ChunkCache {
     }
 
     fn shard(&self, key: &ChunkKey) -> &Shard {
-        // Keys are content hashes, but test keys may not be: mix all bytes.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for word in key.chunks_exact(8) {
-            let w = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
-            h = (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(29);
-        }
-        &self.shards[(h >> 32) as usize & self.shard_mask]
+        &self.shards[(mix(key) >> 32) as usize & self.shard_mask]
+    }
+
+    /// Whether `key` is cached (counts as nothing, touches no entry).
+    pub fn contains(&self, key: &ChunkKey) -> bool {
+        self.shard(key)
+            .inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .index
+            .contains_key(key)
     }
 
     /// The cached chunk for `key`, if any (counts as a hit).

@@ -50,6 +50,17 @@ pub trait BlockDevice: Send + Sync {
         false
     }
 
+    /// Whether a read of `len` bytes at `offset` would be served from
+    /// memory right now (cached chunks, zero chunks, memory devices),
+    /// without waiting for a store fetch. A scheduling hint only: the
+    /// vhost-user worker runs such reads on the queue's own thread instead
+    /// of handing them to its I/O pool. It must be cheap (no I/O, no
+    /// blocking lock) and may be wrong; `false`, the default, is always safe.
+    fn read_is_cheap(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
     /// Fills `buf` with the device contents starting at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 

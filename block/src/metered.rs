@@ -123,6 +123,10 @@ impl MeteredDevice {
 }
 
 impl BlockDevice for MeteredDevice {
+    fn read_is_cheap(&self, offset: u64, len: u64) -> bool {
+        self.inner.read_is_cheap(offset, len)
+    }
+
     fn size(&self) -> u64 {
         self.inner.size()
     }

@@ -457,6 +457,18 @@ impl BlockDevice for Overlay {
         self.read_into(ReadDest::bytes(buf), offset, len)
     }
 
+    /// A range the overlay holds none of is as cheap as the layer below
+    /// says; blocks it holds come from its data file, which may or may not
+    /// be in the page cache, so those are not claimed cheap.
+    fn read_is_cheap(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || check_bounds(offset, len, self.size).is_err() {
+            return false;
+        }
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len - 1) / BLOCK_SIZE;
+        !(first..=last).any(|block| self.bitmap.get(block)) && self.lower.read_is_cheap(offset, len)
+    }
+
     /// No copy here: present runs go from the data file to guest memory
     /// with `preadv`, the others to the layer below's vectored read.
     fn read_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {

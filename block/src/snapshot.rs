@@ -160,6 +160,19 @@ impl BlockDevice for SnapshotLayer {
         self.read_into(ReadDest::bytes(buf), offset, len)
     }
 
+    /// Every chunk of the range is a zero chunk or in the cache.
+    fn read_is_cheap(&self, offset: u64, len: u64) -> bool {
+        if len == 0 || check_bounds(offset, len, self.size).is_err() {
+            return false;
+        }
+        let cs = u64::from(self.chunk_size);
+        (offset / cs..=(offset + len - 1) / cs).all(|index| match self.source.chunk_key(index) {
+            Ok(None) => true,
+            Ok(Some(key)) => self.cache.contains(&key),
+            Err(_) => false,
+        })
+    }
+
     /// One copy per byte: from the cached chunk straight into guest memory.
     fn read_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
         self.read_into(ReadDest::guest(bufs), offset, total_len(bufs))
@@ -254,6 +267,27 @@ mod tests {
         // Past the end, or more bytes than the buffers say, is an error.
         assert!(read_vectored(&layer, 4 * 4096 - 512, &[512, 1]).is_err());
         assert!(read_vectored(&layer, u64::MAX - 10, &[512]).is_err());
+    }
+
+    #[test]
+    fn reads_are_cheap_once_their_chunks_are_cached() {
+        let image = test_image(4096, 8, 0);
+        let src = Arc::new(VecSource::new(image, 4096));
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let layer = SnapshotLayer::new(src.clone(), cache.clone()).unwrap();
+        // Zero chunks (1, 5) cost nothing; data chunks only once cached.
+        assert!(layer.read_is_cheap(4096, 4096));
+        assert!(!layer.read_is_cheap(0, 4096));
+        assert!(!layer.read_is_cheap(4096, 8192), "chunk 2 is not cached");
+        let mut buf = vec![0u8; 4096];
+        layer.read_at(&mut buf, 2 * 4096).unwrap();
+        assert!(layer.read_is_cheap(4096, 8192));
+        // Asking fetched nothing and counted no lookups.
+        assert_eq!(src.reads(), 1);
+        assert_eq!(cache.stats().hits + cache.stats().misses, 1);
+        // Out of range or empty: never claimed cheap.
+        assert!(!layer.read_is_cheap(8 * 4096, 512));
+        assert!(!layer.read_is_cheap(0, 0));
     }
 
     #[test]

@@ -19,6 +19,9 @@
 //!   thread hand-off);
 //! - requests that fail to parse, GET_ID and unsupported types run on the
 //!   worker;
+//! - small reads the device can serve from memory right now (every chunk
+//!   they touch is cached or a zero chunk: `BlockDevice::read_is_cheap`)
+//!   run on the worker, untimed: a warm read never hops threads;
 //! - reads and writes of at most [`SMALL_REQUEST`] bytes run on the worker
 //!   while the queue's moving average of their run time (one for reads,
 //!   one for writes, weight 1/8, fed by every small request wherever it
@@ -90,7 +93,7 @@ use crate::inflight::InflightQueue;
 use crate::request::{
     descriptors_at, ExecContext, Limits, Rejected, Request, RequestType, STATUS_IOERR, STATUS_OK,
 };
-use crate::wire::ID_BYTES;
+use crate::wire::{ID_BYTES, SECTOR_SHIFT};
 use block::device::BlockDevice;
 use block::error_chain;
 
@@ -449,8 +452,12 @@ impl Worker {
                 self.finish(vring, head, len);
                 continue;
             }
+            if served_from_memory(&request, target) {
+                inline.push((head, request, false));
+                continue;
+            }
             if self.run_times.cheap(&request) {
-                inline.push((head, request));
+                inline.push((head, request, true));
                 continue;
             }
             let (vring, mem, target) = (vring.clone(), mem.clone(), target.clone());
@@ -467,10 +474,13 @@ impl Worker {
         if let Some(pool) = pool {
             pool.submit(jobs);
         }
-        for (head, request) in inline {
-            let len = self
-                .run_times
-                .timed(&request, || execute(&request, target, mem));
+        for (head, request, timed) in inline {
+            let len = if timed {
+                self.run_times
+                    .timed(&request, || execute(&request, target, mem))
+            } else {
+                execute(&request, target, mem)
+            };
             self.finish(vring, head, len);
         }
         // One signal for everything this thread completed: the driver then
@@ -487,6 +497,18 @@ impl Worker {
         }
         self.in_flight.end(head);
     }
+}
+
+/// Whether `request` is a small read the device can serve from memory
+/// right now ([`block::BlockDevice::read_is_cheap`]: cached or zero
+/// chunks): it runs on the worker without a thread hand-off and without
+/// timing, whatever the moving average says.
+fn served_from_memory(request: &Request, target: &ServedDisk) -> bool {
+    request.request_type() == RequestType::In
+        && request.data_len() <= SMALL_REQUEST
+        && target
+            .dev
+            .read_is_cheap(request.sector() << SECTOR_SHIFT, request.data_len())
 }
 
 /// The moving average `old` (ns) after a request that took `took` ns.
