@@ -1,10 +1,18 @@
 //! `io`: the same blkio workloads against our instant-boot daemon (cold
 //! and warm chunk cache) and against qemu-storage-daemon exporting the raw
-//! image (O_DIRECT + native AIO, and the defaults) or a qcow2 overlay over
-//! it (the do-it-yourself instant recovery).
+//! image (O_DIRECT + native AIO, and the defaults; from disk and from
+//! tmpfs, its memory-speed best) or a qcow2 overlay over it (the
+//! do-it-yourself instant recovery).
+//!
+//! With `--rounds N` every setup runs N times, the setups interleaved
+//! round by round (a noisy neighbour hits all of them alike), and the
+//! tables show each cell's median. Each cell also records the server's CPU
+//! time per completed request: the server process's `utime + stime` from
+//! `/proc/PID/stat` (all threads; the same quantity as `perf stat -e
+//! task-clock -p PID`) over the workload, divided by the requests.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -28,6 +36,9 @@ enum Setup {
     OursWarm,
     /// qsd, raw image, `cache.direct=on,aio=native`.
     RawDirect,
+    /// qsd, raw image on tmpfs (`/dev/shm`), `cache.direct=on,aio=native`:
+    /// memory speed, the strongest peer for warm reads.
+    TmpfsDirect,
     /// qsd, raw image, default cache mode, page cache dropped per workload.
     RawCold,
     /// qsd, raw image, default cache mode, image pre-read into the page cache.
@@ -37,9 +48,10 @@ enum Setup {
 }
 
 impl Setup {
-    const ALL: [Setup; 6] = [
+    const ALL: [Setup; 7] = [
         Setup::OursCold,
         Setup::OursWarm,
+        Setup::TmpfsDirect,
         Setup::RawDirect,
         Setup::RawCold,
         Setup::RawWarm,
@@ -51,6 +63,7 @@ impl Setup {
             Setup::OursCold => "ours, cold cache",
             Setup::OursWarm => "ours, warm cache",
             Setup::RawDirect => "qsd raw, cache.direct=on,aio=native",
+            Setup::TmpfsDirect => "qsd raw on tmpfs, cache.direct=on,aio=native",
             Setup::RawCold => "qsd raw, default, cold page cache",
             Setup::RawWarm => "qsd raw, default, warm page cache",
             Setup::Qcow2 => "qsd qcow2 overlay over raw, cold page cache",
@@ -62,7 +75,54 @@ impl Setup {
     }
 }
 
-type Results = BTreeMap<Setup, BTreeMap<&'static str, Stats>>;
+/// One workload's result on one server: the client's numbers and the
+/// server's CPU time per completed request.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Cell {
+    #[serde(flatten)]
+    stats: Stats,
+    server_cpu_us_per_request: f64,
+}
+
+type Results = BTreeMap<Setup, BTreeMap<&'static str, Cell>>;
+
+/// CPU time (user + system, all threads) of process `pid` so far, in
+/// seconds, from `/proc/PID/stat`; NaN if it cannot be read.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at 3.
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        // /proc reports clock ticks of USER_HZ, which Linux fixes at 100.
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
+/// Runs `w` on `client` and measures the server's CPU meanwhile.
+fn run_cell(
+    client: &mut Client,
+    server: &Server,
+    w: &Workload,
+    size: u64,
+    duration: Duration,
+    one_pass: bool,
+) -> anyhow::Result<Cell> {
+    let before = cpu_seconds(server.pid());
+    let stats = client.run(w, size, duration, one_pass)?;
+    let cpu = cpu_seconds(server.pid()) - before;
+    Ok(Cell {
+        stats,
+        server_cpu_us_per_request: cpu * 1e6 / stats.ops.max(1) as f64,
+    })
+}
 
 /// Starts the server for `setup` in `dir`.
 fn start(
@@ -80,6 +140,10 @@ fn start(
         Setup::OursCold => Server::ours(&ctx.cli, store, "disk", dir, 256 << 20, &[])?,
         Setup::OursWarm => Server::ours(&ctx.cli, store, "disk", dir, 2 * size, &[])?,
         Setup::RawDirect => Server::qsd_raw(raw, ",cache.direct=on,aio=native", &socket, &log)?,
+        Setup::TmpfsDirect => {
+            let shm = tmpfs_copy(raw)?;
+            Server::qsd_raw(&shm, ",cache.direct=on,aio=native", &socket, &log)?
+        }
         Setup::RawCold | Setup::RawWarm => Server::qsd_raw(raw, "", &socket, &log)?,
         Setup::Qcow2 => {
             let ovl = dir.join("overlay.qcow2");
@@ -96,6 +160,31 @@ fn start(
     Ok(server)
 }
 
+/// A copy of `raw` in `/dev/shm` (made once per run, removed by
+/// [`remove_tmpfs_copy`]).
+fn tmpfs_copy(raw: &Path) -> anyhow::Result<PathBuf> {
+    let shm = tmpfs_path();
+    if !shm.exists() {
+        std::fs::create_dir_all(shm.parent().unwrap_or(Path::new("/dev/shm")))?;
+        std::fs::copy(raw, &shm)?;
+    }
+    Ok(shm)
+}
+
+fn tmpfs_path() -> PathBuf {
+    PathBuf::from(format!(
+        "/dev/shm/sidebyside-io-{}/raw.img",
+        std::process::id()
+    ))
+}
+
+fn remove_tmpfs_copy() -> anyhow::Result<()> {
+    match tmpfs_path().parent() {
+        Some(dir) => Ok(crate::remove_dir_if_exists(dir)?),
+        None => Ok(()),
+    }
+}
+
 /// Runs every workload against `setup`.
 fn measure(
     ctx: &Ctx,
@@ -104,7 +193,7 @@ fn measure(
     store: &Path,
     raw: &Path,
     size: u64,
-) -> anyhow::Result<BTreeMap<&'static str, Stats>> {
+) -> anyhow::Result<BTreeMap<&'static str, Cell>> {
     let duration = Duration::from_secs_f64(ctx.duration);
     let mut out = BTreeMap::new();
     if setup == Setup::OursCold {
@@ -114,12 +203,12 @@ fn measure(
             let server = start(ctx, setup, &sub, store, raw, size)?;
             ctx.cold();
             let mut client = Client::connect_retry(&server.socket, Duration::from_secs(10))?;
-            let stats = client.run(w, size, duration, true)?;
+            let cell = run_cell(&mut client, &server, w, size, duration, true)?;
             drop(client);
             server.stop()?;
             crate::remove_dir_if_exists(&sub)?;
-            report_line(setup, w, &stats);
-            out.insert(w.name, stats);
+            report_line(setup, w, &cell);
+            out.insert(w.name, cell);
         }
         return Ok(out);
     }
@@ -136,9 +225,9 @@ fn measure(
         if !setup.warm() {
             ctx.cold();
         }
-        let stats = client.run(w, size, duration, !setup.warm())?;
-        report_line(setup, w, &stats);
-        out.insert(w.name, stats);
+        let cell = run_cell(&mut client, &server, w, size, duration, !setup.warm())?;
+        report_line(setup, w, &cell);
+        out.insert(w.name, cell);
     }
     client.flush()?;
     drop(client);
@@ -146,15 +235,25 @@ fn measure(
     Ok(out)
 }
 
-fn report_line(setup: Setup, w: &Workload, s: &Stats) {
+fn report_line(setup: Setup, w: &Workload, c: &Cell) {
+    let s = &c.stats;
     eprintln!(
-        "io: {:<45} {:<20} {:>9.0} IOPS {:>8.1} MB/s p99 {:>8.0} us",
+        "io: {:<45} {:<20} {:>9.0} IOPS {:>8.1} MB/s p99 {:>8.0} us, server {:>6.2} us CPU/req",
         setup.label(),
         w.name,
         s.iops,
         s.mb_per_s,
-        s.lat_p99_us
+        s.lat_p99_us,
+        c.server_cpu_us_per_request
     );
+}
+
+/// The round whose figure is the median of `rounds` (the lower middle one
+/// for an even count), so a cell's numbers all come from one run.
+fn median_cell(w: &Workload, mut rounds: Vec<Cell>) -> Option<Cell> {
+    rounds.sort_by(|a, b| figure(w, &a.stats).total_cmp(&figure(w, &b.stats)));
+    let mid = rounds.len().checked_sub(1)? / 2;
+    rounds.get(mid).copied()
 }
 
 /// The figure a workload is judged by: MB/s for large blocks, IOPS otherwise.
@@ -166,7 +265,8 @@ fn figure(w: &Workload, s: &Stats) -> f64 {
     }
 }
 
-fn cell(w: &Workload, s: &Stats) -> String {
+fn cell(w: &Workload, c: &Cell) -> String {
+    let s = &c.stats;
     if w.block >= 1 << 20 {
         format!("{:.0} MB/s", s.mb_per_s)
     } else {
@@ -188,34 +288,75 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     std::fs::copy(&img, &raw)?;
     let mut report = ctx.report("io");
 
-    let mut results: Results = BTreeMap::new();
-    for setup in Setup::ALL {
-        let sub = dir.join(format!("{setup:?}"));
-        let r = measure(ctx, setup, &sub, &ours.store, &raw, size)?;
-        results.insert(setup, r);
+    // Every round runs every setup, interleaved; each cell keeps the
+    // median round.
+    let mut rounds: BTreeMap<Setup, BTreeMap<&'static str, Vec<Cell>>> = BTreeMap::new();
+    for round in 0..ctx.rounds {
+        for setup in Setup::ALL {
+            eprintln!("io: round {}/{}: {}", round + 1, ctx.rounds, setup.label());
+            let sub = dir.join(format!("{setup:?}"));
+            let r = measure(ctx, setup, &sub, &ours.store, &raw, size);
+            crate::remove_dir_if_exists(&sub)?;
+            for (name, c) in r? {
+                rounds
+                    .entry(setup)
+                    .or_default()
+                    .entry(name)
+                    .or_default()
+                    .push(c);
+            }
+        }
     }
+    remove_tmpfs_copy()?;
     crate::remove_dir_if_exists(&dir)?;
+    let results: Results = rounds
+        .into_iter()
+        .map(|(setup, cells)| {
+            let cells = WORKLOADS
+                .iter()
+                .filter_map(|w| {
+                    let c = median_cell(w, cells.get(w.name)?.clone())?;
+                    Some((w.name, c))
+                })
+                .collect();
+            (setup, cells)
+        })
+        .collect();
 
     let mut cols = vec!["server"];
     cols.extend(WORKLOADS.iter().map(|w| w.name));
     cols.push("QD1 read p50 / p99");
     let mut abs = Table::new(
         &format!(
-            "blkio workloads on a {} ext4 image, {:.0} s each (IOPS unless noted)",
+            "blkio workloads on a {} ext4 image, {:.0} s each (IOPS unless noted), median of {} interleaved round(s)",
             bytes_str(size),
-            ctx.duration
+            ctx.duration,
+            ctx.rounds
         ),
         &cols,
     );
     for (setup, r) in &results {
         let mut row = vec![setup.label().to_string()];
         for w in &WORKLOADS {
-            row.push(r.get(w.name).map_or("-".into(), |s| cell(w, s)));
+            row.push(r.get(w.name).map_or("-".into(), |c| cell(w, c)));
         }
-        row.push(r.get(WORKLOADS[0].name).map_or("-".into(), |s| {
-            format!("{:.0} / {:.0} µs", s.lat_p50_us, s.lat_p99_us)
+        row.push(r.get(WORKLOADS[0].name).map_or("-".into(), |c| {
+            format!("{:.0} / {:.0} µs", c.stats.lat_p50_us, c.stats.lat_p99_us)
         }));
         abs.row(row);
+    }
+    let mut cpu = Table::new(
+        "Server CPU per completed request (µs; utime + stime of the server process over the workload ÷ requests)",
+        &cols[..cols.len() - 1],
+    );
+    for (setup, r) in &results {
+        let mut row = vec![setup.label().to_string()];
+        for w in &WORKLOADS {
+            row.push(r.get(w.name).map_or("-".into(), |c| {
+                format!("{:.2}", c.server_cpu_us_per_request)
+            }));
+        }
+        cpu.row(row);
     }
     abs.note(
         "Client: libblkio virtio-blk-vhost-user, 1 queue, buffers in one mapped memfd region; \
@@ -241,11 +382,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             results.get(&a).and_then(|r| r.get(w.name)),
             results.get(&b).and_then(|r| r.get(w.name)),
         ) {
-            (Some(x), Some(y)) => figure(w, x) / figure(w, y),
+            (Some(x), Some(y)) => figure(w, &x.stats) / figure(w, &y.stats),
             _ => f64::NAN,
         }
     };
     let pairs = [
+        (Setup::OursWarm, Setup::TmpfsDirect),
         (Setup::OursWarm, Setup::RawWarm),
         (Setup::OursWarm, Setup::RawDirect),
         (Setup::OursCold, Setup::RawDirect),
@@ -262,9 +404,20 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         rel.row(row);
     }
     report.tables.push(abs);
+    report.tables.push(cpu);
     report.tables.push(rel);
 
     let [qd1, qd32, seq, write] = &WORKLOADS;
+    report.target_min(
+        &format!("warm {} vs qsd raw on tmpfs (O_DIRECT)", qd32.name),
+        ratio(Setup::OursWarm, Setup::TmpfsDirect, qd32),
+        1.2,
+    );
+    report.target_min(
+        &format!("warm {} vs qsd raw on tmpfs (O_DIRECT)", qd1.name),
+        ratio(Setup::OursWarm, Setup::TmpfsDirect, qd1),
+        1.0,
+    );
     for (w, base) in [
         (qd1, Setup::RawWarm),
         (qd32, Setup::RawWarm),
@@ -297,7 +450,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     );
     report.set("image_size", size);
     report.set("duration_s", ctx.duration);
-    let json: BTreeMap<String, &BTreeMap<&str, Stats>> =
+    let json: BTreeMap<String, &BTreeMap<&str, Cell>> =
         results.iter().map(|(k, v)| (format!("{k:?}"), v)).collect();
     report.set("results", json);
     Ok(report)
