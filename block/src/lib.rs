@@ -48,11 +48,11 @@
 //! # Modules
 //! | module | owns |
 //! |---|---|
-//! | [`device`] | the [`BlockDevice`] trait, run-by-run read helpers (`ReadDest`, `ReadRun`, `SliceCursor`), the per-thread scratch buffer |
+//! | [`device`] | the [`BlockDevice`] trait (with `read_is_cheap`, the hint that lets the device run reads served from memory on the queue's thread), run-by-run read helpers (`ReadDest`, `ReadRun`, `SliceCursor`), the per-thread scratch buffer |
 //! | [`io`] | `preadv_all` / `pwritev_all` between files and guest memory (unsafe: the syscalls) |
 //! | [`mod@file`] | `write_atomic`, `sync_parent_dir`, `check_bounds` |
 //! | [`source`] | the [`source::ChunkSource`] seam to the store; `VecSource` and the shared `check_read_write` harness for tests |
-//! | [`store_source`] | `store::SnapshotReader` as a `ChunkSource`; store errors become `io::Error`s with their chain, counted |
+//! | [`store_source`] | `store::SnapshotReader` as a `ChunkSource`, with an in-memory table of chunk keys (pages filled from the manifest on first use); store errors become `io::Error`s with their chain, counted |
 //! | [`cache`] | [`cache::ChunkCache`], shared by every queue and the copier |
 //! | [`snapshot`] | [`snapshot::SnapshotLayer`], the bottom layer |
 //! | [`overlay`] | [`overlay::Overlay`] (copy-on-write, crash argument), `overlay::locks` (striped `LockTable`) |
@@ -81,7 +81,8 @@
 //! leaf held for a few field accesses and never across I/O that could need
 //! another lock: the cache shards (a miss fetches outside any lock; threads
 //! wanting the same chunk wait for that fetch, which takes no lock of this
-//! crate), the migration's `ctl`/`cursor`/`failed`/`window` mutexes
+//! crate; the store source's key-table pages are `OnceLock`s filled by one
+//! `pread` each), the migration's `ctl`/`cursor`/`failed`/`window` mutexes
 //! (`cursor` before `failed` is the only nesting), the rate limiter, and
 //! the `layers` `RwLock` (cloned out, swapped once at completion). Plain
 //! reads take no stripe (copy-on-read takes the chunk's, as any copy): a

@@ -47,11 +47,14 @@
 //!
 //! Which requests run on `vq{N}` and which go to the pool is decided per
 //! request in [`worker`]: a lone request on an idle queue, refusals and
-//! GET_ID run inline; small (≤ 64 KiB) reads and writes run inline only
-//! while the queue's moving average of their run time is under 10 µs
-//! (reads) or 40 µs (writes); that average starts at twice the limit, so a
-//! new connection's small requests go to the pool until fast ones pull it
-//! down; everything else goes to the pool.
+//! GET_ID run inline; a small (≤ 64 KiB) read the device says it can serve
+//! from memory right now (every chunk cached or zero:
+//! [`read_is_cheap`](block::BlockDevice::read_is_cheap)) runs inline,
+//! untimed; other small reads and writes run inline only while the queue's
+//! moving average of their run time is under 10 µs (reads) or 40 µs
+//! (writes); that average starts at twice the limit, so a new connection's
+//! small requests go to the pool until fast ones pull it down; everything
+//! else goes to the pool.
 //!
 //! # Locks
 //! Outermost first: the handler's `Mutex<BlkHandler>` → a queue's worker
