@@ -3,8 +3,8 @@
 //! garbage.
 //!
 //! The daemon keeps a live journal of its overlay and migration bitmaps
-//! (`vhost-backend/src/bitmap/journal.rs`): bits set since the last sync go
-//! to `<bitmap>.live` in the page cache, and the next daemon of the same
+//! (`block/src/bitmap/journal.rs`): every bit is mirrored, as it is set,
+//! into `<bitmap>.live` in the page cache, and the next daemon of the same
 //! machine boot merges them. These tests drive `recovery-cli instant-boot`
 //! with the blkio client (a real vhost-user frontend), write without
 //! flushing, SIGKILL the daemon **while the client is still connected**
