@@ -33,6 +33,10 @@
 #                     flight together; each extra file prints
 #                     "LOOP-FILE-SUM <i> /loop-<k>.dat <sha256>" before
 #                     the result, which covers every file.
+#   guestmode=files   the checks above, then numbered 16 KiB files
+#                     /files/f-<i>, each fsync'ed and synced, then
+#                     "FILE <i> <sha256>", until "stop" on the console;
+#                     then FILES-DONE <n>, GUEST-DONE, power off.
 #
 # Console markers (one per line, greppable):
 #   GUEST-INIT <kernel release> mode=<mode>, DISK-SERIAL: <virtio-blk serial
@@ -364,6 +368,31 @@ if [ "$mode" = loop ]; then
         fi
     done
     echo "LOOP-DONE $i"
+    umount /run 2>/dev/null
+fi
+
+if [ "$mode" = files ]; then
+    # Numbered 16 KiB files, each fsync'ed and synced before its
+    # "FILE <i> <sha256>" line, until "stop" on the serial console.
+    mount -t tmpfs tmpfs /run
+    (
+        while read -r line; do
+            if [ "$line" = stop ]; then
+                : >/run/stop
+                break
+            fi
+        done </dev/console
+    ) &
+    mkdir -p /files
+    echo "FILES-READY"
+    i=0
+    while [ ! -e /run/stop ]; do
+        i=$((i + 1))
+        dd if=/dev/urandom of="/files/f-$i" bs=16k count=1 conv=fsync 2>/dev/null
+        sync
+        echo "FILE $i $(sha256sum "/files/f-$i" | cut -d' ' -f1)"
+    done
+    echo "FILES-DONE $i"
     umount /run 2>/dev/null
 fi
 finish

@@ -334,6 +334,8 @@ pub struct ImageInfo {
 /// A dirty bitmap as QEMU reports it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct DirtyBitmap {
+    /// Empty for QEMU's internal (anonymous) bitmaps, e.g. a backup job's.
+    #[serde(default)]
     pub name: String,
     pub count: u64,
     pub granularity: u32,
@@ -380,6 +382,9 @@ pub enum Action {
         sync: String,
         #[serde(rename = "auto-dismiss")]
         auto_dismiss: bool,
+        /// Name of the copy-before-write filter node the job inserts.
+        #[serde(rename = "filter-node-name", skip_serializing_if = "Option::is_none")]
+        filter_node_name: Option<String>,
     },
     BlockDirtyBitmapAdd {
         node: String,

@@ -1,0 +1,678 @@
+//! Live backup of a running QEMU VM's disk: a point in time through image
+//! fleecing, reading only what changed since the last backup through a
+//! dirty bitmap, over QEMU's own NBD server.
+//!
+//! # Sequence
+//! ```text
+//!  store writer lock ─ QMP connect ─ resolve drive ─ clear leftovers (by name prefix)
+//!  decide full / incremental (+ reason) ─ fold stray bitmaps into the base
+//!  qemu-img create scratch.qcow2 ─ blockdev-add scratch (backing = disk)
+//!  [qga freeze] transaction { blockdev-backup sync=none disk→scratch,
+//!                             block-dirty-bitmap-add NEW,
+//!                             block-dirty-bitmap-disable BASE } [qga thaw]
+//!  nbd-server-start ─ block-export-add scratch (bitmaps: BASE)
+//!  NBD: block status (base:allocation, qemu:dirty-bitmap:BASE) → chunk plan
+//!  store: read Data chunks (many NBD reads in flight), Zero never read,
+//!         Unchanged chunks reuse the parent snapshot's chunk ids
+//!  teardown (always): export, server, job, scratch node, scratch file
+//!  bitmaps: success → remove BASE (NEW tracks from this snapshot on)
+//!           failure → enable BASE, merge NEW into BASE, remove NEW
+//! ```
+//! The guest is paused only for the transaction (`blackout_ms`).
+//!
+//! # Bitmaps and "never a wrong incremental"
+//! Each snapshot records in its `source` the bitmap that started at its
+//! point in time (`…?bitmap=ir-<tag>-<name>-<token>`). An incremental
+//! needs exactly that bitmap on the drive, and the same disk size;
+//! otherwise the backup is full and says why (`reason`). A bitmap of ours
+//! that matches no snapshot (its snapshot was forgotten, or a killed run
+//! left it) is never trusted on its own: strays are merged *into* the base
+//! (a superset of changes only costs reads) or removed after a full backup.
+//! Bitmaps are `persistent` on qcow2 disks (they survive a QEMU restart)
+//! and in memory otherwise. Granularity: the store's chunk size.
+//!
+//! # Failure, Ctrl-C and SIGKILL
+//! On any error or interrupt, the fleece is torn down and the new bitmap is
+//! merged back into the base, so the next backup still sees every change.
+//! After a SIGKILL, the next run removes the leftovers by name prefix and
+//! folds the stray bitmap into the base the same way.
+
+pub mod fleece;
+#[cfg(test)]
+mod qemu_tests;
+pub mod source;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use store::backup::changed::{ChangedOptions, ChunkState};
+use store::{SnapshotInfo, Store};
+use tracing::{info, info_span, warn};
+
+use crate::nbd;
+use crate::qga::Qga;
+use crate::qmp::{self, Action, Qmp};
+use fleece::{Drive, Fleece, Names};
+
+/// Errors of a live backup.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("QMP {what} failed")]
+    Qmp {
+        what: &'static str,
+        #[source]
+        source: qmp::Error,
+    },
+    #[error("Guest agent {what} failed")]
+    Qga {
+        what: &'static str,
+        #[source]
+        source: qmp::Error,
+    },
+    #[error("NBD {what} failed")]
+    Nbd {
+        what: &'static str,
+        #[source]
+        source: nbd::Error,
+    },
+    #[error("Store operation failed")]
+    Store(#[from] store::Error),
+    #[error("Unknown drive {drive:?}; the VM has: {known}")]
+    UnknownDrive { drive: String, known: String },
+    #[error("Scratch directory {dir} is unusable")]
+    Scratch {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "Scratch directory {dir} has {free} bytes free; fleecing needs up to {need} \
+         (the disk size) for blocks the guest overwrites during the backup"
+    )]
+    ScratchSpace { dir: PathBuf, free: u64, need: u64 },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("Backup interrupted")]
+    Interrupted,
+}
+
+/// `Result` of this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What to back up and how.
+pub struct Config<'a> {
+    pub name: String,
+    pub qmp: PathBuf,
+    pub drive: String,
+    /// Read everything even when an incremental is possible.
+    pub full: bool,
+    /// Directory for the scratch image and the NBD socket.
+    pub scratch: PathBuf,
+    /// Guest agent socket: freeze filesystems around the start.
+    pub qga: Option<PathBuf>,
+    pub threads: Option<usize>,
+    /// Set to stop the backup (Ctrl-C); changes stay tracked.
+    pub abort: &'a AtomicBool,
+    pub progress: Option<store::Progress<'a>>,
+    /// Called with the disk size once it is known (for a progress bar).
+    pub on_size: Option<store::Progress<'a>>,
+}
+
+/// What a live backup did (`--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `NAME@ID`
+    pub snapshot: String,
+    /// `full` or `incremental`
+    pub mode: &'static str,
+    /// Why a full backup was taken.
+    pub reason: Option<String>,
+    pub image_size: u64,
+    pub bytes_read: u64,
+    pub dirty_bytes: u64,
+    pub bytes_new: u64,
+    pub chunks_total: u64,
+    pub chunks_new: u64,
+    /// Chunks reused from the parent without reading.
+    pub chunks_unchanged: u64,
+    /// Guest paused for the start transaction.
+    pub blackout_ms: f64,
+    /// Guest filesystems frozen (with `--qga`).
+    pub frozen_ms: Option<f64>,
+    pub seconds: f64,
+    pub parent: Option<String>,
+    /// The dirty bitmap now tracking changes for the next backup.
+    pub bitmap: String,
+    /// Leftovers of an earlier killed run that were removed.
+    pub leftovers_cleared: Vec<String>,
+}
+
+/// A short tag naming the store in QEMU object names.
+pub fn store_tag(store: &Store) -> String {
+    let p = std::fs::canonicalize(store.path()).unwrap_or_else(|_| store.path().to_path_buf());
+    let h = blake3::hash(p.to_string_lossy().as_bytes());
+    h.to_hex()[..8].to_owned()
+}
+
+/// The snapshot `source` string: where it came from and the bitmap that
+/// started at its point in time.
+pub fn source_string(qmp: &Path, node: &str, bitmap: &str) -> String {
+    format!("qemu:{}#{node}?bitmap={bitmap}", qmp.display())
+}
+
+/// The bitmap recorded in a snapshot's `source`, if it was a live backup.
+pub fn recorded_bitmap(source: &str) -> Option<&str> {
+    source
+        .strip_prefix("qemu:")?
+        .rsplit_once("?bitmap=")
+        .map(|(_, b)| b)
+}
+
+/// Full or incremental, decided before anything changes in QEMU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Full { reason: String },
+    Incremental { base: String, parent: String },
+}
+
+/// Decide the mode. `ours`: our bitmaps of this image on the drive;
+/// `others`: bitmaps of other stores (`ir-` but not our prefix).
+pub fn decide(
+    full: bool,
+    name: &str,
+    newest: Option<&SnapshotInfo>,
+    drive: &Drive,
+    chunk_size: u32,
+    ours: &[qmp::DirtyBitmap],
+    others: &[String],
+) -> Mode {
+    let full_because = |reason: String| Mode::Full { reason };
+    if full {
+        return full_because("--full was given".into());
+    }
+    let Some(parent) = newest else {
+        return full_because(format!("no earlier snapshot of {name}"));
+    };
+    let Some(want) = recorded_bitmap(&parent.source) else {
+        return full_because(format!(
+            "the previous snapshot {} was not taken from a running VM (no dirty bitmap)",
+            parent.reference()
+        ));
+    };
+    let Some(base) = ours.iter().find(|b| b.name == want) else {
+        return full_because(if !ours.is_empty() {
+            format!(
+                "the drive's dirty bitmap {} was started for a snapshot that no longer exists \
+                 (the newest is {}, which needs bitmap {want})",
+                ours[0].name,
+                parent.reference()
+            )
+        } else if !others.is_empty() {
+            format!(
+                "the drive's dirty bitmaps belong to another store or image ({}); \
+                 bitmap {want} of {} is missing",
+                others.join(", "),
+                parent.reference()
+            )
+        } else {
+            format!(
+                "dirty bitmap {want} of {} is missing (QEMU restarted with a disk that keeps \
+                 bitmaps only in memory, or it was removed)",
+                parent.reference()
+            )
+        });
+    };
+    if base.inconsistent {
+        return full_because(format!(
+            "dirty bitmap {want} is inconsistent (QEMU did not shut down cleanly)"
+        ));
+    }
+    if drive.size != parent.image_size {
+        return full_because(format!(
+            "the disk is {} bytes, the previous snapshot {} has {}",
+            drive.size,
+            parent.reference(),
+            parent.image_size
+        ));
+    }
+    if base.granularity > chunk_size || chunk_size % base.granularity != 0 {
+        return full_because(format!(
+            "dirty bitmap {want} has granularity {}, which does not divide the chunk size {chunk_size}",
+            base.granularity
+        ));
+    }
+    Mode::Incremental {
+        base: want.to_owned(),
+        parent: parent.id.clone(),
+    }
+}
+
+fn qerr(what: &'static str) -> impl FnOnce(qmp::Error) -> Error {
+    move |source| Error::Qmp { what, source }
+}
+
+/// Run one live backup of `cfg.drive` into `store` as image `cfg.name`.
+pub fn run(store: &Store, cfg: &Config<'_>) -> Result<Report> {
+    store::snapshot::validate_name(&cfg.name)?;
+    let span = info_span!("live_backup", name = %cfg.name, drive = %cfg.drive);
+    let _e = span.enter();
+    let started = Instant::now();
+    let names = Names::new(&store_tag(store));
+    // The writer lock first: no other run of this store touches QEMU meanwhile,
+    // so every object with our prefix is a leftover.
+    let session = store.begin_changed_backup(&cfg.name)?;
+    let mut q = Qmp::connect(&cfg.qmp).map_err(qerr("connect"))?;
+    let drive = fleece::resolve_drive(&mut q, &cfg.drive)?;
+    if let Some(f) = cfg.on_size {
+        f(drive.size);
+    }
+    let leftovers = fleece::clear_leftovers(&mut q, &names, &cfg.scratch)?;
+
+    let bprefix = names.bitmap_prefix(&cfg.name);
+    let ours: Vec<qmp::DirtyBitmap> = drive
+        .bitmaps
+        .iter()
+        .filter(|b| fleece::is_our_bitmap(&b.name, &bprefix))
+        .cloned()
+        .collect();
+    let others: Vec<String> = drive
+        .bitmaps
+        .iter()
+        .filter(|b| b.name.starts_with("ir-") && !b.name.starts_with(&names.prefix))
+        .map(|b| b.name.clone())
+        .collect();
+    let mode = decide(
+        cfg.full,
+        &cfg.name,
+        session.newest(),
+        &drive,
+        store.chunk_size(),
+        &ours,
+        &others,
+    );
+    info!(?mode, "mode decided");
+
+    // Fold strays (a killed run's new bitmap, an older base) into the base,
+    // and make sure it records.
+    if let Mode::Incremental { base, .. } = &mode {
+        let strays: Vec<String> = ours
+            .iter()
+            .filter(|b| &b.name != base)
+            .map(|b| b.name.clone())
+            .collect();
+        let recording = ours.iter().any(|b| &b.name == base && b.recording);
+        if !strays.is_empty() || !recording {
+            let mut actions = vec![Action::BlockDirtyBitmapEnable {
+                node: drive.node.clone(),
+                name: base.clone(),
+            }];
+            if !strays.is_empty() {
+                actions.push(Action::BlockDirtyBitmapMerge {
+                    node: drive.node.clone(),
+                    target: base.clone(),
+                    bitmaps: strays.clone(),
+                });
+            }
+            for s in &strays {
+                actions.push(Action::BlockDirtyBitmapRemove {
+                    node: drive.node.clone(),
+                    name: s.clone(),
+                });
+            }
+            q.transaction(&actions)
+                .map_err(qerr("transaction (fold stray bitmaps)"))?;
+            info!(?strays, "folded stray bitmaps into the base");
+        }
+    }
+
+    let new_bitmap = names.bitmap(&cfg.name);
+    let mut fleece = Fleece::default();
+    let mut added = false;
+    let result = backup(
+        store,
+        cfg,
+        &session,
+        &mut q,
+        &names,
+        &drive,
+        &mode,
+        &new_bitmap,
+        &mut fleece,
+        &mut added,
+    );
+    let cleanup = fleece.teardown(&mut q);
+
+    // Bitmaps: on success the new one tracks from this snapshot on; on
+    // failure every change since the parent stays tracked.
+    let finish = match (&result, &mode) {
+        (Ok(_), _) => {
+            let old: Vec<Action> = ours
+                .iter()
+                .filter(|b| mode_base(&mode) == Some(&b.name) || matches!(mode, Mode::Full { .. }))
+                .map(|b| Action::BlockDirtyBitmapRemove {
+                    node: drive.node.clone(),
+                    name: b.name.clone(),
+                })
+                .collect();
+            if old.is_empty() {
+                Ok(())
+            } else {
+                q.transaction(&old)
+            }
+        }
+        (Err(_), Mode::Incremental { base, .. }) if added => q.transaction(&[
+            Action::BlockDirtyBitmapEnable {
+                node: drive.node.clone(),
+                name: base.clone(),
+            },
+            Action::BlockDirtyBitmapMerge {
+                node: drive.node.clone(),
+                target: base.clone(),
+                bitmaps: vec![new_bitmap.clone()],
+            },
+            Action::BlockDirtyBitmapRemove {
+                node: drive.node.clone(),
+                name: new_bitmap.clone(),
+            },
+        ]),
+        (Err(_), _) if added => q.bitmap_remove(&drive.node, &new_bitmap),
+        (Err(_), _) => Ok(()),
+    };
+    if let Err(e) = &finish {
+        warn!("could not update dirty bitmaps after the backup: {e}");
+    }
+    let (stats, dirty_bytes, unchanged, blackout, frozen) = result?;
+    if !cleanup.is_empty() {
+        warn!(
+            ?cleanup,
+            "cleanup left something behind; the next run removes it"
+        );
+    }
+    let (mode_name, reason) = match &mode {
+        Mode::Full { reason } => ("full", Some(reason.clone())),
+        Mode::Incremental { .. } => ("incremental", None),
+    };
+    Ok(Report {
+        snapshot: format!("{}@{}", stats.name, stats.snapshot),
+        mode: mode_name,
+        reason,
+        image_size: stats.image_size,
+        bytes_read: stats.bytes_read,
+        dirty_bytes,
+        bytes_new: stats.bytes_new,
+        chunks_total: stats.chunks_total,
+        chunks_new: stats.chunks_new,
+        chunks_unchanged: unchanged,
+        blackout_ms: blackout.as_secs_f64() * 1000.0,
+        frozen_ms: frozen.map(|d| d.as_secs_f64() * 1000.0),
+        seconds: started.elapsed().as_secs_f64(),
+        parent: stats.parent,
+        bitmap: new_bitmap,
+        leftovers_cleared: leftovers,
+    })
+}
+
+fn mode_base(mode: &Mode) -> Option<&String> {
+    match mode {
+        Mode::Incremental { base, .. } => Some(base),
+        Mode::Full { .. } => None,
+    }
+}
+
+type Done = (store::BackupStats, u64, u64, Duration, Option<Duration>);
+
+/// Start the fleece, export it, read it into the store.
+#[allow(clippy::too_many_arguments)]
+fn backup(
+    store: &Store,
+    cfg: &Config<'_>,
+    session: &store::backup::changed::ChangedBackup<'_>,
+    q: &mut Qmp,
+    names: &Names,
+    drive: &Drive,
+    mode: &Mode,
+    new_bitmap: &str,
+    fleece: &mut Fleece,
+    added: &mut bool,
+) -> Result<Done> {
+    std::fs::create_dir_all(&cfg.scratch).map_err(|source| Error::Scratch {
+        dir: cfg.scratch.clone(),
+        source,
+    })?;
+    let mut qga = match &cfg.qga {
+        Some(p) => Some(Qga::connect(p).map_err(|source| Error::Qga {
+            what: "connect",
+            source,
+        })?),
+        None => None,
+    };
+    fleece.prepare(q, names, drive, &cfg.scratch)?;
+
+    let job = names.job();
+    let mut actions = vec![
+        Action::BlockdevBackup {
+            job_id: job.clone(),
+            device: drive.node.clone(),
+            target: names.node(),
+            sync: "none".into(),
+            auto_dismiss: true,
+            filter_node_name: Some(names.filter()),
+        },
+        Action::BlockDirtyBitmapAdd {
+            node: drive.node.clone(),
+            name: new_bitmap.to_owned(),
+            granularity: store.chunk_size(),
+            persistent: drive.drv == "qcow2",
+        },
+    ];
+    if let Mode::Incremental { base, .. } = mode {
+        actions.push(Action::BlockDirtyBitmapDisable {
+            node: drive.node.clone(),
+            name: base.clone(),
+        });
+    }
+    let frozen_at = Instant::now();
+    if let Some(g) = qga.as_mut() {
+        g.fsfreeze_freeze().map_err(|source| Error::Qga {
+            what: "guest-fsfreeze-freeze",
+            source,
+        })?;
+    }
+    let t0 = Instant::now();
+    let tx = q.transaction(&actions);
+    let blackout = t0.elapsed();
+    // Always thaw, whatever the transaction did.
+    let thawed = qga.as_mut().map(|g| g.fsfreeze_thaw());
+    let frozen = qga.as_ref().map(|_| frozen_at.elapsed());
+    tx.map_err(qerr("transaction (start fleecing)"))?;
+    fleece.job = Some(job);
+    *added = true;
+    if let Some(Err(source)) = thawed {
+        return Err(Error::Qga {
+            what: "guest-fsfreeze-thaw",
+            source,
+        });
+    }
+    info!(
+        blackout_ms = blackout.as_secs_f64() * 1000.0,
+        "point in time taken"
+    );
+    if cfg.abort.load(Ordering::Relaxed) {
+        return Err(Error::Interrupted);
+    }
+
+    let base = mode_base(mode).cloned();
+    let socket = fleece.export(q, names, &cfg.scratch, base.as_slice())?;
+    let dirty_ctx = base.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
+    let mut contexts = vec!["base:allocation".to_owned()];
+    contexts.extend(dirty_ctx.clone());
+    let client = nbd::Client::connect(
+        &socket,
+        &nbd::Options {
+            export: names.export(),
+            meta_contexts: contexts,
+        },
+    )
+    .map_err(|source| Error::Nbd {
+        what: "connect",
+        source,
+    })?;
+    let plan = source::plan(&client, store.chunk_size() as u64, dirty_ctx.as_deref())?;
+    let src = source::NbdSource {
+        client: &client,
+        plan: &plan,
+        abort: cfg.abort,
+        bytes_read: Default::default(),
+    };
+    let opts = ChangedOptions {
+        image_size: drive.size,
+        source: source_string(&cfg.qmp, &drive.node, new_bitmap),
+        parent: match mode {
+            Mode::Incremental { parent, .. } => Some(parent.clone()),
+            Mode::Full { .. } => None,
+        },
+        progress: cfg.progress,
+        threads: cfg.threads,
+        readers: 8,
+    };
+    let stats = match session.run(&src, &opts) {
+        Err(_) if cfg.abort.load(Ordering::Relaxed) => return Err(Error::Interrupted),
+        r => r?,
+    };
+    Ok((
+        stats,
+        plan.dirty_bytes,
+        plan.count(ChunkState::Unchanged),
+        blackout,
+        frozen,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(source: &str, size: u64) -> SnapshotInfo {
+        SnapshotInfo {
+            id: "20261206T120000.000000Z".into(),
+            name: "vm".into(),
+            image_size: size,
+            chunk_size: 65536,
+            chunk_count: 0,
+            created: String::new(),
+            source: source.into(),
+            parent: None,
+        }
+    }
+
+    fn bitmap(name: &str) -> qmp::DirtyBitmap {
+        qmp::DirtyBitmap {
+            name: name.into(),
+            count: 0,
+            granularity: 65536,
+            recording: true,
+            persistent: true,
+            busy: false,
+            inconsistent: false,
+        }
+    }
+
+    #[test]
+    fn mode_falls_back_to_full_with_a_reason() {
+        let drive = Drive {
+            node: "disk0".into(),
+            drv: "qcow2".into(),
+            size: 1 << 30,
+            bitmaps: Vec::new(),
+        };
+        let src = source_string(Path::new("/run/q.sock"), "disk0", "ir-abc-vm-01");
+        assert_eq!(recorded_bitmap(&src), Some("ir-abc-vm-01"));
+        assert_eq!(recorded_bitmap("/images/vm.img"), None);
+        let parent = info(&src, 1 << 30);
+        let full = |m: Mode| match m {
+            Mode::Full { reason } => reason,
+            m => panic!("{m:?}"),
+        };
+        let base = [bitmap("ir-abc-vm-01")];
+        assert_eq!(
+            decide(false, "vm", Some(&parent), &drive, 65536, &base, &[]),
+            Mode::Incremental {
+                base: "ir-abc-vm-01".into(),
+                parent: parent.id.clone()
+            }
+        );
+        assert!(
+            full(decide(true, "vm", Some(&parent), &drive, 65536, &base, &[])).contains("--full")
+        );
+        assert!(full(decide(false, "vm", None, &drive, 65536, &base, &[]))
+            .contains("no earlier snapshot"));
+        let file = info("/images/vm.img", 1 << 30);
+        assert!(
+            full(decide(false, "vm", Some(&file), &drive, 65536, &base, &[]))
+                .contains("not taken from a running VM")
+        );
+        assert!(
+            full(decide(false, "vm", Some(&parent), &drive, 65536, &[], &[]))
+                .contains("is missing")
+        );
+        let stale = [bitmap("ir-abc-vm-00")];
+        assert!(full(decide(
+            false,
+            "vm",
+            Some(&parent),
+            &drive,
+            65536,
+            &stale,
+            &[]
+        ))
+        .contains("no longer exists"));
+        let other = ["ir-fff-vm-01".to_owned()];
+        assert!(full(decide(
+            false,
+            "vm",
+            Some(&parent),
+            &drive,
+            65536,
+            &[],
+            &other
+        ))
+        .contains("another store"));
+        let bigger = info(&src, 2 << 30);
+        assert!(full(decide(
+            false,
+            "vm",
+            Some(&bigger),
+            &drive,
+            65536,
+            &base,
+            &[]
+        ))
+        .contains("previous snapshot"));
+        let mut coarse = bitmap("ir-abc-vm-01");
+        coarse.granularity = 1 << 20;
+        assert!(full(decide(
+            false,
+            "vm",
+            Some(&parent),
+            &drive,
+            65536,
+            &[coarse],
+            &[]
+        ))
+        .contains("granularity"));
+        let mut broken = bitmap("ir-abc-vm-01");
+        broken.inconsistent = true;
+        assert!(full(decide(
+            false,
+            "vm",
+            Some(&parent),
+            &drive,
+            65536,
+            &[broken],
+            &[]
+        ))
+        .contains("inconsistent"));
+    }
+}

@@ -1,0 +1,390 @@
+//! Live backups against a real QEMU (`-M none`, a qcow2 or raw
+//! `-blockdev`, no guest): the disk changes between and during backups
+//! through QEMU's own block layer (HMP `qemu-io`), and every snapshot is
+//! restored and compared with what the disk held at its point in time.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde_json::json;
+
+use super::*;
+use crate::testing;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 32 * MIB;
+
+struct Vm {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    store: Store,
+    qmp: PathBuf,
+    proc: testing::Proc,
+    img: PathBuf,
+    format: &'static str,
+    /// What the disk holds now.
+    want: Vec<u8>,
+}
+
+impl Vm {
+    fn start(format: &'static str) -> Option<Vm> {
+        if !testing::require_qemu() {
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let store = Store::init(&dir.join("store"), 65536).unwrap();
+        let img = dir.join(format!("disk.{format}"));
+        testing::qemu_img_create(&img, format, SIZE);
+        let mut want = vec![0u8; SIZE as usize];
+        testing::qemu_io(
+            &img,
+            format,
+            &["write -P 0x61 1M 3M", "write -P 0x62 10M 64k"],
+        );
+        want[MIB as usize..4 * MIB as usize].fill(0x61);
+        want[10 * MIB as usize..(10 * MIB + 65536) as usize].fill(0x62);
+        let qmp = dir.join("qmp.sock");
+        let proc = testing::qemu_none(&qmp, &testing::blockdev_args(&img, format, "disk0"));
+        Some(Vm {
+            _dir: tmp,
+            dir,
+            store,
+            qmp,
+            proc,
+            img,
+            format,
+            want,
+        })
+    }
+
+    /// Shut QEMU down cleanly (`quit`: persistent bitmaps are written) and
+    /// start it again on the same disk.
+    fn restart(&mut self) {
+        let _ = self.qmp().execute_value("quit", None);
+        let deadline = std::time::Instant::now() + testing::START_TIMEOUT;
+        while self.proc.running() {
+            assert!(std::time::Instant::now() < deadline, "QEMU did not quit");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.proc = testing::qemu_none(
+            &self.qmp,
+            &testing::blockdev_args(&self.img, self.format, "disk0"),
+        );
+    }
+
+    fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.qmp).unwrap()
+    }
+
+    /// Write `len` bytes of `byte` at `offset` through QEMU.
+    fn write(&mut self, offset: u64, len: u64, byte: u8) {
+        self.write_via("disk0", offset, len, byte)
+    }
+
+    /// The same through node `node` (the copy-before-write filter while a
+    /// fleece runs: as the guest's writes go).
+    fn write_via(&mut self, node: &str, offset: u64, len: u64, byte: u8) {
+        let cmd = format!("qemu-io {node} \"write -P {byte} {offset} {len}\"");
+        let out = self
+            .qmp()
+            .execute_value(
+                "human-monitor-command",
+                Some(json!({ "command-line": cmd })),
+            )
+            .unwrap();
+        let out = out.as_str().unwrap_or_default();
+        assert!(!out.to_ascii_lowercase().contains("error"), "{cmd}: {out}");
+        self.want[offset as usize..(offset + len) as usize].fill(byte);
+    }
+
+    /// `on_size` runs before the start transaction (tests raise `abort`
+    /// there: the backup is then interrupted right after it).
+    fn backup(
+        &self,
+        full: bool,
+        abort: &AtomicBool,
+        on_size: Option<store::Progress<'_>>,
+    ) -> Result<Report> {
+        let cfg = Config {
+            name: "vm".into(),
+            qmp: self.qmp.clone(),
+            drive: "disk0".into(),
+            full,
+            scratch: self.dir.clone(),
+            qga: None,
+            threads: Some(2),
+            abort,
+            progress: None,
+            on_size,
+        };
+        run(&self.store, &cfg)
+    }
+
+    /// Restore `snapshot` and compare with `want`.
+    fn check(&self, snapshot: &str, want: &[u8]) {
+        let out = self.dir.join("restored.img");
+        let _ = std::fs::remove_file(&out);
+        self.store
+            .restore(snapshot, &out, &store::RestoreOptions::default())
+            .unwrap();
+        let got = std::fs::read(&out).unwrap();
+        assert_eq!(got.len(), want.len());
+        if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+            panic!("{snapshot} differs from the disk at byte {i}");
+        }
+    }
+
+    /// Nothing of ours is left in QEMU but one bitmap; no scratch files.
+    fn assert_clean(&self) -> Vec<qmp::DirtyBitmap> {
+        let mut q = self.qmp();
+        assert!(q.query_block_exports().unwrap().is_empty());
+        assert!(q.query_block_jobs().unwrap().is_empty());
+        let nodes = q.query_named_block_nodes().unwrap();
+        let names: Vec<_> = nodes.iter().map(|n| n.node_name.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        let leftovers: Vec<_> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ir-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        let disk = nodes.iter().find(|n| n.node_name == "disk0").unwrap();
+        disk.dirty_bitmaps.clone()
+    }
+}
+
+fn no_abort() -> AtomicBool {
+    AtomicBool::new(false)
+}
+
+#[test]
+fn full_then_incremental_reads_only_what_changed() {
+    let Some(mut vm) = Vm::start("qcow2") else {
+        return;
+    };
+    let r1 = vm.backup(false, &no_abort(), None).unwrap();
+    assert_eq!(r1.mode, "full");
+    assert!(
+        r1.reason
+            .as_deref()
+            .unwrap()
+            .contains("no earlier snapshot"),
+        "{r1:?}"
+    );
+    // Zero ranges are never read: only the 3 MiB + 64 KiB written.
+    assert_eq!(r1.bytes_read, 3 * MIB + 65536, "{r1:?}");
+    let b = vm.assert_clean();
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0].name, r1.bitmap);
+    assert!(b[0].persistent && b[0].recording && b[0].granularity == 65536);
+    vm.check(&r1.snapshot, &vm.want.clone());
+
+    // 64 KiB, 4 KiB inside another chunk, and 128 KiB over two chunks.
+    vm.write(2 * MIB, 65536, 0x71);
+    vm.write(5 * MIB + 8192, 4096, 0x72);
+    vm.write(20 * MIB, 131072, 0x73);
+    let r2 = vm.backup(false, &no_abort(), None).unwrap();
+    assert_eq!(r2.mode, "incremental", "{r2:?}");
+    assert_eq!(r2.reason, None);
+    assert_eq!(r2.dirty_bytes, 4 * 65536, "{r2:?}");
+    assert_eq!(r2.bytes_read, 4 * 65536, "{r2:?}");
+    assert_eq!(r2.parent.as_deref(), r1.snapshot.split('@').nth(1));
+    assert!(r2.chunks_unchanged >= SIZE / 65536 - 4 - 16, "{r2:?}");
+    let b = vm.assert_clean();
+    assert_eq!(
+        b.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+        [r2.bitmap.as_str()]
+    );
+    vm.check(&r2.snapshot, &vm.want.clone());
+    vm.check(&r1.snapshot, &{
+        let mut w = vm.want.clone();
+        w[2 * MIB as usize..(2 * MIB + 65536) as usize].fill(0x61);
+        w[(5 * MIB + 8192) as usize..(5 * MIB + 12288) as usize].fill(0);
+        w[20 * MIB as usize..(20 * MIB + 131072) as usize].fill(0);
+        w
+    });
+
+    // Nothing changed: nothing read. --full reads everything again.
+    let r3 = vm.backup(false, &no_abort(), None).unwrap();
+    assert_eq!(
+        (r3.mode, r3.bytes_read, r3.dirty_bytes),
+        ("incremental", 0, 0)
+    );
+    let r4 = vm.backup(true, &no_abort(), None).unwrap();
+    assert_eq!(r4.mode, "full");
+    assert!(r4.reason.as_deref().unwrap().contains("--full"));
+    assert_eq!(r4.bytes_read, 3 * MIB + 65536 + 131072 + 65536, "{r4:?}");
+    assert_eq!(vm.assert_clean().len(), 1);
+    vm.check(&r4.snapshot, &vm.want.clone());
+}
+
+#[test]
+fn failed_and_interrupted_backups_keep_every_change_tracked() {
+    let Some(mut vm) = Vm::start("qcow2") else {
+        return;
+    };
+    let r1 = vm.backup(false, &no_abort(), None).unwrap();
+    vm.write(6 * MIB, 65536, 0x41);
+
+    // Interrupted (as by Ctrl-C) after the start transaction.
+    let abort = AtomicBool::new(false);
+    let stop = |_: u64| abort.store(true, Ordering::Relaxed);
+    vm.write(12 * MIB, 65536, 0x42);
+    let e = vm.backup(true, &abort, Some(&stop)).unwrap_err();
+    assert!(matches!(e, Error::Interrupted), "{e}");
+    let b = vm.assert_clean();
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert!(b[0].recording);
+
+    // Incremental interrupted after its start transaction: the new bitmap
+    // is merged back into the base.
+    let abort = AtomicBool::new(false);
+    let stop = |_: u64| abort.store(true, Ordering::Relaxed);
+    let e = vm.backup(false, &abort, Some(&stop)).unwrap_err();
+    assert!(matches!(e, Error::Interrupted), "{e}");
+    let b = vm.assert_clean();
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_eq!(b[0].name, r1.bitmap);
+    assert!(b[0].recording);
+
+    vm.write(14 * MIB, 65536, 0x43);
+    let r2 = vm.backup(false, &no_abort(), None).unwrap();
+    assert_eq!(r2.mode, "incremental", "{r2:?}");
+    assert_eq!(r2.bytes_read, 3 * 65536, "{r2:?}");
+    vm.check(&r2.snapshot, &vm.want.clone());
+}
+
+#[test]
+fn leftovers_of_a_killed_run_are_cleared_and_changes_kept() {
+    let Some(mut vm) = Vm::start("qcow2") else {
+        return;
+    };
+    let r1 = vm.backup(false, &no_abort(), None).unwrap();
+    vm.write(3 * MIB, 65536, 0x51);
+    // What a run killed after exporting leaves: scratch node, job, export,
+    // NBD server, a disabled base and an enabled new bitmap.
+    let names = Names::new(&store_tag(&vm.store));
+    {
+        let mut q = vm.qmp();
+        let drive = fleece::resolve_drive(&mut q, "disk0").unwrap();
+        let mut f = Fleece::default();
+        f.prepare(&mut q, &names, &drive, &vm.dir).unwrap();
+        q.transaction(&[
+            Action::BlockdevBackup {
+                job_id: names.job(),
+                device: "disk0".into(),
+                target: names.node(),
+                sync: "none".into(),
+                auto_dismiss: true,
+                filter_node_name: Some(names.filter()),
+            },
+            Action::BlockDirtyBitmapAdd {
+                node: "disk0".into(),
+                name: names.bitmap("vm"),
+                granularity: 65536,
+                persistent: true,
+            },
+            Action::BlockDirtyBitmapDisable {
+                node: "disk0".into(),
+                name: r1.bitmap.clone(),
+            },
+        ])
+        .unwrap();
+        f.export(&mut q, &names, &vm.dir, std::slice::from_ref(&r1.bitmap))
+            .unwrap();
+        std::mem::forget(f);
+    }
+    vm.write_via(&names.filter(), 8 * MIB, 65536, 0x52);
+    let r2 = vm.backup(false, &no_abort(), None).unwrap();
+    assert_eq!(r2.mode, "incremental", "{r2:?}");
+    assert_eq!(r2.bytes_read, 2 * 65536, "{r2:?}");
+    assert!(
+        r2.leftovers_cleared.len() >= 4,
+        "{:?}",
+        r2.leftovers_cleared
+    );
+    vm.assert_clean();
+    vm.check(&r2.snapshot, &vm.want.clone());
+}
+
+#[test]
+fn raw_disk_bitmaps_live_in_memory_and_bad_input_is_clear() {
+    let Some(mut vm) = Vm::start("raw") else {
+        return;
+    };
+    let r1 = vm.backup(false, &no_abort(), None).unwrap();
+    let b = vm.assert_clean();
+    assert!(!b[0].persistent, "{b:?}");
+    vm.write(0, 65536, 0x11);
+    // Someone removes our bitmap: the next backup is full and says why.
+    vm.qmp().bitmap_remove("disk0", &r1.bitmap).unwrap();
+    let r2 = vm.backup(false, &no_abort(), None).unwrap();
+    assert_eq!(r2.mode, "full");
+    assert!(
+        r2.reason.as_deref().unwrap().contains("is missing"),
+        "{r2:?}"
+    );
+    vm.check(&r2.snapshot, &vm.want.clone());
+
+    // Unknown drive: the error lists the drives; nothing is left behind.
+    let cfg = Config {
+        name: "vm".into(),
+        qmp: vm.qmp.clone(),
+        drive: "nope".into(),
+        full: false,
+        scratch: vm.dir.clone(),
+        qga: None,
+        threads: None,
+        abort: &no_abort(),
+        progress: None,
+        on_size: None,
+    };
+    let e = run(&vm.store, &cfg).unwrap_err();
+    assert!(e.to_string().contains("Unknown drive \"nope\""), "{e}");
+    vm.assert_clean();
+    // A wrong QMP path.
+    let cfg = Config {
+        qmp: vm.dir.join("missing.sock"),
+        drive: "disk0".into(),
+        ..cfg
+    };
+    let e = run(&vm.store, &cfg).unwrap_err();
+    assert!(crate::nbd::error_chain(&e).contains("missing.sock"), "{e}");
+    assert!(vm.proc.running());
+}
+
+#[test]
+fn snapshot_names_record_their_bitmap() {
+    let p = Path::new("/run/vm/qmp.sock");
+    assert_eq!(
+        recorded_bitmap(&source_string(p, "disk0", "ir-1-vm-2")),
+        Some("ir-1-vm-2")
+    );
+}
+
+#[test]
+fn qcow2_bitmaps_survive_a_restart_raw_ones_do_not() {
+    for format in ["qcow2", "raw"] {
+        let Some(mut vm) = Vm::start(format) else {
+            return;
+        };
+        vm.backup(false, &no_abort(), None).unwrap();
+        vm.write(7 * MIB, 65536, 0x33);
+        vm.restart();
+        let r2 = vm.backup(false, &no_abort(), None).unwrap();
+        if format == "qcow2" {
+            assert_eq!(r2.mode, "incremental", "{r2:?}");
+            assert_eq!(r2.bytes_read, 65536, "{r2:?}");
+        } else {
+            assert_eq!(r2.mode, "full", "{r2:?}");
+            assert!(
+                r2.reason.as_deref().unwrap().contains("is missing"),
+                "{r2:?}"
+            );
+        }
+        vm.check(&r2.snapshot, &vm.want.clone());
+        vm.assert_clean();
+    }
+}
