@@ -19,11 +19,12 @@
 //! files (removed by the next writer).
 
 pub mod changed;
+pub mod file;
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -46,6 +47,7 @@ use crate::snapshot::reader::SnapshotReader;
 use crate::snapshot::{
     self, manifest_key, micros_from_id, now_micros, validate_name, SnapshotInfo,
 };
+use file::FileSource;
 
 /// A progress callback: called with the number of bytes just processed.
 pub type Progress<'a> = &'a (dyn Fn(u64) + Sync);
@@ -171,7 +173,8 @@ impl Store {
         let span = info_span!("backup", name, source = %source.display());
         let _e = span.enter();
         let start = Instant::now();
-        let (file, image_size) = open_source(source)?;
+        let src = FileSource::open(source, self.chunk_size())?;
+        let image_size = src.size();
         let _lock = self.lock_writer()?;
 
         let parent = if opts.no_parent {
@@ -199,8 +202,9 @@ impl Store {
             parent,
             opts,
             start,
+            // Holes are zero chunks, never read (see `file.rs`).
             |shared, parent, per_batch, free, work| {
-                read_source(shared, &file, source, parent, per_batch, free, work)
+                changed::read_changed(shared, &src, parent, per_batch, 1, free, work)
             },
         )
     }
@@ -410,53 +414,6 @@ where
             None => Ok(written),
         }
     })
-}
-
-fn read_source(
-    shared: &Shared<'_>,
-    file: &File,
-    source: &Path,
-    parent: Option<&SnapshotReader>,
-    per_batch: usize,
-    free: &Receiver<Batch>,
-    work: &Sender<Batch>,
-) -> Result<()> {
-    let cs = shared.chunk_size as u64;
-    let mut offset = 0u64;
-    while offset < shared.image_size {
-        if shared.abort.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let Ok(mut batch) = free.recv() else {
-            return Ok(());
-        };
-        let len = (shared.image_size - offset).min(per_batch as u64 * cs) as usize;
-        file.read_exact_at(&mut batch.data[..len], offset)
-            .map_err(|e| {
-                Error::io(
-                    format!(
-                        "Failed to read source {} at offset {offset}",
-                        source.display()
-                    ),
-                    e,
-                )
-            })?;
-        batch.first = offset / cs;
-        batch.len = len;
-        match parent {
-            Some(p) => p.chunk_ids(batch.first, per_batch as u64, &mut batch.parent)?,
-            None => batch.parent.clear(),
-        }
-        shared
-            .counters
-            .bytes_read
-            .fetch_add(len as u64, Ordering::Relaxed);
-        if work.send(batch).is_err() {
-            return Ok(());
-        }
-        offset += len as u64;
-    }
-    Ok(())
 }
 
 fn work(

@@ -165,7 +165,7 @@ fn take_run(
     Some((first, n, state))
 }
 
-fn read_changed(
+pub(super) fn read_changed(
     shared: &Shared<'_>,
     src: &dyn ChangedSource,
     parent: Option<&SnapshotReader>,
