@@ -9,6 +9,7 @@ pub mod instant_boot;
 pub mod monitor;
 pub mod restore;
 pub mod snapshots;
+pub mod unforget;
 pub mod verify;
 
 use std::path::PathBuf;
@@ -36,8 +37,12 @@ pub enum Command {
     Mount(files::MountArgs),
     /// Re-read and re-hash stored chunks; exit non-zero on any problem.
     Verify(verify::Args),
-    /// Forget a snapshot (gc reclaims its space).
+    /// Forget a snapshot (gc reclaims its space); refuses a held one without --force.
     Forget(forget::Args),
+    /// Bring back a forgotten snapshot that gc has not deleted yet.
+    Unforget(unforget::Args),
+    /// Remove a hold whose holder is gone for good (e.g. a deleted state dir).
+    ReleaseHold(unforget::ReleaseArgs),
     /// Reclaim space of chunks no snapshot uses.
     Gc(gc::Args),
     /// Serve a snapshot as a vhost-user-blk device for QEMU, writes to an overlay.
@@ -68,6 +73,8 @@ impl Command {
             Command::Mount(a) => files::mount(a.try_into()?),
             Command::Verify(a) => verify::run(a.try_into()?),
             Command::Forget(a) => forget::run(a.try_into()?),
+            Command::Unforget(a) => unforget::run(a.try_into()?),
+            Command::ReleaseHold(a) => unforget::release(a.try_into()?),
             Command::Gc(a) => gc::run(a.try_into()?),
             Command::InstantBoot(a) => instant_boot::run((*a).try_into()?),
             Command::Status(a) => monitor::status(a.try_into()?),

@@ -38,6 +38,8 @@ pub enum ErrorKind {
     NotAStore,
     /// Something that should be created already exists.
     AlreadyExists,
+    /// The snapshot is held (see [`crate::hold`]).
+    Held,
 }
 
 /// A store error: a kind, a message with context, and an optional cause.

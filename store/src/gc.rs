@@ -47,6 +47,7 @@ use tracing::{info, info_span, warn};
 use crate::chunk::decode_record;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::{PACK_HEADER_LEN, RECORD_HEADER_LEN};
+use crate::hold::held_error;
 use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView};
 use crate::pack::{scan, PackWriter, PACK_TARGET_SIZE};
@@ -80,6 +81,8 @@ pub struct GcStats {
     pub manifests_deleted: u64,
     /// Forgotten manifests kept because a reader still holds them.
     pub manifests_in_use: u64,
+    /// Forgotten manifests kept because a hold record names them.
+    pub manifests_held: u64,
     /// Live manifests.
     pub manifests_live: u64,
     /// Indexed chunks before gc.
@@ -111,15 +114,99 @@ struct PackUse {
 
 impl Store {
     /// Forget a snapshot: it disappears from listings; gc reclaims its space
-    /// once no reader holds it.
+    /// once no reader and no hold keeps it. Refuses a held snapshot
+    /// (`ErrorKind::Held`, naming the holders).
     pub fn forget(&self, reference: &str) -> Result<SnapshotInfo> {
+        self.forget_with(reference, false)
+    }
+
+    /// [`Store::forget`]; with `force`, a held snapshot is forgotten too
+    /// (gc still keeps it, and its chunks, while it is held).
+    pub fn forget_with(&self, reference: &str, force: bool) -> Result<SnapshotInfo> {
         let l = snapshot::resolve(self.backend(), reference)?;
         let info = self.load_info(&l)?;
+        let held = || -> Result<()> {
+            let holds = self.holds_of(&l.name, &l.id)?;
+            if force || holds.is_empty() {
+                Ok(())
+            } else {
+                Err(held_error(&info.reference(), &holds))
+            }
+        };
+        held()?;
         let to = forgotten_key(&l.name, &l.id);
         self.backend()
             .rename(&l.key(), &to)
             .ctx(|| format!("Failed to forget snapshot {}", info.reference()))?;
-        info!(snapshot = %info.reference(), "forgot snapshot");
+        // A hold added while we renamed: undo, the holder was first.
+        if let Err(e) = held() {
+            self.backend()
+                .rename(&to, &l.key())
+                .ctx(|| format!("Failed to restore held snapshot {}", info.reference()))?;
+            return Err(e);
+        }
+        info!(snapshot = %info.reference(), force, "forgot snapshot");
+        Ok(info)
+    }
+
+    /// Bring back a forgotten snapshot (`NAME@ID` or `ID`) that gc has not
+    /// deleted yet. Takes the writer lock, so it never races with gc.
+    pub fn unforget(&self, reference: &str) -> Result<SnapshotInfo> {
+        let _lock = self.lock_writer()?;
+        let not_found = || {
+            Error::not_found(format!(
+                "No forgotten snapshot {reference} (gc may have deleted it)"
+            ))
+            .with_snapshot(reference)
+        };
+        let (name, id) = match reference.split_once('@') {
+            Some((n, i)) => {
+                snapshot::validate_name(n)?;
+                (n.to_string(), i.to_string())
+            }
+            None => match snapshot::list(self.backend(), None, true)?
+                .into_iter()
+                .find(|l| l.forgotten && l.id == reference)
+            {
+                Some(l) => (l.name, l.id),
+                None if snapshot::is_snapshot_id(reference) => return Err(not_found()),
+                None => {
+                    return Err(Error::invalid(format!(
+                        "Invalid snapshot {reference:?}: unforget takes NAME@ID or ID"
+                    )))
+                }
+            },
+        };
+        if !snapshot::is_snapshot_id(&id) {
+            return Err(Error::invalid(format!(
+                "Invalid snapshot id {id:?} in {reference:?}"
+            )));
+        }
+        let live = snapshot::manifest_key(&name, &id);
+        let forgotten = forgotten_key(&name, &id);
+        let b = self.backend();
+        if b.exists(&live)
+            .ctx(|| format!("Failed to look up {live}"))?
+        {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("Snapshot {name}@{id} is not forgotten"),
+            ));
+        }
+        if !b
+            .exists(&forgotten)
+            .ctx(|| format!("Failed to look up {forgotten}"))?
+        {
+            return Err(not_found());
+        }
+        b.rename(&forgotten, &live)
+            .ctx(|| format!("Failed to unforget snapshot {name}@{id}"))?;
+        let info = self.load_info(&Listed {
+            name,
+            id,
+            forgotten: false,
+        })?;
+        info!(snapshot = %info.reference(), "unforgot snapshot");
         Ok(info)
     }
 
@@ -144,6 +231,12 @@ impl Store {
                 live.push(l);
                 continue;
             }
+            // Held (forgotten with --force): live until every hold is gone.
+            if !self.holds_of(&l.name, &l.id)?.is_empty() {
+                stats.manifests_held += 1;
+                live.push(l);
+                continue;
+            }
             let Some(path) = backend.local_path(&l.key()) else {
                 doomed.push((l, None));
                 continue;
@@ -164,7 +257,7 @@ impl Store {
                 }
             }
         }
-        stats.manifests_live = live.len() as u64 - stats.manifests_in_use;
+        stats.manifests_live = live.len() as u64 - stats.manifests_in_use - stats.manifests_held;
 
         // Mark.
         let mut bloom = Bloom::new(view.chunk_count());

@@ -21,6 +21,7 @@
 //!   index/merged-<gen>.midx       merged sorted index with fanout  (index/midx.rs)
 //!   snapshots/<name>/<id>.snap    manifests                        (snapshot/manifest.rs)
 //!   snapshots/<name>/<id>.snap.forgotten   forgotten, awaiting gc
+//!   holds/<name>/<id>/<holder>.json        a hold on a snapshot   (hold.rs)
 //!   tmp/                          temp files, swept by the next writer
 //! ```
 //! Magic numbers, versions and header layouts live in [`format`] (do not
@@ -54,18 +55,35 @@
 //! | backup             | writer lock (exclusive, non-blocking)  | readers, forget        |
 //! | gc                 | writer lock                            | readers, forget        |
 //! | index merge        | writer lock (inside backup or gc)      | readers                |
-//! | forget             | none (one atomic rename)               | everything             |
+//! | forget             | none (one atomic rename; refuses a held snapshot unless forced) | everything |
+//! | unforget           | writer lock (so never during gc)       | readers, forget        |
+//! | add/remove hold    | none (one atomic publish / delete)     | everything             |
 //! | restore, verify, `SnapshotReader` (instant boot) | shared flock on each manifest they use | everything |
 //! | snapshots, resolve | none                                   | everything             |
 //!
 //! A second writer fails at once with "Store … is locked by PID n".
 //!
+//! # Holds
+//! Something outside the store that depends on a snapshot (an instant-boot
+//! state dir, whose overlay is only meaningful on top of it) records a hold:
+//! `holds/<name>/<id>/<holder>.json`, a small JSON object
+//! `{"snapshot","holder","description","host","pid","created"}` published
+//! atomically. The holder picks a stable `holder` id (e.g. a UUID kept in its
+//! state dir), so [`Store::add_hold`] is idempotent across restarts;
+//! [`Store::remove_hold`] releases it. `forget` refuses a held snapshot,
+//! naming the holders, unless forced; a forgotten snapshot that is still held
+//! is live for gc (its manifest and chunks stay), so it can always be brought
+//! back with [`Store::unforget`] (`recovery-cli unforget NAME@ID`), and is
+//! reclaimed by the first gc after its last hold is removed. See [`hold`].
+//!
 //! # Forget and garbage collection
-//! `forget` renames the manifest to `.snap.forgotten`. gc, under the writer
+//! `forget` renames the manifest to `.snap.forgotten`; until gc deletes it,
+//! `unforget` renames it back. gc, under the writer
 //! lock, deletes a forgotten manifest only if it can take an exclusive flock
-//! on it; a manifest still held by a reader (a booted VM, a restore) counts as
-//! live. It marks the chunks of all live manifests in a Bloom filter (false
-//! positives only keep garbage), drops packs with no live chunk, repacks packs
+//! on it; a manifest still held by a reader (a booted VM, a restore) or by a
+//! hold record counts as live. It marks the chunks of all live manifests in a
+//! Bloom filter (false positives only keep garbage), drops packs with no live
+//! chunk, repacks packs
 //! with enough dead bytes (live chunks verified and copied to new packs,
 //! published with their indexes), publishes a new merged index without the
 //! old packs, and only then deletes old packs and forgotten manifests.
@@ -81,6 +99,7 @@ pub mod config;
 pub mod error;
 pub mod format;
 pub mod gc;
+pub mod hold;
 pub mod id;
 pub mod index;
 pub mod lock;
@@ -93,6 +112,7 @@ pub mod verify;
 pub use backup::{BackupOptions, BackupStats, Progress};
 pub use error::{Error, ErrorKind, Result};
 pub use gc::{GcOptions, GcStats};
+pub use hold::{Hold, HoldInfo};
 pub use id::{ChunkId, PackId};
 pub use repo::Store;
 pub use restore::{RestoreOptions, RestoreStats};

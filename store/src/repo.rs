@@ -46,6 +46,18 @@ impl Store {
     /// Create a new store at `path` (a missing or empty directory).
     pub fn init(path: &Path, chunk_size: u32) -> Result<Store> {
         let config = Config::new(chunk_size)?;
+        match fs::metadata(path) {
+            Ok(m) if !m.is_dir() => {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "Cannot create a store at {}: it exists and is not a directory",
+                        path.display()
+                    ),
+                ))
+            }
+            _ => {}
+        }
         match fs::read_dir(path) {
             Ok(mut rd) => {
                 if path.join(CONFIG_KEY).exists() {
@@ -272,6 +284,24 @@ impl Store {
         Ok(out)
     }
 
+    /// Forgotten snapshots gc has not deleted yet (of one image name, or
+    /// all), oldest first: what [`Store::unforget`] can bring back.
+    pub fn forgotten_snapshots(&self, name: Option<&str>) -> Result<Vec<SnapshotInfo>> {
+        let mut out = Vec::new();
+        for l in snapshot::list(self.backend(), name, true)? {
+            if !l.forgotten {
+                continue;
+            }
+            match self.load_info(&l) {
+                Ok(i) => out.push(i),
+                // Deleted by gc or unforgotten between listing and opening.
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) fn load_info(&self, l: &snapshot::Listed) -> Result<SnapshotInfo> {
         let key = l.key();
         let obj = self
@@ -322,6 +352,11 @@ mod tests {
             ErrorKind::InvalidInput,
             "non-empty dir"
         );
+        let file = dir.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        let e = Store::init(&file, 4096).unwrap_err();
+        assert!(e.to_string().contains("is not a directory"), "{e}");
+        assert_eq!(fs::read(&file).unwrap(), b"x");
         fs::write(
             p.join("config.json"),
             br#"{"format":"instant-recovery-store","version":7,"chunk_size":4096}"#,

@@ -7,9 +7,16 @@
 //! at least as large as the image; zero chunks are written as zeros. The
 //! target is fsynced before returning.
 //!
-//! What may be overwritten is decided in [`target`] before anything is opened
-//! for writing: never a file inside a store (whatever the options), an
-//! existing regular file only with [`RestoreOptions::force`].
+//! What may be written is decided before anything is opened for writing
+//! (`restore/target.rs`):
+//! - never inside a store, whatever the options: not under any directory
+//!   holding a store `config.json`, not a hard link to a file of the source
+//!   store, not the block device holding the source store;
+//! - an existing regular file only with [`RestoreOptions::force`] (the
+//!   refusal says what is there); a block device without, but not a mounted
+//!   one (opened `O_EXCL`);
+//! - the file checked is the file opened (device and inode compared), and a
+//!   new file is created `O_EXCL` and removed again if the restore fails.
 
 mod target;
 
@@ -66,7 +73,7 @@ const BATCH: u64 = 16;
 impl Store {
     /// Restore snapshot `reference` to `target` (a raw file, created, or
     /// overwritten with `force`, sparse where the image is zero; or a block
-    /// device). Refuses any target inside a store; see [`target`].
+    /// device). Refuses any target inside a store (see the module docs).
     pub fn restore(
         &self,
         reference: &str,

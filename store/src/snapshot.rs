@@ -69,9 +69,21 @@ pub fn validate_name(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::invalid(format!(
-            "Invalid snapshot name {name:?}: use letters, digits, '.', '_' and '-', not starting with '.'"
+            "Invalid image name {name:?}: {NAME_RULE}"
         )))
     }
+}
+
+const NAME_RULE: &str = "use letters, digits, '.', '_' and '-', not starting with '.'";
+
+/// [`validate_name`] for the name part of a snapshot reference: the error
+/// quotes the whole reference.
+fn validate_reference_name(name: &str, reference: &str) -> Result<()> {
+    validate_name(name).map_err(|_| {
+        Error::invalid(format!(
+            "Invalid snapshot {reference:?}: image names {NAME_RULE}"
+        ))
+    })
 }
 
 /// Format a time (µs since the epoch) as a snapshot id.
@@ -93,7 +105,10 @@ pub fn is_snapshot_id(s: &str) -> bool {
     micros_from_id(s).is_some()
 }
 
-/// RFC 3339 form of a time in µs since the epoch.
+const RFC3339_MICROS: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+
+/// RFC 3339 form of a time in µs since the epoch (shortest fraction).
 pub fn rfc3339(micros: i64) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1000)
         .ok()
@@ -101,6 +116,16 @@ pub fn rfc3339(micros: i64) -> String {
             t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
         })
+        .unwrap_or_default()
+}
+
+/// RFC 3339 form of a time in µs since the epoch, always with six fraction
+/// digits: a fixed width, and the same digits as the snapshot id (a
+/// snapshot's `created`).
+pub fn rfc3339_micros(micros: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(micros as i128 * 1000)
+        .ok()
+        .and_then(|t| t.format(RFC3339_MICROS).ok())
         .unwrap_or_default()
 }
 
@@ -189,7 +214,7 @@ pub fn resolve(backend: &dyn Backend, reference: &str) -> Result<Listed> {
     let not_found =
         || Error::not_found(format!("Snapshot {reference} not found")).with_snapshot(reference);
     if let Some((name, id)) = reference.split_once('@') {
-        validate_name(name)?;
+        validate_reference_name(name, reference)?;
         if !is_snapshot_id(id) {
             return Err(Error::invalid(format!(
                 "Invalid snapshot id {id:?} in {reference:?}"
@@ -219,7 +244,7 @@ pub fn resolve(backend: &dyn Backend, reference: &str) -> Result<Listed> {
     }
     // Not a name any snapshot can have (e.g. "../x"): say so, rather than
     // "not found", which would suggest a typo.
-    validate_name(reference)?;
+    validate_reference_name(reference, reference)?;
     list(backend, Some(reference), false)?
         .pop()
         .ok_or_else(not_found)
@@ -241,6 +266,16 @@ mod tests {
         assert!(is_snapshot_id("20261122T021152.123456Z"));
         assert!(!is_snapshot_id("web01"));
         assert!(rfc3339(0).starts_with("1970-01-01T00:00:00"));
+        assert_eq!(rfc3339_micros(0), "1970-01-01T00:00:00.000000Z");
+        // Trailing zeros stay: fixed width, same digits as the id.
+        assert_eq!(
+            rfc3339_micros(1_795_000_000_123_400),
+            "2026-11-18T11:06:40.123400Z"
+        );
+        assert_eq!(
+            id_from_micros(1_795_000_000_123_400).unwrap(),
+            "20261118T110640.123400Z"
+        );
     }
 
     #[test]

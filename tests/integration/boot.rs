@@ -165,7 +165,7 @@ pub fn store_with_backup(dir: &Path, name: &str, image: &Path) -> (PathBuf, Stri
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let id = stats["snapshot"].as_str().expect("snapshot id").to_string();
+    let id = stats["id"].as_str().expect("snapshot id").to_string();
     (store, id)
 }
 

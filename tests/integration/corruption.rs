@@ -430,7 +430,7 @@ fn repair_from_another_backup_completes_the_migration() {
     assert!(out.status.success(), "{out:?}");
     let snap2 = format!(
         "vm@{}",
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["snapshot"]
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
             .as_str()
             .unwrap()
     );

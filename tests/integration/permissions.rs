@@ -202,7 +202,7 @@ fn snapshot_references_that_leave_the_store_are_refused() {
         one_line_error(&cli(&["verify", b]), needle);
         one_line_error(
             &cli(&["backup", "--name", b, image.to_str().unwrap()]),
-            "Invalid snapshot name",
+            "Invalid image name",
         );
     }
     for bad in ["a/b", "/tmp/vm", ".hidden", "..", "vm@x"] {
@@ -212,7 +212,7 @@ fn snapshot_references_that_leave_the_store_are_refused() {
             .arg(&image)
             .output()
             .unwrap();
-        one_line_error(&out, "Invalid snapshot name");
+        one_line_error(&out, "Invalid image name");
     }
 
     // Nothing moved: the decoy and the store are as they were.

@@ -149,6 +149,10 @@ fn backup_restore_is_identical_and_second_backup_dedups() {
         assert!(!s1[k].is_null(), "missing {k} in {s1}");
     }
     assert!(s1["chunks_zero"].as_u64().unwrap() > 0);
+    // NAME@ID, as restore and snapshots print it; the bare id apart.
+    let id1 = s1["id"].as_str().unwrap().to_string();
+    assert_eq!(s1["snapshot"], format!("web01@{id1}"));
+    assert!(s1["parent"].is_null());
 
     let out = env.path("restored.img");
     ok(&[&"restore", &"--store", &env.store(), &"web01", &out]);
@@ -175,7 +179,18 @@ fn backup_restore_is_identical_and_second_backup_dedups() {
     assert!(s2["bytes_new"].as_u64().unwrap() <= 21 * 4200, "{s2}");
     assert_eq!(s2["parent"], s1["snapshot"]);
 
-    let id2 = s2["snapshot"].as_str().unwrap();
+    assert_eq!(s2["parent"], format!("web01@{id1}"));
+    let id2 = s2["id"].as_str().unwrap();
+    let restored = ok_json(&[
+        &"restore",
+        &"--store",
+        &env.store(),
+        &format!("web01@{id2}"),
+        &out,
+        &"--force",
+        &"--json",
+    ]);
+    assert_eq!(restored["snapshot"], s2["snapshot"]);
     ok(&[
         &"restore",
         &"--store",
@@ -187,7 +202,7 @@ fn backup_restore_is_identical_and_second_backup_dedups() {
     assert!(fs::read(&out).unwrap() == img, "second restore differs");
 
     // Restoring over an existing file of different content is still exact.
-    let id1 = s1["snapshot"].as_str().unwrap();
+    let id1 = id1.as_str();
     ok(&[&"restore", &"--store", &env.store(), &id1, &out, &"--force"]);
     ok(&[&"restore", &"--store", &env.store(), &id2, &out, &"--force"]);
     assert!(fs::read(&out).unwrap() == img);
@@ -200,8 +215,28 @@ fn backup_restore_is_identical_and_second_backup_dedups() {
         .map(|s| s["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, vec![id1, id2]);
+    // CREATED has the id's digits, trailing zeros included.
+    for snap in list.as_array().unwrap() {
+        let id = snap["id"].as_str().unwrap();
+        let created = format!(
+            "{}-{}-{}T{}:{}:{}Z",
+            &id[0..4],
+            &id[4..6],
+            &id[6..8],
+            &id[9..11],
+            &id[11..13],
+            &id[13..22]
+        );
+        assert_eq!(snap["created"], created, "{snap}");
+    }
     let human = ok(&[&"snapshots", &"--store", &env.store(), &"web01"]);
     assert!(human.contains(id1) && human.contains("web01"), "{human}");
+    // Columns line up: every row has its SOURCE at the header's column.
+    let lines: Vec<&str> = human.lines().collect();
+    let col = lines[0].find("SOURCE").unwrap();
+    for l in &lines[1..] {
+        assert_eq!(l.find(src.to_str().unwrap()), Some(col), "{human}");
+    }
     let v = ok(&[&"verify", &"--store", &env.store()]);
     assert!(v.contains("no problems"), "{v}");
 }
@@ -259,7 +294,19 @@ fn verify_names_snapshot_and_range_of_a_flipped_byte() {
         "{out}"
     );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("error: Verify found 1 problems"), "{err}");
+    assert!(err.contains("error: Verify found 1 problem\n"), "{err}");
+    // The damaged chunk is reported once (not logged a second time), its
+    // line does not repeat itself, and the count says what was intact.
+    assert_eq!(
+        out.matches(chunk).count() + err.matches(chunk).count(),
+        1,
+        "stdout: {out}\nstderr: {err}"
+    );
+    assert!(
+        out.contains("checked 256 chunks of 1 snapshot in ")
+            && out.contains(": 255 intact (1020.0 KiB), 1 problem\n"),
+        "{out}"
+    );
 
     // Restore refuses to produce wrong data and names the chunk.
     let e = fails(&[
@@ -321,7 +368,7 @@ fn killed_backup_leaves_store_usable() {
             1,
             "no partial snapshot: {list}"
         );
-        assert_eq!(list[0]["id"], first["snapshot"]);
+        assert_eq!(list[0]["id"], first["id"]);
     }
     let v = ok(&[&"verify", &"--store", &env.store()]);
     assert!(v.contains("no problems"), "{v}");
@@ -423,9 +470,36 @@ fn errors_are_one_clear_line() {
         &"../etc",
         &odd,
     ]);
-    assert!(e.contains("Invalid snapshot name"), "{e}");
+    assert!(e.contains("Invalid image name \"../etc\""), "{e}");
+    let e = fails(&[
+        &"backup",
+        &"--store",
+        &env.store(),
+        &"--name",
+        &"bad/name",
+        &odd,
+    ]);
+    assert!(e.contains("Invalid image name \"bad/name\""), "{e}");
     let e = fails(&[&"init", &env.store()]);
     assert!(e.contains("already exists"), "{e}");
+    let e = fails(&[&"init", &odd]);
+    assert!(
+        e.contains("Cannot create a store at") && e.contains("it exists and is not a directory"),
+        "{e}"
+    );
+    // Decimal sizes are sizes; a fraction of a byte is named as such.
+    let out = ok(&[&"init", &env.path("s4"), &"--chunk-size", &"0.0625M"]);
+    assert!(out.contains("chunk size 64.0 KiB"), "{out}");
+    let o = run(&[&"init", &env.path("s5"), &"--chunk-size", &"1.5G"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("invalid size unit"), "{err}");
+    assert!(
+        err.contains("1610612736") || err.contains("too large"),
+        "{err}"
+    );
+    let o = run(&[&"init", &env.path("s6"), &"--chunk-size", &"0.3K"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not a whole number of bytes"), "{err}");
 
     let cfg = env.store().join("config.json");
     let text = fs::read_to_string(&cfg)
@@ -686,4 +760,159 @@ fn store_restore_refuses_store_files_and_existing_files() {
     ]);
     assert_eq!(r["image_size"], 2 << 20);
     assert!(fs::read(&out).unwrap() == img, "forced restore differs");
+}
+
+/// A held snapshot (an instant-boot state dir depends on it): forget refuses
+/// it naming the holder, --force forgets it but gc keeps its chunks while it
+/// is held, and unforget brings it back whole.
+#[test]
+fn store_held_snapshot_is_kept_until_released() {
+    let env = Env::new();
+    env.init("4K");
+    let src = env.path("disk.img");
+    let img = make_image(&src, 60, 2 << 20);
+    let s = ok_json(&[
+        &"backup",
+        &"--store",
+        &env.store(),
+        &"--name",
+        &"vm",
+        &src,
+        &"--json",
+    ]);
+    let reference = s["snapshot"].as_str().unwrap().to_string();
+    let lib = store::Store::open(&env.store()).unwrap();
+    lib.add_hold(
+        "vm",
+        &store::HoldInfo::new("state-5f0c", "instant-boot state dir /srv/vm"),
+    )
+    .unwrap();
+
+    let list = ok_json(&[&"snapshots", &"--store", &env.store(), &"--json"]);
+    assert_eq!(list[0]["snapshot"], reference.as_str());
+    assert_eq!(list[0]["holds"][0]["holder"], "state-5f0c", "{list}");
+    assert_eq!(list[0]["holds"][0]["pid"], std::process::id(), "{list}");
+    let human = ok(&[&"snapshots", &"--store", &env.store()]);
+    assert!(
+        human.contains("HOLDS") && human.contains("state-5f0c (instant-boot state dir /srv/vm"),
+        "{human}"
+    );
+
+    let e = fails(&[&"forget", &"--store", &env.store(), &"vm"]);
+    assert!(
+        e.contains(&format!("Snapshot {reference} is held by state-5f0c")) && e.contains("--force"),
+        "{e}"
+    );
+    let list = ok_json(&[&"snapshots", &"--store", &env.store(), &"--json"]);
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        1,
+        "refused forget changed nothing"
+    );
+
+    let packs = dir_size(&env.store().join("packs"));
+    let out = ok(&[&"forget", &"--store", &env.store(), &"vm", &"--force"]);
+    assert!(out.contains("still held by state-5f0c"), "{out}");
+    let list = ok_json(&[&"snapshots", &"--store", &env.store(), &"--json"]);
+    assert!(list.as_array().unwrap().is_empty(), "{list}");
+    let all = ok(&[&"snapshots", &"--store", &env.store(), &"--forgotten"]);
+    assert!(all.contains("forgotten; state-5f0c"), "{all}");
+    let g = ok_json(&[
+        &"gc",
+        &"--store",
+        &env.store(),
+        &"--repack-threshold",
+        &"0",
+        &"--json",
+    ]);
+    assert_eq!(g["manifests_held"], 1, "{g}");
+    assert_eq!(g["manifests_deleted"], 0, "{g}");
+    assert_eq!(dir_size(&env.store().join("packs")), packs, "{g}");
+
+    let out = ok(&[&"unforget", &"--store", &env.store(), &reference]);
+    assert!(out.contains(&format!("Unforgot {reference}")), "{out}");
+    let target = env.path("out.img");
+    ok(&[&"restore", &"--store", &env.store(), &"vm", &target]);
+    assert!(
+        fs::read(&target).unwrap() == img,
+        "unforgotten snapshot differs"
+    );
+    ok(&[&"verify", &"--store", &env.store()]);
+
+    // Released: forget needs no force, gc reclaims, nothing to unforget.
+    ok(&[
+        &"release-hold",
+        &"--store",
+        &env.store(),
+        &reference,
+        &"state-5f0c",
+    ]);
+    ok(&[&"forget", &"--store", &env.store(), &"vm"]);
+    let g = ok_json(&[&"gc", &"--store", &env.store(), &"--json"]);
+    assert_eq!(g["manifests_deleted"], 1, "{g}");
+    let e = fails(&[&"unforget", &"--store", &env.store(), &reference]);
+    assert!(e.contains("gc may have deleted it"), "{e}");
+}
+
+/// A 64 GiB sparse image holding 8 MiB: backup reads only the data
+/// (`bytes_read`), and the restored file is exact and just as sparse.
+#[test]
+fn store_sparse_64g_image_reads_only_its_data() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    const SIZE: u64 = 64 << 30;
+    let env = Env::new();
+    env.init("64K");
+    let src = env.path("sparse.img");
+    let f = fs::File::create(&src).unwrap();
+    f.set_len(SIZE).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(64);
+    let mut pieces = Vec::new();
+    for i in 0..8u64 {
+        let mut data = vec![0u8; 1 << 20];
+        rng.fill(&mut data[..]);
+        let at = i * (8 << 30) + (i * 4096);
+        f.write_all_at(&data, at).unwrap();
+        pieces.push((at, data));
+    }
+    f.sync_all().unwrap();
+    let s = ok_json(&[
+        &"backup",
+        &"--store",
+        &env.store(),
+        &"--name",
+        &"big",
+        &src,
+        &"--json",
+    ]);
+    assert_eq!(s["image_size"], SIZE);
+    let read = s["bytes_read"].as_u64().unwrap();
+    // 8 MiB, rounded out to 64 KiB chunks (7 pieces are unaligned).
+    assert!(
+        (8 << 20..=(8 << 20) + 8 * (64 << 10)).contains(&read),
+        "read {read} bytes of a 64 GiB image holding 8 MiB: {s}"
+    );
+    let human = ok(&[&"backup", &"--store", &env.store(), &"--name", &"big", &src]);
+    assert!(human.contains("read        8."), "{human}");
+
+    let out = env.path("out.img");
+    ok(&[&"restore", &"--store", &env.store(), &"big", &out]);
+    let m = fs::metadata(&out).unwrap();
+    assert_eq!(m.len(), SIZE);
+    assert!(
+        m.blocks() * 512 <= (8 << 20) + 16 * (64 << 10),
+        "restore filled the holes: {} bytes allocated",
+        m.blocks() * 512
+    );
+    let restored = fs::File::open(&out).unwrap();
+    for (at, data) in &pieces {
+        let mut buf = vec![0u8; data.len()];
+        restored.read_exact_at(&mut buf, *at).unwrap();
+        assert!(buf == *data, "piece at {at} differs");
+        // The bytes around each piece are zeros.
+        let mut edge = [0xffu8; 4096];
+        restored
+            .read_exact_at(&mut edge, at + data.len() as u64)
+            .unwrap();
+        assert!(edge.iter().all(|&b| b == 0), "after piece at {at}");
+    }
 }

@@ -12,7 +12,7 @@ use crate::output;
 pub struct Args {
     #[command(flatten)]
     pub store: StoreArg,
-    /// Image name (letters, digits, '.', '_', '-').
+    /// Image name (letters, digits, '.', '_', '-'); snapshots are NAME@ID.
     #[arg(long, short = 'n')]
     pub name: String,
     /// Raw image file or block device.
@@ -73,14 +73,19 @@ pub fn run(c: Config) -> anyhow::Result<()> {
     let stats = s.backup(&c.name, &c.source, &opts);
     pb.finish_and_clear();
     let stats = stats?;
+    // Snapshots are named NAME@ID in every output (as restore and
+    // snapshots do); the bare id stays available as `id`.
+    let reference = format!("{}@{}", stats.name, stats.snapshot);
+    let parent = stats.parent.as_ref().map(|p| format!("{}@{p}", stats.name));
     if c.json {
-        return output::json(&stats);
+        let mut v = serde_json::to_value(&stats)?;
+        v["id"] = stats.snapshot.clone().into();
+        v["snapshot"] = reference.into();
+        v["parent"] = parent.into();
+        return output::json(&v);
     }
-    output::line(&format!("snapshot    {}@{}", stats.name, stats.snapshot))?;
-    output::line(&format!(
-        "parent      {}",
-        stats.parent.as_deref().unwrap_or("-")
-    ))?;
+    output::line(&format!("snapshot    {reference}"))?;
+    output::line(&format!("parent      {}", parent.as_deref().unwrap_or("-")))?;
     output::line(&format!(
         "read        {} in {:.2} s ({})",
         output::size(stats.bytes_read),

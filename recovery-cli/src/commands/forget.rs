@@ -1,4 +1,8 @@
-//! `recovery-cli forget --store STORE SNAPSHOT [--json]`
+//! `recovery-cli forget --store STORE SNAPSHOT [--force] [--json]`
+//!
+//! A held snapshot (an instant-boot state dir depends on it) is refused,
+//! naming the holders, unless `--force`; even then gc keeps it while it is
+//! held, and `unforget` brings it back.
 
 use std::path::PathBuf;
 
@@ -12,6 +16,9 @@ pub struct Args {
     pub store: StoreArg,
     /// Snapshot: NAME (newest), NAME@ID or ID.
     pub snapshot: String,
+    /// Forget it even if it is held (gc still keeps it while held).
+    #[arg(long)]
+    pub force: bool,
     /// Print the forgotten snapshot as JSON.
     #[arg(long)]
     pub json: bool,
@@ -22,6 +29,7 @@ pub struct Args {
 pub struct Config {
     pub store: PathBuf,
     pub snapshot: String,
+    pub force: bool,
     pub json: bool,
 }
 
@@ -32,6 +40,7 @@ impl TryFrom<Args> for Config {
         Ok(Config {
             store: a.store.store,
             snapshot: a.snapshot,
+            force: a.force,
             json: a.json,
         })
     }
@@ -40,12 +49,30 @@ impl TryFrom<Args> for Config {
 /// Forget the snapshot.
 pub fn run(c: Config) -> anyhow::Result<()> {
     let s = open_store(&c.store)?;
-    let info = s.forget(&c.snapshot)?;
+    let info = s.forget_with(&c.snapshot, c.force)?;
+    let holds = s.holds(Some(&info.reference()))?;
     if c.json {
-        return output::json(&info);
+        let mut v = serde_json::to_value(&info)?;
+        v["snapshot"] = info.reference().into();
+        v["holds"] = serde_json::to_value(&holds)?;
+        return output::json(&v);
     }
-    output::line(&format!(
-        "Forgot {} (run gc to reclaim its space)",
-        info.reference()
-    ))
+    if holds.is_empty() {
+        output::line(&format!(
+            "Forgot {} (run gc to reclaim its space; `unforget {}` brings it back until then)",
+            info.reference(),
+            info.reference()
+        ))
+    } else {
+        output::line(&format!(
+            "Forgot {}; it is still held by {}, so gc keeps it until the hold is removed (`unforget {}` brings it back)",
+            info.reference(),
+            holds
+                .iter()
+                .map(|h| h.info.holder.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            info.reference()
+        ))
+    }
 }

@@ -53,9 +53,10 @@ pub fn run(c: Config) -> anyhow::Result<()> {
         return output::json(&stats);
     }
     output::line(&format!(
-        "Deleted {} forgotten snapshots ({} still in use), {} packs deleted, {} repacked into {}; freed {} in {:.2} s",
+        "Deleted {} forgotten snapshots ({} still in use, {} held), {} packs deleted, {} repacked into {}; freed {} in {:.2} s",
         stats.manifests_deleted,
         stats.manifests_in_use,
+        stats.manifests_held,
         stats.packs_deleted,
         stats.packs_repacked,
         stats.packs_written,

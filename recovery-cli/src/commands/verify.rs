@@ -74,7 +74,7 @@ pub fn run(c: Config) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|l| format!(" ({l})"))
                 .unwrap_or_default();
-            output::line(&format!("{what}{chunk}{loc}: {}", p.error))?;
+            output::line(&format!("{what}{chunk}{loc}: {}", detail(p)))?;
             for u in &p.used_by {
                 let ranges: Vec<String> = u
                     .ranges
@@ -93,21 +93,50 @@ pub fn run(c: Config) -> anyhow::Result<()> {
                 ))?;
             }
         }
-        output::line(&format!(
-            "checked {} chunks ({}) of {} snapshots in {:.2} s: {}",
-            report.chunks_checked,
-            output::size(report.bytes_checked),
-            report.snapshots_checked,
-            report.seconds,
-            if report.is_ok() {
-                "no problems".to_string()
-            } else {
-                format!("{} problems", report.problems.len())
-            }
-        ))?;
+        output::line(&summary(&report))?;
     }
     if !report.is_ok() {
-        anyhow::bail!("Verify found {} problems", report.problems.len());
+        anyhow::bail!(
+            "Verify found {}",
+            plural(report.problems.len() as u64, "problem")
+        );
     }
     Ok(())
+}
+
+/// `1 problem`, `2 problems`.
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("{n} {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// The last line: what was checked, what is intact, how many problems.
+fn summary(r: &store::VerifyReport) -> String {
+    let damaged = r.problems.iter().filter(|p| p.chunk.is_some()).count() as u64;
+    let intact = r.chunks_checked.saturating_sub(damaged);
+    format!(
+        "checked {} of {} in {:.2} s: {} intact ({}), {}",
+        plural(r.chunks_checked, "chunk"),
+        plural(r.snapshots_checked, "snapshot"),
+        r.seconds,
+        intact,
+        output::size(r.bytes_checked),
+        if r.is_ok() {
+            "no problems".to_string()
+        } else {
+            plural(r.problems.len() as u64, "problem")
+        }
+    )
+}
+
+/// A problem's error without the leading message that only repeats the
+/// chunk and location already printed.
+fn detail(p: &store::Problem) -> &str {
+    match (p.chunk, p.error.split_once(": ")) {
+        (Some(c), Some((head, rest))) if head.contains(&c.to_string()) => rest,
+        _ => &p.error,
+    }
 }

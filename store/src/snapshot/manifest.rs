@@ -29,7 +29,7 @@ use crate::format::{
     TRAILER_LEN,
 };
 use crate::id::ChunkId;
-use crate::snapshot::{id_from_micros, rfc3339, SnapshotInfo};
+use crate::snapshot::{id_from_micros, rfc3339_micros, SnapshotInfo};
 
 /// Size of one manifest entry.
 pub const ENTRY_LEN: usize = 32;
@@ -140,7 +140,7 @@ pub fn read_header(obj: &dyn Object, key: &str) -> Result<Manifest> {
             image_size,
             chunk_size,
             chunk_count: count,
-            created: rfc3339(created),
+            created: rfc3339_micros(created),
             source: meta.source,
             parent: meta.parent,
         },
@@ -207,7 +207,7 @@ impl ManifestWriter {
         created: i64,
     ) -> Result<ManifestWriter> {
         info.id = id_from_micros(created)?;
-        info.created = rfc3339(created);
+        info.created = rfc3339_micros(created);
         info.chunk_count = chunk_count(info.image_size, info.chunk_size);
         let snap_id = info.id.clone();
         let action = || format!("Failed to create manifest of snapshot {snap_id}");
