@@ -308,8 +308,19 @@ pub struct PersistentBitmap {
     done: AtomicU64,
     poisoned: AtomicBool,
     /// Mirror of every word of `live` in `<bitmap>.live` (page cache
-    /// only), for a restart on the same boot.
-    journal: Option<journal::Journal>,
+    /// only), for a restart on the same boot, or why there is none.
+    journal: std::result::Result<journal::Journal, String>,
+}
+
+/// Whether a bitmap's live journal runs (see [`journal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalState {
+    /// Every bit set is journaled: a restart of the daemon on the same
+    /// boot loses none.
+    Active,
+    /// No journal, for the reason given: bits set since the last sync are
+    /// lost if the daemon dies.
+    Inactive(String),
 }
 
 impl PersistentBitmap {
@@ -365,6 +376,16 @@ impl PersistentBitmap {
 
     /// Opens the bitmap at `path`, checking that its header matches `expected`.
     pub fn open(path: &Path, expected: &BitmapHeader) -> Result<PersistentBitmap> {
+        Self::open_with_boot_id(path, expected, Path::new(journal::BOOT_ID_PATH))
+    }
+
+    /// [`PersistentBitmap::open`], reading the boot id from `boot_id_path`
+    /// (tests make it unreadable).
+    pub(crate) fn open_with_boot_id(
+        path: &Path,
+        expected: &BitmapHeader,
+        boot_id_path: &Path,
+    ) -> Result<PersistentBitmap> {
         Self::check_header(expected)?;
         let read_err = |source| Error::Read {
             path: path.to_path_buf(),
@@ -456,9 +477,13 @@ impl PersistentBitmap {
             .map_err(read_err)?;
         let nwords = nbits.div_ceil(64) as usize;
         let fingerprint = fnv1a(&expected.encode());
-        let boot = journal::boot_id();
+        let boot = journal::boot_id(boot_id_path);
+        if let Err(reason) = &boot {
+            tracing::warn!(path = %path.display(), %reason, "no live bitmap journal: writes not yet flushed would not survive a daemon restart");
+        }
         let journaled = boot
             .as_ref()
+            .ok()
             .and_then(|b| journal::recover(path, fingerprint, nwords, b));
         let mut ones = 0u64;
         let mut recovered = 0u64;
@@ -491,9 +516,7 @@ impl PersistentBitmap {
                 "recovered bits a previous daemon set after its last sync"
             );
         }
-        let journal = boot
-            .as_ref()
-            .and_then(|b| journal::Journal::start(path, fingerprint, &live, b));
+        let journal = boot.and_then(|b| journal::Journal::start(path, fingerprint, &live, &b));
         Ok(PersistentBitmap {
             path: path.to_path_buf(),
             file,
@@ -520,6 +543,17 @@ impl PersistentBitmap {
                 path: path.to_path_buf(),
                 source,
             }),
+        }
+    }
+
+    /// Whether the live journal runs, and if not, why.
+    pub fn journal_state(&self) -> JournalState {
+        match &self.journal {
+            Ok(journal) => match journal.broken() {
+                None => JournalState::Active,
+                Some(reason) => JournalState::Inactive(reason),
+            },
+            Err(reason) => JournalState::Inactive(reason.clone()),
         }
     }
 
@@ -582,7 +616,7 @@ impl PersistentBitmap {
             if added > 0 {
                 newly += added;
                 self.dirty[word / WORDS_PER_PAGE].store(true, Ordering::Release);
-                if let Some(journal) = &self.journal {
+                if let Ok(journal) = &self.journal {
                     journal.record(word, &self.live[word]);
                 }
             }
@@ -679,7 +713,7 @@ impl PersistentBitmap {
                     self.dirty[*p].store(true, Ordering::Release);
                 }
                 self.poisoned.store(true, Ordering::SeqCst);
-                if let Some(journal) = &self.journal {
+                if let Ok(journal) = &self.journal {
                     journal.invalidate();
                 }
                 tracing::error!(path = %self.path.display(), error = %e, "bitmap sync failed");
@@ -740,6 +774,70 @@ mod tests {
             image_size: size,
             binding: binding.into(),
         }
+    }
+
+    fn inactive_reason(bm: &PersistentBitmap) -> String {
+        match bm.journal_state() {
+            JournalState::Inactive(reason) => reason,
+            JournalState::Active => panic!("the journal is active"),
+        }
+    }
+
+    #[test]
+    fn the_journal_state_says_whether_it_runs_and_why_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let h = header("snap-a", 4096 * 64);
+        let bm = PersistentBitmap::create(&path, &h).unwrap();
+        assert_eq!(bm.journal_state(), JournalState::Active);
+        drop(bm);
+
+        // The boot id cannot be read: no journal, and the reason says why.
+        let missing = dir.path().join("no-boot-id");
+        let bm = PersistentBitmap::open_with_boot_id(&path, &h, &missing).unwrap();
+        let reason = inactive_reason(&bm);
+        assert!(
+            reason.starts_with("cannot read the boot id from") && reason.contains("no-boot-id"),
+            "{reason}"
+        );
+        // Bits still work, they are just not journaled.
+        assert!(bm.set(3));
+        drop(bm);
+        let garbage = dir.path().join("garbage");
+        std::fs::write(&garbage, "not-a-boot-id\n").unwrap();
+        let bm = PersistentBitmap::open_with_boot_id(&path, &h, &garbage).unwrap();
+        assert!(
+            inactive_reason(&bm).contains("does not hold a boot id"),
+            "{}",
+            inactive_reason(&bm)
+        );
+        drop(bm);
+
+        // The journal file cannot be created.
+        let live = journal_path(&path);
+        let _ = std::fs::remove_file(&live);
+        std::fs::create_dir(&live).unwrap();
+        let bm = PersistentBitmap::open(&path, &h).unwrap();
+        assert!(
+            inactive_reason(&bm).starts_with("cannot create"),
+            "{}",
+            inactive_reason(&bm)
+        );
+        drop(bm);
+        std::fs::remove_dir(&live).unwrap();
+
+        // A failed sync stops a running journal.
+        let bm = PersistentBitmap::open(&path, &h).unwrap();
+        assert_eq!(bm.journal_state(), JournalState::Active);
+        bm.set(7);
+        assert!(bm
+            .sync_after(|| Err(io::Error::other("injected EIO")))
+            .is_err());
+        assert!(
+            inactive_reason(&bm).contains("sync of the bitmap failed"),
+            "{}",
+            inactive_reason(&bm)
+        );
     }
 
     #[test]

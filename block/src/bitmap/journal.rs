@@ -61,16 +61,24 @@ const BOOT_ID_AT: usize = 24;
 const BOOT_ID_LEN: usize = 36;
 
 /// Where the kernel tells the boot id.
-const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+pub(super) const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 
 /// The kernel's id of the running boot.
 pub(super) type BootId = [u8; BOOT_ID_LEN];
 
-/// This boot's id, if the kernel tells it (without it there is no journal:
-/// nothing could tell a daemon restart from a reboot).
-pub(super) fn boot_id() -> Option<BootId> {
-    let text = fs::read_to_string(BOOT_ID_PATH).ok()?;
-    text.trim().as_bytes().try_into().ok()
+/// This boot's id as read from `path` (the kernel's [`BOOT_ID_PATH`]
+/// outside tests), or why there is none. Without it there is no journal:
+/// nothing could tell a daemon restart from a reboot.
+pub(super) fn boot_id(path: &Path) -> Result<BootId, String> {
+    let text = fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the boot id from {}: {e}", path.display()))?;
+    text.trim().as_bytes().try_into().map_err(|_| {
+        format!(
+            "{} does not hold a boot id ({} bytes, expected {BOOT_ID_LEN})",
+            path.display(),
+            text.trim().len()
+        )
+    })
 }
 
 /// The journal path of the bitmap at `bitmap`.
@@ -152,19 +160,21 @@ pub(super) struct Journal {
     /// Set once a write failed: the journal stops (what it holds stays a
     /// valid subset) and the daemon falls back to flush-time persistence.
     broken: AtomicBool,
+    /// Why it broke.
+    broken_reason: Mutex<Option<String>>,
 }
 
 impl Journal {
     /// Starts the journal of the bitmap at `bitmap` (header hash
     /// `fingerprint`) on boot `boot`, holding `words`, which must include
-    /// every bit of an older journal. Returns `None` (after a warning)
-    /// where the file cannot be written.
+    /// every bit of an older journal. Fails (after a warning, with the
+    /// reason) where the file cannot be written.
     pub(super) fn start(
         bitmap: &Path,
         fingerprint: u64,
         words: &[AtomicU64],
         boot: &BootId,
-    ) -> Option<Journal> {
+    ) -> Result<Journal, String> {
         let path = path_for(bitmap);
         let start = || -> io::Result<File> {
             let file = OpenOptions::new()
@@ -189,17 +199,40 @@ impl Journal {
             Ok(file)
         };
         match start() {
-            Ok(file) => Some(Journal {
+            Ok(file) => Ok(Journal {
                 path,
                 file,
                 lock: Mutex::new(()),
                 broken: AtomicBool::new(false),
+                broken_reason: Mutex::new(None),
             }),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot keep a live bitmap journal: writes not yet flushed would not survive a daemon restart");
-                None
+                Err(format!("cannot create {}: {e}", path.display()))
             }
         }
+    }
+
+    /// Why the journal stopped, or `None` while it runs.
+    pub(super) fn broken(&self) -> Option<String> {
+        if !self.broken.load(Ordering::Relaxed) {
+            return None;
+        }
+        let reason = self
+            .broken_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Some(reason.unwrap_or_else(|| "stopped".to_string()))
+    }
+
+    /// Stops the journal for `reason` (the first reason is kept).
+    fn stop(&self, reason: String) {
+        self.broken_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(reason);
+        self.broken.store(true, Ordering::Relaxed);
     }
 
     /// Writes word `index` (now holding a newly set bit) to the journal.
@@ -211,7 +244,7 @@ impl Journal {
         let value = word.load(Ordering::Acquire);
         let at = (HEADER_SIZE + index * 8) as u64;
         if let Err(e) = self.file.write_all_at(&value.to_le_bytes(), at) {
-            self.broken.store(true, Ordering::Relaxed);
+            self.stop(format!("a write to {} failed: {e}", self.path.display()));
             tracing::warn!(path = %self.path.display(), error = %e, "live bitmap journal write failed: writes not yet flushed would not survive a daemon restart");
         }
     }
@@ -220,7 +253,7 @@ impl Journal {
     /// describe data the kernel dropped).
     pub(super) fn invalidate(&self) {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.broken.store(true, Ordering::Relaxed);
+        self.stop("a sync of the bitmap failed, so its bits may describe lost data".to_string());
         if let Err(e) = self.file.write_all_at(&[0u8; 8], 0) {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot invalidate live bitmap journal");
         }
