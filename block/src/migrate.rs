@@ -28,7 +28,7 @@
 //!
 //! | request | chunk migrated | chunk not migrated |
 //! |---|---|---|
-//! | read | target | copy-on-read: copy the chunk (as above), serve from the copy; if that fails (e.g. target full), serve from the overlay |
+//! | read | target | copy-on-read: copy the chunk (as above; under a rate limit only if the limiter has room now, never waiting), serve from the copy; if that fails (e.g. target full) or is not allowed, serve from the overlay |
 //! | write | target | overlay |
 //! | discard, write-zeroes | zero the target range | overlay |
 //! | flush | overlay flush, then target sync + migrated bitmap sync | same |
@@ -107,6 +107,7 @@
 //!   turns `failed`, flushes fail, and the daemon must restart from disk.
 
 mod copier;
+mod progress;
 #[cfg(test)]
 mod proptests;
 mod repair;
@@ -124,7 +125,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::VolatileSlice;
 
-use crate::bitmap::{self, BitmapHeader, BitmapKind, PersistentBitmap};
+use crate::bitmap::{self, BitmapHeader, BitmapKind, JournalState, PersistentBitmap};
 use crate::device::{total_len, BlockDevice, ReadDest, ReadRun};
 use crate::file::check_bounds;
 use crate::overlay::{LockTable, Overlay};
@@ -133,6 +134,7 @@ use crate::source::chunk_len;
 use crate::state::{LayerFile, LayerState, MigrationState};
 use crate::target::Target;
 
+use progress::Progress;
 use repair::Repair;
 use throttle::{RateLimiter, RateWindow};
 
@@ -146,7 +148,8 @@ const TARGET_ERROR_HOLDOFF: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct MigrationOptions {
     /// Copy rate limit in bytes per second; 0 means unlimited. Changeable
-    /// at run time with [`MigratingDevice::set_rate`].
+    /// at run time with [`MigratingDevice::set_rate`]. Bounds the copier
+    /// and copy-on-read alike; zero chunks cost nothing and are not paced.
     pub copy_rate: u64,
     /// Chunks copied in parallel by the background copier.
     pub workers: usize,
@@ -285,8 +288,16 @@ pub struct MigrationStatus {
     pub target: String,
     /// Image size.
     pub bytes_total: u64,
-    /// Bytes of the image on the target.
+    /// Bytes of the image on the target (`bytes_copied + bytes_skipped`,
+    /// but for a migration completed before this process started).
     pub bytes_migrated: u64,
+    /// Bytes of data the migration has to move, done or not (zero chunks
+    /// excluded; see the `progress` module).
+    pub bytes_to_copy: u64,
+    /// Bytes written to the target as data.
+    pub bytes_copied: u64,
+    /// Bytes migrated as zeroes, without a copy.
+    pub bytes_skipped: u64,
     /// Bytes migrated by copy-on-read since this process started.
     pub bytes_copied_on_read: u64,
     /// Chunks in the image.
@@ -297,14 +308,23 @@ pub struct MigrationStatus {
     pub chunks_failed: u64,
     /// Chunks taken from the repair snapshot (see [`MigratingDevice::set_repair_source`]).
     pub chunks_repaired: u64,
-    /// Migration rate over the last few seconds, bytes per second.
+    /// Data written to the target over the last few seconds, bytes per
+    /// second (copied bytes only; never above `rate_limit` when set).
     pub copy_rate: f64,
     /// Configured rate limit, 0 = unlimited.
     pub rate_limit: u64,
-    /// Seconds until complete at the current rate.
+    /// Seconds until the data left to copy is on the target, at the
+    /// current rate.
     pub eta_seconds: Option<f64>,
     /// Bytes held in the overlay (0 once it is freed).
     pub overlay_bytes: u64,
+    /// Guest writes and zeroings that went to the overlay (their chunk not
+    /// migrated yet), since this process started.
+    pub overlay_write_ops: u64,
+    /// Bytes of those.
+    pub overlay_write_bytes: u64,
+    /// Whether the live journals of the overlay and migration bitmaps run.
+    pub journal: JournalState,
 }
 
 /// The layers a migration in progress reads from; dropped on completion.
@@ -392,7 +412,9 @@ pub struct MigratingDevice {
     limiter: RateLimiter,
     window: Mutex<RateWindow>,
     bytes_copied_on_read: AtomicU64,
-    bytes_copied: AtomicU64,
+    progress: Progress,
+    overlay_write_ops: AtomicU64,
+    overlay_write_bytes: AtomicU64,
     since_checkpoint: AtomicU64,
     guest_written_unreliable: AtomicBool,
     epoch: Instant,
@@ -472,11 +494,16 @@ impl MigratingDevice {
         )
         .map_err(Error::Bitmap)?;
         let chunks = migrated.len();
+        let progress = count_progress(&overlay, &snapshot, &migrated, size, chunk_size);
+        let sums = progress.sums();
         tracing::info!(
             target = %target.path().display(),
             chunks,
             migrated = migrated.count_ones(),
             chunk_size,
+            bytes_to_copy = sums.to_copy(),
+            bytes_copied = sums.copied,
+            bytes_skipped = sums.skipped,
             "migration opened"
         );
         let known_zero = target.created();
@@ -496,6 +523,7 @@ impl MigratingDevice {
             Phase::Migrating,
             known_zero,
             opts,
+            progress,
         )))
     }
 
@@ -532,6 +560,7 @@ impl MigratingDevice {
             Phase::Complete,
             false,
             MigrationOptions::default(),
+            Progress::new(0),
         )))
     }
 
@@ -552,6 +581,7 @@ impl MigratingDevice {
         phase: Phase,
         known_zero: bool,
         opts: MigrationOptions,
+        progress: Progress,
     ) -> MigratingDevice {
         MigratingDevice {
             size,
@@ -575,7 +605,9 @@ impl MigratingDevice {
             cursor: Mutex::new(0),
             window: Mutex::new(RateWindow::new(Duration::from_secs(5))),
             bytes_copied_on_read: AtomicU64::new(0),
-            bytes_copied: AtomicU64::new(0),
+            progress,
+            overlay_write_ops: AtomicU64::new(0),
+            overlay_write_bytes: AtomicU64::new(0),
             since_checkpoint: AtomicU64::new(0),
             guest_written_unreliable: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -700,6 +732,7 @@ impl MigratingDevice {
     /// A fresh status report of the migration.
     pub fn status(&self) -> MigrationStatus {
         let layers = self.layers();
+        let sums = self.progress.sums();
         let (chunks_migrated, bytes_migrated, overlay_bytes) = match &layers {
             None => (self.chunks, self.size, 0),
             Some(l) => (
@@ -708,10 +741,19 @@ impl MigratingDevice {
                 l.overlay.allocated_bytes(),
             ),
         };
+        let rate_limit = self.limiter.rate();
         let copy_rate = {
             let mut w = lock(&self.window);
-            w.sample(Instant::now(), bytes_migrated);
+            w.sample(Instant::now(), sums.copied);
             w.rate()
+        };
+        // The limiter holds the long-run rate to the limit; a window that
+        // happens to hold one chunk more than its share (or a limit just
+        // lowered) must not show a rate above it.
+        let copy_rate = if rate_limit > 0 {
+            copy_rate.min(rate_limit as f64)
+        } else {
+            copy_rate
         };
         let ctl = lock(&self.ctl);
         let (phase, mut error) = match (&ctl.phase, ctl.paused) {
@@ -726,11 +768,32 @@ impl MigratingDevice {
                 .as_ref()
                 .map(|(_, e)| format!("Target write failed, retrying: {e}"));
         }
-        let remaining = self.size - bytes_migrated;
         let eta_seconds = match phase {
             MigrationPhase::Complete => Some(0.0),
-            _ if copy_rate > 0.0 => Some(remaining as f64 / copy_rate),
+            MigrationPhase::Failed | MigrationPhase::Paused => None,
+            // Only zero chunks left: they cost nothing.
+            _ if sums.pending == 0 => Some(0.0),
+            _ if copy_rate > 0.0 => Some(sums.pending as f64 / copy_rate),
             _ => None,
+        };
+        let journal = match &layers {
+            None => JournalState::Inactive(
+                "not needed: the migration is complete and writes go straight to the target"
+                    .to_string(),
+            ),
+            Some(l) => [
+                ("overlay", l.overlay.bitmap()),
+                ("migrated", &l.migrated),
+                ("guest-written", &l.guest_written),
+            ]
+            .into_iter()
+            .find_map(|(name, bitmap)| match bitmap.journal_state() {
+                JournalState::Active => None,
+                JournalState::Inactive(reason) => {
+                    Some(JournalState::Inactive(format!("{name} bitmap: {reason}")))
+                }
+            })
+            .unwrap_or(JournalState::Active),
         };
         MigrationStatus {
             phase,
@@ -738,15 +801,21 @@ impl MigratingDevice {
             target: self.target.path().display().to_string(),
             bytes_total: self.size,
             bytes_migrated,
+            bytes_to_copy: sums.to_copy(),
+            bytes_copied: sums.copied,
+            bytes_skipped: sums.skipped,
             bytes_copied_on_read: self.bytes_copied_on_read.load(Ordering::Relaxed),
             chunks_total: self.chunks,
             chunks_migrated,
             chunks_failed: lock(&self.failed).len() as u64,
             chunks_repaired: self.repair.get().map_or(0, Repair::count),
             copy_rate,
-            rate_limit: self.limiter.rate(),
+            rate_limit,
             eta_seconds,
             overlay_bytes,
+            overlay_write_ops: self.overlay_write_ops.load(Ordering::Relaxed),
+            overlay_write_bytes: self.overlay_write_bytes.load(Ordering::Relaxed),
+            journal,
         }
     }
 
@@ -880,7 +949,9 @@ impl MigratingDevice {
             self.known_zero.store(false, Ordering::SeqCst);
             return Err(CopyError::Write(e));
         }
-        l.migrated.set(c);
+        if l.migrated.set(c) {
+            self.progress.migrated(c, len as u64, data.is_some());
+        }
         self.since_checkpoint
             .fetch_add(len as u64, Ordering::Relaxed);
         Ok(Copied::Now(data))
@@ -931,6 +1002,7 @@ impl MigratingDevice {
         let (first, last) = (offset / cs, (end - 1) / cs);
         let _guard = l.locks.lock_range(first, last);
         self.note_guest_written(&l, first, last);
+        let mut to_overlay = 0;
         let mut pos = offset;
         while pos < end {
             let c = pos / cs;
@@ -940,11 +1012,25 @@ impl MigratingDevice {
             match (migrated, piece) {
                 (true, Some(p)) => self.target.write_at(p, pos)?,
                 (true, None) => self.target.zero(pos, run_end - pos)?,
-                (false, Some(p)) => l.overlay.write_at(p, pos)?,
+                (false, Some(p)) => {
+                    l.overlay.write_at(p, pos)?;
+                    // The chunk now holds guest data that has to move.
+                    for c in pos / cs..=(run_end - 1) / cs {
+                        self.progress.needs_copy(c, self.chunk_len(c) as u64);
+                    }
+                }
                 (false, None) if discard => l.overlay.discard(pos, run_end - pos)?,
                 (false, None) => l.overlay.write_zeroes(pos, run_end - pos)?,
             }
+            if !migrated {
+                to_overlay += run_end - pos;
+            }
             pos = run_end;
+        }
+        if to_overlay > 0 {
+            self.overlay_write_ops.fetch_add(1, Ordering::Relaxed);
+            self.overlay_write_bytes
+                .fetch_add(to_overlay, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -957,8 +1043,13 @@ impl MigratingDevice {
         out: &mut ReadRun<'_, '_>,
         pos: u64,
     ) -> io::Result<()> {
-        let copy =
-            self.opts.copy_on_read && !lock(&self.ctl).paused && !self.target_failing_recently();
+        // Under a rate limit, a copy-on-read copies only what the limiter
+        // allows right now (it never waits): the limit bounds every byte
+        // the migration writes, and the guest's read is served either way.
+        let copy = self.opts.copy_on_read
+            && !lock(&self.ctl).paused
+            && !self.target_failing_recently()
+            && (self.costs_nothing(l, c) || self.limiter.try_acquire(self.chunk_len(c) as u64));
         if copy {
             match self.copy_chunk(l, c, None) {
                 Ok(Copied::Now(data)) => {
@@ -977,6 +1068,14 @@ impl MigratingDevice {
             }
         }
         out.read_device(l.overlay.as_ref(), pos)
+    }
+
+    /// Whether copying chunk `c` costs no store or target I/O: a zero
+    /// chunk the overlay does not touch.
+    fn costs_nothing(&self, l: &Layers, c: u64) -> bool {
+        !l.overlay
+            .any_present(self.chunk_start(c), self.chunk_len(c) as u64)
+            && matches!(l.snapshot.source().chunk_key(c), Ok(None))
     }
 
     /// Serves `out` at `pos` from the target.
@@ -1074,6 +1173,34 @@ fn is_zero(buf: &[u8]) -> bool {
     // OR-folding a block vectorises; `all` with its early exit does not.
     buf.chunks(4096)
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// Counts what the migration has to move (see the `progress` module):
+/// chunks not migrated that hold data in the snapshot or the overlay are
+/// pending; migrated ones count as copied or skipped by what they hold.
+/// One manifest lookup per chunk (a chunk the manifest cannot tell about
+/// counts as data).
+fn count_progress(
+    overlay: &Overlay,
+    snapshot: &SnapshotLayer,
+    migrated: &PersistentBitmap,
+    size: u64,
+    chunk_size: u32,
+) -> Progress {
+    let chunks = migrated.len();
+    let progress = Progress::new(chunks);
+    for c in 0..chunks {
+        let start = c * u64::from(chunk_size);
+        let len = chunk_len(size, chunk_size, c) as u64;
+        let data =
+            overlay.any_present(start, len) || !matches!(snapshot.source().chunk_key(c), Ok(None));
+        if migrated.get(c) {
+            progress.migrated(c, len, data);
+        } else if data {
+            progress.needs_copy(c, len);
+        }
+    }
+    progress
 }
 
 /// Checks the target against the one recorded in `state`; returns its

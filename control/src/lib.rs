@@ -280,29 +280,12 @@ mod tests {
     fn non_finite_numbers_are_reported_as_unknown() {
         let status = Status {
             state: State::Migrating,
-            error: None,
             snapshot: "s".into(),
-            target: None,
-            bytes_total: 0,
-            bytes_migrated: 0,
-            bytes_copied_on_read: 0,
-            chunks_total: 0,
-            chunks_migrated: 0,
-            chunks_failed: 0,
             copy_rate: f64::NAN,
-            rate_limit: 0,
             eta_seconds: Some(f64::INFINITY),
-            guest_read_ops: 0,
-            guest_read_bytes: 0,
-            guest_write_ops: 0,
-            guest_write_bytes: 0,
-            guest_flush_ops: 0,
-            guest_io_errors: 0,
-            chunk_read_errors: 0,
-            chunks_repaired: 0,
-            overlay_bytes: 0,
             cache_hit_rate: f64::NEG_INFINITY,
             uptime_seconds: 1.5,
+            ..Status::default()
         };
         let clean = finite(status);
         assert_eq!(

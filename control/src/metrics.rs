@@ -59,6 +59,24 @@ pub fn render_metrics(status: &Status) -> String {
         status.bytes_copied_on_read as f64,
     );
     out.simple(
+        "bytes_to_copy",
+        Kind::Gauge,
+        "Bytes of data the migration has to move, done or not (zero chunks excluded).",
+        status.bytes_to_copy as f64,
+    );
+    out.simple(
+        "bytes_copied_total",
+        Kind::Counter,
+        "Bytes of data written to the target.",
+        status.bytes_copied as f64,
+    );
+    out.simple(
+        "bytes_skipped_total",
+        Kind::Counter,
+        "Bytes migrated without a copy (zero chunks).",
+        status.bytes_skipped as f64,
+    );
+    out.simple(
         "chunks",
         Kind::Gauge,
         "Number of chunks in the image.",
@@ -82,21 +100,16 @@ pub fn render_metrics(status: &Status) -> String {
         "Chunks migrated from the --repair-from snapshot.",
         status.chunks_repaired as f64,
     );
-    let ratio = if status.bytes_total == 0 {
-        1.0
-    } else {
-        status.bytes_migrated.min(status.bytes_total) as f64 / status.bytes_total as f64
-    };
     out.simple(
         "migration_progress_ratio",
         Kind::Gauge,
-        "Fraction of the image migrated, 0 to 1.",
-        ratio,
+        "Fraction of the data to copy that is on the target, 0 to 1 (zero chunks, which cost no copy, are not weighed).",
+        status.progress(),
     );
     out.simple(
         "copy_rate_bytes_per_second",
         Kind::Gauge,
-        "Copy rate over a recent window.",
+        "Rate of data written to the target over a recent window (copied bytes only; never above the limit).",
         status.copy_rate,
     );
     out.simple(
@@ -163,6 +176,18 @@ pub fn render_metrics(status: &Status) -> String {
     );
 
     out.simple(
+        "overlay_writes_total",
+        Kind::Counter,
+        "Guest writes that landed in the overlay (their chunk not yet on the target).",
+        status.overlay_write_ops as f64,
+    );
+    out.simple(
+        "overlay_write_bytes_total",
+        Kind::Counter,
+        "Bytes of guest writes that landed in the overlay.",
+        status.overlay_write_bytes as f64,
+    );
+    out.simple(
         "overlay_bytes",
         Kind::Gauge,
         "Bytes of guest data held in the overlay.",
@@ -180,6 +205,25 @@ pub fn render_metrics(status: &Status) -> String {
         "Seconds since the daemon started.",
         status.uptime_seconds,
     );
+
+    out.simple(
+        "journal_active",
+        Kind::Gauge,
+        "1 if the live journal runs (acknowledged writes survive a daemon restart), 0 if not.",
+        if status.journal_active { 1.0 } else { 0.0 },
+    );
+    if !status.journal_active {
+        out.metric(
+            "journal_inactive_info",
+            Kind::Gauge,
+            "Why the live journal does not run.",
+        );
+        let reason = status
+            .journal_inactive_reason
+            .as_deref()
+            .unwrap_or("no reason given");
+        out.sample("journal_inactive_info", &[("reason", reason)], 1.0);
+    }
 
     out.text
 }
@@ -268,29 +312,30 @@ mod tests {
     fn sample_status() -> Status {
         Status {
             state: State::Migrating,
-            error: None,
             snapshot: "vm1/2024-05-01".to_string(),
             target: Some("/dev/vg0/\"prod\"\\disk".to_string()),
             bytes_total: 4 << 30,
-            bytes_migrated: 1 << 30,
+            bytes_migrated: 3 << 30,
             bytes_copied_on_read: 64 << 20,
+            bytes_to_copy: 2 << 30,
+            bytes_copied: 1 << 30,
+            bytes_skipped: 2 << 30,
             chunks_total: 1024,
-            chunks_migrated: 256,
-            chunks_failed: 0,
+            chunks_migrated: 768,
             copy_rate: 123_456_789.5,
-            rate_limit: 0,
             eta_seconds: Some(26.1),
             guest_read_ops: 10,
             guest_read_bytes: 40960,
             guest_write_ops: 3,
             guest_write_bytes: 12288,
             guest_flush_ops: 1,
-            guest_io_errors: 0,
-            chunk_read_errors: 0,
-            chunks_repaired: 0,
+            overlay_write_ops: 2,
+            overlay_write_bytes: 8192,
             overlay_bytes: 12288,
             cache_hit_rate: 0.75,
             uptime_seconds: 12.5,
+            journal_active: true,
+            ..Status::default()
         }
     }
 
@@ -438,14 +483,29 @@ mod tests {
 
         assert_eq!(
             value(&samples, "bytes_migrated_total", &[]),
+            (3u64 << 30) as f64
+        );
+        assert_eq!(value(&samples, "bytes_to_copy", &[]), (2u64 << 30) as f64);
+        assert_eq!(
+            value(&samples, "bytes_copied_total", &[]),
             (1u64 << 30) as f64
         );
+        assert_eq!(
+            value(&samples, "bytes_skipped_total", &[]),
+            (2u64 << 30) as f64
+        );
+        assert_eq!(value(&samples, "overlay_writes_total", &[]), 2.0);
+        assert_eq!(value(&samples, "overlay_write_bytes_total", &[]), 8192.0);
+        assert_eq!(value(&samples, "journal_active", &[]), 1.0);
+        assert!(!text.contains("journal_inactive_info"));
         assert_eq!(value(&samples, "image_bytes", &[]), (4u64 << 30) as f64);
         assert_eq!(
             value(&samples, "copy_rate_bytes_per_second", &[]),
             123_456_789.5
         );
-        assert_eq!(value(&samples, "migration_progress_ratio", &[]), 0.25);
+        // Half the data to copy is there (three quarters of the image,
+        // most of it skipped zeroes).
+        assert_eq!(value(&samples, "migration_progress_ratio", &[]), 0.5);
         assert_eq!(value(&samples, "eta_seconds", &[]), 26.1);
         assert_eq!(value(&samples, "guest_ops_total", &[("op", "write")]), 3.0);
         assert_eq!(
@@ -487,6 +547,7 @@ mod tests {
             copy_rate: f64::NAN,
             uptime_seconds: f64::INFINITY,
             bytes_total: 0,
+            bytes_to_copy: 0,
             target: None,
             snapshot: "line\nbreak".to_string(),
             ..sample_status()
@@ -502,6 +563,25 @@ mod tests {
                 &samples,
                 "info",
                 &[("snapshot", "line\nbreak"), ("target", "")]
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn an_inactive_journal_says_why() {
+        let status = Status {
+            journal_active: false,
+            journal_inactive_reason: Some("cannot read \"boot_id\"".into()),
+            ..sample_status()
+        };
+        let samples = parse(&render_metrics(&status));
+        assert_eq!(value(&samples, "journal_active", &[]), 0.0);
+        assert_eq!(
+            value(
+                &samples,
+                "journal_inactive_info",
+                &[("reason", "cannot read \"boot_id\"")]
             ),
             1.0
         );

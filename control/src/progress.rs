@@ -1,22 +1,46 @@
 //! One-line progress and state-change texts, shared by the daemon's log
 //! (`daemon::progress_log`) and `recovery-cli status`.
 
-use super::human::{format_bytes, format_duration, format_rate, percent};
+use super::human::{format_bytes, format_duration, format_rate};
 use crate::status::{State, Status};
 
-/// `"migration 25.0% (1.0 GiB of 4.0 GiB) at 80.0 MiB/s, ETA 38s"`.
+/// What has been done of what: `"1.0 GiB of 4.0 GiB copied, 12.0 GiB of
+/// zeroes skipped"`, weighed like [`Status::progress`] (a daemon that
+/// does not report bytes to copy: `"1.0 GiB of 4.0 GiB"` migrated).
+pub fn amounts(status: &Status) -> String {
+    if status.bytes_to_copy == 0 {
+        return format!(
+            "{} of {}",
+            format_bytes(status.bytes_migrated),
+            format_bytes(status.bytes_total)
+        );
+    }
+    let mut text = format!(
+        "{} of {} copied",
+        format_bytes(status.bytes_copied.min(status.bytes_to_copy)),
+        format_bytes(status.bytes_to_copy)
+    );
+    if status.bytes_skipped > 0 {
+        text.push_str(&format!(
+            ", {} of zeroes skipped",
+            format_bytes(status.bytes_skipped)
+        ));
+    }
+    text
+}
+
+/// `"migration 25.0% (1.0 GiB of 4.0 GiB copied, 8.0 GiB of zeroes
+/// skipped) at 80.0 MiB/s, ETA 38s"`.
 pub fn progress_line(status: &Status) -> String {
     let eta = match status.eta_seconds {
         Some(eta) => format_duration(eta),
         None => "unknown".to_string(),
     };
     let mut line = format!(
-        "migration {:.1}% ({} of {}) at {}, ETA {}",
-        percent(status.bytes_migrated, status.bytes_total),
-        format_bytes(status.bytes_migrated),
-        format_bytes(status.bytes_total),
+        "migration {:.1}% ({}) at {}",
+        status.progress() * 100.0,
+        amounts(status),
         format_rate(status.copy_rate),
-        eta,
     );
     if status.rate_limit > 0 {
         line.push_str(&format!(
@@ -24,6 +48,7 @@ pub fn progress_line(status: &Status) -> String {
             format_rate(status.rate_limit as f64)
         ));
     }
+    line.push_str(&format!(", ETA {eta}"));
     if status.chunks_failed > 0 {
         line.push_str(&format!(", {} chunks failed", status.chunks_failed));
     }
@@ -37,21 +62,36 @@ pub fn transition_line(previous: Option<State>, status: &Status) -> Option<Strin
     if previous == Some(status.state) {
         return None;
     }
-    let migrated = format_bytes(status.bytes_migrated);
-    let total = format_bytes(status.bytes_total);
+    let done = amounts(status);
     match (previous, status.state) {
-        (_, State::Paused) => Some(format!("migration paused at {migrated} of {total}")),
-        (Some(State::Paused), State::Migrating) => {
-            Some(format!("migration resumed at {migrated} of {total}"))
-        }
-        (_, State::Complete) => Some(format!("migration complete: {total} on the target")),
+        (_, State::Paused) => Some(format!("migration paused at {done}")),
+        (Some(State::Paused), State::Migrating) => Some(format!("migration resumed at {done}")),
+        (_, State::Complete) => Some(format!(
+            "migration complete: {} on the target",
+            format_bytes(status.bytes_total)
+        )),
         (_, State::Failed) => Some(format!(
-            "migration failed at {migrated} of {total}: {}",
+            "migration failed at {done}: {}",
             status.error.as_deref().unwrap_or("unknown error")
         )),
-        (Some(_), State::Migrating) => Some(format!("migration started at {migrated} of {total}")),
+        (Some(_), State::Migrating) => Some(format!("migration started at {done}")),
         (Some(_), State::Serving) => Some("serving without a migration target".to_string()),
         (None, State::Migrating | State::Serving) => None,
+    }
+}
+
+/// A line saying whether the live journal runs, and if not, why.
+pub fn journal_line(status: &Status) -> String {
+    if status.journal_active {
+        "live journal active: acknowledged writes survive a restart of the daemon".to_string()
+    } else {
+        format!(
+            "live journal inactive ({}): acknowledged writes not yet flushed would not survive a restart of the daemon",
+            status
+                .journal_inactive_reason
+                .as_deref()
+                .unwrap_or("no reason given")
+        )
     }
 }
 
@@ -59,51 +99,56 @@ pub fn transition_line(previous: Option<State>, status: &Status) -> Option<Strin
 mod tests {
     use super::*;
 
-    fn status(state: State, migrated: u64) -> Status {
+    fn status(state: State, copied: u64) -> Status {
         Status {
             state,
-            error: None,
             snapshot: "s".into(),
             target: Some("/t".into()),
-            bytes_total: 4 << 30,
-            bytes_migrated: migrated,
-            bytes_copied_on_read: 0,
-            chunks_total: 1024,
-            chunks_migrated: migrated >> 22,
-            chunks_failed: 0,
+            bytes_total: 16 << 30,
+            bytes_to_copy: 4 << 30,
+            bytes_copied: copied,
+            bytes_skipped: 8 << 30,
+            bytes_migrated: copied + (8 << 30),
+            chunks_total: 4096,
             copy_rate: 80.0 * 1024.0 * 1024.0,
-            rate_limit: 0,
             eta_seconds: Some(38.4),
-            guest_read_ops: 0,
-            guest_read_bytes: 0,
-            guest_write_ops: 0,
-            guest_write_bytes: 0,
-            guest_flush_ops: 0,
-            guest_io_errors: 0,
-            chunk_read_errors: 0,
-            chunks_repaired: 0,
-            overlay_bytes: 0,
-            cache_hit_rate: 0.0,
             uptime_seconds: 1.0,
+            ..Status::default()
         }
     }
 
     #[test]
-    fn progress_line_reads_well() {
+    fn progress_line_weighs_the_bytes_that_move() {
         let s = status(State::Migrating, 1 << 30);
+        // 9 GiB of 16 GiB are on the target, but only a quarter of the
+        // data that has to move.
         assert_eq!(
             progress_line(&s),
-            "migration 25.0% (1.0 GiB of 4.0 GiB) at 80.0 MiB/s, ETA 38s"
+            "migration 25.0% (1.0 GiB of 4.0 GiB copied, 8.0 GiB of zeroes skipped) at 80.0 MiB/s, ETA 38s"
         );
         let s = Status {
             eta_seconds: None,
             rate_limit: 50 << 20,
             chunks_failed: 2,
+            bytes_skipped: 0,
             ..s
         };
         assert_eq!(
             progress_line(&s),
-            "migration 25.0% (1.0 GiB of 4.0 GiB) at 80.0 MiB/s, ETA unknown (limit 50.0 MiB/s), 2 chunks failed"
+            "migration 25.0% (1.0 GiB of 4.0 GiB copied) at 80.0 MiB/s (limit 50.0 MiB/s), ETA unknown, 2 chunks failed"
+        );
+        // A daemon that does not report bytes to copy: the image's share.
+        let old = Status {
+            bytes_to_copy: 0,
+            bytes_copied: 0,
+            bytes_skipped: 0,
+            bytes_migrated: 4 << 30,
+            ..s
+        };
+        assert!(
+            progress_line(&old).starts_with("migration 25.0% (4.0 GiB of 16.0 GiB) at"),
+            "{}",
+            progress_line(&old)
         );
     }
 
@@ -115,7 +160,7 @@ mod tests {
         let paused = status(State::Paused, 1 << 30);
         assert_eq!(
             transition_line(Some(State::Migrating), &paused).as_deref(),
-            Some("migration paused at 1.0 GiB of 4.0 GiB")
+            Some("migration paused at 1.0 GiB of 4.0 GiB copied, 8.0 GiB of zeroes skipped")
         );
         assert!(transition_line(Some(State::Paused), &migrating)
             .unwrap()
@@ -127,8 +172,24 @@ mod tests {
         assert!(transition_line(Some(State::Migrating), &failed)
             .unwrap()
             .ends_with(": target: EIO"));
-        assert!(transition_line(None, &status(State::Complete, 4 << 30))
-            .unwrap()
-            .contains("complete"));
+        assert_eq!(
+            transition_line(None, &status(State::Complete, 4 << 30)).as_deref(),
+            Some("migration complete: 16.0 GiB on the target")
+        );
+    }
+
+    #[test]
+    fn journal_line_says_why() {
+        let active = Status {
+            journal_active: true,
+            ..Status::default()
+        };
+        assert!(journal_line(&active).starts_with("live journal active"));
+        let off = Status {
+            journal_inactive_reason: Some("cannot read the boot id".into()),
+            ..Status::default()
+        };
+        assert!(journal_line(&off)
+            .starts_with("live journal inactive (cannot read the boot id): acknowledged writes"));
     }
 }

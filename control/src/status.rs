@@ -71,8 +71,27 @@ pub struct Status {
     pub target: Option<String>,
 
     pub bytes_total: u64,
+    /// Bytes of the image on the target: `bytes_copied + bytes_skipped`
+    /// (for a migration that completed before this process started, the
+    /// image size while both of those are 0).
     pub bytes_migrated: u64,
     pub bytes_copied_on_read: u64,
+    /// Bytes of data the migration has to move, done or not: chunks that
+    /// hold data in the snapshot or in the guest's writes. Zero chunks cost
+    /// no copy and are not counted. Grows when the guest writes data into
+    /// a zero chunk not migrated yet, shrinks when it zeroes one. Progress
+    /// and the ETA are weighed by these bytes.
+    #[serde(default)]
+    pub bytes_to_copy: u64,
+    /// Bytes of data written to the target (by the copier and by
+    /// copy-on-read; chunks migrated by an earlier run of the daemon are
+    /// counted by what they hold).
+    #[serde(default)]
+    pub bytes_copied: u64,
+    /// Bytes migrated without a copy: zero chunks, which a target known to
+    /// be zero already holds (or which are zeroed without writing data).
+    #[serde(default)]
+    pub bytes_skipped: u64,
     pub chunks_total: u64,
     pub chunks_migrated: u64,
     /// Chunks the copier could not read (corrupt or missing in the store).
@@ -81,10 +100,16 @@ pub struct Status {
     /// snapshot's copy could not be read (since this process started).
     #[serde(default)]
     pub chunks_repaired: u64,
-    /// Copy rate over a recent window, in bytes per second.
+    /// Rate of data written to the target over a recent window, in bytes
+    /// per second: copied bytes only, never skipped ones, and never above
+    /// `rate_limit` when one is set.
     pub copy_rate: f64,
     /// The configured rate limit in bytes per second; 0 means unlimited.
     pub rate_limit: u64,
+    /// Seconds until every byte of `bytes_to_copy` is on the target, at
+    /// the current rate; 0 once complete and when serving without a
+    /// target (there is nothing to copy); absent while unknown (no rate
+    /// measured yet, or paused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<f64>,
 
@@ -100,11 +125,48 @@ pub struct Status {
     #[serde(default)]
     pub chunk_read_errors: u64,
 
+    /// Guest writes (and zeroings) that landed in the overlay, because
+    /// their chunk was not on the target yet, since this process started.
+    /// Without a target every guest write goes there.
+    #[serde(default)]
+    pub overlay_write_ops: u64,
+    /// Bytes of those writes.
+    #[serde(default)]
+    pub overlay_write_bytes: u64,
     /// Bytes of guest data held in the overlay.
     pub overlay_bytes: u64,
     /// Chunk cache hits / (hits + misses), 0.0 before the first lookup.
     pub cache_hit_rate: f64,
     pub uptime_seconds: f64,
+
+    /// Whether the live journal runs, so acknowledged writes not yet
+    /// flushed survive a restart of the daemon (see `block::bitmap`).
+    #[serde(default)]
+    pub journal_active: bool,
+    /// Why the journal does not run (`journal_active` false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_inactive_reason: Option<String>,
+}
+
+impl Status {
+    /// Migration progress in `0.0..=1.0`, weighed by the bytes that have
+    /// to move: `bytes_copied / bytes_to_copy`. 1.0 once complete. Without
+    /// bytes to copy (an image of zeroes, or a daemon too old to report
+    /// them), the share of the image migrated.
+    pub fn progress(&self) -> f64 {
+        if self.state == State::Complete {
+            return 1.0;
+        }
+        let (done, total) = if self.bytes_to_copy > 0 {
+            (self.bytes_copied, self.bytes_to_copy)
+        } else {
+            (self.bytes_migrated, self.bytes_total)
+        };
+        if total == 0 {
+            return 1.0;
+        }
+        done.min(total) as f64 / total as f64
+    }
 }
 
 /// Commands an operator sends to a running daemon.

@@ -351,7 +351,6 @@ mod tests {
                 } else {
                     State::Migrating
                 },
-                error: None,
                 snapshot: "vm/1".into(),
                 target: Some("/prod/disk.raw".into()),
                 bytes_total: 1 << 30,
@@ -359,7 +358,6 @@ mod tests {
                 bytes_copied_on_read: 4096,
                 chunks_total: 256,
                 chunks_migrated: 64,
-                chunks_failed: 0,
                 copy_rate: f64::NAN,
                 rate_limit: self.rate.load(Ordering::SeqCst),
                 eta_seconds: Some(f64::INFINITY),
@@ -368,12 +366,10 @@ mod tests {
                 guest_write_ops: 2,
                 guest_write_bytes: 8192,
                 guest_flush_ops: 1,
-                guest_io_errors: 0,
-                chunk_read_errors: 0,
-                chunks_repaired: 0,
                 overlay_bytes: 8192,
                 cache_hit_rate: 0.5,
                 uptime_seconds: 3.0,
+                ..Status::default()
             }
         }
         fn pause(&self) -> std::result::Result<(), String> {

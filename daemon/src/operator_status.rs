@@ -10,11 +10,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use block::bitmap::JournalState;
 use block::cache::ChunkCache;
 use block::device::BlockDevice;
 use block::metered::MeteredDevice;
 use block::migrate::{MigratingDevice, MigrationPhase, MigrationStatus};
 use block::overlay::Overlay;
+use block::source::ChunkSource;
 use block::store_source::StoreSource;
 use control::{Control, State, Status};
 
@@ -81,20 +83,26 @@ impl DaemonStatus {
 impl Control for DaemonStatus {
     fn status(&self) -> Status {
         let guest = self.metered.counters();
+        let bytes_total = self.metered.size();
+        // Without a target nothing is copied: every chunk of the image
+        // (the served snapshot's chunk size) waits in the store, and
+        // every guest write goes to the overlay.
+        let chunks_total = self
+            .sources
+            .first()
+            .map(|s| u64::from(s.chunk_size()))
+            .filter(|&cs| cs > 0)
+            .map_or(0, |cs| bytes_total.div_ceil(cs));
+        let (journal_active, journal_inactive_reason) = match &self.overlay {
+            Some(o) => journal_fields(o.bitmap().journal_state()),
+            None => (false, Some("no overlay".to_string())),
+        };
         let mut status = Status {
             state: State::Serving,
-            error: None,
             snapshot: self.snapshot.clone(),
-            target: None,
-            bytes_total: self.metered.size(),
-            bytes_migrated: 0,
-            bytes_copied_on_read: 0,
-            chunks_total: 0,
-            chunks_migrated: 0,
-            chunks_failed: 0,
-            copy_rate: 0.0,
-            rate_limit: 0,
-            eta_seconds: None,
+            bytes_total,
+            chunks_total,
+            eta_seconds: Some(0.0),
             guest_read_ops: guest.read_ops,
             guest_read_bytes: guest.read_bytes,
             guest_write_ops: guest.write_ops,
@@ -102,10 +110,14 @@ impl Control for DaemonStatus {
             guest_flush_ops: guest.flush_ops,
             guest_io_errors: guest.io_errors,
             chunk_read_errors: self.sources.iter().map(|s| s.read_errors()).sum(),
-            chunks_repaired: 0,
+            overlay_write_ops: guest.write_ops,
+            overlay_write_bytes: guest.write_bytes,
             overlay_bytes: self.overlay.as_ref().map_or(0, |o| o.allocated_bytes()),
             cache_hit_rate: self.cache.as_ref().map_or(0.0, |c| c.stats().hit_rate()),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
+            journal_active,
+            journal_inactive_reason,
+            ..Status::default()
         };
         if let Some(m) = &self.migration {
             apply_migration(&m.status(), &mut status);
@@ -149,6 +161,9 @@ fn apply_migration(m: &MigrationStatus, status: &mut Status) {
     status.target = Some(m.target.clone());
     status.bytes_total = m.bytes_total;
     status.bytes_migrated = m.bytes_migrated;
+    status.bytes_to_copy = m.bytes_to_copy;
+    status.bytes_copied = m.bytes_copied;
+    status.bytes_skipped = m.bytes_skipped;
     status.bytes_copied_on_read = m.bytes_copied_on_read;
     status.chunks_total = m.chunks_total;
     status.chunks_migrated = m.chunks_migrated;
@@ -158,6 +173,17 @@ fn apply_migration(m: &MigrationStatus, status: &mut Status) {
     status.rate_limit = m.rate_limit;
     status.eta_seconds = m.eta_seconds;
     status.overlay_bytes = m.overlay_bytes;
+    status.overlay_write_ops = m.overlay_write_ops;
+    status.overlay_write_bytes = m.overlay_write_bytes;
+    (status.journal_active, status.journal_inactive_reason) = journal_fields(m.journal.clone());
+}
+
+/// `journal_active` and `journal_inactive_reason` for a journal state.
+fn journal_fields(state: JournalState) -> (bool, Option<String>) {
+    match state {
+        JournalState::Active => (true, None),
+        JournalState::Inactive(reason) => (false, Some(reason)),
+    }
 }
 
 #[cfg(test)]
@@ -172,6 +198,7 @@ mod tests {
             8192
         ]))));
         let cache = Arc::new(ChunkCache::new(1 << 20));
+        let created = Instant::now();
         let status = DaemonStatus::new("vm@abcd", dev.clone()).with_cache(cache);
         dev.write_at(&[1; 512], 0).unwrap();
         let mut buf = [0u8; 1024];
@@ -185,9 +212,68 @@ mod tests {
         assert_eq!((s.guest_write_ops, s.guest_write_bytes), (1, 512));
         assert_eq!((s.guest_flush_ops, s.guest_io_errors), (1, 0));
         assert_eq!(s.target, None);
-        assert!(s.uptime_seconds >= 0.0);
+        // Every guest write went to the overlay; nothing is left to copy.
+        assert_eq!((s.overlay_write_ops, s.overlay_write_bytes), (1, 512));
+        assert_eq!((s.bytes_to_copy, s.eta_seconds), (0, Some(0.0)));
+        // Uptime counts from the status's creation, not from some other epoch.
+        let bound = created.elapsed().as_secs_f64();
+        assert!(
+            s.uptime_seconds > 0.0 && s.uptime_seconds <= bound,
+            "{} not in (0, {bound}]",
+            s.uptime_seconds
+        );
         for r in [status.pause(), status.resume(), status.set_rate(5)] {
             assert!(r.unwrap_err().contains("--target"));
         }
+    }
+
+    #[test]
+    fn a_migration_fills_progress_and_journal_fields() {
+        let m = MigrationStatus {
+            phase: MigrationPhase::Migrating,
+            error: None,
+            target: "/t".into(),
+            bytes_total: 100,
+            bytes_migrated: 60,
+            bytes_to_copy: 50,
+            bytes_copied: 20,
+            bytes_skipped: 40,
+            bytes_copied_on_read: 10,
+            chunks_total: 10,
+            chunks_migrated: 6,
+            chunks_failed: 0,
+            chunks_repaired: 0,
+            copy_rate: 5.0,
+            rate_limit: 5,
+            eta_seconds: Some(6.0),
+            overlay_bytes: 8,
+            overlay_write_ops: 3,
+            overlay_write_bytes: 12,
+            journal: JournalState::Inactive("migrated bitmap: cannot read the boot id".into()),
+        };
+        let mut s = Status {
+            journal_active: true,
+            ..Status::default()
+        };
+        apply_migration(&m, &mut s);
+        assert_eq!(s.state, State::Migrating);
+        assert_eq!(
+            (s.bytes_to_copy, s.bytes_copied, s.bytes_skipped),
+            (50, 20, 40)
+        );
+        assert_eq!((s.overlay_write_ops, s.overlay_write_bytes), (3, 12));
+        assert!(!s.journal_active);
+        assert_eq!(
+            s.journal_inactive_reason.as_deref(),
+            Some("migrated bitmap: cannot read the boot id")
+        );
+        apply_migration(
+            &MigrationStatus {
+                journal: JournalState::Active,
+                ..m
+            },
+            &mut s,
+        );
+        assert!(s.journal_active && s.journal_inactive_reason.is_none());
     }
 }

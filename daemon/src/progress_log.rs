@@ -1,8 +1,12 @@
 //! Periodic progress lines in the daemon's log, for journald.
 //!
 //! While the copier runs, one `info!` line per interval reports the
-//! percentage, bytes, rate and ETA; state changes (paused, resumed,
-//! complete, failed) are logged once when the logger sees them. The
+//! percentage, bytes copied, to copy and skipped, rate and ETA; state
+//! changes (paused, resumed, complete, failed) are logged once when the
+//! logger sees them. The first report says whether the live journal runs
+//! (`info!`) or not and why (`warn!`), and so does every later change of
+//! it (a journal write that fails). The CLI's default log filter shows
+//! this module's `info!` lines. The
 //! logger only reads [`Control::status`], so it can never slow the
 //! copier down by more than one status snapshot per interval.
 
@@ -13,8 +17,7 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use tracing::{info, warn};
 
-use control::human::percent;
-use control::progress::{progress_line, transition_line};
+use control::progress::{journal_line, progress_line, transition_line};
 use control::{Control, State, Status};
 
 /// How often the daemon logs progress unless told otherwise.
@@ -60,8 +63,13 @@ pub fn spawn_progress_logger(
         .name("progress-log".to_string())
         .spawn(move || {
             let mut last: Option<State> = None;
+            let mut journal: Option<bool> = None;
             loop {
                 let status = control.status();
+                if journal != Some(status.journal_active) {
+                    log_journal(&status);
+                    journal = Some(status.journal_active);
+                }
                 if let Some(line) = transition_line(last, &status) {
                     if status.state == State::Failed {
                         warn!(state = "failed", "{line}");
@@ -85,11 +93,27 @@ pub fn spawn_progress_logger(
     })
 }
 
+fn log_journal(status: &Status) {
+    if status.journal_active {
+        info!(journal_active = true, "{}", journal_line(status));
+    } else {
+        warn!(
+            journal_active = false,
+            reason = status.journal_inactive_reason.as_deref().unwrap_or(""),
+            "{}",
+            journal_line(status)
+        );
+    }
+}
+
 fn log_progress(status: &Status) {
     info!(
-        percent = format_args!("{:.1}", percent(status.bytes_migrated, status.bytes_total)),
+        percent = format_args!("{:.1}", status.progress() * 100.0),
         bytes_migrated = status.bytes_migrated,
         bytes_total = status.bytes_total,
+        bytes_to_copy = status.bytes_to_copy,
+        bytes_copied = status.bytes_copied,
+        bytes_skipped = status.bytes_skipped,
         copy_rate = status.copy_rate.round() as u64,
         eta_seconds = status.eta_seconds.map(|s| s.round() as u64),
         "{}",
@@ -157,7 +181,7 @@ mod tests {
             "stop took {:?}",
             start.elapsed()
         );
-        std::thread::sleep(Duration::from_millis(60));
+        // stop() joined the thread: nothing can poll any more.
         assert_eq!(
             control.calls.load(Ordering::SeqCst),
             after_stop,

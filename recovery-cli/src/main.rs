@@ -8,9 +8,11 @@ use recovery_cli::Cli;
 use tracing_subscriber::EnvFilter;
 
 fn init_tracing() {
-    // Bridge `log` records (rust-vmm crates) into tracing.
+    // Bridge `log` records (rust-vmm crates) into tracing. The default
+    // shows warnings, plus the daemon's progress and journal lines.
     let _ = tracing_log::LogTracer::init();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,daemon::progress_log=info"));
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -213,9 +213,7 @@ impl MigratingDevice {
         let start = self.chunk_start(c);
         let len = self.chunk_len(c) as u64;
         // Zero chunks the overlay does not touch cost no store or target I/O.
-        let cheap = !l.overlay.any_present(start, len)
-            && matches!(l.snapshot.source().chunk_key(c), Ok(None));
-        if !cheap {
+        if !self.costs_nothing(l, c) {
             self.limiter.acquire(len, || self.stopping());
             if lock(&self.ctl).paused {
                 // Paused while waiting: left for the next pass.
@@ -245,7 +243,6 @@ impl MigratingDevice {
             };
             match result {
                 Ok(Copied::Now(_)) => {
-                    self.bytes_copied.fetch_add(len, Ordering::Relaxed);
                     self.clear_target_error();
                     if let Some(primary) = &repairing {
                         self.note_repaired(c, primary);
@@ -282,8 +279,7 @@ impl MigratingDevice {
     fn tick(&self, t: &mut Ticker) {
         let Some(l) = self.layers() else { return };
         let now = Instant::now();
-        let migrated = self.migrated_bytes(&l);
-        lock(&self.window).sample(now, migrated);
+        lock(&self.window).sample(now, self.progress.sums().copied);
         let pending = self.since_checkpoint.load(Ordering::Relaxed);
         let due = pending >= self.opts.checkpoint_bytes
             || (pending > 0
@@ -305,9 +301,12 @@ impl MigratingDevice {
             tracing::debug!(
                 migrated = s.bytes_migrated,
                 total = s.bytes_total,
+                copied = s.bytes_copied,
+                to_copy = s.bytes_to_copy,
+                skipped = s.bytes_skipped,
                 percent = format!(
                     "{:.1}",
-                    100.0 * s.bytes_migrated as f64 / s.bytes_total.max(1) as f64
+                    100.0 * s.bytes_copied as f64 / s.bytes_to_copy.max(1) as f64
                 ),
                 rate = format!("{:.0}", s.copy_rate),
                 eta_seconds = s.eta_seconds.map(|e| e.round()),

@@ -4,7 +4,15 @@
 //! virtual clock that advances `bytes / rate` per reservation, and the
 //! worker waits until its reservation's end before copying. Idle time
 //! earns no credit (no bursts after a pause), and a rate change cancels
-//! every pending reservation so it applies at once.
+//! every pending reservation so it applies at once. However small the
+//! rate (below one chunk per second), chunks move one at a time, each a
+//! full `chunk / rate` after the one before. A copy-on-read takes a
+//! reservation only if one could start now ([`RateLimiter::try_acquire`]),
+//! so it never waits and never pushes the total past the limit.
+//!
+//! Time-dependent decisions take the time as an argument
+//! ([`RateLimiter::reserve`], [`RateWindow::sample`]), so tests drive them
+//! with a synthetic clock; only [`RateLimiter::acquire`] sleeps.
 //!
 //! [`RateWindow`] measures the migration rate over a sliding window of
 //! `(time, bytes migrated)` samples.
@@ -16,6 +24,16 @@ use std::time::{Duration, Instant};
 
 /// Longest single sleep, so a rate change or a stop is noticed quickly.
 const SLICE: Duration = Duration::from_millis(20);
+/// Longest single reservation (a chunk at a rate of a few bytes per
+/// second), so instants never overflow.
+const LONGEST: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+/// How long `bytes` take at `rate` bytes per second (`rate` > 0).
+fn duration(bytes: u64, rate: u64) -> Duration {
+    Duration::try_from_secs_f64(bytes as f64 / rate as f64)
+        .unwrap_or(LONGEST)
+        .min(LONGEST)
+}
 
 /// A token bucket without burst, changeable at run time.
 pub(super) struct RateLimiter {
@@ -47,18 +65,45 @@ impl RateLimiter {
         *next = Instant::now();
     }
 
+    /// Reserves `bytes` at `now`: the instant the reservation ends, when
+    /// the bytes may be copied, and the rate generation it belongs to.
+    /// `None` when there is no limit.
+    pub(super) fn reserve(&self, bytes: u64, now: Instant) -> Option<(Instant, u64)> {
+        let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+        let rate = self.rate.load(Ordering::SeqCst);
+        if rate == 0 || bytes == 0 {
+            return None;
+        }
+        let start = (*next).max(now);
+        *next = start + duration(bytes, rate);
+        Some((*next, self.generation.load(Ordering::SeqCst)))
+    }
+
+    /// Reserves `bytes` if nothing else is reserved beyond `now`, i.e. if
+    /// they may be copied at once; never waits.
+    pub(super) fn try_reserve(&self, bytes: u64, now: Instant) -> bool {
+        let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+        let rate = self.rate.load(Ordering::SeqCst);
+        if rate == 0 || bytes == 0 {
+            return true;
+        }
+        if *next > now {
+            return false;
+        }
+        *next = now + duration(bytes, rate);
+        true
+    }
+
+    /// [`RateLimiter::try_reserve`] now.
+    pub(super) fn try_acquire(&self, bytes: u64) -> bool {
+        self.try_reserve(bytes, Instant::now())
+    }
+
     /// Waits until `bytes` may be copied. Returns early if `stop()` turns true.
     pub(super) fn acquire(&self, bytes: u64, stop: impl Fn() -> bool) {
         loop {
-            let (until, generation) = {
-                let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
-                let rate = self.rate.load(Ordering::SeqCst);
-                if rate == 0 || bytes == 0 {
-                    return;
-                }
-                let start = (*next).max(Instant::now());
-                *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
-                (*next, self.generation.load(Ordering::SeqCst))
+            let Some((until, generation)) = self.reserve(bytes, Instant::now()) else {
+                return;
             };
             loop {
                 let now = Instant::now();
@@ -120,37 +165,65 @@ mod tests {
     use super::*;
 
     #[test]
-    fn limiter_paces_and_applies_rate_changes_at_once() {
-        let limiter = RateLimiter::new(1 << 20);
-        let start = Instant::now();
-        // 4 reservations of 128 KiB at 1 MiB/s from 2 threads: >= 0.5 s.
+    fn a_waiting_acquire_ends_on_a_rate_change_or_a_stop() {
+        // A huge reservation at a crawl is cut short by lifting the limit
+        // (whether the lift comes before or during the wait).
+        let limiter = RateLimiter::new(1);
         std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    for _ in 0..2 {
-                        limiter.acquire(128 << 10, || false);
-                    }
-                });
-            }
-        });
-        let took = start.elapsed();
-        assert!(took >= Duration::from_millis(490), "{took:?}");
-        assert!(took < Duration::from_secs(3), "{took:?}");
-        // A huge reservation at a crawl is cut short by lifting the limit.
-        limiter.set_rate(1);
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            s.spawn(|| limiter.acquire(1 << 30, || false));
-            std::thread::sleep(Duration::from_millis(100));
+            let waiter = s.spawn(|| limiter.acquire(1 << 30, || false));
             limiter.set_rate(0);
+            waiter.join().unwrap();
         });
-        assert!(start.elapsed() < Duration::from_secs(2));
         assert_eq!(limiter.rate(), 0);
         // Stop ends a wait too.
         limiter.set_rate(1);
-        let start = Instant::now();
-        limiter.acquire(1 << 30, || start.elapsed() > Duration::from_millis(50));
-        assert!(start.elapsed() < Duration::from_secs(2));
+        limiter.acquire(1 << 30, || true);
+    }
+
+    #[test]
+    fn tiny_rates_space_single_chunks_on_a_synthetic_clock() {
+        // 1 byte per second, 64 KiB chunks: each reservation ends a full
+        // 65536 s after the one before, however many workers ask at once.
+        let limiter = RateLimiter::new(1);
+        let t0 = Instant::now();
+        let ends: Vec<Instant> = (0..16)
+            .map(|_| limiter.reserve(64 << 10, t0).unwrap().0)
+            .collect();
+        for (k, end) in ends.iter().enumerate() {
+            assert_eq!(
+                end.duration_since(t0),
+                Duration::from_secs(65_536 * (k as u64 + 1)),
+                "reservation {k}"
+            );
+        }
+        // A copy-on-read cannot jump the queue...
+        assert!(!limiter.try_reserve(64 << 10, t0 + Duration::from_secs(10)));
+        // ...but takes a free slot once the queue has drained, and then
+        // holds the next one back for its own duration.
+        let drained = *ends.last().unwrap();
+        assert!(limiter.try_reserve(64 << 10, drained));
+        assert!(!limiter.try_reserve(64 << 10, drained + Duration::from_secs(65_535)));
+        assert!(limiter.try_reserve(64 << 10, drained + Duration::from_secs(65_536)));
+        // An absurd size at the smallest rate does not overflow.
+        assert!(limiter.reserve(u64::MAX, drained).is_some());
+        // Unlimited: no reservation, no refusal.
+        let free = RateLimiter::new(0);
+        assert_eq!(free.reserve(1 << 20, t0), None);
+        assert!(free.try_reserve(1 << 20, t0));
+        // Idle time earns no credit: after a long pause, back-to-back
+        // reservations are spaced again from the pause's end.
+        let limiter = RateLimiter::new(1 << 20);
+        let later = t0 + Duration::from_secs(3600);
+        let (a, _) = limiter.reserve(1 << 20, later).unwrap();
+        let (b, _) = limiter.reserve(1 << 20, later).unwrap();
+        assert_eq!(a.duration_since(later), Duration::from_secs(1));
+        assert_eq!(b.duration_since(later), Duration::from_secs(2));
+        // A rate change starts a new generation and drops the queue.
+        let (_, generation) = limiter.reserve(1 << 20, later).unwrap();
+        limiter.set_rate(2 << 20);
+        let (c, new_generation) = limiter.reserve(1 << 20, Instant::now()).unwrap();
+        assert_ne!(generation, new_generation);
+        assert!(c < later);
     }
 
     #[test]

@@ -12,12 +12,13 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use control::{human, Request};
+use control::{human, progress, Request};
 use control::{State, Status};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use crate::output;
 
@@ -204,7 +205,7 @@ fn rate_message(rate: u64) -> String {
 /// Where `status --watch` shows progress.
 enum View<W: Write> {
     /// A live bar (a terminal).
-    Bar(ProgressBar),
+    Bar(Bar),
     /// One plain line per refresh (a pipe or a file).
     Lines(W),
     /// One compact JSON status per refresh.
@@ -215,10 +216,7 @@ impl<W: Write> View<W> {
     fn update(&mut self, status: &Status) -> anyhow::Result<()> {
         match self {
             View::Bar(bar) => {
-                bar.set_message(status.state.name());
-                bar.set_prefix(rate_and_eta(status));
-                bar.set_length(status.bytes_total);
-                bar.set_position(status.bytes_migrated.min(status.bytes_total));
+                bar.show(status);
                 Ok(())
             }
             View::Lines(out) => write_line(out, &progress_line(status)),
@@ -233,8 +231,7 @@ impl<W: Write> View<W> {
     fn unreachable(&mut self, error: &control::Error) -> anyhow::Result<()> {
         match self {
             View::Bar(bar) => {
-                bar.set_message("unreachable");
-                bar.set_prefix("waiting for the daemon");
+                bar.say("unreachable", "waiting for the daemon");
                 Ok(())
             }
             // JSON lines stay parseable: the note goes to stderr.
@@ -250,7 +247,7 @@ impl<W: Write> View<W> {
     /// line, so the last word stays readable on any terminal.
     fn finish(&mut self, status: &Status) -> anyhow::Result<()> {
         if let View::Bar(bar) = self {
-            bar.finish_and_clear();
+            bar.bar.finish_and_clear();
             output::line(&progress_line(status))?;
         }
         Ok(())
@@ -263,15 +260,88 @@ fn write_line(out: &mut impl Write, line: &str) -> anyhow::Result<()> {
         .context("Failed to write to stdout")
 }
 
-fn progress_bar(target: ProgressDrawTarget) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(0), target);
+/// The texts around the bar: the state, and bytes skipped, rate and ETA.
+#[derive(Debug, Default)]
+struct BarText {
+    state: String,
+    detail: String,
+}
+
+/// The `status --watch` bar. Its texts are template keys that read a
+/// shared cell, so one refresh (texts, length and position) is one draw:
+/// nothing is drawn before the first status, and no frame shows half an
+/// update (`set_message` and friends each draw).
+struct Bar {
+    bar: ProgressBar,
+    text: Arc<Mutex<BarText>>,
+}
+
+impl Bar {
+    /// Shows `status`, in one draw.
+    fn show(&self, status: &Status) {
+        let (done, total) = bar_amounts(status);
+        let skipped = match status.bytes_skipped {
+            0 => String::new(),
+            n => format!("copied, {} of zeroes skipped, ", human::format_bytes(n)),
+        };
+        self.set_text(
+            status.state.name(),
+            format!("{skipped}{}", rate_and_eta(status)),
+        );
+        self.bar.update(|s| {
+            s.set_len(total);
+            s.set_pos(done.min(total));
+        });
+    }
+
+    /// Shows a note in place of the state and details, in one draw.
+    fn say(&self, state: &str, detail: &str) {
+        self.set_text(state, detail.to_string());
+        self.bar.tick();
+    }
+
+    fn set_text(&self, state: &str, detail: String) {
+        let mut text = self.text.lock().unwrap_or_else(|e| e.into_inner());
+        text.state = state.to_string();
+        text.detail = detail;
+    }
+}
+
+/// What the bar counts: bytes copied of bytes to copy, or (a daemon that
+/// does not report them, or an image of zeroes) bytes migrated of the
+/// image; all of it once complete.
+fn bar_amounts(status: &Status) -> (u64, u64) {
+    let (done, total) = if status.bytes_to_copy > 0 {
+        (status.bytes_copied, status.bytes_to_copy)
+    } else {
+        (status.bytes_migrated, status.bytes_total)
+    };
+    if status.state == State::Complete {
+        (total, total)
+    } else {
+        (done, total)
+    }
+}
+
+fn progress_bar(target: ProgressDrawTarget) -> Bar {
+    let text = Arc::new(Mutex::new(BarText::default()));
+    let key = |pick: fn(&BarText) -> &str| {
+        let text = text.clone();
+        move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let text = text.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = w.write_str(pick(&text));
+        }
+    };
     let style = ProgressStyle::with_template(
-        "{msg:>9} [{wide_bar}] {percent:>3}% {bytes}/{total_bytes} {prefix}",
+        "{state:>9} [{wide_bar}] {percent:>3}% {bytes}/{total_bytes} {detail}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .with_key("state", key(|t| &t.state))
+    .with_key("detail", key(|t| &t.detail))
     .progress_chars("=> ");
+    let bar = ProgressBar::with_draw_target(Some(0), target);
     bar.set_style(style);
-    bar
+    Bar { bar, text }
 }
 
 /// Follows the daemon until the migration ends. The first status must
@@ -348,14 +418,14 @@ fn rate_and_eta(status: &Status) -> String {
     )
 }
 
-/// `"migrating 25.0% 1.0 GiB of 4.0 GiB, 80.0 MiB/s, ETA 38s"`.
+/// `"migrating 25.0% 1.0 GiB of 4.0 GiB copied, 8.0 GiB of zeroes
+/// skipped, 80.0 MiB/s, ETA 38s"`.
 pub fn progress_line(status: &Status) -> String {
     format!(
-        "{} {:.1}% {} of {}, {}",
+        "{} {:.1}% {}, {}",
         status.state.name(),
-        human::percent(status.bytes_migrated, status.bytes_total),
-        human::format_bytes(status.bytes_migrated),
-        human::format_bytes(status.bytes_total),
+        status.progress() * 100.0,
+        progress::amounts(status),
         rate_and_eta(status)
     )
 }
@@ -381,10 +451,13 @@ pub fn summary(s: &Status) -> String {
         Some(target) => {
             rows.push(("Target", target.clone()));
             rows.push((
+                "Progress",
+                format!("{:.1}%  {}", s.progress() * 100.0, progress::amounts(s)),
+            ));
+            rows.push((
                 "Migrated",
                 format!(
-                    "{:.1}%  {} of {}  ({} of {} chunks)",
-                    human::percent(s.bytes_migrated, s.bytes_total),
+                    "{} of {}  ({} of {} chunks)",
                     human::format_bytes(s.bytes_migrated),
                     human::format_bytes(s.bytes_total),
                     s.chunks_migrated,
@@ -427,9 +500,25 @@ pub fn summary(s: &Status) -> String {
             human::format_bytes(s.guest_write_bytes)
         ),
     ));
+    rows.push((
+        "Overlay writes",
+        format!(
+            "{} ops, {}",
+            s.overlay_write_ops,
+            human::format_bytes(s.overlay_write_bytes)
+        ),
+    ));
     rows.push(("Guest flushes", s.guest_flush_ops.to_string()));
     rows.push(("Guest I/O errors", s.guest_io_errors.to_string()));
     rows.push(("Overlay", human::format_bytes(s.overlay_bytes)));
+    rows.push((
+        "Live journal",
+        match (s.journal_active, &s.journal_inactive_reason) {
+            (true, _) => "active".to_string(),
+            (false, Some(reason)) => format!("inactive: {reason}"),
+            (false, None) => "inactive".to_string(),
+        },
+    ));
     rows.push((
         "Cache hit rate",
         format!("{:.1}%", s.cache_hit_rate * 100.0),
@@ -495,15 +584,16 @@ mod tests {
     fn migrating() -> Status {
         Status {
             state: State::Migrating,
-            error: None,
             snapshot: "web01/2024-05-01T10:00:00Z".into(),
             target: Some("/dev/vg0/web01".into()),
             bytes_total: 4 << 30,
             bytes_migrated: 1 << 30,
             bytes_copied_on_read: 64 << 20,
+            bytes_to_copy: 2 << 30,
+            bytes_copied: 512 << 20,
+            bytes_skipped: 512 << 20,
             chunks_total: 1024,
             chunks_migrated: 256,
-            chunks_failed: 0,
             copy_rate: 80.0 * 1024.0 * 1024.0,
             rate_limit: 100 << 20,
             eta_seconds: Some(38.4),
@@ -512,12 +602,13 @@ mod tests {
             guest_write_ops: 30,
             guest_write_bytes: 120 << 10,
             guest_flush_ops: 7,
-            guest_io_errors: 0,
-            chunk_read_errors: 0,
-            chunks_repaired: 0,
+            overlay_write_ops: 20,
+            overlay_write_bytes: 80 << 10,
             overlay_bytes: 120 << 10,
             cache_hit_rate: 0.875,
             uptime_seconds: 3725.0,
+            journal_active: true,
+            ..Status::default()
         }
     }
 
@@ -529,16 +620,19 @@ mod tests {
 State:            migrating
 Snapshot:         web01/2024-05-01T10:00:00Z
 Target:           /dev/vg0/web01
-Migrated:         25.0%  1.0 GiB of 4.0 GiB  (256 of 1024 chunks)
+Progress:         25.0%  512.0 MiB of 2.0 GiB copied, 512.0 MiB of zeroes skipped
+Migrated:         1.0 GiB of 4.0 GiB  (256 of 1024 chunks)
 Copy rate:        80.0 MiB/s (limit 100.0 MiB/s)
 ETA:              38s
 Copied on read:   64.0 MiB
 Failed chunks:    0
 Guest reads:      1200 ops, 48.0 MiB
 Guest writes:     30 ops, 120.0 KiB
+Overlay writes:   20 ops, 80.0 KiB
 Guest flushes:    7
 Guest I/O errors: 0
 Overlay:          120.0 KiB
+Live journal:     active
 Cache hit rate:   87.5%
 Uptime:           1h 02m 05s
 "
@@ -564,9 +658,14 @@ Uptime:           1h 02m 05s
         let serving = Status {
             state: State::Serving,
             target: None,
+            journal_active: false,
+            journal_inactive_reason: Some("overlay bitmap: cannot read the boot id".into()),
             ..migrating()
         };
         let text = summary(&serving);
+        assert!(
+            text.contains("Live journal:     inactive: overlay bitmap: cannot read the boot id\n")
+        );
         assert!(text.contains("Target:           none (serving from the store)\n"));
         assert!(text.contains("Image size:       4.0 GiB\n"));
         assert!(!text.contains("Migrated"));
@@ -577,7 +676,7 @@ Uptime:           1h 02m 05s
     fn progress_lines() {
         assert_eq!(
             progress_line(&migrating()),
-            "migrating 25.0% 1.0 GiB of 4.0 GiB, 80.0 MiB/s, ETA 38s"
+            "migrating 25.0% 512.0 MiB of 2.0 GiB copied, 512.0 MiB of zeroes skipped, 80.0 MiB/s, ETA 38s"
         );
         let paused = Status {
             state: State::Paused,
@@ -586,7 +685,7 @@ Uptime:           1h 02m 05s
         };
         assert_eq!(
             progress_line(&paused),
-            "paused 25.0% 1.0 GiB of 4.0 GiB, 0 B/s, ETA paused"
+            "paused 25.0% 512.0 MiB of 2.0 GiB copied, 512.0 MiB of zeroes skipped, 0 B/s, ETA paused"
         );
         let unknown = Status {
             eta_seconds: None,
@@ -707,15 +806,19 @@ Uptime:           1h 02m 05s
             } else {
                 self.end
             };
+            let migrated = if state == State::Complete {
+                total
+            } else {
+                migrated
+            };
             Status {
                 state,
                 error: (state == State::Failed).then(|| "Target disk vanished".to_string()),
-                bytes_migrated: if state == State::Complete {
-                    total
-                } else {
-                    migrated
-                },
+                bytes_migrated: migrated,
                 bytes_total: total,
+                bytes_to_copy: total,
+                bytes_copied: migrated,
+                bytes_skipped: 0,
                 ..migrating()
             }
         }
@@ -770,16 +873,16 @@ Uptime:           1h 02m 05s
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 5, "{out}");
         assert!(
-            lines[0].starts_with("migrating 0.0% 0 B of 4.0 GiB"),
+            lines[0].starts_with("migrating 0.0% 0 B of 4.0 GiB copied"),
             "{out}"
         );
         assert!(
-            lines[2].starts_with("migrating 50.0% 2.0 GiB of 4.0 GiB"),
+            lines[2].starts_with("migrating 50.0% 2.0 GiB of 4.0 GiB copied"),
             "{out}"
         );
         assert_eq!(
             lines[4],
-            "complete 100.0% 4.0 GiB of 4.0 GiB, 80.0 MiB/s, ETA done"
+            "complete 100.0% 4.0 GiB of 4.0 GiB copied, 80.0 MiB/s, ETA done"
         );
     }
 
@@ -803,17 +906,83 @@ Uptime:           1h 02m 05s
         assert_eq!(statuses.last().unwrap().state, State::Complete);
     }
 
+    /// A terminal that records every line drawn on it.
+    #[derive(Debug, Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl indicatif::TermLike for Recorder {
+        fn width(&self) -> u16 {
+            120
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(s)
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            if !s.trim().is_empty() {
+                self.0.lock().unwrap().push(s.to_string());
+            }
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn watch_bar_reaches_the_end() {
         let (_dir, path, _server) = serve(Scripted::new(3, State::Complete));
         let bar = progress_bar(ProgressDrawTarget::hidden());
-        let mut view: View<Vec<u8>> = View::Bar(bar.clone());
+        let inner = bar.bar.clone();
+        let text = bar.text.clone();
+        let mut view: View<Vec<u8>> = View::Bar(bar);
         watch(&path, FAST, RECONNECT_GRACE, &mut view).unwrap();
-        assert!(bar.is_finished());
-        assert_eq!(bar.length(), Some(4 << 30));
-        assert_eq!(bar.position(), 4 << 30);
-        assert_eq!(bar.message(), "complete");
-        assert_eq!(bar.prefix(), "80.0 MiB/s, ETA done");
+        assert!(inner.is_finished());
+        assert_eq!(inner.length(), Some(4 << 30));
+        assert_eq!(inner.position(), 4 << 30);
+        let text = text.lock().unwrap();
+        assert_eq!(text.state, "complete");
+        assert_eq!(text.detail, "80.0 MiB/s, ETA done");
+    }
+
+    #[test]
+    fn watch_bar_draws_each_status_once_and_never_an_empty_frame() {
+        let daemon = Scripted::new(6, State::Complete);
+        let (_dir, path, _server) = serve(daemon.clone());
+        let term = Recorder::default();
+        // A refresh rate far above the polls, so no frame is dropped.
+        let target = ProgressDrawTarget::term_like_with_hz(Box::new(term.clone()), 250);
+        let mut view: View<Vec<u8>> = View::Bar(progress_bar(target));
+        watch(&path, Duration::from_millis(20), RECONNECT_GRACE, &mut view).unwrap();
+        let frames = term.0.lock().unwrap().clone();
+        let polls = daemon.calls.load(Ordering::SeqCst) as usize;
+        assert!(!frames.is_empty());
+        // One draw per status at most (each set_* call used to draw).
+        assert!(
+            frames.len() <= polls,
+            "{} frames for {polls} statuses: {frames:#?}",
+            frames.len()
+        );
+        // The first frame already shows the image, not "100% 0 B/0 B".
+        assert!(
+            frames[0].contains("migrating") && frames[0].contains("  0% 0 B/4.00 GiB"),
+            "{frames:#?}"
+        );
+        assert!(frames.iter().all(|f| !f.contains("0 B/0 B")), "{frames:#?}");
     }
 
     #[test]
