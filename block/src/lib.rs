@@ -56,9 +56,9 @@
 //! | [`cache`] | [`cache::ChunkCache`], shared by every queue and the copier |
 //! | [`snapshot`] | [`snapshot::SnapshotLayer`], the bottom layer |
 //! | [`overlay`] | [`overlay::Overlay`] (copy-on-write, crash argument), `overlay::locks` (striped `LockTable`) |
-//! | [`bitmap`] | [`bitmap::PersistentBitmap`] (format, sync ordering), `bitmap::journal` (the `.live` journal) |
+//! | [`bitmap`] | [`bitmap::PersistentBitmap`] (format, sync ordering, `journal_state`), `bitmap::journal` (the `.live` journal) |
 //! | [`target`] | [`target::Target`]: the raw file or block device migrated to; zeroing without writing zeroes, sync |
-//! | [`migrate`] | [`migrate::MigratingDevice`] (routing, crash argument, verify), `migrate::copier`, `migrate::repair` (`--repair-from`), `migrate::throttle` (rate limit and rate window) |
+//! | [`migrate`] | [`migrate::MigratingDevice`] (routing, crash argument, verify), `migrate::copier`, `migrate::repair` (`--repair-from`), `migrate::throttle` (rate limit and rate window), `migrate::progress` (bytes to copy, copied, skipped) |
 //! | [`metered`] | [`metered::MeteredDevice`]: guest counters for the status report |
 //! | [`state`] | [`state::LayerState`] (where the layers' files and migration record live; the daemon's state dir implements it), `MigrationState`, the one story of states |
 //! | `mem_device` | `MemDevice` and `FileDevice`, reference devices (feature `test-util`) |

@@ -10,7 +10,7 @@
 //!
 //! | commands | module | library it drives |
 //! |---|---|---|
-//! | `init`, `backup`, `snapshots`, `restore`, `verify`, `forget`, `gc` | [`commands`]`::{init, backup, …}` | `store` |
+//! | `init`, `backup`, `snapshots`, `restore`, `verify`, `forget`, `unforget`, `release-hold`, `gc` | [`commands`]`::{init, backup, …, unforget}` | `store` |
 //! | `ls`, `cat`, `restore-files`, `mount` | [`commands::files`] | `files` |
 //! | `instant-boot` | [`commands::instant_boot`] | `daemon` (which assembles `block`, `vhost-backend`, `control`) |
 //! | `status`, `pause`, `resume`, `set-rate`, `metrics` | [`commands::monitor`] | `control` (client only) |
