@@ -237,7 +237,7 @@ pub fn decide(
             parent.image_size
         ));
     }
-    if base.granularity > chunk_size || chunk_size % base.granularity != 0 {
+    if base.granularity > chunk_size || !chunk_size.is_multiple_of(base.granularity) {
         return full_because(format!(
             "dirty bitmap {want} has granularity {}, which does not divide the chunk size {chunk_size}",
             base.granularity

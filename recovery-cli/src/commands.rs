@@ -6,6 +6,7 @@ pub mod forget;
 pub mod gc;
 pub mod init;
 pub mod instant_boot;
+pub mod live_backup;
 pub mod monitor;
 pub mod restore;
 pub mod snapshots;
@@ -64,6 +65,7 @@ impl Command {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
             Command::Init(a) => init::run(a.try_into()?),
+            Command::Backup(a) if a.live.qmp.is_some() => live_backup::run(a.try_into()?),
             Command::Backup(a) => backup::run(a.try_into()?),
             Command::Snapshots(a) => snapshots::run(a.try_into()?),
             Command::Restore(a) => restore::run(a.try_into()?),

@@ -4,6 +4,7 @@ mod corruption;
 mod device_blkio;
 mod full_disk;
 mod guest;
+mod live_backup;
 mod migrate;
 mod permissions;
 mod reconnect;

@@ -15,8 +15,11 @@ pub struct Args {
     /// Image name (letters, digits, '.', '_', '-'); snapshots are NAME@ID.
     #[arg(long, short = 'n')]
     pub name: String,
-    /// Raw image file or block device.
-    pub source: PathBuf,
+    /// Raw image file or block device (or --qmp for a running VM).
+    #[arg(required_unless_present = "qmp", conflicts_with = "qmp")]
+    pub source: Option<PathBuf>,
+    #[command(flatten)]
+    pub live: super::live_backup::LiveArgs,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -50,7 +53,9 @@ impl TryFrom<Args> for Config {
         Ok(Config {
             store: a.store.store,
             name: a.name,
-            source: a.source,
+            source: a
+                .source
+                .ok_or_else(|| anyhow::anyhow!("SOURCE (or --qmp) is required"))?,
             threads: a.threads,
             no_parent: a.no_parent,
             json: a.json,
