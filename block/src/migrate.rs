@@ -415,6 +415,10 @@ pub struct MigratingDevice {
     progress: Progress,
     overlay_write_ops: AtomicU64,
     overlay_write_bytes: AtomicU64,
+    /// Copier workers between deciding to copy and finishing the chunk.
+    copier_busy: AtomicU64,
+    /// Turns copier workers spent waiting out a pause.
+    paused_turns: AtomicU64,
     since_checkpoint: AtomicU64,
     guest_written_unreliable: AtomicBool,
     epoch: Instant,
@@ -608,6 +612,8 @@ impl MigratingDevice {
             progress,
             overlay_write_ops: AtomicU64::new(0),
             overlay_write_bytes: AtomicU64::new(0),
+            copier_busy: AtomicU64::new(0),
+            paused_turns: AtomicU64::new(0),
             since_checkpoint: AtomicU64::new(0),
             guest_written_unreliable: AtomicBool::new(false),
             epoch: Instant::now(),

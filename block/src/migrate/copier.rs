@@ -114,6 +114,15 @@ fn spawn_workers(weak: &Weak<MigratingDevice>, n: usize) -> io::Result<Vec<JoinH
         .collect()
 }
 
+/// Marks a worker idle when dropped (see [`MigratingDevice::runnable`]).
+struct Busy<'a>(&'a MigratingDevice);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.copier_busy.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn worker(weak: Weak<MigratingDevice>) {
     loop {
         let Some(dev) = weak.upgrade() else { return };
@@ -122,6 +131,9 @@ fn worker(weak: Weak<MigratingDevice>) {
             Next::Wait => continue,
             Next::Run => {}
         }
+        // runnable() counted this worker busy; it is idle again when this
+        // turn ends, however it ends.
+        let _busy = Busy(&dev);
         dev.yield_to_guest();
         let Some(l) = dev.layers() else { return };
         let Some(c) = dev.next_chunk(&l) else { return };
@@ -166,6 +178,9 @@ impl MigratingDevice {
             return Next::Exit;
         }
         if !ctl.paused {
+            // Counted under the control lock: once a pause has been seen
+            // with no worker busy, no copy can start until a resume.
+            self.copier_busy.fetch_add(1, Ordering::SeqCst);
             return Next::Run;
         }
         // Wait a while, then let the worker drop its reference.
@@ -173,6 +188,7 @@ impl MigratingDevice {
             .ctl_changed
             .wait_timeout(ctl, Duration::from_millis(200))
             .unwrap_or_else(|e| e.into_inner());
+        self.paused_turns.fetch_add(1, Ordering::SeqCst);
         Next::Wait
     }
 

@@ -523,8 +523,11 @@ fn pause_stops_progress_and_resume_continues() {
     dev.start().unwrap();
     wait_until("the first chunks", || dev.status().chunks_migrated > 0);
     dev.pause();
-    // In-flight chunks finish.
-    std::thread::sleep(Duration::from_millis(200));
+    // In-flight chunks finish; once no worker is busy after the pause, no
+    // copy can start before a resume.
+    wait_until("the in-flight copies", || {
+        dev.copier_busy.load(Ordering::SeqCst) == 0
+    });
     let before = dev.status();
     assert_eq!(before.phase, MigrationPhase::Paused);
     assert!(
@@ -542,7 +545,11 @@ fn pause_stops_progress_and_resume_continues() {
         &fx.image[c as usize * CSU..c as usize * CSU + 4096],
         "paused read",
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // Every worker goes round its paused wait a few times, copying nothing.
+    let turns = dev.paused_turns.load(Ordering::SeqCst);
+    wait_until("paused workers to wake", || {
+        dev.paused_turns.load(Ordering::SeqCst) >= turns + 2 * fast().workers as u64
+    });
     let after = dev.status();
     assert_eq!(
         after.chunks_migrated, before.chunks_migrated,
@@ -592,8 +599,10 @@ fn unreadable_chunks_fail_the_migration_but_not_the_rest() {
     let fresh = vec![0x99u8; CSU];
     dev.write_at(&fresh, 9 * u64::from(CS)).unwrap();
     model[9 * CSU..10 * CSU].copy_from_slice(&fresh);
+    // resume() turns the phase back to migrating before it returns, so
+    // the wait sees the retry's outcome, not the old failure.
     dev.resume();
-    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(dev.status().phase, MigrationPhase::Migrating);
     assert_eq!(dev.wait(Duration::from_secs(30)), MigrationPhase::Failed);
     assert_eq!(dev.failed_chunks().len(), 1);
     // The store is repaired: the last retry completes.

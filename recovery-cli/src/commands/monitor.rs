@@ -1009,31 +1009,54 @@ Uptime:           1h 02m 05s
         assert!(err.to_string().contains("is the daemon running?"), "{err}");
     }
 
+    /// An output another thread can read while `watch` writes to it.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Shared {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn watch_survives_a_daemon_restart_but_not_a_long_absence() {
         // The daemon restarts mid-migration: the watch waits and finishes.
+        // The restart waits until the watcher has said the daemon is
+        // unreachable (an event, not a gap it hopes to poll in).
         let daemon = Scripted::new(1000, State::Complete);
         let (_dir, path, server) = serve(daemon.clone());
+        let out = Shared::default();
         let restarter = {
             let path = path.clone();
             let daemon = daemon.clone();
+            let out = out.clone();
             std::thread::spawn(move || {
                 while daemon.calls.load(Ordering::SeqCst) < 3 {
                     std::thread::sleep(FAST);
                 }
                 server.shutdown();
-                std::thread::sleep(Duration::from_millis(100));
+                while !out.text().contains("unreachable") {
+                    std::thread::sleep(FAST);
+                }
                 daemon.calls.store(999, Ordering::SeqCst);
                 ControlServer::start(&path, daemon).unwrap()
             })
         };
-        let mut view = View::Lines(Vec::new());
+        let mut view = View::Lines(out.clone());
         watch(&path, FAST, Duration::from_secs(20), &mut view).unwrap();
         let server = restarter.join().unwrap();
-        let View::Lines(out) = view else {
-            unreachable!()
-        };
-        let out = String::from_utf8(out).unwrap();
+        let out = out.text();
         assert!(out.contains("unreachable: Cannot connect"), "{out}");
         assert!(out.ends_with("ETA done\n"), "{out}");
 
