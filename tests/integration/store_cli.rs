@@ -275,8 +275,9 @@ fn verify_names_snapshot_and_range_of_a_flipped_byte() {
     let p = &problems[0];
     assert_eq!(p["kind"], "corrupt_chunk");
     let used = &p["used_by"][0];
-    let id = s1["snapshot"].as_str().unwrap();
+    let id = s1["id"].as_str().unwrap();
     assert_eq!(used["snapshot"], format!("db@{id}"));
+    assert_eq!(used["snapshot"], s1["snapshot"]);
     let range = used["ranges"][0].as_array().unwrap();
     let (start, end) = (range[0].as_u64().unwrap(), range[1].as_u64().unwrap());
     assert_eq!(end - start, 4096);
