@@ -92,6 +92,8 @@ fn main() {
         inc.dirty_bytes >> 20,
         inc.blackout_ms
     );
+    // A fresh store, so the file backup cannot dedup against the live one.
+    let store = store::Store::init(&dir.path().join("store2"), 65536).unwrap();
     let t = Instant::now();
     let file = store.backup("file", &raw, &Default::default()).unwrap();
     println!(

@@ -414,6 +414,13 @@ pub fn run(store: &Store, cfg: &Config<'_>) -> Result<Report> {
     })
 }
 
+/// Granularity of new bitmaps: a sixteenth of the chunk size (at least
+/// 4 KiB), so a small write costs a small read; the rest of its chunk
+/// comes from the parent snapshot.
+pub fn bitmap_granularity(chunk_size: u32) -> u32 {
+    (chunk_size / 16).max(4096).min(chunk_size)
+}
+
 fn mode_base(mode: &Mode) -> Option<&String> {
     match mode {
         Mode::Incremental { base, .. } => Some(base),
@@ -463,7 +470,7 @@ fn backup(
         Action::BlockDirtyBitmapAdd {
             node: drive.node.clone(),
             name: new_bitmap.to_owned(),
-            granularity: store.chunk_size(),
+            granularity: bitmap_granularity(store.chunk_size()),
             persistent: drive.drv == "qcow2",
         },
     ];
@@ -520,9 +527,16 @@ fn backup(
         source,
     })?;
     let plan = source::plan(&client, store.chunk_size() as u64, dirty_ctx.as_deref())?;
+    let parent = match mode {
+        Mode::Incremental { parent, .. } => {
+            Some(store.open_snapshot(&format!("{}@{parent}", cfg.name))?)
+        }
+        Mode::Full { .. } => None,
+    };
     let src = source::NbdSource {
         client: &client,
         plan: &plan,
+        parent,
         abort: cfg.abort,
         bytes_read: Default::default(),
     };
@@ -537,10 +551,12 @@ fn backup(
         threads: cfg.threads,
         readers: 8,
     };
-    let stats = match session.run(&src, &opts) {
+    let mut stats = match session.run(&src, &opts) {
         Err(_) if cfg.abort.load(Ordering::Relaxed) => return Err(Error::Interrupted),
         r => r?,
     };
+    // What crossed NBD (zero ranges and parent data were not read).
+    stats.bytes_read = src.bytes_read.load(Ordering::Relaxed);
     Ok((
         stats,
         plan.dirty_bytes,

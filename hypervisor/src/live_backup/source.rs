@@ -5,6 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use store::backup::changed::{ChangedSource, ChunkState};
+use store::SnapshotReader;
 
 use super::{Error, Result};
 use crate::nbd::{self, proto, Client};
@@ -17,6 +18,35 @@ pub struct Plan {
     pub runs: Vec<(u64, u64, ChunkState)>,
     /// Bytes the dirty bitmap marks (the whole image for a full backup).
     pub dirty_bytes: u64,
+    /// Dirty `[start, end)` ranges, sorted (`None`: full backup).
+    pub dirty: Option<Vec<(u64, u64)>>,
+    /// Ranges that read as zeros, sorted.
+    pub zero: Vec<(u64, u64)>,
+}
+
+/// Sorted `[start, end)` ranges of the extents whose flags match `pred`,
+/// adjacent ones merged.
+fn ranges(ext: &[(u64, u64, u32)], pred: impl Fn(u32) -> bool) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(o, l, f) in ext {
+        if !pred(f) {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.1 == o => last.1 = o + l,
+            _ => out.push((o, o + l)),
+        }
+    }
+    out
+}
+
+/// The parts of sorted `ranges` inside `[start, end)`.
+fn within(ranges: &[(u64, u64)], start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let i = ranges.partition_point(|r| r.1 <= start);
+    ranges[i..]
+        .iter()
+        .take_while(move |r| r.0 < end)
+        .map(move |r| (r.0.max(start), r.1.min(end)))
 }
 
 impl Plan {
@@ -68,6 +98,8 @@ impl Plan {
             image_size,
             runs,
             dirty_bytes,
+            dirty: dirty.map(|d| ranges(d, |f| f & proto::STATE_DIRTY != 0)),
+            zero: ranges(alloc, |f| f & proto::STATE_ZERO != 0),
         }
     }
 
@@ -131,12 +163,77 @@ pub fn plan(client: &Client, chunk_size: u64, dirty_context: Option<&str>) -> Re
 
 /// Reads over NBD for the store's readers (several threads call
 /// [`ChangedSource::read_at`] at once, so several reads are in flight; one
-/// call also splits into pipelined requests).
+/// call also sends all its requests before waiting for any).
+///
+/// Only what changed crosses NBD: ranges that read as zeros are filled
+/// locally, and in a chunk the bitmap marks only in part, the clean part
+/// comes from the parent snapshot (the bitmap is finer than a chunk).
 pub struct NbdSource<'a> {
     pub client: &'a Client,
     pub plan: &'a Plan,
+    /// The parent snapshot (incremental only).
+    pub parent: Option<SnapshotReader>,
     pub abort: &'a AtomicBool,
+    /// Bytes read over NBD.
     pub bytes_read: AtomicU64,
+}
+
+impl NbdSource<'_> {
+    /// Fill `buf` (at `offset`) with zeros and parent data where they
+    /// apply; return the absolute ranges that must come from NBD.
+    fn prepare(&self, offset: u64, buf: &mut [u8]) -> io::Result<Vec<(u64, u64)>> {
+        let cs = self.plan.chunk_size;
+        let end = offset + buf.len() as u64;
+        let mut need: Vec<(u64, u64)> = Vec::new();
+        let mut parent_chunk = Vec::new();
+        let mut c = offset / cs;
+        while c * cs < end {
+            let (cstart, cend) = (c * cs, ((c + 1) * cs).min(end));
+            let piece = &mut buf[(cstart - offset) as usize..(cend - offset) as usize];
+            let changed: Vec<(u64, u64)> = match (&self.plan.dirty, &self.parent) {
+                (Some(d), Some(p)) => {
+                    let r: Vec<_> = within(d, cstart, cend).collect();
+                    if r != [(cstart, cend)] {
+                        p.read_chunk(c, &mut parent_chunk)
+                            .map_err(|e| io::Error::other(nbd::error_chain(&e)))?;
+                        if parent_chunk.len() != piece.len() {
+                            return Err(io::Error::other(format!(
+                                "parent chunk {c} has {} bytes, expected {}",
+                                parent_chunk.len(),
+                                piece.len()
+                            )));
+                        }
+                        piece.copy_from_slice(&parent_chunk);
+                    }
+                    r
+                }
+                _ => vec![(cstart, cend)],
+            };
+            for (s, e) in changed {
+                // Zero ranges are filled here, the rest is read.
+                let mut at = s;
+                for (zs, ze) in within(&self.plan.zero, s, e) {
+                    push_range(&mut need, at, zs);
+                    buf[(zs - offset) as usize..(ze - offset) as usize].fill(0);
+                    at = ze;
+                }
+                push_range(&mut need, at, e);
+            }
+            c += 1;
+        }
+        Ok(need)
+    }
+}
+
+/// Append `[s, e)` to sorted ranges, merging with the last one.
+fn push_range(v: &mut Vec<(u64, u64)>, s: u64, e: u64) {
+    if s >= e {
+        return;
+    }
+    match v.last_mut() {
+        Some(last) if last.1 == s => last.1 = e,
+        _ => v.push((s, e)),
+    }
 }
 
 impl ChangedSource for NbdSource<'_> {
@@ -151,23 +248,30 @@ impl ChangedSource for NbdSource<'_> {
                 "backup interrupted",
             ));
         }
-        let step = (self.client.max_request() as usize).clamp(4096, 4 << 20);
+        let need = self.prepare(offset, buf)?;
+        let step = (self.client.max_request() as u64).clamp(4096, 4 << 20);
         let err = |e: nbd::Error| io::Error::other(nbd::error_chain(&e));
         let mut pending = Vec::new();
-        for (i, part) in buf.chunks(step).enumerate() {
-            let at = offset + (i * step) as u64;
-            pending.push(
-                self.client
-                    .submit_read(at, vec![0u8; part.len()])
-                    .map_err(err)?,
-            );
+        for (s, e) in need {
+            let mut at = s;
+            while at < e {
+                let len = (e - at).min(step);
+                let p = self
+                    .client
+                    .submit_read(at, vec![0u8; len as usize])
+                    .map_err(err)?;
+                pending.push((p, at));
+                at += len;
+            }
         }
-        for (p, part) in pending.into_iter().zip(buf.chunks_mut(step)) {
+        let mut read = 0;
+        for (p, at) in pending {
             let data = p.wait_read().map_err(err)?;
-            part.copy_from_slice(&data);
+            let pos = (at - offset) as usize;
+            buf[pos..pos + data.len()].copy_from_slice(&data);
+            read += data.len() as u64;
         }
-        self.bytes_read
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.bytes_read.fetch_add(read, Ordering::Relaxed);
         Ok(())
     }
 }
