@@ -1,18 +1,20 @@
 //! Copy-rate limiting and measurement.
 //!
-//! [`RateLimiter`] paces the copier: each chunk reserves its bytes on a
-//! virtual clock that advances `bytes / rate` per reservation, and the
-//! worker waits until its reservation's end before copying. Idle time
-//! earns no credit (no bursts after a pause), and a rate change cancels
-//! every pending reservation so it applies at once. However small the
-//! rate (below one chunk per second), chunks move one at a time, each a
-//! full `chunk / rate` after the one before. A copy-on-read takes a
-//! reservation only if one could start now ([`RateLimiter::try_acquire`]),
-//! so it never waits and never pushes the total past the limit.
+//! [`RateLimiter`] paces every copy of the migration, the copier's and
+//! copy-on-read's alike, on one clock: a copy of `n` bytes takes the slot
+//! `[start, start + n / rate)`, and the next slot starts where it ends.
+//! A copier worker waits until a slot starts (now or later) and takes it;
+//! so however small the rate (below one chunk per second), chunks move
+//! one at a time, each a full `chunk / rate` after the one before, and
+//! never sixteen at once because sixteen workers asked. A copy-on-read
+//! never waits: it takes the next slot if that starts within half its own
+//! duration (the guest is waiting, so it goes before the copier), and
+//! otherwise reads without copying. Idle time earns no credit (no burst
+//! after a pause), and a rate change applies at once.
 //!
-//! Time-dependent decisions take the time as an argument
-//! ([`RateLimiter::reserve`], [`RateWindow::sample`]), so tests drive them
-//! with a synthetic clock; only [`RateLimiter::acquire`] sleeps.
+//! Decisions take the time as an argument ([`RateLimiter::take`],
+//! [`RateWindow::sample`]), so tests drive them with a synthetic clock;
+//! only [`RateLimiter::acquire`] sleeps.
 //!
 //! [`RateWindow`] measures the migration rate over a sliding window of
 //! `(time, bytes migrated)` samples.
@@ -38,7 +40,7 @@ fn duration(bytes: u64, rate: u64) -> Duration {
 /// A token bucket without burst, changeable at run time.
 pub(super) struct RateLimiter {
     rate: AtomicU64,
-    generation: AtomicU64,
+    /// Where the last slot taken ends: the next one starts there, or now.
     next_free: Mutex<Instant>,
 }
 
@@ -47,7 +49,6 @@ impl RateLimiter {
     pub(super) fn new(rate: u64) -> RateLimiter {
         RateLimiter {
             rate: AtomicU64::new(rate),
-            generation: AtomicU64::new(0),
             next_free: Mutex::new(Instant::now()),
         }
     }
@@ -57,63 +58,56 @@ impl RateLimiter {
         self.rate.load(Ordering::SeqCst)
     }
 
-    /// Changes the limit; pending reservations are redone at the new rate.
+    /// Changes the limit, at once: the next slot starts now.
     pub(super) fn set_rate(&self, rate: u64) {
         let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
         self.rate.store(rate, Ordering::SeqCst);
-        self.generation.fetch_add(1, Ordering::SeqCst);
         *next = Instant::now();
     }
 
-    /// Reserves `bytes` at `now`: the instant the reservation ends, when
-    /// the bytes may be copied, and the rate generation it belongs to.
-    /// `None` when there is no limit.
-    pub(super) fn reserve(&self, bytes: u64, now: Instant) -> Option<(Instant, u64)> {
+    /// Takes the slot for `bytes` if it starts no later than `now + early`;
+    /// otherwise says when the next slot starts. Always succeeds without
+    /// a limit.
+    pub(super) fn take(
+        &self,
+        bytes: u64,
+        now: Instant,
+        early: Duration,
+    ) -> std::result::Result<(), Instant> {
         let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
         let rate = self.rate.load(Ordering::SeqCst);
         if rate == 0 || bytes == 0 {
-            return None;
+            return Ok(());
         }
-        let start = (*next).max(now);
-        *next = start + duration(bytes, rate);
-        Some((*next, self.generation.load(Ordering::SeqCst)))
+        if *next > now + early {
+            return Err(*next);
+        }
+        *next = (*next).max(now) + duration(bytes, rate);
+        Ok(())
     }
 
-    /// Reserves `bytes` if nothing else is reserved beyond `now`, i.e. if
-    /// they may be copied at once; never waits.
-    pub(super) fn try_reserve(&self, bytes: u64, now: Instant) -> bool {
-        let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
-        let rate = self.rate.load(Ordering::SeqCst);
-        if rate == 0 || bytes == 0 {
-            return true;
-        }
-        if *next > now {
-            return false;
-        }
-        *next = now + duration(bytes, rate);
-        true
-    }
-
-    /// [`RateLimiter::try_reserve`] now.
+    /// For a copy-on-read: takes a slot for `bytes` if one starts within
+    /// half its duration; never waits.
     pub(super) fn try_acquire(&self, bytes: u64) -> bool {
-        self.try_reserve(bytes, Instant::now())
+        let rate = self.rate();
+        let early = if rate == 0 {
+            Duration::ZERO
+        } else {
+            duration(bytes, rate) / 2
+        };
+        self.take(bytes, Instant::now(), early).is_ok()
     }
 
-    /// Waits until `bytes` may be copied. Returns early if `stop()` turns true.
+    /// For the copier: waits until a slot for `bytes` starts and takes
+    /// it. Returns early if `stop()` turns true.
     pub(super) fn acquire(&self, bytes: u64, stop: impl Fn() -> bool) {
         loop {
-            let Some((until, generation)) = self.reserve(bytes, Instant::now()) else {
-                return;
-            };
-            loop {
-                let now = Instant::now();
-                if now >= until || stop() {
-                    return;
-                }
-                if self.generation.load(Ordering::SeqCst) != generation {
-                    break;
-                }
-                std::thread::sleep((until - now).min(SLICE));
+            let now = Instant::now();
+            match self.take(bytes, now, Duration::ZERO) {
+                Ok(()) => return,
+                Err(_) if stop() => return,
+                // Sleeps in slices, so a rate change or a stop is seen.
+                Err(start) => std::thread::sleep((start - now).min(SLICE)),
             }
         }
     }
@@ -166,9 +160,10 @@ mod tests {
 
     #[test]
     fn a_waiting_acquire_ends_on_a_rate_change_or_a_stop() {
-        // A huge reservation at a crawl is cut short by lifting the limit
-        // (whether the lift comes before or during the wait).
+        // At a crawl the first slot starts now, the second in decades:
+        // lifting the limit ends the wait (before or during it).
         let limiter = RateLimiter::new(1);
+        limiter.acquire(1 << 30, || false);
         std::thread::scope(|s| {
             let waiter = s.spawn(|| limiter.acquire(1 << 30, || false));
             limiter.set_rate(0);
@@ -177,53 +172,52 @@ mod tests {
         assert_eq!(limiter.rate(), 0);
         // Stop ends a wait too.
         limiter.set_rate(1);
+        limiter.acquire(1 << 30, || false);
         limiter.acquire(1 << 30, || true);
     }
 
     #[test]
-    fn tiny_rates_space_single_chunks_on_a_synthetic_clock() {
-        // 1 byte per second, 64 KiB chunks: each reservation ends a full
-        // 65536 s after the one before, however many workers ask at once.
+    fn tiny_rates_move_one_chunk_at_a_time_on_a_synthetic_clock() {
+        const CHUNK: u64 = 64 << 10;
+        let slot = Duration::from_secs(CHUNK);
+        // 1 byte per second: a 64 KiB chunk takes a 65536 s slot.
         let limiter = RateLimiter::new(1);
         let t0 = Instant::now();
-        let ends: Vec<Instant> = (0..16)
-            .map(|_| limiter.reserve(64 << 10, t0).unwrap().0)
-            .collect();
-        for (k, end) in ends.iter().enumerate() {
-            assert_eq!(
-                end.duration_since(t0),
-                Duration::from_secs(65_536 * (k as u64 + 1)),
-                "reservation {k}"
-            );
+        let take = |at: Instant| limiter.take(CHUNK, at, Duration::ZERO);
+        assert_eq!(take(t0), Ok(()));
+        // Sixteen workers asking at once: none gets another chunk before
+        // the slot ends.
+        for _ in 0..16 {
+            assert_eq!(take(t0), Err(t0 + slot));
         }
-        // A copy-on-read cannot jump the queue...
-        assert!(!limiter.try_reserve(64 << 10, t0 + Duration::from_secs(10)));
-        // ...but takes a free slot once the queue has drained, and then
-        // holds the next one back for its own duration.
-        let drained = *ends.last().unwrap();
-        assert!(limiter.try_reserve(64 << 10, drained));
-        assert!(!limiter.try_reserve(64 << 10, drained + Duration::from_secs(65_535)));
-        assert!(limiter.try_reserve(64 << 10, drained + Duration::from_secs(65_536)));
+        assert_eq!(take(t0 + slot - Duration::from_secs(1)), Err(t0 + slot));
+        assert_eq!(take(t0 + slot), Ok(()));
+        assert_eq!(take(t0 + slot), Err(t0 + 2 * slot));
+        // A copy-on-read may go up to half a slot early, pushing the
+        // copier back by its slot; a second one right after may not.
+        let early = slot / 2;
+        let almost = t0 + 2 * slot - early;
+        assert_eq!(limiter.take(CHUNK, almost, early), Ok(()));
+        assert_eq!(limiter.take(CHUNK, almost, early), Err(t0 + 3 * slot));
+        assert_eq!(take(t0 + 2 * slot), Err(t0 + 3 * slot));
+        // Idle time earns no credit: after a long pause, two chunks asked
+        // at once are a slot apart again.
+        let later = t0 + 100 * slot;
+        assert_eq!(take(later), Ok(()));
+        assert_eq!(take(later), Err(later + slot));
         // An absurd size at the smallest rate does not overflow.
-        assert!(limiter.reserve(u64::MAX, drained).is_some());
-        // Unlimited: no reservation, no refusal.
-        let free = RateLimiter::new(0);
-        assert_eq!(free.reserve(1 << 20, t0), None);
-        assert!(free.try_reserve(1 << 20, t0));
-        // Idle time earns no credit: after a long pause, back-to-back
-        // reservations are spaced again from the pause's end.
-        let limiter = RateLimiter::new(1 << 20);
-        let later = t0 + Duration::from_secs(3600);
-        let (a, _) = limiter.reserve(1 << 20, later).unwrap();
-        let (b, _) = limiter.reserve(1 << 20, later).unwrap();
-        assert_eq!(a.duration_since(later), Duration::from_secs(1));
-        assert_eq!(b.duration_since(later), Duration::from_secs(2));
-        // A rate change starts a new generation and drops the queue.
-        let (_, generation) = limiter.reserve(1 << 20, later).unwrap();
-        limiter.set_rate(2 << 20);
-        let (c, new_generation) = limiter.reserve(1 << 20, Instant::now()).unwrap();
-        assert_ne!(generation, new_generation);
-        assert!(c < later);
+        assert_eq!(limiter.take(u64::MAX, later + slot, Duration::ZERO), Ok(()));
+        // A rate change applies at once; unlimited never refuses.
+        limiter.set_rate(0);
+        assert_eq!(take(t0), Ok(()));
+        assert!(limiter.try_acquire(CHUNK));
+        let fast = RateLimiter::new(CHUNK);
+        let now = Instant::now();
+        assert_eq!(fast.take(CHUNK, now, Duration::ZERO), Ok(()));
+        assert_eq!(
+            fast.take(CHUNK, now, Duration::ZERO),
+            Err(now + Duration::from_secs(1))
+        );
     }
 
     #[test]
