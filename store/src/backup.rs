@@ -12,6 +12,13 @@
 //! skips the index lookup; otherwise the merged index is consulted, and a
 //! session set makes sure each new chunk is stored once.
 //!
+//! Sources: the reader asks a [`changed::ChangedSource`] what each chunk is:
+//! `Data` (read it), `Zero` (never read; the manifest entry stays zero) or
+//! `Unchanged` since a given parent (reuse the parent's id, never read). A
+//! file or block device is a [`file::FileSource`] (holes of a sparse file are
+//! `Zero`, found with `SEEK_DATA`/`SEEK_HOLE`); a live backup's dirty bitmap or
+//! an NBD block-status source implements the same trait.
+//!
 //! Crash safety: packs and their indexes are published (fsync + rename +
 //! directory fsync) before the manifest, and the manifest is published last,
 //! atomically. A crash or ENOSPC at any point leaves at most unreferenced
@@ -85,6 +92,8 @@ pub struct BackupStats {
     /// Parent snapshot id, if any.
     pub parent: Option<String>,
     pub image_size: u64,
+    /// Bytes read from the source: holes of a sparse file, zero and
+    /// unchanged chunks of a changed-blocks source are never read.
     pub bytes_read: u64,
     /// Bytes added to packs (records incl. headers).
     pub bytes_new: u64,

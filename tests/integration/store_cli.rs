@@ -917,3 +917,49 @@ fn store_sparse_64g_image_reads_only_its_data() {
         assert!(edge.iter().all(|&b| b == 0), "after piece at {at}");
     }
 }
+
+/// A block device is restored to without --force, but never the device that
+/// holds the store, nor a mounted one.
+#[test]
+fn store_restore_refuses_the_store_device_and_mounted_devices() {
+    let env = Env::new();
+    let img = env.path("fs.img");
+    fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&img)
+        .status()
+        .is_ok_and(|s| s.success());
+    let Some(dev) = Loop::attach(&img).filter(|_| mkfs) else {
+        crate::skip!("mounted device test: needs mkfs.ext4, root and losetup");
+    };
+    let mnt = env.path("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .arg(&dev.0)
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        crate::skip!("mounted device test: cannot mount a loop device");
+    }
+    let _unmount = Tmpfs(mnt.clone());
+    // The store lives on the mounted device.
+    let store = mnt.join("store");
+    ok(&[&"init", &store, &"--chunk-size", &"16K"]);
+    let src = env.path("src.img");
+    make_image(&src, 70, 1 << 20);
+    ok(&[&"backup", &"--store", &store, &"--name", &"vm", &src]);
+    let before = dir_size(&store);
+    let e = fails(&[&"restore", &"--store", &store, &"vm", &dev.0, &"--force"]);
+    assert!(e.contains("the device holds the store"), "{e}");
+
+    // Another store's device, also mounted: in use.
+    let other_store = env.path("store");
+    ok(&[&"init", &other_store, &"--chunk-size", &"16K"]);
+    ok(&[&"backup", &"--store", &other_store, &"--name", &"vm", &src]);
+    let e = fails(&[&"restore", &"--store", &other_store, &"vm", &dev.0]);
+    assert!(e.contains("the device is in use"), "{e}");
+    assert_eq!(dir_size(&store), before);
+    ok(&[&"verify", &"--store", &store]);
+}
