@@ -20,6 +20,8 @@
 
 mod target;
 
+pub use target::store_containing;
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;

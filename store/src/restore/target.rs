@@ -89,6 +89,18 @@ fn canonical(target: &Path, exists: bool) -> Result<PathBuf> {
     Ok(dir.join(name))
 }
 
+/// The store directory that `path` (existing or not) lies in or is, if any:
+/// for callers outside the store that must never write into one (a
+/// migration target, a state dir), as restore refuses to.
+pub fn store_containing(path: &Path) -> Result<Option<PathBuf>> {
+    let exists = fs::symlink_metadata(path).is_ok();
+    let canon = canonical(path, exists)?;
+    Ok(canon
+        .ancestors()
+        .find(|d| is_store_dir(d))
+        .map(Path::to_path_buf))
+}
+
 /// What an existing file looks like, for the refusal message.
 fn describe_file(path: &Path, len: u64) -> String {
     let mut head = [0u8; 8];
@@ -127,13 +139,11 @@ pub(crate) fn check(store: &Path, target: &Path, force: bool) -> Result<Checked>
         Err(e) => return Err(Error::io_path("Failed to stat restore target", target, e)),
     };
     let canon = canonical(target, meta.is_some())?;
-    for dir in canon.ancestors().skip(1) {
-        if is_store_dir(dir) {
-            return Err(refuse(
-                target,
-                format!("it lies inside the store {}", dir.display()),
-            ));
-        }
+    if let Some(dir) = canon.ancestors().skip(1).find(|d| is_store_dir(d)) {
+        return Err(refuse(
+            target,
+            format!("it lies inside the store {}", dir.display()),
+        ));
     }
     let store_meta =
         fs::metadata(store).map_err(|e| Error::io_path("Failed to stat store", store, e))?;
@@ -262,6 +272,18 @@ mod tests {
         )
         .unwrap();
         assert!(is_store_dir(dir.path()), "any version is a store");
+        let inside = dir.path().join("packs/x/y.img");
+        assert_eq!(
+            store_containing(dir.path()).unwrap().as_deref(),
+            Some(fs::canonicalize(dir.path()).unwrap().as_path())
+        );
+        assert_eq!(
+            store_containing(&dir.path().join("new")).unwrap(),
+            store_containing(dir.path()).unwrap()
+        );
+        assert!(store_containing(&inside).is_err(), "missing parent dir");
+        let outside = tempfile::tempdir().unwrap();
+        assert_eq!(store_containing(&outside.path().join("x")).unwrap(), None);
     }
 
     #[test]
