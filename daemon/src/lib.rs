@@ -16,7 +16,7 @@
 //! | [`state_dir`] | `--state DIR`: its layout (the one home of it), the `flock`, `state.json` (atomic writes, binding to one snapshot); implements `block::state::LayerState` |
 //! | [`control_server`] | the control socket server: bind (0600, under a temporary name, then renamed), the `control-accept` thread, one `control-conn` thread per client |
 //! | [`operator_status`] | [`operator_status::DaemonStatus`], the daemon's `control::Control`: builds a `control::Status` from the parts, routes pause/resume/set-rate to the migration |
-//! | [`progress_log`] | the `progress-log` thread: a progress line every `--log-interval` while migrating, each state change once |
+//! | [`progress_log`] | the `progress-log` thread: a progress line every `--log-interval` while migrating, each state change once, whether the live journal runs (at start and on change) |
 //!
 //! # Model
 //! ```text
