@@ -114,7 +114,7 @@ impl Qga {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixListener;
@@ -122,7 +122,7 @@ mod tests {
     /// No qemu-ga runs here (it belongs in a guest, and frozen host
     /// filesystems would hang the machine), so this peer speaks the agent's
     /// documented wire protocol, stale bytes first.
-    fn agent(sock: &Path) -> std::thread::JoinHandle<Vec<String>> {
+    pub(crate) fn agent(sock: &Path) -> std::thread::JoinHandle<Vec<String>> {
         let l = UnixListener::bind(sock).unwrap();
         std::thread::spawn(move || {
             let (s, _) = l.accept().unwrap();

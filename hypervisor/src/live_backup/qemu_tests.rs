@@ -391,3 +391,39 @@ fn qcow2_bitmaps_survive_a_restart_raw_ones_do_not() {
         vm.assert_clean();
     }
 }
+
+#[test]
+fn guest_agent_freezes_only_around_the_start_transaction() {
+    let Some(vm) = Vm::start("qcow2") else {
+        return;
+    };
+    let sock = vm.dir.join("qga.sock");
+    let agent = crate::qga::tests::agent(&sock);
+    let abort = no_abort();
+    let cfg = Config {
+        name: "vm".into(),
+        qmp: vm.qmp.clone(),
+        drive: "disk0".into(),
+        full: false,
+        scratch: vm.dir.clone(),
+        qga: Some(sock),
+        threads: None,
+        abort: &abort,
+        progress: None,
+        on_size: None,
+    };
+    let r = run(&vm.store, &cfg).unwrap();
+    let frozen = r.frozen_ms.expect("frozen time reported");
+    assert!(frozen >= r.blackout_ms, "{r:?}");
+    // The session ends with the backup: frozen, thawed, nothing else.
+    assert_eq!(
+        agent.join().unwrap(),
+        [
+            "guest-sync-delimited",
+            "guest-fsfreeze-freeze",
+            "guest-fsfreeze-thaw"
+        ]
+    );
+    vm.assert_clean();
+    vm.check(&r.snapshot, &vm.want.clone());
+}
