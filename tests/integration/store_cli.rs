@@ -893,7 +893,12 @@ fn store_sparse_64g_image_reads_only_its_data() {
         "read {read} bytes of a 64 GiB image holding 8 MiB: {s}"
     );
     let human = ok(&[&"backup", &"--store", &env.store(), &"--name", &"big", &src]);
-    assert!(human.contains("read        8."), "{human}");
+    assert!(
+        human.contains("read        8.")
+            && human.contains(" MiB of 64.0 GiB in ")
+            && human.contains("holes are not read"),
+        "{human}"
+    );
 
     let out = env.path("out.img");
     ok(&[&"restore", &"--store", &env.store(), &"big", &out]);

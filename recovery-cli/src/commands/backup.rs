@@ -92,10 +92,16 @@ pub fn run(c: Config) -> anyhow::Result<()> {
     output::line(&format!("snapshot    {reference}"))?;
     output::line(&format!("parent      {}", parent.as_deref().unwrap_or("-")))?;
     output::line(&format!(
-        "read        {} in {:.2} s ({})",
+        "read        {} of {} in {:.2} s ({}){}",
         output::size(stats.bytes_read),
+        output::size(stats.image_size),
         stats.seconds,
-        output::rate(stats.bytes_read, stats.seconds)
+        output::rate(stats.bytes_read, stats.seconds),
+        if stats.bytes_read < stats.image_size {
+            "; holes are not read"
+        } else {
+            ""
+        }
     ))?;
     output::line(&format!(
         "chunks      {} total, {} new, {} zero, {} unchanged from parent",
