@@ -12,6 +12,12 @@
 //! are left as holes, so sparse files stay sparse. Hard links are restored
 //! as separate copies. Device nodes, fifos and sockets are skipped (listed).
 //! A failure on one file or directory is recorded and the rest goes on.
+//!
+//! Known limit: `ext4-view` does not expose inode numbers, so a directory
+//! hard-linked into its own subtree (invalid, but a hostile image can hold
+//! one) is not recognised as a cycle; the walk stops only at [`MAX_DEPTH`],
+//! and several such links multiply the work. Fixing it needs inode numbers
+//! from the reader (an upstream API) to keep a set of directories entered.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
