@@ -86,6 +86,7 @@
 pub mod control_server;
 pub mod operator_status;
 pub mod progress_log;
+pub mod qemu;
 pub mod state_dir;
 
 // What the CLI needs to configure and stop a daemon, without reaching into
@@ -143,6 +144,9 @@ pub struct DaemonConfig {
     pub repair_from: Option<String>,
     /// How often progress is logged.
     pub log_interval: Duration,
+    /// The caller starts a guest on the socket (`instant-boot --qemu`):
+    /// refused while a QEMU started on this state earlier still runs.
+    pub starts_guest: bool,
 }
 
 /// Why the daemon could not start or stopped with an error.
@@ -169,9 +173,38 @@ pub enum Error {
     /// Tightening the state dir's permissions failed.
     #[error("Failed to make state dir {0} private (mode 0700)")]
     StateMode(PathBuf, #[source] io::Error),
-    /// Opening the state dir failed.
-    #[error("Failed to open state dir {0}")]
-    State(PathBuf, #[source] crate::state_dir::Error),
+    /// Opening the state dir failed (the error names the dir).
+    #[error(transparent)]
+    State(crate::state_dir::Error),
+    /// Writing the state failed.
+    #[error("Failed to record the migration target in state dir {0}")]
+    RecordTarget(PathBuf, #[source] crate::state_dir::Error),
+    /// A socket path cannot work.
+    #[error("Cannot create the {what} at {path}: {why}")]
+    SocketPath {
+        /// "vhost-user socket" or "control socket".
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why not.
+        why: String,
+    },
+    /// A QEMU started on this state's overlay still runs.
+    #[error("A guest started on state dir {state} still runs (QEMU PID {pid}); stop it before starting another: two guests on one overlay destroy each other's writes")]
+    GuestRunning {
+        /// The state dir.
+        state: PathBuf,
+        /// The QEMU's PID.
+        pid: u32,
+    },
+    /// The recorded target is gone.
+    #[error("Target {target} does not exist, but state dir {state} records a migration to it; restore the target, or start over with a new --state (nothing was created)")]
+    TargetGone {
+        /// The target.
+        target: PathBuf,
+        /// The state dir.
+        state: PathBuf,
+    },
     /// Building a block layer failed.
     #[error("Failed to open the {0} layer")]
     Layer(&'static str, #[source] io::Error),
@@ -186,9 +219,10 @@ pub enum Error {
         /// The recorded target.
         target: String,
     },
-    /// Opening the migration target failed.
-    #[error("Failed to open migration target {0}")]
-    Target(PathBuf, #[source] block::target::Error),
+    /// Opening, locking or identifying the migration target failed (the
+    /// error names the target).
+    #[error(transparent)]
+    Target(block::target::Error),
     /// Opening or starting the migration failed.
     #[error("Failed to start the migration to {0}")]
     Migration(PathBuf, #[source] block::migrate::Error),
@@ -235,6 +269,16 @@ impl Daemon {
         if cfg.repair_from.is_some() && cfg.target.is_none() {
             return Err(Error::RepairWithoutTarget);
         }
+        // What can be checked before anything is created, is.
+        check_socket_path("vhost-user socket", &cfg.socket, true)?;
+        match &cfg.control {
+            Some(control) => check_socket_path("control socket", control, true)?,
+            None => check_socket_path(
+                "control socket",
+                &state_dir::control_socket_in(&cfg.state),
+                false,
+            )?,
+        }
         let store = Store::open(&cfg.store).map_err(|e| Error::OpenStore(cfg.store.clone(), e))?;
         let reader = store
             .open_snapshot(&cfg.snapshot)
@@ -278,11 +322,25 @@ impl Daemon {
             image_size: info.image_size,
             chunk_size: info.chunk_size,
         };
-        let state = Arc::new(
-            StateDir::open_or_create(&cfg.state, &binding)
-                .map_err(|e| Error::State(cfg.state.clone(), e))?,
-        );
+        let state = Arc::new(StateDir::open_or_create(&cfg.state, &binding).map_err(Error::State)?);
+        // From here on, a failed start takes back what it created.
+        let mut undo = UndoStart {
+            state: Some(state.clone()),
+            target: None,
+        };
         make_private(&cfg.state)?;
+        if let Some(guest) = state.live_guest() {
+            if cfg.starts_guest {
+                return Err(Error::GuestRunning {
+                    state: cfg.state.clone(),
+                    pid: guest.pid,
+                });
+            }
+            tracing::warn!(
+                pid = guest.pid,
+                "a QEMU started on this state earlier still runs; it may reconnect to this daemon"
+            );
+        }
         let recorded_target = state.state().target;
         if let (Some(recorded), None) = (&recorded_target, &cfg.target) {
             return Err(Error::TargetMissing {
@@ -295,8 +353,10 @@ impl Daemon {
         let reference = info.reference();
         let (inner, migration, overlay): (Arc<dyn BlockDevice>, _, _) = match &cfg.target {
             Some(path) => {
-                let target = Target::open(path, info.image_size)
-                    .map_err(|e| Error::Target(path.clone(), e))?;
+                let target = open_target(&state, path, info.image_size, &cfg.state)?;
+                if target.created() {
+                    undo.target = Some(path.clone());
+                }
                 let migration = if MigratingDevice::is_complete_in(&*state) {
                     MigratingDevice::open_complete(state.clone(), target)
                 } else {
@@ -347,7 +407,7 @@ impl Daemon {
 
         let mut device_cfg = cfg.device.clone();
         if device_cfg.serial.is_empty() {
-            device_cfg.serial = info.id.clone();
+            device_cfg.serial = default_serial(&info.id);
         }
         let server = BlockServer::new(device.clone(), device_cfg)?;
         let listening = server.bind(&cfg.socket)?;
@@ -365,6 +425,8 @@ impl Daemon {
                 .start()
                 .map_err(|e| Error::Migration(path.clone(), e))?;
         }
+        undo.state = None;
+        undo.target = None;
         Ok(Daemon {
             info,
             server,
@@ -396,6 +458,11 @@ impl Daemon {
             .map_err(|e| Error::Overlay(cfg.state.clone(), e))?
             .with_read_only(cfg.device.read_only);
         Ok((snapshot, Arc::new(overlay)))
+    }
+
+    /// The state dir (to record a guest started on it).
+    pub fn state_dir(&self) -> &Arc<StateDir> {
+        &self._state
     }
 
     /// The snapshot being served.
@@ -459,6 +526,118 @@ impl Daemon {
         checkpoint?;
         flushed
     }
+}
+
+/// The serial a guest sees when none is given: the snapshot id's digits
+/// (`YYYYMMDDTHHMMSS.ffffffZ` has exactly 20, the most a virtio-blk serial
+/// holds), so two snapshots never share one. Of a longer run of digits the
+/// last 20, which change fastest.
+pub fn default_serial(snapshot_id: &str) -> String {
+    let digits: String = snapshot_id.chars().filter(char::is_ascii_digit).collect();
+    digits[digits.len().saturating_sub(SERIAL_BYTES)..].to_string()
+}
+
+/// Bytes of a virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
+pub const SERIAL_BYTES: usize = 20;
+
+/// What a failed [`Daemon::start`] takes back: the state it created, the
+/// target file it created.
+struct UndoStart {
+    state: Option<Arc<StateDir>>,
+    target: Option<PathBuf>,
+}
+
+impl Drop for UndoStart {
+    fn drop(&mut self) {
+        if let Some(target) = &self.target {
+            match std::fs::remove_file(target) {
+                Ok(()) => {
+                    tracing::info!(target = %target.display(), "removed the target this failed start created")
+                }
+                Err(e) => {
+                    tracing::warn!(target = %target.display(), error = %e, "failed to remove the target this failed start created")
+                }
+            }
+        }
+        if let Some(state) = &self.state {
+            state.remove_created();
+        }
+    }
+}
+
+/// Refuses a socket path that cannot be bound or connected to: 108 bytes
+/// or more (`sun_path` holds 107 and a NUL), a missing directory
+/// (`dir_must_exist`), something other than a socket already there.
+fn check_socket_path(what: &'static str, path: &Path, dir_must_exist: bool) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let err = |why: String| Error::SocketPath {
+        what,
+        path: path.to_path_buf(),
+        why,
+    };
+    let len = path.as_os_str().as_bytes().len();
+    if len >= SUN_PATH_MAX {
+        return Err(err(format!(
+            "the path is {len} bytes, a Unix socket path must be shorter than {SUN_PATH_MAX}"
+        )));
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if dir_must_exist && !dir.is_dir() {
+        return Err(err(format!("directory {} does not exist", dir.display())));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => Err(err(
+            "something other than a socket is there (it is never replaced)".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Size of `sockaddr_un.sun_path`, the terminating NUL included.
+const SUN_PATH_MAX: usize = 108;
+
+/// Opens and locks the target, creating it only for a migration that has
+/// not started, and checks (or, on a first start, records) its identity.
+fn open_target(state: &StateDir, path: &Path, image_size: u64, dir: &Path) -> Result<Target> {
+    use block::state::MigrationState;
+    use block::target::TargetOpen;
+    let recorded = state.state();
+    let started = recorded.migration != MigrationState::NotStarted;
+    let how = TargetOpen {
+        create: !started,
+        lock: true,
+    };
+    let target = Target::open_with(path, image_size, how).map_err(|e| match e {
+        block::target::Error::Missing { path } => Error::TargetGone {
+            target: path,
+            state: dir.to_path_buf(),
+        },
+        e => Error::Target(e),
+    })?;
+    let same_path = recorded
+        .target
+        .as_deref()
+        .is_some_and(|r| std::fs::canonicalize(path).is_ok_and(|p| p == r));
+    match &recorded.target_identity {
+        // Another path: the migration refuses it, naming both.
+        _ if started && !same_path => {}
+        Some(identity) if started => target.check_identity(identity).map_err(Error::Target)?,
+        // A first start (or a state from before identities were recorded).
+        _ => {
+            if started {
+                tracing::warn!(target = %path.display(), "the state records no identity for its target (made by an older version): recording it now");
+            }
+            let identity = target.mark().map_err(Error::Target)?;
+            state
+                .update(|s| s.target_identity = Some(identity))
+                .map_err(|e| Error::RecordTarget(dir.to_path_buf(), e))?;
+        }
+    }
+    Ok(target)
 }
 
 /// Makes the state dir private (mode 0700): it holds the guest's data and

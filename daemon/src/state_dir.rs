@@ -17,6 +17,8 @@
 //!                         mirror of its words, for a restart on the same
 //!                         boot                                         (block::bitmap::journal)
 //!   control.sock          control socket (0600), unless --control names another path
+//!   qemu.json             the QEMU `instant-boot --qemu` runs on this overlay:
+//!                         its PID and start time; removed when it exits
 //! ```
 //!
 //! The bitmap and journal formats are documented in `block::bitmap` and
@@ -32,6 +34,23 @@
 //! complete one. The lock is an `flock` on `DIR/lock`, released by the
 //! kernel when the daemon exits however it exits, so a stale lock file
 //! never blocks a restart.
+//!
+//! # Whose directory
+//!
+//! An existing directory is only used if it is empty or a state dir (it
+//! has `state.json`, or only what a start that crashed before writing it
+//! leaves: `lock`, `state.json.tmp`). Anything else, `/tmp` say, is refused
+//! untouched: no lock file, no change of mode. [`StateDir::created`] tells
+//! whether this open made the state, so a start that fails afterwards can
+//! take back everything it made ([`StateDir::remove_created`]).
+//!
+//! # One guest per overlay
+//!
+//! `qemu.json` records the QEMU that `instant-boot --qemu` started, by PID
+//! and by its start time in clock ticks since boot (field 22 of
+//! `/proc/PID/stat`), so a PID reused by another process is not mistaken
+//! for it. [`StateDir::live_guest`] finds it while it runs; a daemon
+//! asked to start a guest refuses while one does.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
@@ -44,6 +63,7 @@ use serde::{Deserialize, Serialize};
 
 use block::file::write_atomic;
 use block::state::{LayerFile, LayerState, MigrationState};
+use block::target::TargetIdentity;
 
 /// Version of `state.json`. Do not modify; add a new version instead.
 pub const STATE_FORMAT_VERSION: u32 = 1;
@@ -55,6 +75,11 @@ const OVERLAY_BITMAP: &str = "overlay.bitmap";
 const MIGRATED_BITMAP: &str = "migrated.bitmap";
 const GUEST_WRITTEN_BITMAP: &str = "guest-written.bitmap";
 const CONTROL_SOCKET: &str = "control.sock";
+const GUEST_FILE: &str = "qemu.json";
+
+/// What a directory may hold and still be taken for a state dir whose
+/// first start crashed before `state.json` was written.
+const LEFT_BEFORE_STATE: [&str; 2] = [LOCK_FILE, "state.json.tmp"];
 
 /// What a state dir is for: the snapshot being served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +111,19 @@ pub struct StateFile {
     /// Migration progress.
     #[serde(default)]
     pub migration: MigrationState,
+    /// What the target is, recorded when the migration started and checked
+    /// on every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_identity: Option<TargetIdentity>,
+}
+
+/// The QEMU `instant-boot --qemu` started on this state's overlay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRecord {
+    /// Its process id.
+    pub pid: u32,
+    /// Its start time, clock ticks after boot (`/proc/PID/stat` field 22).
+    pub start_time: u64,
 }
 
 /// Errors of the state dir.
@@ -167,6 +205,14 @@ pub enum Error {
         /// The recorded value.
         found: u64,
     },
+    /// The directory holds other things: it is not a state dir.
+    #[error("{dir} is not a state dir (it holds {entry} but no state.json); refusing to use it, choose an empty or new --state")]
+    NotStateDir {
+        /// The directory.
+        dir: PathBuf,
+        /// One entry that does not belong to a state dir.
+        entry: String,
+    },
     /// Writing `state.json` failed.
     #[error("Failed to write {path}")]
     Write {
@@ -187,6 +233,10 @@ pub struct StateDir {
     dir: PathBuf,
     _lock: File,
     state: Mutex<StateFile>,
+    /// This open created the directory.
+    created_dir: bool,
+    /// This open wrote the first `state.json`.
+    created_state: bool,
 }
 
 impl std::fmt::Debug for StateDir {
@@ -236,6 +286,19 @@ impl StateDir {
     /// its `state.json` if needed, and locks it. Fails if another process
     /// holds it or if it belongs to another snapshot.
     pub fn open_or_create(dir: &Path, binding: &StateBinding) -> Result<StateDir> {
+        let created_dir = match std::fs::symlink_metadata(dir) {
+            Ok(_) => {
+                check_ours(dir)?;
+                false
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(source) => {
+                return Err(Error::CreateDir {
+                    dir: dir.to_path_buf(),
+                    source,
+                })
+            }
+        };
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -245,6 +308,7 @@ impl StateDir {
                 source,
             })?;
         let lock = lock_dir(dir)?;
+        let mut created_state = false;
         let path = dir.join(STATE_FILE);
         let state = match std::fs::read(&path) {
             Ok(bytes) => {
@@ -264,8 +328,10 @@ impl StateDir {
                         .unwrap_or(0),
                     target: None,
                     migration: MigrationState::NotStarted,
+                    target_identity: None,
                 };
                 store_state(&path, &state)?;
+                created_state = true;
                 tracing::info!(dir = %dir.display(), snapshot = %binding.snapshot_id, "created state dir");
                 state
             }
@@ -275,7 +341,73 @@ impl StateDir {
             dir: dir.to_path_buf(),
             _lock: lock,
             state: Mutex::new(state),
+            created_dir,
+            created_state,
         })
+    }
+
+    /// Whether this open made the state (wrote the first `state.json`).
+    pub fn created(&self) -> bool {
+        self.created_state
+    }
+
+    /// Takes back a state this open made ([`StateDir::created`]): removes
+    /// the directory if this open created it, else what is in it. Does
+    /// nothing to a state that existed before. For a start that failed.
+    pub fn remove_created(&self) {
+        if !self.created_state {
+            return;
+        }
+        let removed = if self.created_dir {
+            std::fs::remove_dir_all(&self.dir)
+        } else {
+            std::fs::read_dir(&self.dir).and_then(|entries| {
+                for entry in entries {
+                    let path = entry?.path();
+                    if path.is_dir() {
+                        std::fs::remove_dir_all(&path)?;
+                    } else {
+                        std::fs::remove_file(&path)?;
+                    }
+                }
+                Ok(())
+            })
+        };
+        match removed {
+            Ok(()) => {
+                tracing::info!(dir = %self.dir.display(), "removed the state this failed start created")
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "failed to remove the state this failed start created")
+            }
+        }
+    }
+
+    /// The QEMU recorded in this state, if it still runs.
+    pub fn live_guest(&self) -> Option<GuestRecord> {
+        let bytes = std::fs::read(self.dir.join(GUEST_FILE)).ok()?;
+        let record: GuestRecord = serde_json::from_slice(&bytes).ok()?;
+        (process_start_time(record.pid) == Some(record.start_time)).then_some(record)
+    }
+
+    /// Records `pid` as the QEMU running on this state's overlay.
+    pub fn record_guest(&self, pid: u32) -> Result<GuestRecord> {
+        let path = self.dir.join(GUEST_FILE);
+        let write_err = |source| Error::Write {
+            path: path.clone(),
+            source,
+        };
+        let start_time = process_start_time(pid)
+            .ok_or_else(|| write_err(io::Error::other(format!("process {pid} is gone"))))?;
+        let record = GuestRecord { pid, start_time };
+        let bytes = serde_json::to_vec(&record).map_err(|e| write_err(io::Error::other(e)))?;
+        write_atomic(&path, &bytes).map_err(write_err)?;
+        Ok(record)
+    }
+
+    /// Forgets the recorded QEMU (it has exited).
+    pub fn clear_guest(&self) {
+        let _ = std::fs::remove_file(self.dir.join(GUEST_FILE));
     }
 
     /// The directory.
@@ -318,6 +450,51 @@ impl StateDir {
     pub fn control_socket_path(&self) -> PathBuf {
         self.dir.join(CONTROL_SOCKET)
     }
+}
+
+/// `DIR/control.sock`, the default control socket of the state dir `dir`.
+pub fn control_socket_in(dir: &Path) -> PathBuf {
+    dir.join(CONTROL_SOCKET)
+}
+
+/// Refuses an existing directory that is neither empty nor a state dir.
+fn check_ours(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::CreateDir {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.iter().any(|n| n == STATE_FILE) {
+        return Ok(());
+    }
+    match names
+        .into_iter()
+        .find(|n| !LEFT_BEFORE_STATE.contains(&n.as_str()))
+    {
+        Some(entry) => Err(Error::NotStateDir {
+            dir: dir.to_path_buf(),
+            entry,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A process's start time in clock ticks after boot (`/proc/PID/stat`
+/// field 22); `None` if it does not exist or has already exited (a zombie).
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: the
+    // fields after it start after its last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // Field 3 is the state; field 22 is the 19th after it.
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 fn parse_state(path: &Path, bytes: &[u8]) -> Result<StateFile> {
@@ -491,6 +668,80 @@ mod tests {
         );
         drop(sd);
         StateDir::open_or_create(tmp.path(), &binding("aa11")).unwrap();
+    }
+
+    #[test]
+    fn a_foreign_directory_is_refused_and_left_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::write(shared.join("someone-elses.txt"), b"x").unwrap();
+        let err = StateDir::open_or_create(&shared, &binding("aa11")).unwrap_err();
+        assert!(matches!(err, Error::NotStateDir { .. }), "{err}");
+        assert!(err.to_string().contains("someone-elses.txt"), "{err}");
+        let mode = std::fs::metadata(&shared).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o1777);
+        let names: Vec<_> = std::fs::read_dir(&shared).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        // A start that crashed before state.json left only the lock: ours.
+        let crashed = tmp.path().join("crashed");
+        std::fs::create_dir(&crashed).unwrap();
+        std::fs::write(crashed.join("lock"), b"123\n").unwrap();
+        StateDir::open_or_create(&crashed, &binding("aa11")).unwrap();
+    }
+
+    #[test]
+    fn a_failed_start_takes_back_only_what_it_created() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("new");
+        let sd = StateDir::open_or_create(&dir, &binding("aa11")).unwrap();
+        assert!(sd.created());
+        sd.remove_created();
+        assert!(!dir.exists());
+        // An existing empty dir is emptied again, not removed.
+        std::fs::create_dir(&dir).unwrap();
+        let sd = StateDir::open_or_create(&dir, &binding("aa11")).unwrap();
+        sd.remove_created();
+        assert!(dir.is_dir());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        // A state that existed before is never removed.
+        drop(StateDir::open_or_create(&dir, &binding("aa11")).unwrap());
+        let sd = StateDir::open_or_create(&dir, &binding("aa11")).unwrap();
+        assert!(!sd.created());
+        sd.remove_created();
+        assert!(dir.join("state.json").exists());
+    }
+
+    #[test]
+    fn a_recorded_guest_is_live_only_while_its_process_runs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sd = StateDir::open_or_create(tmp.path(), &binding("aa11")).unwrap();
+        assert_eq!(sd.live_guest(), None);
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let record = sd.record_guest(child.id()).unwrap();
+        assert_eq!(sd.live_guest(), Some(record.clone()));
+        // The same PID with another start time is another process.
+        let other = GuestRecord {
+            start_time: record.start_time + 1,
+            ..record
+        };
+        std::fs::write(
+            tmp.path().join(GUEST_FILE),
+            serde_json::to_vec(&other).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(sd.live_guest(), None);
+        sd.record_guest(child.id()).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(sd.live_guest(), None);
+        sd.clear_guest();
+        assert!(!tmp.path().join(GUEST_FILE).exists());
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod full_disk;
 mod guest;
 mod live_backup;
 mod migrate;
+mod operator_safety;
 mod permissions;
 mod reconnect;
 mod restart;

@@ -3,23 +3,29 @@
 //! The daemon binds its socket before it prints anything, so the QEMU
 //! arguments it prints work the moment they appear. SIGINT and SIGTERM
 //! stop it cleanly: the device is flushed and the socket removed. With
-//! `--qemu` it also launches QEMU itself and stops when QEMU exits.
+//! `--qemu` it also launches QEMU itself and stops when QEMU exits; it
+//! exits non-zero, with QEMU's last error line, when QEMU fails or is
+//! killed. That QEMU dies with the daemon (parent-death signal) and is
+//! recorded in the state dir, so a restart never starts a second guest on
+//! the same overlay while it runs (`daemon::qemu`).
 //!
 //! `--repair-from SNAPSHOT` (with `--target`) finishes a migration that
 //! would stop on damaged chunks by taking those chunks from another backup
 //! of the same image. It is never implied: the repaired data is older or
 //! newer than the booted snapshot, so the operator chooses it.
 
+use std::collections::VecDeque;
+use std::io::BufRead;
 use std::path::PathBuf;
-use std::process::{Child, Command};
-use std::sync::Arc;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use daemon::{
     Daemon, DaemonConfig, DeviceConfig, MigratingDevice, MigrationOptions, StopHandle,
-    MAX_IO_THREADS,
+    MAX_IO_THREADS, SERIAL_BYTES,
 };
 use serde::Serialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -57,7 +63,8 @@ pub struct Args {
     /// Chunk cache budget.
     #[arg(long, default_value = "256M", value_parser = parse_size, value_name = "SIZE")]
     cache_size: u64,
-    /// Serial number the guest sees (GET_ID); default: the snapshot id.
+    /// Serial number the guest sees (GET_ID), at most 20 bytes; default:
+    /// the snapshot id's 20 digits (unique per snapshot).
     #[arg(long, value_name = "ID")]
     serial: Option<String>,
     /// Control socket for status, pause, resume and set-rate (default: STATE/control.sock).
@@ -132,6 +139,23 @@ impl TryFrom<Args> for Config {
         if a.memory < 64 {
             bail!("--memory must be at least 64 (MiB)");
         }
+        if let Some(serial) = &a.serial {
+            if serial.len() > SERIAL_BYTES {
+                bail!(
+                    "--serial {serial:?} is {} bytes; a virtio-blk serial holds at most {SERIAL_BYTES}",
+                    serial.len()
+                );
+            }
+        }
+        if let Some(total) = mem_total() {
+            if a.cache_size > total {
+                bail!(
+                    "--cache-size {} is more than this machine's memory ({})",
+                    output::size(a.cache_size),
+                    output::size(total)
+                );
+            }
+        }
         if !a.qemu && !a.qemu_args.is_empty() {
             bail!("extra QEMU arguments need --qemu");
         }
@@ -170,6 +194,7 @@ impl TryFrom<Args> for Config {
                 migration,
                 repair_from: a.repair_from,
                 log_interval: Duration::from_secs(a.log_interval.max(1)),
+                starts_guest: a.qemu,
             },
             json: a.json,
             qemu: a.qemu.then_some(QemuLaunch {
@@ -179,6 +204,14 @@ impl TryFrom<Args> for Config {
             memory: a.memory,
         })
     }
+}
+
+/// `MemTotal` of `/proc/meminfo` in bytes.
+fn mem_total() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// What `instant-boot` prints once the socket accepts connections.
@@ -278,14 +311,33 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         Some(launch) => {
             let mut args = qemu;
             args.extend(launch.extra.iter().cloned());
-            let child = Command::new(&launch.binary)
-                .args(&args)
-                .spawn()
-                .with_context(|| format!("Failed to start {}", launch.binary))?;
+            // Spawned from the main thread, which lives as long as the
+            // daemon: the parent-death signal follows the spawning thread.
+            let spawned = daemon::qemu::spawn_tied(
+                Command::new(&launch.binary)
+                    .args(&args)
+                    .stderr(Stdio::piped()),
+            )
+            .with_context(|| format!("Failed to start {}", launch.binary));
+            let mut child = match spawned {
+                Ok(child) => child,
+                Err(e) => {
+                    stop.stop();
+                    let _ = daemon.run();
+                    return Err(e);
+                }
+            };
+            let state = daemon.state_dir().clone();
+            if let Err(e) = state.record_guest(child.id()) {
+                warn!(error = %e, "failed to record the QEMU in the state dir");
+            }
+            let stderr = forward_stderr(&mut child)?;
             Some(watch_qemu(
                 child,
                 stop.clone(),
                 daemon.migration().cloned(),
+                state,
+                stderr,
             )?)
         }
         None => None,
@@ -294,28 +346,84 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let result = daemon.run();
     signal_handle.close();
     let _ = signal_thread.join();
-    if let Some(t) = qemu_thread {
-        let _ = t.join();
-    }
+    let qemu_failed = qemu_thread.and_then(|t| t.join().ok().flatten());
     result?;
+    if let Some(why) = qemu_failed {
+        bail!(why);
+    }
     info!("stopped cleanly");
     Ok(())
 }
 
+/// Lines of QEMU's stderr kept for the error message.
+const QEMU_ERROR_LINES: usize = 3;
+
+/// QEMU's stderr, copied to ours: its last lines, complete once the
+/// thread copying them has ended (QEMU closed its stderr).
+struct QemuStderr {
+    last: Arc<Mutex<VecDeque<String>>>,
+    copier: Option<thread::JoinHandle<()>>,
+}
+
+impl QemuStderr {
+    /// QEMU's last lines (waits for the copy to end).
+    fn last_lines(&mut self) -> Vec<String> {
+        if let Some(copier) = self.copier.take() {
+            let _ = copier.join();
+        }
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last.iter().cloned().collect()
+    }
+}
+
+/// Copies QEMU's stderr to ours, keeping its last lines.
+fn forward_stderr(child: &mut Child) -> anyhow::Result<QemuStderr> {
+    let last = Arc::new(Mutex::new(VecDeque::new()));
+    let Some(stderr) = child.stderr.take() else {
+        return Ok(QemuStderr { last, copier: None });
+    };
+    let kept = last.clone();
+    let copier = thread::Builder::new()
+        .name("qemu-stderr".into())
+        .spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+                if kept.len() == QEMU_ERROR_LINES {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        })
+        .context("Failed to start the QEMU stderr thread")?;
+    Ok(QemuStderr {
+        last,
+        copier: Some(copier),
+    })
+}
+
 /// Stops the daemon when QEMU exits (once the migration, if any, has
-/// finished); kills QEMU if the daemon stops first.
+/// finished); kills QEMU if the daemon stops first. Returns why QEMU
+/// failed, if it did (exited non-zero or was killed by someone else).
 fn watch_qemu(
     mut child: Child,
     stop: StopHandle,
     migration: Option<Arc<MigratingDevice>>,
-) -> anyhow::Result<thread::JoinHandle<()>> {
+    state: Arc<daemon::state_dir::StateDir>,
+    mut stderr: QemuStderr,
+) -> anyhow::Result<thread::JoinHandle<Option<String>>> {
     thread::Builder::new()
         .name("qemu".into())
         .spawn(move || loop {
             match child.try_wait() {
                 Ok(Some(status)) => {
+                    state.clear_guest();
                     info!(%status, "QEMU exited");
-                    if let Some(m) = &migration {
+                    let failed = qemu_failure(status, &mut stderr);
+                    // A failed QEMU stops the daemon at once (the migration
+                    // resumes on the next start).
+                    if let (Some(m), None) = (&migration, &failed) {
                         if !m.is_complete() {
                             info!("waiting for the migration to finish");
                         }
@@ -325,23 +433,43 @@ fn watch_qemu(
                         }
                     }
                     stop.stop();
-                    return;
+                    return failed;
                 }
                 Ok(None) if stop.is_stopped() => {
                     warn!("daemon stopping: terminating QEMU");
                     let _ = child.kill();
                     let _ = child.wait();
-                    return;
+                    state.clear_guest();
+                    return None;
                 }
                 Ok(None) => thread::sleep(Duration::from_millis(100)),
                 Err(e) => {
                     warn!(error = %e, "lost track of QEMU");
                     stop.stop();
-                    return;
+                    return Some(format!("Lost track of QEMU: {e}"));
                 }
             }
         })
         .context("Failed to start the QEMU watcher")
+}
+
+/// Why QEMU's exit is a failure, with its last stderr lines; `None` for a
+/// clean exit (status 0: the guest powered off).
+fn qemu_failure(status: std::process::ExitStatus, stderr: &mut QemuStderr) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt;
+    if status.success() {
+        return None;
+    }
+    let how = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("QEMU exited with status {code}"),
+        (None, Some(sig)) => format!("QEMU was killed by signal {sig}"),
+        _ => format!("QEMU failed: {status}"),
+    };
+    let lines = stderr.last_lines();
+    Some(match lines.is_empty() {
+        false => format!("{how}: {}", lines.join(" / ")),
+        true => how,
+    })
 }
 
 fn print_ready(ready: &Ready, json: bool) -> anyhow::Result<()> {
