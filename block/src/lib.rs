@@ -57,7 +57,7 @@
 //! | [`snapshot`] | [`snapshot::SnapshotLayer`], the bottom layer |
 //! | [`overlay`] | [`overlay::Overlay`] (copy-on-write, crash argument), `overlay::locks` (striped `LockTable`) |
 //! | [`bitmap`] | [`bitmap::PersistentBitmap`] (format, sync ordering, `journal_state`), `bitmap::journal` (the `.live` journal) |
-//! | [`target`] | [`target::Target`]: the raw file or block device migrated to; zeroing without writing zeroes, sync |
+//! | [`target`] | [`target::Target`]: the raw file or block device migrated to; exclusive use (OFD write lock on a file, `O_EXCL` on a device), identity recorded in the state and checked on every start, zeroing without writing zeroes, sync |
 //! | [`migrate`] | [`migrate::MigratingDevice`] (routing, crash argument, verify), `migrate::copier`, `migrate::repair` (`--repair-from`), `migrate::throttle` (rate limit and rate window), `migrate::progress` (bytes to copy, copied, skipped) |
 //! | [`metered`] | [`metered::MeteredDevice`]: guest counters for the status report |
 //! | [`state`] | [`state::LayerState`] (where the layers' files and migration record live; the daemon's state dir implements it), `MigrationState`, the one story of states |

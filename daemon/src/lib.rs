@@ -5,7 +5,8 @@
 //! to a layer: opening the store and snapshot, the state directory
 //! ([`state_dir`]), building the block stack and the vhost-user server,
 //! the control socket server ([`control_server`]), the operator's status
-//! ([`operator_status`]) and the progress log ([`progress_log`]). It
+//! ([`operator_status`]), the progress log ([`progress_log`]) and the tie
+//! between the daemon and a QEMU it launches ([`qemu`]). It
 //! depends on `store`, `block`, `vhost-backend` and `control`; the CLI
 //! configures and stops it through the re-exports below, without reaching
 //! into the layers.
@@ -16,6 +17,7 @@
 //! | [`state_dir`] | `--state DIR`: its layout (the one home of it), the `flock`, `state.json` (atomic writes, binding to one snapshot); implements `block::state::LayerState` |
 //! | [`control_server`] | the control socket server: bind (0600, under a temporary name, then renamed), the `control-accept` thread, one `control-conn` thread per client |
 //! | [`operator_status`] | [`operator_status::DaemonStatus`], the daemon's `control::Control`: builds a `control::Status` from the parts, routes pause/resume/set-rate to the migration |
+//! | [`qemu`] | the QEMU that `instant-boot --qemu` launches: spawned with `PR_SET_PDEATHSIG` = `SIGKILL` so it dies with the daemon, and recorded in the state dir (`qemu.json`) so a second guest is refused on the same overlay |
 //! | [`progress_log`] | the `progress-log` thread: a progress line every `--log-interval` while migrating, each state change once, whether the live journal runs (at start and on change) |
 //!
 //! # Model

@@ -527,6 +527,11 @@ fn backup(
         source,
     })?;
     let plan = source::plan(&client, store.chunk_size() as u64, dirty_ctx.as_deref())?;
+    info!(
+        dirty_bytes = plan.dirty_bytes,
+        data_chunks = plan.count(ChunkState::Data),
+        "plan ready"
+    );
     let parent = match mode {
         Mode::Incremental { parent, .. } => {
             Some(store.open_snapshot(&format!("{}@{parent}", cfg.name))?)

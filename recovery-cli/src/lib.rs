@@ -33,10 +33,13 @@
 //! # Threads
 //! Store commands run on the main thread and the store's own scoped
 //! worker threads. `instant-boot` runs the daemon on the main thread
-//! (`Daemon::run`) and adds two of its own: `signals` (SIGINT/SIGTERM →
-//! `StopHandle::stop`) and, with `--qemu`, `qemu` (stops the daemon when
-//! QEMU exits, once the migration has finished; kills QEMU if the daemon
-//! stops first). The daemon's threads are listed in `docs/ARCHITECTURE.md`.
+//! (`Daemon::run`) and adds its own: `signals` (SIGINT/SIGTERM →
+//! `StopHandle::stop`) and, with `--qemu` (QEMU is spawned from the main
+//! thread, so that its parent-death signal lasts as long as the daemon),
+//! `qemu` (stops the daemon when QEMU exits, once the migration has
+//! finished, or at once when QEMU failed; kills QEMU if the daemon stops
+//! first) and `qemu-stderr` (copies QEMU's stderr, keeping its last lines
+//! for the error message). The daemon's threads are listed in `docs/ARCHITECTURE.md`.
 //!
 //! # Errors and exit codes
 //! Commands return `anyhow::Result` (only here, never in the libraries);
