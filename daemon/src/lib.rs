@@ -108,10 +108,11 @@ use block::metered::MeteredDevice;
 use block::overlay::Overlay;
 use block::snapshot::SnapshotLayer;
 use block::source::ChunkSource;
+use block::state::MigrationState;
 use block::store_source::StoreSource;
 use block::target::Target;
 use control::Control;
-use store::{SnapshotInfo, SnapshotReader, Store};
+use store::{HoldInfo, SnapshotInfo, SnapshotReader, Store};
 use vhost_backend::socket::{BlockServer, Listening};
 
 use crate::control_server::ControlServer;
@@ -221,6 +222,9 @@ pub enum Error {
         /// The recorded target.
         target: String,
     },
+    /// Recording the state's hold on its snapshot failed.
+    #[error("Failed to hold snapshot {0} in the store for this state dir")]
+    Hold(String, #[source] store::Error),
     /// Opening, locking or identifying the migration target failed (the
     /// error names the target).
     #[error(transparent)]
@@ -261,7 +265,10 @@ pub struct Daemon {
     // Held for the daemon's lifetime: the state dir's flock and the
     // snapshot's shared lock (gc keeps its chunks while we serve).
     _state: Arc<StateDir>,
-    _reader: Arc<SnapshotReader>,
+    _reader: Option<Arc<SnapshotReader>>,
+    /// The state's hold on its snapshot, until the migration completes.
+    hold: Option<SnapshotHold>,
+    hold_release: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -280,6 +287,14 @@ impl Daemon {
                 &state_dir::control_socket_in(&cfg.state),
                 false,
             )?,
+        }
+        // A complete migration needs only the target: the store may be
+        // gone, the snapshot forgotten.
+        let complete = cfg.target.as_ref().and_then(|_| {
+            state_dir::peek(&cfg.state).filter(|s| s.migration == MigrationState::Complete)
+        });
+        if let Some(done) = complete {
+            return Self::start_complete(cfg, &done);
         }
         let store = Store::open(&cfg.store).map_err(|e| Error::OpenStore(cfg.store.clone(), e))?;
         let reader = store
@@ -317,8 +332,69 @@ impl Daemon {
             }
             None => None,
         };
-        let source = Arc::new(StoreSource::new(reader.clone()));
+        let source = Some(Arc::new(StoreSource::new(reader.clone())));
+        Self::assemble(
+            cfg,
+            info,
+            Some(Arc::new(store)),
+            Some(reader),
+            source,
+            repair,
+        )
+    }
 
+    /// Starts on a state whose migration is complete: the target alone is
+    /// served, the store is opened only to release the state's hold.
+    fn start_complete(cfg: &DaemonConfig, done: &state_dir::StateFile) -> Result<Daemon> {
+        let name = done.snapshot_name.clone().unwrap_or_default();
+        let id = &done.snapshot_id;
+        let matches = cfg.snapshot == *id
+            || cfg.snapshot == format!("{name}@{id}")
+            || (!name.is_empty() && cfg.snapshot == name);
+        if !matches {
+            return Err(Error::State(state_dir::Error::SnapshotMismatch {
+                dir: cfg.state.clone(),
+                expected: cfg.snapshot.clone(),
+                found: if name.is_empty() {
+                    id.clone()
+                } else {
+                    format!("{name}@{id}")
+                },
+            }));
+        }
+        if cfg.repair_from.is_some() {
+            tracing::info!("migration already complete: --repair-from is not needed");
+        }
+        let info = SnapshotInfo {
+            id: id.clone(),
+            name,
+            image_size: done.image_size,
+            chunk_size: done.chunk_size,
+            chunk_count: done.image_size.div_ceil(u64::from(done.chunk_size)),
+            created: String::new(),
+            source: String::new(),
+            parent: None,
+        };
+        let store = match Store::open(&cfg.store) {
+            Ok(store) => Some(Arc::new(store)),
+            Err(e) => {
+                tracing::info!(store = %cfg.store.display(), error = %e, "migration complete: serving the target without the store");
+                None
+            }
+        };
+        Self::assemble(cfg, info, store, None, None, None)
+    }
+
+    /// Opens the state dir and the target, builds the layers and binds the
+    /// sockets. `source` is `None` only for a complete migration.
+    fn assemble(
+        cfg: &DaemonConfig,
+        info: SnapshotInfo,
+        store: Option<Arc<Store>>,
+        reader: Option<Arc<SnapshotReader>>,
+        source: Option<Arc<StoreSource>>,
+        repair: Option<Arc<StoreSource>>,
+    ) -> Result<Daemon> {
         let binding = StateBinding {
             snapshot_id: info.id.clone(),
             image_size: info.image_size,
@@ -329,8 +405,49 @@ impl Daemon {
         let mut undo = UndoStart {
             state: Some(state.clone()),
             target: None,
+            hold: None,
         };
         make_private(&cfg.state)?;
+        if state.state().snapshot_name.is_none() && !info.name.is_empty() {
+            state
+                .update(|s| s.snapshot_name = Some(info.name.clone()))
+                .map_err(Error::State)?;
+        }
+        // The state holds its snapshot until the migration completes.
+        let hold = match &store {
+            Some(store) if state.state().migration != MigrationState::Complete => {
+                let hold = SnapshotHold {
+                    store: store.clone(),
+                    reference: info.reference(),
+                    holder: state.holder().map_err(Error::State)?,
+                };
+                let description = format!(
+                    "instant-boot state dir {}",
+                    std::fs::canonicalize(&cfg.state)
+                        .unwrap_or_else(|_| cfg.state.clone())
+                        .display()
+                );
+                store
+                    .add_hold(&hold.reference, &HoldInfo::new(&hold.holder, description))
+                    .map_err(|e| Error::Hold(hold.reference.clone(), e))?;
+                undo.hold = state.created().then(|| hold.clone());
+                Some(hold)
+            }
+            // Complete: the target alone is served; a hold left by a crash
+            // during completion goes now.
+            Some(store) => {
+                if let Some(holder) = state.state().holder {
+                    SnapshotHold {
+                        store: store.clone(),
+                        reference: info.reference(),
+                        holder,
+                    }
+                    .release();
+                }
+                None
+            }
+            None => None,
+        };
         if let Some(guest) = state.live_guest() {
             if cfg.starts_guest {
                 return Err(Error::GuestRunning {
@@ -362,7 +479,7 @@ impl Daemon {
                 let migration = if MigratingDevice::is_complete_in(&*state) {
                     MigratingDevice::open_complete(state.clone(), target)
                 } else {
-                    let (snapshot, overlay) = Self::layers(&source, &cache, &state, cfg)?;
+                    let (snapshot, overlay) = Self::layers(source.as_ref(), &cache, &state, cfg)?;
                     MigratingDevice::open(
                         state.clone(),
                         overlay,
@@ -386,16 +503,17 @@ impl Daemon {
                 (migration.clone(), Some(migration), None)
             }
             None => {
-                let (_, overlay) = Self::layers(&source, &cache, &state, cfg)?;
+                let (_, overlay) = Self::layers(source.as_ref(), &cache, &state, cfg)?;
                 (overlay.clone(), None, Some(overlay))
             }
         };
         let metered = Arc::new(MeteredDevice::new(inner));
         let device: Arc<dyn BlockDevice> = metered.clone();
 
-        let mut status = DaemonStatus::new(reference, metered)
-            .with_cache(cache.clone())
-            .with_store_source(source);
+        let mut status = DaemonStatus::new(reference, metered).with_cache(cache.clone());
+        if let Some(source) = source {
+            status = status.with_store_source(source);
+        }
         if let Some(repair) = repair {
             status = status.with_store_source(repair);
         }
@@ -427,8 +545,16 @@ impl Daemon {
                 .start()
                 .map_err(|e| Error::Migration(path.clone(), e))?;
         }
+        let hold_release = match (&hold, &migration) {
+            (Some(hold), Some(migration)) => Some(
+                hold.release_on_completion(migration.clone(), stop.clone())
+                    .map_err(|e| Error::Layer("hold release", e))?,
+            ),
+            _ => None,
+        };
         undo.state = None;
         undo.target = None;
+        undo.hold = None;
         Ok(Daemon {
             info,
             server,
@@ -442,17 +568,21 @@ impl Daemon {
             logger,
             _state: state,
             _reader: reader,
+            hold,
+            hold_release,
         })
     }
 
     /// The snapshot layer and the overlay over it.
     fn layers(
-        source: &Arc<StoreSource>,
+        source: Option<&Arc<StoreSource>>,
         cache: &Arc<ChunkCache>,
         state: &StateDir,
         cfg: &DaemonConfig,
     ) -> Result<(Arc<SnapshotLayer>, Arc<Overlay>)> {
-        let source: Arc<dyn ChunkSource> = source.clone();
+        let source: Arc<dyn ChunkSource> = source
+            .ok_or_else(|| Error::Layer("snapshot", io::Error::other("the store is not open")))?
+            .clone();
         let snapshot = Arc::new(
             SnapshotLayer::new(source, cache.clone()).map_err(|e| Error::Layer("snapshot", e))?,
         );
@@ -524,6 +654,14 @@ impl Daemon {
         let flushed = self.device.flush().map_err(Error::Flush);
         self.logger.stop();
         self.control.shutdown();
+        if let Some(t) = self.hold_release {
+            let _ = t.join();
+        }
+        if let (Some(hold), Some(m)) = (&self.hold, &self.migration) {
+            if m.is_complete() {
+                hold.release();
+            }
+        }
         served?;
         checkpoint?;
         flushed
@@ -542,11 +680,65 @@ pub fn default_serial(snapshot_id: &str) -> String {
 /// Bytes of a virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
 pub const SERIAL_BYTES: usize = 20;
 
+/// A state dir's hold on its snapshot in the store (`store::hold`).
+#[derive(Clone)]
+struct SnapshotHold {
+    store: Arc<Store>,
+    reference: String,
+    holder: String,
+}
+
+impl SnapshotHold {
+    /// Releases the hold; a failure is logged (`recovery-cli release-hold`
+    /// removes a stale one).
+    fn release(&self) {
+        match self.store.remove_hold(&self.reference, &self.holder) {
+            Ok(true) => {
+                tracing::info!(snapshot = %self.reference, holder = %self.holder, "released the state's hold on its snapshot")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(snapshot = %self.reference, holder = %self.holder, error = %e, "failed to release the state's hold on its snapshot")
+            }
+        }
+    }
+
+    /// A `hold-release` thread: releases the hold once `migration` is
+    /// complete (the target alone is then served), or ends when `stop` is
+    /// stopped.
+    fn release_on_completion(
+        &self,
+        migration: Arc<MigratingDevice>,
+        stop: StopHandle,
+    ) -> io::Result<std::thread::JoinHandle<()>> {
+        let hold = self.clone();
+        std::thread::Builder::new()
+            .name("hold-release".into())
+            .spawn(move || {
+                while !stop.is_stopped() {
+                    match migration.wait(Duration::from_millis(500)) {
+                        block::migrate::MigrationPhase::Complete => {
+                            hold.release();
+                            return;
+                        }
+                        // Failed returns at once: until a resume, look again
+                        // now and then.
+                        block::migrate::MigrationPhase::Failed => {
+                            std::thread::sleep(Duration::from_millis(500))
+                        }
+                        _ => {}
+                    }
+                }
+            })
+    }
+}
+
 /// What a failed [`Daemon::start`] takes back: the state it created, the
-/// target file it created.
+/// target file it created, the hold it added for a state it created.
 struct UndoStart {
     state: Option<Arc<StateDir>>,
     target: Option<PathBuf>,
+    hold: Option<SnapshotHold>,
 }
 
 impl Drop for UndoStart {
@@ -560,6 +752,9 @@ impl Drop for UndoStart {
                     tracing::warn!(target = %target.display(), error = %e, "failed to remove the target this failed start created")
                 }
             }
+        }
+        if let Some(hold) = &self.hold {
+            hold.release();
         }
         if let Some(state) = &self.state {
             state.remove_created();
@@ -605,7 +800,6 @@ const SUN_PATH_MAX: usize = 108;
 /// Opens and locks the target, creating it only for a migration that has
 /// not started, and checks (or, on a first start, records) its identity.
 fn open_target(state: &StateDir, path: &Path, image_size: u64, dir: &Path) -> Result<Target> {
-    use block::state::MigrationState;
     use block::target::TargetOpen;
     let recorded = state.state();
     let started = recorded.migration != MigrationState::NotStarted;

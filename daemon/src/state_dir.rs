@@ -115,6 +115,14 @@ pub struct StateFile {
     /// on every start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_identity: Option<TargetIdentity>,
+    /// The stable id under which this state holds its snapshot in the
+    /// store (`store::hold`), made with the state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// The snapshot's image name, so a complete state can be served
+    /// without the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_name: Option<String>,
 }
 
 /// The QEMU `instant-boot --qemu` started on this state's overlay.
@@ -329,6 +337,8 @@ impl StateDir {
                     target: None,
                     migration: MigrationState::NotStarted,
                     target_identity: None,
+                    holder: Some(random_id()),
+                    snapshot_name: None,
                 };
                 store_state(&path, &state)?;
                 created_state = true;
@@ -344,6 +354,17 @@ impl StateDir {
             created_dir,
             created_state,
         })
+    }
+
+    /// The stable id under which this state holds its snapshot; made now
+    /// (and recorded) for a state from before holds.
+    pub fn holder(&self) -> Result<String> {
+        if let Some(holder) = self.state().holder {
+            return Ok(holder);
+        }
+        let holder = random_id();
+        self.update(|s| s.holder = Some(holder.clone()))?;
+        Ok(holder)
     }
 
     /// Whether this open made the state (wrote the first `state.json`).
@@ -450,6 +471,30 @@ impl StateDir {
     pub fn control_socket_path(&self) -> PathBuf {
         self.dir.join(CONTROL_SOCKET)
     }
+}
+
+/// The `state.json` of `dir` if it has a valid one, read without taking
+/// the lock (to decide what to open before opening the state).
+pub fn peek(dir: &Path) -> Option<StateFile> {
+    let path = dir.join(STATE_FILE);
+    parse_state(&path, &std::fs::read(&path).ok()?).ok()
+}
+
+/// 128 random bits in hex: a holder id.
+fn random_id() -> String {
+    let mut raw = [0u8; 16];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .is_err()
+    {
+        // Unique enough on this host: the time and our PID.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        raw = (now ^ (u128::from(std::process::id()) << 96)).to_le_bytes();
+    }
+    raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `DIR/control.sock`, the default control socket of the state dir `dir`.
@@ -742,6 +787,21 @@ mod tests {
         assert_eq!(sd.live_guest(), None);
         sd.clear_guest();
         assert!(!tmp.path().join(GUEST_FILE).exists());
+    }
+
+    #[test]
+    fn the_holder_id_is_made_with_the_state_and_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sd = StateDir::open_or_create(tmp.path(), &binding("aa11")).unwrap();
+        let holder = sd.holder().unwrap();
+        assert_eq!(holder.len(), 32);
+        assert!(holder.chars().all(|c| c.is_ascii_hexdigit()), "{holder}");
+        drop(sd);
+        let sd = StateDir::open_or_create(tmp.path(), &binding("aa11")).unwrap();
+        assert_eq!(sd.holder().unwrap(), holder);
+        // Readable without the lock, while a daemon holds it.
+        assert_eq!(peek(tmp.path()).unwrap().holder.as_deref(), Some(&*holder));
+        assert!(peek(&tmp.path().join("none")).is_none());
     }
 
     #[test]

@@ -520,3 +520,68 @@ fn an_orphaned_qemu_dies_with_the_daemon_and_the_rerun_keeps_the_guests_files() 
         );
     }
 }
+
+/// `recovery-cli` with `args`, which must succeed; its stdout.
+fn cli_ok(args: &[&str]) -> String {
+    let out = recovery_cli().args(args).output().unwrap();
+    assert!(out.status.success(), "recovery-cli {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_state_holds_its_snapshot_until_complete_and_then_needs_no_store() {
+    let f = Fixture::new(8 << 20);
+    let store = f.store.to_str().unwrap().to_string();
+    let target = f.path("target.raw");
+    let daemon = f.daemon("a", &target, &["--copy-rate", "1M"]);
+    let state = f.path("a/state");
+    let holder = {
+        let text = std::fs::read_to_string(state.join("state.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["holder"]
+            .as_str()
+            .expect("holder in state.json")
+            .to_string()
+    };
+    // While migrating, the snapshot is held: forget names the holder.
+    let out = recovery_cli()
+        .args(["forget", "--store", &store, "vm"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "forget of a held snapshot: {out:?}");
+    assert!(
+        err.contains(&format!("is held by {holder}")) && err.contains("instant-boot state dir"),
+        "{err}"
+    );
+    // Restarting (kill -9, upgrade) does not add a second hold.
+    daemon.kill();
+    let daemon = f.daemon("a", &target, &["--copy-rate", "1M"]);
+    let holds = cli_ok(&["snapshots", "--store", &store, "--json"]);
+    assert_eq!(holds.matches(&holder).count(), 1, "{holds}");
+
+    // Complete: the target alone is served and the hold is released.
+    let out = recovery_cli()
+        .args(["set-rate", "--control"])
+        .arg(state.join("control.sock"))
+        .arg("unlimited")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    crate::migrate::wait_complete(&state);
+    wait_until("the hold to be released", Duration::from_secs(30), || {
+        !cli_ok(&["snapshots", "--store", &store, "--json"]).contains(&holder)
+    });
+    daemon.stop();
+    cli_ok(&["forget", "--store", &store, "vm"]);
+    cli_ok(&["gc", "--store", &store]);
+
+    // A complete state restarts without the snapshot, and without the store.
+    let daemon = f.daemon("a", &target, &[]);
+    assert_eq!(status(&state)["state"], "complete");
+    daemon.stop();
+    std::fs::remove_dir_all(&f.store).unwrap();
+    let daemon = f.daemon("a", &target, &[]);
+    assert_eq!(status(&state)["state"], "complete");
+    daemon.stop();
+}
