@@ -28,6 +28,11 @@ use crate::error::{Error, Result};
 /// Most entries accepted from one directory of an image.
 pub const MAX_DIR_ENTRIES: usize = 1 << 20;
 
+/// Largest file opened: ext4's own limit with 4 KiB blocks (16 TiB). A
+/// larger size is a damaged or hostile inode, and seeking into it would walk
+/// more blocks than any real file has.
+pub const MAX_FILE_SIZE: u64 = 16 << 40;
+
 /// What an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -341,8 +346,16 @@ impl Browser {
         let fs = self.fs(vol)?;
         let path = self.shown(vol, inner);
         let file = fs.open(inner).map_err(|e| fs_err(&path, e))?;
+        let size = file.metadata().len();
+        if size > MAX_FILE_SIZE {
+            return Err(Error::FileTooLarge {
+                path,
+                size,
+                limit: MAX_FILE_SIZE,
+            });
+        }
         Ok(FileReader {
-            size: file.metadata().len(),
+            size,
             file,
             path,
         })

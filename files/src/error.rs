@@ -61,6 +61,11 @@ pub enum Error {
         #[source]
         source: ext4_view::Ext4Error,
     },
+    /// A file claims a size no ext filesystem can hold.
+    #[error(
+        "{path} claims {size} bytes, more than ext4's limit of {limit} (damaged or hostile image?)"
+    )]
+    FileTooLarge { path: String, size: u64, limit: u64 },
     /// A directory has more entries than we accept from an untrusted image.
     #[error("Directory {path} has more than {limit} entries (refused: hostile or damaged image?)")]
     TooManyEntries { path: String, limit: usize },
