@@ -53,6 +53,8 @@ impl Ours {
                 .arg("restore")
                 .arg("--store")
                 .arg(&self.store)
+                // Rounds restore onto the previous round's file.
+                .arg("--force")
                 .arg(snapshot)
                 .arg(target),
             target.parent().unwrap_or(Path::new("/")),
