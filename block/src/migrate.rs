@@ -318,10 +318,8 @@ pub struct MigrationStatus {
     pub eta_seconds: Option<f64>,
     /// Bytes held in the overlay (0 once it is freed).
     pub overlay_bytes: u64,
-    /// Guest writes and zeroings that went to the overlay (their chunk not
+    /// Bytes of guest writes that went to the overlay (their chunk not
     /// migrated yet), since this process started.
-    pub overlay_write_ops: u64,
-    /// Bytes of those.
     pub overlay_write_bytes: u64,
     /// Whether the live journals of the overlay and migration bitmaps run.
     pub journal: JournalState,
@@ -413,7 +411,6 @@ pub struct MigratingDevice {
     window: Mutex<RateWindow>,
     bytes_copied_on_read: AtomicU64,
     progress: Progress,
-    overlay_write_ops: AtomicU64,
     overlay_write_bytes: AtomicU64,
     /// Copier workers between deciding to copy and finishing the chunk.
     copier_busy: AtomicU64,
@@ -610,7 +607,6 @@ impl MigratingDevice {
             window: Mutex::new(RateWindow::new(Duration::from_secs(5))),
             bytes_copied_on_read: AtomicU64::new(0),
             progress,
-            overlay_write_ops: AtomicU64::new(0),
             overlay_write_bytes: AtomicU64::new(0),
             copier_busy: AtomicU64::new(0),
             paused_turns: AtomicU64::new(0),
@@ -819,7 +815,6 @@ impl MigratingDevice {
             rate_limit,
             eta_seconds,
             overlay_bytes,
-            overlay_write_ops: self.overlay_write_ops.load(Ordering::Relaxed),
             overlay_write_bytes: self.overlay_write_bytes.load(Ordering::Relaxed),
             journal,
         }
@@ -1028,13 +1023,12 @@ impl MigratingDevice {
                 (false, None) if discard => l.overlay.discard(pos, run_end - pos)?,
                 (false, None) => l.overlay.write_zeroes(pos, run_end - pos)?,
             }
-            if !migrated {
+            if !migrated && piece.is_some() {
                 to_overlay += run_end - pos;
             }
             pos = run_end;
         }
         if to_overlay > 0 {
-            self.overlay_write_ops.fetch_add(1, Ordering::Relaxed);
             self.overlay_write_bytes
                 .fetch_add(to_overlay, Ordering::Relaxed);
         }

@@ -42,7 +42,7 @@
 //! |---|---|
 //! | `state`, `error`, `target`, `bytes_total`, `bytes_migrated`, `bytes_copied_on_read`, `chunks_*`, `copy_rate`, `rate_limit`, `eta_seconds` | the migration's `block::migrate::MigrationStatus` (without a target: `state` = `serving`, `chunks_total` from the image, nothing migrated, `eta_seconds` 0) |
 //! | `bytes_to_copy`, `bytes_copied`, `bytes_skipped` | the migration's progress sums (`block::migrate::progress`): data still to move or moved, zero chunks skipped; [`Status::progress`] is weighed by them |
-//! | `overlay_write_ops`, `overlay_write_bytes` | guest writes that went through the overlay (the migration counts them; without a target, every guest write) |
+//! | `overlay_write_bytes` | bytes of guest writes that went through the overlay (the migration counts them; without a target, every guest write) |
 //! | `journal_active`, `journal_inactive_reason` | whether the live bitmap journals run (`block::bitmap::PersistentBitmap::journal_state`), and if not why |
 //! | `guest_*_ops`, `guest_*_bytes`, `guest_io_errors` | the guest counters of `block::metered::MeteredDevice` |
 //! | `chunk_read_errors` | failed store fetches counted by each `block::store_source::StoreSource` (served and repair snapshot) |

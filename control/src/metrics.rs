@@ -176,15 +176,9 @@ pub fn render_metrics(status: &Status) -> String {
     );
 
     out.simple(
-        "overlay_writes_total",
-        Kind::Counter,
-        "Guest writes that landed in the overlay (their chunk not yet on the target).",
-        status.overlay_write_ops as f64,
-    );
-    out.simple(
         "overlay_write_bytes_total",
         Kind::Counter,
-        "Bytes of guest writes that landed in the overlay.",
+        "Bytes of guest writes that landed in the overlay (their chunk not yet on the target).",
         status.overlay_write_bytes as f64,
     );
     out.simple(
@@ -329,7 +323,6 @@ mod tests {
             guest_write_ops: 3,
             guest_write_bytes: 12288,
             guest_flush_ops: 1,
-            overlay_write_ops: 2,
             overlay_write_bytes: 8192,
             overlay_bytes: 12288,
             cache_hit_rate: 0.75,
@@ -494,7 +487,6 @@ mod tests {
             value(&samples, "bytes_skipped_total", &[]),
             (2u64 << 30) as f64
         );
-        assert_eq!(value(&samples, "overlay_writes_total", &[]), 2.0);
         assert_eq!(value(&samples, "overlay_write_bytes_total", &[]), 8192.0);
         assert_eq!(value(&samples, "journal_active", &[]), 1.0);
         assert!(!text.contains("journal_inactive_info"));

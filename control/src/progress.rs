@@ -82,15 +82,17 @@ pub fn transition_line(previous: Option<State>, status: &Status) -> Option<Strin
 
 /// A line saying whether the live journal runs, and if not, why.
 pub fn journal_line(status: &Status) -> String {
+    let reason = status
+        .journal_inactive_reason
+        .as_deref()
+        .unwrap_or("no reason given");
     if status.journal_active {
         "live journal active: acknowledged writes survive a restart of the daemon".to_string()
+    } else if status.state == State::Complete {
+        format!("live journal stopped ({reason})")
     } else {
         format!(
-            "live journal inactive ({}): acknowledged writes not yet flushed would not survive a restart of the daemon",
-            status
-                .journal_inactive_reason
-                .as_deref()
-                .unwrap_or("no reason given")
+            "live journal inactive ({reason}): acknowledged writes not yet flushed would not survive a restart of the daemon"
         )
     }
 }
@@ -191,5 +193,11 @@ mod tests {
         };
         assert!(journal_line(&off)
             .starts_with("live journal inactive (cannot read the boot id): acknowledged writes"));
+        let complete = Status {
+            state: State::Complete,
+            journal_inactive_reason: Some("not needed".into()),
+            ..Status::default()
+        };
+        assert_eq!(journal_line(&complete), "live journal stopped (not needed)");
     }
 }

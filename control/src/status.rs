@@ -125,12 +125,9 @@ pub struct Status {
     #[serde(default)]
     pub chunk_read_errors: u64,
 
-    /// Guest writes (and zeroings) that landed in the overlay, because
-    /// their chunk was not on the target yet, since this process started.
+    /// Bytes of guest writes that landed in the overlay, because their
+    /// chunk was not on the target yet, since this process started.
     /// Without a target every guest write goes there.
-    #[serde(default)]
-    pub overlay_write_ops: u64,
-    /// Bytes of those writes.
     #[serde(default)]
     pub overlay_write_bytes: u64,
     /// Bytes of guest data held in the overlay.

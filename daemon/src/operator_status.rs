@@ -110,7 +110,6 @@ impl Control for DaemonStatus {
             guest_flush_ops: guest.flush_ops,
             guest_io_errors: guest.io_errors,
             chunk_read_errors: self.sources.iter().map(|s| s.read_errors()).sum(),
-            overlay_write_ops: guest.write_ops,
             overlay_write_bytes: guest.write_bytes,
             overlay_bytes: self.overlay.as_ref().map_or(0, |o| o.allocated_bytes()),
             cache_hit_rate: self.cache.as_ref().map_or(0.0, |c| c.stats().hit_rate()),
@@ -173,7 +172,6 @@ fn apply_migration(m: &MigrationStatus, status: &mut Status) {
     status.rate_limit = m.rate_limit;
     status.eta_seconds = m.eta_seconds;
     status.overlay_bytes = m.overlay_bytes;
-    status.overlay_write_ops = m.overlay_write_ops;
     status.overlay_write_bytes = m.overlay_write_bytes;
     (status.journal_active, status.journal_inactive_reason) = journal_fields(m.journal.clone());
 }
@@ -213,7 +211,7 @@ mod tests {
         assert_eq!((s.guest_flush_ops, s.guest_io_errors), (1, 0));
         assert_eq!(s.target, None);
         // Every guest write went to the overlay; nothing is left to copy.
-        assert_eq!((s.overlay_write_ops, s.overlay_write_bytes), (1, 512));
+        assert_eq!(s.overlay_write_bytes, 512);
         assert_eq!((s.bytes_to_copy, s.eta_seconds), (0, Some(0.0)));
         // Uptime counts from the status's creation, not from some other epoch.
         let bound = created.elapsed().as_secs_f64();
@@ -247,7 +245,6 @@ mod tests {
             rate_limit: 5,
             eta_seconds: Some(6.0),
             overlay_bytes: 8,
-            overlay_write_ops: 3,
             overlay_write_bytes: 12,
             journal: JournalState::Inactive("migrated bitmap: cannot read the boot id".into()),
         };
@@ -261,7 +258,7 @@ mod tests {
             (s.bytes_to_copy, s.bytes_copied, s.bytes_skipped),
             (50, 20, 40)
         );
-        assert_eq!((s.overlay_write_ops, s.overlay_write_bytes), (3, 12));
+        assert_eq!(s.overlay_write_bytes, 12);
         assert!(!s.journal_active);
         assert_eq!(
             s.journal_inactive_reason.as_deref(),

@@ -94,8 +94,13 @@ pub fn spawn_progress_logger(
 }
 
 fn log_journal(status: &Status) {
-    if status.journal_active {
-        info!(journal_active = true, "{}", journal_line(status));
+    // A complete migration needs no journal: that is news, not a warning.
+    if status.journal_active || status.state == State::Complete {
+        info!(
+            journal_active = status.journal_active,
+            "{}",
+            journal_line(status)
+        );
     } else {
         warn!(
             journal_active = false,

@@ -159,10 +159,7 @@ fn migrates_to_a_fresh_sparse_target_without_writing_zero_chunks() {
     let before = dev.status();
     assert_eq!(before.bytes_to_copy, 33 * u64::from(CS), "{before:?}");
     assert_eq!((before.bytes_copied, before.bytes_skipped), (0, 0));
-    assert_eq!(
-        (before.overlay_write_ops, before.overlay_write_bytes),
-        (2, 3000 + u64::from(CS))
-    );
+    assert_eq!(before.overlay_write_bytes, 3000);
     assert_eq!(before.journal, JournalState::Active);
     dev.start().unwrap();
     dev.write_at(&[0x22; 8192], 10 * u64::from(CS) - 4096)

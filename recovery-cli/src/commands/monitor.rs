@@ -501,12 +501,8 @@ pub fn summary(s: &Status) -> String {
         ),
     ));
     rows.push((
-        "Overlay writes",
-        format!(
-            "{} ops, {}",
-            s.overlay_write_ops,
-            human::format_bytes(s.overlay_write_bytes)
-        ),
+        "  to the overlay",
+        human::format_bytes(s.overlay_write_bytes),
     ));
     rows.push(("Guest flushes", s.guest_flush_ops.to_string()));
     rows.push(("Guest I/O errors", s.guest_io_errors.to_string()));
@@ -602,7 +598,6 @@ mod tests {
             guest_write_ops: 30,
             guest_write_bytes: 120 << 10,
             guest_flush_ops: 7,
-            overlay_write_ops: 20,
             overlay_write_bytes: 80 << 10,
             overlay_bytes: 120 << 10,
             cache_hit_rate: 0.875,
@@ -628,7 +623,7 @@ Copied on read:   64.0 MiB
 Failed chunks:    0
 Guest reads:      1200 ops, 48.0 MiB
 Guest writes:     30 ops, 120.0 KiB
-Overlay writes:   20 ops, 80.0 KiB
+  to the overlay: 80.0 KiB
 Guest flushes:    7
 Guest I/O errors: 0
 Overlay:          120.0 KiB
