@@ -700,7 +700,8 @@ mod tests {
     use super::*;
     use crate::qmp::Qmp;
     use crate::testing;
-    use std::os::unix::net::UnixListener;
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
 
     const MIB: u64 = 1 << 20;
     const SIZE: u64 = 8 * MIB;
@@ -904,5 +905,110 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(e, Error::Connect { .. }), "{e}");
+    }
+
+    /// A server that negotiates correctly (1 MiB export), then answers the
+    /// first request with `reply(request) -> bytes`.
+    fn hostile(sock: &Path, reply: fn(&[u8; 28]) -> Vec<u8>) -> std::thread::JoinHandle<()> {
+        let l = UnixListener::bind(sock).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut g = proto::INIT_MAGIC.to_be_bytes().to_vec();
+            g.extend_from_slice(&proto::OPTS_MAGIC.to_be_bytes());
+            g.extend_from_slice(
+                &(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes(),
+            );
+            s.write_all(&g).unwrap();
+            let mut cflags = [0u8; 4];
+            s.read_exact(&mut cflags).unwrap();
+            let rep = |s: &mut UnixStream, opt: u32, kind: u32, data: &[u8]| {
+                let mut b = proto::REP_MAGIC.to_be_bytes().to_vec();
+                b.extend_from_slice(&opt.to_be_bytes());
+                b.extend_from_slice(&kind.to_be_bytes());
+                b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                b.extend_from_slice(data);
+                s.write_all(&b).unwrap();
+            };
+            loop {
+                let mut h = [0u8; 16];
+                s.read_exact(&mut h).unwrap();
+                let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+                let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                let mut data = vec![0u8; len as usize];
+                s.read_exact(&mut data).unwrap();
+                if opt == proto::OPT_GO {
+                    let mut info = vec![0, 0];
+                    info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                    info.extend_from_slice(
+                        &(proto::TFLAG_HAS_FLAGS | proto::TFLAG_READ_ONLY).to_be_bytes(),
+                    );
+                    rep(&mut s, opt, proto::REP_INFO, &info);
+                    rep(&mut s, opt, proto::REP_ACK, &[]);
+                    break;
+                }
+                rep(&mut s, opt, proto::REP_ACK, &[]);
+            }
+            let mut req = [0u8; 28];
+            s.read_exact(&mut req).unwrap();
+            let _ = s.write_all(&reply(&req));
+            // Keep the connection open until the client hangs up.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+        })
+    }
+
+    fn chunk(req: &[u8; 28], flags: u16, kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut b = proto::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&req[8..16]);
+        b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        b.extend_from_slice(payload);
+        b
+    }
+
+    #[test]
+    fn hostile_replies_fail_the_request_never_panic() {
+        let cases: [(&str, fn(&[u8; 28]) -> Vec<u8>); 5] = [
+            ("data outside the request", |r| {
+                let mut p = (1u64 << 19).to_be_bytes().to_vec();
+                p.extend_from_slice(&[1; 16]);
+                chunk(r, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA, &p)
+            }),
+            ("unknown cookie", |r| {
+                let mut r2 = *r;
+                r2[15] ^= 0xff;
+                chunk(&r2, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, &[])
+            }),
+            ("short read", |r| {
+                let mut p = 0u64.to_be_bytes().to_vec();
+                p.extend_from_slice(&[1; 100]);
+                chunk(r, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA, &p)
+            }),
+            ("server error", |r| {
+                let mut p = 5u32.to_be_bytes().to_vec();
+                p.extend_from_slice(&4u16.to_be_bytes());
+                p.extend_from_slice(b"boom");
+                chunk(r, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_ERROR, &p)
+            }),
+            ("garbage", |_| b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()),
+        ];
+        for (what, reply) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let sock = dir.path().join("evil.sock");
+            let t = hostile(&sock, reply);
+            let c = Client::connect(&sock, &Options::default()).unwrap();
+            assert_eq!(c.size(), 1 << 20);
+            let e = c.read_at(0, vec![0; 4096]).err();
+            let e = e.unwrap_or_else(|| panic!("{what}: accepted"));
+            let msg = error_chain(&e);
+            if what == "server error" {
+                assert!(msg.contains("EIO") && msg.contains("boom"), "{what}: {msg}");
+                // A server error fails the request, not the connection.
+                assert!(!matches!(e, Error::Dead(_)), "{what}: {msg}");
+            }
+            drop(c);
+            t.join().unwrap();
+        }
     }
 }
