@@ -909,7 +909,10 @@ mod tests {
 
     /// A server that negotiates correctly (1 MiB export), then answers the
     /// first request with `reply(request) -> bytes`.
-    fn hostile(sock: &Path, reply: fn(&[u8; 28]) -> Vec<u8>) -> std::thread::JoinHandle<()> {
+    /// Builds a reply to a raw request.
+    type Reply = fn(&[u8; 28]) -> Vec<u8>;
+
+    fn hostile(sock: &Path, reply: Reply) -> std::thread::JoinHandle<()> {
         let l = UnixListener::bind(sock).unwrap();
         std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
@@ -969,7 +972,7 @@ mod tests {
 
     #[test]
     fn hostile_replies_fail_the_request_never_panic() {
-        let cases: [(&str, fn(&[u8; 28]) -> Vec<u8>); 5] = [
+        let cases: [(&str, Reply); 5] = [
             ("data outside the request", |r| {
                 let mut p = (1u64 << 19).to_be_bytes().to_vec();
                 p.extend_from_slice(&[1; 16]);
