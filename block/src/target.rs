@@ -796,7 +796,13 @@ mod tests {
         // Unlocked opens are not refused (tests, readers).
         Target::open(&path, 8192).unwrap();
         drop(held);
-        Target::open_with(&path, 8192, LOCKED).unwrap();
+        // Free once no process has the description open: a child another
+        // test thread forks may hold a copy until its exec closes it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while let Err(e) = Target::open_with(&path, 8192, LOCKED) {
+            assert!(std::time::Instant::now() < deadline, "{e}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]
@@ -885,6 +891,72 @@ mod tests {
             let zero =
                 (100..150).contains(&i) || ((1 << 20)..(3 << 20)).contains(&i) || i >= size - 4097;
             assert_eq!(b, if zero { 0 } else { 0xab }, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn a_block_device_is_held_exclusively_and_known_by_its_disk() {
+        // Needs root and loop devices; skips loudly otherwise (and fails
+        // with RECOVERY_REQUIRE_GUEST=1, as CI runs as root).
+        let dir = tempfile::tempdir().unwrap();
+        let attach = |name: &str| {
+            let backing = dir.path().join(name);
+            std::fs::write(&backing, vec![0u8; 1 << 20]).unwrap();
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&backing)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {
+                    Some(String::from_utf8(o.stdout).unwrap().trim().to_string())
+                }
+                other => {
+                    if std::env::var_os("RECOVERY_REQUIRE_GUEST").is_some_and(|v| v != "0") {
+                        panic!("cannot set up a loop device: {other:?}");
+                    }
+                    eprintln!("SKIPPED a_block_device_is_held_exclusively_and_known_by_its_disk: cannot set up a loop device ({other:?})");
+                    None
+                }
+            }
+        };
+        let detach = |dev: &str| {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", dev])
+                .status();
+        };
+        let Some(dev) = attach("a.img") else { return };
+        let result = std::panic::catch_unwind(|| {
+            let path = Path::new(&dev);
+            let t = Target::open_with(path, 1 << 20, LOCKED).unwrap();
+            assert_eq!(t.kind(), TargetKind::BlockDevice);
+            let err = Target::open_with(path, 1 << 20, LOCKED).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::Locked { .. }), "{msg}");
+            assert!(
+                msg.contains(&format!("PID {}", std::process::id())),
+                "{msg}"
+            );
+            let id = t.mark().unwrap();
+            assert!(!id.id_in_xattr);
+            let disk = id.disk.clone().unwrap();
+            assert!(disk.contains("a.img"), "{disk}");
+            t.check_identity(&id).unwrap();
+            id
+        });
+        detach(&dev);
+        let id = result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+        // Another file behind the same device node is another disk.
+        let Some(other) = attach("b.img") else { return };
+        let result = std::panic::catch_unwind(|| {
+            let t = Target::open(Path::new(&other), 1 << 20).unwrap();
+            let mut same_node = id.clone();
+            same_node.device = t.mark().unwrap().device;
+            let msg = t.check_identity(&same_node).unwrap_err().to_string();
+            assert!(msg.contains("its disk is"), "{msg}");
+        });
+        detach(&other);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
         }
     }
 
