@@ -612,88 +612,47 @@ mod tests {
         assert_eq!(recorded_bitmap(&src), Some("ir-abc-vm-01"));
         assert_eq!(recorded_bitmap("/images/vm.img"), None);
         let parent = info(&src, 1 << 30);
-        let full = |m: Mode| match m {
+        let base = [bitmap("ir-abc-vm-01")];
+        let mode =
+            |full: bool, p: Option<&SnapshotInfo>, ours: &[qmp::DirtyBitmap], others: &[String]| {
+                decide(full, "vm", p, &drive, 65536, ours, others)
+            };
+        let why = |p: &SnapshotInfo, ours: &[qmp::DirtyBitmap], others: &[String]| match mode(
+            false,
+            Some(p),
+            ours,
+            others,
+        ) {
             Mode::Full { reason } => reason,
             m => panic!("{m:?}"),
         };
-        let base = [bitmap("ir-abc-vm-01")];
         assert_eq!(
-            decide(false, "vm", Some(&parent), &drive, 65536, &base, &[]),
+            mode(false, Some(&parent), &base, &[]),
             Mode::Incremental {
                 base: "ir-abc-vm-01".into(),
                 parent: parent.id.clone()
             }
         );
         assert!(
-            full(decide(true, "vm", Some(&parent), &drive, 65536, &base, &[])).contains("--full")
+            matches!(mode(true, Some(&parent), &base, &[]), Mode::Full { reason } if reason.contains("--full"))
         );
-        assert!(full(decide(false, "vm", None, &drive, 65536, &base, &[]))
-            .contains("no earlier snapshot"));
+        assert!(
+            matches!(mode(false, None, &base, &[]), Mode::Full { reason } if reason.contains("no earlier snapshot"))
+        );
         let file = info("/images/vm.img", 1 << 30);
-        assert!(
-            full(decide(false, "vm", Some(&file), &drive, 65536, &base, &[]))
-                .contains("not taken from a running VM")
-        );
-        assert!(
-            full(decide(false, "vm", Some(&parent), &drive, 65536, &[], &[]))
-                .contains("is missing")
-        );
-        let stale = [bitmap("ir-abc-vm-00")];
-        assert!(full(decide(
-            false,
-            "vm",
-            Some(&parent),
-            &drive,
-            65536,
-            &stale,
-            &[]
-        ))
-        .contains("no longer exists"));
-        let other = ["ir-fff-vm-01".to_owned()];
-        assert!(full(decide(
-            false,
-            "vm",
-            Some(&parent),
-            &drive,
-            65536,
-            &[],
-            &other
-        ))
-        .contains("another store"));
-        let bigger = info(&src, 2 << 30);
-        assert!(full(decide(
-            false,
-            "vm",
-            Some(&bigger),
-            &drive,
-            65536,
-            &base,
-            &[]
-        ))
-        .contains("previous snapshot"));
+        assert!(why(&file, &base, &[]).contains("not taken from a running VM"));
+        assert!(why(&parent, &[], &[]).contains("is missing"));
+        assert!(why(&parent, &[bitmap("ir-abc-vm-00")], &[]).contains("no longer exists"));
+        assert!(why(&parent, &[], &["ir-fff-vm-01".to_owned()]).contains("another store"));
+        assert!(why(&info(&src, 2 << 30), &base, &[]).contains("previous snapshot"));
         let mut coarse = bitmap("ir-abc-vm-01");
         coarse.granularity = 1 << 20;
-        assert!(full(decide(
-            false,
-            "vm",
-            Some(&parent),
-            &drive,
-            65536,
-            &[coarse],
-            &[]
-        ))
-        .contains("granularity"));
+        assert!(why(&parent, &[coarse], &[]).contains("granularity"));
         let mut broken = bitmap("ir-abc-vm-01");
         broken.inconsistent = true;
-        assert!(full(decide(
-            false,
-            "vm",
-            Some(&parent),
-            &drive,
-            65536,
-            &[broken],
-            &[]
-        ))
-        .contains("inconsistent"));
+        assert!(why(&parent, &[broken], &[]).contains("inconsistent"));
+        assert_eq!(bitmap_granularity(65536), 4096);
+        assert_eq!(bitmap_granularity(4096), 4096);
+        assert_eq!(bitmap_granularity(4 << 20), 256 << 10);
     }
 }
