@@ -202,11 +202,17 @@ pub fn cat(c: CatConfig) -> anyhow::Result<()> {
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n])
-            .context("Failed to write to stdout")?;
+        match out.write_all(&buf[..n]) {
+            // The reader went away (`| head`): stop quietly, as cat(1) does.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            res => res.context("Failed to write to stdout")?,
+        }
         off += n as u64;
     }
-    out.flush().context("Failed to write to stdout")?;
+    match out.flush() {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        res => res.context("Failed to write to stdout")?,
+    }
     o.report(c.source.stats);
     Ok(())
 }
