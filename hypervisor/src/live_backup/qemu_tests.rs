@@ -427,3 +427,32 @@ fn guest_agent_freezes_only_around_the_start_transaction() {
     vm.assert_clean();
     vm.check(&r.snapshot, &vm.want.clone());
 }
+
+#[test]
+fn a_resized_disk_gets_a_full_backup_with_the_reason() {
+    let Some(mut vm) = Vm::start("qcow2") else {
+        return;
+    };
+    vm.backup(false, &no_abort(), None).unwrap();
+    vm.qmp()
+        .execute_value(
+            "block_resize",
+            Some(json!({ "node-name": "disk0", "size": SIZE + 16 * MIB })),
+        )
+        .unwrap();
+    vm.want.resize((SIZE + 16 * MIB) as usize, 0);
+    vm.write(SIZE + MIB, 65536, 0x5e);
+    let r = vm.backup(false, &no_abort(), None).unwrap();
+    assert_eq!(r.mode, "full", "{r:?}");
+    assert!(
+        r.reason.as_deref().unwrap().contains("the disk is"),
+        "{r:?}"
+    );
+    assert_eq!(r.image_size, SIZE + 16 * MIB);
+    vm.check(&r.snapshot, &vm.want.clone());
+    // And the next one is incremental again.
+    vm.write(0, 4096, 0x5f);
+    let r = vm.backup(false, &no_abort(), None).unwrap();
+    assert_eq!((r.mode, r.bytes_read), ("incremental", 4096), "{r:?}");
+    vm.check(&r.snapshot, &vm.want.clone());
+}
