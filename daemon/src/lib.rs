@@ -155,12 +155,12 @@ pub struct DaemonConfig {
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Opening the store failed.
-    #[error("Failed to open store {0}")]
-    OpenStore(PathBuf, #[source] store::Error),
-    /// Opening the snapshot failed.
-    #[error("Failed to open snapshot {0}")]
-    OpenSnapshot(String, #[source] store::Error),
+    /// Opening the store failed (the store's error names it).
+    #[error(transparent)]
+    OpenStore(store::Error),
+    /// Opening the snapshot failed (the store's error names it).
+    #[error(transparent)]
+    OpenSnapshot(store::Error),
     /// Opening the `--repair-from` snapshot failed.
     #[error("Failed to open repair snapshot {0}")]
     OpenRepair(String, #[source] store::Error),
@@ -296,10 +296,10 @@ impl Daemon {
         if let Some(done) = complete {
             return Self::start_complete(cfg, &done);
         }
-        let store = Store::open(&cfg.store).map_err(|e| Error::OpenStore(cfg.store.clone(), e))?;
+        let store = Store::open(&cfg.store).map_err(Error::OpenStore)?;
         let reader = store
             .open_snapshot(&cfg.snapshot)
-            .map_err(|e| Error::OpenSnapshot(cfg.snapshot.clone(), e))?;
+            .map_err(Error::OpenSnapshot)?;
         let info = reader.info().clone();
         let reader = Arc::new(reader);
         // Opened up front: a bad --repair-from fails before anything is served.

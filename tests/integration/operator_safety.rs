@@ -585,3 +585,41 @@ fn a_state_holds_its_snapshot_until_complete_and_then_needs_no_store() {
     assert_eq!(status(&state)["state"], "complete");
     daemon.stop();
 }
+
+#[test]
+fn error_messages_name_each_thing_once() {
+    let f = Fixture::new(1 << 20);
+    let state = f.path("state");
+    let missing_store = f.path("no-store");
+    let out = run_until_exit(
+        {
+            let mut cmd = recovery_cli();
+            cmd.arg("instant-boot")
+                .arg("--store")
+                .arg(&missing_store)
+                .arg("vm")
+                .arg("--socket")
+                .arg(f.path("vhost.sock"))
+                .arg("--state")
+                .arg(&state);
+            cmd
+        },
+        REFUSE_TIMEOUT,
+    );
+    let missing_target = f.path("no-dir/target.raw");
+    let err_target = f.refused(&[
+        "--socket",
+        f.path("vhost.sock").to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--target",
+        missing_target.to_str().unwrap(),
+    ]);
+    let err_store = String::from_utf8_lossy(&out.stderr).into_owned();
+    for (err, path) in [(&err_store, &missing_store), (&err_target, &missing_target)] {
+        let path = path.display().to_string();
+        assert_eq!(err.matches(&path).count(), 1, "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+    assert!(!state.exists());
+}
