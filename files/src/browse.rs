@@ -354,11 +354,7 @@ impl Browser {
                 limit: MAX_FILE_SIZE,
             });
         }
-        Ok(FileReader {
-            size,
-            file,
-            path,
-        })
+        Ok(FileReader { size, file, path })
     }
 
     /// `lstat` of a user path.
@@ -454,13 +450,27 @@ impl FileReader {
             .min((self.size - offset).min(usize::MAX as u64) as usize);
         let mut done = 0;
         while done < want {
-            match self.file.read_bytes(&mut buf[done..want]) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) => {
+            // ext4-view 1.0 unwraps the next block of a file whose block
+            // list ends before its size (a damaged inode): contain that
+            // panic to this file.
+            let file = &mut self.file;
+            let dst = &mut buf[done..want];
+            let res =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| file.read_bytes(dst)));
+            match res {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => done += n,
+                Ok(Err(e)) => {
                     // Start over at a clean position on the next call.
                     let _ = self.file.seek_to(0);
                     return Err(fs_err(&self.path, e));
+                }
+                Err(_) => {
+                    let _ = self.file.seek_to(0);
+                    return Err(Error::Damaged {
+                        path: self.path.clone(),
+                        what: "its block list ends before its size",
+                    });
                 }
             }
         }

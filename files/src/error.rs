@@ -61,6 +61,9 @@ pub enum Error {
         #[source]
         source: ext4_view::Ext4Error,
     },
+    /// A file's metadata contradicts itself.
+    #[error("Failed to read {path}: damaged file ({what})")]
+    Damaged { path: String, what: &'static str },
     /// A file claims a size no ext filesystem can hold.
     #[error(
         "{path} claims {size} bytes, more than ext4's limit of {limit} (damaged or hostile image?)"
