@@ -11,6 +11,7 @@
 //! | commands | module | library it drives |
 //! |---|---|---|
 //! | `init`, `backup`, `snapshots`, `restore`, `verify`, `forget`, `unforget`, `release-hold`, `gc` | [`commands`]`::{init, backup, …, unforget}` | `store` |
+//! | `backup --qmp` (a running VM's disk) | [`commands::live_backup`] | `hypervisor` |
 //! | `ls`, `cat`, `restore-files`, `mount` | [`commands::files`] | `files` |
 //! | `instant-boot` | [`commands::instant_boot`] | `daemon` (which assembles `block`, `vhost-backend`, `control`) |
 //! | `status`, `pause`, `resume`, `set-rate`, `metrics` | [`commands::monitor`] | `control` (client only) |
