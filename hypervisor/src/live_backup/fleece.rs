@@ -136,6 +136,14 @@ pub fn resolve_drive(q: &mut Qmp, drive: &str) -> Result<Drive> {
                 format!("{dev} (node {node})")
             })
             .collect();
+        if known.is_empty() {
+            // No devices (e.g. -blockdev only): name the format nodes.
+            known = nodes
+                .iter()
+                .filter(|n| n.drv != "file" && n.image.is_some())
+                .map(|n| format!("node {} ({})", n.node_name, n.drv))
+                .collect();
+        }
         known.sort();
         return Err(Error::UnknownDrive {
             drive: drive.to_owned(),

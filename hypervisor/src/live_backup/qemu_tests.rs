@@ -346,6 +346,7 @@ fn raw_disk_bitmaps_live_in_memory_and_bad_input_is_clear() {
     };
     let e = run(&vm.store, &cfg).unwrap_err();
     assert!(e.to_string().contains("Unknown drive \"nope\""), "{e}");
+    assert!(e.to_string().contains("node disk0 (raw)"), "{e}");
     vm.assert_clean();
     // A wrong QMP path.
     let cfg = Config {

@@ -121,11 +121,14 @@ fn print_report(r: &Report) -> anyhow::Result<()> {
         Some(reason) => output::line(&format!("mode        full ({reason})"))?,
         None => output::line(&format!("mode        {}", r.mode))?,
     }
+    let dirty = match r.mode {
+        "incremental" => format!(" ({} marked dirty)", output::size(r.dirty_bytes)),
+        _ => String::new(),
+    };
     output::line(&format!(
-        "read        {} of {} ({} marked dirty) in {:.2} s",
+        "read        {} of {}{dirty} in {:.2} s",
         output::size(r.bytes_read),
         output::size(r.image_size),
-        output::size(r.dirty_bytes),
         r.seconds
     ))?;
     output::line(&format!(
