@@ -28,7 +28,7 @@
 //!
 //! | request | chunk migrated | chunk not migrated |
 //! |---|---|---|
-//! | read | target | copy-on-read: copy the chunk (as above; under a rate limit only if the limiter has room now, never waiting), serve from the copy; if that fails (e.g. target full) or is not allowed, serve from the overlay |
+//! | read | target | copy-on-read: copy the chunk (as above; not paced by the rate limit: the guest waits for it), serve from the copy; if that fails (e.g. target full), serve from the overlay |
 //! | write | target | overlay |
 //! | discard, write-zeroes | zero the target range | overlay |
 //! | flush | overlay flush, then target sync + migrated bitmap sync | same |
@@ -148,8 +148,9 @@ const TARGET_ERROR_HOLDOFF: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct MigrationOptions {
     /// Copy rate limit in bytes per second; 0 means unlimited. Changeable
-    /// at run time with [`MigratingDevice::set_rate`]. Bounds the copier
-    /// and copy-on-read alike; zero chunks cost nothing and are not paced.
+    /// at run time with [`MigratingDevice::set_rate`]. Paces the background
+    /// copier; copy-on-read (the guest's demand) and zero chunks (which
+    /// cost nothing) are not paced.
     pub copy_rate: u64,
     /// Chunks copied in parallel by the background copier.
     pub workers: usize,
@@ -411,6 +412,9 @@ pub struct MigratingDevice {
     window: Mutex<RateWindow>,
     bytes_copied_on_read: AtomicU64,
     progress: Progress,
+    /// Data bytes the background copier wrote to the target (the rate
+    /// limit's business), since this process started.
+    copier_copied: AtomicU64,
     overlay_write_bytes: AtomicU64,
     /// Copier workers between deciding to copy and finishing the chunk.
     copier_busy: AtomicU64,
@@ -607,6 +611,7 @@ impl MigratingDevice {
             window: Mutex::new(RateWindow::new(Duration::from_secs(5))),
             bytes_copied_on_read: AtomicU64::new(0),
             progress,
+            copier_copied: AtomicU64::new(0),
             overlay_write_bytes: AtomicU64::new(0),
             copier_busy: AtomicU64::new(0),
             paused_turns: AtomicU64::new(0),
@@ -746,10 +751,11 @@ impl MigratingDevice {
         let rate_limit = self.limiter.rate();
         let copy_rate = {
             let mut w = lock(&self.window);
-            w.sample(Instant::now(), sums.copied);
+            w.sample(Instant::now(), self.copier_copied.load(Ordering::Relaxed));
             w.rate()
         };
-        // The limiter holds the long-run rate to the limit; a window that
+        // The copier's data bytes only (not zero chunks, not copy-on-read).
+        // The limiter holds its long-run rate to the limit; a window that
         // happens to hold one chunk more than its share (or a limit just
         // lowered) must not show a rate above it.
         let copy_rate = if rate_limit > 0 {
@@ -1043,13 +1049,11 @@ impl MigratingDevice {
         out: &mut ReadRun<'_, '_>,
         pos: u64,
     ) -> io::Result<()> {
-        // Under a rate limit, a copy-on-read copies only what the limiter
-        // allows right now (it never waits): the limit bounds every byte
-        // the migration writes, and the guest's read is served either way.
-        let copy = self.opts.copy_on_read
-            && !lock(&self.ctl).paused
-            && !self.target_failing_recently()
-            && (self.costs_nothing(l, c) || self.limiter.try_acquire(self.chunk_len(c) as u64));
+        // Copy-on-read is the guest's demand, not paced by the rate limit
+        // (it is counted apart, in `bytes_copied_on_read`, not in the
+        // copier's `copy_rate`).
+        let copy =
+            self.opts.copy_on_read && !lock(&self.ctl).paused && !self.target_failing_recently();
         if copy {
             match self.copy_chunk(l, c, None) {
                 Ok(Copied::Now(data)) => {

@@ -100,8 +100,10 @@ pub struct Status {
     /// snapshot's copy could not be read (since this process started).
     #[serde(default)]
     pub chunks_repaired: u64,
-    /// Rate of data written to the target over a recent window, in bytes
-    /// per second: copied bytes only, never skipped ones, and never above
+    /// Rate at which the background copier writes data to the target over
+    /// a recent window, in bytes per second: copied bytes only (never
+    /// skipped zero chunks, never copy-on-read, which the guest's reads
+    /// cause and `bytes_copied_on_read` counts), and never above
     /// `rate_limit` when one is set.
     pub copy_rate: f64,
     /// The configured rate limit in bytes per second; 0 means unlimited.

@@ -258,7 +258,10 @@ impl MigratingDevice {
                 Some(_) => self.repair_chunk(l, c),
             };
             match result {
-                Ok(Copied::Now(_)) => {
+                Ok(Copied::Now(data)) => {
+                    if data.is_some() {
+                        self.copier_copied.fetch_add(len, Ordering::Relaxed);
+                    }
                     self.clear_target_error();
                     if let Some(primary) = &repairing {
                         self.note_repaired(c, primary);
@@ -295,7 +298,7 @@ impl MigratingDevice {
     fn tick(&self, t: &mut Ticker) {
         let Some(l) = self.layers() else { return };
         let now = Instant::now();
-        lock(&self.window).sample(now, self.progress.sums().copied);
+        lock(&self.window).sample(now, self.copier_copied.load(Ordering::Relaxed));
         let pending = self.since_checkpoint.load(Ordering::Relaxed);
         let due = pending >= self.opts.checkpoint_bytes
             || (pending > 0

@@ -486,10 +486,10 @@ fn rate_limit_is_honoured_and_changeable_and_status_reports_progress() {
     wait_complete(&dev);
     assert_same(&fx.target_bytes(), &fx.image, "target");
 
-    // A rate below one chunk per second moves one chunk at a time: the
-    // copier's first reservation takes hours, and a guest reading the
-    // whole image copies on read at most the one chunk the limiter has
-    // room for. Lifting the limit at run time finishes the migration.
+    // At a crawl (1 B/s, far below one chunk per second), a guest reading
+    // the whole image migrates it by copy-on-read: the guest's demand is
+    // not paced, and it is counted apart, never in the copy rate shown
+    // beside the limit. Lifting the limit at run time finishes the rest.
     let fx = Fixture::new(image(64, 0, 32));
     let dev = fx.open(MigrationOptions {
         copy_rate: 1,
@@ -497,12 +497,10 @@ fn rate_limit_is_honoured_and_changeable_and_status_reports_progress() {
     });
     dev.start().unwrap();
     let mut all = vec![0u8; fx.image.len()];
-    for _ in 0..3 {
-        dev.read_at(&mut all, 0).unwrap();
-        assert_same(&all, &fx.image, "reads under a crawl");
-    }
+    dev.read_at(&mut all, 0).unwrap();
+    assert_same(&all, &fx.image, "reads under a crawl");
     let s = dev.status();
-    assert!(s.bytes_copied <= u64::from(CS), "{s:?}");
+    assert!(s.bytes_copied_on_read > 0, "{s:?}");
     assert!(s.copy_rate <= 1.0, "{s:?}");
     dev.set_rate(0);
     assert_eq!(dev.status().rate_limit, 0);

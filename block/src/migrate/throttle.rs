@@ -1,16 +1,13 @@
 //! Copy-rate limiting and measurement.
 //!
-//! [`RateLimiter`] paces every copy of the migration, the copier's and
-//! copy-on-read's alike, on one clock: a copy of `n` bytes takes the slot
-//! `[start, start + n / rate)`, and the next slot starts where it ends.
-//! A copier worker waits until a slot starts (now or later) and takes it;
-//! so however small the rate (below one chunk per second), chunks move
-//! one at a time, each a full `chunk / rate` after the one before, and
-//! never sixteen at once because sixteen workers asked. A copy-on-read
-//! never waits: it takes the next slot if that starts within half its own
-//! duration (the guest is waiting, so it goes before the copier), and
-//! otherwise reads without copying. Idle time earns no credit (no burst
-//! after a pause), and a rate change applies at once.
+//! [`RateLimiter`] paces the background copier on one clock: a copy of
+//! `n` bytes takes the slot `[start, start + n / rate)`, and the next slot
+//! starts where it ends. A worker waits until a slot starts (now or
+//! later) and takes it, so however small the rate (below one chunk per
+//! second), chunks move one at a time, each a full `chunk / rate` after
+//! the one before, and never one per worker at once. Idle time earns no
+//! credit (no burst after a pause), and a rate change applies at once.
+//! Copy-on-read is the guest's demand and is not paced.
 //!
 //! Decisions take the time as an argument ([`RateLimiter::take`],
 //! [`RateWindow::sample`]), so tests drive them with a synthetic clock;
@@ -65,37 +62,20 @@ impl RateLimiter {
         *next = Instant::now();
     }
 
-    /// Takes the slot for `bytes` if it starts no later than `now + early`;
+    /// Takes the slot for `bytes` if it starts no later than `now`;
     /// otherwise says when the next slot starts. Always succeeds without
     /// a limit.
-    pub(super) fn take(
-        &self,
-        bytes: u64,
-        now: Instant,
-        early: Duration,
-    ) -> std::result::Result<(), Instant> {
+    pub(super) fn take(&self, bytes: u64, now: Instant) -> std::result::Result<(), Instant> {
         let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
         let rate = self.rate.load(Ordering::SeqCst);
         if rate == 0 || bytes == 0 {
             return Ok(());
         }
-        if *next > now + early {
+        if *next > now {
             return Err(*next);
         }
         *next = (*next).max(now) + duration(bytes, rate);
         Ok(())
-    }
-
-    /// For a copy-on-read: takes a slot for `bytes` if one starts within
-    /// half its duration; never waits.
-    pub(super) fn try_acquire(&self, bytes: u64) -> bool {
-        let rate = self.rate();
-        let early = if rate == 0 {
-            Duration::ZERO
-        } else {
-            duration(bytes, rate) / 2
-        };
-        self.take(bytes, Instant::now(), early).is_ok()
     }
 
     /// For the copier: waits until a slot for `bytes` starts and takes
@@ -103,7 +83,7 @@ impl RateLimiter {
     pub(super) fn acquire(&self, bytes: u64, stop: impl Fn() -> bool) {
         loop {
             let now = Instant::now();
-            match self.take(bytes, now, Duration::ZERO) {
+            match self.take(bytes, now) {
                 Ok(()) => return,
                 Err(_) if stop() => return,
                 // Sleeps in slices, so a rate change or a stop is seen.
@@ -183,7 +163,7 @@ mod tests {
         // 1 byte per second: a 64 KiB chunk takes a 65536 s slot.
         let limiter = RateLimiter::new(1);
         let t0 = Instant::now();
-        let take = |at: Instant| limiter.take(CHUNK, at, Duration::ZERO);
+        let take = |at: Instant| limiter.take(CHUNK, at);
         assert_eq!(take(t0), Ok(()));
         // Sixteen workers asking at once: none gets another chunk before
         // the slot ends.
@@ -193,31 +173,21 @@ mod tests {
         assert_eq!(take(t0 + slot - Duration::from_secs(1)), Err(t0 + slot));
         assert_eq!(take(t0 + slot), Ok(()));
         assert_eq!(take(t0 + slot), Err(t0 + 2 * slot));
-        // A copy-on-read may go up to half a slot early, pushing the
-        // copier back by its slot; a second one right after may not.
-        let early = slot / 2;
-        let almost = t0 + 2 * slot - early;
-        assert_eq!(limiter.take(CHUNK, almost, early), Ok(()));
-        assert_eq!(limiter.take(CHUNK, almost, early), Err(t0 + 3 * slot));
-        assert_eq!(take(t0 + 2 * slot), Err(t0 + 3 * slot));
         // Idle time earns no credit: after a long pause, two chunks asked
         // at once are a slot apart again.
         let later = t0 + 100 * slot;
         assert_eq!(take(later), Ok(()));
         assert_eq!(take(later), Err(later + slot));
         // An absurd size at the smallest rate does not overflow.
-        assert_eq!(limiter.take(u64::MAX, later + slot, Duration::ZERO), Ok(()));
+        assert_eq!(limiter.take(u64::MAX, later + slot), Ok(()));
         // A rate change applies at once; unlimited never refuses.
         limiter.set_rate(0);
         assert_eq!(take(t0), Ok(()));
-        assert!(limiter.try_acquire(CHUNK));
+        assert_eq!(take(t0), Ok(()));
         let fast = RateLimiter::new(CHUNK);
         let now = Instant::now();
-        assert_eq!(fast.take(CHUNK, now, Duration::ZERO), Ok(()));
-        assert_eq!(
-            fast.take(CHUNK, now, Duration::ZERO),
-            Err(now + Duration::from_secs(1))
-        );
+        assert_eq!(fast.take(CHUNK, now), Ok(()));
+        assert_eq!(fast.take(CHUNK, now), Err(now + Duration::from_secs(1)));
     }
 
     #[test]
