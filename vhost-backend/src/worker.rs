@@ -170,7 +170,8 @@ impl std::fmt::Debug for ServedDisk {
     }
 }
 
-/// Reads and writes up to this size count as small (see [`RunTimes`]).
+/// Reads and writes up to this size count as small (see the module doc:
+/// they may run on the queue's thread).
 pub const SMALL_REQUEST: u64 = 64 << 10;
 
 /// Small reads run on the worker itself while their recent average run
