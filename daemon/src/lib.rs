@@ -808,9 +808,19 @@ fn open_target(state: &StateDir, path: &Path, image_size: u64, dir: &Path) -> Re
         lock: true,
     };
     let target = Target::open_with(path, image_size, how).map_err(|e| match e {
-        block::target::Error::Missing { path } => Error::TargetGone {
-            target: path,
-            state: dir.to_path_buf(),
+        // The recorded target is there: this is another path.
+        block::target::Error::Missing { path } => match &recorded.target {
+            Some(r) if r.exists() => Error::Migration(
+                path.clone(),
+                block::migrate::Error::TargetMismatch {
+                    recorded: r.clone(),
+                    given: std::path::absolute(&path).unwrap_or(path),
+                },
+            ),
+            _ => Error::TargetGone {
+                target: path,
+                state: dir.to_path_buf(),
+            },
         },
         e => Error::Target(e),
     })?;

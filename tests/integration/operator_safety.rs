@@ -150,6 +150,26 @@ fn a_deleted_target_is_refused_on_every_restart_and_never_recreated() {
     daemon.stop();
     assert_eq!(migration_state(&state), "in_progress");
 
+    // Another path, while the recorded target is there: named, not created.
+    let elsewhere = f.path("elsewhere.raw");
+    let err = f.refused(&[
+        "--socket",
+        f.path("a/vhost.sock").to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+        "--target",
+        elsewhere.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains(&format!(
+            "migrates to {}, not {}",
+            target.canonicalize().unwrap().display(),
+            elsewhere.display()
+        )),
+        "{err}"
+    );
+    assert!(!elsewhere.exists());
+
     std::fs::remove_file(&target).unwrap();
     let socket = f.path("a/vhost.sock");
     let args = [
