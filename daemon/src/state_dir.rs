@@ -44,6 +44,18 @@
 //! whether this open made the state, so a start that fails afterwards can
 //! take back everything it made ([`StateDir::remove_created`]).
 //!
+//! # The snapshot is held
+//!
+//! `state.json` keeps a random `holder` id made with the state. While the
+//! migration is not complete, every start adds (idempotently) the store's
+//! hold `holds/NAME/ID/HOLDER.json` on the snapshot (`store::hold`), so
+//! `forget` refuses it naming this dir and gc keeps a force-forgotten one;
+//! the daemon releases it when the migration completes, and a start that
+//! created the state and then failed releases it too. A `complete` state
+//! needs only the target and starts without the store. To discard a state
+//! dir whose migration never completed, delete it and release its hold
+//! with `recovery-cli release-hold --store STORE NAME@ID HOLDER`.
+//!
 //! # One guest per overlay
 //!
 //! `qemu.json` records the QEMU that `instant-boot --qemu` started, by PID
