@@ -183,6 +183,52 @@ pub(crate) mod tests {
         assert_eq!(seen.len(), 6);
     }
 
+    /// The real qemu-ga, listening on a unix socket on this host. Only
+    /// commands that change nothing are sent (a freeze here would freeze
+    /// the host's filesystems), and freezing is blocked anyway.
+    #[test]
+    fn real_agent_syncs_pings_and_reports_status() {
+        let ok = std::process::Command::new("qemu-ga")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            if std::env::var_os("RECOVERY_REQUIRE_GUEST").is_some_and(|v| v != "0") {
+                panic!("qemu-ga missing (qemu-guest-agent) and RECOVERY_REQUIRE_GUEST is set");
+            }
+            eprintln!("\n!!! SKIPPING qemu-ga test: qemu-ga not installed\n");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qga.sock");
+        let child = std::process::Command::new("qemu-ga")
+            .args(["-m", "unix-listen", "-p"])
+            .arg(&sock)
+            .arg("-t")
+            .arg(dir.path())
+            .arg("-f")
+            .arg(dir.path().join("qga.pid"))
+            .args([
+                "-b",
+                "guest-fsfreeze-freeze,guest-fsfreeze-freeze-list,guest-fsfreeze-thaw",
+            ])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut agent = crate::testing::Proc {
+            child,
+            socket: sock.clone(),
+        };
+        crate::testing::wait_socket(&sock, &mut agent.child, "qemu-ga");
+        let mut g = Qga::connect(&sock).unwrap();
+        g.ping().unwrap();
+        assert_eq!(g.fsfreeze_status().unwrap(), "thawed");
+        drop(g);
+        // A second session syncs past whatever the first left.
+        let mut g = Qga::connect(&sock).unwrap();
+        g.ping().unwrap();
+    }
+
     #[test]
     fn silent_agent_is_reported() {
         let dir = tempfile::tempdir().unwrap();
