@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end, on a fresh machine:
 #
-#   1. back up a guest disk into a deduplicating chunk store;
+#   1. back up a running guest into a deduplicating chunk store (a full
+#      and an incremental backup through QMP, while it writes);
 #   2. boot the guest instantly from the store (vhost-user-blk, QEMU/TCG)
 #      and migrate its disk to a raw "production" file in the background,
 #      with a live progress bar, while the guest keeps writing: writes to
@@ -24,8 +25,10 @@ GUEST=$REPO/.guest-cache
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/recovery-demo.XXXXXX")
 DAEMON_PID=
+QEMU_PID=
 cleanup() {
     [ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null || true
+    [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null || true
     if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -35,11 +38,37 @@ TARGET=$WORK/production.raw
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "Back up the guest's root disk into a new store"
-cp "$GUEST/root.img" "$WORK/guest.img"
+say "Back up the guest while it runs (QMP: image fleecing + a dirty bitmap)"
+# The guest boots from a qcow2 copy of its disk and writes numbered,
+# fsynced files; two backups are taken under it: a full one, then an
+# incremental that reads only what changed. It pauses only for the start.
+qemu-img convert -O qcow2 "$GUEST/root.img" "$WORK/guest.qcow2"
+qemu-system-x86_64 -accel tcg -machine q35 -m 512 -smp 1 -nodefaults -no-user-config \
+    -display none -no-reboot -serial "file:$WORK/running.log" \
+    -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initramfs.cpio.gz" \
+    -append "$(cat "$GUEST/cmdline") guestmode=files" \
+    -blockdev "driver=file,node-name=disk0-file,filename=$WORK/guest.qcow2" \
+    -blockdev driver=qcow2,node-name=disk0,file=disk0-file \
+    -device virtio-blk-pci,drive=disk0 \
+    -qmp "unix:$WORK/qmp.sock,server=on,wait=off" &
+QEMU_PID=$!
+wait_line() {
+    for _ in $(seq 1500); do
+        grep -q "$1" "$WORK/running.log" 2>/dev/null && return 0
+        sleep 0.2
+    done
+    echo "the running guest never printed $1" >&2
+    return 1
+}
+wait_line '^FILE 5 '
 "$CLI" init "$STORE"
-"$CLI" backup --store "$STORE" --name guest "$WORK/guest.img"
-rm "$WORK/guest.img"
+"$CLI" backup --store "$STORE" --name guest --qmp "$WORK/qmp.sock" --drive disk0 --scratch "$WORK"
+wait_line '^FILE 40 '
+"$CLI" backup --store "$STORE" --name guest --qmp "$WORK/qmp.sock" --drive disk0 --scratch "$WORK"
+kill "$QEMU_PID"
+wait "$QEMU_PID" 2>/dev/null || true
+QEMU_PID=
+rm "$WORK/guest.qcow2"
 "$CLI" snapshots --store "$STORE"
 
 say "Boot it instantly from the store, migrating to $TARGET"
