@@ -49,6 +49,7 @@ use crate::pack::{PackWriter, PACK_TARGET_SIZE};
 use crate::repo::Store;
 #[cfg(test)]
 use crate::restore::RestoreOptions;
+use crate::snapshot::delta;
 use crate::snapshot::manifest::{ManifestWriter, ENTRY_LEN};
 use crate::snapshot::reader::SnapshotReader;
 use crate::snapshot::{
@@ -103,6 +104,11 @@ pub struct BackupStats {
     /// Chunks identical to the parent's at the same index.
     pub chunks_parent: u64,
     pub packs_new: u64,
+    /// When the snapshot was written as a delta manifest: its base and
+    /// entry count (see [`crate::snapshot::delta`]).
+    pub delta: Option<(String, u64)>,
+    /// Size of the published manifest in bytes.
+    pub manifest_bytes: u64,
     pub seconds: f64,
 }
 
@@ -296,9 +302,13 @@ impl Store {
             std::mem::take(&mut *shared.published.lock().unwrap_or_else(|p| p.into_inner()));
         drop(shared);
         let key = manifest_key(name, &manifest.info().id.clone());
-        let done =
-            pipeline.and_then(|written| Ok((written, manifest.publish(self.backend(), &key)?)));
-        let ((bytes_new, packs_new), info) = match done {
+        let done = pipeline.and_then(|written| {
+            Ok((
+                written,
+                self.publish_manifest(manifest, parent.as_ref(), &key)?,
+            ))
+        });
+        let ((bytes_new, packs_new), (info, delta)) = match done {
             Ok(x) => x,
             Err(e) => {
                 self.discard_packs(&published);
@@ -326,6 +336,8 @@ impl Store {
             chunks_zero: counts.2,
             chunks_parent: counts.3,
             packs_new,
+            delta,
+            manifest_bytes: self.backend().size(&key).unwrap_or(0),
             seconds: start.elapsed().as_secs_f64(),
         };
         info!(
@@ -336,6 +348,40 @@ impl Store {
             "backup done"
         );
         Ok(stats)
+    }
+}
+
+impl Store {
+    /// Publish the manifest last: as a delta on the parent's base when that
+    /// is small enough (see [`crate::snapshot::delta`]), else in full.
+    fn publish_manifest(
+        &self,
+        manifest: ManifestWriter,
+        parent: Option<&SnapshotReader>,
+        key: &str,
+    ) -> Result<(SnapshotInfo, Option<(String, u64)>)> {
+        let info = manifest.info().clone();
+        let limit = info.chunk_count / delta::DELTA_DIVISOR;
+        if let Some(base) = parent.map(SnapshotReader::base_reader) {
+            if limit > 0 && base.image_size() == info.image_size && base.info().name == info.name {
+                let found = delta::diff(&manifest, info.chunk_count, limit, |first, buf| {
+                    base.raw_entries(first, buf)
+                })?;
+                if let Some(entries) = found {
+                    let base_id = base.info().id.clone();
+                    delta::publish_delta(
+                        self.backend(),
+                        &info,
+                        manifest.created_micros(),
+                        &base_id,
+                        &entries,
+                        key,
+                    )?;
+                    return Ok((info, Some((base_id, entries.len() as u64))));
+                }
+            }
+        }
+        Ok((manifest.publish(self.backend(), key)?, None))
     }
 }
 

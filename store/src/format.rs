@@ -71,6 +71,16 @@ pub const MANIFEST_VERSION: u32 = 1;
 /// (header with this field zeroed + metadata).
 pub const MANIFEST_HEADER_LEN: usize = 80;
 const _: () = assert!(MANIFEST_HEADER_LEN == 8 + 4 + 4 + 8 + 8 + 8 + 4 + 4 + 32);
+/// Version of a delta manifest (same header and magic as version 1; the
+/// metadata names a `base` full manifest, and the body is a `u64` entry
+/// count followed by sorted [`DELTA_ENTRY_LEN`]-byte entries, then the
+/// trailer). Version 1 (full) manifests are still written and read.
+pub const MANIFEST_DELTA_VERSION: u32 = 2;
+/// Delta entry count that precedes the entries of a delta manifest.
+pub const DELTA_COUNT_LEN: usize = 8;
+/// Delta manifest entry: chunk index, chunk id (32 zero bytes: zero chunk).
+pub const DELTA_ENTRY_LEN: usize = 40;
+const _: () = assert!(DELTA_ENTRY_LEN == 8 + 32);
 /// Largest accepted manifest metadata (JSON) length.
 pub const MANIFEST_MAX_META_LEN: u32 = 64 << 10;
 /// Trailing checksum length (blake3) of idx, midx and manifest files.

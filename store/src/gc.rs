@@ -52,6 +52,7 @@ use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView};
 use crate::pack::{scan, PackWriter, PACK_TARGET_SIZE};
 use crate::repo::Store;
+use crate::snapshot::delta::Delta;
 use crate::snapshot::manifest::{decode_entry, read_header, ENTRY_LEN};
 use crate::snapshot::{self, forgotten_key, Listed, SnapshotInfo};
 use bloom::Bloom;
@@ -85,6 +86,9 @@ pub struct GcStats {
     pub manifests_held: u64,
     /// Live manifests.
     pub manifests_live: u64,
+    /// Forgotten full manifests kept because a live delta manifest names
+    /// them as its base.
+    pub manifests_base: u64,
     /// Indexed chunks before gc.
     pub chunks_before: u64,
     /// Indexed chunks after gc.
@@ -261,13 +265,42 @@ impl Store {
 
         // Mark.
         let mut bloom = Bloom::new(view.chunk_count());
-        for l in &live {
-            mark(backend, l, &mut bloom).map_err(|e| {
+        let mut bases: HashSet<(String, String)> = HashSet::new();
+        let mark_one = |l: &Listed, bloom: &mut Bloom| {
+            mark(backend, l, bloom).map_err(|e| {
                 e.context(format!(
                     "Failed to mark chunks of snapshot {}@{}; gc aborted",
                     l.name, l.id
                 ))
-            })?;
+            })
+        };
+        for l in &live {
+            if let Some(base) = mark_one(l, &mut bloom)? {
+                bases.insert((l.name.clone(), base));
+            }
+        }
+        // A forgotten full manifest that a live delta names as its base
+        // stays alive (manifest and chunks) until no delta names it.
+        let (kept, rest): (Vec<_>, Vec<_>) = doomed
+            .into_iter()
+            .partition(|(l, _)| bases.contains(&(l.name.clone(), l.id.clone())));
+        doomed = rest;
+        for (l, _lock) in kept {
+            mark_one(&l, &mut bloom)?;
+            stats.manifests_base += 1;
+        }
+        for (name, base) in &bases {
+            let present = |forgotten| {
+                let l = Listed {
+                    name: name.clone(),
+                    id: base.clone(),
+                    forgotten,
+                };
+                backend.exists(&l.key()).unwrap_or(true)
+            };
+            if !present(false) && !present(true) {
+                warn!("base snapshot {name}@{base} of a delta manifest is missing (broken chain)");
+            }
         }
 
         // Sweep accounting.
@@ -387,8 +420,13 @@ fn drop_locks(doomed: Vec<(Listed, Option<File>)>) {
 }
 
 /// Add every chunk of manifest `l` to `bloom`. A live manifest forgotten
-/// since listing is read under its new name.
-fn mark(backend: &dyn crate::backend::Backend, l: &Listed, bloom: &mut Bloom) -> Result<()> {
+/// since listing is read under its new name. Returns the base of a delta
+/// manifest (whose chunks are marked with the base).
+fn mark(
+    backend: &dyn crate::backend::Backend,
+    l: &Listed,
+    bloom: &mut Bloom,
+) -> Result<Option<String>> {
     let mut key = l.key();
     let obj = match backend.open(&key) {
         Ok(o) => o,
@@ -406,6 +444,12 @@ fn mark(backend: &dyn crate::backend::Backend, l: &Listed, bloom: &mut Bloom) ->
         }
     };
     let m = read_header(obj.as_ref(), &key)?;
+    if let Some(base) = m.base() {
+        for id in Delta::load(obj.as_ref(), &m, &key)?.ids() {
+            bloom.insert(&id);
+        }
+        return Ok(Some(base.to_owned()));
+    }
     let mut buf = vec![0u8; 4096 * ENTRY_LEN];
     let mut first = 0u64;
     while first < m.info.chunk_count {
@@ -420,7 +464,7 @@ fn mark(backend: &dyn crate::backend::Backend, l: &Listed, bloom: &mut Bloom) ->
         }
         first += n as u64;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// All pack files present in the backend.

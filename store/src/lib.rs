@@ -19,7 +19,7 @@
 //!   packs/<2 hex>/<pack>.pack     immutable chunk records          (pack.rs)
 //!   index/<pack>.idx              per-pack sorted index            (index/idx.rs)
 //!   index/merged-<gen>.midx       merged sorted index with fanout  (index/midx.rs)
-//!   snapshots/<name>/<id>.snap    manifests                        (snapshot/manifest.rs)
+//!   snapshots/<name>/<id>.snap    manifests: full (v1) or delta (v2) (snapshot/manifest.rs, delta.rs)
 //!   snapshots/<name>/<id>.snap.forgotten   forgotten, awaiting gc
 //!   holds/<name>/<id>/<holder>.json        a hold on a snapshot   (hold.rs)
 //!   tmp/                          temp files, swept by the next writer
@@ -48,6 +48,34 @@
 //! No partial snapshot is ever visible. Every read re-hashes the chunk and
 //! compares it with its id: corruption is an error naming the chunk, pack and
 //! offset, never wrong data.
+//!
+//! # Points: delta manifests
+//! A protection point (or any backup with a parent) whose manifest differs
+//! from its parent's *base* full manifest in at most `chunk_count / 64`
+//! entries is published as a version 2 *delta manifest*: the same header,
+//! metadata naming the `base`, and the sorted `(chunk index, chunk id)`
+//! entries that differ from the base, merged since it (see
+//! [`snapshot::delta`]). Otherwise the snapshot is a full manifest, which
+//! becomes the base of the next points (compaction). So:
+//! - store growth per point is O(changes since the base), bounded by
+//!   1/64 of a full manifest (64 GiB image: ≤ 640 KiB instead of 32 MiB);
+//! - a read at any depth is one binary search in the (in-memory) delta, else
+//!   one `pread` of the base: O(log n) per chunk, never a walk of a chain;
+//! - nothing depends on a delta, so `forget` of any point keeps every other
+//!   point readable; a forgotten base that a live delta (or a reader of one)
+//!   names stays alive for gc, manifest and chunks, until no delta names it;
+//! - `verify` checks each delta's trailer and its base; a missing or
+//!   unreadable base is "Broken chain: snapshot A is a delta on base
+//!   snapshot B, which is missing".
+//!
+//! Crash guarantees are those of any manifest: the delta is published last
+//! (temp file, fsync, rename, directory fsync) after every pack it names, so
+//! a kill -9 while a point is written leaves no point or a whole one, and
+//! the next point (diffed against the newest complete one) is complete.
+//!
+//! Points are ordinary snapshots: [`Store::resolve_at`] picks the newest
+//! at or before a time ([`point`]), and `forget --keep-*` applies restic's
+//! retention ([`retention`]) to backups and points alike.
 //!
 //! # Concurrency
 //! | operation          | lock                                   | runs concurrently with |
@@ -86,7 +114,8 @@
 //! chunk, repacks packs
 //! with enough dead bytes (live chunks verified and copied to new packs,
 //! published with their indexes), publishes a new merged index without the
-//! old packs, and only then deletes old packs and forgotten manifests.
+//! old packs, and only then deletes old packs and forgotten manifests. A
+//! forgotten full manifest that a live delta names as its base is live.
 //! Readers whose index view names a deleted pack reload the index and retry
 //! once. A backup cannot run during gc, so a chunk a backup is about to
 //! reference (dedup) is never deleted under it. See [`gc`] for details.
@@ -104,8 +133,10 @@ pub mod id;
 pub mod index;
 pub mod lock;
 pub mod pack;
+pub mod point;
 mod repo;
 pub mod restore;
+pub mod retention;
 pub mod snapshot;
 pub mod verify;
 
@@ -116,6 +147,7 @@ pub use hold::{Hold, HoldInfo};
 pub use id::{ChunkId, PackId};
 pub use repo::Store;
 pub use restore::{RestoreOptions, RestoreStats};
+pub use retention::{Decision, KeepPolicy};
 pub use snapshot::reader::SnapshotReader;
 pub use snapshot::SnapshotInfo;
 pub use verify::{Problem, ProblemKind, Usage, VerifyOptions, VerifyReport};

@@ -8,6 +8,7 @@
 //!
 //! References: `NAME` (the newest snapshot of that image), `NAME@ID`, or `ID`.
 
+pub mod delta;
 pub mod manifest;
 pub mod reader;
 

@@ -9,7 +9,16 @@
 //! trailer  32 B   blake3 of everything before it
 //! ```
 //! Entry `i` lives at a fixed offset, so offset → chunk is one `pread`
-//! (O(1), nothing loaded). Opening checks the header hash; the full-file
+//! (O(1), nothing loaded).
+//!
+//! Version 2 is a *delta* manifest (see [`super::delta`]): the same header
+//! (version 2), metadata that also names a `base` full manifest, then
+//! ```text
+//! count    8 B    number of delta entries
+//! entries  40 B × count   chunk index (u64), chunk id or 32 zero bytes;
+//!                         strictly increasing indexes
+//! trailer  32 B   blake3 of everything before it
+//! ``` Opening checks the header hash; the full-file
 //! trailer is checked by `verify` and `restore`, which read every entry anyway.
 //!
 //! The writer fills a local temp file (workers `pwrite` entries in any order),
@@ -24,9 +33,9 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, Object, TempObject};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{
-    arr32_at, check_magic_version, u32_at, u64_at, FormatError, MANIFEST_HEADER_LEN,
-    MANIFEST_MAGIC, MANIFEST_MAX_META_LEN, MANIFEST_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
-    TRAILER_LEN,
+    arr32_at, check_magic_version, u32_at, u64_at, FormatError, DELTA_COUNT_LEN, DELTA_ENTRY_LEN,
+    MANIFEST_DELTA_VERSION, MANIFEST_HEADER_LEN, MANIFEST_MAGIC, MANIFEST_MAX_META_LEN,
+    MANIFEST_VERSION, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, TRAILER_LEN,
 };
 use crate::id::ChunkId;
 use crate::snapshot::{id_from_micros, rfc3339_micros, SnapshotInfo};
@@ -40,6 +49,9 @@ struct Meta {
     name: String,
     source: String,
     parent: Option<String>,
+    /// Version 2 only: id of the full manifest this delta applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base: Option<String>,
 }
 
 /// Parsed manifest header.
@@ -47,14 +59,32 @@ struct Meta {
 pub struct Manifest {
     pub info: SnapshotInfo,
     pub created_micros: i64,
-    /// Offset of entry 0.
+    /// Offset of entry 0 (version 2: of the delta entry count).
     pub entries_offset: u64,
+    /// Version 2 (delta) only: id of the base full manifest, and the number
+    /// of delta entries.
+    pub delta: Option<(String, u64)>,
 }
 
 impl Manifest {
     /// Total file length implied by the header.
     pub fn file_len(&self) -> u64 {
-        self.entries_offset + self.info.chunk_count * ENTRY_LEN as u64 + TRAILER_LEN as u64
+        match &self.delta {
+            None => {
+                self.entries_offset + self.info.chunk_count * ENTRY_LEN as u64 + TRAILER_LEN as u64
+            }
+            Some((_, n)) => {
+                self.entries_offset
+                    + DELTA_COUNT_LEN as u64
+                    + n * DELTA_ENTRY_LEN as u64
+                    + TRAILER_LEN as u64
+            }
+        }
+    }
+
+    /// Id of the base full manifest of a delta manifest.
+    pub fn base(&self) -> Option<&str> {
+        self.delta.as_ref().map(|(b, _)| b.as_str())
     }
 }
 
@@ -67,10 +97,15 @@ pub fn chunk_count(image_size: u64, chunk_size: u32) -> u64 {
     image_size.div_ceil(chunk_size as u64)
 }
 
-fn header_bytes(info: &SnapshotInfo, created: i64, meta: &[u8]) -> [u8; MANIFEST_HEADER_LEN] {
+pub(crate) fn header_bytes(
+    version: u32,
+    info: &SnapshotInfo,
+    created: i64,
+    meta: &[u8],
+) -> [u8; MANIFEST_HEADER_LEN] {
     let mut h = [0u8; MANIFEST_HEADER_LEN];
     h[..8].copy_from_slice(&MANIFEST_MAGIC);
-    h[8..12].copy_from_slice(&MANIFEST_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..16].copy_from_slice(&info.chunk_size.to_le_bytes());
     h[16..24].copy_from_slice(&info.image_size.to_le_bytes());
     h[24..32].copy_from_slice(&info.chunk_count.to_le_bytes());
@@ -88,8 +123,25 @@ pub fn read_header(obj: &dyn Object, key: &str) -> Result<Manifest> {
     let mut h = [0u8; MANIFEST_HEADER_LEN];
     obj.read_at(&mut h, 0)
         .ctx(|| format!("Failed to read snapshot manifest {key}"))?;
-    check_magic_version(&h, &MANIFEST_MAGIC, MANIFEST_VERSION, "snapshot manifest")
-        .map_err(|e| bad(key, e))?;
+    let version =
+        match check_magic_version(&h, &MANIFEST_MAGIC, MANIFEST_VERSION, "snapshot manifest") {
+            Ok(()) => MANIFEST_VERSION,
+            Err(FormatError::UnsupportedVersion {
+                version: MANIFEST_DELTA_VERSION,
+                ..
+            }) => MANIFEST_DELTA_VERSION,
+            Err(FormatError::UnsupportedVersion { what, version, .. }) => {
+                return Err(bad(
+                    key,
+                    FormatError::UnsupportedVersion {
+                        what,
+                        version,
+                        supported: MANIFEST_DELTA_VERSION,
+                    },
+                ))
+            }
+            Err(e) => return Err(bad(key, e)),
+        };
     let invalid = |detail: String| {
         bad(
             key,
@@ -133,7 +185,26 @@ pub fn read_header(obj: &dyn Object, key: &str) -> Result<Manifest> {
     }
     let meta: Meta =
         serde_json::from_slice(&meta).map_err(|e| invalid(format!("metadata: {e}")))?;
+    let entries_offset = (MANIFEST_HEADER_LEN + meta_len as usize) as u64;
+    let delta = match (version, meta.base) {
+        (MANIFEST_VERSION, None) => None,
+        (MANIFEST_DELTA_VERSION, Some(base)) => {
+            if !super::is_snapshot_id(&base) || base >= meta.id {
+                return Err(invalid(format!("base {base:?} of delta {}", meta.id)));
+            }
+            let mut n = [0u8; DELTA_COUNT_LEN];
+            obj.read_at(&mut n, entries_offset)
+                .ctx(|| format!("Failed to read snapshot manifest {key}"))?;
+            let n = u64::from_le_bytes(n);
+            if n > count {
+                return Err(invalid(format!("{n} delta entries for {count} chunks")));
+            }
+            Some((base, n))
+        }
+        (v, _) => return Err(invalid(format!("base field in a version {v} manifest"))),
+    };
     let m = Manifest {
+        delta,
         info: SnapshotInfo {
             id: meta.id,
             name: meta.name,
@@ -145,7 +216,7 @@ pub fn read_header(obj: &dyn Object, key: &str) -> Result<Manifest> {
             parent: meta.parent,
         },
         created_micros: created,
-        entries_offset: (MANIFEST_HEADER_LEN + meta_len as usize) as u64,
+        entries_offset,
     };
     let len = obj
         .len()
@@ -192,6 +263,26 @@ pub fn decode_entry(b: &[u8]) -> Option<ChunkId> {
     (!id.is_null()).then_some(id)
 }
 
+/// The metadata JSON of a manifest (`base`: of a delta manifest).
+pub(crate) fn meta_json(info: &SnapshotInfo, base: Option<&str>) -> Result<Vec<u8>> {
+    let action = || format!("Failed to create manifest of snapshot {}", info.id);
+    let meta = serde_json::to_vec(&Meta {
+        id: info.id.clone(),
+        name: info.name.clone(),
+        source: info.source.clone(),
+        parent: info.parent.clone(),
+        base: base.map(str::to_owned),
+    })
+    .map_err(|e| Error::invalid(action()).with_source(e))?;
+    if meta.len() > MANIFEST_MAX_META_LEN as usize {
+        return Err(Error::invalid(format!(
+            "{}: source path too long",
+            action()
+        )));
+    }
+    Ok(meta)
+}
+
 /// Builds a manifest in a temp file.
 #[derive(Debug)]
 pub struct ManifestWriter {
@@ -211,22 +302,11 @@ impl ManifestWriter {
         info.chunk_count = chunk_count(info.image_size, info.chunk_size);
         let snap_id = info.id.clone();
         let action = || format!("Failed to create manifest of snapshot {snap_id}");
-        let meta = serde_json::to_vec(&Meta {
-            id: info.id.clone(),
-            name: info.name.clone(),
-            source: info.source.clone(),
-            parent: info.parent.clone(),
-        })
-        .map_err(|e| Error::invalid(action()).with_source(e))?;
-        if meta.len() > MANIFEST_MAX_META_LEN as usize {
-            return Err(Error::invalid(format!(
-                "{}: source path too long",
-                action()
-            )));
-        }
+        let meta = meta_json(&info, None)?;
         let mut tmp = backend.create_temp().ctx(action)?;
-        let header = header_bytes(&info, created, &meta);
+        let header = header_bytes(MANIFEST_VERSION, &info, created, &meta);
         let manifest = Manifest {
+            delta: None,
             info,
             created_micros: created,
             entries_offset: (MANIFEST_HEADER_LEN + meta.len()) as u64,
@@ -243,6 +323,24 @@ impl ManifestWriter {
     /// The snapshot being written.
     pub fn info(&self) -> &SnapshotInfo {
         &self.manifest.info
+    }
+
+    /// Time of the snapshot being written (µs since the epoch).
+    pub(crate) fn created_micros(&self) -> i64 {
+        self.manifest.created_micros
+    }
+
+    /// Read back entries `first..` into `buf` (32 bytes each).
+    pub(crate) fn read_entries(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        self.tmp
+            .file()
+            .read_exact_at(buf, self.manifest.entries_offset + first * ENTRY_LEN as u64)
+            .ctx(|| {
+                format!(
+                    "Failed to read back manifest of snapshot {}",
+                    self.manifest.info.id
+                )
+            })
     }
 
     /// Store entries `first..first + n` from `entries` (32 bytes each).

@@ -5,6 +5,10 @@
 //! between). gc never deletes a manifest, nor the chunks it names, while such
 //! a lock is held, so everything a reader can reach stays readable for the
 //! reader's lifetime.
+//!
+//! A delta manifest (see [`super::delta`]) is loaded whole at open, and its
+//! base full manifest is opened (live or forgotten) the same way: a chunk is
+//! one binary search in the delta, else one `pread` of the base.
 
 use std::fs::{self, File};
 use std::io;
@@ -15,6 +19,7 @@ use crate::backend::Object;
 use crate::error::{Error, IoContext, Result};
 use crate::id::ChunkId;
 use crate::repo::Store;
+use crate::snapshot::delta::Delta;
 use crate::snapshot::manifest::{decode_entry, read_header, verify_trailer, Manifest, ENTRY_LEN};
 use crate::snapshot::{Listed, SnapshotInfo};
 
@@ -25,6 +30,8 @@ pub struct SnapshotReader {
     key: String,
     obj: Arc<dyn Object>,
     manifest: Manifest,
+    /// A delta manifest's entries and its base's reader.
+    delta: Option<Box<(Delta, SnapshotReader)>>,
 }
 
 impl SnapshotReader {
@@ -76,12 +83,88 @@ impl SnapshotReader {
                 store.chunk_size()
             )));
         }
+        let delta = match manifest.base() {
+            None => None,
+            Some(base) => {
+                let d = Delta::load(obj.as_ref(), &manifest, &key)?;
+                let b = Self::open_base(store, &manifest.info, base)?;
+                Some(Box::new((d, b)))
+            }
+        };
         Ok(SnapshotReader {
             store: store.clone(),
             key,
             obj,
             manifest,
+            delta,
         })
+    }
+
+    /// Open the base full manifest of the delta `info`, live or forgotten.
+    fn open_base(store: &Store, info: &SnapshotInfo, base: &str) -> Result<SnapshotReader> {
+        let broken = |why: &str| {
+            Error::corrupt(format!(
+                "Broken chain: snapshot {} is a delta on base snapshot {}@{base}, which {why}",
+                info.reference(),
+                info.name
+            ))
+            .with_snapshot(info.reference())
+        };
+        // forget renames live -> forgotten and unforget back: try both ways.
+        let mut last = None;
+        for forgotten in [false, true, false] {
+            let l = Listed {
+                name: info.name.clone(),
+                id: base.to_owned(),
+                forgotten,
+            };
+            match SnapshotReader::open(store, &l) {
+                Ok(r) => {
+                    if r.delta.is_some() {
+                        return Err(broken("is itself a delta"));
+                    }
+                    if r.chunk_count() != info.chunk_count || r.image_size() != info.image_size {
+                        return Err(broken("has another image size"));
+                    }
+                    return Ok(r);
+                }
+                Err(e) if e.kind() == crate::ErrorKind::NotFound => last = Some(e),
+                Err(e) => {
+                    return Err(broken("cannot be read").with_source(e));
+                }
+            }
+        }
+        Err(match last {
+            Some(e) => broken("is missing").with_source(e),
+            None => broken("is missing"),
+        })
+    }
+
+    /// Id of the base full manifest when this snapshot is a delta.
+    pub fn base(&self) -> Option<&str> {
+        self.manifest.base()
+    }
+
+    /// The reader of the full manifest under this one: its base when this
+    /// is a delta, else itself.
+    pub fn base_reader(&self) -> &SnapshotReader {
+        match &self.delta {
+            Some(d) => &d.1,
+            None => self,
+        }
+    }
+
+    /// Raw 32-byte entries `first..` of a full manifest into `buf`.
+    pub(crate) fn raw_entries(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        debug_assert!(self.delta.is_none());
+        self.obj
+            .read_at(buf, self.manifest.entries_offset + first * ENTRY_LEN as u64)
+            .ctx(|| format!("Failed to read snapshot manifest {}", self.key))
+    }
+
+    /// Number of entries of a delta manifest (`None`: a full manifest).
+    pub fn delta_len(&self) -> Option<usize> {
+        self.delta.as_ref().map(|d| d.0.len())
     }
 
     /// What this snapshot is.
@@ -135,6 +218,12 @@ impl SnapshotReader {
     /// The id of chunk `index`, `None` for a zero chunk. One `pread`.
     pub fn chunk_id(&self, index: u64) -> Result<Option<ChunkId>> {
         self.check_index(index)?;
+        if let Some(d) = &self.delta {
+            return match d.0.lookup(index) {
+                Some(e) => Ok(e),
+                None => d.1.chunk_id(index),
+            };
+        }
         let mut e = [0u8; ENTRY_LEN];
         self.obj
             .read_at(
@@ -149,6 +238,11 @@ impl SnapshotReader {
     pub fn chunk_ids(&self, first: u64, n: u64, out: &mut Vec<Option<ChunkId>>) -> Result<()> {
         out.clear();
         if first >= self.chunk_count() {
+            return Ok(());
+        }
+        if let Some(d) = &self.delta {
+            d.1.chunk_ids(first, n, out)?;
+            d.0.overlay(first, out);
             return Ok(());
         }
         let n = n.min(self.chunk_count() - first) as usize;
@@ -236,7 +330,19 @@ impl SnapshotReader {
     }
 
     /// Re-hash the whole manifest against its trailer checksum.
+    /// A delta also re-checks its base.
     pub fn verify_manifest(&self) -> Result<()> {
-        verify_trailer(self.obj.as_ref(), &self.manifest, &self.key)
+        verify_trailer(self.obj.as_ref(), &self.manifest, &self.key)?;
+        match &self.delta {
+            Some(d) => d.1.verify_manifest().map_err(|e| {
+                e.context(format!(
+                    "Base snapshot {}@{} of delta {} is damaged",
+                    self.manifest.info.name,
+                    d.1.info().id,
+                    self.manifest.info.reference()
+                ))
+            }),
+            None => Ok(()),
+        }
     }
 }
