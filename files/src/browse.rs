@@ -156,6 +156,37 @@ pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
+/// Checks the ext superblock numbers that size `ext4-view`'s allocations
+/// on load: the filesystem must fit its volume and have groups of at least
+/// 256 blocks (as `mke2fs` makes), so a hostile superblock cannot make it
+/// allocate descriptors for billions of groups. `Ok(Err(reason))` when bad.
+fn check_superblock(vol: &Slice) -> Result<std::result::Result<(), String>> {
+    let mut sb = [0u8; 1024];
+    if vol.size() < 2048 {
+        return Ok(Err("the volume is smaller than a superblock".into()));
+    }
+    vol.read_at(&mut sb, 1024)?;
+    let u32_at = |at: usize| u32::from_le_bytes(sb[at..at + 4].try_into().expect("4 bytes"));
+    let log = u32_at(0x18);
+    if log > 6 {
+        return Ok(Err(format!("block size exponent {log} is out of range")));
+    }
+    let block_size = 1024u64 << log;
+    let blocks = (u64::from(u32_at(0x150)) << 32) | u64::from(u32_at(0x4));
+    let per_group = u64::from(u32_at(0x20));
+    let fs_bytes = blocks.saturating_mul(block_size);
+    if fs_bytes > vol.size() {
+        return Ok(Err(format!(
+            "it claims {fs_bytes} bytes, more than the {} of its volume (damaged or truncated)",
+            vol.size()
+        )));
+    }
+    if per_group < 256 {
+        return Ok(Err(format!("{per_group} blocks per group is out of range")));
+    }
+    Ok(Ok(()))
+}
+
 /// Reads the filesystems of one [`Disk`] (one per thread).
 pub struct Browser {
     disk: Arc<Disk>,
@@ -181,13 +212,18 @@ impl Browser {
         }
         self.disk.check_readable(vol)?;
         let v = &self.disk.volumes()[vol];
-        let reader = ExtReader(self.disk.volume_device(vol));
+        let part = if v.name.is_empty() {
+            "the disk".to_string()
+        } else {
+            v.name.clone()
+        };
+        let dev = self.disk.volume_device(vol);
+        if let Err(reason) = check_superblock(&dev)? {
+            return Err(Error::Superblock { part, reason });
+        }
+        let reader = ExtReader(dev);
         let fs = Ext4::load(Box::new(reader)).map_err(|source| Error::OpenFilesystem {
-            part: if v.name.is_empty() {
-                "the disk".into()
-            } else {
-                v.name.clone()
-            },
+            part,
             detected: v.fs.to_string(),
             source,
         })?;

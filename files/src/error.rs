@@ -61,6 +61,9 @@ pub enum Error {
         #[source]
         source: ext4_view::Ext4Error,
     },
+    /// The ext superblock of a volume is implausible.
+    #[error("The ext superblock of {part} is damaged: {reason}")]
+    Superblock { part: String, reason: String },
     /// A file's metadata contradicts itself.
     #[error("Failed to read {path}: damaged file ({what})")]
     Damaged { path: String, what: &'static str },

@@ -153,6 +153,9 @@ mod tests {
         ));
         assert_eq!(names(&b, "/"), ["p1", "p2", "p5", "p6"]);
         probe(seed("damaged-mbr-ebr-loop"));
+        // Found by the fuzzer: a superblock whose group count made
+        // ext4-view allocate 40 GB of descriptors.
+        probe(seed("damaged-ext4-huge-group-count"));
     }
 
     /// A poor man's fuzz run that CI always does: every seed with bytes of
