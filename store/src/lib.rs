@@ -125,6 +125,7 @@ pub mod backend;
 pub mod backup;
 pub mod chunk;
 pub mod config;
+pub mod drill;
 pub mod error;
 pub mod format;
 pub mod gc;
@@ -141,6 +142,7 @@ pub mod snapshot;
 pub mod verify;
 
 pub use backup::{BackupOptions, BackupStats, Progress};
+pub use drill::DrillRecord;
 pub use error::{Error, ErrorKind, Result};
 pub use gc::{GcOptions, GcStats};
 pub use hold::{Hold, HoldInfo};

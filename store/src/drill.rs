@@ -1,0 +1,136 @@
+//! Drill records: proof that a snapshot booted (or did not) in a
+//! recovery drill (`recovery-cli drill`), and how long it took.
+//!
+//! A record is the small JSON object
+//! `drills/<name>/<id>/<micros>.json` (`micros`: the drill's time in µs
+//! since the epoch, 16 digits, so names sort by time), published
+//! atomically like every object (temp file, fsync, rename, fsync the
+//! directory) and never changed afterwards:
+//! ```text
+//! {"snapshot":"vm1@20261206T120000.000000Z","time":"2026-12-06T12:05:00.000000Z",
+//!  "passed":true,"rto_seconds":4.2,"checks":["console:PAYLOAD-OK"]}
+//! ```
+//! Records are history, not data: gc and verify ignore `drills/` (a record
+//! of a forgotten snapshot is harmless and small), and adding one needs no
+//! lock (each drill writes its own key).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+use crate::repo::Store;
+use crate::snapshot::{self, now_micros, rfc3339_micros};
+
+/// Directory of all drill records.
+pub const DRILLS_DIR: &str = "drills";
+
+/// The outcome of one drill of one snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrillRecord {
+    /// `NAME@ID` of the drilled snapshot (filled in by [`Store::add_drill_record`]).
+    #[serde(default)]
+    pub snapshot: String,
+    /// When the drill ran, RFC 3339 (filled in by [`Store::add_drill_record`]).
+    #[serde(default)]
+    pub time: String,
+    /// Whether every check passed.
+    pub passed: bool,
+    /// Command start to the last check passing (`None` when one failed).
+    pub rto_seconds: Option<f64>,
+    /// The checks, as given (`console:REGEX`, `qga`).
+    pub checks: Vec<String>,
+}
+
+impl Store {
+    /// Appends `record` as a drill of live snapshot `reference` (its
+    /// `snapshot` and `time` are set here) and returns the stored record.
+    pub fn add_drill_record(&self, reference: &str, record: &DrillRecord) -> Result<DrillRecord> {
+        let l = snapshot::resolve(self.backend(), reference)?;
+        let micros = now_micros();
+        let stored = DrillRecord {
+            snapshot: format!("{}@{}", l.name, l.id),
+            time: rfc3339_micros(micros),
+            ..record.clone()
+        };
+        let key = format!("{DRILLS_DIR}/{}/{}/{micros:016}.json", l.name, l.id);
+        let mut bytes = serde_json::to_vec_pretty(&stored)
+            .map_err(|e| Error::invalid("Failed to encode drill record").with_source(e))?;
+        bytes.push(b'\n');
+        self.backend()
+            .put(&key, &bytes)
+            .ctx(|| format!("Failed to write drill record {key}"))?;
+        tracing::info!(snapshot = %stored.snapshot, passed = stored.passed, "recorded drill");
+        Ok(stored)
+    }
+
+    /// Drill records of `NAME@ID`, oldest first. A record that cannot be
+    /// decoded is skipped with a warning (records are history, not data).
+    pub fn drill_records(&self, reference: &str) -> Result<Vec<DrillRecord>> {
+        let (name, id) = reference
+            .split_once('@')
+            .ok_or_else(|| Error::invalid(format!("Expected NAME@ID, not {reference:?}")))?;
+        snapshot::validate_name(name)?;
+        if !snapshot::is_snapshot_id(id) {
+            return Err(Error::invalid(format!(
+                "Invalid snapshot id {id:?} in {reference:?}"
+            )));
+        }
+        let dir = format!("{DRILLS_DIR}/{name}/{id}");
+        let mut out = Vec::new();
+        for file in self
+            .backend()
+            .list(&dir)
+            .ctx(|| format!("Failed to list drill records in {dir}"))?
+        {
+            if !file.ends_with(".json") {
+                continue;
+            }
+            let key = format!("{dir}/{file}");
+            let bytes = self
+                .backend()
+                .read(&key)
+                .ctx(|| format!("Failed to read drill record {key}"))?;
+            match serde_json::from_slice::<DrillRecord>(&bytes) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::warn!(key, error = %e, "skipping an undecodable drill record"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_appended_and_listed_oldest_first() {
+        let (dir, store) = crate::backup::tests::setup(4096);
+        let img = dir.path().join("a.img");
+        std::fs::write(&img, crate::backup::tests::image(1, 64 << 10)).unwrap();
+        let s = store
+            .backup("vm1", &img, &crate::BackupOptions::default())
+            .unwrap();
+        let reference = format!("vm1@{}", s.snapshot);
+        assert!(store.drill_records(&reference).unwrap().is_empty());
+        let failed = DrillRecord {
+            snapshot: String::new(),
+            time: String::new(),
+            passed: false,
+            rto_seconds: None,
+            checks: vec!["console:X".into()],
+        };
+        let passed = DrillRecord {
+            passed: true,
+            rto_seconds: Some(3.5),
+            ..failed.clone()
+        };
+        store.add_drill_record("vm1", &failed).unwrap();
+        let stored = store.add_drill_record(&reference, &passed).unwrap();
+        assert_eq!(stored.snapshot, reference);
+        let records = store.drill_records(&reference).unwrap();
+        assert_eq!(records.len(), 2);
+        assert!(!records[0].passed);
+        assert_eq!(records[1], stored);
+        assert!(store.add_drill_record("nope", &passed).is_err());
+    }
+}
