@@ -226,6 +226,27 @@ mod tests {
     }
 
     #[test]
+    fn serving_counts_the_chunks_of_the_served_snapshot() {
+        // 10 chunks of 4 KiB and a short tail chunk (images are whole sectors).
+        let tmp = tempfile::tempdir().unwrap();
+        let image = tmp.path().join("disk.img");
+        let data: Vec<u8> = (0..10 * 4096 + 512).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&image, &data).unwrap();
+        let store = store::Store::init(&tmp.path().join("store"), 4096).unwrap();
+        store
+            .backup("disk", &image, &store::BackupOptions::default())
+            .unwrap();
+        let reader = Arc::new(store.open_snapshot("disk").unwrap());
+        let dev = Arc::new(MeteredDevice::new(Arc::new(MemDevice::from_vec(data))));
+        let status = DaemonStatus::new("disk@x", dev)
+            .with_store_source(Arc::new(StoreSource::new(reader)))
+            .status();
+        assert_eq!(status.state, State::Serving);
+        assert_eq!((status.chunks_total, status.chunks_migrated), (11, 0));
+        assert_eq!(status.eta_seconds, Some(0.0));
+    }
+
+    #[test]
     fn a_migration_fills_progress_and_journal_fields() {
         let m = MigrationStatus {
             phase: MigrationPhase::Migrating,
