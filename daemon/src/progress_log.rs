@@ -62,25 +62,12 @@ pub fn spawn_progress_logger(
     let thread = std::thread::Builder::new()
         .name("progress-log".to_string())
         .spawn(move || {
-            let mut last: Option<State> = None;
-            let mut journal: Option<bool> = None;
+            let mut reporter = Reporter::default();
             loop {
                 let status = control.status();
-                if journal != Some(status.journal_active) {
-                    log_journal(&status);
-                    journal = Some(status.journal_active);
+                for entry in reporter.report(&status) {
+                    entry.log(&status);
                 }
-                if let Some(line) = transition_line(last, &status) {
-                    if status.state == State::Failed {
-                        warn!(state = "failed", "{line}");
-                    } else {
-                        info!(state = status.state.name(), "{line}");
-                    }
-                }
-                if status.state == State::Migrating {
-                    log_progress(&status);
-                }
-                last = Some(status.state);
                 match stopped.recv_timeout(interval) {
                     Err(RecvTimeoutError::Timeout) => continue,
                     Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
@@ -93,21 +80,69 @@ pub fn spawn_progress_logger(
     })
 }
 
-fn log_journal(status: &Status) {
-    // A complete migration needs no journal: that is news, not a warning.
-    if status.journal_active || status.state == State::Complete {
-        info!(
-            journal_active = status.journal_active,
-            "{}",
-            journal_line(status)
-        );
-    } else {
-        warn!(
-            journal_active = false,
-            reason = status.journal_inactive_reason.as_deref().unwrap_or(""),
-            "{}",
-            journal_line(status)
-        );
+/// What the logger has seen, so each change is logged once.
+#[derive(Default)]
+struct Reporter {
+    state: Option<State>,
+    journal_active: Option<bool>,
+}
+
+/// One log entry due for a status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    /// Whether the journal runs (first report, then each change); `warn`
+    /// when it is off while writes could still be lost.
+    Journal { warn: bool, line: String },
+    /// A state change; `warn` when the migration failed.
+    Transition { warn: bool, line: String },
+    /// The periodic progress line (while migrating).
+    Progress,
+}
+
+impl Reporter {
+    /// The entries `status` calls for, in order.
+    fn report(&mut self, status: &Status) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        if self.journal_active != Some(status.journal_active) {
+            // A complete migration needs no journal: news, not a warning.
+            let warn = !status.journal_active && status.state != State::Complete;
+            entries.push(Entry::Journal {
+                warn,
+                line: journal_line(status),
+            });
+            self.journal_active = Some(status.journal_active);
+        }
+        if let Some(line) = transition_line(self.state, status) {
+            entries.push(Entry::Transition {
+                warn: status.state == State::Failed,
+                line,
+            });
+        }
+        if status.state == State::Migrating {
+            entries.push(Entry::Progress);
+        }
+        self.state = Some(status.state);
+        entries
+    }
+}
+
+impl Entry {
+    fn log(&self, status: &Status) {
+        match self {
+            Entry::Journal { warn: true, line } => warn!(
+                journal_active = false,
+                reason = status.journal_inactive_reason.as_deref().unwrap_or(""),
+                "{line}"
+            ),
+            Entry::Journal { warn: false, line } => {
+                info!(journal_active = status.journal_active, "{line}")
+            }
+            Entry::Transition { warn: true, line } => warn!(state = "failed", "{line}"),
+            Entry::Transition { warn: false, line } => {
+                info!(state = status.state.name(), "{line}")
+            }
+            Entry::Progress => log_progress(status),
+        }
     }
 }
 
@@ -198,5 +233,58 @@ mod tests {
         let start = Instant::now();
         drop(logger);
         assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn journal_and_state_changes_are_reported_once_each() {
+        let mut reporter = Reporter::default();
+        let kinds = |entries: Vec<Entry>| -> Vec<String> {
+            entries
+                .into_iter()
+                .map(|e| match e {
+                    Entry::Journal { warn, line } => format!("journal warn={warn}: {line}"),
+                    Entry::Transition { warn, line } => format!("state warn={warn}: {line}"),
+                    Entry::Progress => "progress".to_string(),
+                })
+                .collect()
+        };
+        let mut s = Status {
+            journal_active: true,
+            ..status(State::Migrating, 1 << 30)
+        };
+        let first = kinds(reporter.report(&s));
+        assert_eq!(first.len(), 2, "{first:?}");
+        assert!(first[0].starts_with("journal warn=false: live journal active"));
+        assert_eq!(first[1], "progress");
+        assert_eq!(kinds(reporter.report(&s)), ["progress"]);
+        // A journal write fails: one warning with the reason.
+        s.journal_active = false;
+        s.journal_inactive_reason = Some("overlay bitmap: a write failed: EIO".into());
+        let broken = kinds(reporter.report(&s));
+        assert!(
+            broken[0].starts_with(
+                "journal warn=true: live journal inactive (overlay bitmap: a write failed: EIO)"
+            ),
+            "{broken:?}"
+        );
+        assert_eq!(kinds(reporter.report(&s)), ["progress"]);
+        // Completion: the state change, and the journal stops at info.
+        let done = Status {
+            state: State::Complete,
+            journal_active: false,
+            journal_inactive_reason: Some("not needed".into()),
+            ..s.clone()
+        };
+        s.journal_active = true;
+        reporter.report(&s);
+        let end = kinds(reporter.report(&done));
+        assert_eq!(
+            end,
+            [
+                "journal warn=false: live journal stopped (not needed)",
+                "state warn=false: migration complete: 4.0 GiB on the target"
+            ]
+        );
+        assert!(reporter.report(&done).is_empty());
     }
 }
