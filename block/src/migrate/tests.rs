@@ -828,3 +828,28 @@ fn the_copier_backs_off_while_the_guest_is_busy() {
     wait_complete(&dev);
     assert_same(&fx.target_bytes(), &fx.image, "target");
 }
+
+#[test]
+fn status_says_which_journal_is_off_and_why() {
+    let fx = Fixture::new(image(8, 0, 111));
+    // A directory where the migrated bitmap's journal would go: that
+    // journal cannot start, the others run.
+    std::fs::create_dir_all(fx.state_path()).unwrap();
+    let live = crate::bitmap::journal_path(&fx.state_path().join("migrated.bitmap"));
+    std::fs::create_dir(&live).unwrap();
+    let dev = fx.open(fast());
+    match dev.status().journal {
+        JournalState::Inactive(reason) => assert!(
+            reason.starts_with("migrated bitmap: cannot create"),
+            "{reason}"
+        ),
+        JournalState::Active => panic!("the migrated bitmap has no journal"),
+    }
+    dev.start().unwrap();
+    wait_complete(&dev);
+    // Complete: no journal is needed any more, and the status says so.
+    match dev.status().journal {
+        JournalState::Inactive(reason) => assert!(reason.starts_with("not needed"), "{reason}"),
+        JournalState::Active => panic!("a complete migration keeps no journal"),
+    }
+}
