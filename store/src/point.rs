@@ -81,6 +81,49 @@ impl Store {
         self.resolve_at_from(name, parse_time(at, now)?, now)
     }
 
+    /// What the CLI's `SNAPSHOT [--at TIME]` names: without `at`, the
+    /// reference (`NAME`, `NAME@ID` or `ID`); with it, `reference` must be
+    /// an image name, resolved with [`resolve_at_str`](Self::resolve_at_str).
+    /// For every command that takes `--at` (restore, verify, instant boot,
+    /// file-level restore).
+    pub fn resolve_ref_at(&self, reference: &str, at: Option<&str>) -> Result<SnapshotInfo> {
+        match at {
+            None => self.resolve(reference),
+            Some(at) => {
+                if reference.contains('@') || snapshot::is_snapshot_id(reference) {
+                    return Err(Error::invalid(format!(
+                        "--at takes an image name, not the snapshot {reference:?}"
+                    )));
+                }
+                self.resolve_at_str(reference, at)
+            }
+        }
+    }
+
+    /// Id of the base full manifest when the snapshot is a delta manifest
+    /// (a protection point), `None` for a full manifest.
+    pub fn snapshot_base(&self, info: &SnapshotInfo) -> Result<Option<String>> {
+        for forgotten in [false, true] {
+            let l = snapshot::Listed {
+                name: info.name.clone(),
+                id: info.id.clone(),
+                forgotten,
+            };
+            let key = l.key();
+            let obj = match self.backend().open(&key) {
+                Ok(o) => o,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("Failed to open {key}"), e)),
+            };
+            let m = crate::snapshot::manifest::read_header(obj.as_ref(), &key)?;
+            return Ok(m.base().map(str::to_owned));
+        }
+        Err(Error::not_found(format!(
+            "Snapshot {} not found",
+            info.reference()
+        )))
+    }
+
     fn resolve_at_from(&self, name: &str, at: i64, now: i64) -> Result<SnapshotInfo> {
         snapshot::validate_name(name)?;
         if at > now {
@@ -164,6 +207,7 @@ mod tests {
         let before = id(ids[0] - 1).unwrap_err().to_string();
         assert!(before.contains("before the first snapshot"), "{before}");
         let future = id(now + S).unwrap_err().to_string();
+        assert!(store.resolve_ref_at("vm@x", Some("-1m")).is_err());
         assert!(future.contains("in the future"), "{future}");
         let newest = snapshot::id_from_micros(ids[2]).unwrap();
         assert_eq!(store.resolve_at_str("vm", "-0s").unwrap().id, newest);

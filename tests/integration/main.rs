@@ -9,6 +9,7 @@ mod live_backup;
 mod migrate;
 mod operator_safety;
 mod permissions;
+mod points;
 mod reconnect;
 mod restart;
 mod store_cli;

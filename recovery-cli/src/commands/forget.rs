@@ -1,10 +1,20 @@
 //! `recovery-cli forget --store STORE SNAPSHOT [--force] [--json]`
+//! `recovery-cli forget --store STORE NAME --keep-within 1h --keep-last N
+//!   --keep-hourly 24 --keep-daily 7 --keep-weekly 4 --keep-monthly M
+//!   --keep-yearly Y [--dry-run] [--json]`
+//!
+//! With `--keep-*`, restic's retention policy (see `store::retention`) is
+//! applied to every snapshot of image NAME, backups and protection points
+//! alike: the union of the policies is kept, the rest forgotten; held
+//! snapshots are kept and reported. Counts take `unlimited`.
 //!
 //! A held snapshot (an instant-boot state dir depends on it) is refused,
 //! naming the holders, unless `--force`; even then gc keeps it while it is
 //! held, and `unforget` brings it back.
 
 use std::path::PathBuf;
+
+use store::retention::{KeepPolicy, UNLIMITED};
 
 use super::{open_store, StoreArg};
 use crate::output;
@@ -19,6 +29,30 @@ pub struct Args {
     /// Forget it even if it is held (gc still keeps it while held).
     #[arg(long)]
     pub force: bool,
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<String>,
+    /// Keep the newest snapshot of each of the N newest hours with one.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<String>,
+    /// Keep the newest snapshot of each of the N newest days with one.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<String>,
+    /// Keep the newest snapshot of each of the N newest ISO weeks with one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<String>,
+    /// Keep the newest snapshot of each of the N newest months with one.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<String>,
+    /// Keep the newest snapshot of each of the N newest years with one.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<String>,
+    /// Keep every snapshot newer than the newest one minus DURATION (1h, 2d).
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// With --keep-*: print what would be kept and removed, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Print the forgotten snapshot as JSON.
     #[arg(long)]
     pub json: bool,
@@ -30,17 +64,59 @@ pub struct Config {
     pub store: PathBuf,
     pub snapshot: String,
     pub force: bool,
+    /// `--keep-*` given: apply the retention policy to image `snapshot`.
+    pub policy: Option<KeepPolicy>,
+    pub dry_run: bool,
     pub json: bool,
+}
+
+fn count(flag: &str, v: Option<String>) -> anyhow::Result<Option<u64>> {
+    v.map(|v| match v.as_str() {
+        "unlimited" => Ok(UNLIMITED),
+        _ => v
+            .parse::<u64>()
+            .map_err(|_| anyhow::anyhow!("Invalid --{flag} {v:?}: use a count or 'unlimited'")),
+    })
+    .transpose()
 }
 
 impl TryFrom<Args> for Config {
     type Error = anyhow::Error;
 
     fn try_from(a: Args) -> anyhow::Result<Config> {
+        let policy = KeepPolicy {
+            last: count("keep-last", a.keep_last)?,
+            hourly: count("keep-hourly", a.keep_hourly)?,
+            daily: count("keep-daily", a.keep_daily)?,
+            weekly: count("keep-weekly", a.keep_weekly)?,
+            monthly: count("keep-monthly", a.keep_monthly)?,
+            yearly: count("keep-yearly", a.keep_yearly)?,
+            within: a
+                .keep_within
+                .map(|d| store::point::parse_duration(&d))
+                .transpose()?,
+        };
+        let policy = (!policy.is_empty()).then_some(policy);
+        match &policy {
+            Some(_) => {
+                if a.force {
+                    anyhow::bail!(
+                        "--force cannot be combined with --keep-*: held snapshots are always kept"
+                    );
+                }
+                store::snapshot::validate_name(&a.snapshot).map_err(|_| {
+                    anyhow::anyhow!("--keep-* takes an image NAME, not {:?}", a.snapshot)
+                })?;
+            }
+            None if a.dry_run => anyhow::bail!("--dry-run needs a --keep-* option"),
+            None => {}
+        }
         Ok(Config {
             store: a.store.store,
             snapshot: a.snapshot,
             force: a.force,
+            policy,
+            dry_run: a.dry_run,
             json: a.json,
         })
     }
@@ -49,6 +125,9 @@ impl TryFrom<Args> for Config {
 /// Forget the snapshot.
 pub fn run(c: Config) -> anyhow::Result<()> {
     let s = open_store(&c.store)?;
+    if let Some(policy) = &c.policy {
+        return retention(&s, &c, policy);
+    }
     let info = s.forget_with(&c.snapshot, c.force)?;
     let holds = s.holds(Some(&info.reference()))?;
     if c.json {
@@ -75,4 +154,45 @@ pub fn run(c: Config) -> anyhow::Result<()> {
             info.reference()
         ))
     }
+}
+
+/// `--keep-*`: plan, print, apply.
+fn retention(s: &store::Store, c: &Config, policy: &KeepPolicy) -> anyhow::Result<()> {
+    let plan = s.plan_retention(&c.snapshot, policy)?;
+    let removed = if c.dry_run {
+        0
+    } else {
+        s.apply_retention(&plan)?
+    };
+    if c.json {
+        return output::json(&serde_json::json!({
+            "name": c.snapshot,
+            "dry_run": c.dry_run,
+            "keep": plan.iter().filter(|d| d.keep).collect::<Vec<_>>(),
+            "remove": plan.iter().filter(|d| !d.keep).collect::<Vec<_>>(),
+        }));
+    }
+    let kept = plan.iter().filter(|d| d.keep).count();
+    for d in &plan {
+        let what = if d.keep { "keep  " } else { "remove" };
+        let line = format!(
+            "{what} {} {} {}",
+            d.snapshot,
+            d.created,
+            d.reasons.join(", ")
+        );
+        output::line(line.trim_end())?;
+    }
+    let gone = plan.len() - kept;
+    output::line(&if c.dry_run {
+        format!(
+            "Dry run: would keep {kept} and remove {gone} snapshots of {}",
+            c.snapshot
+        )
+    } else {
+        format!(
+            "Kept {kept} and forgot {removed} snapshots of {} (run gc to reclaim their space)",
+            c.snapshot
+        )
+    })
 }

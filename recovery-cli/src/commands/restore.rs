@@ -1,4 +1,4 @@
-//! `recovery-cli restore --store STORE SNAPSHOT TARGET [--force] [--json]`
+//! `recovery-cli restore --store STORE SNAPSHOT [--at TIME] TARGET [--force] [--json]`
 //!
 //! Never writes inside a store; an existing regular file is overwritten only
 //! with `--force` (see `store::restore`).
@@ -19,6 +19,10 @@ pub struct Args {
     pub snapshot: String,
     /// Raw file (created, sparse) or block device (not mounted).
     pub target: PathBuf,
+    /// Point in time: the newest snapshot of image SNAPSHOT (a NAME) at or
+    /// before TIME: RFC 3339 (2026-12-06T11:05:03Z) or relative (-10m, -2h).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub at: Option<String>,
     /// Overwrite an existing regular file (never a file inside a store).
     #[arg(long)]
     pub force: bool,
@@ -36,6 +40,7 @@ pub struct Config {
     pub store: PathBuf,
     pub snapshot: String,
     pub target: PathBuf,
+    pub at: Option<String>,
     pub threads: Option<usize>,
     pub force: bool,
     pub json: bool,
@@ -52,6 +57,7 @@ impl TryFrom<Args> for Config {
             store: a.store.store,
             snapshot: a.snapshot,
             target: a.target,
+            at: a.at,
             threads: a.threads,
             force: a.force,
             json: a.json,
@@ -62,7 +68,7 @@ impl TryFrom<Args> for Config {
 /// Run the restore.
 pub fn run(c: Config) -> anyhow::Result<()> {
     let s = open_store(&c.store)?;
-    let info = s.resolve(&c.snapshot)?;
+    let info = s.resolve_ref_at(&c.snapshot, c.at.as_deref())?;
     let pb = output::progress(info.image_size, "restore");
     let cb = |n: u64| pb.inc(n);
     let opts = RestoreOptions {

@@ -1,4 +1,7 @@
-//! `recovery-cli verify --store STORE [SNAPSHOT] [--json]`
+//! `recovery-cli verify --store STORE [SNAPSHOT [--at TIME]] [--json]`
+//!
+//! A delta manifest (protection point) is checked with its base; a broken
+//! chain names both snapshots.
 
 use std::path::PathBuf;
 
@@ -14,6 +17,10 @@ pub struct Args {
     pub store: StoreArg,
     /// Only the chunks of this snapshot (NAME, NAME@ID or ID); default: all.
     pub snapshot: Option<String>,
+    /// Point in time: the newest snapshot of image SNAPSHOT (a NAME) at or
+    /// before TIME: RFC 3339 (2026-12-06T11:05:03Z) or relative (-10m, -2h).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub at: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -24,6 +31,7 @@ pub struct Args {
 pub struct Config {
     pub store: PathBuf,
     pub snapshot: Option<String>,
+    pub at: Option<String>,
     pub json: bool,
 }
 
@@ -31,8 +39,12 @@ impl TryFrom<Args> for Config {
     type Error = anyhow::Error;
 
     fn try_from(a: Args) -> anyhow::Result<Config> {
+        if a.at.is_some() && a.snapshot.is_none() {
+            anyhow::bail!("--at needs an image NAME");
+        }
         Ok(Config {
             store: a.store.store,
+            at: a.at,
             snapshot: a.snapshot,
             json: a.json,
         })
@@ -42,14 +54,16 @@ impl TryFrom<Args> for Config {
 /// Run verify; fails when anything is wrong.
 pub fn run(c: Config) -> anyhow::Result<()> {
     let s = open_store(&c.store)?;
-    let total = match &c.snapshot {
-        Some(r) => s.resolve(r)?.image_size,
-        None => 0,
+    let snapshot = match &c.snapshot {
+        Some(r) => Some(s.resolve_ref_at(r, c.at.as_deref())?),
+        None => None,
     };
+    let total = snapshot.as_ref().map_or(0, |i| i.image_size);
+    let reference = snapshot.map(|i| i.reference());
     let pb = output::progress(total, "verify");
     let cb = |n: u64| pb.inc(n);
     let report = s.verify(
-        c.snapshot.as_deref(),
+        reference.as_deref(),
         &VerifyOptions {
             progress: Some(&cb),
             threads: None,
