@@ -330,6 +330,13 @@ impl VhostUserBlk {
         self.in_flight.get(queue).map_or(0, |f| f.len())
     }
 
+    /// Threads waiting for queue `queue` to hold no request (a stop parked
+    /// in [`VhostUserBlk::quiesce_queue`]).
+    #[cfg(test)]
+    pub(crate) fn quiesce_waiters(&self, queue: usize) -> usize {
+        self.in_flight[queue].waiting()
+    }
+
     /// Waits until queue `queue` holds no request: its worker has finished
     /// dispatching and every request it took is on the used ring.
     pub fn quiesce_queue(&self, queue: usize) {

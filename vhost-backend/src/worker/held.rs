@@ -22,6 +22,8 @@ struct Heads {
     /// (buggy) driver resubmits a head the device still holds.
     count: HashMap<u16, u32>,
     total: usize,
+    /// Threads blocked in [`HeldHeads::wait_idle`].
+    waiting: usize,
 }
 
 impl HeldHeads {
@@ -81,12 +83,24 @@ impl HeldHeads {
     /// Blocks until nothing is in flight.
     pub fn wait_idle(&self) {
         let mut heads = self.lock();
+        if heads.total == 0 {
+            return;
+        }
+        heads.waiting += 1;
         while heads.total > 0 {
             heads = self
                 .idle
                 .wait(heads)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        heads.waiting -= 1;
+    }
+
+    /// Threads blocked in [`HeldHeads::wait_idle`]: lets a test know a
+    /// waiter is parked, so "it has not returned" is a fact, not a guess.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.lock().waiting
     }
 }
 
@@ -94,7 +108,7 @@ impl HeldHeads {
 mod tests {
     use std::sync::Arc;
     use std::thread;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use super::*;
 
@@ -116,11 +130,17 @@ mod tests {
             let f = f.clone();
             thread::spawn(move || f.wait_idle())
         };
-        thread::sleep(Duration::from_millis(50));
-        assert!(
-            !waiter.is_finished(),
-            "wait_idle returned with head 2 in flight"
-        );
+        // Parked in wait_idle with head 2 held: it can only return after
+        // the end below (a spurious wake-up re-checks and waits again).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while f.waiting() == 0 {
+            assert!(
+                !waiter.is_finished(),
+                "wait_idle returned with head 2 in flight"
+            );
+            assert!(Instant::now() < deadline, "wait_idle never blocked");
+            thread::yield_now();
+        }
         f.end(2);
         waiter.join().unwrap();
         assert!(f.is_empty());

@@ -243,12 +243,20 @@ fn error_chain_lists_every_source() {
 struct Gated {
     inner: MemDevice,
     gated: u64,
-    open: Mutex<bool>,
-    opened: Condvar,
+    gate: Mutex<Gate>,
+    changed: Condvar,
     /// Offsets of writes that have returned, in order.
     written: Mutex<Vec<u64>>,
     /// For each flush: the writes that had returned when it was called.
     flushes: Mutex<Vec<Vec<u64>>>,
+}
+
+/// The gate of a [`Gated`] device.
+#[derive(Default)]
+struct Gate {
+    open: bool,
+    /// Requests blocked at the gate right now.
+    waiting: usize,
 }
 
 impl Gated {
@@ -256,8 +264,8 @@ impl Gated {
         Gated {
             inner: MemDevice::new(size),
             gated,
-            open: Mutex::new(false),
-            opened: Condvar::new(),
+            gate: Mutex::new(Gate::default()),
+            changed: Condvar::new(),
             written: Mutex::new(Vec::new()),
             flushes: Mutex::new(Vec::new()),
         }
@@ -265,16 +273,44 @@ impl Gated {
 
     fn pass(&self, offset: u64) {
         if offset == self.gated {
-            let mut open = self.open.lock().unwrap();
-            while !*open {
-                open = self.opened.wait(open).unwrap();
+            let mut gate = self.gate.lock().unwrap();
+            gate.waiting += 1;
+            self.changed.notify_all();
+            while !gate.open {
+                gate = self.changed.wait(gate).unwrap();
             }
+            gate.waiting -= 1;
         }
     }
 
+    /// Waits until `n` requests are blocked at the closed gate: from then
+    /// on they cannot complete before [`Gated::open_gate`].
+    fn wait_blocked(&self, n: usize) {
+        let gate = self.gate.lock().unwrap();
+        let (gate, timeout) = self
+            .changed
+            .wait_timeout_while(gate, TIMEOUT, |g| g.waiting < n)
+            .unwrap();
+        assert!(
+            !timeout.timed_out(),
+            "{} of {n} requests reached the gate",
+            gate.waiting
+        );
+    }
+
     fn open_gate(&self) {
-        *self.open.lock().unwrap() = true;
-        self.opened.notify_all();
+        self.gate.lock().unwrap().open = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Opens the gate when dropped, so a failing test unwinds (joining its
+/// pool threads) instead of hanging on a request stuck at the gate.
+struct OpenOnDrop(Arc<Gated>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open_gate();
     }
 }
 
@@ -342,16 +378,18 @@ fn a_slow_request_does_not_hold_up_the_next_one() {
         .unwrap();
     let vring = vring_for(&atomic, &queue, QUEUE_SIZE, true);
     let pool = Pool::new("test-io", 2).unwrap();
+    let _open = OpenOnDrop(dev.clone());
     let mut worker = Worker::new(0);
     worker
         .process(&vring, &atomic, &target(dev.clone()), Some(&pool), true)
         .unwrap();
 
-    // The second request completes while the first is stuck.
+    // The second request completes while the first is stuck at the
+    // closed gate (so it cannot have completed: no waiting needed).
     assert_eq!(wait_used(mem, 1), [(3, 513)]);
     assert_eq!(status_of(mem, 1), STATUS_OK);
+    dev.wait_blocked(1);
     assert_eq!(worker.in_flight().heads(), [0]);
-    thread::sleep(Duration::from_millis(20));
     assert_eq!(used_idx(mem), 1);
 
     dev.open_gate();
@@ -373,6 +411,7 @@ fn flush_covers_every_write_completed_before_it_without_waiting_for_others() {
     let dev = Arc::new(Gated::new(1 << 20, 8 * 512));
     let vring = vring_for(&atomic, &queue, QUEUE_SIZE, true);
     let pool = Pool::new("test-io", 2).unwrap();
+    let _open = OpenOnDrop(dev.clone());
     let target = target(dev.clone());
     let mut worker = Worker::new(0);
 
@@ -503,6 +542,7 @@ fn stopping_a_queue_waits_for_its_requests_in_flight() {
     );
     backend.update_memory(atomic.clone()).unwrap();
     backend.set_event_idx(true);
+    let _open = OpenOnDrop(dev.clone());
     queue
         .add_desc_chains(&io_chain(mem, 0, 0, VIRTIO_BLK_T_IN, 0), 0)
         .unwrap();
@@ -512,6 +552,7 @@ fn stopping_a_queue_waits_for_its_requests_in_flight() {
     let vrings = [vring_for(&atomic, &queue, QUEUE_SIZE, true)];
     backend.process_queue(0, &vrings[0]);
     assert_eq!(wait_used(mem, 1), [(3, 513)]);
+    dev.wait_blocked(1);
     assert_eq!(backend.in_flight(0), 1);
 
     // GET_VRING_BASE: the ring is no longer ready and the backend stops it.
@@ -521,16 +562,23 @@ fn stopping_a_queue_waits_for_its_requests_in_flight() {
         let vring = vrings[0].clone();
         thread::spawn(move || backend.stop_vring(0, &vring))
     };
-    thread::sleep(Duration::from_millis(100));
-    assert!(
-        !stopper.is_finished(),
-        "stop_vring returned with a request in flight"
-    );
+    // It parks waiting for the held request, which cannot complete before
+    // the gate opens: from then on "not returned" is a fact, not a guess.
+    let deadline = Instant::now() + TIMEOUT;
+    while backend.quiesce_waiters(0) == 0 {
+        assert!(
+            !stopper.is_finished(),
+            "stop_vring returned with a request in flight"
+        );
+        assert!(Instant::now() < deadline, "stop_vring never waited");
+        thread::yield_now();
+    }
     // A late kick on the stopped queue takes nothing.
     queue
         .add_desc_chains(&io_chain(mem, 6, 2, VIRTIO_BLK_T_IN, 16), 6)
         .unwrap();
     backend.process_queue(0, &vrings[0]);
+    assert_eq!(backend.in_flight(0), 1);
 
     dev.open_gate();
     stopper.join().unwrap().unwrap();
