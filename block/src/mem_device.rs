@@ -10,18 +10,17 @@
 //! its buffer and guest memory, `FileDevice` hands the guest buffers to
 //! `preadv`/`pwritev`, so request data crosses user space zero times.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
-use rustix::fs::FallocateFlags;
 use vm_memory::VolatileSlice;
 
 use crate::device::{total_len, BlockDevice};
-use crate::file::check_bounds;
+use crate::file::{check_bounds, RawFile};
 use crate::io::{preadv_all, pwritev_all};
 
 fn read_only_error() -> io::Error {
@@ -152,7 +151,7 @@ impl BlockDevice for MemDevice {
 /// A raw image file served as a block device.
 #[derive(Debug)]
 pub struct FileDevice {
-    file: File,
+    file: RawFile,
     size: u64,
     read_only: bool,
 }
@@ -163,22 +162,10 @@ impl FileDevice {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let size = file.metadata()?.len() / 512 * 512;
         Ok(FileDevice {
-            file,
+            file: RawFile::new(file),
             size,
             read_only,
         })
-    }
-
-    fn zero_by_writing(&self, offset: u64, len: u64) -> io::Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = CHUNK.min(len - done) as usize;
-            self.file.write_all_at(&zeroes[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
     }
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -186,16 +173,7 @@ impl FileDevice {
             return Err(read_only_error());
         }
         check_bounds(offset, len, self.size)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        match rustix::fs::fallocate(&self.file, flags, offset, len) {
-            Ok(()) => Ok(()),
-            // Filesystems without hole punching: write the zeroes instead.
-            Err(rustix::io::Errno::OPNOTSUPP) => self.zero_by_writing(offset, len),
-            Err(e) => Err(e.into()),
-        }
+        self.file.zero_file_range(offset, len)
     }
 }
 
@@ -225,7 +203,7 @@ impl BlockDevice for FileDevice {
         if self.read_only {
             return Ok(());
         }
-        rustix::fs::fdatasync(&self.file).map_err(io::Error::from)
+        self.file.sync()
     }
 
     fn read_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {

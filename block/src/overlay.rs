@@ -82,7 +82,6 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vm_memory::VolatileSlice;
@@ -92,7 +91,7 @@ pub use locks::{LockTable, RangeGuard};
 use crate::bitmap::{self, BitmapHeader, BitmapKind, PersistentBitmap};
 use crate::device::{total_len, BlockDevice, ReadDest};
 use crate::file::check_bounds;
-use crate::file::sync_parent_dir;
+use crate::file::{sync_parent_dir, RawFile};
 use crate::state::{LayerFile, LayerState};
 
 /// Overlay granularity: one bitmap bit per block of this many bytes.
@@ -148,12 +147,11 @@ fn read_only_error() -> io::Error {
 /// A copy-on-write [`BlockDevice`] over a lower layer. See the module doc.
 pub struct Overlay {
     lower: Arc<dyn BlockDevice>,
-    data: File,
+    data: RawFile,
     data_path: PathBuf,
     bitmap: PersistentBitmap,
     size: u64,
     locks: LockTable,
-    punched: AtomicBool,
     read_only: bool,
 }
 
@@ -261,12 +259,11 @@ impl Overlay {
     ) -> Overlay {
         Overlay {
             lower,
-            data,
+            data: RawFile::new(data),
             data_path: data_path.to_path_buf(),
             bitmap,
             size,
             locks: LockTable::new(LOCK_STRIPES),
-            punched: AtomicBool::new(false),
             read_only: false,
         }
     }
@@ -371,24 +368,7 @@ impl Overlay {
 
     /// Makes `offset..offset + len` of the data file read as zeroes.
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
-        use rustix::fs::FallocateFlags;
-        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        // Set before punching: the flush that persists these bits must see it.
-        self.punched.store(true, Ordering::SeqCst);
-        match rustix::fs::fallocate(&self.data, flags, offset, len) {
-            Ok(()) => Ok(()),
-            Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => {
-                let zeroes = vec![0u8; 1 << 20];
-                let mut pos = offset;
-                while pos < offset + len {
-                    let n = (offset + len - pos).min(zeroes.len() as u64);
-                    self.data.write_all_at(&zeroes[..n as usize], pos)?;
-                    pos += n;
-                }
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
+        self.data.zero_file_range(offset, len)
     }
 
     /// Applies a write (`Some(buf)`) or a zeroing (`None`) of `len` bytes at
@@ -484,13 +464,7 @@ impl BlockDevice for Overlay {
             return Ok(());
         }
         self.bitmap
-            .sync_after(|| {
-                if self.punched.swap(false, Ordering::SeqCst) {
-                    self.data.sync_all()
-                } else {
-                    rustix::fs::fdatasync(&self.data).map_err(io::Error::from)
-                }
-            })
+            .sync_after(|| self.data.sync())
             .map_err(io::Error::from)
     }
 

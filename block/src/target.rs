@@ -70,17 +70,11 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use rustix::fs::FallocateFlags;
 use serde::{Deserialize, Serialize};
 
 use crate::device::ReadRun;
-use crate::file::check_bounds;
-use crate::file::sync_parent_dir;
-
-/// Largest buffer of zeroes written when the kernel cannot zero a range.
-const ZERO_BUF: usize = 1 << 20;
+use crate::file::{check_bounds, sync_parent_dir, RawFile};
 
 /// Alignment the block-device zero-out needs (the logical block size of
 /// practically every device; an unaligned piece is written instead).
@@ -169,14 +163,13 @@ pub enum TargetKind {
 /// An open migration target. See the module doc.
 #[derive(Debug)]
 pub struct Target {
-    file: File,
+    file: RawFile,
     path: PathBuf,
     kind: TargetKind,
     /// Size of the file or device (at least the image size).
     capacity: u64,
     image_size: u64,
     created: bool,
-    punched: AtomicBool,
 }
 
 /// How [`Target::open_with`] opens a target.
@@ -341,13 +334,12 @@ impl Target {
             tracing::info!(target = %path.display(), ?kind, capacity, "opened existing target");
         }
         Ok(Target {
-            file,
+            file: RawFile::new(file),
             path: path.to_path_buf(),
             kind,
             capacity,
             image_size,
             created,
-            punched: AtomicBool::new(false),
         })
     }
 
@@ -409,20 +401,7 @@ impl Target {
     }
 
     fn zero_file(&self, offset: u64, len: u64) -> io::Result<()> {
-        // Set before punching: the sync that follows must see it.
-        self.punched.store(true, Ordering::SeqCst);
-        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-        match rustix::fs::fallocate(&self.file, punch, offset, len) {
-            Ok(()) => return Ok(()),
-            Err(e) if !unsupported(e) => return Err(e.into()),
-            Err(_) => {}
-        }
-        let zero_range = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
-        match rustix::fs::fallocate(&self.file, zero_range, offset, len) {
-            Ok(()) => Ok(()),
-            Err(e) if !unsupported(e) => Err(e.into()),
-            Err(_) => self.write_zeroes(offset, len),
-        }
+        self.file.zero_file_range(offset, len)
     }
 
     fn zero_device(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -430,36 +409,16 @@ impl Target {
         let mid_start = offset.next_multiple_of(DEVICE_ALIGN);
         let mid_end = end / DEVICE_ALIGN * DEVICE_ALIGN;
         if mid_start >= mid_end {
-            return self.write_zeroes(offset, len);
+            return self.file.write_zeroes(offset, len);
         }
-        self.write_zeroes(offset, mid_start - offset)?;
-        let flags = FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE;
-        match rustix::fs::fallocate(&self.file, flags, mid_start, mid_end - mid_start) {
-            Ok(()) => {}
-            Err(e) if unsupported(e) => self.write_zeroes(mid_start, mid_end - mid_start)?,
-            Err(e) => return Err(e.into()),
-        }
-        self.write_zeroes(mid_end, end - mid_end)
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        let zeroes = vec![0u8; (len as usize).min(ZERO_BUF)];
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
-            self.file.write_all_at(&zeroes[..n], pos)?;
-            pos += n as u64;
-        }
-        Ok(())
+        self.file.write_zeroes(offset, mid_start - offset)?;
+        self.file.zero_range(mid_start, mid_end - mid_start)?;
+        self.file.write_zeroes(mid_end, end - mid_end)
     }
 
     /// Makes every completed write and zeroing durable.
     pub fn sync(&self) -> io::Result<()> {
-        if self.punched.swap(false, Ordering::SeqCst) {
-            self.file.sync_all()
-        } else {
-            rustix::fs::fdatasync(&self.file).map_err(io::Error::from)
-        }
+        self.file.sync()
     }
 
     /// Makes a new identity for this target: a fresh random id, written
@@ -711,13 +670,6 @@ fn describe_holders(pids: Vec<u32>) -> String {
             names.join(", ")
         }
     }
-}
-
-/// Whether a fallocate error means "this mode is not available here".
-fn unsupported(e: rustix::io::Errno) -> bool {
-    e == rustix::io::Errno::OPNOTSUPP
-        || e == rustix::io::Errno::NOSYS
-        || e == rustix::io::Errno::INVAL
 }
 
 #[cfg(test)]
