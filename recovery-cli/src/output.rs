@@ -18,28 +18,18 @@ pub fn line(s: &str) -> anyhow::Result<()> {
     writeln!(out, "{s}").context("Failed to write to stdout")
 }
 
-/// `1.5 GiB`-style size.
+/// `1.5 GiB`-style size: the daemon's formatter, so a size reads the same
+/// in every command, the status and the daemon's log.
 pub fn size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    control::human::format_bytes(bytes)
 }
 
-/// Throughput string.
+/// Throughput string, `-` when no time passed.
 pub fn rate(bytes: u64, seconds: f64) -> String {
     if seconds <= 0.0 {
         return "-".into();
     }
-    format!("{}/s", size((bytes as f64 / seconds) as u64))
+    control::human::format_rate(bytes as f64 / seconds)
 }
 
 /// Parse a size such as `64K`, `1M`, `1.5G`, `4MiB`, `65536` (binary
