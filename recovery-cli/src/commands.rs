@@ -1,6 +1,7 @@
 //! One module per subcommand, each `Args` → `Config` → `run`.
 
 pub mod backup;
+pub mod drill;
 pub mod files;
 pub mod forget;
 pub mod gc;
@@ -48,6 +49,8 @@ pub enum Command {
     Gc(gc::Args),
     /// Serve a snapshot as a vhost-user-blk device for QEMU, writes to an overlay.
     InstantBoot(Box<instant_boot::Args>),
+    /// Boot a snapshot in a throwaway sandbox and check that it comes up (records the result).
+    Drill(Box<drill::Args>),
     /// Show a running daemon's state and migration progress (--watch for a live bar).
     Status(monitor::StatusArgs),
     /// Pause the background copier; guest I/O continues.
@@ -79,6 +82,7 @@ impl Command {
             Command::ReleaseHold(a) => unforget::release(a.try_into()?),
             Command::Gc(a) => gc::run(a.try_into()?),
             Command::InstantBoot(a) => instant_boot::run((*a).try_into()?),
+            Command::Drill(a) => drill::run((*a).try_into()?),
             Command::Status(a) => monitor::status(a.try_into()?),
             Command::Pause(a) => monitor::pause(a.try_into()?),
             Command::Resume(a) => monitor::resume(a.try_into()?),

@@ -2,6 +2,7 @@ mod blkio_client;
 mod boot;
 mod corruption;
 mod device_blkio;
+mod drill;
 mod files;
 mod full_disk;
 mod guest;

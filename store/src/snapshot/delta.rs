@@ -27,6 +27,15 @@
 //! sequentially (local, page-cached metadata: no source reads, no store
 //! growth). A reader keeps the delta in memory (≤ c/64 × 40 B).
 //!
+//! Measured (`cargo run --release -p store --example points_growth`, 64 GiB
+//! sparse image, 64 KiB chunks, full manifest 33.5 MB): with 4 random chunks
+//! changed per point, point 1 writes a 430 B manifest and point 40 6.7 KB
+//! (142 KB for all 40 points, 1/10 000 of one full manifest each); with 200
+//! chunks per point, 619 KB per point on average over 100 points including
+//! one compaction (a full manifest at point 83). A random `chunk_id` costs
+//! about the same at any depth (1.5 µs on a delta, 1.4 µs on the full
+//! manifest, page cache warm); opening a delta takes 0.2 ms.
+//!
 //! # Crash guarantees
 //! A delta is published like a full manifest (temp file, fsync, rename,
 //! directory fsync) after every pack it names is durable, so a kill -9 leaves

@@ -1,0 +1,526 @@
+//! `drill`: prove that a snapshot boots, and measure the RTO.
+//!
+//! `recovery-cli drill --store S SNAP --check CHECK... [--timeout 300s]
+//! [--json] [-- EXTRA QEMU ARGS]`
+//!
+//! The drill is instant-boot in a sandbox: the daemon runs in this process
+//! ([`daemon::Daemon`]) on a throwaway state dir in a temporary directory
+//! (`recovery-drill-*`, so a leftover of a killed run is recognisable),
+//! the guest's writes go to the throwaway overlay there, and QEMU
+//! (`-accel tcg`, `-nic none`: no network) boots from its vhost-user
+//! socket with the serial console written to a file. The checks
+//! (`console:REGEX`: a console line matches) must all pass within
+//! `--timeout`.
+//!
+//! Nothing of the drill stays behind, on every path (pass, fail, error,
+//! Ctrl-C): QEMU is killed (and dies with us if we are killed: it is
+//! spawned with a parent-death signal, `daemon::qemu`), the daemon is
+//! stopped, its hold on the snapshot is released and the temporary
+//! directory is removed. The store gains only a drill record
+//! (`store::drill`), which `snapshots` shows.
+//!
+//! Times: `socket_ready_ms` is command start to the socket accepting
+//! connections, `boot_seconds` QEMU start to the last check passing,
+//! `rto_seconds` command start to the last check passing.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use daemon::{Daemon, DaemonConfig, DeviceConfig, MigrationOptions, StopHandle};
+use regex::Regex;
+use serde::Serialize;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use store::DrillRecord;
+use tracing::{info, warn};
+
+use super::{open_store, StoreArg};
+use crate::output;
+
+/// The failure of a drill stopped by SIGINT or SIGTERM (not recorded).
+const INTERRUPTED: &str = "interrupted";
+
+/// Console lines shown when a drill fails.
+const CONSOLE_TAIL_LINES: usize = 20;
+
+/// Arguments of `drill`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    store: StoreArg,
+    /// Snapshot to boot: NAME, NAME@ID or ID.
+    snapshot: String,
+    /// A check that must pass: `console:REGEX` (a serial console line
+    /// matches). Repeat for more; all must pass.
+    #[arg(long = "check", value_name = "CHECK", required = true)]
+    checks: Vec<String>,
+    /// How long the checks may take (e.g. 300s, 5m, 90).
+    #[arg(long, default_value = "300s", value_parser = parse_duration, value_name = "DURATION")]
+    timeout: Duration,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64", value_name = "PATH")]
+    qemu_binary: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    memory: u64,
+    /// Extra QEMU arguments (e.g. -kernel/-initrd/-append).
+    #[arg(last = true, value_name = "QEMU ARGS")]
+    qemu_args: Vec<String>,
+}
+
+/// One check of a drill.
+#[derive(Debug, Clone)]
+enum Check {
+    /// A serial console line matches.
+    Console(Regex),
+}
+
+impl Check {
+    fn parse(s: &str) -> anyhow::Result<Check> {
+        match s.split_once(':') {
+            Some(("console", re)) if !re.is_empty() => {
+                Ok(Check::Console(Regex::new(re).with_context(|| {
+                    format!("Invalid regex in --check {s:?}")
+                })?))
+            }
+            _ => bail!("Unknown check {s:?}: expected console:REGEX"),
+        }
+    }
+}
+
+/// Validated `drill` settings.
+#[derive(Debug)]
+pub struct Config {
+    store: PathBuf,
+    snapshot: String,
+    checks: Vec<(String, Check)>,
+    timeout: Duration,
+    json: bool,
+    qemu_binary: String,
+    memory: u64,
+    qemu_args: Vec<String>,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = anyhow::Error;
+
+    fn try_from(a: Args) -> anyhow::Result<Config> {
+        if a.memory < 64 {
+            bail!("--memory must be at least 64 (MiB)");
+        }
+        if a.timeout.is_zero() {
+            bail!("--timeout must be more than 0");
+        }
+        let checks = a
+            .checks
+            .iter()
+            .map(|s| Ok((s.clone(), Check::parse(s)?)))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Config {
+            store: a.store.store,
+            snapshot: a.snapshot,
+            checks,
+            timeout: a.timeout,
+            json: a.json,
+            qemu_binary: a.qemu_binary,
+            memory: a.memory,
+            qemu_args: a.qemu_args,
+        })
+    }
+}
+
+/// `300s`, `5m`, `1h` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: use e.g. 300s, 5m or 1h"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(format!("invalid duration {s:?}: use e.g. 300s, 5m or 1h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// The outcome of one check.
+#[derive(Debug, Serialize)]
+struct CheckResult {
+    check: String,
+    passed: bool,
+    /// Command start to this check passing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    passed_after_seconds: Option<f64>,
+    /// The console line that matched.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    matched: Option<String>,
+}
+
+/// What `drill` reports.
+#[derive(Debug, Serialize)]
+struct Report {
+    snapshot: String,
+    passed: bool,
+    checks: Vec<CheckResult>,
+    rto_seconds: Option<f64>,
+    socket_ready_ms: Option<u64>,
+    boot_seconds: Option<f64>,
+    /// Why the drill failed (timeout, QEMU exit, interrupted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure: Option<String>,
+    /// The last console lines, on failure.
+    console_tail: Vec<String>,
+}
+
+/// The sandbox: daemon thread and QEMU, torn down on drop (every path).
+struct Sandbox {
+    stop: StopHandle,
+    daemon: Option<thread::JoinHandle<daemon::Result<()>>>,
+    qemu: Option<Child>,
+    /// The store and the daemon's hold on the snapshot (reference, holder).
+    hold: Option<(Arc<store::Store>, String, String)>,
+}
+
+impl Sandbox {
+    fn kill_qemu(&mut self) {
+        if let Some(mut child) = self.qemu.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills QEMU, stops the daemon, releases its hold.
+    fn teardown(&mut self) -> anyhow::Result<()> {
+        self.kill_qemu();
+        self.stop.stop();
+        let mut result = Ok(());
+        if let Some(t) = self.daemon.take() {
+            result = match t.join() {
+                Ok(r) => r.context("The drill's daemon failed"),
+                Err(_) => Err(anyhow::anyhow!("The drill's daemon panicked")),
+            };
+        }
+        if let Some((store, reference, holder)) = self.hold.take() {
+            if let Err(e) = store.remove_hold(&reference, &holder) {
+                warn!(error = %e, "failed to release the drill's hold; `recovery-cli release-hold` removes it");
+                if result.is_ok() {
+                    result = Err(e).context("Failed to release the drill's hold");
+                }
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.teardown();
+    }
+}
+
+/// Run the drill.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let store = Arc::new(open_store(&cfg.store)?);
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM]).context("Failed to install signal handlers")?;
+    let signal_handle = signals.handle();
+    let flag = interrupted.clone();
+    let signal_thread = thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                flag.store(true, Ordering::SeqCst);
+            }
+        })
+        .context("Failed to start the signal thread")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("recovery-drill-")
+        .tempdir()
+        .context("Failed to create the drill's temporary directory")?;
+    let result = drill(&cfg, &store, tmp.path(), start, &interrupted);
+    signal_handle.close();
+    let _ = signal_thread.join();
+    let removed = tmp
+        .close()
+        .context("Failed to remove the drill's temporary directory");
+    let report = result?;
+    removed?;
+    if report.failure.as_deref() == Some(INTERRUPTED) {
+        // Not a verdict on the snapshot: no record.
+        print_report(&report, cfg.json)?;
+        bail!("Drill of {} interrupted", report.snapshot);
+    }
+    let record = DrillRecord {
+        snapshot: String::new(),
+        time: String::new(),
+        passed: report.passed,
+        rto_seconds: report.rto_seconds,
+        checks: cfg.checks.iter().map(|(s, _)| s.clone()).collect(),
+    };
+    store
+        .add_drill_record(&report.snapshot, &record)
+        .context("Failed to record the drill")?;
+    print_report(&report, cfg.json)?;
+    if !report.passed {
+        bail!(
+            "Drill of {} failed: {}",
+            report.snapshot,
+            report.failure.as_deref().unwrap_or("a check failed")
+        );
+    }
+    Ok(())
+}
+
+/// Boots the sandbox, runs the checks, tears it down.
+fn drill(
+    cfg: &Config,
+    store: &Arc<store::Store>,
+    tmp: &Path,
+    start: Instant,
+    interrupted: &AtomicBool,
+) -> anyhow::Result<Report> {
+    let socket = tmp.join("vhost.sock");
+    let console = tmp.join("console.log");
+    let daemon_cfg = DaemonConfig {
+        store: cfg.store.clone(),
+        snapshot: cfg.snapshot.clone(),
+        socket: socket.clone(),
+        socket_owner: None,
+        state: tmp.join("state"),
+        cache_size: 256 << 20,
+        device: DeviceConfig {
+            num_queues: 1,
+            ..DeviceConfig::default()
+        },
+        control: None,
+        target: None,
+        migration: MigrationOptions::default(),
+        repair_from: None,
+        log_interval: Duration::from_secs(3600),
+        starts_guest: true,
+    };
+    let daemon = Daemon::start(&daemon_cfg)?;
+    let socket_ready_ms = start.elapsed().as_millis() as u64;
+    let reference = daemon.snapshot().reference();
+    let holder = daemon.state_dir().holder().ok();
+    let mut sandbox = Sandbox {
+        stop: daemon.stop_handle(),
+        daemon: None,
+        qemu: None,
+        hold: holder.map(|h| (store.clone(), reference.clone(), h)),
+    };
+    sandbox.daemon = Some(
+        thread::Builder::new()
+            .name("drill-daemon".into())
+            .spawn(move || daemon.run())
+            .context("Failed to start the daemon thread")?,
+    );
+    info!(snapshot = %reference, socket_ready_ms, "drill: daemon ready");
+
+    let mut args = super::instant_boot::qemu_args(&socket.display().to_string(), cfg.memory, 1);
+    args.extend(
+        [
+            "-accel",
+            "tcg",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+            "-no-reboot",
+            "-serial",
+        ]
+        .map(String::from),
+    );
+    args.push(format!("file:{}", console.display()));
+    args.extend(cfg.qemu_args.iter().cloned());
+    let qemu_log = std::fs::File::create(tmp.join("qemu.log"))
+        .context("Failed to create the QEMU log file")?;
+    // Spawned from this thread, which lives as long as the drill: QEMU
+    // dies with us (parent-death signal). Its own process group: a Ctrl-C
+    // at the terminal reaches only us, and we stop it.
+    let qemu_started = Instant::now();
+    sandbox.qemu = Some(
+        daemon::qemu::spawn_tied(
+            Command::new(&cfg.qemu_binary)
+                .args(&args)
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(qemu_log),
+        )
+        .with_context(|| format!("Failed to start {}", cfg.qemu_binary))?,
+    );
+
+    let mut results: Vec<CheckResult> = cfg
+        .checks
+        .iter()
+        .map(|(s, _)| CheckResult {
+            check: s.clone(),
+            passed: false,
+            passed_after_seconds: None,
+            matched: None,
+        })
+        .collect();
+    let deadline = start + cfg.timeout;
+    let mut failure = None;
+    loop {
+        let text = read_lossy(&console);
+        for ((_, check), result) in cfg.checks.iter().zip(results.iter_mut()) {
+            if result.passed {
+                continue;
+            }
+            let Check::Console(re) = check;
+            if let Some(line) = text.lines().find(|l| re.is_match(l)) {
+                result.passed = true;
+                result.passed_after_seconds = Some(start.elapsed().as_secs_f64());
+                result.matched = Some(line.trim_end().to_string());
+            }
+        }
+        if results.iter().all(|r| r.passed) {
+            break;
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            failure = Some(INTERRUPTED.to_string());
+            break;
+        }
+        if let Some(child) = sandbox.qemu.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                // One last look: the guest may have printed and powered off.
+                let text = read_lossy(&console);
+                let late = cfg.checks.iter().zip(results.iter()).any(|((_, c), r)| {
+                    let Check::Console(re) = c;
+                    !r.passed && text.lines().any(|l| re.is_match(l))
+                });
+                if !late {
+                    let log = read_lossy(&tmp.join("qemu.log"));
+                    let last = log.lines().last().unwrap_or("").trim().to_string();
+                    failure = Some(match last.is_empty() {
+                        true => format!("QEMU exited ({status}) before every check passed"),
+                        false => {
+                            format!("QEMU exited ({status}) before every check passed: {last}")
+                        }
+                    });
+                    break;
+                }
+                continue;
+            }
+        }
+        if Instant::now() >= deadline {
+            failure = Some(format!(
+                "timed out after {}s",
+                cfg.timeout.as_secs_f64().round()
+            ));
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let passed = failure.is_none();
+    let last_pass = results
+        .iter()
+        .filter_map(|r| r.passed_after_seconds)
+        .fold(0.0f64, f64::max);
+    let console_tail = match passed {
+        true => Vec::new(),
+        false => {
+            let text = read_lossy(&console);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..]
+                .iter()
+                .map(|l| l.trim_end().to_string())
+                .collect()
+        }
+    };
+    let boot_seconds =
+        passed.then(|| (last_pass - qemu_started.duration_since(start).as_secs_f64()).max(0.0));
+    sandbox.teardown()?;
+    Ok(Report {
+        snapshot: reference,
+        passed,
+        checks: results,
+        rto_seconds: passed.then_some(last_pass),
+        socket_ready_ms: Some(socket_ready_ms),
+        boot_seconds,
+        failure,
+        console_tail,
+    })
+}
+
+/// The file's text (invalid UTF-8 replaced); empty if it cannot be read.
+fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        return output::json(r);
+    }
+    output::line(&format!(
+        "Drill of {}: {}",
+        r.snapshot,
+        if r.passed { "PASSED" } else { "FAILED" }
+    ))?;
+    for c in &r.checks {
+        let detail = match (&c.passed_after_seconds, &c.matched) {
+            (Some(t), Some(m)) => format!(" after {t:.1}s: {m}"),
+            _ => String::new(),
+        };
+        output::line(&format!(
+            "  {} {}{detail}",
+            if c.passed { "pass" } else { "FAIL" },
+            c.check
+        ))?;
+    }
+    if let Some(ms) = r.socket_ready_ms {
+        output::line(&format!("Socket ready after {ms} ms"))?;
+    }
+    if let (Some(rto), Some(boot)) = (r.rto_seconds, r.boot_seconds) {
+        output::line(&format!("RTO {rto:.1}s (boot {boot:.1}s)"))?;
+    }
+    if let Some(why) = &r.failure {
+        output::line(&format!("Failure: {why}"))?;
+        output::line("Console tail:")?;
+        for l in &r.console_tail {
+            output::line(&format!("  {l}"))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_checks_parse() {
+        assert_eq!(parse_duration("300s"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(Check::parse("console:PAYLOAD-OK").is_ok());
+        assert!(Check::parse("console:(").is_err());
+        assert!(Check::parse("console:").is_err());
+        assert!(Check::parse("tcp:22").is_err());
+    }
+}
