@@ -40,6 +40,10 @@ fn as_nobody(cmd: &str, args: &[&str]) -> Output {
         .expect("run setpriv")
 }
 
+/// The distribution's Python, which `nobody` can run (a `python3` first on
+/// root's PATH may be a shim under /root, closed to other users).
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
 /// Why another user cannot be simulated here, if it cannot.
 fn nobody_unavailable() -> Option<String> {
     // /proc/self belongs to the effective user.
@@ -56,7 +60,7 @@ fn as_nobody_checked() -> Result<(), String> {
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
-            "python3",
+            SYSTEM_PYTHON,
             "-c",
             "import os; print(os.getuid())",
         ])
@@ -69,7 +73,7 @@ fn as_nobody_checked() -> Result<(), String> {
 }
 
 fn connect_as_nobody(socket: &Path) -> String {
-    let out = as_nobody("python3", &["-c", CONNECT, socket.to_str().unwrap()]);
+    let out = as_nobody(SYSTEM_PYTHON, &["-c", CONNECT, socket.to_str().unwrap()]);
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
