@@ -43,6 +43,10 @@ pub struct Args {
     store: StoreArg,
     /// Snapshot to serve: NAME, NAME@ID or ID.
     snapshot: String,
+    /// Point in time: serve the newest snapshot of image SNAPSHOT (a NAME)
+    /// at or before TIME: RFC 3339 (2026-12-06T11:05:03Z) or relative (-10m).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    at: Option<String>,
     /// vhost-user socket to create (mode 0600).
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
@@ -126,6 +130,7 @@ impl TryFrom<Args> for Config {
     type Error = anyhow::Error;
 
     fn try_from(a: Args) -> anyhow::Result<Config> {
+        let snapshot = snapshot_at(&a.store.store, &a.snapshot, a.at.as_deref())?;
         let queues = a.queues.unwrap_or_else(DeviceConfig::default_num_queues);
         if !(1..=16).contains(&queues) {
             bail!("--queues must be between 1 and 16, not {queues}");
@@ -184,7 +189,7 @@ impl TryFrom<Args> for Config {
         Ok(Config {
             daemon: DaemonConfig {
                 store: a.store.store,
-                snapshot: a.snapshot,
+                snapshot,
                 socket: a.socket,
                 state: a.state,
                 cache_size: a.cache_size,
@@ -520,6 +525,20 @@ fn shell_words(args: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `SNAPSHOT [--at TIME]`: the snapshot reference to serve.
+fn snapshot_at(
+    store: &std::path::Path,
+    snapshot: &str,
+    at: Option<&str>,
+) -> anyhow::Result<String> {
+    match at {
+        None => Ok(snapshot.to_owned()),
+        Some(at) => Ok(super::open_store(store)?
+            .resolve_ref_at(snapshot, Some(at))?
+            .reference()),
+    }
 }
 
 #[cfg(test)]
