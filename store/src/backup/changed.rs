@@ -382,6 +382,9 @@ mod tests {
         drop(b);
         assert_eq!(s2.bytes_read, 4096 * 2 + 1024);
         assert_eq!(s2.parent.as_deref(), Some(s1.snapshot.as_str()));
+        // At most 4 entries differ from the parent (<= 301 / 64): a delta.
+        let (base, n) = s2.delta.clone().expect("a delta manifest");
+        assert!(base == s1.snapshot && (3..=4).contains(&n), "{base} {n}");
         let out = dir.path().join("out.img");
         store
             .restore("vm", &out, &RestoreOptions::default())
@@ -398,5 +401,104 @@ mod tests {
         assert!(b
             .run(&inc, &opts(size - 512, Some(s2.snapshot.clone())))
             .is_err());
+    }
+
+    /// A source that fails its reads from the `fail_from`-th on.
+    struct Failing<'a> {
+        inner: Mem<'a>,
+        fail_from: usize,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ChangedSource for Failing<'_> {
+        fn chunk_state(&self, chunk: u64) -> ChunkState {
+            self.inner.chunk_state(chunk)
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            if self.calls.fetch_add(1, Ordering::Relaxed) >= self.fail_from {
+                return Err(io::Error::other("source went away"));
+            }
+            self.inner.read_at(offset, buf)
+        }
+    }
+
+    #[test]
+    fn a_point_that_fails_midway_leaves_no_point_and_the_next_is_complete() {
+        let (dir, store) = setup(4096);
+        let size = 4096 * 256;
+        let mut img = image(9, size);
+        let all = |img: &[u8]| -> Vec<ChunkState> {
+            img.chunks(4096).map(|_| ChunkState::Data).collect()
+        };
+        let b = store.begin_changed_backup("vm").unwrap();
+        let plan = all(&img);
+        let s1 = b
+            .run(
+                &Mem {
+                    data: &img,
+                    plan,
+                    read: Default::default(),
+                },
+                &opts(size, None),
+            )
+            .unwrap();
+        drop(b);
+        // Change chunks 3 and 200 (two separate Data runs); the source
+        // fails after the first read: packs may be written, no point is.
+        img[3 * 4096..4 * 4096].fill(0x33);
+        img[200 * 4096..201 * 4096].fill(0x44);
+        let plan: Vec<ChunkState> = (0..256)
+            .map(|c| {
+                if c == 3 || c == 200 {
+                    ChunkState::Data
+                } else {
+                    ChunkState::Unchanged
+                }
+            })
+            .collect();
+        let failing = Failing {
+            inner: Mem {
+                data: &img,
+                plan: plan.clone(),
+                read: Default::default(),
+            },
+            fail_from: 1,
+            calls: Default::default(),
+        };
+        let b = store.begin_changed_backup("vm").unwrap();
+        assert!(b
+            .run(&failing, &opts(size, Some(s1.snapshot.clone())))
+            .is_err());
+        drop(b);
+        let listed: Vec<String> = store
+            .snapshots(Some("vm"))
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(listed, vec![s1.snapshot.clone()]);
+        // The next point (same parent: the newest complete one) is whole.
+        let b = store.begin_changed_backup("vm").unwrap();
+        let s2 = b
+            .run(
+                &Mem {
+                    data: &img,
+                    plan,
+                    read: Default::default(),
+                },
+                &opts(size, Some(s1.snapshot.clone())),
+            )
+            .unwrap();
+        drop(b);
+        assert_eq!(s2.delta, Some((s1.snapshot.clone(), 2)));
+        let out = dir.path().join("out.img");
+        store
+            .restore("vm", &out, &RestoreOptions::default())
+            .unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == img,
+            "restored point differs"
+        );
+        assert!(store.verify(None, &Default::default()).unwrap().is_ok());
     }
 }
