@@ -9,7 +9,12 @@
 //!    reader uses it; it will be deleted. Busy: a reader still serves it, so
 //!    it counts as live this time.
 //! 3. Mark: every chunk of every live manifest (and busy forgotten one) goes
-//!    into a Bloom filter (false positives only keep garbage).
+//!    into a Bloom filter (false positives only keep garbage). A delta
+//!    manifest marks its own entries and names its base: a forgotten base
+//!    that a live (or busy) delta names is live too, manifest and chunks
+//!    ([`GcStats::manifests_base`]), so forgetting any point, or the full
+//!    manifest under it, never breaks another point. A base is a full
+//!    manifest, so this is one step, not a walk.
 //! 4. Sweep: per pack, live vs. dead bytes from one pass over the index.
 //!    Packs with no live chunk are dropped; packs with at least
 //!    `repack_threshold` dead bytes are repacked: their live chunks are
