@@ -316,4 +316,55 @@ mod tests {
         assert!(d.iter().filter(|d| !d.keep).all(|d| d.reasons.is_empty()));
         assert_eq!(d.len(), 240);
     }
+
+    #[test]
+    fn plan_keeps_held_snapshots_and_apply_forgets_the_rest() {
+        let (dir, store) = crate::backup::tests::setup(4096);
+        let img = dir.path().join("img");
+        let mut ids = Vec::new();
+        for i in 0..4u8 {
+            std::fs::write(&img, vec![i + 1; 8192]).unwrap();
+            ids.push(
+                store
+                    .backup("vm", &img, &Default::default())
+                    .unwrap()
+                    .snapshot,
+            );
+        }
+        store
+            .add_hold(
+                &format!("vm@{}", ids[0]),
+                &crate::HoldInfo::new("state-1", "test"),
+            )
+            .unwrap();
+        assert!(store.plan_retention("vm", &KeepPolicy::default()).is_err());
+        let plan = store
+            .plan_retention(
+                "vm",
+                &KeepPolicy {
+                    last: Some(1),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let keep: Vec<(&str, bool)> = plan.iter().map(|d| (d.id.as_str(), d.keep)).collect();
+        assert_eq!(
+            keep,
+            [
+                (ids[3].as_str(), true),
+                (ids[2].as_str(), false),
+                (ids[1].as_str(), false),
+                (ids[0].as_str(), true)
+            ]
+        );
+        assert_eq!(plan[3].reasons, ["held by state-1"]);
+        assert_eq!(store.apply_retention(&plan).unwrap(), 2);
+        let left: Vec<String> = store
+            .snapshots(Some("vm"))
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(left, [ids[0].clone(), ids[3].clone()]);
+    }
 }
