@@ -14,6 +14,7 @@
 //! | `backup --qmp` (a running VM's disk) | [`commands::live_backup`] | `hypervisor` |
 //! | `ls`, `cat`, `restore-files`, `mount` | [`commands::files`] | `files` |
 //! | `instant-boot` | [`commands::instant_boot`] | `daemon` (which assembles `block`, `vhost-backend`, `control`) |
+//! | `drill` (boot a snapshot in a sandbox, check it, record the RTO) | [`commands::drill`] | `daemon`, `store` |
 //! | `status`, `pause`, `resume`, `set-rate`, `metrics` | [`commands::monitor`] | `control` (client only) |
 //!
 //! The CLI does not link the virtio crates directly: `instant-boot` goes
