@@ -177,6 +177,18 @@ fn guest_writes_during_migration_all_reach_the_target() {
     assert!(!state.join("overlay.data").exists(), "overlay not freed");
 }
 
+/// Bits set in the persisted bitmap file at `path` (the words after its
+/// 4 KiB header, see `block::bitmap`): what a checkpoint has written.
+fn persisted_bits(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    bytes
+        .get(block::bitmap::HEADER_SIZE..)
+        .unwrap_or_default()
+        .iter()
+        .map(|b| u64::from(b.count_ones()))
+        .sum()
+}
+
 #[test]
 fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
     let f = Fixture::new(24 * MIB, 3);
@@ -204,9 +216,19 @@ fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
             random_io(&mut client, &mut model, &mut rng, 10);
             client.flush().unwrap();
         }
-        // Bits set before a checkpoint (at most 1 s apart) survive a kill.
+        // Bits set before a checkpoint survive a kill: wait until the
+        // checkpoint on disk holds what the status reported, then kill.
         durable_floor = num(&status(state), "chunks_migrated");
-        std::thread::sleep(Duration::from_millis(1500));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while persisted_bits(&state.join("migrated.bitmap")) < durable_floor
+            && status(state)["state"] != "complete"
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint holds {durable_floor} migrated chunks after 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if status(state)["state"] == "complete" {
             drop(client);
             daemon.stop();
