@@ -779,3 +779,55 @@ fn bad_input_gets_one_clear_error() {
     assert_eq!(unshare.status.code(), Some(1), "{err}");
     assert!(err.contains("/dev/fuse is missing"), "{err}");
 }
+
+/// `--at` picks the point in time, for every file-level command alike.
+#[test]
+fn files_come_from_the_point_in_time_at_names() {
+    require_env!();
+    let d = tempfile::tempdir().unwrap();
+    let tree = d.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    let disk = d.path().join("disk.img");
+    let st = d.path().join("store");
+    ok(&[&"init", &st]);
+    let mut between = String::new();
+    for (k, text) in ["first version\n", "second version\n"].iter().enumerate() {
+        fs::write(tree.join("note.txt"), text).unwrap();
+        let _ = fs::remove_file(&disk);
+        File::create(&disk).unwrap().set_len(8 * MIB).unwrap();
+        mkfs(&disk, "ext4", "pit", &tree, 0, 8);
+        ok(&[&"backup", &"--store", &st, &"--name", &"vm", &disk]);
+        if k == 0 {
+            // After the first point, before the second one starts.
+            between = String::from_utf8(sh("date -u +%Y-%m-%dT%H:%M:%S.%6NZ"))
+                .unwrap()
+                .trim()
+                .to_string();
+        }
+    }
+    let cat_at = |at: &str| ok(&[&"cat", &"--store", &st, &"vm", &"/note.txt", &"--at", &at]);
+    assert_eq!(cat_at(&between), b"first version\n");
+    assert_eq!(cat_at("-0s"), b"second version\n");
+    let out = d.path().join("out");
+    ok(&[
+        &"restore-files",
+        &"--store",
+        &st,
+        &"vm",
+        &"/note.txt",
+        &"--to",
+        &out,
+        &"--at",
+        &between,
+    ]);
+    assert_eq!(fs::read(out.join("note.txt")).unwrap(), b"first version\n");
+    let e = fails(&[
+        &"ls",
+        &"--store",
+        &st,
+        &"vm",
+        &"--at",
+        &"2000-01-01T00:00:00Z",
+    ]);
+    assert!(e.contains("2000-01-01"), "{e}");
+}

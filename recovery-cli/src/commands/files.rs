@@ -25,6 +25,10 @@ pub struct Source {
     pub store: StoreArg,
     /// Snapshot: NAME (newest), NAME@ID or ID.
     pub snapshot: String,
+    /// The newest snapshot of image SNAPSHOT (a name) taken at or before
+    /// TIME: RFC 3339 (2026-12-06T11:05:03Z) or relative (-10m, -2h).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub at: Option<String>,
     /// Print how much was fetched from the store (to stderr) at the end.
     #[arg(long)]
     pub stats: bool,
@@ -38,11 +42,11 @@ struct Opened {
 }
 
 impl Source {
-    /// Open the snapshot. (A point in time, `--at TIME`, resolves to a
-    /// snapshot reference here once the store can.)
+    /// Open the snapshot (with `--at`, the point in time it names).
     fn open(&self) -> anyhow::Result<Opened> {
         let s = open_store(&self.store.store)?;
-        let reader = s.open_snapshot(&self.snapshot)?;
+        let info = s.resolve_ref_at(&self.snapshot, self.at.as_deref())?;
+        let reader = s.open_snapshot(&info.reference())?;
         let dev = Arc::new(SnapshotDevice::new(
             reader,
             ::files::device::DEFAULT_CACHE_BYTES,
