@@ -114,10 +114,14 @@ impl RateWindow {
         while self.samples.len() >= 2 && now.duration_since(self.samples[1].0) >= self.span {
             self.samples.pop_front();
         }
-        if let Some(&(at, _)) = self.samples.back() {
-            if now.duration_since(at) < Duration::from_millis(10) {
-                self.samples.pop_back();
-            }
+        // At most one sample per 10 ms: a sample that close to the one
+        // before the newest replaces the newest. The oldest sample always
+        // stays, so callers polling faster than that (a status watcher, a
+        // metrics scraper and the progress log together) still measure a
+        // rate instead of replacing the only sample forever.
+        let n = self.samples.len();
+        if n >= 2 && now.duration_since(self.samples[n - 2].0) < Duration::from_millis(10) {
+            self.samples.pop_back();
         }
         self.samples.push_back((now, value));
     }
@@ -204,5 +208,16 @@ mod tests {
             w.sample(t0 + Duration::from_secs(s), 10_000);
         }
         assert_eq!(w.rate(), 0.0);
+    }
+
+    #[test]
+    fn polling_faster_than_the_sample_spacing_still_measures() {
+        let t0 = Instant::now();
+        let mut w = RateWindow::new(Duration::from_secs(5));
+        // A sample every 5 ms at 1000 units per second.
+        for ms in 0..=400u64 {
+            w.sample(t0 + Duration::from_millis(ms * 5), ms * 5);
+        }
+        assert!((w.rate() - 1000.0).abs() < 1.0, "{}", w.rate());
     }
 }
