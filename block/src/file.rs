@@ -52,6 +52,21 @@ pub fn check_bounds(offset: u64, len: u64, size: u64) -> io::Result<()> {
     }
 }
 
+/// The indexes of the `unit`-sized pieces (blocks, chunks) that a read of
+/// `len` bytes at `offset` touches; `None` for an empty range or one that
+/// does not lie within `size`.
+pub fn units_touched(
+    offset: u64,
+    len: u64,
+    size: u64,
+    unit: u64,
+) -> Option<std::ops::RangeInclusive<u64>> {
+    if len == 0 || unit == 0 || check_bounds(offset, len, size).is_err() {
+        return None;
+    }
+    Some(offset / unit..=(offset + len - 1) / unit)
+}
+
 /// Largest buffer of zeroes written at once where the kernel cannot zero.
 const ZERO_BUF: usize = 1 << 20;
 

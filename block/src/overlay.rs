@@ -91,7 +91,7 @@ pub use locks::{LockTable, RangeGuard};
 use crate::bitmap::{self, BitmapHeader, BitmapKind, PersistentBitmap};
 use crate::device::{total_len, BlockDevice, ReadDest};
 use crate::file::check_bounds;
-use crate::file::{sync_parent_dir, RawFile};
+use crate::file::{sync_parent_dir, units_touched, RawFile};
 use crate::state::{LayerFile, LayerState};
 
 /// Overlay granularity: one bitmap bit per block of this many bytes.
@@ -441,12 +441,9 @@ impl BlockDevice for Overlay {
     /// says; blocks it holds come from its data file, which may or may not
     /// be in the page cache, so those are not claimed cheap.
     fn read_is_cheap(&self, offset: u64, len: u64) -> bool {
-        if len == 0 || check_bounds(offset, len, self.size).is_err() {
-            return false;
-        }
-        let first = offset / BLOCK_SIZE;
-        let last = (offset + len - 1) / BLOCK_SIZE;
-        !(first..=last).any(|block| self.bitmap.get(block)) && self.lower.read_is_cheap(offset, len)
+        units_touched(offset, len, self.size, BLOCK_SIZE).is_some_and(|mut blocks| {
+            !blocks.any(|block| self.bitmap.get(block)) && self.lower.read_is_cheap(offset, len)
+        })
     }
 
     /// No copy here: present runs go from the data file to guest memory

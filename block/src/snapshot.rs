@@ -17,7 +17,7 @@ use vm_memory::VolatileSlice;
 
 use crate::cache::ChunkCache;
 use crate::device::{total_len, BlockDevice, ReadDest};
-use crate::file::{check_bounds, out_of_range};
+use crate::file::{check_bounds, out_of_range, units_touched};
 use crate::source::{chunk_len, ChunkSource};
 
 /// A read-only [`BlockDevice`] over a [`ChunkSource`].
@@ -162,14 +162,13 @@ impl BlockDevice for SnapshotLayer {
 
     /// Every chunk of the range is a zero chunk or in the cache.
     fn read_is_cheap(&self, offset: u64, len: u64) -> bool {
-        if len == 0 || check_bounds(offset, len, self.size).is_err() {
-            return false;
-        }
-        let cs = u64::from(self.chunk_size);
-        (offset / cs..=(offset + len - 1) / cs).all(|index| match self.source.chunk_key(index) {
-            Ok(None) => true,
-            Ok(Some(key)) => self.cache.contains(&key),
-            Err(_) => false,
+        let chunks = units_touched(offset, len, self.size, u64::from(self.chunk_size));
+        chunks.is_some_and(|mut chunks| {
+            chunks.all(|index| match self.source.chunk_key(index) {
+                Ok(None) => true,
+                Ok(Some(key)) => self.cache.contains(&key),
+                Err(_) => false,
+            })
         })
     }
 
