@@ -72,7 +72,8 @@ impl Qga {
     fn execute(&mut self, cmd: &str) -> Result<serde_json::Value> {
         let id = self.next_id;
         self.next_id += 1;
-        self.conn.execute(cmd, None, id)
+        self.conn
+            .execute(cmd, None, id, crate::qmp::COMMAND_TIMEOUT)
     }
 
     /// `guest-ping`.

@@ -252,14 +252,20 @@ impl JsonConn {
 
     /// Send `{"execute": cmd, "arguments": args, "id": id}` and return the
     /// `return` value of the answer carrying `id`.
-    pub(crate) fn execute(&mut self, cmd: &str, args: Option<Value>, id: u64) -> Result<Value> {
+    pub(crate) fn execute(
+        &mut self,
+        cmd: &str,
+        args: Option<Value>,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<Value> {
         let mut req = json!({ "execute": cmd, "id": id });
         if let Some(a) = args {
             req["arguments"] = a;
         }
         self.send(&req, cmd)?;
         loop {
-            let mut v = self.recv(COMMAND_TIMEOUT, cmd)?;
+            let mut v = self.recv(timeout, cmd)?;
             if v.get("id").is_some_and(|x| x != &json!(id)) {
                 debug!(peer = self.peer, answer = %v, "answer to another request skipped");
                 continue;
@@ -288,6 +294,7 @@ impl JsonConn {
 pub struct Qmp {
     conn: JsonConn,
     next_id: u64,
+    timeout: Duration,
     version: String,
     path: PathBuf,
 }
@@ -452,10 +459,13 @@ impl Qmp {
         let mut s = Qmp {
             conn,
             next_id: 1,
+            // Negotiation answers within the greeting timeout.
+            timeout,
             version,
             path: path.to_path_buf(),
         };
         s.execute_value("qmp_capabilities", None)?;
+        s.timeout = COMMAND_TIMEOUT;
         debug!(path = %path.display(), version = %s.version, "QMP connected");
         Ok(s)
     }
@@ -474,7 +484,7 @@ impl Qmp {
     pub fn execute_value(&mut self, cmd: &str, args: Option<Value>) -> Result<Value> {
         let id = self.next_id;
         self.next_id += 1;
-        self.conn.execute(cmd, args, id)
+        self.conn.execute(cmd, args, id, self.timeout)
     }
 
     /// Execute a command and decode its `return` value.

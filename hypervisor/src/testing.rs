@@ -153,6 +153,18 @@ pub fn qemu_none(qmp: &Path, extra: &[String]) -> Proc {
         .spawn()
         .expect("spawn qemu-system-x86_64");
     wait_socket(qmp, &mut child, "qemu-system-x86_64");
+    // A client that connects while QEMU is still starting may get its
+    // greeting but no answer; wait until QMP answers.
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let probe = crate::qmp::Qmp::connect_timeout(qmp, Duration::from_secs(5))
+            .and_then(|mut q| q.execute_value("query-status", None));
+        match probe {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "QMP never answered: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Proc {
         child,
         socket: qmp.to_path_buf(),
