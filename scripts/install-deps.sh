@@ -11,7 +11,7 @@
 # qemu-system-x86's candidate (downgrading qemu-utils if needed).
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static e2fsprogs cpio restic borgbackup tmux fdisk fuse3)
+PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static e2fsprogs cpio restic borgbackup tmux fdisk fuse3 libvirt-daemon-system libvirt-clients)
 
 log() { echo "install-deps: $*" >&2; }
 

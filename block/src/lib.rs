@@ -126,6 +126,7 @@ pub mod metered;
 pub mod migrate;
 pub mod overlay;
 pub mod snapshot;
+pub mod socket;
 pub mod source;
 pub mod state;
 pub mod store_source;

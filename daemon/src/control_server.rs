@@ -4,12 +4,18 @@
 //! `eventfd` (written once, never read, so it wakes every waiter), which
 //! lets [`ControlServer::shutdown`] join them all promptly without
 //! timeouts or polling.
+//!
+//! The socket is created by [`block::socket::bind_private_socket`] (mode
+//! 0600, never open to anyone else, not even for a moment). It stays with
+//! the daemon's user even when `--socket-owner` gives the vhost-user
+//! socket to the hypervisor's user: whoever can connect here can pause the
+//! migration or change its rate, which is the operator's business, not the
+//! hypervisor's.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -19,6 +25,7 @@ use tracing::{debug, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use block::socket::{bind_private_socket, SocketFile};
 use control::Control;
 use control::{handle_line, Error, Response, Result, MAX_CLIENTS, MAX_LINE};
 
@@ -34,10 +41,9 @@ const CONNECTION: u64 = 2;
 /// A running control socket server. Dropping it stops it and removes the
 /// socket, as [`ControlServer::shutdown`] does.
 pub struct ControlServer {
-    path: PathBuf,
-    /// (dev, ino) of the socket we created, so shutdown never removes a
-    /// socket another process has since put at the path.
-    identity: (u64, u64),
+    /// Removes the socket when dropped (after the threads are joined),
+    /// unless another process has since put its own at the path.
+    file: SocketFile,
     stop: Arc<EventFd>,
     accept_thread: Option<JoinHandle<()>>,
 }
@@ -52,46 +58,14 @@ struct Shared {
 impl ControlServer {
     /// Creates the socket at `path` (mode 0600) and starts serving.
     pub fn start(path: impl AsRef<Path>, control: Arc<dyn Control>) -> Result<ControlServer> {
-        let path = path.as_ref().to_path_buf();
-        check_existing(&path)?;
-
-        // Bind under a temporary name, restrict, then rename into place.
-        let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let tmp = path.with_file_name(format!(
-            ".{}.{}.tmp",
-            file_name.as_deref().unwrap_or("control.sock"),
-            std::process::id()
-        ));
-        let bind_err = |source| Error::Bind {
-            path: path.clone(),
-            source,
-        };
-        let _ = std::fs::remove_file(&tmp);
-        let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
-        let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .and_then(|()| std::fs::symlink_metadata(&path));
-        let meta = match placed {
-            Ok(meta) => meta,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(bind_err(e));
-            }
-        };
-        let identity = (meta.dev(), meta.ino());
-        let remove_on_error = |e: Error| {
-            let _ = std::fs::remove_file(&path);
-            e
-        };
-
+        let path = path.as_ref();
+        let (listener, file) =
+            bind_private_socket(path, None).map_err(|e| socket_error(path, e))?;
         let stop = Arc::new(
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .map_err(Error::EventLoop)
-                .map_err(remove_on_error)?,
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventLoop)?,
         );
         let epoll = watch(&[(listener.as_raw_fd(), LISTENER), (stop.as_raw_fd(), STOP)])
-            .map_err(Error::EventLoop)
-            .map_err(remove_on_error)?;
+            .map_err(Error::EventLoop)?;
         let shared = Arc::new(Shared {
             control,
             stop: stop.clone(),
@@ -101,12 +75,10 @@ impl ControlServer {
         let accept_thread = std::thread::Builder::new()
             .name("control-accept".to_string())
             .spawn(move || accept_loop(listener, epoll, shared))
-            .map_err(Error::Spawn)
-            .map_err(remove_on_error)?;
+            .map_err(Error::Spawn)?;
         info!(path = %path.display(), "control socket listening");
         Ok(ControlServer {
-            path,
-            identity,
+            file,
             stop,
             accept_thread: Some(accept_thread),
         })
@@ -114,7 +86,7 @@ impl ControlServer {
 
     /// The socket path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     /// Stops serving: wakes and joins every thread, then removes the socket.
@@ -133,12 +105,7 @@ impl ControlServer {
         } else if thread.join().is_err() {
             warn!("control socket thread panicked");
         }
-        let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
-        if ours {
-            let _ = std::fs::remove_file(&self.path);
-        }
-        debug!(path = %self.path.display(), "control socket closed");
+        debug!(path = %self.path().display(), "control socket closed");
     }
 }
 
@@ -148,31 +115,19 @@ impl Drop for ControlServer {
     }
 }
 
-/// Refuses a non-socket or a live socket at `path`; removes a stale one.
-fn check_existing(path: &Path) -> Result<()> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(Error::Inspect {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(Error::NotASocket {
-            path: path.to_path_buf(),
-        });
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(Error::InUse {
-            path: path.to_path_buf(),
-        }),
-        Err(e) => {
-            debug!(path = %path.display(), error = %e, "replacing stale control socket");
-            Ok(())
-        }
+/// The control protocol's error for a socket that could not be created.
+fn socket_error(path: &Path, e: block::socket::Error) -> Error {
+    use block::socket::Error as S;
+    match e {
+        S::NotASocket(path) => Error::NotASocket { path },
+        S::InUse(path) => Error::InUse { path },
+        S::Inspect { path, source } => Error::Inspect { path, source },
+        S::Bind { path, source } | S::Chown { path, source, .. } => Error::Bind { path, source },
+        // Owner errors: no owner is ever given for the control socket.
+        other => Error::Bind {
+            path: path.to_owned(),
+            source: io::Error::other(other),
+        },
     }
 }
 
@@ -325,6 +280,8 @@ fn write_response(stream: &mut UnixStream, response: &Response) -> io::Result<()
 #[cfg(test)]
 mod tests {
     use std::io::BufRead;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::path::PathBuf;
     use std::sync::atomic::{AtomicBool, AtomicU64};
 
     use std::time::Instant;

@@ -94,6 +94,7 @@ pub mod state_dir;
 // What the CLI needs to configure and stop a daemon, without reaching into
 // the layers below.
 pub use block::migrate::{MigratingDevice, MigrationOptions};
+pub use block::socket::SocketOwner;
 pub use vhost_backend::device::{DeviceConfig, MAX_IO_THREADS};
 pub use vhost_backend::socket::StopHandle;
 
@@ -129,6 +130,8 @@ pub struct DaemonConfig {
     pub snapshot: String,
     /// The vhost-user socket to create.
     pub socket: PathBuf,
+    /// Who owns the vhost-user socket (default: the daemon's user).
+    pub socket_owner: Option<SocketOwner>,
     /// The state directory (overlay, bitmaps, state.json).
     pub state: PathBuf,
     /// Byte budget of the chunk cache.
@@ -530,7 +533,7 @@ impl Daemon {
             device_cfg.serial = default_serial(&info.id);
         }
         let server = BlockServer::new(device.clone(), device_cfg)?;
-        let listening = server.bind(&cfg.socket)?;
+        let listening = server.bind_owned(&cfg.socket, cfg.socket_owner.as_ref())?;
         let stop = StopHandle::new().map_err(|e| Error::Layer("stop handle", e))?;
         let control_path = cfg
             .control

@@ -6,6 +6,7 @@ mod drill;
 mod files;
 mod full_disk;
 mod guest;
+mod libvirt;
 mod live_backup;
 mod migrate;
 mod operator_safety;

@@ -59,6 +59,13 @@ pub fn recovery_cli() -> Command {
     c
 }
 
+/// Whether this process runs as root (`/proc/self` belongs to the
+/// effective user).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
 /// The variable that turns every skip into a failure. `scripts/test.sh`
 /// (and so CI, which runs as root with every package installed) sets it.
 pub const REQUIRE_ENV: &str = "RECOVERY_REQUIRE_GUEST";

@@ -21,22 +21,21 @@
 //! handling thread): it wakes the accept wait, shuts the current connection
 //! down, and `serve` returns after a final [`BlockDevice::flush`].
 //!
-//! The socket is created with mode 0600 without a window of looser
-//! permissions: it is bound inside a fresh 0700 directory next to the
-//! target, chmod-ed, and renamed into place (which also atomically replaces
-//! a stale socket left by a crashed daemon).
+//! The socket is created by [`block::socket::bind_private_socket`]: mode
+//! 0600 (0660 when shared with a group), handed to its
+//! [`SocketOwner`] and only then renamed into place, so it is never open
+//! to anyone else; a stale socket left by a crashed daemon is replaced
+//! atomically.
 
-use std::fs::{self, DirBuilder, Permissions};
 use std::io;
 use std::net::Shutdown;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -45,6 +44,7 @@ use crate::device::{self, DeviceConfig, DeviceSpec, VhostUserBlk};
 use crate::handler::BlkHandler;
 use block::device::BlockDevice;
 use block::error_chain;
+use block::socket::{bind_private_socket, SocketFile, SocketOwner};
 
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,21 +52,10 @@ pub enum Error {
     /// The device configuration is invalid.
     #[error("Validate device configuration")]
     Config(#[from] device::Error),
-    /// Something that is not a socket is in the way.
-    #[error("Refuse to replace {0}: not a socket")]
-    NotASocket(PathBuf),
-    /// Another daemon is serving on the path.
-    #[error("Socket {0} is in use by another daemon")]
-    InUse(PathBuf),
-    /// Creating the socket failed.
-    #[error("Create socket {path}")]
-    Bind {
-        /// The socket path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    /// Creating the socket failed (something else in the way, another
+    /// daemon serving there, the owner could not be set, ...).
+    #[error(transparent)]
+    Bind(#[from] block::socket::Error),
     /// Creating the stop event or epoll set failed.
     #[error("Set up event polling")]
     Poll(#[source] io::Error),
@@ -150,31 +139,21 @@ impl std::fmt::Debug for StopHandle {
 /// file (unless another daemon has replaced it since).
 pub struct Listening {
     listener: UnixListener,
-    path: PathBuf,
-    inode: (u64, u64),
+    file: SocketFile,
 }
 
 impl Listening {
     /// The socket path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 }
 
 impl std::fmt::Debug for Listening {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Listening")
-            .field("path", &self.path)
+            .field("path", &self.path())
             .finish()
-    }
-}
-
-impl Drop for Listening {
-    fn drop(&mut self) {
-        let ours = fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.inode);
-        if ours {
-            let _ = fs::remove_file(&self.path);
-        }
     }
 }
 
@@ -204,34 +183,20 @@ impl BlockServer {
     /// socket. From the moment this returns, frontends can connect (they
     /// wait in the listen backlog until [`BlockServer::serve`] runs).
     pub fn bind(&self, path: &Path) -> Result<Listening> {
-        check_stale(path)?;
-        let bind_err = |source| Error::Bind {
-            path: path.to_owned(),
-            source,
-        };
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let tmp_dir = private_dir(parent).map_err(bind_err)?;
-        let tmp_sock = tmp_dir.join("s");
-        let bound = UnixListener::bind(&tmp_sock)
-            .and_then(|l| {
-                fs::set_permissions(&tmp_sock, Permissions::from_mode(0o600))?;
-                fs::rename(&tmp_sock, path)?;
-                Ok(l)
-            })
-            .map_err(bind_err);
-        let _ = fs::remove_file(&tmp_sock);
-        let _ = fs::remove_dir(&tmp_dir);
-        let listener = bound?;
-        let meta = fs::symlink_metadata(path).map_err(bind_err)?;
-        info!(path = %path.display(), "vhost-user-blk socket listening");
-        Ok(Listening {
-            listener,
-            path: path.to_owned(),
-            inode: (meta.dev(), meta.ino()),
-        })
+        self.bind_owned(path, None)
+    }
+
+    /// [`BlockServer::bind`], with the socket owned by `owner` (mode 0600,
+    /// or 0660 when the owner names a group) before it appears at `path`:
+    /// a hypervisor running as another user (libvirt's `libvirt-qemu`)
+    /// can connect, nobody else can.
+    pub fn bind_owned(&self, path: &Path, owner: Option<&SocketOwner>) -> Result<Listening> {
+        let (listener, file) = bind_private_socket(path, owner)?;
+        match owner {
+            Some(owner) => info!(path = %path.display(), %owner, "vhost-user-blk socket listening"),
+            None => info!(path = %path.display(), "vhost-user-blk socket listening"),
+        }
+        Ok(Listening { listener, file })
     }
 
     /// Serves frontends on `listening`, one connection at a time, until
@@ -339,38 +304,5 @@ impl BlockServer {
             .stop_queues();
         backend.quiesce();
         ended
-    }
-}
-
-/// Refuses to replace anything but a socket nobody listens on.
-fn check_stale(path: &Path) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => Err(Error::NotASocket(path.to_owned())),
-        Ok(_) => match UnixStream::connect(path) {
-            Ok(_) => Err(Error::InUse(path.to_owned())),
-            Err(_) => {
-                debug!(path = %path.display(), "replacing stale socket");
-                Ok(())
-            }
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::Bind {
-            path: path.to_owned(),
-            source,
-        }),
-    }
-}
-
-/// Creates a fresh mode-0700 directory inside `parent`.
-fn private_dir(parent: &Path) -> io::Result<PathBuf> {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    loop {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = parent.join(format!(".vub{:x}.{n:x}", std::process::id()));
-        match DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
     }
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use daemon::{
-    Daemon, DaemonConfig, DeviceConfig, MigratingDevice, MigrationOptions, StopHandle,
+    Daemon, DaemonConfig, DeviceConfig, MigratingDevice, MigrationOptions, SocketOwner, StopHandle,
     MAX_IO_THREADS, SERIAL_BYTES,
 };
 use serde::Serialize;
@@ -50,6 +50,11 @@ pub struct Args {
     /// vhost-user socket to create (mode 0600).
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
+    /// Give the vhost-user socket to this user (mode 0600), or to USER and
+    /// GROUP (mode 0660), before anyone can connect: libvirt's QEMU runs as
+    /// `libvirt-qemu`. The control socket stays with the daemon's user.
+    #[arg(long, value_name = "USER[:GROUP]")]
+    socket_owner: Option<SocketOwner>,
     /// State directory: the overlay with the guest's writes and migration progress.
     #[arg(long, value_name = "DIR")]
     state: PathBuf,
@@ -191,6 +196,7 @@ impl TryFrom<Args> for Config {
                 store: a.store.store,
                 snapshot,
                 socket: a.socket,
+                socket_owner: a.socket_owner,
                 state: a.state,
                 cache_size: a.cache_size,
                 device,
@@ -257,14 +263,23 @@ pub fn qemu_args(socket: &str, memory_mib: u64, queues: usize) -> Vec<String> {
     .collect()
 }
 
-/// The libvirt `<disk>` element for the socket, plus the shared memory it needs.
-pub fn libvirt_xml(socket: &str) -> String {
+/// The libvirt `<disk>` element for the socket (an absolute path, as
+/// libvirt requires), plus the shared memory it needs and who must be able
+/// to open the socket.
+pub fn libvirt_xml(socket: &str, queues: usize, owner: Option<&SocketOwner>) -> String {
+    let access = match owner {
+        Some(owner) => format!("<!-- the socket belongs to {owner}, the user QEMU must run as -->"),
+        None => "<!-- libvirt runs QEMU as libvirt-qemu: start instant-boot with \
+                 --socket-owner libvirt-qemu (its directory must be searchable too) -->"
+            .to_string(),
+    };
     format!(
-        "<!-- in <domain>: shared guest memory, required by vhost-user -->\n\
+        "{access}\n\
+         <!-- in <domain>: shared guest memory, required by vhost-user -->\n\
          <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\n\
          <!-- in <devices>: -->\n\
          <disk type='vhostuser' device='disk'>\n  \
-           <driver name='qemu' type='raw'/>\n  \
+           <driver name='qemu' type='raw' queues='{queues}'/>\n  \
            <source type='unix' path='{socket}'><reconnect enabled='yes' timeout='1'/></source>\n  \
            <target dev='vda' bus='virtio'/>\n\
          </disk>"
@@ -295,7 +310,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         queues: cfg.daemon.device.num_queues,
         read_only: cfg.daemon.device.read_only,
         qemu_args: qemu.clone(),
-        libvirt_xml: libvirt_xml(&socket),
+        libvirt_xml: libvirt_xml(
+            &std::path::absolute(daemon.socket())
+                .unwrap_or_else(|_| daemon.socket().to_path_buf())
+                .display()
+                .to_string(),
+            cfg.daemon.device.num_queues,
+            cfg.daemon.socket_owner.as_ref(),
+        ),
     };
     print_ready(&ready, cfg.json)?;
     info!(socket = %socket, snapshot = %ready.snapshot, "serving");
