@@ -177,18 +177,6 @@ fn guest_writes_during_migration_all_reach_the_target() {
     assert!(!state.join("overlay.data").exists(), "overlay not freed");
 }
 
-/// Bits set in the persisted bitmap file at `path` (the words after its
-/// 4 KiB header, see `block::bitmap`): what a checkpoint has written.
-fn persisted_bits(path: &Path) -> u64 {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    bytes
-        .get(block::bitmap::HEADER_SIZE..)
-        .unwrap_or_default()
-        .iter()
-        .map(|b| u64::from(b.count_ones()))
-        .sum()
-}
-
 #[test]
 fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
     let f = Fixture::new(24 * MIB, 3);
@@ -220,7 +208,7 @@ fn killed_daemon_resumes_migration_and_keeps_flushed_writes() {
         // checkpoint on disk holds what the status reported, then kill.
         durable_floor = num(&status(state), "chunks_migrated");
         let deadline = Instant::now() + Duration::from_secs(60);
-        while persisted_bits(&state.join("migrated.bitmap")) < durable_floor
+        while crate::util::persisted_bitmap(&state.join("migrated.bitmap")).0 < durable_floor
             && status(state)["state"] != "complete"
         {
             assert!(

@@ -103,10 +103,9 @@ const ITERATIONS_AFTER_RESTART: u32 = 2;
 /// the new daemon's start. An idle TCG guest needs a second or two.
 const ITERATION_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The copier checkpoints its migrated bitmap at least this often
-/// (`MigrateOptions::checkpoint_interval`, 1 s) plus margin: progress
-/// reported this long before a kill survives it.
-const CHECKPOINT_MARGIN: Duration = Duration::from_millis(1500);
+/// The copier checkpoints its migrated bitmap about once a second; this
+/// bounds the wait for a checkpoint that covers reported progress.
+const CHECKPOINT_WAIT: Duration = Duration::from_secs(60);
 
 /// Guest kernel messages that mean the guest saw an I/O error.
 const IO_ERROR_MARKERS: [&str; 4] = [
@@ -599,7 +598,16 @@ fn guest_rides_out_daemon_kill_9() {
             "{what}: the migration must still run when the daemon dies: {before}"
         );
         let durable = num(&before, "bytes_migrated");
-        std::thread::sleep(CHECKPOINT_MARGIN);
+        // Progress reported before a checkpoint survives a kill: wait until
+        // the checkpoint on disk covers it.
+        let deadline = Instant::now() + CHECKPOINT_WAIT;
+        while crate::util::persisted_bitmap(&setup.state.join("migrated.bitmap")).1 < durable {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no checkpoint covers {durable} migrated bytes after {CHECKPOINT_WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
 
         // Kill while the guest writes: the next result line starts an
         // iteration (its writers' O_DIRECT writes and fsyncs, sync, the

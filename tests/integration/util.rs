@@ -59,6 +59,27 @@ pub fn recovery_cli() -> Command {
     c
 }
 
+/// What the last checkpoint of the persisted bitmap at `path` holds (the
+/// format is `block::bitmap`'s: a 4 KiB header, then little-endian words):
+/// its set bits and the image bytes they cover. A missing file holds none.
+pub fn persisted_bitmap(path: &std::path::Path) -> (u64, u64) {
+    let file = std::fs::read(path).unwrap_or_default();
+    let Some((header, words)) = file.split_at_checked(block::bitmap::HEADER_SIZE) else {
+        return (0, 0);
+    };
+    let granule = u64::from(u32::from_le_bytes(header[20..24].try_into().unwrap()));
+    let image_size = u64::from_le_bytes(header[24..32].try_into().unwrap());
+    let (mut bits, mut covered) = (0, 0);
+    for (i, byte) in words.iter().enumerate() {
+        for b in (0..8).filter(|b| byte & (1 << b) != 0) {
+            let start = (i as u64 * 8 + b) * granule;
+            bits += 1;
+            covered += granule.min(image_size.saturating_sub(start));
+        }
+    }
+    (bits, covered)
+}
+
 /// Whether this process runs as root (`/proc/self` belongs to the
 /// effective user).
 pub fn is_root() -> bool {
