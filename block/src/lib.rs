@@ -51,6 +51,7 @@
 //! | [`device`] | the [`BlockDevice`] trait (with `read_is_cheap`, the hint that lets the device run reads served from memory on the queue's thread), run-by-run read helpers (`ReadDest`, `ReadRun`, `SliceCursor`), the per-thread scratch buffer |
 //! | [`io`] | `preadv_all` / `pwritev_all` between files and guest memory (unsafe: the syscalls) |
 //! | [`mod@file`] | `write_atomic`, `sync_parent_dir`, `check_bounds` |
+//! | [`socket`] | `bind_private_socket`: the vhost-user and control sockets, never reachable by anyone but their owner (private directory, chown to a `SocketOwner`, chmod, rename into place); `SocketFile` removes it on drop unless replaced |
 //! | [`source`] | the [`source::ChunkSource`] seam to the store; `VecSource` and the shared `check_read_write` harness for tests |
 //! | [`store_source`] | `store::SnapshotReader` as a `ChunkSource`, with an in-memory table of chunk keys (pages filled from the manifest on first use); store errors become `io::Error`s with their chain, counted |
 //! | [`cache`] | [`cache::ChunkCache`], shared by every queue and the copier |

@@ -15,7 +15,7 @@
 //! |---|---|
 //! | this crate root | [`Daemon`] (`start`, `run`, `stop_handle`), [`DaemonConfig`], [`Error`] |
 //! | [`state_dir`] | `--state DIR`: its layout (the one home of it), the `flock`, `state.json` (atomic writes, binding to one snapshot); implements `block::state::LayerState` |
-//! | [`control_server`] | the control socket server: bind (0600, under a temporary name, then renamed), the `control-accept` thread, one `control-conn` thread per client |
+//! | [`control_server`] | the control socket server: the socket (0600, the daemon's user, from `block::socket::bind_private_socket`), the `control-accept` thread, one `control-conn` thread per client |
 //! | [`operator_status`] | [`operator_status::DaemonStatus`], the daemon's `control::Control`: builds a `control::Status` from the parts, routes pause/resume/set-rate to the migration |
 //! | [`qemu`] | the QEMU that `instant-boot --qemu` launches: spawned with `PR_SET_PDEATHSIG` = `SIGKILL` so it dies with the daemon, and recorded in the state dir (`qemu.json`) so a second guest is refused on the same overlay |
 //! | [`progress_log`] | the `progress-log` thread: a progress line every `--log-interval` while migrating, each state change once, whether the live journal runs (at start and on change) |

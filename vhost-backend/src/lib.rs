@@ -30,7 +30,7 @@
 //! # Modules
 //! | module | owns |
 //! |---|---|
-//! | [`socket`] | [`socket::BlockServer`] (bind with no window of looser permissions, serve, reconnect), [`socket::StopHandle`], [`socket::Listening`] |
+//! | [`socket`] | [`socket::BlockServer`] (bind through `block::socket::bind_private_socket`, optionally owned by `--socket-owner`, serve, reconnect), [`socket::StopHandle`], [`socket::Listening`] |
 //! | [`handler`] | [`handler::BlkHandler`]: the `vhost` crate's `VhostUserBackendReqHandlerMut` for one connection, queue life cycle, the `vq{N}` threads |
 //! | [`device`] | [`device::VhostUserBlk`] (features, config space, per-queue workers, the pool; quiesce) and [`device::DeviceConfig`] |
 //! | [`worker`] | [`worker::Worker`]: pop, parse, dispatch inline or to the pool, complete, EVENT_IDX; `worker::held` (`HeldHeads`, what a queue holds), `worker::pool` (the I/O pool) |
