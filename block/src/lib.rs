@@ -7,7 +7,7 @@
 //! copy-on-write overlay, the migration to a target (copier, copy-on-read,
 //! repair, throttle), the persistent bitmaps and their live journals, and
 //! the vectored syscalls that move request data between files and guest
-//! memory. It depends on `store` (through one module, [`store_source`]) and
+//! memory. It depends on `store` (through one module, `store_source`) and
 //! on `vm-memory` for [`VolatileSlice`](vm_memory::VolatileSlice); it does
 //! not depend on `vhost`, `vhost-user-backend` or `virtio-queue`. The
 //! vhost-user-blk device (crate `vhost-backend`) sits on top and talks only
@@ -53,7 +53,7 @@
 //! | [`mod@file`] | `write_atomic`, `sync_parent_dir`, `check_bounds` |
 //! | [`socket`] | `bind_private_socket`: the vhost-user and control sockets, never reachable by anyone but their owner (private directory, chown to a `SocketOwner`, chmod, rename into place); `SocketFile` removes it on drop unless replaced |
 //! | [`source`] | the [`source::ChunkSource`] seam to the store; `VecSource` and the shared `check_read_write` harness for tests |
-//! | [`store_source`] | `store::SnapshotReader` as a `ChunkSource`, with an in-memory table of chunk keys (pages filled from the manifest on first use); store errors become `io::Error`s with their chain, counted |
+//! | `store_source` | `store::SnapshotReader` as a `ChunkSource`, with an in-memory table of chunk keys (pages filled from the manifest on first use); store errors become `io::Error`s with their chain, counted |
 //! | [`cache`] | [`cache::ChunkCache`], shared by every queue and the copier |
 //! | [`snapshot`] | [`snapshot::SnapshotLayer`], the bottom layer |
 //! | [`overlay`] | [`overlay::Overlay`] (copy-on-write, crash argument), `overlay::locks` (striped `LockTable`) |
