@@ -130,6 +130,7 @@ pub mod snapshot;
 pub mod socket;
 pub mod source;
 pub mod state;
+#[cfg(any(test, feature = "store"))]
 pub mod store_source;
 pub mod target;
 
