@@ -7,7 +7,9 @@
 //! copy-on-write overlay, the migration to a target (copier, copy-on-read,
 //! repair, throttle), the persistent bitmaps and their live journals, and
 //! the vectored syscalls that move request data between files and guest
-//! memory. It depends on `store` (through one module, `store_source`) and
+//! memory. It depends on `store` only through one module, `store_source`,
+//! behind the `store` feature (the daemon turns it on; the vhost-user
+//! device builds without the store), and
 //! on `vm-memory` for [`VolatileSlice`](vm_memory::VolatileSlice); it does
 //! not depend on `vhost`, `vhost-user-backend` or `virtio-queue`. The
 //! vhost-user-blk device (crate `vhost-backend`) sits on top and talks only
