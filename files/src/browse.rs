@@ -2,11 +2,15 @@
 //! (lazily, through `ext4-view` over the volume's bytes) and answers
 //! `stat`, `list`, `read_link` and `open` with bounded work.
 //!
-//! `ext4-view` resolves paths itself, symlinks included, always inside the
-//! filesystem: an absolute symlink target starts at that filesystem's root
-//! and `..` stops there, so no name in an image can reach another volume or
-//! the host. It caps symlink hops and path length; directory listings are
-//! capped here at [`MAX_DIR_ENTRIES`].
+//! Symlinks are resolved here ([`Browser::resolve`]), not by `ext4-view`:
+//! it reads a link's target whole, sized by the link's inode, so a hostile
+//! inode claiming a 200 GB target would exhaust memory. We check every
+//! link's size ([`MAX_SYMLINK_LEN`]) before reading its target and hand
+//! `ext4-view` only paths whose directory components are real directories.
+//! Resolution stays inside the filesystem: an absolute target starts at
+//! that filesystem's root and `..` stops there, so no name in an image can
+//! reach another volume or the host; at most [`MAX_SYMLINK_HOPS`] links are
+//! followed per path. Directory listings are capped at [`MAX_DIR_ENTRIES`].
 //!
 //! A `Browser` is not `Send` (the filesystem handles are `Rc`-based); the
 //! [`Disk`] below it is, so each thread makes its own browser.
@@ -135,6 +139,25 @@ impl Ext4Read for ExtReader {
     }
 }
 
+/// Longest symlink target ext4 can hold (one block, at most 4 KiB, less
+/// the terminating NUL; Linux's PATH_MAX). ext4-view reads a target whole,
+/// sized by the inode, so a hostile size must be refused before it asks.
+const MAX_SYMLINK_LEN: u64 = 4096;
+
+/// Most symlinks followed while resolving one path (Linux's limit).
+pub const MAX_SYMLINK_HOPS: usize = 40;
+
+/// Refuses a symlink whose inode claims a target longer than ext4 allows.
+fn check_symlink_len(path: &str, len: u64) -> Result<()> {
+    if len > MAX_SYMLINK_LEN {
+        return Err(Error::Damaged {
+            path: path.to_string(),
+            what: "symlink target longer than 4096 bytes",
+        });
+    }
+    Ok(())
+}
+
 fn fs_err(path: &str, e: Ext4Error) -> Error {
     let path = path.to_string();
     match e {
@@ -259,6 +282,7 @@ impl Browser {
     fn entry(&self, vol: usize, path: &[u8], name: &[u8], m: &Metadata) -> Result<Entry> {
         let kind = EntryKind::of(m.file_type());
         let raw_target = if kind == EntryKind::Symlink {
+            check_symlink_len(&self.shown(vol, path), m.len())?;
             let fs = self.fs(vol)?;
             let t = fs
                 .read_link(path)
@@ -288,14 +312,80 @@ impl Browser {
         })
     }
 
+    /// `inner` with every symlink in its directory components (and in its
+    /// last one, with `follow_last`) replaced by its target, so that
+    /// `ext4-view` follows none itself. Each link's size is checked before
+    /// its target is read; `..` stops at the filesystem's root.
+    fn resolve(&self, fs: &Ext4, vol: usize, inner: &[u8], follow_last: bool) -> Result<Vec<u8>> {
+        let parts = |p: &[u8]| -> Vec<Vec<u8>> {
+            p.split(|&b| b == b'/')
+                .filter(|c| !c.is_empty() && *c != b".")
+                .map(<[u8]>::to_vec)
+                .collect()
+        };
+        let mut todo: std::collections::VecDeque<Vec<u8>> = parts(inner).into();
+        let mut done: Vec<Vec<u8>> = Vec::new();
+        let mut hops = 0;
+        let path_of = |done: &[Vec<u8>]| {
+            let mut p = Vec::new();
+            for c in done {
+                p.push(b'/');
+                p.extend_from_slice(c);
+            }
+            if p.is_empty() {
+                p.push(b'/');
+            }
+            p
+        };
+        while let Some(c) = todo.pop_front() {
+            if c == b".." {
+                done.pop();
+                continue;
+            }
+            done.push(c);
+            let here = path_of(&done);
+            if todo.is_empty() && !follow_last {
+                break;
+            }
+            let m = fs
+                .symlink_metadata(here.as_slice())
+                .map_err(|e| fs_err(&self.shown(vol, &here), e))?;
+            if m.file_type() != FileType::Symlink {
+                continue;
+            }
+            hops += 1;
+            if hops > MAX_SYMLINK_HOPS {
+                return Err(Error::Damaged {
+                    path: self.shown(vol, inner),
+                    what: "more than 40 symlinks to follow",
+                });
+            }
+            check_symlink_len(&self.shown(vol, &here), m.len())?;
+            let target = fs
+                .read_link(here.as_slice())
+                .map_err(|e| fs_err(&self.shown(vol, &here), e))?;
+            let target = target.as_ref();
+            done.pop();
+            if target.first() == Some(&b'/') {
+                done.clear();
+            }
+            for t in parts(target).into_iter().rev() {
+                todo.push_front(t);
+            }
+        }
+        Ok(path_of(&done))
+    }
+
     /// `lstat` of `inner` (absolute, raw bytes) in volume `vol`.
     pub fn stat_in(&self, vol: usize, inner: &[u8]) -> Result<Entry> {
         let fs = self.fs(vol)?;
+        let real = self.resolve(&fs, vol, inner, false)?;
         let m = fs
-            .symlink_metadata(inner)
+            .symlink_metadata(real.as_slice())
             .map_err(|e| fs_err(&self.shown(vol, inner), e))?;
         let name = inner.rsplit(|&b| b == b'/').next().unwrap_or(b"");
-        let mut e = self.entry(vol, inner, name, &m)?;
+        let mut e = self.entry(vol, &real, name, &m)?;
+        e.path = self.shown(vol, inner);
         if inner == b"/" {
             e.name = self.disk.volumes()[vol].name.clone();
             e.raw_name = e.name.clone().into_bytes();
@@ -326,12 +416,15 @@ impl Browser {
     /// name, at most `limit`.
     pub fn list_in(&self, vol: usize, inner: &[u8], limit: usize) -> Result<Vec<Entry>> {
         let mut out = Vec::new();
-        self.each_in(vol, inner, limit, |name, de| {
+        let real = self.resolve(&self.fs(vol)?, vol, inner, true)?;
+        self.each_in(vol, &real, limit, |name, de| {
             let path = join(inner, name);
             let m = de
                 .metadata()
                 .map_err(|e| fs_err(&self.shown(vol, &path), e))?;
-            out.push(self.entry(vol, &path, name, &m)?);
+            let mut e = self.entry(vol, &join(&real, name), name, &m)?;
+            e.path = self.shown(vol, &path);
+            out.push(e);
             Ok(())
         })?;
         out.sort_by(|a, b| a.raw_name.cmp(&b.raw_name));
@@ -347,8 +440,12 @@ impl Browser {
     ) -> Result<()> {
         let fs = self.fs(vol)?;
         let shown = || self.shown(vol, inner);
+        let real = self.resolve(&fs, vol, inner, true)?;
         let mut n = 0usize;
-        for de in fs.read_dir(inner).map_err(|e| fs_err(&shown(), e))? {
+        for de in fs
+            .read_dir(real.as_slice())
+            .map_err(|e| fs_err(&shown(), e))?
+        {
             let de = de.map_err(|e| fs_err(&shown(), e))?;
             let name = de.file_name();
             let name = name.as_ref();
@@ -370,8 +467,13 @@ impl Browser {
     /// The target of symlink `inner` in `vol`.
     pub fn read_link_in(&self, vol: usize, inner: &[u8]) -> Result<Vec<u8>> {
         let fs = self.fs(vol)?;
+        let real = self.resolve(&fs, vol, inner, false)?;
+        let m = fs
+            .symlink_metadata(real.as_slice())
+            .map_err(|e| fs_err(&self.shown(vol, inner), e))?;
+        check_symlink_len(&self.shown(vol, inner), m.len())?;
         let t = fs
-            .read_link(inner)
+            .read_link(real.as_slice())
             .map_err(|e| fs_err(&self.shown(vol, inner), e))?;
         Ok(t.as_ref().to_vec())
     }
@@ -381,7 +483,8 @@ impl Browser {
     pub fn open_in(&self, vol: usize, inner: &[u8]) -> Result<FileReader> {
         let fs = self.fs(vol)?;
         let path = self.shown(vol, inner);
-        let file = fs.open(inner).map_err(|e| fs_err(&path, e))?;
+        let real = self.resolve(&fs, vol, inner, true)?;
+        let file = fs.open(real.as_slice()).map_err(|e| fs_err(&path, e))?;
         let size = file.metadata().len();
         if size > MAX_FILE_SIZE {
             return Err(Error::FileTooLarge {
