@@ -129,6 +129,7 @@ pub mod drill;
 pub mod error;
 pub mod format;
 pub mod gc;
+pub mod group;
 pub mod hold;
 pub mod id;
 pub mod index;

@@ -68,7 +68,8 @@ pub struct ChangedOptions<'a> {
 /// its source (talk to QEMU) knowing no other writer runs.
 pub struct ChangedBackup<'s> {
     store: &'s Store,
-    _lock: WriterLock,
+    /// Shared by the sessions of one group point ([`Store::begin_changed_backups`]).
+    _lock: std::sync::Arc<WriterLock>,
     name: String,
     newest: Option<SnapshotInfo>,
 }
@@ -76,18 +77,39 @@ pub struct ChangedBackup<'s> {
 impl Store {
     /// Take the writer lock for a changed-blocks backup of image `name`.
     pub fn begin_changed_backup(&self, name: &str) -> Result<ChangedBackup<'_>> {
-        validate_name(name)?;
-        let lock = self.lock_writer()?;
-        let newest = match snapshot::list(self.backend(), Some(name), false)?.pop() {
-            Some(l) => Some(self.load_info(&l)?),
-            None => None,
-        };
-        Ok(ChangedBackup {
-            store: self,
-            _lock: lock,
-            name: name.to_owned(),
-            newest,
-        })
+        let mut one = self.begin_changed_backups(&[name])?;
+        Ok(one.remove(0))
+    }
+
+    /// Take the writer lock once for changed-blocks backups of several
+    /// images (the members of a group point): every session shares it, so
+    /// no other writer runs until the last one is dropped. Run the
+    /// sessions one after another (each runs its own parallel pipeline).
+    pub fn begin_changed_backups(&self, names: &[&str]) -> Result<Vec<ChangedBackup<'_>>> {
+        for name in names {
+            validate_name(name)?;
+        }
+        if names.is_empty() {
+            return Err(Error::invalid(
+                "A changed-blocks backup needs an image name",
+            ));
+        }
+        let lock = std::sync::Arc::new(self.lock_writer()?);
+        names
+            .iter()
+            .map(|name| {
+                let newest = match snapshot::list(self.backend(), Some(name), false)?.pop() {
+                    Some(l) => Some(self.load_info(&l)?),
+                    None => None,
+                };
+                Ok(ChangedBackup {
+                    store: self,
+                    _lock: lock.clone(),
+                    name: (*name).to_owned(),
+                    newest,
+                })
+            })
+            .collect()
     }
 }
 
