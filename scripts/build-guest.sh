@@ -37,6 +37,17 @@
 #                     /files/f-<i>, each fsync'ed and synced, then
 #                     "FILE <i> <sha256>", until "stop" on the console;
 #                     then FILES-DONE <n>, GUEST-DONE, power off.
+#   guestmode=serve   the checks above, then services for recovery drills
+#                     until "stop" on the console: qemu-guest-agent on the
+#                     virtio-serial port named org.qemu.guest_agent.0 (if
+#                     QEMU gives one; QGA-STARTED <dev> or QGA-NONE), and on
+#                     a virtio-net NIC (if any) 10.0.2.15/24 (QEMU's
+#                     user-mode default) with two TCP services: on
+#                     guestport=<N> (default 8080) one that sends the line
+#                     "GUEST-SERVICE <kernel release>" and closes, on N+1 one
+#                     that sends nothing and echoes what it reads
+#                     (NET-UP <N> or NET-NONE); then SERVE-READY. Later
+#                     GUEST-DONE, power off.
 #
 # Console markers (one per line, greppable):
 #   GUEST-INIT <kernel release> mode=<mode>, DISK-SERIAL: <virtio-blk serial
@@ -44,6 +55,7 @@
 #   WROTE-BOOT: boot-<N>.txt, LOOP-READY, LOOP-SUM <i> <sha256>,
 #   LOOP-FILE-SUM <i> <file> <sha256>, LOOP <i> OK|BAD, LOOP-DONE <n>,
 #   ROOT-RO (root remounted read-only, so e2fsck -fn is clean), GUEST-DONE,
+#   QGA-STARTED <dev> | QGA-NONE, NET-UP <port> | NET-NONE, SERVE-READY,
 #   and INITRAMFS-FAIL: <why> when the initramfs cannot mount the root.
 #
 # Idempotent and cached: the kernel download is kept, and the images are
@@ -58,8 +70,10 @@ PAYLOAD_MIB=4
 # ("IO-APIC + timer doesn't work") and panic at boot.
 CMDLINE="console=ttyS0 root=/dev/vda rw quiet panic=-1 no_timer_check"
 # Modules loaded by the initramfs, dependencies first (checked below
-# against each module's own depends= list).
-MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
+# against each module's own depends= list). virtio_console and virtio_net
+# serve guestmode=serve (guest agent channel, drill network).
+MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
+    virtio_console failover net_failover virtio_net)
 
 log() { echo "build-guest: $*" >&2; }
 die() {
@@ -90,6 +104,11 @@ for candidate in /bin/busybox /usr/bin/busybox; do
     fi
 done
 [[ -n $BUSYBOX ]] || die "static busybox not found (apt-get install busybox-static)"
+# The guest agent (guestmode=serve) is the host's Debian qemu-ga with its
+# shared libraries: the guest's root is a Debian 12 userland for it.
+QEMU_GA=$(command -v qemu-ga || true)
+[[ -n $QEMU_GA ]] || QEMU_GA=/usr/sbin/qemu-ga
+[[ -x $QEMU_GA ]] || die "qemu-ga not found (apt-get install qemu-guest-agent)"
 
 # --- Kernel -----------------------------------------------------------------
 # Newest cloud kernel the meta package points at; cached by package name.
@@ -224,6 +243,20 @@ cp "$BUSYBOX" "$ROOT/bin/busybox"
     [[ -e $ROOT/$applet ]] || ln -s "$rel" "$ROOT/$applet"
 done
 [[ -e $ROOT/sbin/init ]] && rm -f "$ROOT/sbin/init"
+
+# qemu-ga and the libraries it links (ldd's resolved paths, and the loader).
+mkdir -p "$ROOT/usr/sbin"
+cp "$QEMU_GA" "$ROOT/usr/sbin/qemu-ga"
+ldd "$QEMU_GA" | awk '/=> \// { print $3 } /^\t\/[^ ]+ \(/ { print $1 }' | while read -r lib; do
+    mkdir -p "$ROOT$(dirname "$lib")"
+    cp -L "$lib" "$ROOT$lib"
+done
+cat >"$ROOT/usr/sbin/guest-service" <<'EOF'
+#!/bin/sh
+# One connection of the guest's TCP service (guestmode=serve).
+echo "GUEST-SERVICE $(uname -r)"
+EOF
+chmod 755 "$ROOT/usr/sbin/guest-service"
 
 head -c $((PAYLOAD_MIB * 1024 * 1024)) /dev/urandom >"$ROOT/payload.bin"
 (cd "$ROOT" && sha256sum payload.bin >payload.sha256)
@@ -396,6 +429,40 @@ if [ "$mode" = files ]; then
     done
     echo "FILES-DONE $i"
     umount /run 2>/dev/null
+fi
+
+if [ "$mode" = serve ]; then
+    # Services for recovery drills, until "stop" on the serial console.
+    port=8080
+    for arg in $(cat /proc/cmdline); do
+        case $arg in
+        guestport=*) port=${arg#guestport=} ;;
+        esac
+    done
+    mount -t tmpfs tmpfs /run
+    mkdir -p /run/qga
+    agent=""
+    for p in /sys/class/virtio-ports/*; do
+        [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && agent=/dev/${p##*/}
+    done
+    if [ -n "$agent" ]; then
+        qemu-ga -m virtio-serial -p "$agent" -t /run/qga -f /run/qga/pid </dev/null >/dev/null 2>&1 &
+        echo "QGA-STARTED $agent"
+    else
+        echo "QGA-NONE"
+    fi
+    ip link set lo up
+    if ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0; then
+        nc -ll -p "$port" -e /usr/sbin/guest-service </dev/null >/dev/null 2>&1 &
+        nc -ll -p $((port + 1)) -e /bin/cat </dev/null >/dev/null 2>&1 &
+        echo "NET-UP $port"
+    else
+        echo "NET-NONE"
+    fi
+    echo "SERVE-READY"
+    while read -r line; do
+        [ "$line" = stop ] && break
+    done </dev/console
 fi
 finish
 EOF

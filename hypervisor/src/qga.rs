@@ -70,10 +70,52 @@ impl Qga {
     }
 
     fn execute(&mut self, cmd: &str) -> Result<serde_json::Value> {
+        self.execute_args(cmd, None)
+    }
+
+    fn execute_args(
+        &mut self,
+        cmd: &str,
+        args: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
         let id = self.next_id;
         self.next_id += 1;
         self.conn
-            .execute(cmd, None, id, crate::qmp::COMMAND_TIMEOUT)
+            .execute(cmd, args, id, crate::qmp::COMMAND_TIMEOUT)
+    }
+
+    /// `guest-exec` of `path` with `args` (no shell), output captured:
+    /// the guest's process id, for [`Qga::exec_status`].
+    pub fn exec(&mut self, path: &str, args: &[&str]) -> Result<i64> {
+        let v = self.execute_args(
+            "guest-exec",
+            Some(json!({ "path": path, "arg": args, "capture-output": true })),
+        )?;
+        v["pid"].as_i64().ok_or_else(|| Error::Unexpected {
+            peer: "guest agent",
+            command: "guest-exec".into(),
+            answer: v.to_string(),
+        })
+    }
+
+    /// `guest-exec-status` of a process started by [`Qga::exec`].
+    pub fn exec_status(&mut self, pid: i64) -> Result<ExecStatus> {
+        let v = self.execute_args("guest-exec-status", Some(json!({ "pid": pid })))?;
+        let Some(exited) = v["exited"].as_bool() else {
+            return Err(Error::Unexpected {
+                peer: "guest agent",
+                command: "guest-exec-status".into(),
+                answer: v.to_string(),
+            });
+        };
+        let data = |key: &str| v[key].as_str().map(decode_base64).unwrap_or_default();
+        Ok(ExecStatus {
+            exited,
+            exit_code: v["exitcode"].as_i64(),
+            signal: v["signal"].as_i64(),
+            stdout: data("out-data"),
+            stderr: data("err-data"),
+        })
     }
 
     /// `guest-ping`.
@@ -114,6 +156,46 @@ impl Qga {
     }
 }
 
+/// What `guest-exec-status` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecStatus {
+    /// Whether the process has ended.
+    pub exited: bool,
+    /// Its exit code, once it exited normally.
+    pub exit_code: Option<i64>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i64>,
+    /// Captured output (invalid base64 from the guest decodes to nothing).
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Standard base64 (the agent's `out-data`); stops at the first byte
+/// that is not base64, so a hostile guest's answer cannot do more than
+/// truncate its own output.
+fn decode_base64(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in s.bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => break,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -147,6 +229,9 @@ pub(crate) mod tests {
                         json!({ "return": v["arguments"]["id"] })
                     }
                     "guest-ping" => json!({ "return": {} }),
+                    "guest-exec" => json!({ "return": { "pid": 42 } }),
+                    "guest-exec-status" => json!({ "return": {
+                        "exited": true, "exitcode": 3, "out-data": "aGkK" } }),
                     "guest-fsfreeze-freeze" => {
                         frozen = true;
                         json!({ "return": 2 })
@@ -178,10 +263,14 @@ pub(crate) mod tests {
         assert_eq!(g.fsfreeze_freeze().unwrap(), 2);
         assert_eq!(g.fsfreeze_status().unwrap(), "frozen");
         assert_eq!(g.fsfreeze_thaw().unwrap(), 2);
+        let pid = g.exec("/bin/sh", &["-c", "echo hi; exit 3"]).unwrap();
+        let st = g.exec_status(pid).unwrap();
+        assert_eq!((st.exited, st.exit_code), (true, Some(3)));
+        assert_eq!(st.stdout, b"hi\n");
         drop(g);
         let seen = t.join().unwrap();
         assert_eq!(seen[0], "guest-sync-delimited");
-        assert_eq!(seen.len(), 6);
+        assert_eq!(seen.len(), 8);
     }
 
     /// The real qemu-ga, listening on a unix socket on this host. Only
@@ -228,6 +317,26 @@ pub(crate) mod tests {
         // A second session syncs past whatever the first left.
         let mut g = Qga::connect(&sock).unwrap();
         g.ping().unwrap();
+        // guest-exec runs a harmless command here; its status is polled.
+        let pid = g.exec("/bin/sh", &["-c", "echo hi; exit 3"]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let st = loop {
+            let st = g.exec_status(pid).unwrap();
+            if st.exited || std::time::Instant::now() > deadline {
+                break st;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!((st.exited, st.exit_code), (true, Some(3)), "{st:?}");
+        assert_eq!(st.stdout, b"hi\n");
+    }
+
+    #[test]
+    fn base64_decodes_and_stops_at_garbage() {
+        assert_eq!(decode_base64("aGkK"), b"hi\n");
+        assert_eq!(decode_base64("aGVsbG8="), b"hello");
+        assert_eq!(decode_base64(""), b"");
+        assert_eq!(decode_base64("aG\u{e9}kK"), b"h");
     }
 
     #[test]
