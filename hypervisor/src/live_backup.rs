@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use store::backup::changed::{ChangedOptions, ChunkState};
+use store::backup::changed::{ChangedBackup, ChangedOptions, ChunkState};
 use store::{SnapshotInfo, Store};
 use tracing::{info, info_span, warn};
 
@@ -264,190 +264,45 @@ pub fn run(store: &Store, cfg: &Config<'_>) -> Result<Report> {
     // so every object with our prefix is a leftover.
     let session = store.begin_changed_backup(&cfg.name)?;
     let mut q = Qmp::connect(&cfg.qmp).map_err(qerr("connect"))?;
-    let drive = fleece::resolve_drive(&mut q, &cfg.drive)?;
-    if let Some(f) = cfg.on_size {
-        f(drive.size);
-    }
+    // Resolve first: an unknown drive is reported before anything changes.
+    fleece::resolve_drive(&mut q, &cfg.drive)?;
     let leftovers = fleece::clear_leftovers(&mut q, &names, &cfg.scratch)?;
-
-    let bprefix = names.bitmap_prefix(&cfg.name);
-    let ours: Vec<qmp::DirtyBitmap> = drive
-        .bitmaps
-        .iter()
-        .filter(|b| fleece::is_our_bitmap(&b.name, &bprefix))
-        .cloned()
-        .collect();
-    let others: Vec<String> = drive
-        .bitmaps
-        .iter()
-        .filter(|b| b.name.starts_with("ir-") && !b.name.starts_with(&names.prefix))
-        .map(|b| b.name.clone())
-        .collect();
-    let mode = decide(
-        cfg.full,
-        &cfg.name,
-        session.newest(),
-        &drive,
-        store.chunk_size(),
-        &ours,
-        &others,
-    );
-    info!(?mode, "mode decided");
-
-    // Fold strays (a killed run's new bitmap, an older base) into the base,
-    // and make sure it records.
-    if let Mode::Incremental { base, .. } = &mode {
-        let strays: Vec<String> = ours
-            .iter()
-            .filter(|b| &b.name != base)
-            .map(|b| b.name.clone())
-            .collect();
-        let recording = ours.iter().any(|b| &b.name == base && b.recording);
-        if !strays.is_empty() || !recording {
-            let mut actions = vec![Action::BlockDirtyBitmapEnable {
-                node: drive.node.clone(),
-                name: base.clone(),
-            }];
-            if !strays.is_empty() {
-                actions.push(Action::BlockDirtyBitmapMerge {
-                    node: drive.node.clone(),
-                    target: base.clone(),
-                    bitmaps: strays.clone(),
-                });
-            }
-            for s in &strays {
-                actions.push(Action::BlockDirtyBitmapRemove {
-                    node: drive.node.clone(),
-                    name: s.clone(),
-                });
-            }
-            q.transaction(&actions)
-                .map_err(qerr("transaction (fold stray bitmaps)"))?;
-            info!(?strays, "folded stray bitmaps into the base");
-        }
+    let target = Target {
+        name: cfg.name.clone(),
+        qmp: cfg.qmp.clone(),
+        drive: cfg.drive.clone(),
+        full: cfg.full,
+        scratch: cfg.scratch.clone(),
+    };
+    let mut member = Member::prepare(&mut q, store, session.newest(), names, &target)?;
+    if let Some(f) = cfg.on_size {
+        f(member.drive.size);
     }
-
-    let new_bitmap = names.bitmap(&cfg.name);
-    let mut fleece = Fleece::default();
-    let mut added = false;
-    let result = backup(
-        store,
-        cfg,
-        &session,
-        &mut q,
-        &names,
-        &drive,
-        &mode,
-        &new_bitmap,
-        &mut fleece,
-        &mut added,
-    );
-    let cleanup = fleece.teardown(&mut q);
-
+    let result = start_and_read(store, cfg, &session, &mut q, &mut member);
+    let cleanup = member.teardown(&mut q);
     // Bitmaps: on success the new one tracks from this snapshot on; on
     // failure every change since the parent stays tracked.
-    let finish = match (&result, &mode) {
-        (Ok(_), _) => {
-            let old: Vec<Action> = ours
-                .iter()
-                .filter(|b| mode_base(&mode) == Some(&b.name) || matches!(mode, Mode::Full { .. }))
-                .map(|b| Action::BlockDirtyBitmapRemove {
-                    node: drive.node.clone(),
-                    name: b.name.clone(),
-                })
-                .collect();
-            if old.is_empty() {
-                Ok(())
-            } else {
-                q.transaction(&old)
-            }
-        }
-        (Err(_), Mode::Incremental { base, .. }) if added => q.transaction(&[
-            Action::BlockDirtyBitmapEnable {
-                node: drive.node.clone(),
-                name: base.clone(),
-            },
-            Action::BlockDirtyBitmapMerge {
-                node: drive.node.clone(),
-                target: base.clone(),
-                bitmaps: vec![new_bitmap.clone()],
-            },
-            Action::BlockDirtyBitmapRemove {
-                node: drive.node.clone(),
-                name: new_bitmap.clone(),
-            },
-        ]),
-        (Err(_), _) if added => q.bitmap_remove(&drive.node, &new_bitmap),
-        (Err(_), _) => Ok(()),
-    };
-    if let Err(e) = &finish {
+    if let Err(e) = member.finish(&mut q, result.is_ok()) {
         warn!("could not update dirty bitmaps after the backup: {e}");
     }
-    let (stats, dirty_bytes, unchanged, blackout, frozen) = result?;
+    let (done, blackout, frozen) = result?;
     if !cleanup.is_empty() {
         warn!(
             ?cleanup,
             "cleanup left something behind; the next run removes it"
         );
     }
-    let (mode_name, reason) = match &mode {
-        Mode::Full { reason } => ("full", Some(reason.clone())),
-        Mode::Incremental { .. } => ("incremental", None),
-    };
-    Ok(Report {
-        snapshot: format!("{}@{}", stats.name, stats.snapshot),
-        mode: mode_name,
-        reason,
-        image_size: stats.image_size,
-        bytes_read: stats.bytes_read,
-        dirty_bytes,
-        bytes_new: stats.bytes_new,
-        chunks_total: stats.chunks_total,
-        chunks_new: stats.chunks_new,
-        chunks_unchanged: unchanged,
-        blackout_ms: blackout.as_secs_f64() * 1000.0,
-        frozen_ms: frozen.map(|d| d.as_secs_f64() * 1000.0),
-        seconds: started.elapsed().as_secs_f64(),
-        parent: stats.parent,
-        bitmap: new_bitmap,
-        leftovers_cleared: leftovers,
-    })
+    Ok(member.report(done, blackout, frozen, started, leftovers))
 }
 
-/// Granularity of new bitmaps: a sixteenth of the chunk size (at least
-/// 4 KiB), so a small write costs a small read; the rest of its chunk
-/// comes from the parent snapshot.
-pub fn bitmap_granularity(chunk_size: u32) -> u32 {
-    (chunk_size / 16).max(4096).min(chunk_size)
-}
-
-fn mode_base(mode: &Mode) -> Option<&String> {
-    match mode {
-        Mode::Incremental { base, .. } => Some(base),
-        Mode::Full { .. } => None,
-    }
-}
-
-type Done = (store::BackupStats, u64, u64, Duration, Option<Duration>);
-
-/// Start the fleece, export it, read it into the store.
-#[allow(clippy::too_many_arguments)]
-fn backup(
+/// The single-VM start (qga freeze, one transaction, thaw) and the read.
+fn start_and_read(
     store: &Store,
     cfg: &Config<'_>,
-    session: &store::backup::changed::ChangedBackup<'_>,
+    session: &ChangedBackup<'_>,
     q: &mut Qmp,
-    names: &Names,
-    drive: &Drive,
-    mode: &Mode,
-    new_bitmap: &str,
-    fleece: &mut Fleece,
-    added: &mut bool,
-) -> Result<Done> {
-    std::fs::create_dir_all(&cfg.scratch).map_err(|source| Error::Scratch {
-        dir: cfg.scratch.clone(),
-        source,
-    })?;
+    member: &mut Member,
+) -> Result<(Done, Duration, Option<Duration>)> {
     let mut qga = match &cfg.qga {
         Some(p) => Some(Qga::connect(p).map_err(|source| Error::Qga {
             what: "connect",
@@ -455,31 +310,7 @@ fn backup(
         })?),
         None => None,
     };
-    fleece.prepare(q, names, drive, &cfg.scratch)?;
-
-    let job = names.job();
-    let mut actions = vec![
-        Action::BlockdevBackup {
-            job_id: job.clone(),
-            device: drive.node.clone(),
-            target: names.node(),
-            sync: "none".into(),
-            auto_dismiss: true,
-            filter_node_name: Some(names.filter()),
-        },
-        Action::BlockDirtyBitmapAdd {
-            node: drive.node.clone(),
-            name: new_bitmap.to_owned(),
-            granularity: bitmap_granularity(store.chunk_size()),
-            persistent: drive.drv == "qcow2",
-        },
-    ];
-    if let Mode::Incremental { base, .. } = mode {
-        actions.push(Action::BlockDirtyBitmapDisable {
-            node: drive.node.clone(),
-            name: base.clone(),
-        });
-    }
+    let actions = member.start_actions(store.chunk_size());
     let frozen_at = Instant::now();
     if let Some(g) = qga.as_mut() {
         g.fsfreeze_freeze().map_err(|source| Error::Qga {
@@ -494,8 +325,7 @@ fn backup(
     let thawed = qga.as_mut().map(|g| g.fsfreeze_thaw());
     let frozen = qga.as_ref().map(|_| frozen_at.elapsed());
     tx.map_err(qerr("transaction (start fleecing)"))?;
-    fleece.job = Some(job);
-    *added = true;
+    member.started();
     if let Some(Err(source)) = thawed {
         return Err(Error::Qga {
             what: "guest-fsfreeze-thaw",
@@ -506,69 +336,370 @@ fn backup(
         blackout_ms = blackout.as_secs_f64() * 1000.0,
         "point in time taken"
     );
-    if cfg.abort.load(Ordering::Relaxed) {
-        return Err(Error::Interrupted);
+    let done = member.read(
+        q,
+        store,
+        session,
+        &ReadOptions {
+            progress: cfg.progress,
+            threads: cfg.threads,
+            abort: cfg.abort,
+        },
+    )?;
+    Ok((done, blackout, frozen))
+}
+
+/// Where one member of a live backup comes from.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Image name in the store.
+    pub name: String,
+    pub qmp: PathBuf,
+    pub drive: String,
+    pub full: bool,
+    /// Directory for the scratch image and the NBD socket.
+    pub scratch: PathBuf,
+}
+
+/// How [`Member::read`] reads.
+pub struct ReadOptions<'a> {
+    pub progress: Option<store::Progress<'a>>,
+    pub threads: Option<usize>,
+    pub abort: &'a AtomicBool,
+}
+
+/// What a member's read produced: store stats, dirty bytes, chunks reused
+/// from the parent.
+pub type Done = (store::BackupStats, u64, u64);
+
+/// One disk's live backup, split into phases so that several disks (of one
+/// VM or of several) are started at one instant (a group point):
+///
+/// 1. [`Member::prepare`]: resolve the drive, decide full/incremental, fold
+///    stray bitmaps, add the scratch node (the caller has cleared leftovers
+///    once per VM with [`fleece::clear_leftovers`]);
+/// 2. the caller runs [`Member::start_actions`] of every member of a VM in
+///    one QMP `transaction`, inside its freeze or `stop` window, then calls
+///    [`Member::started`] when it succeeded;
+/// 3. [`Member::read`]: export over NBD and read into the store (one
+///    member of a VM at a time: QEMU runs one NBD server);
+/// 4. always [`Member::teardown`] (removes what QEMU holds for it), then
+///    [`Member::finish`] with the outcome of the whole group: on failure
+///    the new bitmap is merged back into the base, so the next run still
+///    sees every change.
+pub struct Member {
+    pub name: String,
+    pub drive: Drive,
+    pub mode: Mode,
+    names: Names,
+    qmp: PathBuf,
+    scratch: PathBuf,
+    ours: Vec<qmp::DirtyBitmap>,
+    new_bitmap: String,
+    fleece: Fleece,
+    added: bool,
+}
+
+impl Member {
+    /// Phase 1 (see [`Member`]). `newest`: the newest snapshot of
+    /// `target.name` (from the store session). On error nothing is left in
+    /// QEMU.
+    pub fn prepare(
+        q: &mut Qmp,
+        store: &Store,
+        newest: Option<&SnapshotInfo>,
+        names: Names,
+        target: &Target,
+    ) -> Result<Member> {
+        store::snapshot::validate_name(&target.name)?;
+        let drive = fleece::resolve_drive(q, &target.drive)?;
+        let bprefix = names.bitmap_prefix(&target.name);
+        let ours: Vec<qmp::DirtyBitmap> = drive
+            .bitmaps
+            .iter()
+            .filter(|b| fleece::is_our_bitmap(&b.name, &bprefix))
+            .cloned()
+            .collect();
+        let others: Vec<String> = drive
+            .bitmaps
+            .iter()
+            .filter(|b| b.name.starts_with("ir-") && !b.name.starts_with(&names.prefix))
+            .map(|b| b.name.clone())
+            .collect();
+        let mode = decide(
+            target.full,
+            &target.name,
+            newest,
+            &drive,
+            store.chunk_size(),
+            &ours,
+            &others,
+        );
+        info!(name = %target.name, ?mode, "mode decided");
+        if let Mode::Incremental { base, .. } = &mode {
+            fold_strays(q, &drive, &ours, base)?;
+        }
+        std::fs::create_dir_all(&target.scratch).map_err(|source| Error::Scratch {
+            dir: target.scratch.clone(),
+            source,
+        })?;
+        let mut m = Member {
+            name: target.name.clone(),
+            new_bitmap: names.bitmap(&target.name),
+            drive,
+            mode,
+            names,
+            qmp: target.qmp.clone(),
+            scratch: target.scratch.clone(),
+            ours,
+            fleece: Fleece::default(),
+            added: false,
+        };
+        if let Err(e) = m.fleece.prepare(q, &m.names, &m.drive, &m.scratch) {
+            m.teardown(q);
+            return Err(e);
+        }
+        Ok(m)
     }
 
-    let base = mode_base(mode).cloned();
-    let socket = fleece.export(q, names, &cfg.scratch, base.as_slice())?;
-    let dirty_ctx = base.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
-    let mut contexts = vec!["base:allocation".to_owned()];
-    contexts.extend(dirty_ctx.clone());
-    let client = nbd::Client::connect(
-        &socket,
-        &nbd::Options {
-            export: names.export(),
-            meta_contexts: contexts,
-        },
-    )
-    .map_err(|source| Error::Nbd {
-        what: "connect",
-        source,
-    })?;
-    let plan = source::plan(&client, store.chunk_size() as u64, dirty_ctx.as_deref())?;
-    info!(
-        dirty_bytes = plan.dirty_bytes,
-        data_chunks = plan.count(ChunkState::Data),
-        "plan ready"
-    );
-    let parent = match mode {
-        Mode::Incremental { parent, .. } => {
-            Some(store.open_snapshot(&format!("{}@{parent}", cfg.name))?)
+    /// Phase 2: the actions that start this member's point in time (run
+    /// them in one transaction with the other members of its VM).
+    pub fn start_actions(&self, chunk_size: u32) -> Vec<Action> {
+        let drive = &self.drive;
+        let mut actions = vec![
+            Action::BlockdevBackup {
+                job_id: self.names.job(),
+                device: drive.node.clone(),
+                target: self.names.node(),
+                sync: "none".into(),
+                auto_dismiss: true,
+                filter_node_name: Some(self.names.filter()),
+            },
+            Action::BlockDirtyBitmapAdd {
+                node: drive.node.clone(),
+                name: self.new_bitmap.clone(),
+                granularity: bitmap_granularity(chunk_size),
+                persistent: drive.drv == "qcow2",
+            },
+        ];
+        if let Mode::Incremental { base, .. } = &self.mode {
+            actions.push(Action::BlockDirtyBitmapDisable {
+                node: drive.node.clone(),
+                name: base.clone(),
+            });
         }
-        Mode::Full { .. } => None,
-    };
-    let src = source::NbdSource {
-        client: &client,
-        plan: &plan,
-        parent,
-        abort: cfg.abort,
-        bytes_read: Default::default(),
-    };
-    let opts = ChangedOptions {
-        image_size: drive.size,
-        source: source_string(&cfg.qmp, &drive.node, new_bitmap),
-        parent: match mode {
-            Mode::Incremental { parent, .. } => Some(parent.clone()),
+        actions
+    }
+
+    /// Phase 2 done: the transaction holding [`Member::start_actions`]
+    /// succeeded.
+    pub fn started(&mut self) {
+        self.fleece.job = Some(self.names.job());
+        self.added = true;
+    }
+
+    /// Phase 3: export the point in time and read it into the store.
+    pub fn read(
+        &mut self,
+        q: &mut Qmp,
+        store: &Store,
+        session: &ChangedBackup<'_>,
+        opts: &ReadOptions<'_>,
+    ) -> Result<Done> {
+        if opts.abort.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        let base = mode_base(&self.mode).cloned();
+        let socket = self
+            .fleece
+            .export(q, &self.names, &self.scratch, base.as_slice())?;
+        let dirty_ctx = base.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let mut contexts = vec!["base:allocation".to_owned()];
+        contexts.extend(dirty_ctx.clone());
+        let client = nbd::Client::connect(
+            &socket,
+            &nbd::Options {
+                export: self.names.export(),
+                meta_contexts: contexts,
+            },
+        )
+        .map_err(|source| Error::Nbd {
+            what: "connect",
+            source,
+        })?;
+        let plan = source::plan(&client, store.chunk_size() as u64, dirty_ctx.as_deref())?;
+        info!(
+            dirty_bytes = plan.dirty_bytes,
+            data_chunks = plan.count(ChunkState::Data),
+            "plan ready"
+        );
+        let parent = match &self.mode {
+            Mode::Incremental { parent, .. } => {
+                Some(store.open_snapshot(&format!("{}@{parent}", self.name))?)
+            }
             Mode::Full { .. } => None,
-        },
-        progress: cfg.progress,
-        threads: cfg.threads,
-        readers: 8,
-    };
-    let mut stats = match session.run(&src, &opts) {
-        Err(_) if cfg.abort.load(Ordering::Relaxed) => return Err(Error::Interrupted),
-        r => r?,
-    };
-    // What crossed NBD (zero ranges and parent data were not read).
-    stats.bytes_read = src.bytes_read.load(Ordering::Relaxed);
-    Ok((
-        stats,
-        plan.dirty_bytes,
-        plan.count(ChunkState::Unchanged),
-        blackout,
-        frozen,
-    ))
+        };
+        let src = source::NbdSource {
+            client: &client,
+            plan: &plan,
+            parent,
+            abort: opts.abort,
+            bytes_read: Default::default(),
+        };
+        let copts = ChangedOptions {
+            image_size: self.drive.size,
+            source: source_string(&self.qmp, &self.drive.node, &self.new_bitmap),
+            parent: match &self.mode {
+                Mode::Incremental { parent, .. } => Some(parent.clone()),
+                Mode::Full { .. } => None,
+            },
+            progress: opts.progress,
+            threads: opts.threads,
+            readers: 8,
+        };
+        let mut stats = match session.run(&src, &copts) {
+            Err(_) if opts.abort.load(Ordering::Relaxed) => return Err(Error::Interrupted),
+            r => r?,
+        };
+        // What crossed NBD (zero ranges and parent data were not read).
+        stats.bytes_read = src.bytes_read.load(Ordering::Relaxed);
+        Ok((stats, plan.dirty_bytes, plan.count(ChunkState::Unchanged)))
+    }
+
+    /// Phase 4: remove the export, server, job, scratch node and file (in
+    /// reverse order; returns what failed, never stops early).
+    pub fn teardown(&mut self, q: &mut Qmp) -> Vec<String> {
+        self.fleece.teardown(q)
+    }
+
+    /// Phase 4, after [`Member::teardown`]: `success` (of the whole group)
+    /// removes the old bitmap, so the new one tracks from this snapshot on;
+    /// otherwise the new bitmap is merged back into the base.
+    pub fn finish(&mut self, q: &mut Qmp, success: bool) -> qmp::Result<()> {
+        let node = &self.drive.node;
+        let r = match (success, &self.mode) {
+            (true, mode) => {
+                let old: Vec<Action> = self
+                    .ours
+                    .iter()
+                    .filter(|b| {
+                        mode_base(mode) == Some(&b.name) || matches!(mode, Mode::Full { .. })
+                    })
+                    .map(|b| Action::BlockDirtyBitmapRemove {
+                        node: node.clone(),
+                        name: b.name.clone(),
+                    })
+                    .collect();
+                if old.is_empty() {
+                    Ok(())
+                } else {
+                    q.transaction(&old)
+                }
+            }
+            (false, Mode::Incremental { base, .. }) if self.added => q.transaction(&[
+                Action::BlockDirtyBitmapEnable {
+                    node: node.clone(),
+                    name: base.clone(),
+                },
+                Action::BlockDirtyBitmapMerge {
+                    node: node.clone(),
+                    target: base.clone(),
+                    bitmaps: vec![self.new_bitmap.clone()],
+                },
+                Action::BlockDirtyBitmapRemove {
+                    node: node.clone(),
+                    name: self.new_bitmap.clone(),
+                },
+            ]),
+            (false, _) if self.added => q.bitmap_remove(node, &self.new_bitmap),
+            (false, _) => Ok(()),
+        };
+        self.added = false;
+        r
+    }
+
+    /// The report of a member that was read.
+    pub fn report(
+        &self,
+        done: Done,
+        blackout: Duration,
+        frozen: Option<Duration>,
+        started: Instant,
+        leftovers: Vec<String>,
+    ) -> Report {
+        let (stats, dirty_bytes, unchanged) = done;
+        let (mode_name, reason) = match &self.mode {
+            Mode::Full { reason } => ("full", Some(reason.clone())),
+            Mode::Incremental { .. } => ("incremental", None),
+        };
+        Report {
+            snapshot: format!("{}@{}", stats.name, stats.snapshot),
+            mode: mode_name,
+            reason,
+            image_size: stats.image_size,
+            bytes_read: stats.bytes_read,
+            dirty_bytes,
+            bytes_new: stats.bytes_new,
+            chunks_total: stats.chunks_total,
+            chunks_new: stats.chunks_new,
+            chunks_unchanged: unchanged,
+            blackout_ms: blackout.as_secs_f64() * 1000.0,
+            frozen_ms: frozen.map(|d| d.as_secs_f64() * 1000.0),
+            seconds: started.elapsed().as_secs_f64(),
+            parent: stats.parent,
+            bitmap: self.new_bitmap.clone(),
+            leftovers_cleared: leftovers,
+        }
+    }
+}
+
+/// Fold strays (a killed run's new bitmap, an older base) into the base,
+/// and make sure it records.
+fn fold_strays(q: &mut Qmp, drive: &Drive, ours: &[qmp::DirtyBitmap], base: &str) -> Result<()> {
+    let strays: Vec<String> = ours
+        .iter()
+        .filter(|b| b.name != base)
+        .map(|b| b.name.clone())
+        .collect();
+    let recording = ours.iter().any(|b| b.name == base && b.recording);
+    if strays.is_empty() && recording {
+        return Ok(());
+    }
+    let mut actions = vec![Action::BlockDirtyBitmapEnable {
+        node: drive.node.clone(),
+        name: base.to_owned(),
+    }];
+    if !strays.is_empty() {
+        actions.push(Action::BlockDirtyBitmapMerge {
+            node: drive.node.clone(),
+            target: base.to_owned(),
+            bitmaps: strays.clone(),
+        });
+    }
+    for s in &strays {
+        actions.push(Action::BlockDirtyBitmapRemove {
+            node: drive.node.clone(),
+            name: s.clone(),
+        });
+    }
+    q.transaction(&actions)
+        .map_err(qerr("transaction (fold stray bitmaps)"))?;
+    info!(?strays, "folded stray bitmaps into the base");
+    Ok(())
+}
+
+/// Granularity of new bitmaps: a sixteenth of the chunk size (at least
+/// 4 KiB), so a small write costs a small read; the rest of its chunk
+/// comes from the parent snapshot.
+pub fn bitmap_granularity(chunk_size: u32) -> u32 {
+    (chunk_size / 16).max(4096).min(chunk_size)
+}
+
+fn mode_base(mode: &Mode) -> Option<&String> {
+    match mode {
+        Mode::Incremental { base, .. } => Some(base),
+        Mode::Full { .. } => None,
+    }
 }
 
 #[cfg(test)]
