@@ -63,6 +63,7 @@
 //! | [`target`] | [`target::Target`]: the raw file or block device migrated to; exclusive use (OFD write lock on a file, `O_EXCL` on a device), identity recorded in the state and checked on every start, zeroing without writing zeroes, sync |
 //! | [`migrate`] | [`migrate::MigratingDevice`] (routing, crash argument, verify), `migrate::copier`, `migrate::repair` (`--repair-from`), `migrate::throttle` (rate limit and rate window), `migrate::progress` (bytes to copy, copied, skipped) |
 //! | [`metered`] | [`metered::MeteredDevice`]: guest counters for the status report |
+//! | [`protect`] | [`protect::ProtectLayer`]: continuous protection (persistent changed-chunk bitmaps, the point instant, copy-before-write while a point is copied); `protect::DiskDevice` (`serve --disk`: a raw file or device through `Target`) |
 //! | [`state`] | [`state::LayerState`] (where the layers' files and migration record live; the daemon's state dir implements it), `MigrationState`, the one story of states |
 //! | `mem_device` | `MemDevice` and `FileDevice`, reference devices (feature `test-util`) |
 //!
@@ -128,6 +129,7 @@ pub mod mem_device;
 pub mod metered;
 pub mod migrate;
 pub mod overlay;
+pub mod protect;
 pub mod snapshot;
 pub mod socket;
 pub mod source;

@@ -1,0 +1,645 @@
+//! [`ProtectLayer`]: continuous protection. The layer sees every guest
+//! write; it remembers which store chunks changed since the last
+//! protection point, and hands the daemon's point writer an exact,
+//! crash-consistent image of the disk at one instant without stalling the
+//! guest while the point is copied.
+//!
+//! # Place in the stack
+//! The guest-visible device, right under `MeteredDevice`: above the
+//! `MigratingDevice` (or the overlay) while migrating, above the target
+//! once complete, above a [`DiskDevice`] for `serve --disk`. Reads pass
+//! straight through; writes, discards and write-zeroes are tracked.
+//!
+//! # Changed chunks, persistent
+//! Granularity is the store's chunk size. Two bitmap files in the state
+//! dir ([`CHANGED_FILES`], format in `changed`) alternate roles: one is
+//! *active* (chunks written since the last point started), the other holds
+//! the chunks of the point being copied (*capturing*), or is empty. Before
+//! a guest write's data goes down, each newly set bit's word is
+//! `pwrite`n to the active file (a kill -9 loses no change); a guest flush
+//! fdatasyncs both files (a power loss loses no flushed change; the
+//! daemon also reads the whole disk after a reboot, see `daemon::protect`).
+//! On open, the two files are merged (a point that was being copied when
+//! the daemon died is abandoned: its chunks are changed again), so the
+//! next point covers everything since the last complete one.
+//!
+//! # The point instant
+//! Guest writes hold the read side of the `gate` from marking their
+//! chunks until their data write returns. [`ProtectLayer::start_point`]
+//! takes the write side: that waits for the writes in flight, then swaps
+//! roles (the active file becomes capturing, the empty one active) and
+//! reads the clock. No I/O happens under the write side. So the point
+//! holds every write acknowledged before its instant, and none issued
+//! after (those wait for the gate, and then go to the new active file):
+//! the image is crash-consistent and the acknowledged sequence it holds
+//! is a prefix.
+//!
+//! # Copy-before-write
+//! While a point is copied, a guest write to a captured chunk that the
+//! point has not read yet first reads the chunk's old contents from the
+//! layer below into `preserved` (memory up to a budget, then the spill
+//! file [`SPILL_FILE`]). The point's reader ([`Point::read_at`]) takes the
+//! preserved copy if there is one, else reads the layer below. Both hold
+//! the chunk's stripe of the capture across "is it still pending? copy it,
+//! mark it done", so no write slips between. A guest write waits at most
+//! for one chunk read, never for the whole point.
+//!
+//! # Ending a point
+//! [`Point::finish`] (after the daemon recorded the point) clears the
+//! capturing file. [`Point::abandon`] (the store failed, the daemon
+//! stops), or dropping the `Point`, merges the captured bits back into
+//! the active file first, so nothing is lost. A failure to record a bit
+//! (the state dir's disk fails) makes the next point a full read.
+//!
+//! # Locks (outermost first)
+//! `gate` (read: a guest write; write: start/end of a point) → a capture
+//! stripe (one chunk's copy) → the layer below's locks. The word stripes
+//! of a changed file and the `preserved` mutex are leaves. The point
+//! reader takes no gate.
+
+mod changed;
+mod disk;
+mod preserved;
+
+pub use disk::DiskDevice;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::SystemTime;
+
+use vm_memory::VolatileSlice;
+
+use crate::device::BlockDevice;
+use changed::ChangedFile;
+use preserved::Preserved;
+
+/// The two changed-chunks bitmaps, in the state dir.
+pub const CHANGED_FILES: [&str; 2] = ["protect-0.bitmap", "protect-1.bitmap"];
+/// Old chunk contents preserved for the point being copied, beyond the
+/// memory budget (scratch, deleted when the point ends and on open).
+pub const SPILL_FILE: &str = "protect.preserved";
+/// Default memory budget of preserved chunks.
+pub const DEFAULT_PRESERVE_BUDGET: usize = 64 << 20;
+
+/// Stripes of a capture (by chunk index).
+const CAPTURE_STRIPES: usize = 1024;
+
+/// Errors opening the protection layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Opening or creating a changed bitmap failed.
+    #[error("Failed to open protection bitmap {path}")]
+    OpenBitmap {
+        /// The bitmap file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A changed bitmap belongs to another geometry or format.
+    #[error("Protection bitmap {path} is not usable: {why}")]
+    BadBitmap {
+        /// The bitmap file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// Merging the two bitmaps on open failed.
+    #[error("Failed to merge protection bitmap {path}")]
+    Merge {
+        /// The bitmap merged into.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The chunk size cannot be used.
+    #[error("Invalid protection chunk size {0}")]
+    ChunkSize(u32),
+}
+
+/// A `Result` of this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How to open a [`ProtectLayer`].
+#[derive(Debug, Clone)]
+pub struct ProtectOptions {
+    /// Bytes per tracked chunk: the store's chunk size.
+    pub chunk_size: u32,
+    /// The next point must read every chunk (no usable parent, a reboot).
+    pub full: bool,
+    /// Bytes of preserved chunks kept in memory before spilling to disk.
+    pub preserve_budget: usize,
+}
+
+/// Which file is active, and the point being copied.
+struct Gate {
+    active: usize,
+    capture: Option<Arc<Capture>>,
+}
+
+/// The point being copied.
+struct Capture {
+    /// The file holding its chunks (frozen until the point ends).
+    file: usize,
+    /// Every chunk is captured.
+    full: bool,
+    /// The full-read request this point satisfies.
+    full_seq: u64,
+    /// Captured chunks not yet read or preserved.
+    pending: Vec<AtomicU64>,
+    stripes: Vec<Mutex<()>>,
+    /// Why the point cannot be exact (a preserve failed).
+    broken: Mutex<Option<String>>,
+}
+
+impl Capture {
+    fn is_pending(&self, chunk: u64) -> bool {
+        self.pending
+            .get((chunk / 64) as usize)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
+    }
+
+    fn clear_pending(&self, chunk: u64) {
+        if let Some(w) = self.pending.get((chunk / 64) as usize) {
+            w.fetch_and(!(1 << (chunk % 64)), Ordering::AcqRel);
+        }
+    }
+
+    fn stripe(&self, chunk: u64) -> std::sync::MutexGuard<'_, ()> {
+        self.stripes[(chunk % CAPTURE_STRIPES as u64) as usize]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.broken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_broken(&self, why: String) {
+        self.broken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(why);
+    }
+}
+
+/// The protection layer (see the module doc).
+pub struct ProtectLayer {
+    lower: Arc<dyn BlockDevice>,
+    dir: PathBuf,
+    size: u64,
+    chunk: u64,
+    nchunks: u64,
+    files: [ChangedFile; 2],
+    gate: RwLock<Gate>,
+    /// Full reads requested (open with `full`, a lost bit)...
+    full_requested: AtomicU64,
+    /// ...and the newest request a finished point satisfied.
+    full_done: AtomicU64,
+    preserved: Preserved,
+    /// Bits that could not be recorded, bitmap syncs that failed.
+    errors: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    resumed: bool,
+}
+
+impl std::fmt::Debug for ProtectLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProtectLayer")
+            .field("dir", &self.dir)
+            .field("chunk", &self.chunk)
+            .finish()
+    }
+}
+
+impl ProtectLayer {
+    /// Protects `lower`, with the bitmaps in `dir` (created if missing;
+    /// both merged into one if a point was being copied).
+    pub fn open(
+        lower: Arc<dyn BlockDevice>,
+        dir: &Path,
+        opts: &ProtectOptions,
+    ) -> Result<Arc<ProtectLayer>> {
+        if opts.chunk_size == 0 {
+            return Err(Error::ChunkSize(opts.chunk_size));
+        }
+        let size = lower.size();
+        let chunk = u64::from(opts.chunk_size);
+        let open = |name: &str| ChangedFile::open_or_create(&dir.join(name), opts.chunk_size, size);
+        let (f0, e0) = open(CHANGED_FILES[0])?;
+        let (f1, e1) = open(CHANGED_FILES[1])?;
+        let merge_err = |source| Error::Merge {
+            path: f0.path().to_path_buf(),
+            source,
+        };
+        for i in 0..f1.word_count() {
+            let w = f1.word(i);
+            if w != 0 {
+                f0.set_word_bits(i, w).map_err(merge_err)?;
+            }
+        }
+        f0.sync().map_err(merge_err)?;
+        f1.clear().map_err(merge_err)?;
+        let full = u64::from(opts.full);
+        Ok(Arc::new(ProtectLayer {
+            lower,
+            dir: dir.to_path_buf(),
+            size,
+            chunk,
+            nchunks: size.div_ceil(chunk),
+            files: [f0, f1],
+            gate: RwLock::new(Gate {
+                active: 0,
+                capture: None,
+            }),
+            full_requested: AtomicU64::new(full),
+            full_done: AtomicU64::new(0),
+            preserved: Preserved::new(&dir.join(SPILL_FILE), opts.preserve_budget, chunk),
+            errors: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            resumed: e0 && e1,
+        }))
+    }
+
+    /// Whether the bitmaps existed before this open (protection ran on
+    /// this state before).
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// The protected device.
+    pub fn lower(&self) -> &Arc<dyn BlockDevice> {
+        &self.lower
+    }
+
+    /// Bytes per tracked chunk.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk
+    }
+
+    /// Whether the next point must read every chunk.
+    pub fn full_needed(&self) -> bool {
+        self.full_requested.load(Ordering::Acquire) > self.full_done.load(Ordering::Acquire)
+    }
+
+    /// Bytes changed since the last complete point (the point being
+    /// copied included): what a crash of the store would lose.
+    pub fn pending_bytes(&self) -> u64 {
+        if self.full_needed() {
+            return self.size;
+        }
+        let chunks = self.files[0].count() + self.files[1].count();
+        (chunks * self.chunk).min(self.size)
+    }
+
+    /// Bytes of old chunk contents preserved for the point being copied.
+    pub fn preserved_bytes(&self) -> u64 {
+        self.preserved.bytes()
+    }
+
+    /// Failures to record a changed chunk or sync a bitmap (each makes the
+    /// next point a full read), and the last one's message.
+    pub fn errors(&self) -> (u64, Option<String>) {
+        let last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        (self.errors.load(Ordering::Relaxed), last)
+    }
+
+    /// A bit could not be recorded: fall back to a full read.
+    fn degrade(&self, what: &str, e: &io::Error) {
+        tracing::warn!(error = %e, "protection: failed to {what}; the next point reads the whole disk");
+        self.full_requested.fetch_add(1, Ordering::AcqRel);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(format!("failed to {what}: {e}"));
+    }
+
+    fn chunk_range(&self, chunk: u64) -> (u64, usize) {
+        let off = chunk * self.chunk;
+        (off, (self.size - off).min(self.chunk) as usize)
+    }
+
+    /// Runs `write` (a guest mutation of `len` bytes at `offset`) with the
+    /// gate's read side held: preserves the captured chunks it touches,
+    /// marks them changed, then writes.
+    fn guarded(
+        &self,
+        offset: u64,
+        len: u64,
+        write: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        if len == 0 || self.lower.read_only() || self.nchunks == 0 {
+            return write();
+        }
+        let gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
+        let first = offset / self.chunk;
+        let last = ((offset + len - 1) / self.chunk).min(self.nchunks - 1);
+        if let Some(capture) = &gate.capture {
+            for c in first..=last {
+                self.preserve(capture, c);
+            }
+        }
+        if let Err(e) = self.files[gate.active].mark(first, last) {
+            self.degrade("record a changed chunk", &e);
+        }
+        let r = write();
+        drop(gate);
+        r
+    }
+
+    /// Copy-before-write of chunk `c` for `capture`, if still pending.
+    fn preserve(&self, capture: &Capture, c: u64) {
+        if !capture.is_pending(c) {
+            return;
+        }
+        let _stripe = capture.stripe(c);
+        if !capture.is_pending(c) {
+            return;
+        }
+        let (off, len) = self.chunk_range(c);
+        let mut old = vec![0u8; len];
+        let kept = self
+            .lower
+            .read_at(&mut old, off)
+            .and_then(|()| self.preserved.put(c, old));
+        if let Err(e) = kept {
+            tracing::warn!(chunk = c, error = %e, "protection: failed to preserve a chunk for the point being written; the point is abandoned");
+            capture.set_broken(format!("failed to preserve chunk {c}: {e}"));
+        }
+        capture.clear_pending(c);
+    }
+
+    /// Starts a point: waits for the guest writes in flight, swaps the
+    /// bitmaps and reads the clock, the point's instant. `None` with the
+    /// instant when nothing changed since the last point (the store
+    /// already holds the disk as it is at that instant). Only one point at
+    /// a time: a second call while one is open returns an error.
+    pub fn start_point(self: &Arc<Self>) -> io::Result<(SystemTime, Option<Point>)> {
+        let mut gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        if gate.capture.is_some() {
+            return Err(io::Error::other(
+                "a protection point is already being written",
+            ));
+        }
+        let instant = SystemTime::now();
+        let full_seq = self.full_requested.load(Ordering::Acquire);
+        let full = full_seq > self.full_done.load(Ordering::Acquire);
+        let file = gate.active;
+        if !full && self.files[file].count() == 0 {
+            return Ok((instant, None));
+        }
+        let words = self.nchunks.div_ceil(64) as usize;
+        let pending = (0..words)
+            .map(|i| {
+                let w = if full {
+                    let left = self.nchunks - i as u64 * 64;
+                    if left >= 64 {
+                        u64::MAX
+                    } else {
+                        (1u64 << left) - 1
+                    }
+                } else {
+                    self.files[file].word(i)
+                };
+                AtomicU64::new(w)
+            })
+            .collect();
+        let capture = Arc::new(Capture {
+            file,
+            full,
+            full_seq,
+            pending,
+            stripes: (0..CAPTURE_STRIPES).map(|_| Mutex::new(())).collect(),
+            broken: Mutex::new(None),
+        });
+        gate.active = 1 - file;
+        gate.capture = Some(capture.clone());
+        drop(gate);
+        Ok((
+            instant,
+            Some(Point {
+                layer: self.clone(),
+                capture,
+                instant,
+                ended: false,
+            }),
+        ))
+    }
+
+    /// Ends the capture: no more copy-before-write. Returns the file that
+    /// is active now.
+    fn end_capture(&self) -> usize {
+        let mut gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
+        gate.capture = None;
+        let active = gate.active;
+        drop(gate);
+        self.preserved.clear();
+        active
+    }
+
+    fn abandon_capture(&self, capture: &Capture) -> io::Result<()> {
+        let active = self.end_capture();
+        let (src, dst) = (&self.files[capture.file], &self.files[active]);
+        let merged = (|| {
+            for i in 0..src.word_count() {
+                let w = src.word(i);
+                if w != 0 {
+                    dst.set_word_bits(i, w)?;
+                }
+            }
+            dst.sync()?;
+            src.clear()
+        })();
+        if let Err(e) = &merged {
+            // The captured chunks may be missing from the active file.
+            self.degrade("merge an abandoned point's chunks", e);
+        }
+        merged
+    }
+}
+
+/// A point being copied: the disk as it was at [`Point::instant`].
+/// End it with [`Point::finish`] once it is recorded, or
+/// [`Point::abandon`]; dropping it abandons it.
+pub struct Point {
+    layer: Arc<ProtectLayer>,
+    capture: Arc<Capture>,
+    instant: SystemTime,
+    ended: bool,
+}
+
+impl std::fmt::Debug for Point {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Point")
+            .field("instant", &self.instant)
+            .field("full", &self.capture.full)
+            .finish()
+    }
+}
+
+impl Point {
+    /// The instant the point captures.
+    pub fn instant(&self) -> SystemTime {
+        self.instant
+    }
+
+    /// Whether every chunk is captured (a full read).
+    pub fn full(&self) -> bool {
+        self.capture.full
+    }
+
+    /// Number of captured chunks.
+    pub fn chunks(&self) -> u64 {
+        if self.capture.full {
+            self.layer.nchunks
+        } else {
+            self.layer.files[self.capture.file].count()
+        }
+    }
+
+    /// Whether chunk `chunk` changed since the last point (read it);
+    /// otherwise it is as in the last point.
+    pub fn is_captured(&self, chunk: u64) -> bool {
+        chunk < self.layer.nchunks
+            && (self.capture.full || self.layer.files[self.capture.file].get(chunk))
+    }
+
+    /// Fills `buf` with the captured chunks from `offset` on, as they were
+    /// at the instant. `offset` is chunk-aligned and `buf` covers whole
+    /// chunks (the last one of the disk may be short); each chunk is read
+    /// once per point. Called from several threads at once.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let layer = &self.layer;
+        let cap = &self.capture;
+        let mut at = 0usize;
+        while at < buf.len() {
+            if let Some(why) = cap.broken() {
+                return Err(io::Error::other(why));
+            }
+            let pos = offset + at as u64;
+            let c = pos / layer.chunk;
+            if !pos.is_multiple_of(layer.chunk) || c >= layer.nchunks {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("point read at {pos} is not at a chunk of the disk"),
+                ));
+            }
+            let (_, n) = layer.chunk_range(c);
+            let piece = buf.get_mut(at..at + n).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("point read of chunk {c} is cut short"),
+                )
+            })?;
+            let _stripe = cap.stripe(c);
+            if layer.preserved.take(c, piece)? {
+            } else if cap.is_pending(c) {
+                layer.lower.read_at(piece, pos)?;
+                cap.clear_pending(c);
+            } else {
+                return Err(io::Error::other(match cap.broken() {
+                    Some(why) => why,
+                    None => format!("chunk {c} is not captured by this point, or was read twice"),
+                }));
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// The point is recorded: its chunks are no longer changed. Clears the
+    /// capturing bitmap (a failure leaves stale bits, harmless).
+    pub fn finish(mut self) -> io::Result<()> {
+        self.ended = true;
+        let layer = &self.layer;
+        layer.end_capture();
+        if self.capture.full {
+            layer
+                .full_done
+                .fetch_max(self.capture.full_seq, Ordering::AcqRel);
+        }
+        layer.files[self.capture.file].clear()
+    }
+
+    /// The point is not recorded: its chunks go back to the changed ones.
+    pub fn abandon(mut self) -> io::Result<()> {
+        self.ended = true;
+        self.layer.abandon_capture(&self.capture)
+    }
+}
+
+impl Drop for Point {
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = self.layer.abandon_capture(&self.capture);
+        }
+    }
+}
+
+impl BlockDevice for ProtectLayer {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.lower.read_only()
+    }
+
+    fn read_is_cheap(&self, offset: u64, len: u64) -> bool {
+        self.lower.read_is_cheap(offset, len)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.lower.read_at(buf, offset)
+    }
+
+    fn read_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        self.lower.read_vectored_at(bufs, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.guarded(offset, buf.len() as u64, || {
+            self.lower.write_at(buf, offset)
+        })
+    }
+
+    fn write_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        let len = crate::device::total_len(bufs);
+        self.guarded(offset, len, || self.lower.write_vectored_at(bufs, offset))
+    }
+
+    /// Flushes the layer below, then makes the changed bits durable (a
+    /// failed bitmap sync is not the guest's error: the next point becomes
+    /// a full read).
+    fn flush(&self) -> io::Result<()> {
+        self.lower.flush()?;
+        for f in &self.files {
+            if let Err(e) = f.sync() {
+                self.degrade("sync a protection bitmap", &e);
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.guarded(offset, len, || self.lower.discard(offset, len))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.guarded(offset, len, || self.lower.write_zeroes(offset, len))
+    }
+}
+
+#[cfg(test)]
+mod tests;

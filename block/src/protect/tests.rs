@@ -1,0 +1,321 @@
+//! Semantics of the protection layer over in-memory devices.
+
+use std::sync::atomic::AtomicBool;
+
+use super::*;
+use crate::mem_device::MemDevice;
+
+const CHUNK: u32 = 16 << 10;
+const CHUNKS: u64 = 32;
+
+fn opts(full: bool) -> ProtectOptions {
+    ProtectOptions {
+        chunk_size: CHUNK,
+        full,
+        preserve_budget: DEFAULT_PRESERVE_BUDGET,
+    }
+}
+
+fn open(dir: &Path, lower: Arc<dyn BlockDevice>, full: bool) -> Arc<ProtectLayer> {
+    ProtectLayer::open(lower, dir, &opts(full)).unwrap()
+}
+
+/// The disk as a point sees it: `base` with the captured chunks read
+/// through the point.
+fn image_of(point: &Point, base: &[u8]) -> Vec<u8> {
+    let mut img = base.to_vec();
+    let cs = u64::from(CHUNK);
+    for c in 0..CHUNKS {
+        if point.is_captured(c) {
+            let at = (c * cs) as usize;
+            let end = (at + cs as usize).min(point.layer.size as usize);
+            point.read_at(&mut img[at..end], c * cs).unwrap();
+        }
+    }
+    img
+}
+
+fn captured(point: &Point) -> Vec<u64> {
+    (0..CHUNKS).filter(|&c| point.is_captured(c)).collect()
+}
+
+#[test]
+fn a_point_holds_the_disk_at_its_instant_while_the_guest_rewrites_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemDevice::new((CHUNKS * u64::from(CHUNK)) as usize));
+    let layer = open(dir.path(), mem.clone(), false);
+    let cs = u64::from(CHUNK);
+    assert!(layer.start_point().unwrap().1.is_none(), "nothing changed");
+    let base = mem.snapshot();
+    layer.write_at(&[0xa1; 4096], cs + 100).unwrap();
+    layer.write_at(&[0xa3; 100], 3 * cs).unwrap();
+    layer.write_zeroes(5 * cs, 2 * cs).unwrap();
+    assert_eq!(layer.pending_bytes(), 4 * cs);
+    let at_instant = mem.snapshot();
+    let (_, point) = layer.start_point().unwrap();
+    let point = point.unwrap();
+    assert_eq!(captured(&point), [1, 3, 5, 6]);
+    assert_eq!(point.chunks(), 4);
+    // After the instant: rewrite a captured chunk (preserved), write an
+    // uncaptured one (not preserved), discard across a captured one.
+    layer.write_at(&[0xb1; 8192], cs).unwrap();
+    layer.write_at(&[0xb9; 512], 9 * cs).unwrap();
+    layer.discard(2 * cs, 2 * cs).unwrap();
+    assert_eq!(layer.preserved_bytes(), 2 * cs);
+    assert!(
+        image_of(&point, &base) == at_instant,
+        "the point differs from the disk at its instant"
+    );
+    assert_eq!(layer.preserved_bytes(), 0);
+    point.finish().unwrap();
+    // The next point has exactly the writes after the instant.
+    let (_, next) = layer.start_point().unwrap();
+    let next = next.unwrap();
+    assert_eq!(captured(&next), [1, 2, 3, 9]);
+    assert!(image_of(&next, &at_instant) == mem.snapshot());
+    next.finish().unwrap();
+}
+
+#[test]
+fn a_full_point_reads_every_chunk_and_preserves_any() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut img = vec![0u8; (CHUNKS * u64::from(CHUNK)) as usize - 512];
+    img.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i / 512) as u8);
+    let mem = Arc::new(MemDevice::from_vec(img.clone()));
+    let layer = open(dir.path(), mem.clone(), true);
+    assert!(layer.full_needed());
+    let (_, point) = layer.start_point().unwrap();
+    let point = point.unwrap();
+    assert!(point.full());
+    assert_eq!(captured(&point).len() as u64, CHUNKS);
+    layer.write_at(&[1; 512], 7 * u64::from(CHUNK)).unwrap();
+    // The short last chunk reads short.
+    let got = image_of(&point, &vec![0; img.len() + 512]);
+    assert!(got[..img.len()] == img[..]);
+    point.finish().unwrap();
+    assert!(!layer.full_needed());
+    assert_eq!(captured(&layer.start_point().unwrap().1.unwrap()), [7]);
+}
+
+#[test]
+fn an_abandoned_point_gives_its_chunks_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemDevice::new((CHUNKS * u64::from(CHUNK)) as usize));
+    let layer = open(dir.path(), mem, false);
+    let cs = u64::from(CHUNK);
+    layer.write_at(&[1; 512], 2 * cs).unwrap();
+    let point = layer.start_point().unwrap().1.unwrap();
+    layer.write_at(&[2; 512], 4 * cs).unwrap();
+    point.abandon().unwrap();
+    let point = layer.start_point().unwrap().1.unwrap();
+    assert_eq!(captured(&point), [2, 4]);
+    // Dropped unfinished: abandoned too.
+    drop(point);
+    assert_eq!(captured(&layer.start_point().unwrap().1.unwrap()), [2, 4]);
+}
+
+#[test]
+fn a_restart_merges_the_point_that_was_being_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemDevice::new((CHUNKS * u64::from(CHUNK)) as usize));
+    let cs = u64::from(CHUNK);
+    let layer = open(dir.path(), mem.clone(), false);
+    assert!(!layer.resumed());
+    layer.write_at(&[1; 512], 2 * cs).unwrap();
+    let point = layer.start_point().unwrap().1.unwrap();
+    layer.write_at(&[2; 512], 4 * cs).unwrap();
+    // kill -9: nothing ends the point, nothing is synced.
+    std::mem::forget(point);
+    let again = open(dir.path(), mem, false);
+    assert!(again.resumed());
+    assert_eq!(
+        captured(&again.start_point().unwrap().1.unwrap()),
+        [2, 4],
+        "changed ∪ capturing"
+    );
+}
+
+/// A device that checks, on every write, that the protection bitmap on
+/// disk already records the chunks written.
+struct CheckingDevice {
+    inner: MemDevice,
+    files: [PathBuf; 2],
+    checked: AtomicU64,
+}
+
+impl CheckingDevice {
+    fn on_disk(&self, chunk: u64) -> bool {
+        self.files.iter().any(|p| {
+            let bytes = std::fs::read(p).unwrap();
+            let at = changed::HEADER_SIZE as usize + (chunk / 64) as usize * 8;
+            let word = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+            word & (1 << (chunk % 64)) != 0
+        })
+    }
+    fn check(&self, offset: u64, len: u64) {
+        let cs = u64::from(CHUNK);
+        for c in offset / cs..=(offset + len - 1) / cs {
+            assert!(
+                self.on_disk(c),
+                "chunk {c} written before its bit reached the file"
+            );
+        }
+        self.checked.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl BlockDevice for CheckingDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check(offset, buf.len() as u64);
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len);
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len);
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+#[test]
+fn a_changed_bit_is_in_the_file_before_the_data_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Arc::new(CheckingDevice {
+        inner: MemDevice::new((CHUNKS * u64::from(CHUNK)) as usize),
+        files: CHANGED_FILES.map(|n| dir.path().join(n)),
+        checked: AtomicU64::new(0),
+    });
+    let layer = open(dir.path(), dev.clone(), false);
+    let cs = u64::from(CHUNK);
+    layer.write_at(&[1; 4096], 3 * cs - 2048).unwrap();
+    let point = layer.start_point().unwrap().1.unwrap();
+    // Into the other file now.
+    layer.write_zeroes(10 * cs, 3 * cs).unwrap();
+    layer.discard(20 * cs + 512, 512).unwrap();
+    point.finish().unwrap();
+    layer.write_at(&[2; 512], 31 * cs).unwrap();
+    assert_eq!(dev.checked.load(Ordering::Relaxed), 4);
+}
+
+/// Several writers put numbered records (one 4 KiB block each, the
+/// block's bytes hold the number) while points are taken. Each point must
+/// hold a prefix of the acknowledged sequence: if record k is in it, so is
+/// every record acknowledged before k was submitted; every record
+/// acknowledged before the point started is in it, none submitted after.
+#[test]
+fn every_point_holds_a_prefix_of_the_acknowledged_writes() {
+    const RECORDS: usize = 4 * 1024;
+    const WRITERS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let size = RECORDS * 4096;
+    let mem = Arc::new(MemDevice::new(size));
+    let layer = ProtectLayer::open(
+        mem.clone(),
+        dir.path(),
+        &ProtectOptions {
+            chunk_size: CHUNK,
+            full: true,
+            // A small budget: most preserved chunks spill to the file.
+            preserve_budget: 4 * CHUNK as usize,
+        },
+    )
+    .unwrap();
+    // Logical clock: submit and ack ticks per record.
+    let clock = AtomicU64::new(1);
+    let submit: Vec<AtomicU64> = (0..RECORDS).map(|_| AtomicU64::new(0)).collect();
+    let ack: Vec<AtomicU64> = (0..RECORDS).map(|_| AtomicU64::new(0)).collect();
+    let next = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let mut base = vec![0u8; size];
+    let mut points = 0;
+    std::thread::scope(|s| {
+        for _ in 0..WRITERS {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::SeqCst) as usize;
+                if k >= RECORDS {
+                    return;
+                }
+                // Spread records over the chunks, in a scrambled order.
+                let block = (k * 2654435761) % RECORDS;
+                let mut rec = [0u8; 4096];
+                rec[..8].copy_from_slice(&(k as u64 + 1).to_le_bytes());
+                submit[k].store(clock.fetch_add(1, Ordering::SeqCst), Ordering::SeqCst);
+                layer.write_at(&rec, block as u64 * 4096).unwrap();
+                ack[k].store(clock.fetch_add(1, Ordering::SeqCst), Ordering::SeqCst);
+            });
+        }
+        while !done.load(Ordering::SeqCst) {
+            let before = clock.fetch_add(1, Ordering::SeqCst);
+            let (_, point) = layer.start_point().unwrap();
+            let after = clock.fetch_add(1, Ordering::SeqCst);
+            let finished = next.load(Ordering::SeqCst) as usize >= RECORDS + WRITERS;
+            let Some(point) = point else {
+                done.store(finished, Ordering::SeqCst);
+                continue;
+            };
+            // Read the point in whole-chunk runs, as the store does.
+            let mut img = base.clone();
+            let cs = CHUNK as usize;
+            for c in 0..size / cs {
+                if point.is_captured(c as u64) {
+                    point
+                        .read_at(&mut img[c * cs..(c + 1) * cs], (c * cs) as u64)
+                        .unwrap();
+                }
+            }
+            point.finish().unwrap();
+            points += 1;
+            let present: Vec<bool> = (0..RECORDS)
+                .map(|k| {
+                    let block = (k * 2654435761) % RECORDS;
+                    img[block * 4096..block * 4096 + 8] == (k as u64 + 1).to_le_bytes()
+                })
+                .collect();
+            // The newest submission among the present records: every
+            // record acknowledged before it must be present.
+            let mut newest_present = 0;
+            for k in 0..RECORDS {
+                let (sk, ak) = (
+                    submit[k].load(Ordering::SeqCst),
+                    ack[k].load(Ordering::SeqCst),
+                );
+                if ak != 0 && ak < before {
+                    assert!(
+                        present[k],
+                        "record {k} acknowledged before the point is missing"
+                    );
+                }
+                if sk == 0 || sk > after {
+                    assert!(!present[k], "record {k} submitted after the point is in it");
+                }
+                if present[k] {
+                    newest_present = newest_present.max(sk);
+                }
+            }
+            for j in 0..RECORDS {
+                let aj = ack[j].load(Ordering::SeqCst);
+                assert!(
+                    aj == 0 || aj >= newest_present || present[j],
+                    "record {j}, acknowledged before a present record was submitted, is missing"
+                );
+            }
+            base = img;
+            done.store(finished, Ordering::SeqCst);
+        }
+    });
+    assert!(points >= 2, "only {points} points");
+    assert!(base == mem.snapshot(), "the last point is not the disk");
+}
