@@ -80,7 +80,7 @@ use tracing::debug;
 
 pub use client::{fetch_metrics, fetch_status, request, request_with_timeout, send_command};
 pub use metrics::render_metrics;
-pub use status::{Control, State, Status};
+pub use status::{Control, PointRef, Protection, ProtectionState, State, Status};
 
 /// Longest request line accepted, newline included.
 pub const MAX_LINE: usize = 64 * 1024;

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use crate::status::{State, Status};
+use crate::status::{Protection, ProtectionState, State, Status};
 
 const PREFIX: &str = "instant_recovery_";
 
@@ -218,8 +218,92 @@ pub fn render_metrics(status: &Status) -> String {
             .unwrap_or("no reason given");
         out.sample("journal_inactive_info", &[("reason", reason)], 1.0);
     }
+    if let Some(p) = &status.protection {
+        render_protection(&mut out, p);
+    }
 
     out.text
+}
+
+/// The `protection_*` metrics (only while the daemon protects the disk).
+fn render_protection(out: &mut Metrics, p: &Protection) {
+    out.metric(
+        "protection_state",
+        Kind::Gauge,
+        "Continuous protection state, one-hot over all states.",
+    );
+    for state in ProtectionState::ALL {
+        let value = if p.state == state { 1.0 } else { 0.0 };
+        out.sample("protection_state", &[("state", state.name())], value);
+    }
+    if let Some(rpo) = p.rpo_seconds {
+        out.simple(
+            "protection_rpo_seconds",
+            Kind::Gauge,
+            "Age of the newest disk state held in the store (recovery point objective).",
+            rpo,
+        );
+    }
+    if let Some(t) = p
+        .last_point
+        .as_ref()
+        .and_then(|l| instant_seconds(&l.instant))
+    {
+        out.simple(
+            "protection_last_point_timestamp_seconds",
+            Kind::Gauge,
+            "Instant of the newest protection point, seconds since the Unix epoch.",
+            t,
+        );
+    }
+    out.simple(
+        "protection_points_written_total",
+        Kind::Counter,
+        "Protection points written since the daemon started.",
+        p.points_written as f64,
+    );
+    out.simple(
+        "protection_point_bytes_read_total",
+        Kind::Counter,
+        "Bytes protection points read from the disk.",
+        p.point_bytes_read as f64,
+    );
+    out.simple(
+        "protection_point_bytes_new_total",
+        Kind::Counter,
+        "Bytes protection points added to the store.",
+        p.point_bytes_new as f64,
+    );
+    out.simple(
+        "protection_pending_bytes",
+        Kind::Gauge,
+        "Bytes of chunks changed since the newest protection point.",
+        p.pending_bytes as f64,
+    );
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC instant
+/// (`2026-12-06T11:05:03.123456Z`), `None` if it is not one.
+fn instant_seconds(s: &str) -> Option<f64> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.splitn(3, ':');
+    let (h, min) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    let sec: f64 = t.next()?.parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + min * 60) as f64 + sec)
 }
 
 #[derive(Clone, Copy)]
@@ -577,6 +661,58 @@ mod tests {
             ),
             1.0
         );
+    }
+
+    #[test]
+    fn protection_metrics_appear_only_while_protecting() {
+        let plain = render_metrics(&sample_status());
+        assert!(!plain.contains("protection"), "{plain}");
+        let status = Status {
+            protection: Some(Protection {
+                state: ProtectionState::Behind,
+                name: "vm".into(),
+                interval_seconds: 5.0,
+                last_point: Some(crate::status::PointRef {
+                    id: "20261206T110503.250000Z".into(),
+                    snapshot: "vm@20261206T110503.250000Z".into(),
+                    instant: "2026-12-06T11:05:03.250000Z".into(),
+                }),
+                rpo_seconds: Some(12.5),
+                points_written: 7,
+                point_bytes_read: 1 << 20,
+                point_bytes_new: 4096,
+                pending_bytes: 65536,
+                ..Protection::default()
+            }),
+            ..sample_status()
+        };
+        let samples = parse(&render_metrics(&status));
+        assert_eq!(value(&samples, "protection_rpo_seconds", &[]), 12.5);
+        assert_eq!(value(&samples, "protection_points_written_total", &[]), 7.0);
+        assert_eq!(
+            value(&samples, "protection_point_bytes_read_total", &[]),
+            (1u64 << 20) as f64
+        );
+        assert_eq!(
+            value(&samples, "protection_point_bytes_new_total", &[]),
+            4096.0
+        );
+        assert_eq!(value(&samples, "protection_pending_bytes", &[]), 65536.0);
+        assert_eq!(
+            value(&samples, "protection_last_point_timestamp_seconds", &[]),
+            1_796_555_103.25
+        );
+        for state in ProtectionState::ALL {
+            let want = if state == ProtectionState::Behind {
+                1.0
+            } else {
+                0.0
+            };
+            assert_eq!(
+                value(&samples, "protection_state", &[("state", state.name())]),
+                want
+            );
+        }
     }
 
     #[test]

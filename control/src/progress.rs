@@ -97,6 +97,31 @@ pub fn journal_line(status: &Status) -> String {
     }
 }
 
+/// `"protection ok: RPO 3s (every 5s), last point vm@ID, 7 points, 1.0
+/// MiB pending"`, or `None` when the daemon does not protect the disk.
+pub fn protection_line(status: &Status) -> Option<String> {
+    let p = status.protection.as_ref()?;
+    let rpo = p.rpo_seconds.map_or("-".to_string(), format_duration);
+    let mut line = format!(
+        "protection {}: RPO {rpo} (every {})",
+        p.state,
+        format_duration(p.interval_seconds)
+    );
+    match &p.last_point {
+        Some(last) => line.push_str(&format!(", last point {}", last.snapshot)),
+        None => line.push_str(", no point yet"),
+    }
+    line.push_str(&format!(
+        ", {} points, {} pending",
+        p.points_written,
+        format_bytes(p.pending_bytes)
+    ));
+    if let Some(reason) = &p.reason {
+        line.push_str(&format!(": {reason}"));
+    }
+    Some(line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +202,28 @@ mod tests {
         assert_eq!(
             transition_line(None, &status(State::Complete, 4 << 30)).as_deref(),
             Some("migration complete: 16.0 GiB on the target")
+        );
+    }
+
+    #[test]
+    fn protection_line_shows_the_rpo() {
+        assert_eq!(protection_line(&Status::default()), None);
+        let s = Status {
+            protection: Some(crate::status::Protection {
+                state: crate::status::ProtectionState::Failed,
+                reason: Some("store full".into()),
+                name: "vm".into(),
+                interval_seconds: 5.0,
+                rpo_seconds: Some(12.4),
+                points_written: 3,
+                pending_bytes: 1 << 20,
+                ..Default::default()
+            }),
+            ..Status::default()
+        };
+        assert_eq!(
+            protection_line(&s).unwrap(),
+            "protection failed: RPO 12s (every 5s), no point yet, 3 points, 1.0 MiB pending: store full"
         );
     }
 

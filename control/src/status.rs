@@ -145,6 +145,90 @@ pub struct Status {
     /// Why the journal does not run (`journal_active` false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub journal_inactive_reason: Option<String>,
+
+    /// Continuous protection (`--protect`, `serve`); absent when the
+    /// daemon does not protect the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<Protection>,
+}
+
+/// How protection is doing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtectionState {
+    /// No point written (or found covering the disk) yet.
+    #[default]
+    Starting,
+    /// The newest point is at most twice the interval old.
+    Ok,
+    /// The newest point is older than twice the interval.
+    Behind,
+    /// The last point failed (reason in [`Protection::reason`]); the
+    /// guest keeps running and the next interval tries again.
+    Failed,
+}
+
+impl ProtectionState {
+    /// Every state.
+    pub const ALL: [ProtectionState; 4] = [
+        ProtectionState::Starting,
+        ProtectionState::Ok,
+        ProtectionState::Behind,
+        ProtectionState::Failed,
+    ];
+
+    /// The state's name, as in JSON and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProtectionState::Starting => "starting",
+            ProtectionState::Ok => "ok",
+            ProtectionState::Behind => "behind",
+            ProtectionState::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ProtectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A protection point in the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointRef {
+    /// The snapshot id.
+    pub id: String,
+    /// `NAME@ID`.
+    pub snapshot: String,
+    /// The instant the point holds the disk at (RFC 3339, µs).
+    pub instant: String,
+}
+
+/// Continuous protection: points written into the store every interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Protection {
+    pub state: ProtectionState,
+    /// Why the state is `failed` (or `behind`, when known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The image name points are written under.
+    pub name: String,
+    pub interval_seconds: f64,
+    /// The newest complete point.
+    pub last_point: Option<PointRef>,
+    /// Age of the newest instant whose disk state is in the store (the
+    /// last point, or a later instant at which nothing had changed since
+    /// it); null before the first.
+    pub rpo_seconds: Option<f64>,
+    /// Points written since this process started.
+    pub points_written: u64,
+    /// Bytes points read from the disk (since this process started).
+    pub point_bytes_read: u64,
+    /// Bytes points added to the store (since this process started).
+    pub point_bytes_new: u64,
+    /// Bytes of chunks changed since the newest complete point.
+    pub pending_bytes: u64,
 }
 
 impl Status {
