@@ -217,6 +217,7 @@ impl Store {
             parent,
             opts,
             start,
+            None,
             // Holes are zero chunks, never read (see `file.rs`).
             |shared, parent, per_batch, free, work| {
                 changed::read_changed(shared, &src, parent, per_batch, 1, free, work)
@@ -236,6 +237,7 @@ impl Store {
         parent: Option<SnapshotReader>,
         opts: &BackupOptions<'_>,
         start: Instant,
+        created: Option<i64>,
         read: R,
     ) -> Result<BackupStats>
     where
@@ -254,7 +256,10 @@ impl Store {
             .filter_map(|l| micros_from_id(&l.id))
             .max()
             .unwrap_or(0);
-        let created = now_micros().max(last_micros + 1);
+        // The snapshot's id is its creation time: `created` when the caller
+        // sets it (a protection point's instant), else now; always after
+        // every existing id, so ids stay unique and ordered.
+        let created = created.unwrap_or_else(now_micros).max(last_micros + 1);
         let info = SnapshotInfo {
             id: String::new(),
             name: name.to_string(),

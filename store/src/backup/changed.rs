@@ -72,6 +72,7 @@ pub struct ChangedBackup<'s> {
     _lock: std::sync::Arc<WriterLock>,
     name: String,
     newest: Option<SnapshotInfo>,
+    created: Option<i64>,
 }
 
 impl Store {
@@ -107,6 +108,7 @@ impl Store {
                     _lock: lock.clone(),
                     name: (*name).to_owned(),
                     newest,
+                    created: None,
                 })
             })
             .collect()
@@ -117,6 +119,15 @@ impl ChangedBackup<'_> {
     /// The newest live snapshot of this image, if any.
     pub fn newest(&self) -> Option<&SnapshotInfo> {
         self.newest.as_ref()
+    }
+
+    /// Stamps the snapshot with `micros` (µs since the epoch) as its id and
+    /// creation time instead of the time the run starts: a protection
+    /// point is the disk at its instant, so `--at` finds it by that time.
+    /// A time not after every existing snapshot's id becomes the next
+    /// microsecond after the newest (ids are unique and ordered).
+    pub fn set_created(&mut self, micros: i64) {
+        self.created = Some(micros);
     }
 
     /// Run the backup from `src`.
@@ -153,6 +164,7 @@ impl ChangedBackup<'_> {
             parent,
             &bopts,
             start,
+            self.created,
             |shared, parent, per_batch, free, work| {
                 read_changed(shared, src, parent, per_batch, opts.readers, free, work)
             },
