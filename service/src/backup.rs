@@ -1,0 +1,433 @@
+//! One group point: every disk of every VM of a plan, started at one
+//! instant, then read into the store (see the crate doc for the sequence
+//! and the failure guarantees).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hypervisor::live_backup::{self, fleece, Member, ReadOptions, Report, Target};
+use hypervisor::qga::Qga;
+use hypervisor::qmp::{self, Qmp};
+use serde::Serialize;
+use store::group::{GroupMember, GroupPoint};
+use store::Store;
+use tracing::{info, info_span, warn};
+
+use crate::plan::Plan;
+
+/// Errors of a group backup.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Failed to open store {path}")]
+    OpenStore {
+        path: PathBuf,
+        #[source]
+        source: store::Error,
+    },
+    #[error("VM {vm}: QMP {what} failed")]
+    Qmp {
+        vm: String,
+        what: &'static str,
+        #[source]
+        source: Box<qmp::Error>,
+    },
+    #[error("VM {vm}: guest agent {what} failed")]
+    Qga {
+        vm: String,
+        what: &'static str,
+        #[source]
+        source: Box<qmp::Error>,
+    },
+    #[error("VM {vm} drive {drive} (plan line {line})")]
+    Member {
+        vm: String,
+        drive: String,
+        line: usize,
+        #[source]
+        source: Box<live_backup::Error>,
+    },
+    #[error("Store operation failed")]
+    Store(#[from] store::Error),
+    #[error("Backup interrupted")]
+    Interrupted,
+}
+
+/// `Result` of this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How the guests were held still for the instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pause {
+    /// Every VM has a guest agent: filesystems frozen (application
+    /// consistent), vCPUs running.
+    Fsfreeze,
+    /// QMP `stop` / `cont` of every VM.
+    Stop,
+}
+
+/// One member of a group point (`--json`: `members[]`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberReport {
+    pub vm: String,
+    pub drive: String,
+    #[serde(flatten)]
+    pub report: Report,
+}
+
+/// What a group backup did (`--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupReport {
+    /// `SERVICE@ID`.
+    pub group: String,
+    pub service: String,
+    /// The instant, RFC 3339.
+    pub instant: String,
+    pub pause: Pause,
+    /// From the first guest paused (or frozen) to the last one resumed.
+    pub blackout_ms: f64,
+    pub members: Vec<MemberReport>,
+    pub seconds: f64,
+}
+
+/// Options of [`run`].
+pub struct Options<'a> {
+    /// Set to stop (SIGTERM, Ctrl-C): no group point, changes stay tracked.
+    pub abort: &'a AtomicBool,
+    pub threads: Option<usize>,
+    /// Read every disk in full, even where an incremental is possible.
+    pub full: bool,
+}
+
+/// One VM during the backup.
+struct VmRun {
+    name: String,
+    q: Qmp,
+    qga: Option<Qga>,
+    /// Members of this VM: index into the plan's member list.
+    members: Vec<usize>,
+    /// We stopped it (so we `cont` it).
+    stopped: bool,
+    frozen: bool,
+    paused_at: Option<Instant>,
+    blackout: Duration,
+}
+
+fn qmp_err<'a>(vm: &'a str, what: &'static str) -> impl FnOnce(qmp::Error) -> Error + 'a {
+    move |source| Error::Qmp {
+        vm: vm.to_owned(),
+        what,
+        source: Box::new(source),
+    }
+}
+
+/// Take one group point of `plan`.
+pub fn run(plan: &Plan, opts: &Options<'_>) -> Result<GroupReport> {
+    let store = Store::open(&plan.store).map_err(|source| Error::OpenStore {
+        path: plan.store.clone(),
+        source,
+    })?;
+    run_in(&store, plan, opts)
+}
+
+/// [`run`] on an open store.
+pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupReport> {
+    let span = info_span!("group_backup", service = %plan.service);
+    let _e = span.enter();
+    let started = Instant::now();
+    let planned: Vec<(String, String, usize)> = plan
+        .members()
+        .map(|(vm, d)| (vm.name.clone(), d.drive.clone(), d.line))
+        .collect();
+    let names: Vec<String> = planned
+        .iter()
+        .map(|(vm, drive, _)| plan.member_name(vm, drive))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    // One writer lock for every member: no other run of this store touches
+    // QEMU meanwhile, and the group record is published under it.
+    let sessions = store.begin_changed_backups(&refs)?;
+
+    let mut vms: Vec<VmRun> = Vec::new();
+    let mut k = 0;
+    for vm in &plan.vms {
+        let q = Qmp::connect(&vm.qmp).map_err(qmp_err(&vm.name, "connect"))?;
+        vms.push(VmRun {
+            name: vm.name.clone(),
+            q,
+            qga: None,
+            members: (k..k + vm.disks.len()).collect(),
+            stopped: false,
+            frozen: false,
+            paused_at: None,
+            blackout: Duration::ZERO,
+        });
+        k += vm.disks.len();
+    }
+    let tag = live_backup::store_tag(store);
+    let base = fleece::Names::new(&tag);
+    let base_token = u32::from_str_radix(&base.token, 16).unwrap_or(0);
+    let mut members: Vec<Option<Member>> = (0..names.len()).map(|_| None).collect();
+    let mut leftovers: Vec<Vec<String>> = vec![Vec::new(); vms.len()];
+
+    let result = (|| -> Result<(Pause, Duration, i64)> {
+        // Prepare: nothing paused yet.
+        for (vi, v) in vms.iter_mut().enumerate() {
+            leftovers[vi] = fleece::clear_leftovers(&mut v.q, &base, &plan.scratch)
+                .map_err(|source| member_err(&planned[v.members[0]], source))?;
+            for &m in &v.members {
+                let mut n = base.clone();
+                n.token = format!("{:08x}", base_token.wrapping_add(m as u32));
+                let target = Target {
+                    name: names[m].clone(),
+                    qmp: plan.vms[vi].qmp.clone(),
+                    drive: planned[m].1.clone(),
+                    full: opts.full,
+                    scratch: plan.scratch.clone(),
+                };
+                let member = Member::prepare(&mut v.q, store, sessions[m].newest(), n, &target)
+                    .map_err(|source| member_err(&planned[m], source))?;
+                members[m] = Some(member);
+            }
+        }
+        let all_agents = plan.vms.iter().all(|v| v.qga.is_some());
+        if all_agents {
+            for (vi, v) in vms.iter_mut().enumerate() {
+                let path = plan.vms[vi].qga.as_ref().expect("all VMs have an agent");
+                v.qga = Some(Qga::connect(path).map_err(|source| Error::Qga {
+                    vm: v.name.clone(),
+                    what: "connect",
+                    source: Box::new(source),
+                })?);
+            }
+        }
+        let pause = if all_agents {
+            Pause::Fsfreeze
+        } else {
+            Pause::Stop
+        };
+        if opts.abort.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        let chunk = store.chunk_size();
+        let window = Instant::now();
+        let mut instant = 0;
+        let started_all = (|| -> Result<()> {
+            for v in vms.iter_mut() {
+                hold(v, pause)?;
+            }
+            instant = store::snapshot::now_micros();
+            for v in vms.iter_mut() {
+                let mut actions = Vec::new();
+                for &m in &v.members {
+                    actions.extend(members[m].as_ref().expect("prepared").start_actions(chunk));
+                }
+                v.q.transaction(&actions)
+                    .map_err(qmp_err(&v.name, "transaction (start fleecing)"))?;
+                for &m in &v.members {
+                    members[m].as_mut().expect("prepared").started();
+                }
+            }
+            Ok(())
+        })();
+        // Always: resume every guest we paused, whatever failed.
+        let mut resumed = Ok(());
+        for v in vms.iter_mut() {
+            if let Err(e) = release(v) {
+                warn!(vm = %v.name, "could not resume the guest: {e}");
+                if resumed.is_ok() {
+                    resumed = Err(e);
+                }
+            }
+        }
+        let blackout = window.elapsed();
+        started_all?;
+        resumed?;
+        info!(
+            blackout_ms = blackout.as_secs_f64() * 1000.0,
+            ?pause,
+            "group instant taken"
+        );
+        Ok((pause, blackout, instant))
+    })();
+
+    // Read every member (one at a time: each VM has one NBD server), and
+    // tear each down as soon as it is read.
+    let mut done: Vec<Option<live_backup::Done>> = (0..names.len()).map(|_| None).collect();
+    let read = result.and_then(|r| {
+        for v in vms.iter_mut() {
+            for &m in &v.members {
+                let member = members[m].as_mut().expect("prepared");
+                let d = member
+                    .read(
+                        &mut v.q,
+                        store,
+                        &sessions[m],
+                        &ReadOptions {
+                            progress: None,
+                            threads: opts.threads,
+                            abort: opts.abort,
+                        },
+                    )
+                    .map_err(|source| match source {
+                        live_backup::Error::Interrupted => Error::Interrupted,
+                        source => member_err(&planned[m], source),
+                    });
+                member.teardown(&mut v.q);
+                done[m] = Some(d?);
+            }
+        }
+        Ok(r)
+    });
+    // Tear down what is left (after a failure), then publish or not.
+    for v in vms.iter_mut() {
+        for &m in &v.members {
+            if let Some(member) = members[m].as_mut() {
+                let left = member.teardown(&mut v.q);
+                if !left.is_empty() {
+                    warn!(vm = %v.name, ?left, "cleanup left something behind; the next run removes it");
+                }
+            }
+        }
+    }
+    let published = read.and_then(|(pause, blackout, instant)| {
+        let group_members = planned
+            .iter()
+            .zip(&done)
+            .map(|((vm, drive, _), d)| GroupMember {
+                vm: vm.clone(),
+                drive: drive.clone(),
+                snapshot: d
+                    .as_ref()
+                    .map(|d| format!("{}@{}", d.0.name, d.0.snapshot))
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let mut point = GroupPoint::new(
+            &plan.service,
+            instant,
+            blackout.as_secs_f64() * 1000.0,
+            group_members,
+        )?;
+        store.publish_group(&mut point)?;
+        Ok((pause, blackout, point))
+    });
+    let ok = published.is_ok();
+    for v in vms.iter_mut() {
+        for &m in &v.members {
+            if let Some(member) = members[m].as_mut() {
+                if let Err(e) = member.finish(&mut v.q, ok) {
+                    warn!(vm = %v.name, member = %names[m], "could not update dirty bitmaps: {e}");
+                }
+            }
+        }
+    }
+    if !ok {
+        // Member snapshots of a group that was not published: forget them,
+        // so the next run's incrementals start from the previous group
+        // point, whose bitmaps now hold every change since.
+        for (m, d) in done.iter().enumerate() {
+            if let Some(d) = d {
+                let r = format!("{}@{}", d.0.name, d.0.snapshot);
+                if let Err(e) = store.forget(&r) {
+                    warn!(member = %names[m], "could not forget {r} of the failed group: {e}");
+                }
+            }
+        }
+    }
+    let (pause, blackout, point) = published?;
+    drop(sessions);
+    let mut reports = Vec::new();
+    for (vi, v) in vms.iter().enumerate() {
+        for &m in &v.members {
+            let member = members[m].as_ref().expect("prepared");
+            let d = done[m].take().expect("read");
+            let report = member.report(
+                d,
+                v.blackout,
+                v.frozen.then_some(v.blackout),
+                started,
+                std::mem::take(&mut leftovers[vi]),
+            );
+            reports.push(MemberReport {
+                vm: planned[m].0.clone(),
+                drive: planned[m].1.clone(),
+                report,
+            });
+        }
+    }
+    let report = GroupReport {
+        group: point.reference(),
+        service: plan.service.clone(),
+        instant: point.instant.clone(),
+        pause,
+        blackout_ms: blackout.as_secs_f64() * 1000.0,
+        members: reports,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    info!(group = %report.group, blackout_ms = report.blackout_ms, "group point published");
+    Ok(report)
+}
+
+fn member_err(m: &(String, String, usize), source: live_backup::Error) -> Error {
+    Error::Member {
+        vm: m.0.clone(),
+        drive: m.1.clone(),
+        line: m.2,
+        source: Box::new(source),
+    }
+}
+
+/// Hold one VM still: freeze its filesystems, or `stop` it if it runs.
+fn hold(v: &mut VmRun, pause: Pause) -> Result<()> {
+    v.paused_at = Some(Instant::now());
+    match pause {
+        Pause::Fsfreeze => {
+            let g = v.qga.as_mut().expect("agent connected");
+            // Mark first: a freeze that fails halfway must still be thawed.
+            v.frozen = true;
+            g.fsfreeze_freeze().map_err(|source| Error::Qga {
+                vm: v.name.clone(),
+                what: "guest-fsfreeze-freeze",
+                source: Box::new(source),
+            })?;
+        }
+        Pause::Stop => {
+            let status =
+                v.q.execute_value("query-status", None)
+                    .map_err(qmp_err(&v.name, "query-status"))?;
+            if status.get("running").and_then(|r| r.as_bool()) == Some(true) {
+                v.stopped = true;
+                v.q.execute_value("stop", None)
+                    .map_err(qmp_err(&v.name, "stop"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Resume one VM held by [`hold`]; records its blackout.
+fn release(v: &mut VmRun) -> Result<()> {
+    let mut r = Ok(());
+    if v.stopped {
+        v.stopped = false;
+        r =
+            v.q.execute_value("cont", None)
+                .map(drop)
+                .map_err(qmp_err(&v.name, "cont"));
+    }
+    if let (true, Some(g)) = (v.frozen, v.qga.as_mut()) {
+        if let Err(source) = g.fsfreeze_thaw() {
+            r = r.and(Err(Error::Qga {
+                vm: v.name.clone(),
+                what: "guest-fsfreeze-thaw",
+                source: Box::new(source),
+            }));
+        }
+    }
+    if let Some(t) = v.paused_at {
+        v.blackout = t.elapsed();
+    }
+    r
+}

@@ -1,0 +1,136 @@
+//! `protect --plan`: the long-lived scheduler. A group point every
+//! `interval` (the plan's, default RPO/2), the plan's retention after each
+//! point, one outcome per point for the caller to log.
+//!
+//! Stop: the `stop` flag (SIGTERM, SIGINT) ends the wait at once; a point
+//! being taken is aborted the clean way (no group point is published, QEMU
+//! is left as it was, every change stays tracked), so a stop never leaves
+//! half a point. A failed point is recorded (`check` reports it) and the
+//! scheduler carries on at the next tick.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use store::Store;
+use tracing::warn;
+
+use crate::backup::{self, GroupReport};
+use crate::plan::Plan;
+use crate::policy;
+
+/// How often the wait between points looks at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// The outcome of one scheduled point.
+#[derive(Debug, Serialize)]
+pub struct PointOutcome {
+    /// 1-based.
+    pub point: u64,
+    pub report: Option<GroupReport>,
+    /// The error chain of a failed point.
+    pub error: Option<String>,
+    /// Group points forgotten by retention after it.
+    pub forgotten: Vec<String>,
+}
+
+/// Options of [`run`].
+pub struct Options<'a> {
+    pub stop: &'a AtomicBool,
+    pub threads: Option<usize>,
+    /// Stop after this many points (tests).
+    pub max_points: Option<u64>,
+    /// Called after every point.
+    pub on_point: &'a dyn Fn(&PointOutcome),
+}
+
+/// Totals of a protect run.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Totals {
+    pub points: u64,
+    pub failures: u64,
+}
+
+/// The whole error chain on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Run the scheduler until `opts.stop` is set.
+pub fn run(plan: &Plan, opts: &Options<'_>) -> Result<Totals, backup::Error> {
+    let store = Store::open(&plan.store).map_err(|source| backup::Error::OpenStore {
+        path: plan.store.clone(),
+        source,
+    })?;
+    let interval = Duration::from_micros(plan.interval as u64);
+    let mut totals = Totals::default();
+    loop {
+        if opts.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let tick = Instant::now();
+        let r = backup::run_in(
+            &store,
+            plan,
+            &backup::Options {
+                abort: opts.stop,
+                threads: opts.threads,
+                full: false,
+            },
+        );
+        if matches!(r, Err(backup::Error::Interrupted)) {
+            // Stopped mid-point: nothing was published; not a failure.
+            break;
+        }
+        totals.points += 1;
+        let mut outcome = PointOutcome {
+            point: totals.points,
+            report: None,
+            error: None,
+            forgotten: Vec::new(),
+        };
+        match r {
+            Ok(report) => {
+                if let Err(e) = policy::record_outcome(&store, &plan.service, Ok(&report.group)) {
+                    warn!("{}", chain(&e));
+                }
+                if !plan.retention.is_empty() {
+                    match policy::forget(&store, plan, false) {
+                        Ok(d) => {
+                            outcome.forgotten = d
+                                .into_iter()
+                                .filter(|d| !d.decision.keep)
+                                .map(|d| d.decision.snapshot)
+                                .collect()
+                        }
+                        Err(e) => warn!("retention failed: {}", chain(&e)),
+                    }
+                }
+                outcome.report = Some(report);
+            }
+            Err(e) => {
+                totals.failures += 1;
+                let msg = chain(&e);
+                if let Err(e) = policy::record_outcome(&store, &plan.service, Err(&msg)) {
+                    warn!("{}", chain(&e));
+                }
+                outcome.error = Some(msg);
+            }
+        }
+        (opts.on_point)(&outcome);
+        if opts.max_points.is_some_and(|m| totals.points >= m) {
+            break;
+        }
+        while tick.elapsed() < interval && !opts.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(STOP_POLL.min(interval.saturating_sub(tick.elapsed())));
+        }
+    }
+    Ok(totals)
+}
