@@ -314,6 +314,12 @@ impl ProtectLayer {
         (self.errors.load(Ordering::Relaxed), last)
     }
 
+    /// Makes the next point (one not started yet) read every chunk: its
+    /// parent is gone, or what changed is not known.
+    pub fn request_full(&self) {
+        self.full_requested.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// A bit could not be recorded: fall back to a full read.
     fn degrade(&self, what: &str, e: &io::Error) {
         tracing::warn!(error = %e, "protection: failed to {what}; the next point reads the whole disk");

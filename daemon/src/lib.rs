@@ -18,6 +18,7 @@
 //! | [`control_server`] | the control socket server: the socket (0600, the daemon's user, from `block::socket::bind_private_socket`), the `control-accept` thread, one `control-conn` thread per client |
 //! | [`operator_status`] | [`operator_status::DaemonStatus`], the daemon's `control::Control`: builds a `control::Status` from the parts, routes pause/resume/set-rate to the migration |
 //! | [`qemu`] | the QEMU that `instant-boot --qemu` launches: spawned with `PR_SET_PDEATHSIG` = `SIGKILL` so it dies with the daemon, and recorded in the state dir (`qemu.json`) so a second guest is refused on the same overlay |
+//! | [`protect`] | continuous protection: the `protect` thread writes a protection point into the store every interval through `block::protect::ProtectLayer`; `protect.json`; full reads after a reboot or without a parent |
 //! | [`progress_log`] | the `progress-log` thread: a progress line every `--log-interval` while migrating, each state change once, whether the live journal runs (at start and on change) |
 //!
 //! # Model
@@ -88,6 +89,7 @@
 pub mod control_server;
 pub mod operator_status;
 pub mod progress_log;
+pub mod protect;
 pub mod qemu;
 pub mod state_dir;
 
@@ -119,7 +121,9 @@ use vhost_backend::socket::{BlockServer, Listening};
 use crate::control_server::ControlServer;
 use crate::operator_status::DaemonStatus;
 use crate::progress_log::{spawn_progress_logger, ProgressLogger};
+pub use crate::protect::ProtectConfig;
 use crate::state_dir::{StateBinding, StateDir};
+use block::protect::DiskDevice;
 
 /// Everything `instant-boot` needs to know.
 #[derive(Debug, Clone)]
@@ -232,6 +236,12 @@ pub enum Error {
     /// error names the target).
     #[error(transparent)]
     Target(block::target::Error),
+    /// Starting continuous protection failed.
+    #[error("Failed to start protection")]
+    Protect(#[source] protect::Error),
+    /// `serve --disk`: the disk cannot be opened.
+    #[error("Failed to open disk {0}")]
+    OpenDisk(PathBuf, #[source] store::Error),
     /// Opening or starting the migration failed.
     #[error("Failed to start the migration to {0}")]
     Migration(PathBuf, #[source] block::migrate::Error),
@@ -272,12 +282,21 @@ pub struct Daemon {
     /// The state's hold on its snapshot, until the migration completes.
     hold: Option<SnapshotHold>,
     hold_release: Option<std::thread::JoinHandle<()>>,
+    /// Continuous protection and its `protect` thread.
+    protector: Option<protect::Protector>,
 }
 
 impl Daemon {
     /// Opens the store, the snapshot and the state dir, builds the layers
     /// and binds the socket.
     pub fn start(cfg: &DaemonConfig) -> Result<Daemon> {
+        Self::start_protected(cfg, None)
+    }
+
+    /// [`Daemon::start`], with continuous protection when `protect` is
+    /// given (`instant-boot --protect`): points of the disk the guest sees
+    /// are written into the store every interval ([`protect`]).
+    pub fn start_protected(cfg: &DaemonConfig, protect: Option<&ProtectConfig>) -> Result<Daemon> {
         if cfg.repair_from.is_some() && cfg.target.is_none() {
             return Err(Error::RepairWithoutTarget);
         }
@@ -297,7 +316,7 @@ impl Daemon {
             state_dir::peek(&cfg.state).filter(|s| s.migration == MigrationState::Complete)
         });
         if let Some(done) = complete {
-            return Self::start_complete(cfg, &done);
+            return Self::start_complete(cfg, &done, protect);
         }
         let store = Store::open(&cfg.store).map_err(Error::OpenStore)?;
         let reader = store
@@ -343,12 +362,69 @@ impl Daemon {
             Some(reader),
             source,
             repair,
+            protect,
+            None,
+        )
+    }
+
+    /// Serves the raw file or block device `disk` as it is (`recovery-cli
+    /// serve --disk`; it was never backed up), with continuous
+    /// protection: points named `protect.name` are written into the store
+    /// every interval, the first a full read. `cfg.snapshot`, `cfg.target`
+    /// and `cfg.repair_from` are not used.
+    pub fn serve_disk(cfg: &DaemonConfig, disk: &Path, protect: &ProtectConfig) -> Result<Daemon> {
+        check_socket_path("vhost-user socket", &cfg.socket, true)?;
+        match &cfg.control {
+            Some(control) => check_socket_path("control socket", control, true)?,
+            None => check_socket_path(
+                "control socket",
+                &state_dir::control_socket_in(&cfg.state),
+                false,
+            )?,
+        }
+        let name = protect
+            .name
+            .clone()
+            .ok_or(Error::Protect(protect::Error::NoName))?;
+        let store = Store::open(&cfg.store).map_err(Error::OpenStore)?;
+        let (_, size) =
+            store::backup::open_source(disk).map_err(|e| Error::OpenDisk(disk.to_path_buf(), e))?;
+        let how = block::target::TargetOpen {
+            create: false,
+            lock: true,
+        };
+        let target = Target::open_with(disk, size, how).map_err(Error::Target)?;
+        let chunk_size = store.chunk_size();
+        let info = SnapshotInfo {
+            id: String::new(),
+            name,
+            image_size: size,
+            chunk_size,
+            chunk_count: size.div_ceil(u64::from(chunk_size)),
+            created: String::new(),
+            source: disk.display().to_string(),
+            parent: None,
+        };
+        let disk = Arc::new(DiskDevice::new(target));
+        Self::assemble(
+            cfg,
+            info,
+            Some(Arc::new(store)),
+            None,
+            None,
+            None,
+            Some(protect),
+            Some(disk),
         )
     }
 
     /// Starts on a state whose migration is complete: the target alone is
     /// served, the store is opened only to release the state's hold.
-    fn start_complete(cfg: &DaemonConfig, done: &state_dir::StateFile) -> Result<Daemon> {
+    fn start_complete(
+        cfg: &DaemonConfig,
+        done: &state_dir::StateFile,
+        protect: Option<&ProtectConfig>,
+    ) -> Result<Daemon> {
         let name = done.snapshot_name.clone().unwrap_or_default();
         let id = &done.snapshot_id;
         let matches = cfg.snapshot == *id
@@ -380,16 +456,19 @@ impl Daemon {
         };
         let store = match Store::open(&cfg.store) {
             Ok(store) => Some(Arc::new(store)),
+            // Protection writes its points into the store.
+            Err(e) if protect.is_some() => return Err(Error::OpenStore(e)),
             Err(e) => {
                 tracing::info!(store = %cfg.store.display(), error = %e, "migration complete: serving the target without the store");
                 None
             }
         };
-        Self::assemble(cfg, info, store, None, None, None)
+        Self::assemble(cfg, info, store, None, None, None, protect, None)
     }
 
     /// Opens the state dir and the target, builds the layers and binds the
     /// sockets. `source` is `None` only for a complete migration.
+    #[allow(clippy::too_many_arguments)]
     fn assemble(
         cfg: &DaemonConfig,
         info: SnapshotInfo,
@@ -397,9 +476,14 @@ impl Daemon {
         reader: Option<Arc<SnapshotReader>>,
         source: Option<Arc<StoreSource>>,
         repair: Option<Arc<StoreSource>>,
+        protect: Option<&ProtectConfig>,
+        disk: Option<Arc<DiskDevice>>,
     ) -> Result<Daemon> {
         let binding = StateBinding {
-            snapshot_id: info.id.clone(),
+            snapshot_id: match &disk {
+                Some(_) => format!("disk:{}", info.name),
+                None => info.id.clone(),
+            },
             image_size: info.image_size,
             chunk_size: info.chunk_size,
         };
@@ -418,6 +502,8 @@ impl Daemon {
         }
         // The state holds its snapshot until the migration completes.
         let hold = match &store {
+            // A disk served as is is no snapshot: nothing to hold.
+            _ if disk.is_some() => None,
             Some(store) if state.state().migration != MigrationState::Complete => {
                 let hold = SnapshotHold {
                     store: store.clone(),
@@ -472,8 +558,12 @@ impl Daemon {
         }
 
         let cache = Arc::new(ChunkCache::new(cfg.cache_size));
-        let reference = info.reference();
+        let reference = match &disk {
+            Some(d) => d.target().path().display().to_string(),
+            None => info.reference(),
+        };
         let (inner, migration, overlay): (Arc<dyn BlockDevice>, _, _) = match &cfg.target {
+            _ if disk.is_some() => (disk.clone().expect("checked"), None, None),
             Some(path) => {
                 let target = open_target(&state, path, info.image_size, &cfg.state)?;
                 if target.created() {
@@ -510,6 +600,26 @@ impl Daemon {
                 (overlay.clone(), None, Some(overlay))
             }
         };
+        let protector = match protect {
+            Some(protect) => {
+                let store = store.clone().ok_or_else(|| {
+                    Error::Layer("protection", io::Error::other("the store is not open"))
+                })?;
+                let origin = protect::Origin {
+                    snapshot: disk.is_none().then(|| (info.name.clone(), info.id.clone())),
+                    fresh_state: state.created(),
+                };
+                Some(
+                    protect::Protector::open(&cfg.state, inner.clone(), store, protect, &origin)
+                        .map_err(Error::Protect)?,
+                )
+            }
+            None => None,
+        };
+        let inner: Arc<dyn BlockDevice> = match &protector {
+            Some(p) => p.layer().clone(),
+            None => inner,
+        };
         let metered = Arc::new(MeteredDevice::new(inner));
         let device: Arc<dyn BlockDevice> = metered.clone();
 
@@ -526,11 +636,17 @@ impl Daemon {
         if let Some(migration) = &migration {
             status = status.with_migration(migration.clone());
         }
+        if let Some(p) = &protector {
+            status = status.with_protection(p.status().clone());
+        }
         let status = Arc::new(status);
 
         let mut device_cfg = cfg.device.clone();
         if device_cfg.serial.is_empty() {
-            device_cfg.serial = default_serial(&info.id);
+            device_cfg.serial = match &disk {
+                Some(_) => info.name.chars().take(SERIAL_BYTES).collect(),
+                None => default_serial(&info.id),
+            };
         }
         let server = BlockServer::new(device.clone(), device_cfg)?;
         let listening = server.bind_owned(&cfg.socket, cfg.socket_owner.as_ref())?;
@@ -555,6 +671,10 @@ impl Daemon {
             ),
             _ => None,
         };
+        let mut protector = protector;
+        if let Some(p) = &mut protector {
+            p.spawn().map_err(Error::Protect)?;
+        }
         undo.state = None;
         undo.target = None;
         undo.hold = None;
@@ -573,6 +693,7 @@ impl Daemon {
             _reader: reader,
             hold,
             hold_release,
+            protector,
         })
     }
 
@@ -648,6 +769,11 @@ impl Daemon {
     /// a final checkpoint and flushes every layer.
     pub fn run(self) -> Result<()> {
         let served = self.server.serve(self.listening, &self.stop);
+        // A point being written is abandoned: its chunks stay changed.
+        let mut protector = self.protector;
+        if let Some(p) = &mut protector {
+            p.stop();
+        }
         let checkpoint = match &self.migration {
             Some(m) => m.shutdown().map_err(Error::Checkpoint),
             None => Ok(()),

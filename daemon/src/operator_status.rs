@@ -3,7 +3,7 @@
 //! The status report combines the guest counters of the
 //! [`MeteredDevice`], the migration (if there is a target), the chunk
 //! cache's hit rate, the overlay's size, the failed chunk reads of the
-//! store sources and the uptime. Control commands
+//! store sources, continuous protection and the uptime. Control commands
 //! (pause, resume, set-rate) go to the migration; without a target they
 //! are refused with a message saying so.
 
@@ -20,6 +20,8 @@ use block::source::ChunkSource;
 use block::store_source::StoreSource;
 use control::{Control, State, Status};
 
+use crate::protect::ProtectStatus;
+
 const NO_TARGET: &str = "no migration target: start instant-boot with --target to migrate";
 
 /// The daemon's status and controls. Build it with [`DaemonStatus::new`]
@@ -32,6 +34,7 @@ pub struct DaemonStatus {
     overlay: Option<Arc<Overlay>>,
     migration: Option<Arc<MigratingDevice>>,
     sources: Vec<Arc<StoreSource>>,
+    protection: Option<Arc<ProtectStatus>>,
 }
 
 impl DaemonStatus {
@@ -46,6 +49,7 @@ impl DaemonStatus {
             overlay: None,
             migration: None,
             sources: Vec::new(),
+            protection: None,
         }
     }
 
@@ -72,6 +76,12 @@ impl DaemonStatus {
     /// (may be called once per source: the served snapshot, the repair one).
     pub fn with_store_source(mut self, source: Arc<StoreSource>) -> DaemonStatus {
         self.sources.push(source);
+        self
+    }
+
+    /// Reports continuous protection (`status.protection`).
+    pub fn with_protection(mut self, protection: Arc<ProtectStatus>) -> DaemonStatus {
+        self.protection = Some(protection);
         self
     }
 
@@ -121,6 +131,7 @@ impl Control for DaemonStatus {
         if let Some(m) = &self.migration {
             apply_migration(&m.status(), &mut status);
         }
+        status.protection = self.protection.as_ref().map(|p| p.protection());
         status
     }
 

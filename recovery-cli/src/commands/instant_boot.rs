@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use daemon::{
-    Daemon, DaemonConfig, DeviceConfig, MigratingDevice, MigrationOptions, SocketOwner, StopHandle,
-    MAX_IO_THREADS, SERIAL_BYTES,
+    Daemon, DaemonConfig, DeviceConfig, MigratingDevice, MigrationOptions, ProtectConfig,
+    SocketOwner, StopHandle, MAX_IO_THREADS, SERIAL_BYTES,
 };
 use serde::Serialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -96,6 +96,17 @@ pub struct Args {
     /// completes; the guest's own writes are kept. Every repaired chunk is logged.
     #[arg(long, value_name = "SNAPSHOT")]
     repair_from: Option<String>,
+    /// Continuous protection: write a protection point of the disk the
+    /// guest sees into the store every --protect-every (changed chunks
+    /// only; `restore --at` picks one by time).
+    #[arg(long)]
+    protect: bool,
+    /// Time between protection points (at least 1s).
+    #[arg(long, default_value = "5s", value_parser = parse_interval, value_name = "DURATION")]
+    protect_every: Duration,
+    /// Image name of the protection points (default: the snapshot's image name).
+    #[arg(long, value_name = "NAME")]
+    protect_name: Option<String>,
     /// Seconds between progress log lines.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     log_interval: u64,
@@ -116,10 +127,21 @@ pub struct Args {
     qemu_args: Vec<String>,
 }
 
+/// Parses a protection interval (`5s`, `1m`, `1h30m`), at least 1s.
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    let micros = store::point::parse_duration(s).map_err(|e| e.to_string())?;
+    let d = Duration::from_micros(u64::try_from(micros).unwrap_or(0));
+    if d < daemon::protect::MIN_INTERVAL {
+        return Err(format!("{s} is shorter than the minimum interval of 1s"));
+    }
+    Ok(d)
+}
+
 /// Validated `instant-boot` settings.
 #[derive(Debug)]
 pub struct Config {
     daemon: DaemonConfig,
+    protect: Option<ProtectConfig>,
     json: bool,
     qemu: Option<QemuLaunch>,
     memory: u64,
@@ -172,6 +194,9 @@ impl TryFrom<Args> for Config {
         if a.target.is_none() && (a.copy_rate.is_some() || a.verify || a.repair_from.is_some()) {
             bail!("--copy-rate, --verify and --repair-from need --target");
         }
+        if !a.protect && a.protect_name.is_some() {
+            bail!("--protect-name needs --protect");
+        }
         if !(1..=256).contains(&a.copy_workers) {
             bail!("--copy-workers must be between 1 and 256");
         }
@@ -207,6 +232,10 @@ impl TryFrom<Args> for Config {
                 log_interval: Duration::from_secs(a.log_interval.max(1)),
                 starts_guest: a.qemu,
             },
+            protect: a.protect.then(|| ProtectConfig {
+                name: a.protect_name.clone(),
+                interval: a.protect_every,
+            }),
             json: a.json,
             qemu: a.qemu.then_some(QemuLaunch {
                 binary: a.qemu_binary,
@@ -225,20 +254,24 @@ fn mem_total() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// What `instant-boot` prints once the socket accepts connections.
+/// What `instant-boot` (and `serve`) prints once the socket accepts
+/// connections.
 #[derive(Debug, Serialize)]
-struct Ready {
-    socket: String,
-    control: String,
-    target: Option<String>,
+pub(super) struct Ready {
+    pub(super) socket: String,
+    pub(super) control: String,
+    pub(super) target: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    repair_from: Option<String>,
-    snapshot: String,
-    image_size: u64,
-    queues: usize,
-    read_only: bool,
-    qemu_args: Vec<String>,
-    libvirt_xml: String,
+    pub(super) repair_from: Option<String>,
+    pub(super) snapshot: String,
+    pub(super) image_size: u64,
+    pub(super) queues: usize,
+    pub(super) read_only: bool,
+    pub(super) qemu_args: Vec<String>,
+    pub(super) libvirt_xml: String,
+    /// With protection: the image name of the points.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) protection: Option<String>,
 }
 
 /// QEMU arguments that attach a vhost-user-blk socket with shared guest RAM.
@@ -294,10 +327,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
     // Handlers go in before anything is announced, so a SIGTERM sent as
     // soon as the socket appears still stops the daemon cleanly.
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM]).context("Failed to install signal handlers")?;
+    let signals = Signals::new([SIGINT, SIGTERM]).context("Failed to install signal handlers")?;
     let signal_handle = signals.handle();
-    let daemon = Daemon::start(&cfg.daemon)?;
+    let daemon = Daemon::start_protected(&cfg.daemon, cfg.protect.as_ref())?;
     let socket = daemon.socket().display().to_string();
     let qemu = qemu_args(&socket, cfg.memory, cfg.daemon.device.num_queues);
     let ready = Ready {
@@ -310,29 +342,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         queues: cfg.daemon.device.num_queues,
         read_only: cfg.daemon.device.read_only,
         qemu_args: qemu.clone(),
-        libvirt_xml: libvirt_xml(
-            &std::path::absolute(daemon.socket())
-                .unwrap_or_else(|_| daemon.socket().to_path_buf())
-                .display()
-                .to_string(),
-            cfg.daemon.device.num_queues,
-            cfg.daemon.socket_owner.as_ref(),
-        ),
+        protection: daemon.status().status().protection.map(|p| p.name),
+        libvirt_xml: libvirt_for(&daemon, &cfg.daemon),
     };
     print_ready(&ready, cfg.json)?;
     info!(socket = %socket, snapshot = %ready.snapshot, "serving");
 
     let stop = daemon.stop_handle();
-    let signal_stop = stop.clone();
-    let signal_thread = thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                info!(signal = sig, "stopping");
-                signal_stop.stop();
-            }
-        })
-        .context("Failed to start the signal thread")?;
+    let signal_thread = stop_on_signal(signals, stop.clone())?;
 
     let qemu_thread = match &cfg.qemu {
         Some(launch) => {
@@ -380,6 +397,34 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
     info!("stopped cleanly");
     Ok(())
+}
+
+/// The `signals` thread: stops the daemon at the first SIGINT or SIGTERM.
+pub(super) fn stop_on_signal(
+    mut signals: Signals,
+    stop: StopHandle,
+) -> anyhow::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                info!(signal = sig, "stopping");
+                stop.stop();
+            }
+        })
+        .context("Failed to start the signal thread")
+}
+
+/// The libvirt snippet for `daemon`'s socket, by its absolute path.
+pub(super) fn libvirt_for(daemon: &Daemon, cfg: &DaemonConfig) -> String {
+    libvirt_xml(
+        &std::path::absolute(daemon.socket())
+            .unwrap_or_else(|_| daemon.socket().to_path_buf())
+            .display()
+            .to_string(),
+        cfg.device.num_queues,
+        cfg.socket_owner.as_ref(),
+    )
 }
 
 /// Lines of QEMU's stderr kept for the error message.
@@ -499,7 +544,7 @@ fn qemu_failure(status: std::process::ExitStatus, stderr: &mut QemuStderr) -> Op
     })
 }
 
-fn print_ready(ready: &Ready, json: bool) -> anyhow::Result<()> {
+pub(super) fn print_ready(ready: &Ready, json: bool) -> anyhow::Result<()> {
     if json {
         let s = serde_json::to_string(ready).context("Failed to encode JSON")?;
         return output::line(&s);
@@ -516,6 +561,11 @@ fn print_ready(ready: &Ready, json: bool) -> anyhow::Result<()> {
     if let Some(repair) = &ready.repair_from {
         output::line(&format!(
             "Damaged chunks will be taken from {repair} (each one is logged)"
+        ))?;
+    }
+    if let Some(name) = &ready.protection {
+        output::line(&format!(
+            "Protected: points of image {name} are written into the store (restore --at TIME picks one)"
         ))?;
     }
     output::line(&format!(
@@ -568,6 +618,15 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+
+    #[test]
+    fn intervals_are_durations_of_at_least_a_second() {
+        assert_eq!(parse_interval("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_interval("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_interval("0s").is_err());
+        assert!(parse_interval("5").is_err());
+        assert!(parse_interval("fast").is_err());
+    }
 
     #[derive(Debug, Parser)]
     struct Cli {
