@@ -7,6 +7,7 @@ pub mod forget;
 pub mod gc;
 pub mod init;
 pub mod instant_boot;
+pub mod key;
 pub mod live_backup;
 pub mod monitor;
 pub mod restore;
@@ -61,6 +62,8 @@ pub enum Command {
     SetRate(monitor::SetRateArgs),
     /// Print the daemon's Prometheus metrics.
     Metrics(monitor::ControlArgs),
+    /// List, add or remove the passphrases and key files of an encrypted store.
+    Key(key::Args),
 }
 
 impl Command {
@@ -88,6 +91,7 @@ impl Command {
             Command::Resume(a) => monitor::resume(a.try_into()?),
             Command::SetRate(a) => monitor::set_rate(a.try_into()?),
             Command::Metrics(a) => monitor::metrics(a.try_into()?),
+            Command::Key(a) => key::run(a),
         }
     }
 }

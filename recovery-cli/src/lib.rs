@@ -58,11 +58,16 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "recovery-cli", version, about, propagate_version = true)]
 pub struct Cli {
+    /// Key file of an encrypted store (its whole content is the key); without
+    /// it the passphrase comes from RECOVERY_PASSWORD or a prompt.
+    #[arg(long, global = true, env = "RECOVERY_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: commands::Command,
 }
 
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    commands::key::install_secret_provider(cli.key_file);
     cli.command.run()
 }

@@ -41,7 +41,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::Serialize;
 use tracing::{info, info_span, warn};
 
-use crate::chunk::{encode_record, is_zero};
+use crate::chunk::is_zero;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView, MERGE_THRESHOLD};
@@ -502,7 +502,7 @@ fn work(
                 c.chunks_zero.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let id = ChunkId::of(data);
+            let id = shared.store.chunk_id(data);
             entries.extend_from_slice(&id.0);
             if batch.parent.get(i).copied().flatten() == Some(id) {
                 c.chunks_parent.fetch_add(1, Ordering::Relaxed);
@@ -518,7 +518,10 @@ fn work(
             if !fresh {
                 continue;
             }
-            encode_record(&id, data, &mut output.records);
+            shared
+                .store
+                .codec()
+                .encode_record(&id, data, &mut output.records);
             output
                 .chunks
                 .push((id, data.len() as u32, output.records.len()));

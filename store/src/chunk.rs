@@ -6,9 +6,16 @@
 //! space, raw otherwise. Decoding always re-hashes the plaintext and compares
 //! it with the id the caller asked for, so a read never returns wrong data.
 
+use std::cell::RefCell;
+use std::sync::Arc;
+
 use thiserror::Error;
 
-use crate::format::{FormatError, RecordHeader, RECORD_FLAG_COMPRESSED, RECORD_HEADER_LEN};
+use crate::crypto::Cipher;
+use crate::format::{
+    FormatError, RecordHeader, AEAD_TAG_LEN, RECORD_AD_MAGIC, RECORD_FLAG_COMPRESSED,
+    RECORD_FLAG_ENCRYPTED, RECORD_HEADER_LEN, RECORD_NONCE_LEN, RECORD_SEAL_OVERHEAD,
+};
 use crate::id::ChunkId;
 
 /// A failure decoding a chunk record.
@@ -32,6 +39,147 @@ pub enum ChunkError {
     /// The plaintext hash differs from the id.
     #[error("Content hash is {found}")]
     HashMismatch { found: ChunkId },
+    /// A sealed record failed authentication (tampered, moved or another
+    /// store's).
+    #[error("Authentication failed (tampered, damaged or not this store's)")]
+    Authentication,
+    /// An encrypted store holds a plaintext record, or the reverse.
+    #[error("Record is {}encrypted, the store is {}", if *.record { "" } else { "not " }, if *.record { "not" } else { "encrypted" })]
+    EncryptionMismatch { record: bool },
+}
+
+thread_local! {
+    static SEALED_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How a store turns chunks into records and back: plaintext ids and
+/// records, or (encrypted store) keyed ids and sealed records.
+#[derive(Debug, Clone, Default)]
+pub struct Codec {
+    cipher: Option<Arc<Cipher>>,
+}
+
+fn record_ad(id: &ChunkId, raw_len: u32, flags: u32) -> [u8; 48] {
+    let mut ad = [0u8; 48];
+    ad[..8].copy_from_slice(&RECORD_AD_MAGIC);
+    ad[8..40].copy_from_slice(&id.0);
+    ad[40..44].copy_from_slice(&raw_len.to_le_bytes());
+    ad[44..48].copy_from_slice(&flags.to_le_bytes());
+    ad
+}
+
+impl Codec {
+    /// The codec of a plaintext store.
+    pub fn plain() -> Codec {
+        Codec { cipher: None }
+    }
+
+    /// The codec of an encrypted store.
+    pub fn sealed(cipher: Arc<Cipher>) -> Codec {
+        Codec {
+            cipher: Some(cipher),
+        }
+    }
+
+    /// The store's keys, if it is encrypted.
+    pub fn cipher(&self) -> Option<&Arc<Cipher>> {
+        self.cipher.as_ref()
+    }
+
+    /// The id of a chunk's plaintext: blake3, keyed in an encrypted store.
+    pub fn id_of(&self, data: &[u8]) -> ChunkId {
+        match &self.cipher {
+            Some(c) => c.chunk_id(data),
+            None => ChunkId::of(data),
+        }
+    }
+
+    /// [`encode_record`], sealing the data in an encrypted store (compressed
+    /// first). Returns the stored data length.
+    pub fn encode_record(&self, id: &ChunkId, data: &[u8], out: &mut Vec<u8>) -> u32 {
+        let Some(c) = &self.cipher else {
+            return encode_record(id, data, out);
+        };
+        let start = out.len();
+        let nonce_at = start + RECORD_HEADER_LEN;
+        let body = nonce_at + RECORD_NONCE_LEN;
+        let bound = lz4_flex::block::get_maximum_output_size(data.len());
+        out.resize(body + bound + AEAD_TAG_LEN, 0);
+        let (flags, n) = match lz4_flex::block::compress_into(data, &mut out[body..]) {
+            Ok(n) if n < data.len() => (RECORD_FLAG_COMPRESSED | RECORD_FLAG_ENCRYPTED, n),
+            _ => {
+                out[body..body + data.len()].copy_from_slice(data);
+                (RECORD_FLAG_ENCRYPTED, data.len())
+            }
+        };
+        let nonce: [u8; RECORD_NONCE_LEN] = rand::random();
+        out[nonce_at..body].copy_from_slice(&nonce);
+        let raw_len = data.len() as u32;
+        let tag = c.seal(
+            &nonce,
+            &record_ad(id, raw_len, flags),
+            &mut out[body..body + n],
+        );
+        out[body + n..body + n + AEAD_TAG_LEN].copy_from_slice(&tag);
+        out.truncate(body + n + AEAD_TAG_LEN);
+        let stored = n as u32 + RECORD_SEAL_OVERHEAD;
+        let header = RecordHeader {
+            id: id.0,
+            raw_len,
+            stored_len: stored,
+            flags,
+        };
+        out[start..nonce_at].copy_from_slice(&header.encode());
+        stored
+    }
+
+    /// [`decode_record`] for this store: authenticates and decrypts a sealed
+    /// record, then checks the (keyed) hash of the plaintext against `id`.
+    pub fn decode_record(
+        &self,
+        record: &[u8],
+        id: &ChunkId,
+        stored_len: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ChunkError> {
+        let header = check_record(record, id, stored_len)?;
+        let sealed = header.flags & RECORD_FLAG_ENCRYPTED != 0;
+        if sealed != self.cipher.is_some() {
+            return Err(ChunkError::EncryptionMismatch { record: sealed });
+        }
+        let body = &record[RECORD_HEADER_LEN..];
+        match &self.cipher {
+            None => decode_body(&header, body, out)?,
+            Some(c) => {
+                let (nonce, rest) = body.split_at(RECORD_NONCE_LEN);
+                let (ct, tag) = rest.split_at(rest.len() - AEAD_TAG_LEN);
+                let ad = record_ad(id, header.raw_len, header.flags);
+                if header.flags & RECORD_FLAG_COMPRESSED == 0 {
+                    out.clear();
+                    out.extend_from_slice(ct);
+                    if !c.open(nonce, &ad, out, tag) {
+                        out.clear();
+                        return Err(ChunkError::Authentication);
+                    }
+                } else {
+                    SEALED_BUF.with(|b| {
+                        let mut b = b.borrow_mut();
+                        b.clear();
+                        b.extend_from_slice(ct);
+                        if !c.open(nonce, &ad, &mut b, tag) {
+                            return Err(ChunkError::Authentication);
+                        }
+                        decode_body(&header, &b, out)
+                    })?;
+                }
+            }
+        }
+        let found = self.id_of(out);
+        if found != *id {
+            return Err(ChunkError::HashMismatch { found });
+        }
+        Ok(())
+    }
 }
 
 /// True when every byte of `buf` is zero.
@@ -80,6 +228,11 @@ pub fn decode_record(
     stored_len: u32,
     out: &mut Vec<u8>,
 ) -> Result<(), ChunkError> {
+    Codec::plain().decode_record(record, id, stored_len, out)
+}
+
+/// Decode a record's header and check it against the index's id and length.
+fn check_record(record: &[u8], id: &ChunkId, stored_len: u32) -> Result<RecordHeader, ChunkError> {
     let header = RecordHeader::decode(record).map_err(ChunkError::Header)?;
     if header.id != id.0 {
         return Err(ChunkError::WrongId {
@@ -92,12 +245,7 @@ pub fn decode_record(
             expected: stored_len,
         });
     }
-    decode_body(&header, &record[RECORD_HEADER_LEN..], out)?;
-    let found = ChunkId::of(out);
-    if found != *id {
-        return Err(ChunkError::HashMismatch { found });
-    }
-    Ok(())
+    Ok(header)
 }
 
 /// Decode a record body without checking the hash.

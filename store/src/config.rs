@@ -1,9 +1,14 @@
-//! `config.json`: the store's format marker, version and chunk size.
+//! `config.json`: the store's format marker, version and chunk size, and
+//! for an encrypted store (version [`STORE_VERSION_ENCRYPTED`]) its
+//! `encryption` section ([`EncryptionConfig`]).
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::EncryptionConfig;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::{CONFIG_FORMAT, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, STORE_VERSION};
+use crate::format::{
+    CONFIG_FORMAT, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, STORE_VERSION, STORE_VERSION_ENCRYPTED,
+};
 
 /// Name of the config object.
 pub const CONFIG_KEY: &str = "config.json";
@@ -17,6 +22,10 @@ pub struct Config {
     pub version: u32,
     /// Chunk size in bytes.
     pub chunk_size: u32,
+    /// Present (and the version is [`STORE_VERSION_ENCRYPTED`]) when the
+    /// store is encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
 }
 
 impl Config {
@@ -27,6 +36,16 @@ impl Config {
             format: CONFIG_FORMAT.into(),
             version: STORE_VERSION,
             chunk_size,
+            encryption: None,
+        })
+    }
+
+    /// A config for a new encrypted store.
+    pub fn new_encrypted(chunk_size: u32, encryption: EncryptionConfig) -> Result<Config> {
+        Ok(Config {
+            version: STORE_VERSION_ENCRYPTED,
+            encryption: Some(encryption),
+            ..Config::new(chunk_size)?
         })
     }
 
@@ -54,12 +73,12 @@ impl Config {
             ));
         }
         match probe.version {
-            Some(STORE_VERSION) => {}
+            Some(STORE_VERSION | STORE_VERSION_ENCRYPTED) => {}
             v => {
                 return Err(Error::new(
                     ErrorKind::UnsupportedVersion,
                     format!(
-                        "Store {where_} has format version {}, this program supports version {STORE_VERSION}",
+                        "Store {where_} has format version {}, this program supports versions {STORE_VERSION} and {STORE_VERSION_ENCRYPTED} (encrypted)",
                         v.map_or("none".to_string(), |v| v.to_string())
                     ),
                 ))
@@ -70,6 +89,17 @@ impl Config {
         })?;
         validate_chunk_size(config.chunk_size)
             .map_err(|e| e.context(format!("Store {where_} has an invalid config.json")))?;
+        if (config.version == STORE_VERSION_ENCRYPTED) != config.encryption.is_some() {
+            return Err(Error::corrupt(format!(
+                "Store {where_} has an invalid config.json (version {} {} an encryption section)",
+                config.version,
+                if config.encryption.is_some() {
+                    "with"
+                } else {
+                    "without"
+                }
+            )));
+        }
         Ok(config)
     }
 
@@ -111,10 +141,34 @@ mod tests {
             Config::new(2048).unwrap_err().kind(),
             ErrorKind::InvalidInput
         );
-        let v2 = br#"{"format":"instant-recovery-store","version":2,"chunk_size":65536}"#;
-        let e = Config::parse(v2, "s").unwrap_err();
+        let v7 = br#"{"format":"instant-recovery-store","version":7,"chunk_size":65536}"#;
+        let e = Config::parse(v7, "s").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::UnsupportedVersion);
-        assert!(e.to_string().contains("version 2"), "{e}");
+        assert!(e.to_string().contains("version 7"), "{e}");
+        // An encrypted store's version without its section, or the reverse.
+        let v2 = br#"{"format":"instant-recovery-store","version":2,"chunk_size":65536}"#;
+        assert_eq!(
+            Config::parse(v2, "s").unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        let enc = EncryptionConfig {
+            aead: "xchacha20poly1305".into(),
+            kdf: "argon2id".into(),
+            segment_shift: 12,
+            key_check: "00".into(),
+        };
+        let c = Config::new_encrypted(65536, enc).unwrap();
+        assert_eq!(Config::parse(&c.to_json(), "s").unwrap(), c);
+        let mut plain_v1 = c.clone();
+        plain_v1.version = 1;
+        assert_eq!(
+            Config::parse(&plain_v1.to_json(), "s").unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        // Plaintext stores keep their exact config bytes.
+        assert!(!String::from_utf8(Config::new(65536).unwrap().to_json())
+            .unwrap()
+            .contains("encryption"));
         let other = br#"{"format":"something","version":1}"#;
         assert_eq!(
             Config::parse(other, "s").unwrap_err().kind(),

@@ -40,6 +40,10 @@ pub enum ErrorKind {
     AlreadyExists,
     /// The snapshot is held (see [`crate::hold`]).
     Held,
+    /// The store is encrypted and no passphrase or key file was given.
+    KeyRequired,
+    /// No key slot of the encrypted store opens with the given secret.
+    WrongKey,
 }
 
 /// A store error: a kind, a message with context, and an optional cause.

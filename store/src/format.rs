@@ -13,6 +13,10 @@ use thiserror::Error;
 pub const CONFIG_FORMAT: &str = "instant-recovery-store";
 /// Version of the store layout recorded in `config.json`.
 pub const STORE_VERSION: u32 = 1;
+/// Version of an encrypted store's layout (`config.json` then names the
+/// encryption, see [`crate::crypto`]). A program that only knows
+/// [`STORE_VERSION`] refuses it instead of reading ciphertext.
+pub const STORE_VERSION_ENCRYPTED: u32 = 2;
 
 /// Smallest allowed chunk size (4 KiB).
 pub const MIN_CHUNK_SIZE: u32 = 4 << 10;
@@ -34,8 +38,37 @@ pub const RECORD_HEADER_LEN: usize = 48;
 const _: () = assert!(RECORD_HEADER_LEN == 32 + 4 + 4 + 4 + 4);
 /// Record flag: the data is lz4 (block format) compressed.
 pub const RECORD_FLAG_COMPRESSED: u32 = 1;
+/// Record flag: the data is sealed (encrypted store): a
+/// [`RECORD_NONCE_LEN`]-byte nonce, the AEAD ciphertext of the (possibly
+/// compressed) data, and a [`AEAD_TAG_LEN`]-byte tag.
+pub const RECORD_FLAG_ENCRYPTED: u32 = 2;
+/// Nonce length of a sealed record (XChaCha20-Poly1305).
+pub const RECORD_NONCE_LEN: usize = 24;
+/// Authentication tag length (Poly1305).
+pub const AEAD_TAG_LEN: usize = 16;
+/// Bytes a sealed record adds to its data.
+pub const RECORD_SEAL_OVERHEAD: u32 = (RECORD_NONCE_LEN + AEAD_TAG_LEN) as u32;
+/// Associated data prefix of a sealed record (followed by id, raw_len, flags).
+pub const RECORD_AD_MAGIC: [u8; 8] = *b"IRCHUNK1";
 /// Largest stored (possibly compressed) length a valid record can have.
 pub const MAX_STORED_LEN: u32 = MAX_CHUNK_SIZE + MAX_CHUNK_SIZE / 64 + 64;
+const _: () = assert!(MAX_CHUNK_SIZE + RECORD_SEAL_OVERHEAD < MAX_STORED_LEN);
+
+/// Magic of a sealed (encrypted) index or manifest object.
+pub const SEALED_MAGIC: [u8; 8] = *b"IRSEAL\0\0";
+/// Version of the sealed object format.
+pub const SEALED_VERSION: u32 = 1;
+/// Sealed object header: magic, version, log2 of the segment size, nonce
+/// prefix. Then segments: ciphertext of up to `1 << shift` plaintext bytes
+/// and a tag each; the nonce of segment `i` is the prefix then `i` (u64).
+pub const SEALED_HEADER_LEN: usize = 32;
+const _: () = assert!(SEALED_HEADER_LEN == 8 + 4 + 4 + 16);
+/// Default log2 of the plaintext segment size of sealed objects (4 KiB: a
+/// random `pread` of a manifest entry or index bucket decrypts little).
+pub const SEALED_SEGMENT_SHIFT: u32 = 12;
+/// Associated data prefix of a sealed segment (followed by the last-segment
+/// flag, the segment number and the object's name).
+pub const SEALED_AD_MAGIC: [u8; 8] = *b"IRSEGAD1";
 
 /// Magic of a per-pack index file.
 pub const IDX_MAGIC: [u8; 8] = *b"IRIDX\0\0\0";
@@ -191,9 +224,15 @@ impl RecordHeader {
             stored_len: u32_at(b, 36),
             flags: u32_at(b, 40),
         };
+        let sealed = if h.flags & RECORD_FLAG_ENCRYPTED != 0 {
+            RECORD_SEAL_OVERHEAD
+        } else {
+            0
+        };
         if h.raw_len > MAX_CHUNK_SIZE
-            || h.flags & !RECORD_FLAG_COMPRESSED != 0
-            || (h.flags & RECORD_FLAG_COMPRESSED == 0 && h.stored_len != h.raw_len)
+            || h.flags & !(RECORD_FLAG_COMPRESSED | RECORD_FLAG_ENCRYPTED) != 0
+            || h.stored_len < sealed
+            || (h.flags & RECORD_FLAG_COMPRESSED == 0 && h.stored_len != h.raw_len + sealed)
             || h.stored_len > MAX_STORED_LEN
         {
             return Err(FormatError::Invalid {

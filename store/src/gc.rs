@@ -49,7 +49,6 @@ use std::time::Instant;
 use serde::Serialize;
 use tracing::{info, info_span, warn};
 
-use crate::chunk::decode_record;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::{PACK_HEADER_LEN, RECORD_HEADER_LEN};
 use crate::hold::held_error;
@@ -519,14 +518,17 @@ fn live_records(
             Some(loc) if loc.pack == *p && loc.offset == rec.offset => {}
             _ => continue,
         }
-        decode_record(rec.record, &id, rec.header.stored_len, buf).map_err(|e| {
-            Error::corrupt(format!(
-                "Chunk {id} in pack {key} at offset {} is corrupt",
-                rec.offset
-            ))
-            .with_source(e)
-            .with_chunk(id)
-        })?;
+        store
+            .codec()
+            .decode_record(rec.record, &id, rec.header.stored_len, buf)
+            .map_err(|e| {
+                Error::corrupt(format!(
+                    "Chunk {id} in pack {key} at offset {} is corrupt",
+                    rec.offset
+                ))
+                .with_source(e)
+                .with_chunk(id)
+            })?;
         let start = rec.offset as usize;
         keep.push((id, rec.header.raw_len, start, start + rec.record.len()));
     }

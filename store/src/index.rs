@@ -110,9 +110,17 @@ impl IndexView {
             if skip.contains(&pack) {
                 continue;
             }
-            let bytes = backend
-                .read(&key)
-                .ctx(|| format!("Failed to read pack index {key}"))?;
+            let bytes = match backend.read(&key) {
+                Ok(b) => b,
+                // A sealed index failing authentication (encrypted store):
+                // damaged, like one failing its checksum.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    warn!("pack index {key} is damaged, ignoring it: {e}");
+                    view.damaged.push(key);
+                    continue;
+                }
+                Err(e) => return Err(Error::io(format!("Failed to read pack index {key}"), e)),
+            };
             match idx::decode(&bytes) {
                 Ok((p, entries)) if p == pack => view.add_pack(pack, &entries),
                 Ok((p, _)) => {

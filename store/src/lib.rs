@@ -125,6 +125,7 @@ pub mod backend;
 pub mod backup;
 pub mod chunk;
 pub mod config;
+pub mod crypto;
 pub mod drill;
 pub mod error;
 pub mod format;

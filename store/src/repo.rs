@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use tracing::{debug, info};
 
 use crate::backend::{Backend, LocalBackend, Object};
-use crate::chunk::decode_record;
+use crate::chunk::Codec;
 use crate::config::{Config, CONFIG_KEY};
+use crate::crypto::{KdfParams, Secret};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::{MAX_STORED_LEN, RECORD_HEADER_LEN};
 use crate::id::{ChunkId, PackId};
@@ -34,6 +35,8 @@ struct Inner {
     root: PathBuf,
     backend: Arc<dyn Backend>,
     config: Config,
+    /// Plaintext or sealed records, plain or keyed ids (see [`crate::crypto`]).
+    codec: Codec,
     index: RwLock<Arc<IndexView>>,
     packs: Mutex<HashMap<PackId, Arc<dyn Object>>>,
 }
@@ -45,7 +48,26 @@ thread_local! {
 impl Store {
     /// Create a new store at `path` (a missing or empty directory).
     pub fn init(path: &Path, chunk_size: u32) -> Result<Store> {
-        let config = Config::new(chunk_size)?;
+        Self::init_with(path, chunk_size, None)
+    }
+
+    /// Create a new encrypted store at `path`, its first key slot opened by
+    /// `secret` (see [`crate::crypto`]).
+    pub fn init_encrypted(
+        path: &Path,
+        chunk_size: u32,
+        secret: &Secret,
+        kdf: &KdfParams,
+    ) -> Result<Store> {
+        Self::init_with(path, chunk_size, Some((secret, kdf)))
+    }
+
+    fn init_with(
+        path: &Path,
+        chunk_size: u32,
+        encrypt: Option<(&Secret, &KdfParams)>,
+    ) -> Result<Store> {
+        let mut config = Config::new(chunk_size)?;
         match fs::metadata(path) {
             Ok(m) if !m.is_dir() => {
                 return Err(Error::new(
@@ -86,16 +108,29 @@ impl Store {
         }
         fs::write(path.join(LOCK_FILE), b"")
             .map_err(|e| Error::io_path("Failed to create", &path.join(LOCK_FILE), e))?;
+        if let Some((secret, kdf)) = encrypt {
+            // The key slot first: a config naming encryption always has one.
+            let enc = crate::crypto::init_keys(&backend, secret, kdf)?;
+            config = Config::new_encrypted(chunk_size, enc)?;
+        }
         backend
             .put(CONFIG_KEY, &config.to_json())
             .map_err(|e| Error::io_path("Failed to write", &path.join(CONFIG_KEY), e))?;
         crate::backend::sync_dir(path).map_err(|e| Error::io_path("Failed to sync", path, e))?;
-        info!(path = %path.display(), chunk_size, "initialised store");
-        Store::open(path)
+        info!(path = %path.display(), chunk_size, encrypted = encrypt.is_some(), "initialised store");
+        Store::open_keyed(path, encrypt.map(|(s, _)| s))
     }
 
-    /// Open the store at `path`.
+    /// Open the store at `path`. An encrypted store asks the secret of the
+    /// process-wide provider, else the environment
+    /// ([`crate::crypto::set_secret_provider`]).
     pub fn open(path: &Path) -> Result<Store> {
+        Self::open_keyed(path, None)
+    }
+
+    /// Open the store at `path`; `secret` unlocks it if it is encrypted
+    /// (`None`: as [`Store::open`]).
+    pub fn open_keyed(path: &Path, secret: Option<&Secret>) -> Result<Store> {
         match fs::metadata(path) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
@@ -124,6 +159,8 @@ impl Store {
             Err(e) => return Err(Error::io_path("Failed to read", &path.join(CONFIG_KEY), e)),
         };
         let config = Config::parse(&bytes, &path.display().to_string())?;
+        let (backend, codec) =
+            crate::crypto::unlock(backend, &config, &path.display().to_string(), secret)?;
         let view = IndexView::load(backend.as_ref())?;
         debug!(path = %path.display(), chunks = view.chunk_count(), "opened store");
         Ok(Store {
@@ -131,6 +168,7 @@ impl Store {
                 root: path.to_path_buf(),
                 backend,
                 config,
+                codec,
                 index: RwLock::new(Arc::new(view)),
                 packs: Mutex::new(HashMap::new()),
             }),
@@ -147,7 +185,17 @@ impl Store {
         self.inner.config.chunk_size
     }
 
-    /// The storage backend.
+    /// How this store encodes chunks (plaintext, or sealed with keyed ids).
+    pub fn codec(&self) -> &Codec {
+        &self.inner.codec
+    }
+
+    /// The id of a chunk's plaintext in this store (keyed when encrypted).
+    pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
+        self.inner.codec.id_of(data)
+    }
+
+    /// The storage backend (for an encrypted store, the sealing wrapper).
     pub fn backend(&self) -> &dyn Backend {
         self.inner.backend.as_ref()
     }
@@ -234,11 +282,14 @@ impl Store {
             obj.read_at(&mut rec, loc.offset).map_err(|e| {
                 Error::io(format!("Failed to read chunk {id} from {}", where_()), e).with_chunk(*id)
             })?;
-            decode_record(&rec, id, loc.stored_len, out).map_err(|e| {
-                Error::corrupt(format!("Chunk {id} in {} is corrupt", where_()))
-                    .with_source(e)
-                    .with_chunk(*id)
-            })
+            self.inner
+                .codec
+                .decode_record(&rec, id, loc.stored_len, out)
+                .map_err(|e| {
+                    Error::corrupt(format!("Chunk {id} in {} is corrupt", where_()))
+                        .with_source(e)
+                        .with_chunk(*id)
+                })
         })
     }
 

@@ -1,4 +1,7 @@
-//! `recovery-cli init STORE [--chunk-size 64K]`
+//! `recovery-cli init STORE [--chunk-size 64K] [--encrypt]`
+//!
+//! `--encrypt`: the key is the global `--key-file` (its content), else the
+//! passphrase in `RECOVERY_PASSWORD`, else one typed twice.
 
 use std::path::PathBuf;
 
@@ -12,6 +15,12 @@ pub struct Args {
     /// Chunk size: a power of two from 4K to 4M (e.g. 4K, 64K, 1M, 4MiB).
     #[arg(long, default_value = "64K", value_parser = output::parse_size)]
     pub chunk_size: u64,
+    /// Encrypt the store (chunks, indexes, manifests) with a key wrapped by
+    /// the passphrase or the global --key-file.
+    #[arg(long)]
+    pub encrypt: bool,
+    #[command(flatten)]
+    pub kdf: super::key::KdfArgs,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -22,6 +31,8 @@ pub struct Args {
 pub struct Config {
     pub store: PathBuf,
     pub chunk_size: u32,
+    /// argon2id parameters of the first key (`--encrypt`).
+    pub encrypt: Option<store::crypto::KdfParams>,
     pub json: bool,
 }
 
@@ -36,6 +47,7 @@ impl TryFrom<Args> for Config {
         Ok(Config {
             store: a.store,
             chunk_size,
+            encrypt: a.encrypt.then(|| a.kdf.params()).transpose()?,
             json: a.json,
         })
     }
@@ -43,15 +55,27 @@ impl TryFrom<Args> for Config {
 
 /// Create the store.
 pub fn run(c: Config) -> anyhow::Result<()> {
-    let s = store::Store::init(&c.store, c.chunk_size)?;
+    let s = match &c.encrypt {
+        None => store::Store::init(&c.store, c.chunk_size)?,
+        Some(kdf) => {
+            let secret = super::key::new_secret(
+                super::key::key_file(),
+                store::crypto::PASSWORD_ENV,
+                "init --encrypt",
+            )?;
+            store::Store::init_encrypted(&c.store, c.chunk_size, &secret, kdf)?
+        }
+    };
     if c.json {
         output::json(&serde_json::json!({
             "store": s.path(),
             "chunk_size": s.chunk_size(),
+            "encrypted": s.is_encrypted(),
         }))
     } else {
         output::line(&format!(
-            "Created store {} (chunk size {})",
+            "Created {}store {} (chunk size {})",
+            if s.is_encrypted() { "encrypted " } else { "" },
             s.path().display(),
             output::size(s.chunk_size() as u64)
         ))

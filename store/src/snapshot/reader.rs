@@ -62,7 +62,10 @@ impl SnapshotReader {
                     Ok(m) if m.dev() == open_meta.dev() && m.ino() == open_meta.ino() => {}
                     _ => return Err(gone()),
                 }
-                Arc::new(file)
+                // Encrypted store: the file holds a sealed manifest.
+                store
+                    .unseal(&key, Arc::new(file))
+                    .ctx(|| format!("Failed to open snapshot manifest {key}"))?
             }
             None => store
                 .backend()
