@@ -11,6 +11,7 @@ pub mod key;
 pub mod live_backup;
 pub mod monitor;
 pub mod restore;
+pub mod serve;
 pub mod snapshots;
 pub mod unforget;
 pub mod verify;
@@ -50,6 +51,8 @@ pub enum Command {
     Gc(gc::Args),
     /// Serve a snapshot as a vhost-user-blk device for QEMU, writes to an overlay.
     InstantBoot(Box<instant_boot::Args>),
+    /// Serve an existing raw file or block device for QEMU with continuous protection.
+    Serve(Box<serve::Args>),
     /// Boot a snapshot in a throwaway sandbox and check that it comes up (records the result).
     Drill(Box<drill::Args>),
     /// Show a running daemon's state and migration progress (--watch for a live bar).
@@ -85,6 +88,7 @@ impl Command {
             Command::ReleaseHold(a) => unforget::release(a.try_into()?),
             Command::Gc(a) => gc::run(a.try_into()?),
             Command::InstantBoot(a) => instant_boot::run((*a).try_into()?),
+            Command::Serve(a) => serve::run((*a).try_into()?),
             Command::Drill(a) => drill::run((*a).try_into()?),
             Command::Status(a) => monitor::status(a.try_into()?),
             Command::Pause(a) => monitor::pause(a.try_into()?),
