@@ -10,6 +10,7 @@ pub mod instant_boot;
 pub mod key;
 pub mod live_backup;
 pub mod monitor;
+pub mod plan;
 pub mod restore;
 pub mod serve;
 pub mod snapshots;
@@ -55,6 +56,10 @@ pub enum Command {
     Serve(Box<serve::Args>),
     /// Boot a snapshot in a throwaway sandbox and check that it comes up (records the result).
     Drill(Box<drill::Args>),
+    /// Check a service plan: exit 1 when its RPO is violated or its last run failed.
+    Check(plan::CheckArgs),
+    /// Protect a service plan: a group point every interval, retention after each.
+    Protect(plan::ProtectArgs),
     /// Show a running daemon's state and migration progress (--watch for a live bar).
     Status(monitor::StatusArgs),
     /// Pause the background copier; guest I/O continues.
@@ -90,6 +95,8 @@ impl Command {
             Command::InstantBoot(a) => instant_boot::run((*a).try_into()?),
             Command::Serve(a) => serve::run((*a).try_into()?),
             Command::Drill(a) => drill::run((*a).try_into()?),
+            Command::Check(a) => plan::check(a),
+            Command::Protect(a) => plan::protect(a),
             Command::Status(a) => monitor::status(a.try_into()?),
             Command::Pause(a) => monitor::pause(a.try_into()?),
             Command::Resume(a) => monitor::resume(a.try_into()?),

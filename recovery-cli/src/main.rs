@@ -22,13 +22,24 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
-    // Usage errors: clap prints them and exits with status 2.
-    let cli = Cli::parse();
+    // Usage errors: clap prints them and exits with status 2. `backup`,
+    // `snapshots` and `forget` with --plan take no --store: their own parser.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let plan_cli = recovery_cli::commands::plan::dispatch(&args);
+    let cli = match plan_cli {
+        Some(_) => None,
+        None => Some(Cli::parse_from(&args)),
+    };
     init_tracing();
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error: {info}");
     }));
-    match recovery_cli::run(cli) {
+    let result = match (plan_cli, cli) {
+        (Some(p), _) => p.run(),
+        (None, Some(cli)) => recovery_cli::run(cli),
+        (None, None) => unreachable!("one parser ran"),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

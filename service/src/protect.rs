@@ -52,16 +52,7 @@ pub struct Totals {
 }
 
 /// The whole error chain on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+pub use hypervisor::nbd::error_chain as chain;
 
 /// Run the scheduler until `opts.stop` is set.
 pub fn run(plan: &Plan, opts: &Options<'_>) -> Result<Totals, backup::Error> {

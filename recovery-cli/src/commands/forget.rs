@@ -8,6 +8,9 @@
 //! alike: the union of the policies is kept, the rest forgotten; held
 //! snapshots are kept and reported. Counts take `unlimited`.
 //!
+//! A member snapshot of a live group point (`backup --plan`) is refused
+//! unless `--force`: groups go as a whole with `forget --plan`.
+//!
 //! A held snapshot (an instant-boot state dir depends on it) is refused,
 //! naming the holders, unless `--force`; even then gc keeps it while it is
 //! held, and `unforget` brings it back.
@@ -127,6 +130,19 @@ pub fn run(c: Config) -> anyhow::Result<()> {
     let s = open_store(&c.store)?;
     if let Some(policy) = &c.policy {
         return retention(&s, &c, policy);
+    }
+    // A member of a live group point: forgetting it alone would split the
+    // group (`forget --plan` removes groups whole).
+    let target = s.resolve(&c.snapshot)?;
+    if let Some(g) = s.group_of(&target.reference())? {
+        if !c.force {
+            anyhow::bail!(
+                "{} is a member of group point {}: forgetting it alone would split the group; \
+                 use `forget --plan` (or --force)",
+                target.reference(),
+                g.reference()
+            );
+        }
     }
     let info = s.forget_with(&c.snapshot, c.force)?;
     let holds = s.holds(Some(&info.reference()))?;
