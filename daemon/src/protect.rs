@@ -295,7 +295,7 @@ impl Stop {
 }
 
 /// Protection of one daemon's disk: the layer, its status and the
-/// `protect` thread (started by [`Protection::spawn`]).
+/// `protect` thread (started by [`Protector::spawn`]).
 pub struct Protector {
     layer: Arc<ProtectLayer>,
     status: Arc<ProtectStatus>,

@@ -19,7 +19,16 @@
 //!   control.sock          control socket (0600), unless --control names another path
 //!   qemu.json             the QEMU `instant-boot --qemu` runs on this overlay:
 //!                         its PID and start time; removed when it exits
+//!   protect-0.bitmap      with protection: chunks the guest changed since the
+//!   protect-1.bitmap      last point, two files alternating roles (changed /
+//!                         being captured)                      (block::protect)
+//!   protect.preserved     scratch: chunks preserved for the point being copied
+//!   protect.json          protection record: name, boot id, parent, last point
+//!                                                              (daemon::protect)
 //! ```
+//!
+//! `serve --disk` binds its state dir to `disk:NAME` (in the `snapshot_id`
+//! field) instead of a snapshot id; it has no overlay.
 //!
 //! The bitmap and journal formats are documented in `block::bitmap` and
 //! `block::bitmap::journal`. The block layers name their files through
