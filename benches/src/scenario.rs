@@ -2,6 +2,7 @@
 
 pub mod boot;
 pub mod chunk_size;
+pub mod drill;
 pub mod ingest;
 pub mod io;
 pub mod migrate;
@@ -20,6 +21,7 @@ pub const ALL: &[&str] = &[
     "startup",
     "boot",
     "migrate",
+    "drill",
 ];
 
 /// Runs scenario `name`.
@@ -32,6 +34,7 @@ pub fn run(name: &str, ctx: &Ctx) -> anyhow::Result<Report> {
         "startup" => startup::run(ctx),
         "boot" => boot::run(ctx),
         "migrate" => migrate::run(ctx),
+        "drill" => drill::run(ctx),
         _ => anyhow::bail!("unknown scenario {name:?} (known: {})", ALL.join(", ")),
     }
 }

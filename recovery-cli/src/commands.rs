@@ -68,8 +68,8 @@ pub enum Command {
     Resume(monitor::ControlArgs),
     /// Change the copy rate limit (e.g. 50M, 1G, unlimited).
     SetRate(monitor::SetRateArgs),
-    /// Print the daemon's Prometheus metrics.
-    Metrics(monitor::ControlArgs),
+    /// Print the daemon's Prometheus metrics (or a store's drill metrics with --store).
+    Metrics(monitor::MetricsArgs),
     /// List, add or remove the passphrases and key files of an encrypted store.
     Key(key::Args),
 }

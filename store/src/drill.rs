@@ -75,22 +75,53 @@ impl Store {
             )));
         }
         let dir = format!("{DRILLS_DIR}/{name}/{id}");
+        Ok(self.records_in(&dir)?.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Every drill record in the store with its time (µs since the
+    /// epoch, from its key), by image name, then snapshot id, then time.
+    /// Records of forgotten snapshots are included (they are history).
+    pub fn all_drill_records(&self) -> Result<Vec<(i64, DrillRecord)>> {
         let mut out = Vec::new();
-        for file in self
-            .backend()
-            .list(&dir)
-            .ctx(|| format!("Failed to list drill records in {dir}"))?
-        {
-            if !file.ends_with(".json") {
-                continue;
+        let list = |dir: &str| {
+            let mut names = self
+                .backend()
+                .list(dir)
+                .ctx(|| format!("Failed to list drill records in {dir}"))?;
+            names.sort();
+            Ok::<_, Error>(names)
+        };
+        for name in list(DRILLS_DIR)? {
+            for id in list(&format!("{DRILLS_DIR}/{name}"))? {
+                out.extend(self.records_in(&format!("{DRILLS_DIR}/{name}/{id}"))?);
             }
+        }
+        Ok(out)
+    }
+
+    /// The records in one snapshot's directory, oldest first (names sort
+    /// by time); an undecodable one is skipped with a warning.
+    fn records_in(&self, dir: &str) -> Result<Vec<(i64, DrillRecord)>> {
+        let mut files = self
+            .backend()
+            .list(dir)
+            .ctx(|| format!("Failed to list drill records in {dir}"))?;
+        files.sort();
+        let mut out = Vec::new();
+        for file in files {
+            let Some(micros) = file
+                .strip_suffix(".json")
+                .and_then(|m| m.parse::<i64>().ok())
+            else {
+                continue;
+            };
             let key = format!("{dir}/{file}");
             let bytes = self
                 .backend()
                 .read(&key)
                 .ctx(|| format!("Failed to read drill record {key}"))?;
             match serde_json::from_slice::<DrillRecord>(&bytes) {
-                Ok(r) => out.push(r),
+                Ok(r) => out.push((micros, r)),
                 Err(e) => tracing::warn!(key, error = %e, "skipping an undecodable drill record"),
             }
         }
@@ -132,5 +163,10 @@ mod tests {
         assert!(!records[0].passed);
         assert_eq!(records[1], stored);
         assert!(store.add_drill_record("nope", &passed).is_err());
+        let all = store.all_drill_records().unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(all[0].0 < all[1].0, "{all:?}");
+        assert_eq!(all[1].1, stored);
+        assert!(all.iter().all(|(_, r)| r.snapshot == reference));
     }
 }

@@ -7,10 +7,10 @@
 //! ([`daemon::Daemon`]) on a throwaway state dir in a temporary directory
 //! (`recovery-drill-*`, so a leftover of a killed run is recognisable),
 //! the guest's writes go to the throwaway overlay there, and QEMU
-//! (`-accel tcg`, `-nic none`: no network) boots from its vhost-user
-//! socket with the serial console written to a file. The checks
-//! (`console:REGEX`: a console line matches) must all pass within
-//! `--timeout`.
+//! (`-accel tcg`) boots from its vhost-user socket with the serial console
+//! written to a file, with no network unless a `tcp:` check asks for the
+//! isolated user-mode one. The checks ([`check`]: `console:REGEX`, `qga`,
+//! `tcp:PORT`, `exec:CMD`) must all pass within `--timeout`.
 //!
 //! Nothing of the drill stays behind, on every path (pass, fail, error,
 //! Ctrl-C): QEMU is killed (and dies with us if we are killed: it is
@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use daemon::{Daemon, DaemonConfig, DeviceConfig, MigrationOptions, StopHandle};
-use regex::Regex;
 use serde::Serialize;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -42,6 +41,10 @@ use tracing::{info, warn};
 
 use super::{open_store, StoreArg};
 use crate::output;
+use check::{Check, Endpoints, ProbeState};
+
+mod check;
+mod metrics;
 
 /// The failure of a drill stopped by SIGINT or SIGTERM (not recorded).
 const INTERRUPTED: &str = "interrupted";
@@ -57,7 +60,10 @@ pub struct Args {
     /// Snapshot to boot: NAME, NAME@ID or ID.
     snapshot: String,
     /// A check that must pass: `console:REGEX` (a serial console line
-    /// matches). Repeat for more; all must pass.
+    /// matches), `qga` (the guest agent answers guest-ping), `tcp:PORT`
+    /// (the guest accepts a connection on PORT, forwarded from the host
+    /// over an isolated user-mode network) or `exec:CMD` (`sh -c CMD`
+    /// through the guest agent exits 0). Repeat for more; all must pass.
     #[arg(long = "check", value_name = "CHECK", required = true)]
     checks: Vec<String>,
     /// How long the checks may take (e.g. 300s, 5m, 90).
@@ -75,26 +81,6 @@ pub struct Args {
     /// Extra QEMU arguments (e.g. -kernel/-initrd/-append).
     #[arg(last = true, value_name = "QEMU ARGS")]
     qemu_args: Vec<String>,
-}
-
-/// One check of a drill.
-#[derive(Debug, Clone)]
-enum Check {
-    /// A serial console line matches.
-    Console(Regex),
-}
-
-impl Check {
-    fn parse(s: &str) -> anyhow::Result<Check> {
-        match s.split_once(':') {
-            Some(("console", re)) if !re.is_empty() => {
-                Ok(Check::Console(Regex::new(re).with_context(|| {
-                    format!("Invalid regex in --check {s:?}")
-                })?))
-            }
-            _ => bail!("Unknown check {s:?}: expected console:REGEX"),
-        }
-    }
 }
 
 /// Validated `drill` settings.
@@ -160,13 +146,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Serialize)]
 struct CheckResult {
     check: String,
+    /// `console`, `qga`, `tcp` or `exec`.
+    kind: &'static str,
     passed: bool,
     /// Command start to this check passing.
     #[serde(skip_serializing_if = "Option::is_none")]
     passed_after_seconds: Option<f64>,
-    /// The console line that matched.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    matched: Option<String>,
+    /// What passed it (the console line, the banner, the command's last
+    /// output line) or why its last attempt failed.
+    detail: String,
 }
 
 /// What `drill` reports.
@@ -190,6 +178,9 @@ struct Sandbox {
     stop: StopHandle,
     daemon: Option<thread::JoinHandle<daemon::Result<()>>>,
     qemu: Option<Child>,
+    /// Probe threads of the non-console checks, and their stop flag.
+    probes: Vec<thread::JoinHandle<()>>,
+    stop_probes: Arc<AtomicBool>,
     /// The store and the daemon's hold on the snapshot (reference, holder).
     hold: Option<(Arc<store::Store>, String, String)>,
 }
@@ -202,9 +193,14 @@ impl Sandbox {
         }
     }
 
-    /// Kills QEMU, stops the daemon, releases its hold.
+    /// Kills QEMU (so probes blocked on its sockets return), joins the
+    /// probes, stops the daemon, releases its hold.
     fn teardown(&mut self) -> anyhow::Result<()> {
         self.kill_qemu();
+        self.stop_probes.store(true, Ordering::SeqCst);
+        for p in self.probes.drain(..) {
+            let _ = p.join();
+        }
         self.stop.stop();
         let mut result = Ok(());
         if let Some(t) = self.daemon.take() {
@@ -322,6 +318,8 @@ fn drill(
         stop: daemon.stop_handle(),
         daemon: None,
         qemu: None,
+        probes: Vec::new(),
+        stop_probes: Arc::new(AtomicBool::new(false)),
         hold: holder.map(|h| (store.clone(), reference.clone(), h)),
     };
     sandbox.daemon = Some(
@@ -343,14 +341,14 @@ fn drill(
             "-no-user-config",
             "-display",
             "none",
-            "-nic",
-            "none",
             "-no-reboot",
             "-serial",
         ]
         .map(String::from),
     );
     args.push(format!("file:{}", console.display()));
+    let endpoints = Endpoints::for_checks(cfg.checks.iter().map(|(_, c)| c), tmp)?;
+    args.extend(endpoints.qemu_args());
     args.extend(cfg.qemu_args.iter().cloned());
     let qemu_log = std::fs::File::create(tmp.join("qemu.log"))
         .context("Failed to create the QEMU log file")?;
@@ -373,26 +371,63 @@ fn drill(
     let mut results: Vec<CheckResult> = cfg
         .checks
         .iter()
-        .map(|(s, _)| CheckResult {
+        .map(|(s, c)| CheckResult {
             check: s.clone(),
+            kind: c.kind(),
             passed: false,
             passed_after_seconds: None,
-            matched: None,
+            detail: match c {
+                Check::Console(_) => "no console line matched".into(),
+                _ => "not tried yet".into(),
+            },
         })
         .collect();
+    // One probe thread per non-console check; `None` for console checks.
+    let qmp = check::SharedQmp::default();
+    let mut probes: Vec<Option<Arc<std::sync::Mutex<ProbeState>>>> = Vec::new();
+    for (_, c) in &cfg.checks {
+        if let Check::Console(_) = c {
+            probes.push(None);
+            continue;
+        }
+        let state = Arc::new(std::sync::Mutex::new(ProbeState::default()));
+        sandbox.probes.push(check::spawn_probe(
+            c.clone(),
+            &endpoints,
+            qmp.clone(),
+            state.clone(),
+            sandbox.stop_probes.clone(),
+        )?);
+        probes.push(Some(state));
+    }
     let deadline = start + cfg.timeout;
     let mut failure = None;
     loop {
         let text = read_lossy(&console);
-        for ((_, check), result) in cfg.checks.iter().zip(results.iter_mut()) {
+        for (((_, check), result), probe) in cfg.checks.iter().zip(&mut results).zip(&probes) {
             if result.passed {
                 continue;
             }
-            let Check::Console(re) = check;
-            if let Some(line) = text.lines().find(|l| re.is_match(l)) {
-                result.passed = true;
-                result.passed_after_seconds = Some(start.elapsed().as_secs_f64());
-                result.matched = Some(line.trim_end().to_string());
+            match (check, probe) {
+                (Check::Console(re), _) => {
+                    if let Some(line) = text.lines().find(|l| re.is_match(l)) {
+                        result.passed = true;
+                        result.passed_after_seconds = Some(start.elapsed().as_secs_f64());
+                        result.detail = line.trim_end().to_string();
+                    }
+                }
+                (_, Some(p)) => {
+                    let p = p.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some(at) = p.passed_at {
+                        result.passed = true;
+                        result.passed_after_seconds =
+                            Some(at.saturating_duration_since(start).as_secs_f64());
+                    }
+                    if !p.detail.is_empty() {
+                        result.detail = p.detail;
+                    }
+                }
+                (_, None) => {}
             }
         }
         if results.iter().all(|r| r.passed) {
@@ -407,8 +442,7 @@ fn drill(
                 // One last look: the guest may have printed and powered off.
                 let text = read_lossy(&console);
                 let late = cfg.checks.iter().zip(results.iter()).any(|((_, c), r)| {
-                    let Check::Console(re) = c;
-                    !r.passed && text.lines().any(|l| re.is_match(l))
+                    matches!(c, Check::Console(re) if !r.passed && text.lines().any(|l| re.is_match(l)))
                 });
                 if !late {
                     let log = read_lossy(&tmp.join("qemu.log"));
@@ -464,6 +498,15 @@ fn drill(
     })
 }
 
+/// `metrics --store`: the store's drill records as Prometheus text
+/// ([`metrics`]).
+pub fn metrics_text(store: &Path) -> anyhow::Result<String> {
+    let records = open_store(store)?
+        .all_drill_records()
+        .context("Failed to read the drill records")?;
+    Ok(metrics::render(&records))
+}
+
 /// The file's text (invalid UTF-8 replaced); empty if it cannot be read.
 fn read_lossy(path: &Path) -> String {
     std::fs::read(path)
@@ -481,9 +524,9 @@ fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
         if r.passed { "PASSED" } else { "FAILED" }
     ))?;
     for c in &r.checks {
-        let detail = match (&c.passed_after_seconds, &c.matched) {
-            (Some(t), Some(m)) => format!(" after {t:.1}s: {m}"),
-            _ => String::new(),
+        let detail = match c.passed_after_seconds {
+            Some(t) => format!(" after {t:.1}s: {}", c.detail),
+            None => format!(": {}", c.detail),
         };
         output::line(&format!(
             "  {} {}{detail}",
@@ -512,15 +555,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_and_checks_parse() {
+    fn durations_parse() {
         assert_eq!(parse_duration("300s"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
-        assert!(Check::parse("console:PAYLOAD-OK").is_ok());
-        assert!(Check::parse("console:(").is_err());
-        assert!(Check::parse("console:").is_err());
-        assert!(Check::parse("tcp:22").is_err());
     }
 }

@@ -112,6 +112,35 @@ impl TryFrom<ControlArgs> for ControlConfig {
     }
 }
 
+/// Arguments of `metrics`: a daemon, or `--store` for its drill records.
+#[derive(Debug, clap::Args)]
+pub struct MetricsArgs {
+    #[command(flatten)]
+    pub socket: SocketArg,
+    /// Print the drill metrics of this store (from its drill records)
+    /// instead of a daemon's metrics.
+    #[arg(long, value_name = "STORE", group = "SocketArg")]
+    pub store: Option<PathBuf>,
+}
+
+/// Validated configuration of `metrics`.
+#[derive(Debug)]
+pub enum MetricsConfig {
+    Daemon(ControlConfig),
+    Store(PathBuf),
+}
+
+impl TryFrom<MetricsArgs> for MetricsConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(a: MetricsArgs) -> anyhow::Result<MetricsConfig> {
+        Ok(match a.store {
+            Some(store) => MetricsConfig::Store(store),
+            None => MetricsConfig::Daemon(ControlArgs { socket: a.socket }.try_into()?),
+        })
+    }
+}
+
 /// Arguments of `set-rate`.
 #[derive(Debug, clap::Args)]
 pub struct SetRateArgs {
@@ -185,9 +214,13 @@ pub fn set_rate(c: SetRateConfig) -> anyhow::Result<()> {
     output::line(&rate_message(c.rate))
 }
 
-/// `metrics`: the Prometheus text exposition.
-pub fn metrics(c: ControlConfig) -> anyhow::Result<()> {
-    let text = control::fetch_metrics(&c.control)?;
+/// `metrics`: the Prometheus text exposition (the daemon's, or the
+/// store's drill metrics).
+pub fn metrics(c: MetricsConfig) -> anyhow::Result<()> {
+    let text = match c {
+        MetricsConfig::Daemon(c) => control::fetch_metrics(&c.control)?,
+        MetricsConfig::Store(store) => super::drill::metrics_text(&store)?,
+    };
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())
         .and_then(|()| out.flush())
