@@ -246,7 +246,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         secs_str(med(drills.iter().map(|d| d.wall).collect()))
     ));
     report.tables.push(t);
-    report.target_min("drill RTO vs restore + boot", full / rto, 2.0);
+    report.set("restore_boot_over_drill_rto", full / rto);
     report.set("image_size", size);
     report.set("drills", &drills);
     report.set("restore_boot", &restores);
