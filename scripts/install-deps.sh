@@ -11,7 +11,10 @@
 # qemu-system-x86's candidate (downgrading qemu-utils if needed).
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static e2fsprogs cpio restic borgbackup tmux fdisk fuse3 libvirt-daemon-system libvirt-clients)
+PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static e2fsprogs cpio restic borgbackup tmux fdisk fuse3 libvirt-daemon-system libvirt-clients python3-pip)
+# Python tools from PyPI: moto's S3 server, the real S3 endpoint of the S3
+# store tests (tests/integration/s3.rs).
+PIP_PACKAGES=("moto[server]")
 
 log() { echo "install-deps: $*" >&2; }
 
@@ -50,8 +53,25 @@ if ! command -v qemu-storage-daemon >/dev/null 2>&1 ||
     missing+=(qemu-utils)
 fi
 
+# PyPI packages (after apt, which provides pip). Debian's pip refuses to
+# install into the system Python without --break-system-packages.
+install_pip_packages() {
+    if command -v moto_server >/dev/null 2>&1; then
+        log "moto_server present"
+        return
+    fi
+    log "pip install ${PIP_PACKAGES[*]}"
+    "${SUDO[@]}" python3 -m pip install -q "${PIP_PACKAGES[@]}" ||
+        "${SUDO[@]}" python3 -m pip install -q --break-system-packages "${PIP_PACKAGES[@]}"
+    if ! command -v moto_server >/dev/null 2>&1; then
+        log "moto_server is not on PATH after pip install"
+        exit 1
+    fi
+}
+
 if [[ ${#missing[@]} -eq 0 ]]; then
     log "all packages present"
+    install_pip_packages
     exit 0
 fi
 log "missing: ${missing[*]}"
@@ -111,4 +131,5 @@ if ! qemu-system-x86_64 --version >/dev/null 2>&1; then
     log "qemu-system-x86_64 does not run after install"
     exit 1
 fi
+install_pip_packages
 log "done: $(qemu-system-x86_64 --version | head -n1)"

@@ -9,8 +9,10 @@
 //! entries by parallel workers) and then [`Backend::publish`] it.
 
 mod local;
+pub mod s3;
 
 pub use local::{sync_dir, LocalBackend};
+pub use s3::{S3Backend, S3Options};
 
 use std::fmt;
 use std::fs::File;
@@ -49,6 +51,18 @@ impl Object for File {
     }
 }
 
+/// What a backend knows about one stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Length in bytes.
+    pub size: u64,
+    /// Last modification, seconds since the epoch, by the *storage's* clock
+    /// (0 when unknown, e.g. straight after a PUT).
+    pub modified_unix: i64,
+    /// Entity tag (remote backends), for conditional replacement.
+    pub etag: Option<String>,
+}
+
 /// The storage behind a store. Keys are `/`-separated relative paths.
 pub trait Backend: Send + Sync + fmt::Debug {
     /// A new local temporary file to fill and later [`publish`](Backend::publish).
@@ -71,6 +85,41 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn local_path(&self, key: &str) -> Option<PathBuf>;
     /// Remove leftover temporary files (called by the writer under the lock).
     fn clean_temp(&self) -> io::Result<usize>;
+
+    /// Size, modification time and etag of an object.
+    fn stat(&self, key: &str) -> io::Result<ObjectInfo> {
+        Ok(ObjectInfo {
+            size: self.size(key)?,
+            modified_unix: 0,
+            etag: None,
+        })
+    }
+
+    /// Create `key` holding `data` only if no object of that name exists
+    /// (S3: `If-None-Match: *`); `AlreadyExists` otherwise. Remote backends
+    /// only: local stores lock with `flock`.
+    fn create_new(&self, key: &str, _data: &[u8]) -> io::Result<ObjectInfo> {
+        Err(unsupported("conditional create", key))
+    }
+
+    /// Replace `key` with `data` only if its etag is still `etag`
+    /// (S3: `If-Match`); `ResourceBusy` when it changed, `NotFound` when gone.
+    fn replace_if(&self, key: &str, _data: &[u8], _etag: &str) -> io::Result<ObjectInfo> {
+        Err(unsupported("conditional replace", key))
+    }
+
+    /// True for object storage (no `flock`, no local paths).
+    fn is_remote(&self) -> bool {
+        false
+    }
+
+    /// Where the store lives, for messages (`/path` or `s3://bucket/prefix`).
+    fn display(&self) -> String {
+        match self.local_path("") {
+            Some(p) => p.display().to_string(),
+            None => "(remote store)".to_string(),
+        }
+    }
 
     /// Write `data` as object `key` atomically.
     fn put(&self, key: &str, data: &[u8]) -> io::Result<()> {
@@ -98,6 +147,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
 }
 
+fn unsupported(what: &str, key: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("This backend has no {what} (object {key})"),
+    )
+}
+
 /// A local temporary file that becomes an object when published; dropped
 /// unpublished, it is removed.
 #[derive(Debug)]
@@ -114,6 +170,23 @@ impl TempObject {
             path,
             published: false,
         }
+    }
+
+    /// A new temp file in `dir`, named `<pid>-<n>-<random>.tmp` so that
+    /// leftovers name the process that made them.
+    pub(crate) fn create_in(dir: &Path, n: u64) -> io::Result<TempObject> {
+        let name = format!(
+            "{}-{n}-{}.tmp",
+            std::process::id(),
+            hex::encode(rand::random::<[u8; 4]>())
+        );
+        let path = dir.join(name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(TempObject::new(file, path))
     }
 
     /// The file to fill.

@@ -234,6 +234,7 @@ impl Store {
         // Forgotten manifests no reader holds are ours to delete.
         let mut doomed: Vec<(Listed, Option<File>)> = Vec::new();
         let mut live: Vec<Listed> = Vec::new();
+        let remote_readers: HashSet<String> = self.remote_readers()?.into_iter().collect();
         for l in snapshot::list(backend, None, true)? {
             if !l.forgotten {
                 live.push(l);
@@ -246,7 +247,13 @@ impl Store {
                 continue;
             }
             let Some(path) = backend.local_path(&l.key()) else {
-                doomed.push((l, None));
+                // Remote store: a registered reader keeps it, like an flock.
+                if remote_readers.contains(&format!("{}@{}", l.name, l.id)) {
+                    stats.manifests_in_use += 1;
+                    live.push(l);
+                } else {
+                    doomed.push((l, None));
+                }
                 continue;
             };
             let f = match File::open(&path) {

@@ -1,13 +1,54 @@
-//! Local advisory locks (`flock`): the store's writer lock and the shared
-//! locks readers hold on the manifests they serve.
+//! The store's writer lock and reader registrations.
 //!
-//! Locks are local-only; a remote backend will need a lock service.
+//! **Local stores** use advisory locks (`flock`): the writer lock on the
+//! `lock` file, and the shared locks readers hold on the manifests they
+//! serve (see [`crate::snapshot::reader`]).
+//!
+//! **Remote stores** (S3) have no `flock`; they use *lease objects* under
+//! `locks/`:
+//! - The writer lock is `locks/writer.json`, created with a conditional PUT
+//!   (`If-None-Match: *`): of two writers racing, exactly one PUT succeeds.
+//!   The body names the holder (host, PID) and its lease length. A thread
+//!   refreshes the lease every third of it by rewriting the object with
+//!   `If-Match: <etag>` (so a holder whose lock was broken notices, logs an
+//!   error and stops refreshing), and drop deletes it.
+//! - A reader (instant boot, mount, restore, verify) registers
+//!   `locks/readers/<random>.json` naming the snapshot it reads *before* it
+//!   opens the manifest, and refreshes it the same way; gc counts a
+//!   forgotten manifest with a fresh registration as in use, exactly like a
+//!   manifest a local reader holds a shared `flock` on.
+//! - Freshness is judged by the storage's clock only: the age of a lease is
+//!   the `Last-Modified` of a probe object gc (or the would-be writer) just
+//!   wrote minus the lease's `Last-Modified`, so clock skew between hosts
+//!   does not matter.
+//! - A lease not refreshed for longer than its length is stale (the holder
+//!   died or lost the network). A second writer never breaks it by itself:
+//!   it fails with a message naming the holder and how long ago the lease
+//!   expired, and `break-lock` deletes it. Stale reader registrations are
+//!   ignored by gc and deleted.
+//!
+//! Failure cases: a writer that cannot refresh (network down) for longer
+//! than its lease may have its lock broken by an operator while it still
+//! runs; its next refresh then fails and it logs that it lost the lock.
+//! Publishing is still safe in that case for backups (packs and indexes are
+//! immutable, manifests are new names); only a concurrent gc could delete a
+//! pack the lost writer is about to reference, which is why breaking a lock
+//! is an explicit operator action.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::error::{Error, ErrorKind, Result};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, error, info, warn};
+
+use crate::backend::Backend;
+use crate::error::{Error, ErrorKind, IoContext, Result};
 
 /// Name of the writer lock file inside the store directory.
 pub const LOCK_FILE: &str = "lock";
@@ -17,7 +58,8 @@ pub const LOCK_FILE: &str = "lock";
 /// second writer can say who holds it.
 #[derive(Debug)]
 pub struct WriterLock {
-    _file: File,
+    _file: Option<File>,
+    lease: Option<Lease>,
 }
 
 impl WriterLock {
@@ -53,7 +95,372 @@ impl WriterLock {
             writeln!(f, "{}", std::process::id())
         };
         write_pid(&mut file).map_err(|e| Error::io_path("Failed to write", &path, e))?;
-        Ok(WriterLock { _file: file })
+        Ok(WriterLock {
+            _file: Some(file),
+            lease: None,
+        })
+    }
+
+    /// Take the writer lock of a remote store without waiting (the lease
+    /// object protocol in the module docs).
+    pub fn acquire_remote(backend: Arc<dyn Backend>) -> Result<WriterLock> {
+        let body = LeaseBody::new("writer", None);
+        let place = backend.display();
+        match backend.create_new(WRITER_KEY, &body.to_json()) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(locked_error(backend.as_ref(), &place))
+            }
+            Err(e) => return Err(Error::io(format!("Failed to lock store {place}"), e)),
+        }
+        let lease = Lease::start(backend, WRITER_KEY.to_string(), body)?;
+        info!(store = %place, "took the writer lock (lease {} s)", lease_secs());
+        Ok(WriterLock {
+            _file: None,
+            lease: Some(lease),
+        })
+    }
+
+    /// False once a remote lease was lost (broken by someone else).
+    pub fn is_held(&self) -> bool {
+        self.lease
+            .as_ref()
+            .is_none_or(|l| !l.lost.load(Ordering::Relaxed))
+    }
+}
+
+/// Key of the remote writer lock.
+pub const WRITER_KEY: &str = "locks/writer.json";
+/// Directory of remote reader registrations.
+pub const READERS_DIR: &str = "locks/readers";
+/// Environment variable overriding [`DEFAULT_LEASE_SECS`].
+pub const LEASE_ENV: &str = "RECOVERY_LEASE_SECS";
+/// Default lease length of remote locks, in seconds.
+pub const DEFAULT_LEASE_SECS: u64 = 30;
+
+/// Lease length: `RECOVERY_LEASE_SECS` or [`DEFAULT_LEASE_SECS`] (at least 3).
+pub fn lease_secs() -> u64 {
+    std::env::var(LEASE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(DEFAULT_LEASE_SECS)
+        .max(3)
+}
+
+/// The body of a lease object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseBody {
+    /// "writer" or "reader".
+    pub kind: String,
+    /// Host name of the holder.
+    pub host: String,
+    /// PID of the holder.
+    pub pid: u32,
+    /// Lease length in seconds.
+    pub lease_secs: u64,
+    /// The snapshot a reader reads (`NAME@ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// When the lease was taken (holder's clock, informational).
+    pub started_unix: u64,
+}
+
+impl LeaseBody {
+    fn new(kind: &str, snapshot: Option<String>) -> LeaseBody {
+        LeaseBody {
+            kind: kind.to_string(),
+            host: hostname(),
+            pid: std::process::id(),
+            lease_secs: lease_secs(),
+            snapshot,
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+
+    fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    fn parse(bytes: &[u8]) -> Option<LeaseBody> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".to_string())
+}
+
+/// The storage's current time: the `Last-Modified` of a probe object.
+fn server_now(backend: &dyn Backend) -> io::Result<i64> {
+    let key = format!("locks/clock-{}", hex::encode(rand::random::<[u8; 8]>()));
+    backend.put(&key, b"")?;
+    let r = backend.stat(&key);
+    let _ = backend.delete(&key);
+    Ok(r?.modified_unix)
+}
+
+/// A lease object somebody holds: its body, and its age by the storage's
+/// clock.
+#[derive(Debug, Clone)]
+pub struct LeaseState {
+    /// The key.
+    pub key: String,
+    /// Its body (None when unreadable).
+    pub body: Option<LeaseBody>,
+    /// Seconds since its last refresh.
+    pub age_secs: i64,
+}
+
+impl LeaseState {
+    /// Not refreshed for longer than its lease.
+    pub fn is_stale(&self) -> bool {
+        let lease = self
+            .body
+            .as_ref()
+            .map_or(DEFAULT_LEASE_SECS, |b| b.lease_secs);
+        self.age_secs > lease as i64
+    }
+
+    fn holder(&self) -> String {
+        match &self.body {
+            Some(b) => format!("PID {} on {}", b.pid, b.host),
+            None => "an unknown holder".to_string(),
+        }
+    }
+}
+
+fn lease_state(backend: &dyn Backend, key: &str, now: i64) -> io::Result<LeaseState> {
+    let info = backend.stat(key)?;
+    let body = LeaseBody::parse(&backend.read(key)?);
+    Ok(LeaseState {
+        key: key.to_string(),
+        body,
+        age_secs: (now - info.modified_unix).max(0),
+    })
+}
+
+/// The holder of a remote store's writer lock, if any.
+pub fn writer_state(backend: &dyn Backend) -> Result<Option<LeaseState>> {
+    let now = server_now(backend).ctx(|| "Failed to read the storage's clock".into())?;
+    match lease_state(backend, WRITER_KEY, now) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io("Failed to read the writer lock", e)),
+    }
+}
+
+fn locked_error(backend: &dyn Backend, place: &str) -> Error {
+    let state = match writer_state(backend) {
+        Ok(Some(s)) => s,
+        // Released in between, or unreadable: plain "locked".
+        _ => {
+            return Error::new(
+                ErrorKind::Locked,
+                format!("Store {place} is locked by another writer"),
+            )
+        }
+    };
+    let lease = state
+        .body
+        .as_ref()
+        .map_or(DEFAULT_LEASE_SECS, |b| b.lease_secs);
+    if state.is_stale() {
+        Error::new(
+            ErrorKind::Locked,
+            format!(
+                "Store {place} is locked by {}, but its lease expired {} s ago (the writer probably died); \
+                 if no other writer runs, remove the lock with `recovery-cli break-lock --store {place}`",
+                state.holder(),
+                state.age_secs - lease as i64
+            ),
+        )
+    } else {
+        Error::new(
+            ErrorKind::Locked,
+            format!(
+                "Store {place} is locked by {} (lease renewed {} s ago)",
+                state.holder(),
+                state.age_secs
+            ),
+        )
+    }
+}
+
+/// Delete a remote store's writer lock. Refuses a fresh lease unless
+/// `force`. Returns the lease removed, if there was one.
+pub fn break_lock(backend: &dyn Backend, force: bool) -> Result<Option<LeaseState>> {
+    let place = backend.display();
+    let Some(state) = writer_state(backend)? else {
+        return Ok(None);
+    };
+    if !state.is_stale() && !force {
+        return Err(Error::new(
+            ErrorKind::Locked,
+            format!(
+                "Store {place} is locked by {} whose lease is fresh (renewed {} s ago); not breaking a live lock",
+                state.holder(),
+                state.age_secs
+            ),
+        ));
+    }
+    backend
+        .delete(WRITER_KEY)
+        .ctx(|| format!("Failed to break the lock of {place}"))?;
+    warn!(store = %place, holder = %state.holder(), "broke the writer lock");
+    Ok(Some(state))
+}
+
+/// A reader's registration on a remote store, refreshed until dropped.
+#[derive(Debug)]
+pub struct ReaderLease {
+    _lease: Lease,
+}
+
+impl ReaderLease {
+    /// Register a reader of `snapshot` (`NAME@ID`).
+    pub fn register(backend: Arc<dyn Backend>, snapshot: &str) -> Result<ReaderLease> {
+        let key = format!(
+            "{READERS_DIR}/{}.json",
+            hex::encode(rand::random::<[u8; 12]>())
+        );
+        let body = LeaseBody::new("reader", Some(snapshot.to_string()));
+        backend
+            .create_new(&key, &body.to_json())
+            .ctx(|| format!("Failed to register as a reader of {snapshot}"))?;
+        debug!(key, snapshot, "registered reader");
+        Ok(ReaderLease {
+            _lease: Lease::start(backend, key, body)?,
+        })
+    }
+}
+
+/// Snapshots (`NAME@ID`) that registered readers with a fresh lease are
+/// reading. Stale registrations are deleted when `reap`.
+pub fn active_readers(backend: &dyn Backend, reap: bool) -> Result<Vec<String>> {
+    let names = backend
+        .list(READERS_DIR)
+        .ctx(|| "Failed to list registered readers".into())?;
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = server_now(backend).ctx(|| "Failed to read the storage's clock".into())?;
+    let mut out = Vec::new();
+    for n in names {
+        let key = format!("{READERS_DIR}/{n}");
+        let state = match lease_state(backend, &key, now) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(format!("Failed to read reader lease {key}"), e)),
+        };
+        if state.is_stale() {
+            if reap {
+                info!(key, "removing a stale reader registration");
+                let _ = backend.delete(&key);
+            }
+            continue;
+        }
+        if let Some(s) = state.body.and_then(|b| b.snapshot) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+/// A lease object and the thread refreshing it; drop stops the thread and
+/// deletes the object (if it is still ours).
+#[derive(Debug)]
+struct Lease {
+    backend: Arc<dyn Backend>,
+    key: String,
+    etag: Arc<Mutex<Option<String>>>,
+    lost: Arc<AtomicBool>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Lease {
+    fn start(backend: Arc<dyn Backend>, key: String, body: LeaseBody) -> Result<Lease> {
+        let etag = backend
+            .stat(&key)
+            .ctx(|| format!("Failed to read lease object {key}"))?
+            .etag;
+        let etag = Arc::new(Mutex::new(etag));
+        let lost = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<()>();
+        let every = Duration::from_secs(body.lease_secs).div_f64(3.0);
+        let thread = {
+            let (backend, key, etag, lost) =
+                (backend.clone(), key.clone(), etag.clone(), lost.clone());
+            let bytes = body.to_json();
+            std::thread::Builder::new()
+                .name("lease".into())
+                .spawn(move || loop {
+                    match rx.recv_timeout(every) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                    let current = etag.lock().ok().and_then(|g| g.clone());
+                    let r = match &current {
+                        Some(t) => backend.replace_if(&key, &bytes, t),
+                        None => backend.put(&key, &bytes).and_then(|()| backend.stat(&key)),
+                    };
+                    match r {
+                        Ok(info) => {
+                            if let Ok(mut g) = etag.lock() {
+                                *g = info.etag;
+                            }
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::ResourceBusy | io::ErrorKind::NotFound
+                            ) =>
+                        {
+                            error!(key, "lost the lease (the lock was broken): {e}");
+                            lost.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        Err(e) => warn!(key, "failed to refresh the lease, will retry: {e}"),
+                    }
+                })
+                .map_err(|e| Error::io("Failed to start the lease thread", e))?
+        };
+        Ok(Lease {
+            backend,
+            key,
+            etag,
+            lost,
+            stop: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if self.lost.load(Ordering::Relaxed) {
+            return;
+        }
+        // Only delete the object if it is still ours.
+        let ours = self.etag.lock().ok().and_then(|g| g.clone());
+        match self.backend.stat(&self.key) {
+            Ok(info) if ours.is_none() || info.etag == ours => {
+                if let Err(e) = self.backend.delete(&self.key) {
+                    warn!(key = %self.key, "failed to release the lease: {e}");
+                }
+            }
+            Ok(_) => warn!(key = %self.key, "lease object changed hands; not deleting it"),
+            Err(e) => debug!(key = %self.key, "lease object gone at release: {e}"),
+        }
     }
 }
 

@@ -33,6 +33,10 @@ pub struct Store {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
+    /// `/path` or `s3://bucket/prefix`, for messages.
+    place: String,
+    /// The storage itself, below any sealing wrapper: lock objects live here.
+    raw: Arc<dyn Backend>,
     backend: Arc<dyn Backend>,
     config: Config,
     /// Plaintext or sealed records, plain or keyed ids (see [`crate::crypto`]).
@@ -148,24 +152,41 @@ impl Store {
             Err(e) => return Err(Error::io_path("Failed to open store", path, e)),
         }
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(path));
-        let bytes = match backend.read(CONFIG_KEY) {
+        Self::open_backend_keyed(path.to_path_buf(), backend, secret)
+    }
+
+    /// Open the store in `raw` (local or remote); `root` is its directory,
+    /// or the local cache directory of a remote store.
+    pub(crate) fn open_backend(root: PathBuf, raw: Arc<dyn Backend>) -> Result<Store> {
+        Self::open_backend_keyed(root, raw, None)
+    }
+
+    /// [`Store::open_backend`]; `secret` unlocks an encrypted store.
+    pub(crate) fn open_backend_keyed(
+        root: PathBuf,
+        raw: Arc<dyn Backend>,
+        secret: Option<&Secret>,
+    ) -> Result<Store> {
+        let place = raw.display();
+        let bytes = match raw.read(CONFIG_KEY) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(Error::new(
                     ErrorKind::NotAStore,
-                    format!("{} is not a store (no config.json)", path.display()),
+                    format!("{place} is not a store (no config.json)"),
                 ))
             }
-            Err(e) => return Err(Error::io_path("Failed to read", &path.join(CONFIG_KEY), e)),
+            Err(e) => return Err(Error::io(format!("Failed to read {place}/{CONFIG_KEY}"), e)),
         };
-        let config = Config::parse(&bytes, &path.display().to_string())?;
-        let (backend, codec) =
-            crate::crypto::unlock(backend, &config, &path.display().to_string(), secret)?;
+        let config = Config::parse(&bytes, &place)?;
+        let (backend, codec) = crate::crypto::unlock(raw.clone(), &config, &place, secret)?;
         let view = IndexView::load(backend.as_ref())?;
-        debug!(path = %path.display(), chunks = view.chunk_count(), "opened store");
+        debug!(store = %place, chunks = view.chunk_count(), "opened store");
         Ok(Store {
             inner: Arc::new(Inner {
-                root: path.to_path_buf(),
+                root,
+                place,
+                raw,
                 backend,
                 config,
                 codec,
@@ -175,9 +196,25 @@ impl Store {
         })
     }
 
-    /// The store directory.
+    /// The store directory (for a remote store: its local cache directory).
     pub fn path(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// Where the store lives: its path or `s3://bucket/prefix`.
+    pub fn location(&self) -> &str {
+        &self.inner.place
+    }
+
+    /// True for a store on object storage.
+    pub fn is_remote(&self) -> bool {
+        self.inner.raw.is_remote()
+    }
+
+    /// The storage below any sealing wrapper (lock objects, copies of
+    /// already sealed objects).
+    pub fn raw_backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.raw
     }
 
     /// Chunk size in bytes.
@@ -226,7 +263,11 @@ impl Store {
     /// Take the writer lock, remove leftovers of crashed writers (temp files,
     /// superseded index files) and refresh the index.
     pub(crate) fn lock_writer(&self) -> Result<WriterLock> {
-        let lock = WriterLock::acquire(self.path())?;
+        let lock = if self.is_remote() {
+            WriterLock::acquire_remote(self.inner.raw.clone())?
+        } else {
+            WriterLock::acquire(self.path())?
+        };
         let n = self
             .backend()
             .clean_temp()

@@ -15,6 +15,7 @@ mod permissions;
 mod points;
 mod reconnect;
 mod restart;
+mod s3;
 mod service;
 mod store_cli;
 mod store_props;

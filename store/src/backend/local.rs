@@ -4,13 +4,13 @@
 //! destination directory (and any directory it had to create). After
 //! `publish` returns, the object survives a crash.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::{Backend, Object, TempObject};
+use super::{Backend, Object, ObjectInfo, TempObject};
 
 /// Directory of temporary files inside the store.
 pub const TMP_DIR: &str = "tmp";
@@ -64,20 +64,7 @@ impl Backend for LocalBackend {
     fn create_temp(&self) -> io::Result<TempObject> {
         let dir = self.path(TMP_DIR);
         self.ensure_dir(&dir)?;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let name = format!(
-            "{}-{}-{}.tmp",
-            std::process::id(),
-            n,
-            hex::encode(rand::random::<[u8; 4]>())
-        );
-        let path = dir.join(name);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        Ok(TempObject::new(file, path))
+        TempObject::create_in(&dir, self.counter.fetch_add(1, Ordering::Relaxed))
     }
 
     fn publish(&self, mut tmp: TempObject, key: &str) -> io::Result<()> {
@@ -145,6 +132,23 @@ impl Backend for LocalBackend {
 
     fn local_path(&self, key: &str) -> Option<PathBuf> {
         Some(self.path(key))
+    }
+
+    fn display(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn stat(&self, key: &str) -> io::Result<ObjectInfo> {
+        let m = fs::metadata(self.path(key))?;
+        let modified_unix = m
+            .modified()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        Ok(ObjectInfo {
+            size: m.len(),
+            modified_unix,
+            etag: None,
+        })
     }
 
     fn clean_temp(&self) -> io::Result<usize> {

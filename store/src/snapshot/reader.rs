@@ -32,6 +32,8 @@ pub struct SnapshotReader {
     manifest: Manifest,
     /// A delta manifest's entries and its base's reader.
     delta: Option<Box<(Delta, SnapshotReader)>>,
+    /// On a remote store, the registration that keeps gc away.
+    _reader: Option<crate::lock::ReaderLease>,
 }
 
 impl SnapshotReader {
@@ -44,6 +46,7 @@ impl SnapshotReader {
             ))
             .with_snapshot(reference.clone())
         };
+        let mut reader = None;
         let obj: Arc<dyn Object> = match store.backend().local_path(&key) {
             Some(path) => {
                 let file = match File::open(&path) {
@@ -67,10 +70,15 @@ impl SnapshotReader {
                     .unseal(&key, Arc::new(file))
                     .ctx(|| format!("Failed to open snapshot manifest {key}"))?
             }
-            None => store
-                .backend()
-                .open(&key)
-                .ctx(|| format!("Failed to open snapshot manifest {key}"))?,
+            None => {
+                // Remote store: register before opening, as the shared
+                // flock is taken before the path check above.
+                reader = store.register_reader(&reference)?;
+                store
+                    .backend()
+                    .open(&key)
+                    .ctx(|| format!("Failed to open snapshot manifest {key}"))?
+            }
         };
         let manifest = read_header(obj.as_ref(), &key)?;
         if manifest.info.id != listed.id || manifest.info.name != listed.name {
@@ -100,6 +108,7 @@ impl SnapshotReader {
             obj,
             manifest,
             delta,
+            _reader: reader,
         })
     }
 
