@@ -5,7 +5,10 @@
 //! changes (paused, resumed, complete, failed) are logged once when the
 //! logger sees them. The first report says whether the live journal runs
 //! (`info!`) or not and why (`warn!`), and so does every later change of
-//! it (a journal write that fails). The CLI's default log filter shows
+//! it (a journal write that fails). With continuous protection, each
+//! change of its state (`starting`, `ok`, `behind`, `failed`) is logged
+//! once with the RPO (`warn!` for `behind` and `failed`), and the RPO joins
+//! every progress line while migrating. The CLI's default log filter shows
 //! this module's `info!` lines. The
 //! logger only reads [`Control::status`], so it can never slow the
 //! copier down by more than one status snapshot per interval.
@@ -17,8 +20,8 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use tracing::{info, warn};
 
-use control::progress::{journal_line, progress_line, transition_line};
-use control::{Control, State, Status};
+use control::progress::{journal_line, progress_line, protection_line, transition_line};
+use control::{Control, ProtectionState, State, Status};
 
 /// How often the daemon logs progress unless told otherwise.
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
@@ -85,6 +88,7 @@ pub fn spawn_progress_logger(
 struct Reporter {
     state: Option<State>,
     journal_active: Option<bool>,
+    protection: Option<ProtectionState>,
 }
 
 /// One log entry due for a status.
@@ -97,6 +101,8 @@ enum Entry {
     Transition { warn: bool, line: String },
     /// The periodic progress line (while migrating).
     Progress,
+    /// A change of the protection state; `warn` when behind or failed.
+    Protection { warn: bool, line: String },
 }
 
 impl Reporter {
@@ -117,6 +123,15 @@ impl Reporter {
                 warn: status.state == State::Failed,
                 line,
             });
+        }
+        if let Some(p) = &status.protection {
+            if self.protection != Some(p.state) {
+                entries.push(Entry::Protection {
+                    warn: matches!(p.state, ProtectionState::Behind | ProtectionState::Failed),
+                    line: protection_line(status).unwrap_or_default(),
+                });
+                self.protection = Some(p.state);
+            }
         }
         if status.state == State::Migrating {
             entries.push(Entry::Progress);
@@ -142,6 +157,8 @@ impl Entry {
                 info!(state = status.state.name(), "{line}")
             }
             Entry::Progress => log_progress(status),
+            Entry::Protection { warn: true, line } => warn!("{line}"),
+            Entry::Protection { warn: false, line } => info!("{line}"),
         }
     }
 }
@@ -156,6 +173,7 @@ fn log_progress(status: &Status) {
         bytes_skipped = status.bytes_skipped,
         copy_rate = status.copy_rate.round() as u64,
         eta_seconds = status.eta_seconds.map(|s| s.round() as u64),
+        rpo_seconds = status.protection.as_ref().and_then(|p| p.rpo_seconds),
         "{}",
         progress_line(status)
     );
@@ -236,6 +254,38 @@ mod tests {
     }
 
     #[test]
+    fn protection_changes_are_reported_once_each() {
+        let mut reporter = Reporter::default();
+        let mut s = Status {
+            journal_active: true,
+            protection: Some(control::Protection {
+                name: "vm".into(),
+                interval_seconds: 5.0,
+                ..Default::default()
+            }),
+            ..status(State::Serving, 0)
+        };
+        reporter.report(&s);
+        let p = s.protection.as_mut().unwrap();
+        p.state = ProtectionState::Ok;
+        p.rpo_seconds = Some(2.0);
+        let ok = reporter.report(&s);
+        assert!(
+            matches!(&ok[..], [Entry::Protection { warn: false, line }] if line.starts_with("protection ok: RPO 2s")),
+            "{ok:?}"
+        );
+        assert!(reporter.report(&s).is_empty());
+        let p = s.protection.as_mut().unwrap();
+        p.state = ProtectionState::Failed;
+        p.reason = Some("store full".into());
+        let failed = reporter.report(&s);
+        assert!(
+            matches!(&failed[..], [Entry::Protection { warn: true, line }] if line.ends_with(": store full")),
+            "{failed:?}"
+        );
+    }
+
+    #[test]
     fn journal_and_state_changes_are_reported_once_each() {
         let mut reporter = Reporter::default();
         let kinds = |entries: Vec<Entry>| -> Vec<String> {
@@ -245,6 +295,7 @@ mod tests {
                     Entry::Journal { warn, line } => format!("journal warn={warn}: {line}"),
                     Entry::Transition { warn, line } => format!("state warn={warn}: {line}"),
                     Entry::Progress => "progress".to_string(),
+                    Entry::Protection { warn, line } => format!("protection warn={warn}: {line}"),
                 })
                 .collect()
         };

@@ -625,3 +625,190 @@ impl ChangedSource for PointSource<'_> {
         self.point.read_at(buf, offset)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use block::mem_device::MemDevice;
+
+    use super::*;
+
+    const CHUNK: u32 = 4096;
+    const SIZE: usize = 64 * 4096;
+
+    /// A store with one backup of `image` named `vm`; its id.
+    fn store_with(dir: &Path, image: &[u8]) -> (Arc<Store>, String) {
+        let store = Store::init(&dir.join("store"), CHUNK).unwrap();
+        let src = dir.join("src.img");
+        std::fs::write(&src, image).unwrap();
+        let stats = store.backup("vm", &src, &Default::default()).unwrap();
+        (Arc::new(store), stats.snapshot)
+    }
+
+    fn restore(store: &Store, reference: &str, dir: &Path) -> Vec<u8> {
+        let out = dir.join("out.img");
+        let _ = std::fs::remove_file(&out);
+        store.restore(reference, &out, &Default::default()).unwrap();
+        std::fs::read(&out).unwrap()
+    }
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn open(
+        dir: &Path,
+        mem: &Arc<MemDevice>,
+        store: &Arc<Store>,
+        name: Option<&str>,
+        origin: &Origin,
+    ) -> Protector {
+        let cfg = ProtectConfig {
+            name: name.map(str::to_string),
+            interval: MIN_INTERVAL,
+        };
+        Protector::open(dir, mem.clone(), store.clone(), &cfg, origin).unwrap()
+    }
+
+    #[test]
+    fn points_are_deltas_on_the_booted_snapshot_and_hold_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let image: Vec<u8> = (0..SIZE).map(|i| (i / 4096) as u8).collect();
+        let (store, booted) = store_with(dir.path(), &image);
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let mem = Arc::new(MemDevice::from_vec(image.clone()));
+        let origin = Origin {
+            snapshot: Some(("vm".into(), booted.clone())),
+            fresh_state: true,
+        };
+        let mut p = open(&state, &mem, &store, None, &origin);
+        assert_eq!(p.record.parent.as_deref(), Some(booted.as_str()));
+        assert!(!p.record.full_needed);
+        let layer = p.layer().clone();
+        let status = p.status().clone();
+        layer.write_at(&[0xab; 100], 5 * 4096 + 7).unwrap();
+        layer.write_zeroes(9 * 4096, 4096).unwrap();
+        p.spawn().unwrap();
+        wait_for("the first point", || {
+            status.protection().points_written >= 1
+        });
+        let pr = status.protection();
+        assert_eq!(
+            pr.point_bytes_read,
+            2 * 4096,
+            "only the two written chunks are read: {pr:?}"
+        );
+        assert_eq!(pr.state, ProtectionState::Ok, "{pr:?}");
+        let last = pr.last_point.unwrap();
+        assert_eq!(
+            restore(&store, &last.snapshot, dir.path()),
+            mem.snapshot(),
+            "the point differs from the disk"
+        );
+        let info = store.resolve(&last.snapshot).unwrap();
+        assert_eq!(info.parent.as_deref(), Some(booted.as_str()));
+        assert_eq!(info.created, last.instant);
+        // Nothing changes: no new point, the RPO stays fresh.
+        wait_for("a fresh RPO", || {
+            status.protection().rpo_seconds.is_some_and(|r| r < 1.0)
+        });
+        assert_eq!(status.protection().points_written, 1);
+        // A second change: a delta on the first point.
+        layer.write_at(&[1; 4096], 0).unwrap();
+        wait_for("the second point", || {
+            status.protection().points_written >= 2
+        });
+        let second = status.protection().last_point.unwrap();
+        assert_eq!(
+            store.resolve(&second.snapshot).unwrap().parent,
+            Some(last.id.clone())
+        );
+        assert_eq!(
+            restore(&store, &second.snapshot, dir.path()),
+            mem.snapshot()
+        );
+        p.stop();
+        let rec = load_record(&state.join(PROTECT_FILE)).unwrap().unwrap();
+        assert_eq!(rec.parent, Some(second.id.clone()));
+
+        // Restarted on the same boot: the record continues, no full read.
+        let p = open(
+            &state,
+            &mem,
+            &store,
+            None,
+            &Origin {
+                fresh_state: false,
+                ..origin
+            },
+        );
+        assert!(!p.record.full_needed);
+        assert_eq!(p.record.parent, Some(second.id));
+    }
+
+    #[test]
+    fn a_full_read_when_there_is_no_usable_parent_or_after_a_reboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = vec![3u8; SIZE];
+        let (store, booted) = store_with(dir.path(), &image);
+        let mem = Arc::new(MemDevice::from_vec(image));
+        let origin = Origin {
+            snapshot: Some(("vm".into(), booted)),
+            fresh_state: true,
+        };
+        // Another name: no parent of that name.
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        assert!(
+            open(&other, &mem, &store, Some("vm-cdp"), &origin)
+                .record
+                .full_needed
+        );
+        // A state that served before without protection.
+        let old = dir.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        let stale = Origin {
+            fresh_state: false,
+            ..origin.clone()
+        };
+        assert!(open(&old, &mem, &store, None, &stale).record.full_needed);
+        // serve --disk: no snapshot at all; the first point reads it all.
+        let disk = dir.path().join("disk");
+        std::fs::create_dir(&disk).unwrap();
+        let none = Origin {
+            snapshot: None,
+            fresh_state: true,
+        };
+        let mut p = open(&disk, &mem, &store, Some("prod"), &none);
+        assert!(p.record.full_needed);
+        let status = p.status().clone();
+        p.spawn().unwrap();
+        wait_for("the full point", || status.protection().points_written >= 1);
+        assert_eq!(status.protection().point_bytes_read, SIZE as u64);
+        p.stop();
+        assert!(
+            !load_record(&disk.join(PROTECT_FILE))
+                .unwrap()
+                .unwrap()
+                .full_needed
+        );
+        // A reboot since: full again.
+        let path = disk.join(PROTECT_FILE);
+        let mut rec = load_record(&path).unwrap().unwrap();
+        rec.boot_id = "another-boot".into();
+        store_record(&path, &rec).unwrap();
+        let stale = Origin {
+            fresh_state: false,
+            ..none
+        };
+        assert!(
+            open(&disk, &mem, &store, Some("prod"), &stale)
+                .record
+                .full_needed
+        );
+    }
+}
