@@ -15,7 +15,16 @@
 //! qga = "/run/portal/db.qga"   # optional: fsfreeze instead of stop/cont
 //! disks = [ { drive = "disk0", target = "/dev/vg/db-root" } ]
 //! boot_order = 1
+//! checks = ["console:login:", "qga"]   # optional: what a drill checks
+//! drill_args = ["-kernel", "vmlinuz"]  # optional: extra QEMU args of the drill
 //! ```
+//! A drill (`recovery-cli drill --plan`) boots every VM in a sandbox and
+//! runs its `checks` ([`crate::check`]); top-level `drill_every = "7d"`
+//! (optional: `protect` drills the newest group point when the last
+//! successful drill is older, and `check` alerts) and `drill_timeout =
+//! "300s"` (optional, per VM; default 300 s) schedule and bound it. In
+//! `drill_args` the value after `-kernel`, `-initrd`, `-dtb` or `-bios`
+//! is a path and is taken relative to the plan's directory.
 //! Every error names the file, the line and the key. Unknown keys are
 //! refused (a typo must not silently drop a setting). Relative paths are
 //! taken relative to the plan file's directory. Whether each drive exists
@@ -67,6 +76,11 @@ pub struct Plan {
     pub scratch: PathBuf,
     /// In the plan's order.
     pub vms: Vec<Vm>,
+    /// µs: a drill of the newest group point is due when the last
+    /// successful one is older (`protect`, `check`).
+    pub drill_every: Option<i64>,
+    /// µs each VM's drill checks may take.
+    pub drill_timeout: i64,
 }
 
 /// One VM of the plan.
@@ -77,6 +91,10 @@ pub struct Vm {
     pub qga: Option<PathBuf>,
     pub disks: Vec<Disk>,
     pub boot_order: u32,
+    /// Drill checks (validated specs, [`crate::check::Check::parse`]).
+    pub checks: Vec<String>,
+    /// Extra QEMU arguments of the drill sandbox (paths made absolute).
+    pub drill_args: Vec<String>,
 }
 
 /// One disk of a VM.
@@ -123,6 +141,8 @@ struct RawPlan {
     store: PathBuf,
     scratch: Option<PathBuf>,
     vm: Spanned<Vec<Spanned<RawVm>>>,
+    drill_every: Option<Spanned<RawDuration>>,
+    drill_timeout: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +165,10 @@ struct RawVm {
     qga: Option<PathBuf>,
     disks: Spanned<Vec<Spanned<RawDisk>>>,
     boot_order: Option<u32>,
+    #[serde(default)]
+    checks: Vec<Spanned<String>>,
+    #[serde(default)]
+    drill_args: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +177,10 @@ struct RawDisk {
     drive: Spanned<String>,
     target: Option<PathBuf>,
 }
+
+/// QEMU options of `drill_args` whose value is a path (relative to the
+/// plan's directory).
+const DRILL_PATH_ARGS: [&str; 4] = ["-kernel", "-initrd", "-dtb", "-bios"];
 
 /// 1-based line of byte offset `at` in `text`.
 fn line_of(text: &str, at: usize) -> usize {
@@ -311,12 +339,29 @@ impl Plan {
                     line: dline,
                 });
             }
+            let mut checks = Vec::new();
+            for (j, c) in v.checks.iter().enumerate() {
+                crate::check::Check::parse(c.get_ref()).map_err(|e| {
+                    err(c.span(), Some(&format!("vm[{i}].checks[{j}]")), e.to_string())
+                })?;
+                checks.push(c.get_ref().clone());
+            }
+            let mut drill_args = v.drill_args;
+            for k in 1..drill_args.len() {
+                if DRILL_PATH_ARGS.contains(&drill_args[k - 1].as_str()) {
+                    drill_args[k] = abs(PathBuf::from(&drill_args[k]))
+                        .to_string_lossy()
+                        .into_owned();
+                }
+            }
             vms.push(Vm {
                 name,
                 qmp: abs(v.qmp),
                 qga: v.qga.map(abs),
                 disks,
                 boot_order: v.boot_order.unwrap_or(i as u32 + 1),
+                checks,
+                drill_args,
             });
         }
         // Member names must not collide (vm "a-b" drive "c" vs vm "a" drive "b-c").
@@ -339,6 +384,15 @@ impl Plan {
                 }
             }
         }
+        let drill_every = raw
+            .drill_every
+            .as_ref()
+            .map(|d| duration(d, "drill_every"))
+            .transpose()?;
+        let drill_timeout = match &raw.drill_timeout {
+            Some(d) => duration(d, "drill_timeout")?,
+            None => 300_000_000,
+        };
         Ok(Plan {
             path: path.to_path_buf(),
             service,
@@ -348,6 +402,8 @@ impl Plan {
             store: abs(raw.store),
             scratch: raw.scratch.map(abs).unwrap_or_else(std::env::temp_dir),
             vms,
+            drill_every,
+            drill_timeout,
         })
     }
 }
@@ -417,6 +473,56 @@ disks = [ { drive = "disk0" }, { drive = "data" } ]
         // An interval of its own, and an RPO in seconds.
         let p = parse(&GOOD.replace("rpo = \"15m\"", "rpo = 60\ninterval = \"10s\"")).unwrap();
         assert_eq!((p.rpo, p.interval), (60_000_000, 10_000_000));
+    }
+
+    #[test]
+    fn the_example_plan_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/service/portal.toml");
+        let p = Plan::load(&path).unwrap();
+        assert_eq!(p.service, "portal");
+        assert_eq!((p.rpo, p.interval), (900_000_000, 300_000_000));
+        assert_eq!(p.members().count(), 4);
+        assert_eq!(p.vms[2].qga, None);
+    }
+
+    #[test]
+    fn drill_keys_parse_and_are_validated() {
+        let p = parse(GOOD).unwrap();
+        assert_eq!((p.drill_every, p.drill_timeout), (None, 300_000_000));
+        assert!(p.vms[0].checks.is_empty() && p.vms[0].drill_args.is_empty());
+        let text = GOOD
+            .replace(
+                "store = \"store\"\n",
+                "store = \"store\"\ndrill_every = \"7d\"\ndrill_timeout = \"90s\"\n",
+            )
+            .replace(
+                "boot_order = 1\n",
+                "boot_order = 1\nchecks = [\"console:^READY$\", \"qga\", \"tcp:8080\", \"exec:true\"]\n\
+                 drill_args = [\"-kernel\", \"vmlinuz\", \"-append\", \"console=ttyS0\", \"-initrd\", \"/boot/i\"]\n",
+            );
+        let p = parse(&text).unwrap();
+        assert_eq!(p.drill_every, Some(7 * 86_400 * 1_000_000));
+        assert_eq!(p.drill_timeout, 90_000_000);
+        assert_eq!(p.vms[0].checks.len(), 4);
+        assert_eq!(
+            p.vms[0].drill_args,
+            ["-kernel", "/etc/plans/vmlinuz", "-append", "console=ttyS0", "-initrd", "/boot/i"]
+        );
+        // A bad check names its VM, index and line.
+        let (line, key, msg) = bad(&text.replace("\"tcp:8080\"", "\"tcp:0\""));
+        assert_eq!((line, key.as_deref()), (15, Some("vm[0].checks[2]")), "{msg}");
+        assert!(msg.contains("Invalid port"), "{msg}");
+        let (_, key, msg) = bad(&text.replace("\"qga\"", "\"ping\""));
+        assert_eq!(key.as_deref(), Some("vm[0].checks[1]"), "{msg}");
+        let (_, key, msg) = bad(&text.replace("console:^READY$", "console:("));
+        assert_eq!(key.as_deref(), Some("vm[0].checks[0]"), "{msg}");
+        assert!(msg.contains("Invalid regex"), "{msg}");
+        let (line, key, msg) = bad(&text.replace("\"7d\"", "\"0s\""));
+        assert_eq!((line, key.as_deref()), (6, Some("drill_every")), "{msg}");
+        let (line, key, _) = bad(&text.replace("\"90s\"", "\"soon\""));
+        assert_eq!((line, key.as_deref()), (7, Some("drill_timeout")));
+        let (_, key, _) = bad(&text.replace("drill_args", "drill_arg"));
+        assert_eq!(key.as_deref(), Some("drill_arg"));
     }
 
     #[test]

@@ -659,3 +659,100 @@ fn group_point_of_two_guests_is_a_consistent_cut() {
         assert!(out.guest_done(), "{out:?}");
     }
 }
+
+#[test]
+fn protect_takes_points_applies_retention_and_stops_on_sigterm() {
+    if !testing::require_qemu() {
+        return;
+    }
+    recovery_cli_path();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let store = dir.join("store");
+    store::Store::init(&store, CHUNK).unwrap();
+    let db = Vm::start(dir, "db", &["disk0"]);
+    let app = Vm::start(dir, "app", &["disk0"]);
+    let plan = write_plan(dir, "portal.toml", "2s", &[&db, &app], None);
+    let p = plan.to_str().unwrap();
+
+    // Three points one second apart (rpo/2); keep_last = 2 after each.
+    let out = cli(&["protect", "--plan", p, "--points", "3", "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let points: Vec<Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(points.len(), 3, "{text}");
+    for (i, pt) in points.iter().enumerate() {
+        assert_eq!(pt["point"], i as u64 + 1);
+        assert!(
+            pt["report"]["group"]
+                .as_str()
+                .unwrap()
+                .starts_with("portal@"),
+            "{pt}"
+        );
+    }
+    assert_eq!(points[2]["forgotten"][0], points[0]["report"]["group"]);
+    let left: Vec<String> = groups(&store).iter().map(|g| g.reference()).collect();
+    assert_eq!(
+        left,
+        [
+            points[1]["report"]["group"].as_str().unwrap(),
+            points[2]["report"]["group"].as_str().unwrap()
+        ]
+    );
+    assert!(text.contains("stopped: 3 point(s), 0 failed"), "{text}");
+
+    // SIGTERM while it waits: a clean exit, no half point, QEMU clean.
+    let mut child = recovery_cli()
+        .args(["protect", "--plan", p])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while groups(&store).len() < 3 {
+        assert!(Instant::now() < deadline, "protect took no point");
+        assert!(child.try_wait().unwrap().is_none(), "protect exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rc = send_signal(child.id(), "TERM");
+    assert!(rc, "kill -TERM");
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("stopped:"), "{text}");
+    for vm in [&db, &app] {
+        vm.assert_clean();
+        assert!(vm.running());
+    }
+    // Every group point is whole.
+    let s = store::Store::open(&store).unwrap();
+    for g in s.groups("portal").unwrap() {
+        assert_eq!(g.members.len(), 2);
+        for m in &g.members {
+            s.resolve(&m.snapshot).unwrap();
+        }
+    }
+}
+
+/// `kill -SIG PID`.
+fn send_signal(pid: u32, sig: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success())
+}
