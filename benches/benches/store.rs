@@ -154,5 +154,76 @@ fn random_reads(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hashing, compression, insert, random_reads);
+/// Encryption's cost: the same ingest and cold random reads on a
+/// plaintext and an encrypted store (sealed records, sealed index and
+/// manifest segments, keyed ids), side by side.
+fn encryption(c: &mut Criterion) {
+    use store::crypto::{KdfParams, Secret};
+    let kdf = KdfParams {
+        m_cost_kib: 8 << 10,
+        t_cost: 1,
+        p_cost: 1,
+    };
+    let secret = Secret::passphrase("bench").expect("secret");
+    let make = |p: &std::path::Path, encrypted: bool| {
+        if encrypted {
+            Store::init_encrypted(p, 64 << 10, &secret, &kdf).expect("init")
+        } else {
+            Store::init(p, 64 << 10).expect("init")
+        }
+    };
+    let size = 64usize << 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("image.raw");
+    std::fs::write(&src, realistic(size, 6)).expect("write image");
+    let mut g = c.benchmark_group("encryption");
+    g.sample_size(10).measurement_time(Duration::from_secs(20));
+    g.throughput(Throughput::Bytes(size as u64));
+    for (name, encrypted) in [("plain", false), ("encrypted", true)] {
+        g.bench_function(BenchmarkId::new("ingest-64MiB", name), |b| {
+            b.iter_batched(
+                || {
+                    let d = tempfile::tempdir().expect("tempdir");
+                    let s = make(&d.path().join("s"), encrypted);
+                    (d, s)
+                },
+                |(d, s)| {
+                    s.backup("bench", &src, &BackupOptions::default())
+                        .expect("backup");
+                    d
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    g.sample_size(30).measurement_time(Duration::from_secs(5));
+    for (name, encrypted) in [("plain", false), ("encrypted", true)] {
+        let p = dir.path().join(name);
+        let s = make(&p, encrypted);
+        s.backup("bench", &src, &BackupOptions::default())
+            .expect("backup");
+        // A fresh open: no decrypted segment or chunk is cached yet.
+        let s = Store::open_keyed(&p, Some(&secret)).expect("open");
+        let r = s.open_snapshot("bench").expect("open");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut small = vec![0u8; 4096];
+        g.throughput(Throughput::Bytes(4096));
+        g.bench_function(BenchmarkId::new("cold-random-read_at-4KiB", name), |b| {
+            b.iter(|| {
+                let off = rng.gen_range(0..(size as u64 / 4096)) * 4096;
+                r.read_at(&mut small, off).expect("read");
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    hashing,
+    compression,
+    insert,
+    random_reads,
+    encryption
+);
 criterion_main!(benches);

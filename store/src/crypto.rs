@@ -245,6 +245,13 @@ impl Cipher {
         }
     }
 
+    /// A cipher from raw master key bytes, for tests and fuzzing (a real
+    /// store unwraps its master key from a key slot).
+    #[doc(hidden)]
+    pub fn for_testing(master: [u8; 32], segment_shift: u32) -> Cipher {
+        Cipher::new(MasterKey(Zeroizing::new(master)), segment_shift)
+    }
+
     /// The keyed id of a chunk's plaintext.
     pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
         ChunkId(*blake3::keyed_hash(&self.id_key, data).as_bytes())

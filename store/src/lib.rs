@@ -5,7 +5,8 @@
 //! A store is a directory. An image (`web01`) is cut into fixed-size chunks
 //! aligned to the disk (a power of two from 4 KiB to 4 MiB, fixed per store,
 //! default 64 KiB), because VM images change in place at block granularity.
-//! A chunk's id ([`ChunkId`]) is the blake3 hash of its plaintext. Chunks are
+//! A chunk's id ([`ChunkId`]) is the blake3 hash of its plaintext (keyed
+//! blake3 in an encrypted store). Chunks are
 //! lz4-compressed (kept raw when that does not save space) and appended to
 //! pack files; all-zero chunks are never stored. Each backup publishes an
 //! immutable snapshot manifest that lists, for every chunk index, a chunk id
@@ -22,8 +23,15 @@
 //!   snapshots/<name>/<id>.snap    manifests: full (v1) or delta (v2) (snapshot/manifest.rs, delta.rs)
 //!   snapshots/<name>/<id>.snap.forgotten   forgotten, awaiting gc
 //!   holds/<name>/<id>/<holder>.json        a hold on a snapshot   (hold.rs)
+//!   keys/<16 hex>                 encrypted store only: key slots  (crypto/keyslot.rs)
 //!   tmp/                          temp files, swept by the next writer
 //! ```
+//! An encrypted store (`init --encrypt`, config version 2 with an
+//! `encryption` section) seals every chunk record, index and manifest with
+//! XChaCha20-Poly1305 under a master key wrapped by argon2id in `keys/`;
+//! config, key slots, holds and drill records stay plaintext metadata. See
+//! [`crypto`] (formats, key wrapping, threat model).
+//!
 //! Magic numbers, versions and header layouts live in [`format`] (do not
 //! modify). All I/O on packs, indexes and manifests goes through the
 //! [`backend::Backend`] trait: objects are published whole and atomically and

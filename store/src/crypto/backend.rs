@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::object::{bound_name, plain_len, seal_bytes, seal_file, SealedObject};
 use super::Cipher;
-use crate::backend::{Backend, Object, TempObject};
+use crate::backend::{Backend, Object, ObjectInfo, TempObject};
 
 /// A backend wrapper for encrypted stores. Keys under `index/` and
 /// `snapshots/` are sealed objects; everything else (packs, whose records
@@ -98,6 +98,34 @@ impl Backend for EncryptedBackend {
         self.inner.clean_temp()
     }
 
+    fn stat(&self, key: &str) -> io::Result<ObjectInfo> {
+        let mut info = self.inner.stat(key)?;
+        if is_sealed_key(key) {
+            info.size = self.size(key)?;
+        }
+        Ok(info)
+    }
+
+    // Conditional writes are for lock and lease objects, which are never
+    // sealed; refuse them on sealed keys rather than store plaintext there.
+    fn create_new(&self, key: &str, data: &[u8]) -> io::Result<ObjectInfo> {
+        refuse_sealed(key, "conditional create")?;
+        self.inner.create_new(key, data)
+    }
+
+    fn replace_if(&self, key: &str, data: &[u8], etag: &str) -> io::Result<ObjectInfo> {
+        refuse_sealed(key, "conditional replace")?;
+        self.inner.replace_if(key, data, etag)
+    }
+
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
+
+    fn display(&self) -> String {
+        self.inner.display()
+    }
+
     fn put(&self, key: &str, data: &[u8]) -> io::Result<()> {
         if !is_sealed_key(key) {
             return self.inner.put(key, data);
@@ -105,4 +133,14 @@ impl Backend for EncryptedBackend {
         self.inner
             .put(key, &seal_bytes(&self.cipher, bound_name(key), data))
     }
+}
+
+fn refuse_sealed(key: &str, what: &str) -> io::Result<()> {
+    if is_sealed_key(key) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("No {what} of sealed object {key}"),
+        ));
+    }
+    Ok(())
 }

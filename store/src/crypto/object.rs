@@ -102,7 +102,7 @@ pub(crate) fn seal_into(
 }
 
 /// Seal a whole plaintext held in memory.
-pub(crate) fn seal_bytes(cipher: &Cipher, name: &str, plain: &[u8]) -> Vec<u8> {
+pub fn seal_bytes(cipher: &Cipher, name: &str, plain: &[u8]) -> Vec<u8> {
     let mut out =
         Vec::with_capacity(sealed_len(plain.len() as u64, cipher.segment_shift()) as usize);
     let src = |buf: &mut [u8], off: u64| {
@@ -149,7 +149,7 @@ pub struct SealedObject {
 
 impl SealedObject {
     /// Check the header of sealed object `key` and its length.
-    pub(crate) fn open(
+    pub fn open(
         inner: Arc<dyn Object>,
         cipher: Arc<Cipher>,
         key: &str,
