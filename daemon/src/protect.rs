@@ -297,12 +297,10 @@ impl Stop {
 /// Protection of one daemon's disk: the layer, its status and the
 /// `protect` thread (started by [`Protector::spawn`]).
 pub struct Protector {
+    /// The thread's state until [`Protector::spawn`] moves it there.
+    writer: Option<PointWriter>,
     layer: Arc<ProtectLayer>,
     status: Arc<ProtectStatus>,
-    store: Arc<Store>,
-    record_path: PathBuf,
-    record: ProtectRecord,
-    image_size: u64,
     stop: Arc<Stop>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -401,14 +399,20 @@ impl Protector {
             full = record.full_needed,
             "protection on"
         );
+        let stop = Arc::new(Stop::default());
         Ok(Protector {
+            writer: Some(PointWriter {
+                layer: layer.clone(),
+                status: status.clone(),
+                store,
+                record_path,
+                record,
+                image_size: lower.size(),
+                stop: stop.clone(),
+            }),
             layer,
             status,
-            store,
-            record_path,
-            record,
-            image_size: lower.size(),
-            stop: Arc::new(Stop::default()),
+            stop,
             thread: None,
         })
     }
@@ -425,14 +429,8 @@ impl Protector {
 
     /// Starts the `protect` thread.
     pub fn spawn(&mut self) -> Result<()> {
-        let mut writer = PointWriter {
-            layer: self.layer.clone(),
-            status: self.status.clone(),
-            store: self.store.clone(),
-            record_path: self.record_path.clone(),
-            record: self.record.clone(),
-            image_size: self.image_size,
-            stop: self.stop.clone(),
+        let Some(mut writer) = self.writer.take() else {
+            return Ok(());
         };
         let handle = std::thread::Builder::new()
             .name("protect".into())
@@ -686,8 +684,11 @@ mod tests {
             fresh_state: true,
         };
         let mut p = open(&state, &mem, &store, None, &origin);
-        assert_eq!(p.record.parent.as_deref(), Some(booted.as_str()));
-        assert!(!p.record.full_needed);
+        assert_eq!(
+            p.writer.as_ref().unwrap().record.parent.as_deref(),
+            Some(booted.as_str())
+        );
+        assert!(!p.writer.as_ref().unwrap().record.full_needed);
         let layer = p.layer().clone();
         let status = p.status().clone();
         layer.write_at(&[0xab; 100], 5 * 4096 + 7).unwrap();
@@ -746,8 +747,8 @@ mod tests {
                 ..origin
             },
         );
-        assert!(!p.record.full_needed);
-        assert_eq!(p.record.parent, Some(second.id));
+        assert!(!p.writer.as_ref().unwrap().record.full_needed);
+        assert_eq!(p.writer.as_ref().unwrap().record.parent, Some(second.id));
     }
 
     #[test]
@@ -765,6 +766,9 @@ mod tests {
         std::fs::create_dir(&other).unwrap();
         assert!(
             open(&other, &mem, &store, Some("vm-cdp"), &origin)
+                .writer
+                .as_ref()
+                .unwrap()
                 .record
                 .full_needed
         );
@@ -775,7 +779,14 @@ mod tests {
             fresh_state: false,
             ..origin.clone()
         };
-        assert!(open(&old, &mem, &store, None, &stale).record.full_needed);
+        assert!(
+            open(&old, &mem, &store, None, &stale)
+                .writer
+                .as_ref()
+                .unwrap()
+                .record
+                .full_needed
+        );
         // serve --disk: no snapshot at all; the first point reads it all.
         let disk = dir.path().join("disk");
         std::fs::create_dir(&disk).unwrap();
@@ -784,7 +795,7 @@ mod tests {
             fresh_state: true,
         };
         let mut p = open(&disk, &mem, &store, Some("prod"), &none);
-        assert!(p.record.full_needed);
+        assert!(p.writer.as_ref().unwrap().record.full_needed);
         let status = p.status().clone();
         p.spawn().unwrap();
         wait_for("the full point", || status.protection().points_written >= 1);
@@ -807,6 +818,9 @@ mod tests {
         };
         assert!(
             open(&disk, &mem, &store, Some("prod"), &stale)
+                .writer
+                .as_ref()
+                .unwrap()
                 .record
                 .full_needed
         );
