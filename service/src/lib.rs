@@ -6,6 +6,7 @@
 //! |-------------|-------------------------------------------------------------|
 //! | [`plan`]    | the TOML plan file, validated with line and key             |
 //! | [`backup`]  | one group point: every disk of every VM at one instant      |
+//! | [`check`]   | drill check specs (`console:REGEX`, `qga`, `tcp:PORT`, `exec:CMD`) |
 //! | [`policy`]  | `check` (RPO, last run), `forget --plan` (retention), last-run record |
 //! | [`protect`] | the long-lived scheduler: a group point every interval      |
 //!
@@ -49,6 +50,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backup;
+pub mod check;
 pub mod plan;
 pub mod policy;
 pub mod protect;

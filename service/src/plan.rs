@@ -342,7 +342,11 @@ impl Plan {
             let mut checks = Vec::new();
             for (j, c) in v.checks.iter().enumerate() {
                 crate::check::Check::parse(c.get_ref()).map_err(|e| {
-                    err(c.span(), Some(&format!("vm[{i}].checks[{j}]")), e.to_string())
+                    err(
+                        c.span(),
+                        Some(&format!("vm[{i}].checks[{j}]")),
+                        e.to_string(),
+                    )
                 })?;
                 checks.push(c.get_ref().clone());
             }
@@ -506,11 +510,22 @@ disks = [ { drive = "disk0" }, { drive = "data" } ]
         assert_eq!(p.vms[0].checks.len(), 4);
         assert_eq!(
             p.vms[0].drill_args,
-            ["-kernel", "/etc/plans/vmlinuz", "-append", "console=ttyS0", "-initrd", "/boot/i"]
+            [
+                "-kernel",
+                "/etc/plans/vmlinuz",
+                "-append",
+                "console=ttyS0",
+                "-initrd",
+                "/boot/i"
+            ]
         );
         // A bad check names its VM, index and line.
         let (line, key, msg) = bad(&text.replace("\"tcp:8080\"", "\"tcp:0\""));
-        assert_eq!((line, key.as_deref()), (15, Some("vm[0].checks[2]")), "{msg}");
+        assert_eq!(
+            (line, key.as_deref()),
+            (15, Some("vm[0].checks[2]")),
+            "{msg}"
+        );
         assert!(msg.contains("Invalid port"), "{msg}");
         let (_, key, msg) = bad(&text.replace("\"qga\"", "\"ping\""));
         assert_eq!(key.as_deref(), Some("vm[0].checks[1]"), "{msg}");

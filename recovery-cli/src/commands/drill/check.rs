@@ -38,10 +38,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use hypervisor::qga::Qga;
 use hypervisor::qmp::Qmp;
-use regex::Regex;
 use serde_json::json;
 
 /// How long a probe waits between attempts.
@@ -51,53 +50,7 @@ const RETRY: Duration = Duration::from_millis(500);
 /// connection within this is dropped and made again.
 const TCP_ATTEMPT: Duration = Duration::from_secs(2);
 
-/// One check of a drill.
-#[derive(Debug, Clone)]
-pub(super) enum Check {
-    /// A serial console line matches.
-    Console(Regex),
-    /// The guest agent answers `guest-ping`.
-    Qga,
-    /// A connection to this guest port is accepted.
-    Tcp(u16),
-    /// `/bin/sh -c CMD` through the guest agent exits 0.
-    Exec(String),
-}
-
-impl Check {
-    pub(super) fn parse(s: &str) -> anyhow::Result<Check> {
-        const EXPECTED: &str = "expected console:REGEX, qga, tcp:PORT or exec:CMD";
-        match s.split_once(':') {
-            Some(("console", re)) if !re.is_empty() => {
-                Ok(Check::Console(Regex::new(re).with_context(|| {
-                    format!("Invalid regex in --check {s:?}")
-                })?))
-            }
-            Some(("tcp", port)) => match port.parse::<u16>() {
-                Ok(p) if p > 0 => Ok(Check::Tcp(p)),
-                _ => bail!("Invalid port in --check {s:?}: expected 1-65535"),
-            },
-            Some(("exec", cmd)) if !cmd.trim().is_empty() => Ok(Check::Exec(cmd.to_owned())),
-            None if s == "qga" => Ok(Check::Qga),
-            _ => bail!("Unknown check {s:?}: {EXPECTED}"),
-        }
-    }
-
-    /// `console`, `qga`, `tcp` or `exec`.
-    pub(super) fn kind(&self) -> &'static str {
-        match self {
-            Check::Console(_) => "console",
-            Check::Qga => "qga",
-            Check::Tcp(_) => "tcp",
-            Check::Exec(_) => "exec",
-        }
-    }
-
-    /// Whether the check talks to the guest agent.
-    pub(super) fn needs_agent(&self) -> bool {
-        matches!(self, Check::Qga | Check::Exec(_))
-    }
-}
+pub(super) use service::check::Check;
 
 /// What QEMU gets for the checks, and where the probes find it.
 #[derive(Debug, Default)]
@@ -364,25 +317,6 @@ fn usernet_established(table: &str, host_port: u16, guest_port: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn checks_parse() {
-        assert!(matches!(
-            Check::parse("console:PAYLOAD-OK"),
-            Ok(Check::Console(_))
-        ));
-        assert!(Check::parse("console:(").is_err());
-        assert!(Check::parse("console:").is_err());
-        assert!(matches!(Check::parse("qga"), Ok(Check::Qga)));
-        assert!(Check::parse("qga:x").is_err());
-        assert!(matches!(Check::parse("tcp:22"), Ok(Check::Tcp(22))));
-        assert!(Check::parse("tcp:0").is_err());
-        assert!(Check::parse("tcp:70000").is_err());
-        assert!(Check::parse("tcp:").is_err());
-        assert!(matches!(Check::parse("exec:test -f /x"), Ok(Check::Exec(c)) if c == "test -f /x"));
-        assert!(Check::parse("exec: ").is_err());
-        assert!(Check::parse("ping").is_err());
-    }
 
     #[test]
     fn qemu_args_follow_the_checks() {
