@@ -11,7 +11,7 @@
 # qemu-system-x86's candidate (downgrading qemu-utils if needed).
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static e2fsprogs cpio restic borgbackup tmux fdisk fuse3 libvirt-daemon-system libvirt-clients python3-pip)
+PACKAGES=(qemu-system-x86 qemu-utils qemu-guest-agent busybox-static e2fsprogs cpio restic borgbackup tmux fdisk fuse3 libvirt-daemon-system libvirt-clients virtnbdbackup python3-pip)
 # Python tools from PyPI: moto's S3 server, the real S3 endpoint of the S3
 # store tests (tests/integration/s3.rs).
 PIP_PACKAGES=("moto[server]")

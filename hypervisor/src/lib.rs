@@ -9,6 +9,7 @@
 //! | [`qga`]         | qemu-guest-agent         | the same JSON, resynchronised by 0xFF   |
 //! | [`nbd`]         | QEMU's NBD server        | NBD fixed newstyle, structured replies  |
 //! | [`live_backup`] | all three, and the store | fleecing + dirty bitmaps → snapshots    |
+//! | [`libvirt`]     | libvirtd, through virsh  | backup API (pull mode) + checkpoints    |
 //!
 //! [`nbd::proto`] holds the NBD parsers without I/O, so they can be fuzzed
 //! (`fuzz/fuzz_targets/nbd_reply.rs`). Everything a server sends is
@@ -23,6 +24,7 @@
 //! failures and kills) is in [`live_backup`].
 #![forbid(unsafe_code)]
 
+pub mod libvirt;
 pub mod live_backup;
 pub mod nbd;
 pub mod qga;

@@ -426,7 +426,7 @@ impl Member {
             .filter(|b| b.name.starts_with("ir-") && !b.name.starts_with(&names.prefix))
             .map(|b| b.name.clone())
             .collect();
-        let mode = decide(
+        let mut mode = decide(
             target.full,
             &target.name,
             newest,
@@ -435,6 +435,22 @@ impl Member {
             &ours,
             &others,
         );
+        // Never a wrong incremental: a parent that cannot be read (damaged
+        // manifest) cannot lend its chunks.
+        if let Mode::Incremental { parent, .. } = &mode {
+            let reference = format!("{}@{parent}", target.name);
+            let checked = store
+                .open_snapshot(&reference)
+                .and_then(|r| r.verify_manifest());
+            if let Err(e) = checked {
+                mode = Mode::Full {
+                    reason: format!(
+                        "the previous snapshot {reference} cannot be read ({})",
+                        nbd::error_chain(&e)
+                    ),
+                };
+            }
+        }
         info!(name = %target.name, ?mode, "mode decided");
         if let Mode::Incremental { base, .. } = &mode {
             fold_strays(q, &drive, &ours, base)?;

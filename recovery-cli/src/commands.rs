@@ -79,7 +79,9 @@ impl Command {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
             Command::Init(a) => init::run(a.try_into()?),
-            Command::Backup(a) if a.live.qmp.is_some() => live_backup::run(a.try_into()?),
+            Command::Backup(a) if a.live.qmp.is_some() || a.live.domain.is_some() => {
+                live_backup::run(a.try_into()?)
+            }
             Command::Backup(a) => backup::run(a.try_into()?),
             Command::Snapshots(a) => snapshots::run(a.try_into()?),
             Command::Restore(a) => restore::run(a.try_into()?),

@@ -33,17 +33,17 @@ use crate::guest::{require_guest, Guest, GuestOutput, BOOT_TIMEOUT};
 use crate::skip;
 
 /// libvirt's connection for system domains.
-const URI: &str = "qemu:///system";
+pub(crate) const URI: &str = "qemu:///system";
 /// The user libvirt's default configuration runs QEMU as.
 const QEMU_USER: &str = "libvirt-qemu";
 /// How long libvirt may take to start QEMU: each domain start re-probes
 /// QEMU's capabilities here (KVM is not usable), about a minute under load.
-const START_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bound for single virsh commands that should answer at once.
 const VIRSH_TIMEOUT: &str = "60";
 
 /// Runs `virsh -c qemu:///system ARGS` under `timeout`.
-fn virsh(args: &[&str]) -> Output {
+pub(crate) fn virsh(args: &[&str]) -> Output {
     Command::new("timeout")
         .arg(VIRSH_TIMEOUT)
         .args(["virsh", "-c", URI])
@@ -54,7 +54,7 @@ fn virsh(args: &[&str]) -> Output {
 }
 
 /// Waits until `cond` holds or `timeout` passes; whether it held.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub(crate) fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
@@ -69,7 +69,7 @@ fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Makes sure libvirtd answers on [`URI`], starting virtlogd and libvirtd
 /// if needed (root only).
-fn ensure_libvirtd() -> Result<(), String> {
+pub(crate) fn ensure_libvirtd() -> Result<(), String> {
     if !crate::util::is_root() {
         return Err("only root can give the socket to another user".into());
     }
@@ -118,7 +118,7 @@ fn ensure_libvirtd() -> Result<(), String> {
 
 /// A transient libvirt domain being created by a background `virsh
 /// create`; destroyed (and its QEMU log removed) on drop.
-struct Domain {
+pub(crate) struct Domain {
     name: String,
     create: Option<Child>,
 }
@@ -126,7 +126,7 @@ struct Domain {
 impl Domain {
     /// Starts `virsh create xml` in the background: with a socket QEMU
     /// cannot open it does not return while QEMU retries.
-    fn create(name: &str, xml: &Path) -> Domain {
+    pub(crate) fn create(name: &str, xml: &Path) -> Domain {
         let create = Command::new("virsh")
             .args(["-c", URI, "create"])
             .arg(xml)
@@ -146,7 +146,7 @@ impl Domain {
         PathBuf::from(format!("/var/log/libvirt/qemu/{}.log", self.name))
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
@@ -157,7 +157,7 @@ impl Domain {
     }
 
     /// Waits for `virsh create` to return; its output.
-    fn created(&mut self, timeout: Duration) -> Output {
+    pub(crate) fn created(&mut self, timeout: Duration) -> Output {
         let finished = wait_until(timeout, || !self.creating());
         let child = self.create.take().expect("virsh create running");
         if !finished {
@@ -168,7 +168,7 @@ impl Domain {
 
     /// Whether libvirt still knows the domain (a transient domain vanishes
     /// when its QEMU exits).
-    fn exists(&self) -> bool {
+    pub(crate) fn exists(&self) -> bool {
         virsh(&["domstate", &self.name]).status.success()
     }
 }

@@ -58,7 +58,7 @@ fn live_backup(store: &Path, qmp: &Path, scratch: &Path, extra: &[&str]) -> Outp
         .expect("run recovery-cli")
 }
 
-fn report(out: &Output) -> Value {
+pub(crate) fn report(out: &Output) -> Value {
     assert!(
         out.status.success(),
         "backup failed: {}",
@@ -77,7 +77,7 @@ fn assert_clear_error(out: &Output, needle: &str) {
     assert!(lines[0].contains(needle), "{needle:?} not in {err}");
 }
 
-fn init_store(dir: &Path) -> PathBuf {
+pub(crate) fn init_store(dir: &Path) -> PathBuf {
     let store = dir.join("store");
     store::Store::init(&store, CHUNK).unwrap();
     store
@@ -107,7 +107,7 @@ fn assert_no_leftovers(q: &mut Qmp) {
 }
 
 /// `FILE <i> <sha256>` lines of the console so far.
-fn files(console: &str) -> Vec<(u32, String)> {
+pub(crate) fn files(console: &str) -> Vec<(u32, String)> {
     console
         .lines()
         .filter_map(|l| {
@@ -119,7 +119,7 @@ fn files(console: &str) -> Vec<(u32, String)> {
 
 /// Restore `snapshot`, replay its journal (`e2fsck -fy`), check it is clean
 /// and holds every file of `synced` with its content.
-fn check_snapshot(store: &Path, snapshot: &str, synced: &[(u32, String)], dir: &Path) {
+pub(crate) fn check_snapshot(store: &Path, snapshot: &str, synced: &[(u32, String)], dir: &Path) {
     let img = dir.join("check.img");
     let _ = std::fs::remove_file(&img);
     restore(store, snapshot, &img);
@@ -443,4 +443,38 @@ fn bad_inputs_give_one_clear_line_and_leave_nothing() {
     assert_eq!(r["mode"], "full", "{r}");
     vm.check(r["snapshot"].as_str().unwrap());
     assert_no_leftovers(&mut q);
+}
+
+#[test]
+fn damaged_parent_manifest_gives_a_full_backup_with_the_reason() {
+    let Some(mut vm) = Bare::start() else {
+        return;
+    };
+    let r1 = report(&vm.backup(&[]));
+    let mut q = vm.ctl();
+    vm.write(&mut q, "disk0", 8 << 20, 65536, 0xb1);
+    // The parent's manifest damaged after its header: its chunk ids are
+    // not to be trusted, so nothing may be reused from it.
+    let id = r1["snapshot"].as_str().unwrap().split('@').nth(1).unwrap();
+    let manifest = vm.store.join(format!("snapshots/vm/{id}.snap"));
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    let n = bytes.len();
+    for b in &mut bytes[n - 16..] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&manifest, bytes).unwrap();
+
+    let r2 = report(&vm.backup(&[]));
+    assert_eq!(r2["mode"], "full", "{r2}");
+    assert!(
+        r2["reason"].as_str().unwrap().contains("cannot be read"),
+        "{r2}"
+    );
+    assert_no_leftovers(&mut q);
+    vm.check(r2["snapshot"].as_str().unwrap());
+    // The bitmap the full backup started tracks the next incremental.
+    vm.write(&mut q, "disk0", 30 << 20, 4096, 0xb2);
+    let r3 = report(&vm.backup(&[]));
+    assert_eq!(r3["mode"], "incremental", "{r3}");
+    vm.check(r3["snapshot"].as_str().unwrap());
 }

@@ -8,6 +8,7 @@ mod files;
 mod full_disk;
 mod guest;
 mod libvirt;
+mod libvirt_backup;
 mod live_backup;
 mod migrate;
 mod operator_safety;

@@ -15,8 +15,8 @@ pub struct Args {
     /// Image name (letters, digits, '.', '_', '-'); snapshots are NAME@ID.
     #[arg(long, short = 'n')]
     pub name: String,
-    /// Raw image file or block device (or --qmp for a running VM).
-    #[arg(required_unless_present = "qmp", conflicts_with = "qmp")]
+    /// Raw image file or block device (or --qmp / --domain for a running VM).
+    #[arg(required_unless_present = "live_vm", conflicts_with = "live_vm")]
     pub source: Option<PathBuf>,
     #[command(flatten)]
     pub live: super::live_backup::LiveArgs,
@@ -55,7 +55,7 @@ impl TryFrom<Args> for Config {
             name: a.name,
             source: a
                 .source
-                .ok_or_else(|| anyhow::anyhow!("SOURCE (or --qmp) is required"))?,
+                .ok_or_else(|| anyhow::anyhow!("SOURCE (or --qmp or --domain) is required"))?,
             threads: a.threads,
             no_parent: a.no_parent,
             json: a.json,

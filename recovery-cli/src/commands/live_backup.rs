@@ -1,15 +1,20 @@
 //! `recovery-cli backup --store S --name N --qmp QMP_SOCKET --drive NODE
 //! [--full] [--scratch DIR] [--qga QGA_SOCKET] [--json]`
 //!
-//! Back up a running QEMU VM's disk (see `hypervisor::live_backup`). Ctrl-C
-//! stops the backup cleanly: QEMU is left as it was and every change stays
-//! tracked for the next backup.
+//! `recovery-cli backup --store S --name N --domain DOM --disk vda
+//! [--connect URI] [--full] [--scratch DIR] [--json]`
+//!
+//! Back up a running QEMU VM's disk (see `hypervisor::live_backup`), or a
+//! libvirt domain's disk through libvirt's backup API (see
+//! `hypervisor::libvirt::backup`). Ctrl-C stops the backup cleanly: the VM
+//! is left as it was and every change stays tracked for the next backup.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context;
+use hypervisor::libvirt;
 use hypervisor::live_backup::{self, Report};
 
 use super::{backup, open_store};
@@ -20,18 +25,29 @@ use crate::output;
 pub struct LiveArgs {
     /// QMP unix socket of a running QEMU: back up --drive while the VM runs
     /// (image fleecing; incrementals read only what a dirty bitmap marks).
-    #[arg(long, value_name = "QMP_SOCKET", requires = "drive")]
+    #[arg(long, value_name = "QMP_SOCKET", requires = "drive", group = "live_vm")]
     pub qmp: Option<PathBuf>,
     /// Disk to back up: block node name, drive id or device id (as
     /// `query-block` shows them).
     #[arg(long, value_name = "NODE", requires = "qmp")]
     pub drive: Option<String>,
+    /// libvirt domain (name or UUID): back up its --disk while it runs,
+    /// through libvirt's backup API (pull mode, checkpoints for
+    /// incrementals).
+    #[arg(long, value_name = "DOMAIN", requires = "disk", group = "live_vm")]
+    pub domain: Option<String>,
+    /// Disk of --domain to back up, by target name (`vda`).
+    #[arg(long, value_name = "TARGET", requires = "domain")]
+    pub disk: Option<String>,
+    /// libvirt URI for --domain (default: virsh's, qemu:///system for root).
+    #[arg(long, value_name = "URI", requires = "domain")]
+    pub connect: Option<String>,
     /// Read the whole disk even when an incremental is possible.
-    #[arg(long, requires = "qmp")]
+    #[arg(long, requires = "live_vm")]
     pub full: bool,
     /// Directory for the scratch image and the NBD socket (default: the
     /// temp directory). Needs free space up to the disk size.
-    #[arg(long, value_name = "DIR", requires = "qmp")]
+    #[arg(long, value_name = "DIR", requires = "live_vm")]
     pub scratch: Option<PathBuf>,
     /// qemu-guest-agent socket: freeze the guest's filesystems around the
     /// start (always thawed).
@@ -39,16 +55,29 @@ pub struct LiveArgs {
     pub qga: Option<PathBuf>,
 }
 
+/// Which VM, and how to reach it.
+#[derive(Debug)]
+pub enum Target {
+    Qmp {
+        qmp: PathBuf,
+        drive: String,
+        qga: Option<PathBuf>,
+    },
+    Libvirt {
+        domain: String,
+        disk: String,
+        connect: Option<String>,
+    },
+}
+
 /// Validated live-backup configuration.
 #[derive(Debug)]
 pub struct Config {
     pub store: PathBuf,
     pub name: String,
-    pub qmp: PathBuf,
-    pub drive: String,
+    pub target: Target,
     pub full: bool,
     pub scratch: PathBuf,
-    pub qga: Option<PathBuf>,
     pub threads: Option<usize>,
     pub json: bool,
 }
@@ -62,14 +91,25 @@ impl TryFrom<backup::Args> for Config {
             anyhow::bail!("--threads must be at least 1");
         }
         let l = a.live;
+        let target = match (l.qmp, l.domain) {
+            (Some(qmp), None) => Target::Qmp {
+                qmp,
+                drive: l.drive.context("--drive is required with --qmp")?,
+                qga: l.qga,
+            },
+            (None, Some(domain)) => Target::Libvirt {
+                domain,
+                disk: l.disk.context("--disk is required with --domain")?,
+                connect: l.connect,
+            },
+            _ => anyhow::bail!("a live backup takes either --qmp or --domain"),
+        };
         Ok(Config {
             store: a.store.store,
             name: a.name,
-            qmp: l.qmp.context("--qmp is required for a live backup")?,
-            drive: l.drive.context("--drive is required with --qmp")?,
+            target,
             full: l.full,
             scratch: l.scratch.unwrap_or_else(std::env::temp_dir),
-            qga: l.qga,
             threads: a.threads,
             json: a.json,
         })
@@ -90,19 +130,44 @@ pub fn run(c: Config) -> anyhow::Result<()> {
     let pb = output::progress(0, "live backup");
     let inc = |n: u64| pb.inc(n);
     let len = |n: u64| pb.set_length(n);
-    let cfg = live_backup::Config {
-        name: c.name.clone(),
-        qmp: c.qmp,
-        drive: c.drive,
-        full: c.full,
-        scratch: c.scratch,
-        qga: c.qga,
-        threads: c.threads,
-        abort: &abort,
-        progress: Some(&inc),
-        on_size: Some(&len),
+    let report = match c.target {
+        Target::Qmp { qmp, drive, qga } => live_backup::run(
+            &s,
+            &live_backup::Config {
+                name: c.name.clone(),
+                qmp,
+                drive,
+                full: c.full,
+                scratch: c.scratch,
+                qga,
+                threads: c.threads,
+                abort: &abort,
+                progress: Some(&inc),
+                on_size: Some(&len),
+            },
+        )
+        .map_err(anyhow::Error::from),
+        Target::Libvirt {
+            domain,
+            disk,
+            connect,
+        } => libvirt::backup::run(
+            &s,
+            &libvirt::backup::Config {
+                name: c.name.clone(),
+                connect,
+                domain,
+                disk,
+                full: c.full,
+                scratch: c.scratch,
+                threads: c.threads,
+                abort: &abort,
+                progress: Some(&inc),
+                on_size: Some(&len),
+            },
+        )
+        .map_err(anyhow::Error::from),
     };
-    let report = live_backup::run(&s, &cfg);
     pb.finish_and_clear();
     let report = report?;
     if c.json {
