@@ -333,6 +333,50 @@ pub(crate) fn unlock(
 }
 
 impl crate::Store {
+    /// Create an encrypted store in the empty storage `raw` (`root`: its
+    /// directory, or a remote store's cache directory): the key slot
+    /// first, then `config.json` (on a remote store with a conditional
+    /// create, so of two racing inits one wins). For `init_location` of an
+    /// S3 store with `--encrypt`; a local store uses
+    /// [`crate::Store::init_encrypted`].
+    pub fn init_encrypted_in(
+        root: std::path::PathBuf,
+        raw: Arc<dyn Backend>,
+        chunk_size: u32,
+        secret: &Secret,
+        kdf: &KdfParams,
+    ) -> Result<crate::Store> {
+        let place = raw.display();
+        let key = crate::config::CONFIG_KEY;
+        let exists = || {
+            Error::new(
+                ErrorKind::AlreadyExists,
+                format!("A store already exists at {place}"),
+            )
+        };
+        if raw
+            .exists(key)
+            .map_err(|e| Error::io(format!("Failed to read {place}/{key}"), e))?
+        {
+            return Err(exists());
+        }
+        let enc = init_keys(raw.as_ref(), secret, kdf)?;
+        let config = Config::new_encrypted(chunk_size, enc)?;
+        let written = if raw.is_remote() {
+            raw.create_new(key, &config.to_json()).map(|_| ())
+        } else {
+            raw.put(key, &config.to_json())
+        };
+        written.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                exists()
+            } else {
+                Error::io(format!("Failed to write {place}/{key}"), e)
+            }
+        })?;
+        crate::Store::open_backend_keyed(root, raw, Some(secret))
+    }
+
     /// Whether the store is encrypted.
     pub fn is_encrypted(&self) -> bool {
         self.codec().cipher().is_some()
@@ -533,5 +577,102 @@ mod store_tests {
         let e = s.remove_key(&id2).unwrap_err();
         assert!(e.to_string().contains("last key"), "{e}");
         assert!(plain.add_key(&second, &CHEAP).is_err());
+    }
+
+    /// A source whose chunks are all `Data` (first backup) or all
+    /// `Unchanged` but for the listed ones (points).
+    struct Points<'a> {
+        data: &'a [u8],
+        changed: Option<Vec<u64>>,
+    }
+
+    impl crate::backup::changed::ChangedSource for Points<'_> {
+        fn chunk_state(&self, chunk: u64) -> crate::backup::changed::ChunkState {
+            use crate::backup::changed::ChunkState;
+            match &self.changed {
+                None => ChunkState::Data,
+                Some(c) if c.contains(&chunk) => ChunkState::Data,
+                Some(_) => ChunkState::Unchanged,
+            }
+        }
+
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.data[o..o + buf.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn init_in_a_backend_then_open_by_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw: Arc<dyn Backend> = Arc::new(crate::backend::LocalBackend::new(dir.path()));
+        let pass = Secret::passphrase("pw").unwrap();
+        let s =
+            Store::init_encrypted_in(dir.path().into(), raw.clone(), 4096, &pass, &CHEAP).unwrap();
+        assert!(s.is_encrypted());
+        let e = Store::init_encrypted_in(dir.path().into(), raw, 4096, &pass, &CHEAP);
+        assert_eq!(e.unwrap_err().kind(), ErrorKind::AlreadyExists);
+        assert!(Store::open_keyed(dir.path(), Some(&pass))
+            .unwrap()
+            .is_encrypted());
+    }
+
+    #[test]
+    fn protection_points_are_sealed_deltas_and_restore_exactly() {
+        use crate::backup::changed::ChangedOptions;
+        let dir = tempfile::tempdir().unwrap();
+        let pass = Secret::passphrase("pw").unwrap();
+        let s = Store::init_encrypted(&dir.path().join("s"), 4096, &pass, &CHEAP).unwrap();
+        let mut img: Vec<u8> = (0..4096 * 256u32).map(|i| (i / 7) as u8).collect();
+        let size = img.len() as u64;
+        let opts = |parent: Option<String>| ChangedOptions {
+            image_size: size,
+            source: "test".into(),
+            parent,
+            progress: None,
+            threads: Some(2),
+            readers: 2,
+        };
+        let b = s.begin_changed_backup("vm").unwrap();
+        let first = b
+            .run(
+                &Points {
+                    data: &img,
+                    changed: None,
+                },
+                &opts(None),
+            )
+            .unwrap();
+        drop(b);
+        let mut want = vec![img.clone()];
+        let mut parent = first.snapshot.clone();
+        for point in 0..3u8 {
+            img[(10 + usize::from(point)) * 4096] = 0xee ^ point;
+            let b = s.begin_changed_backup("vm").unwrap();
+            let src = Points {
+                data: &img,
+                changed: Some(vec![10 + u64::from(point)]),
+            };
+            let st = b.run(&src, &opts(Some(parent.clone()))).unwrap();
+            assert!(st.delta.is_some(), "point {point} is not a delta: {st:?}");
+            parent = st.snapshot.clone();
+            want.push(img.clone());
+        }
+        let snaps = s.snapshots(Some("vm")).unwrap();
+        assert_eq!(snaps.len(), 4);
+        for (snap, want) in snaps.iter().zip(&want) {
+            let out = dir.path().join("out");
+            let _ = std::fs::remove_file(&out);
+            s.restore(&snap.reference(), &out, &RestoreOptions::default())
+                .unwrap();
+            assert!(
+                std::fs::read(&out).unwrap() == *want,
+                "{}",
+                snap.reference()
+            );
+        }
+        let r = s.verify(None, &VerifyOptions::default()).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
     }
 }
