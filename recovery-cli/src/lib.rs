@@ -11,6 +11,7 @@
 //! | commands | module | library it drives |
 //! |---|---|---|
 //! | `init`, `backup`, `snapshots`, `restore`, `verify`, `forget`, `unforget`, `release-hold`, `gc` | [`commands`]`::{init, backup, …, unforget}` | `store` |
+//! | `key list`, `key add`, `key remove` (an encrypted store's keys; the global `--key-file`, `RECOVERY_PASSWORD` or a prompt unlock every command) | [`commands::key`] | `store::crypto` |
 //! | `backup --qmp` (a running VM's disk) | [`commands::live_backup`] | `hypervisor` |
 //! | `ls`, `cat`, `restore-files`, `mount` | [`commands::files`] | `files` |
 //! | `instant-boot` | [`commands::instant_boot`] | `daemon` (which assembles `block`, `vhost-backend`, `control`) |
