@@ -51,6 +51,8 @@ pub enum Error {
     Store(#[from] store::Error),
     #[error("Backup interrupted")]
     Interrupted,
+    #[error("Control socket failed")]
+    Control(#[source] Box<block::socket::Error>),
 }
 
 /// `Result` of this module.

@@ -8,7 +8,11 @@
 //! half a point. A failed point is recorded (`check` reports it) and the
 //! scheduler carries on at the next tick.
 
+pub mod control;
+
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -42,6 +46,8 @@ pub struct Options<'a> {
     pub max_points: Option<u64>,
     /// Called after every point.
     pub on_point: &'a dyn Fn(&PointOutcome),
+    /// Control socket (status and metrics, see [`control`]).
+    pub control: Option<&'a Path>,
 }
 
 /// Totals of a protect run.
@@ -62,6 +68,26 @@ pub fn run(plan: &Plan, opts: &Options<'_>) -> Result<Totals, backup::Error> {
     })?;
     let interval = Duration::from_micros(plan.interval as u64);
     let mut totals = Totals::default();
+    let newest = store
+        .groups(&plan.service)?
+        .into_iter()
+        .rev()
+        .find(|g| policy::is_complete(plan, g));
+    let status = Arc::new(Mutex::new(control::ServiceStatus {
+        service: plan.service.clone(),
+        rpo_target_seconds: plan.rpo as f64 / 1e6,
+        interval_seconds: plan.interval as f64 / 1e6,
+        last_point: newest.as_ref().map(|g| g.reference()),
+        last_point_micros: newest.as_ref().map(|g| g.micros()),
+        last_blackout_ms: newest.as_ref().map(|g| g.blackout_ms),
+        ..Default::default()
+    }));
+    let _server = match opts.control {
+        Some(p) => Some(
+            control::serve(p, status.clone()).map_err(|e| backup::Error::Control(Box::new(e)))?,
+        ),
+        None => None,
+    };
     loop {
         if opts.stop.load(Ordering::Relaxed) {
             break;
@@ -113,6 +139,20 @@ pub fn run(plan: &Plan, opts: &Options<'_>) -> Result<Totals, backup::Error> {
                     warn!("{}", chain(&e));
                 }
                 outcome.error = Some(msg);
+            }
+        }
+        {
+            let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+            st.points = totals.points;
+            st.failures = totals.failures;
+            st.last_error = outcome.error.clone();
+            if let Some(r) = &outcome.report {
+                st.last_point = Some(r.group.clone());
+                st.last_point_micros = r
+                    .group
+                    .split_once('@')
+                    .and_then(|(_, id)| store::snapshot::micros_from_id(id));
+                st.last_blackout_ms = Some(r.blackout_ms);
             }
         }
         (opts.on_point)(&outcome);

@@ -711,8 +711,10 @@ fn protect_takes_points_applies_retention_and_stops_on_sigterm() {
     assert!(text.contains("stopped: 3 point(s), 0 failed"), "{text}");
 
     // SIGTERM while it waits: a clean exit, no half point, QEMU clean.
+    let sock = dir.join("protect.sock");
     let mut child = recovery_cli()
-        .args(["protect", "--plan", p])
+        .args(["protect", "--plan", p, "--control"])
+        .arg(&sock)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -724,6 +726,16 @@ fn protect_takes_points_applies_retention_and_stops_on_sigterm() {
         assert!(child.try_wait().unwrap().is_none(), "protect exited");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // The control socket: metrics with the RPO and the last point.
+    let metrics = control::client::fetch_metrics(&sock).unwrap();
+    assert!(
+        metrics.contains("instant_recovery_service_rpo_seconds{service=\"portal\"} "),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("instant_recovery_service_failures_total{service=\"portal\"} 0\n"),
+        "{metrics}"
+    );
     let rc = send_signal(child.id(), "TERM");
     assert!(rc, "kill -TERM");
     let out = child.wait_with_output().unwrap();
@@ -734,6 +746,7 @@ fn protect_takes_points_applies_retention_and_stops_on_sigterm() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("stopped:"), "{text}");
+    assert!(!sock.exists(), "the control socket is removed on exit");
     for vm in [&db, &app] {
         vm.assert_clean();
         assert!(vm.running());

@@ -94,6 +94,10 @@ pub struct ProtectArgs {
     /// One JSON object per point on stdout instead of a log line.
     #[arg(long)]
     pub json: bool,
+    /// Control socket: `status` and `metrics` (rpo_seconds, last point,
+    /// failures), read with `recovery-cli metrics --control PATH`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// The commands that take `--plan` instead of `--store`.
@@ -113,13 +117,15 @@ pub enum PlanCommand {
     Snapshots(SnapshotsArgs),
     /// Apply the plan's retention to its group points (a group goes as a whole).
     Forget(ForgetArgs),
+    /// Boot the whole service at a group point in sandboxes, run each VM's checks.
+    Drill(super::drill::group::Args),
 }
 
 /// `Some(PlanCli)` when `args` is `backup|snapshots|forget … --plan …`
 /// (clap's usage errors exit 2 as usual).
 pub fn dispatch(args: &[OsString]) -> Option<PlanCli> {
     let sub = args.get(1)?.to_str()?;
-    if !matches!(sub, "backup" | "snapshots" | "forget") {
+    if !matches!(sub, "backup" | "snapshots" | "forget" | "drill") {
         return None;
     }
     let has_plan = args[2..].iter().any(|a| {
@@ -136,6 +142,7 @@ impl PlanCli {
             PlanCommand::Backup(a) => backup_plan(a),
             PlanCommand::Snapshots(a) => snapshots(a),
             PlanCommand::Forget(a) => forget(a),
+            PlanCommand::Drill(a) => super::drill::group::run(a),
         }
     }
 }
@@ -364,6 +371,7 @@ pub fn protect(a: ProtectArgs) -> anyhow::Result<()> {
             threads: a.threads,
             max_points: a.points,
             on_point: &on_point,
+            control: a.control.as_deref(),
         },
     )?;
     output::line(&format!(
