@@ -14,6 +14,7 @@ mod migrate;
 mod operator_safety;
 mod permissions;
 mod points;
+mod protect;
 mod reconnect;
 mod restart;
 mod s3;
