@@ -82,6 +82,29 @@ pub struct Stats {
     pub lat_p99_us: f64,
 }
 
+impl Stats {
+    /// The numbers of `ops` requests of `block` bytes in `secs`, with
+    /// their latencies.
+    fn new(ops: u64, block: u64, secs: f64, mut lat_us: Vec<f32>) -> Stats {
+        lat_us.sort_by(f32::total_cmp);
+        let pct = |p: f64| {
+            lat_us
+                .get(((lat_us.len() as f64 - 1.0) * p).round() as usize)
+                .map_or(f64::NAN, |&v| f64::from(v))
+        };
+        let bytes = ops * block;
+        Stats {
+            ops,
+            bytes,
+            secs,
+            iops: ops as f64 / secs,
+            mb_per_s: bytes as f64 / secs / 1e6,
+            lat_p50_us: pct(0.50),
+            lat_p99_us: pct(0.99),
+        }
+    }
+}
+
 /// A connected client with one queue and one mapped region.
 pub struct Client {
     _blkio: Blkio,
@@ -188,11 +211,21 @@ impl Client {
     /// Waits for at least `min` completions; fails on any error status.
     /// Returns `(user_data of each completion)` count written to `done`.
     fn reap(&mut self, done: &mut [MaybeUninit<Completion>], min: usize) -> anyhow::Result<usize> {
-        let mut timeout = Duration::from_secs(60);
-        let n = self
-            .q
-            .do_io(done, min, Some(&mut timeout), None)
-            .map_err(|e| anyhow!("blkio do_io: {}", e.message()))?;
+        self.reap_within(done, min, Duration::from_secs(60))
+    }
+
+    /// [`Client::reap`] waiting at most `timeout`; 0 when nothing
+    /// completed in time.
+    fn reap_within(
+        &mut self,
+        done: &mut [MaybeUninit<Completion>],
+        min: usize,
+        mut timeout: Duration,
+    ) -> anyhow::Result<usize> {
+        let n = match self.q.do_io(done, min, Some(&mut timeout), None) {
+            Err(e) if e.errno() == blkio::Errno::TIME => 0,
+            other => other.map_err(|e| anyhow!("blkio do_io: {}", e.message()))?,
+        };
         for c in &done[..n] {
             // SAFETY: do_io initialised the first `n` completions.
             let c = unsafe { c.assume_init_ref() };
@@ -214,17 +247,8 @@ impl Client {
         one_pass: bool,
     ) -> anyhow::Result<Stats> {
         let block = w.block as u64;
-        let blocks = span.min(self.capacity) / block;
-        if blocks == 0 || w.qd == 0 || w.qd * w.block > REGION {
-            bail!("workload {} does not fit", w.name);
-        }
-        if w.pattern == Pattern::RandWrite && !self.filled {
-            // Random contents, so writes carry incompressible, non-zero data.
-            let mut buf = vec![0u8; REGION];
-            rand::rngs::StdRng::seed_from_u64(99).fill_bytes(&mut buf);
-            self.mem.write_all_at(&buf, 0)?;
-            self.filled = true;
-        }
+        let blocks = self.blocks_for(w, span)?;
+        self.fill_for(w)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(42);
         let mut next_seq = 0u64;
         let mut offset = |rng: &mut rand::rngs::StdRng| match w.pattern {
@@ -272,23 +296,102 @@ impl Client {
                 }
             }
         }
-        let secs = start.elapsed().as_secs_f64();
-        lat_us.sort_by(f32::total_cmp);
-        let pct = |p: f64| {
-            lat_us
-                .get(((lat_us.len() as f64 - 1.0) * p).round() as usize)
-                .map_or(f64::NAN, |&v| f64::from(v))
-        };
-        let bytes = ops * block;
-        Ok(Stats {
+        Ok(Stats::new(
             ops,
-            bytes,
-            secs,
-            iops: ops as f64 / secs,
-            mb_per_s: bytes as f64 / secs / 1e6,
-            lat_p50_us: pct(0.50),
-            lat_p99_us: pct(0.99),
-        })
+            block,
+            start.elapsed().as_secs_f64(),
+            lat_us,
+        ))
+    }
+
+    /// Random-write (or read) workload `w` paced to `bytes_per_sec`: a
+    /// request goes out when a slot is free and the pace allows it, so at
+    /// most `w.qd` are in flight, and a server that cannot keep the pace
+    /// gets them as fast as it completes them. Latency counts from the
+    /// submission.
+    pub fn run_paced(
+        &mut self,
+        w: &Workload,
+        span: u64,
+        duration: Duration,
+        bytes_per_sec: f64,
+    ) -> anyhow::Result<Stats> {
+        let block = w.block as u64;
+        let blocks = self.blocks_for(w, span)?;
+        if bytes_per_sec <= 0.0 {
+            bail!("workload {} needs a positive pace", w.name);
+        }
+        self.fill_for(w)?;
+        let interval = Duration::from_secs_f64(w.block as f64 / bytes_per_sec);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        let mut free: Vec<usize> = (0..w.qd).collect();
+        let mut started = vec![Instant::now(); w.qd];
+        let mut lat_us: Vec<f32> = Vec::with_capacity(1 << 16);
+        let mut done: Vec<MaybeUninit<Completion>> =
+            (0..w.qd).map(|_| MaybeUninit::uninit()).collect();
+        let start = Instant::now();
+        let end = start + duration;
+        let mut due = start;
+        let mut ops = 0u64;
+        loop {
+            let now = Instant::now();
+            while now < end && now >= due {
+                let Some(slot) = free.pop() else { break };
+                started[slot] = now;
+                let off = rng.gen_range(0..blocks) * block;
+                self.submit(w, slot, off);
+                due += interval;
+            }
+            if free.len() == w.qd {
+                if now >= end {
+                    break;
+                }
+                std::thread::sleep(due.saturating_duration_since(now));
+                continue;
+            }
+            let wait = if free.is_empty() || now >= end {
+                Duration::from_secs(60)
+            } else {
+                due.saturating_duration_since(now)
+            };
+            let n = self.reap_within(&mut done, 1, wait)?;
+            let now = Instant::now();
+            for c in &done[..n] {
+                // SAFETY: `reap_within` returned n, so do_io initialised the first n.
+                let slot = unsafe { c.assume_init_ref() }.user_data;
+                ops += 1;
+                lat_us.push(now.duration_since(started[slot]).as_secs_f32() * 1e6);
+                free.push(slot);
+            }
+        }
+        Ok(Stats::new(
+            ops,
+            block,
+            start.elapsed().as_secs_f64(),
+            lat_us,
+        ))
+    }
+
+    /// The blocks of `w` in the first `span` bytes of the device; fails
+    /// when the workload does not fit.
+    fn blocks_for(&self, w: &Workload, span: u64) -> anyhow::Result<u64> {
+        let blocks = span.min(self.capacity) / w.block as u64;
+        if blocks == 0 || w.qd == 0 || w.qd * w.block > REGION {
+            bail!("workload {} does not fit", w.name);
+        }
+        Ok(blocks)
+    }
+
+    /// Before a write workload: random contents in the region, so writes
+    /// carry incompressible, non-zero data.
+    fn fill_for(&mut self, w: &Workload) -> anyhow::Result<()> {
+        if w.pattern == Pattern::RandWrite && !self.filled {
+            let mut buf = vec![0u8; REGION];
+            rand::rngs::StdRng::seed_from_u64(99).fill_bytes(&mut buf);
+            self.mem.write_all_at(&buf, 0)?;
+            self.filled = true;
+        }
+        Ok(())
     }
 
     fn submit(&mut self, w: &Workload, slot: usize, offset: u64) {

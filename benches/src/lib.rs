@@ -12,6 +12,7 @@
 //! | `startup`    | spawn / construct → first blkio read   | 1 GiB vs 64 GiB sparse image                 |
 //! | `boot`       | guest boot from our socket             | guest boot from qemu-storage-daemon          |
 //! | `migrate`    | background copier, cold cache          | `qemu-img convert -O raw`, `recovery-cli restore` |
+//! | `protect`    | `--protect-every 5s` under 4K random writes QD8 (RPO, write p99, store growth) | the same daemon without protection |
 //!
 //! Every scenario prints a markdown table of absolute numbers and of
 //! ratios against its peers, checks the targets of the issues, and writes

@@ -6,8 +6,10 @@ pub mod drill;
 pub mod ingest;
 pub mod io;
 pub mod migrate;
+pub mod protect;
 pub mod restore;
 pub mod startup;
+pub mod virtnbd;
 
 use crate::report::Report;
 use crate::Ctx;
@@ -22,6 +24,8 @@ pub const ALL: &[&str] = &[
     "boot",
     "migrate",
     "drill",
+    "protect",
+    "virtnbd",
 ];
 
 /// Runs scenario `name`.
@@ -35,6 +39,8 @@ pub fn run(name: &str, ctx: &Ctx) -> anyhow::Result<Report> {
         "boot" => boot::run(ctx),
         "migrate" => migrate::run(ctx),
         "drill" => drill::run(ctx),
+        "protect" => protect::run(ctx),
+        "virtnbd" => virtnbd::run(ctx),
         _ => anyhow::bail!("unknown scenario {name:?} (known: {})", ALL.join(", ")),
     }
 }

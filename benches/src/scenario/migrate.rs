@@ -27,7 +27,7 @@ pub fn available(cli: &Path) -> bool {
 }
 
 /// `recovery-cli status --control SOCK --json`.
-fn status(cli: &Path, control: &Path) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn status(cli: &Path, control: &Path) -> anyhow::Result<serde_json::Value> {
     let run = tools::run(
         Command::new(cli)
             .arg("status")
