@@ -470,3 +470,90 @@ fn guest_boots_from_an_encrypted_store_and_files_are_browsable() {
     daemon.stop();
     ok(Some(PASS), &[&"verify", &"--store", &store]);
 }
+
+#[test]
+fn encrypted_store_on_s3_seals_everything_the_server_holds() {
+    use crate::s3::server::Moto;
+    use store::crypto::{KdfParams, Secret};
+    use store::ErrorKind;
+    let moto = crate::require_moto!();
+    let bucket = moto.bucket("encrypted");
+    let dir = tempfile::tempdir().unwrap();
+    let loc = format!("s3://{bucket}/enc");
+    let opts = Moto::options(&moto.endpoint(), &dir.path().join("cache"));
+    let o = store::location::s3_options(&bucket, "enc", &opts).unwrap();
+    let raw = std::sync::Arc::new(store::backend::S3Backend::new(&o).unwrap());
+    let secret = Secret::passphrase(PASS).unwrap();
+    let kdf = KdfParams {
+        m_cost_kib: 8 << 10,
+        t_cost: 1,
+        p_cost: 1,
+    };
+    let s = store::Store::init_encrypted_in(o.cache_dir.clone(), raw.clone(), 65536, &secret, &kdf)
+        .unwrap();
+    let img = dir.path().join("disk.img");
+    let mut data = random_image(24 * CHUNK, 3);
+    data[CHUNK..CHUNK + 16].copy_from_slice(b"PLAINTEXT-MARKER");
+    data[5 * CHUNK..6 * CHUNK].fill(0);
+    std::fs::write(&img, &data).unwrap();
+    let st = s
+        .backup("vm", &img, &store::BackupOptions::default())
+        .unwrap();
+    let snap = format!("vm@{}", st.snapshot);
+
+    // Every object on the server: no plaintext, no plaintext id.
+    use store::backend::Backend;
+    let plain_id = store::ChunkId::of(&data[CHUNK..2 * CHUNK]);
+    let mut keys = Vec::new();
+    let mut dirs = vec![String::new()];
+    while let Some(d) = dirs.pop() {
+        for n in raw.list(&d).unwrap() {
+            let k = if d.is_empty() { n } else { format!("{d}/{n}") };
+            match raw.read(&k) {
+                Ok(b) => keys.push((k, b)),
+                Err(_) => dirs.push(k),
+            }
+        }
+    }
+    assert!(keys.iter().any(|(k, _)| k.starts_with("keys/")), "{keys:?}");
+    assert!(keys.iter().any(|(k, _)| k.starts_with("snapshots/")));
+    for (k, b) in &keys {
+        assert!(!b.windows(16).any(|w| w == b"PLAINTEXT-MARKER"), "{k}");
+        assert!(!b.windows(32).any(|w| w == plain_id.0), "{k}");
+    }
+
+    // A fresh open through the location: needs the key, then reads back.
+    let fresh = Moto::options(&moto.endpoint(), &dir.path().join("cache2"));
+    let e = store::Store::open_location(&loc, &fresh).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::KeyRequired, "{e}");
+    store::crypto::set_secret_provider(std::sync::Arc::new(|_: &str| Secret::passphrase(PASS)));
+    let again = store::Store::open_location(&loc, &fresh).unwrap();
+    assert!(again.is_encrypted());
+    let out = dir.path().join("out.img");
+    again
+        .restore(&snap, &out, &store::RestoreOptions::default())
+        .unwrap();
+    assert!(std::fs::read(&out).unwrap() == data);
+
+    // A changed ciphertext byte in an uploaded pack: refused, never data.
+    let r = again.open_snapshot(&snap).unwrap();
+    let id = r.chunk_id(2).unwrap().expect("stored");
+    let loc2 = again.index().lookup(&id).unwrap().expect("indexed");
+    let key = loc2.pack.pack_key();
+    let mut pack = raw.read(&key).unwrap();
+    let at = loc2.offset as usize + store::format::RECORD_HEADER_LEN + 30;
+    pack[at] ^= 1;
+    raw.put(&key, &pack).unwrap();
+    drop(r);
+    let s3 = store::Store::open_location(
+        &loc,
+        &Moto::options(&moto.endpoint(), &dir.path().join("cache3")),
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let e = s3.read_chunk(&id, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:?}");
+    assert!(format!("{e:?}").contains("Authentication failed"), "{e:?}");
+    let report = s3.verify(None, &store::VerifyOptions::default()).unwrap();
+    assert!(!report.problems.is_empty());
+}
