@@ -375,6 +375,25 @@ fn plan_backup_failure_recovery_and_policy() {
     }
     drop(s);
 
+    // Image retention never splits a group: members of live groups stay.
+    let r = ok_json(&cli(&[
+        "forget",
+        "--store",
+        store.to_str().unwrap(),
+        "portal-db-disk0",
+        "--keep-last",
+        "1",
+        "--json",
+    ]));
+    assert!(r["remove"].as_array().unwrap().is_empty(), "{r}");
+    assert!(
+        r["keep"][1]["reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("member of group point portal@"),
+        "{r}"
+    );
+
     // A stale RPO: with rpo = 1s, check fails once the newest point ages.
     let stale = write_plan(dir, "stale.toml", "1s", &[&db, &app], None);
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -174,7 +174,15 @@ pub fn run(c: Config) -> anyhow::Result<()> {
 
 /// `--keep-*`: plan, print, apply.
 fn retention(s: &store::Store, c: &Config, policy: &KeepPolicy) -> anyhow::Result<()> {
-    let plan = s.plan_retention(&c.snapshot, policy)?;
+    let mut plan = s.plan_retention(&c.snapshot, policy)?;
+    // Members of live group points are kept: a group goes as a whole
+    // (`forget --plan`).
+    for d in plan.iter_mut().filter(|d| !d.keep) {
+        if let Some(g) = s.group_of(&d.snapshot)? {
+            d.keep = true;
+            d.reasons = vec![format!("member of group point {}", g.reference())];
+        }
+    }
     let removed = if c.dry_run {
         0
     } else {
