@@ -15,6 +15,15 @@
 //! [`SnapshotDevice`](crate::device::SnapshotDevice) below holds the
 //! snapshot's shared lock until unmount, so gc cannot delete its chunks.
 //! SIGINT and SIGTERM unmount cleanly.
+//!
+//! An unmount does not always end the FUSE session: a process in another
+//! mount namespace made while we were mounted (libvirt starts every QEMU
+//! in one by default, and with private propagation it keeps a copy of our
+//! mount) pins the connection, and the kernel keeps sending requests from
+//! that copy. So after a signal's unmount the session gets
+//! [`ABORT_GRACE`] to end, then the connection is aborted through fusectl
+//! (`/sys/fs/fuse/connections/N/abort`): the copies answer ENOTCONN and
+//! `mount` exits. Without fusectl it exits anyway, after a warning.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -38,6 +47,11 @@ use crate::error::{Error, Result};
 const TTL: Duration = Duration::from_secs(3600);
 /// Path of the FUSE device.
 pub const FUSE_DEVICE: &str = "/dev/fuse";
+/// How long the session may outlive its unmount before the connection is
+/// aborted (see the module doc).
+pub const ABORT_GRACE: Duration = Duration::from_secs(3);
+/// Where fusectl exposes each FUSE connection, by its device minor.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
 const DISK_RAW: &str = "disk.raw";
 const UNPARTITIONED_DIR: &str = "fs";
 
@@ -500,22 +514,98 @@ pub fn mount(
     config.n_threads = Some(1);
     let fs = SnapshotFs::new(disk, time);
     let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(fuse_err("mount"))?;
+    // Read from mountinfo, never by a stat of the mountpoint: that would
+    // be a FUSE request to this very server, which is not serving yet.
+    let connection = connection_of(mountpoint);
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])
         .map_err(fuse_err("install signal handlers for"))?;
     let handle = signals.handle();
+    let ended = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let session_ended = Arc::clone(&ended);
     let mp = mountpoint.to_path_buf();
     let waiter = std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            tracing::info!(sig, "signal: unmounting");
-            if let Err(e) = unmounter.unmount() {
-                tracing::error!(error = %e, mountpoint = %mp.display(), "unmount failed");
-            }
+        let Some(sig) = signals.forever().next() else {
+            return;
+        };
+        tracing::info!(sig, "signal: unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!(error = %e, mountpoint = %mp.display(), "unmount failed");
+        }
+        let (lock, cv) = &*session_ended;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cv
+            .wait_timeout_while(guard, ABORT_GRACE, |ended| !*ended)
+            .unwrap_or_else(|p| p.into_inner());
+        if *guard {
+            return;
+        }
+        drop(guard);
+        tracing::warn!(
+            mountpoint = %mp.display(),
+            "the filesystem is still in use from another mount namespace after the unmount: \
+             aborting its FUSE connection"
+        );
+        let aborted = connection
+            .is_some_and(|minor| std::fs::write(format!("{FUSECTL}/{minor}/abort"), b"1").is_ok());
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cv
+            .wait_timeout_while(guard, ABORT_GRACE, |ended| !*ended)
+            .unwrap_or_else(|p| p.into_inner());
+        if !*guard {
+            tracing::warn!(aborted, "the FUSE session did not end: exiting");
+            std::process::exit(0);
         }
     });
     ready();
     let res = session.run().map_err(fuse_err("serve"));
+    {
+        let (lock, cv) = &*ended;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
     handle.close();
     let _ = waiter.join();
     res
+}
+
+/// The fusectl connection number (the device minor) of the mount at
+/// `mountpoint`, from `/proc/self/mountinfo`.
+fn connection_of(mountpoint: &Path) -> Option<u32> {
+    let canon = std::fs::canonicalize(mountpoint).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    connection_in(&info, canon.to_str()?)
+}
+
+/// The minor device number of the last mount of `mountpoint` in
+/// `mountinfo` text (fields: id, parent, major:minor, root, mountpoint…;
+/// mountpoints with spaces are octal-escaped, as the kernel writes them).
+fn connection_in(mountinfo: &str, mountpoint: &str) -> Option<u32> {
+    let escaped = mountpoint
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    mountinfo
+        .lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(escaped.as_str()))
+        .and_then(|l| l.split(' ').nth(2)?.split_once(':')?.1.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_is_the_minor_of_the_last_mount_at_the_path() {
+        let info = "22 1 0:21 / /proc rw - proc proc rw\n\
+                    90 30 0:52 / /tmp/a\\040b rw - fuse.recovery-cli vm ro\n\
+                    91 30 0:53 / /tmp/m rw - fuse.recovery-cli vm ro\n\
+                    95 91 0:57 / /tmp/m rw - fuse.recovery-cli vm ro\n";
+        assert_eq!(connection_in(info, "/tmp/m"), Some(57));
+        assert_eq!(connection_in(info, "/tmp/a b"), Some(52));
+        assert_eq!(connection_in(info, "/tmp/none"), None);
+        assert_eq!(connection_in("garbage\n\n", "/tmp/m"), None);
+    }
 }

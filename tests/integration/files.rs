@@ -831,3 +831,63 @@ fn files_come_from_the_point_in_time_at_names() {
     ]);
     assert!(e.contains("2000-01-01"), "{e}");
 }
+
+/// A process in another mount namespace made while we are mounted (as
+/// libvirt makes for every QEMU it starts) keeps a copy of the mount, which
+/// pins the FUSE connection after our unmount: `mount` must still exit on
+/// SIGTERM, and the copy must not serve the snapshot any longer.
+#[test]
+fn mount_exits_on_sigterm_while_another_namespace_holds_a_copy() {
+    require_env!();
+    require_env!(fuse);
+    let d = tempfile::tempdir().unwrap();
+    let tree = d.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("note.txt"), b"pinned\n").unwrap();
+    let disk = d.path().join("disk.img");
+    File::create(&disk).unwrap().set_len(8 * MIB).unwrap();
+    mkfs(&disk, "ext4", "pin", &tree, 0, 8);
+    let st = d.path().join("store");
+    ok(&[&"init", &st]);
+    ok(&[&"backup", &"--store", &st, &"--name", &"vm", &disk]);
+    let mnt = d.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut m = Mounted::start(&st, "vm", &mnt);
+    assert_eq!(fs::read(mnt.join("fs/note.txt")).unwrap(), b"pinned\n");
+    // The copy: a private mount namespace that lives until killed, and
+    // that says when it exists (`unshare` only runs `sh` once it does).
+    let ready = d.path().join("ns-ready");
+    let mut holder = KillOnDrop(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!("touch '{}' && exec sleep 600", ready.display()))
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        if let Some(status) = holder.0.try_wait().unwrap() {
+            crate::skip!("cannot make a mount namespace: unshare exited with {status}");
+        }
+        assert!(Instant::now() < deadline, "unshare did not start in 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = holder.0.id();
+    let copy = PathBuf::from(format!("/proc/{pid}/root{}", mnt.display()));
+    assert_eq!(fs::read(copy.join("fs/note.txt")).unwrap(), b"pinned\n");
+    m.stop();
+    assert!(
+        fs::read(copy.join("fs/note.txt")).is_err(),
+        "the copy still serves the snapshot after mount exited"
+    );
+}
+
+/// A child killed (and reaped) when the test ends, whichever way.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
