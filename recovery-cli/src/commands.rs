@@ -1,6 +1,8 @@
 //! One module per subcommand, each `Args` → `Config` → `run`.
 
 pub mod backup;
+pub mod break_lock;
+pub mod copy;
 pub mod drill;
 pub mod files;
 pub mod forget;
@@ -60,6 +62,10 @@ pub enum Command {
     Check(plan::CheckArgs),
     /// Protect a service plan: a group point every interval, retention after each.
     Protect(plan::ProtectArgs),
+    /// Copy snapshots between stores (local or s3://), sending only missing chunks.
+    Copy(copy::Args),
+    /// Remove the writer lock a dead writer left on an S3 store.
+    BreakLock(break_lock::Args),
     /// Show a running daemon's state and migration progress (--watch for a live bar).
     Status(monitor::StatusArgs),
     /// Pause the background copier; guest I/O continues.
@@ -99,6 +105,8 @@ impl Command {
             Command::Drill(a) => drill::run((*a).try_into()?),
             Command::Check(a) => plan::check(a),
             Command::Protect(a) => plan::protect(a),
+            Command::Copy(a) => copy::run(a.try_into()?),
+            Command::BreakLock(a) => break_lock::run(a.try_into()?),
             Command::Status(a) => monitor::status(a.try_into()?),
             Command::Pause(a) => monitor::pause(a.try_into()?),
             Command::Resume(a) => monitor::resume(a.try_into()?),
@@ -112,12 +120,22 @@ impl Command {
 /// The `--store` option shared by commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StoreArg {
-    /// Store directory.
+    /// Store directory or s3://BUCKET/PREFIX (AWS_* variables for S3).
     #[arg(long, short = 's', env = "RECOVERY_STORE", value_name = "STORE")]
     pub store: PathBuf,
 }
 
 /// Open the store named by `--store`.
 pub fn open_store(path: &std::path::Path) -> anyhow::Result<store::Store> {
-    Ok(store::Store::open(path)?)
+    Ok(store::Store::open_location(
+        &location(path)?,
+        &store::OpenOptions::default(),
+    )?)
+}
+
+/// A `--store` value as a location string (a path or `s3://BUCKET/PREFIX`).
+pub fn location(path: &std::path::Path) -> anyhow::Result<String> {
+    path.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("Store location {} is not UTF-8", path.display()))
 }

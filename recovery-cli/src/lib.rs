@@ -63,6 +63,10 @@ pub struct Cli {
     /// it the passphrase comes from RECOVERY_PASSWORD or a prompt.
     #[arg(long, global = true, env = "RECOVERY_KEY_FILE", value_name = "FILE")]
     pub key_file: Option<std::path::PathBuf>,
+    /// Local cache of S3 stores (indexes, manifests, temp files); default
+    /// $XDG_CACHE_HOME/recovery or ~/.cache/recovery.
+    #[arg(long, global = true, env = "RECOVERY_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: commands::Command,
 }
@@ -70,5 +74,9 @@ pub struct Cli {
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     commands::key::install_secret_provider(cli.key_file);
+    if let Some(d) = &cli.cache_dir {
+        // Before any thread starts; daemons started from here inherit it.
+        std::env::set_var(store::location::CACHE_DIR_ENV, d);
+    }
     cli.command.run()
 }

@@ -117,9 +117,16 @@ pub struct OpenOptions {
     pub s3_credentials: Option<(String, String)>,
 }
 
-/// `$XDG_CACHE_HOME/recovery`, else `~/.cache/recovery`, else a directory
-/// under the system temp dir.
+/// Environment variable naming the cache root (`recovery-cli --cache-dir`).
+pub const CACHE_DIR_ENV: &str = "RECOVERY_CACHE_DIR";
+
+/// `$RECOVERY_CACHE_DIR`, else `$XDG_CACHE_HOME/recovery`, else
+/// `~/.cache/recovery`, else a directory under the system temp dir. Each
+/// remote store gets its own subdirectory (a hash of its location).
 pub fn default_cache_root() -> PathBuf {
+    if let Some(x) = std::env::var_os(CACHE_DIR_ENV).filter(|x| !x.is_empty()) {
+        return PathBuf::from(x);
+    }
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("recovery");
     }

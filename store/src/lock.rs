@@ -106,12 +106,21 @@ impl WriterLock {
     pub fn acquire_remote(backend: Arc<dyn Backend>) -> Result<WriterLock> {
         let body = LeaseBody::new("writer", None);
         let place = backend.display();
-        match backend.create_new(WRITER_KEY, &body.to_json()) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(locked_error(backend.as_ref(), &place))
+        let mut retried = false;
+        loop {
+            match backend.create_new(WRITER_KEY, &body.to_json()) {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    // Our own lock, which an earlier holder in this process
+                    // could not delete (endpoint down): ours to take back.
+                    if !retried && take_orphan(backend.as_ref(), WRITER_KEY) {
+                        retried = true;
+                        continue;
+                    }
+                    return Err(locked_error(backend.as_ref(), &place));
+                }
+                Err(e) => return Err(Error::io(format!("Failed to lock store {place}"), e)),
             }
-            Err(e) => return Err(Error::io(format!("Failed to lock store {place}"), e)),
         }
         let lease = Lease::start(backend, WRITER_KEY.to_string(), body)?;
         info!(store = %place, "took the writer lock (lease {} s)", lease_secs());
@@ -371,6 +380,37 @@ pub fn active_readers(backend: &dyn Backend, reap: bool) -> Result<Vec<String>> 
     Ok(out)
 }
 
+/// Lease objects this process failed to delete on release (`display/key`).
+static ORPHANS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn orphan_id(backend: &dyn Backend, key: &str) -> String {
+    format!("{}/{key}", backend.display())
+}
+
+/// If `key` is a lease this process left behind (no live holder here) and
+/// it still names this host and PID, delete it and return true.
+fn take_orphan(backend: &dyn Backend, key: &str) -> bool {
+    let id = orphan_id(backend, key);
+    let mut orphans = ORPHANS.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(pos) = orphans.iter().position(|o| *o == id) else {
+        return false;
+    };
+    let ours = backend
+        .read(key)
+        .ok()
+        .and_then(|b| LeaseBody::parse(&b))
+        .is_some_and(|b| b.pid == std::process::id() && b.host == hostname());
+    if ours && backend.delete(key).is_ok() {
+        orphans.remove(pos);
+        info!(
+            key,
+            "took back a lease this process could not release earlier"
+        );
+        return true;
+    }
+    false
+}
+
 /// A lease object and the thread refreshing it; drop stops the thread and
 /// deletes the object (if it is still ours).
 #[derive(Debug)]
@@ -441,6 +481,13 @@ impl Lease {
     }
 }
 
+impl Lease {
+    fn orphan(&self) {
+        let id = orphan_id(self.backend.as_ref(), &self.key);
+        ORPHANS.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         drop(self.stop.take());
@@ -456,10 +503,15 @@ impl Drop for Lease {
             Ok(info) if ours.is_none() || info.etag == ours => {
                 if let Err(e) = self.backend.delete(&self.key) {
                     warn!(key = %self.key, "failed to release the lease: {e}");
+                    self.orphan();
                 }
             }
             Ok(_) => warn!(key = %self.key, "lease object changed hands; not deleting it"),
-            Err(e) => debug!(key = %self.key, "lease object gone at release: {e}"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(key = %self.key, "failed to release the lease: {e}");
+                self.orphan();
+            }
         }
     }
 }

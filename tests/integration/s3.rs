@@ -202,3 +202,264 @@ fn s3_gc_keeps_what_a_registered_reader_reads() {
     assert_eq!(gc.manifests_deleted, 1, "{gc:?}");
     assert!(gc.bytes_freed > 0, "{gc:?}");
 }
+
+fn cli(endpoint: &str, cache: &Path, args: &[&str]) -> std::process::Command {
+    let mut c = crate::util::recovery_cli();
+    Moto::env(&mut c, endpoint, cache);
+    c.args(args);
+    c
+}
+
+fn cli_json(endpoint: &str, cache: &Path, args: &[&str]) -> serde_json::Value {
+    let out = cli(endpoint, cache, args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn any_pack(dir: &Path) -> bool {
+    fs::read_dir(dir.join("packs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .any(|e| e.path().extension().is_some_and(|x| x == "pack"))
+}
+
+/// `init`/`backup`/`snapshots`/`restore` on `s3://`, and `copy` local → S3
+/// → local, the last one killed after its first pack and resumed.
+#[test]
+fn s3_cli_copy_local_s3_local_interrupted_and_resumed() {
+    let moto = crate::require_moto!();
+    let bucket = moto.bucket("cli-copy");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cache = d.join("cache");
+    let ep = moto.endpoint();
+    let (local, back) = (d.join("local"), d.join("back"));
+    let (local, back) = (local.to_str().unwrap(), back.to_str().unwrap());
+    let s3 = format!("s3://{bucket}/offsite");
+    let img = d.join("disk.img");
+    let data = image(&img, 40, 4);
+    let img_s = img.to_str().unwrap();
+
+    cli_json(&ep, &cache, &["init", local, "--json"]);
+    cli_json(&ep, &cache, &["init", &s3, "--json"]);
+    let b = cli_json(
+        &ep,
+        &cache,
+        &["backup", "--store", local, "--name", "vm", img_s, "--json"],
+    );
+    let snap = b["snapshot"].as_str().unwrap().to_string();
+    let id = snap.split_once('@').unwrap().1.to_string();
+
+    // Local → S3, then again: nothing left to send.
+    let c = cli_json(
+        &ep,
+        &cache,
+        &["copy", "--from", local, "--to", &s3, "--json"],
+    );
+    assert_eq!(c["snapshots_copied"], 1, "{c}");
+    assert!(c["chunks_sent"].as_u64().unwrap() > 0, "{c}");
+    let c = cli_json(
+        &ep,
+        &cache,
+        &["copy", "--from", local, "--to", &s3, "--json"],
+    );
+    assert_eq!(
+        (c["snapshots_skipped"].as_u64(), c["chunks_sent"].as_u64()),
+        (Some(1), Some(0)),
+        "{c}"
+    );
+    let list = cli_json(&ep, &cache, &["snapshots", "--store", &s3, "--json"]);
+    assert!(list.to_string().contains(&id), "{list}");
+    let out = d.join("from-s3.img");
+    cli_json(
+        &ep,
+        &cache,
+        &[
+            "restore",
+            "--store",
+            &s3,
+            &snap,
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(fs::read(&out).unwrap() == data, "restore from S3 differs");
+
+    // S3 → local through a slow link, killed once its first pack landed.
+    cli_json(&ep, &cache, &["init", back, "--json"]);
+    let proxy = proxy::Proxy::start(moto.port());
+    proxy.set(proxy::Faults {
+        delay: std::time::Duration::from_millis(30),
+        ..Default::default()
+    });
+    let mut child = cli(
+        &proxy.endpoint(),
+        &cache,
+        &["copy", "--from", &s3, "--to", back, "--json"],
+    )
+    .stdout(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !any_pack(Path::new(back)) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "copy ended before its first pack"
+        );
+        assert!(std::time::Instant::now() < deadline, "no pack after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let list = cli_json(&ep, &cache, &["snapshots", "--store", back, "--json"]);
+    assert!(
+        !list.to_string().contains(&id),
+        "half-copied snapshot visible: {list}"
+    );
+    let c = cli_json(
+        &ep,
+        &cache,
+        &["copy", "--from", &s3, "--to", back, "--json"],
+    );
+    assert_eq!(c["snapshots_copied"], 1, "{c}");
+    assert!(
+        c["chunks_present"].as_u64().unwrap() > 0,
+        "resumed copy resent everything: {c}"
+    );
+    let out = d.join("back.img");
+    cli_json(
+        &ep,
+        &cache,
+        &[
+            "restore",
+            "--store",
+            back,
+            &snap,
+            out.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(
+        fs::read(&out).unwrap() == data,
+        "restore after copy back differs"
+    );
+}
+
+/// 503s and dropped connections are retried; a slow endpoint past the
+/// operation timeout is a bounded error, and the store works again after.
+#[test]
+fn s3_faults_5xx_drops_and_slow_responses() {
+    let moto = crate::require_moto!();
+    let bucket = moto.bucket("faults");
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy::Proxy::start(moto.port());
+    let mut o = Moto::options(&proxy.endpoint(), &dir.path().join("cache"));
+    o.io_timeout = Some(std::time::Duration::from_secs(4));
+    let loc = format!("s3://{bucket}");
+    let store = Store::init_location(&loc, 65536, &o).unwrap();
+    let img = dir.path().join("disk.img");
+    let data = image(&img, 3, 5);
+
+    proxy.set(proxy::Faults {
+        fail_5xx: 3,
+        drop: 2,
+        ..Default::default()
+    });
+    let s = store.backup("vm", &img, &BackupOptions::default()).unwrap();
+    assert_eq!(proxy.injected(), 5);
+    let snap = format!("vm@{}", s.snapshot);
+    assert!(restore_bytes(&store, &snap, dir.path()) == data);
+
+    // Slower than the operation timeout: an error, not a hang.
+    let reader = Store::open_location(&loc, &o)
+        .unwrap()
+        .open_snapshot(&snap)
+        .unwrap();
+    proxy.set(proxy::Faults {
+        delay: std::time::Duration::from_secs(30),
+        ..Default::default()
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        let _ = tx.send(reader.read_at(&mut buf, 0).map_err(|e| format!("{e:?}")));
+    });
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("a read through a stalled endpoint hung");
+    let e = r.unwrap_err();
+    assert!(e.contains("timed out"), "{e}");
+
+    // The endpoint recovers: so does the store.
+    proxy.set(proxy::Faults::default());
+    assert!(restore_bytes(&store, &snap, dir.path()) == data);
+}
+
+/// The S3 server dies mid-backup: the backup fails (bounded), nothing is
+/// half-published, and once the endpoint is back the retried backup works.
+#[test]
+fn s3_server_gone_mid_backup_publishes_nothing_and_retry_works() {
+    let moto = crate::require_moto!();
+    let bucket = moto.bucket("gone");
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = proxy::Proxy::start(moto.port());
+    let mut o = Moto::options(&proxy.endpoint(), &dir.path().join("cache"));
+    o.io_timeout = Some(std::time::Duration::from_secs(5));
+    let loc = format!("s3://{bucket}");
+    let store = Store::init_location(&loc, 65536, &o).unwrap();
+    let img = dir.path().join("disk.img");
+    let data = image(&img, 8, 6);
+    let small = BackupOptions {
+        pack_size: Some(1 << 20),
+        threads: Some(2),
+        ..Default::default()
+    };
+
+    // Gone after a few packs went up.
+    let before = proxy.requests();
+    let p = &proxy;
+    let r = std::thread::scope(|sc| {
+        let h = sc.spawn(|| store.backup("vm", &img, &small));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while p.requests() < before + 8 && !h.is_finished() {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        p.set(proxy::Faults {
+            down: true,
+            ..Default::default()
+        });
+        h.join().unwrap()
+    });
+    assert!(r.is_err(), "backup succeeded with the server gone");
+    proxy.set(proxy::Faults::default());
+    let fresh = Store::open_location(&loc, &o).unwrap();
+    assert!(
+        fresh.snapshots(None).unwrap().is_empty(),
+        "half-published snapshot"
+    );
+    let s = fresh.backup("vm", &img, &small).unwrap();
+    assert!(fresh
+        .verify(None, &VerifyOptions::default())
+        .unwrap()
+        .is_ok());
+    assert!(restore_bytes(&fresh, &format!("vm@{}", s.snapshot), dir.path()) == data);
+
+    // A real kill of the server: a bounded error, never a hang.
+    drop(proxy);
+    let mut moto = moto;
+    let direct = Moto::options(&moto.endpoint(), &dir.path().join("cache3"));
+    let mut direct = direct;
+    direct.io_timeout = Some(std::time::Duration::from_secs(5));
+    let store = Store::open_location(&loc, &direct).unwrap();
+    moto.kill();
+    let e = store.backup("vm2", &img, &small).unwrap_err();
+    assert!(!e.to_string().is_empty());
+}

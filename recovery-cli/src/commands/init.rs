@@ -56,7 +56,11 @@ impl TryFrom<Args> for Config {
 /// Create the store.
 pub fn run(c: Config) -> anyhow::Result<()> {
     let s = match &c.encrypt {
-        None => store::Store::init(&c.store, c.chunk_size)?,
+        None => store::Store::init_location(
+            &super::location(&c.store)?,
+            c.chunk_size,
+            &store::OpenOptions::default(),
+        )?,
         Some(kdf) => {
             let secret = super::key::new_secret(
                 super::key::key_file(),
@@ -68,7 +72,7 @@ pub fn run(c: Config) -> anyhow::Result<()> {
     };
     if c.json {
         output::json(&serde_json::json!({
-            "store": s.path(),
+            "store": s.location(),
             "chunk_size": s.chunk_size(),
             "encrypted": s.is_encrypted(),
         }))
@@ -76,7 +80,7 @@ pub fn run(c: Config) -> anyhow::Result<()> {
         output::line(&format!(
             "Created {}store {} (chunk size {})",
             if s.is_encrypted() { "encrypted " } else { "" },
-            s.path().display(),
+            s.location(),
             output::size(s.chunk_size() as u64)
         ))
     }

@@ -135,6 +135,7 @@ impl Shared {
             .ok_or_else(|| io::Error::other("S3 backend is shut down"))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let deadline = self.op_timeout;
+        let start = std::time::Instant::now();
         rt.spawn(async move {
             let r = tokio::time::timeout(deadline, fut).await;
             let _ = tx.send(r);
@@ -144,6 +145,15 @@ impl Shared {
             .map_err(|_| io::Error::other(format!("S3 {op} {key}: runtime stopped")))?;
         match r {
             Ok(Ok(v)) => Ok(v),
+            // Retries exhausted at the deadline: say so.
+            Ok(Err(e)) if start.elapsed() >= deadline.mul_f64(0.9) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "S3 {op} {}/{key} timed out after {:.1} s: {e}",
+                    self.display,
+                    start.elapsed().as_secs_f64()
+                ),
+            )),
             Ok(Err(e)) => Err(map_err(op, &self.display, key, e)),
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,

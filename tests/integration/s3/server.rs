@@ -75,7 +75,6 @@ impl Moto {
     }
 
     /// The port it listens on.
-    #[allow(dead_code)] // kept for the fault tests
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -104,7 +103,6 @@ impl Moto {
     }
 
     /// The environment a `recovery-cli` child needs to reach `endpoint`.
-    #[allow(dead_code)] // kept for the CLI tests
     pub fn env(cmd: &mut Command, endpoint: &str, cache: &std::path::Path) {
         cmd.env("AWS_ENDPOINT_URL", endpoint)
             .env("AWS_ACCESS_KEY_ID", KEY_ID)
