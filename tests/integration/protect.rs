@@ -1022,6 +1022,50 @@ fn guest_files_synced_before_the_point_are_in_it() {
     eprintln!("protection at the end: {pr}");
 }
 
+/// Bad `serve` inputs are one clear error line each and leave no socket:
+/// an interval under the 1 s minimum (a usage error, exit 2), a missing
+/// disk and an invalid name (exit 1).
+#[test]
+fn bad_serve_inputs_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = init_store(dir.path());
+    let disk = raw_disk(dir.path(), MIB, None);
+    let missing = dir.path().join("missing.raw");
+    let socket = dir.path().join("s.sock");
+    let state = dir.path().join("state");
+    for (disk, name, every, code, needle) in [
+        (&disk, "vm", "0s", 2, "minimum interval of 1s"),
+        (&missing, "vm", "1s", 1, "missing.raw"),
+        (&disk, "bad/name", "1s", 1, "bad/name"),
+    ] {
+        let out = recovery_cli()
+            .args([
+                "serve",
+                "--store",
+                p(&store),
+                "--disk",
+                p(disk),
+                "--name",
+                name,
+            ])
+            .args(["--socket", p(&socket), "--state", p(&state)])
+            .args(["--protect-every", every])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{err}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("error: ") && first.contains(needle),
+            "{err}"
+        );
+        if code == 1 {
+            assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        }
+        assert!(!socket.exists(), "a socket was left behind: {err}");
+    }
+}
+
 /// The checker itself: records written through a plain `instant-boot`
 /// (no protection) and read back hold every record at an instant after
 /// the last acknowledgement, and fail the check at an instant before the
