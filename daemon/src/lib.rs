@@ -318,7 +318,7 @@ impl Daemon {
         if let Some(done) = complete {
             return Self::start_complete(cfg, &done, protect);
         }
-        let store = Store::open(&cfg.store).map_err(Error::OpenStore)?;
+        let store = open_store(&cfg.store).map_err(Error::OpenStore)?;
         let reader = store
             .open_snapshot(&cfg.snapshot)
             .map_err(Error::OpenSnapshot)?;
@@ -386,7 +386,7 @@ impl Daemon {
             .name
             .clone()
             .ok_or(Error::Protect(protect::Error::NoName))?;
-        let store = Store::open(&cfg.store).map_err(Error::OpenStore)?;
+        let store = open_store(&cfg.store).map_err(Error::OpenStore)?;
         let (_, size) =
             store::backup::open_source(disk).map_err(|e| Error::OpenDisk(disk.to_path_buf(), e))?;
         let how = block::target::TargetOpen {
@@ -454,7 +454,7 @@ impl Daemon {
             source: String::new(),
             parent: None,
         };
-        let store = match Store::open(&cfg.store) {
+        let store = match open_store(&cfg.store) {
             Ok(store) => Some(Arc::new(store)),
             // Protection writes its points into the store.
             Err(e) if protect.is_some() => return Err(Error::OpenStore(e)),
@@ -987,4 +987,10 @@ fn make_private(dir: &Path) -> Result<()> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
     }
     Ok(())
+}
+
+/// Open the store a daemon serves from: a directory or `s3://BUCKET/PREFIX`
+/// (AWS_* variables, cache under RECOVERY_CACHE_DIR / XDG_CACHE_HOME).
+fn open_store(location: &Path) -> store::Result<Store> {
+    store::Store::open_location(&location.to_string_lossy(), &store::OpenOptions::default())
 }

@@ -10,7 +10,8 @@ use crate::output;
 /// Arguments of `init`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Directory of the new store (created if missing; must be empty).
+    /// Directory of the new store (created if missing; must be empty), or
+    /// s3://BUCKET/PREFIX (an empty prefix of an existing bucket).
     pub store: PathBuf,
     /// Chunk size: a power of two from 4K to 4M (e.g. 4K, 64K, 1M, 4MiB).
     #[arg(long, default_value = "64K", value_parser = output::parse_size)]
