@@ -623,6 +623,29 @@ fn every_point_is_crash_consistent_at_its_instant() {
     );
     assert!(n >= 5, "only {n} points during the writes");
     cli(&["verify", "--store", p(&store)]);
+
+    // A point boots: `instant-boot --at` its instant serves it.
+    let list = points(&store, "vm");
+    let pt = &list[list.len() / 2];
+    let boot = dir.path().join("boot");
+    std::fs::create_dir(&boot).unwrap();
+    let d = crate::boot::BootDaemon::start(
+        &store,
+        "vm",
+        &boot,
+        &["--at", &pt.created, "--read-only", "--queues", "1"],
+        None,
+    );
+    assert_eq!(d.ready["snapshot"].as_str(), Some(pt.reference.as_str()));
+    let mut client = Client::connect_with(
+        &d.socket,
+        crate::blkio_client::Options::new(QD * BLOCK).read_only(),
+    );
+    let img = client.read_all(QD * BLOCK);
+    check_point(&pt.reference, &img, &w.recs, w.blocks, pt.instant_us)
+        .unwrap_or_else(|e| panic!("instant-boot --at: {e}"));
+    drop(client);
+    d.stop();
 }
 
 /// kill -9 of `serve --disk` while a point is being written, three times
