@@ -62,28 +62,43 @@ struct Case {
     protect: bool,
     /// Bytes per second, or as fast as possible.
     pace: Option<f64>,
+    /// Writes land in the first this many bytes (a hot set), or anywhere.
+    hot: Option<u64>,
 }
 
-const CASES: [Case; 4] = [
+/// The hot set of the last case.
+const HOT: u64 = 64 << 20;
+
+const CASES: [Case; 5] = [
     Case {
         label: "no protection, as fast as possible",
         protect: false,
         pace: None,
+        hot: None,
     },
     Case {
         label: "--protect-every 5s, as fast as possible",
         protect: true,
         pace: None,
+        hot: None,
     },
     Case {
         label: "no protection, 20 MB/s",
         protect: false,
         pace: Some(PACED),
+        hot: None,
     },
     Case {
         label: "--protect-every 5s, 20 MB/s",
         protect: true,
         pace: Some(PACED),
+        hot: None,
+    },
+    Case {
+        label: "--protect-every 5s, 20 MB/s into a 64 MiB hot set",
+        protect: true,
+        pace: Some(PACED),
+        hot: Some(HOT),
     },
 ];
 
@@ -161,9 +176,10 @@ fn run_case(
         std::thread::spawn(move || sample(cli, control, stop))
     };
     let duration = Duration::from_secs_f64(secs);
+    let span = case.hot.unwrap_or(size).min(size);
     let stats = match case.pace {
-        Some(rate) => client.run_paced(&WRITE, size, duration, rate),
-        None => client.run(&WRITE, size, duration, false),
+        Some(rate) => client.run_paced(&WRITE, span, duration, rate),
+        None => client.run(&WRITE, span, duration, false),
     };
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.join().expect("sampler thread");
@@ -246,6 +262,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             "read by points",
             "store growth",
             "growth ÷ bytes written",
+            "growth per hour",
             "manifests ÷ full manifest per point",
         ],
     );
@@ -266,6 +283,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             dash(bytes_str(o.point_bytes_read)),
             dash(bytes_str(o.store_growth)),
             dash(ratio_str(o.store_growth as f64 / s.bytes as f64)),
+            dash(bytes_str((o.store_growth as f64 * 3600.0 / s.secs) as u64)),
             dash(ratio_str(
                 o.manifest_growth as f64 / (o.points.max(1) * full_manifest) as f64,
             )),
@@ -275,7 +293,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         "Daemon: `recovery-cli instant-boot --queues 1 [--protect --protect-every {EVERY}]` of a \
          backup of the realistic ext4 image, a fresh state dir per case; client: blkio, one \
          queue, 8 requests in flight, random 4 KiB-aligned offsets over the whole disk, \
-         incompressible data; paced cases submit at 20 MB/s (5120 IOPS) when a slot is free."
+         incompressible data; paced cases submit at 20 MB/s (5120 IOPS) when a slot is free; \
+         the hot-set case writes only into the first 64 MiB."
     ));
     t.note(
         "RPO: `protection.rpo_seconds` from `status --json` every 250 ms, from the first point \
