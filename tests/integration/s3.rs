@@ -463,3 +463,53 @@ fn s3_server_gone_mid_backup_publishes_nothing_and_retry_works() {
     let e = store.backup("vm2", &img, &small).unwrap_err();
     assert!(!e.to_string().is_empty());
 }
+
+/// The QEMU test guest boots straight from an S3 store (instant boot:
+/// chunks come through ranged GETs as the guest reads them).
+#[test]
+fn s3_guest_boots_from_an_s3_store() {
+    let guest = crate::guest::require_guest!();
+    let moto = crate::require_moto!();
+    let bucket = moto.bucket("boot");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cache = d.join("cache");
+    let ep = moto.endpoint();
+    let image = guest.copy_root(d);
+    let (local, id) = crate::boot::store_with_backup(d, "guest", &image);
+    let s3 = format!("s3://{bucket}/boot");
+    cli_json(&ep, &cache, &["init", &s3, "--json"]);
+    let local = local.to_str().unwrap();
+    cli_json(
+        &ep,
+        &cache,
+        &["copy", "--from", local, "--to", &s3, "--json"],
+    );
+
+    let cache_s = cache.to_str().unwrap();
+    let env = [
+        ("AWS_ENDPOINT_URL", ep.as_str()),
+        ("AWS_ACCESS_KEY_ID", server::KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", server::SECRET),
+        ("AWS_REGION", "us-east-1"),
+        ("RECOVERY_CACHE_DIR", cache_s),
+    ];
+    let log = d.join("daemon.log");
+    let daemon = crate::boot::BootDaemon::start_logged(
+        Path::new(&s3),
+        "guest",
+        d,
+        &["--queues", "1"],
+        None,
+        &log,
+        &env,
+    );
+    assert_eq!(daemon.ready["snapshot"], format!("guest@{id}"));
+    let run = crate::guest::run_to_completion(
+        guest.qemu_vhost_user_cmd(&daemon.socket, &[]),
+        crate::guest::BOOT_TIMEOUT,
+    );
+    run.assert_clean_boot();
+    assert_eq!(run.wrote_boot(), Some("boot-1.txt"), "{run}");
+    daemon.stop();
+}
