@@ -68,13 +68,19 @@ fn run(data: &[u8]) {
     }
     let mut sealed = seal_bytes(&cipher, NAME, plain);
     assert_eq!(sealed.len() as u64, sealed_len(plain.len() as u64, SHIFT));
-    assert_eq!(plain_len(sealed.len() as u64, SHIFT), Some(plain.len() as u64));
+    assert_eq!(
+        plain_len(sealed.len() as u64, SHIFT),
+        Some(plain.len() as u64)
+    );
     let at = at % sealed.len();
     sealed[at] ^= mask;
     let o = match SealedObject::open(Arc::new(Mem(sealed)), cipher, NAME) {
         Ok(o) => o,
         Err(_) => {
-            assert!(mask != 0 && at < SEALED_HEADER_LEN, "an intact header was refused");
+            assert!(
+                mask != 0 && at < SEALED_HEADER_LEN,
+                "an intact header was refused"
+            );
             return;
         }
     };
@@ -83,7 +89,11 @@ fn run(data: &[u8]) {
     let bad = (mask != 0 && at >= SEALED_HEADER_LEN)
         .then(|| (at - SEALED_HEADER_LEN) / (seg + AEAD_TAG_LEN));
     let bad_header = mask != 0 && at < SEALED_HEADER_LEN;
-    for (off, len) in [(0, plain.len()), (seg - 1, 2), (plain.len() / 2, plain.len() / 3)] {
+    for (off, len) in [
+        (0, plain.len()),
+        (seg - 1, 2),
+        (plain.len() / 2, plain.len() / 3),
+    ] {
         if len == 0 || off + len > plain.len() {
             continue;
         }
