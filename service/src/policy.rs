@@ -112,6 +112,45 @@ pub struct CheckReport {
     pub age_seconds: Option<f64>,
     pub group_points: usize,
     pub last_run: Option<LastRun>,
+    /// Drills of the service (`drill --plan`), when the plan has `drill_every`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drill: Option<DrillStatus>,
+}
+
+/// The service's drills (`drill --plan`, group drill records).
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillStatus {
+    /// The newest drill.
+    pub last: Option<store::DrillRecord>,
+    /// Time of the newest successful drill, RFC 3339.
+    pub last_success: Option<String>,
+    /// Age of the newest successful drill.
+    pub last_success_age_seconds: Option<f64>,
+    /// A drill is due: none succeeded within `drill_every`.
+    pub due: bool,
+}
+
+/// The drill status of `plan`'s service at `now` (µs); `due` is always
+/// false without `drill_every`.
+pub fn drill_status(store: &Store, plan: &Plan, now: i64) -> Result<DrillStatus> {
+    let records = store.group_drill_records(&plan.service)?;
+    let last = records.iter().max_by_key(|(t, _)| *t);
+    let success = records
+        .iter()
+        .filter(|(_, r)| r.passed)
+        .map(|(t, _)| *t)
+        .max();
+    let due = match (plan.drill_every, success) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(every), Some(t)) => now - t > every,
+    };
+    Ok(DrillStatus {
+        last: last.map(|(_, r)| r.clone()),
+        last_success: success.map(rfc3339_micros),
+        last_success_age_seconds: success.map(|t| (now - t) as f64 / 1e6),
+        due,
+    })
 }
 
 fn human_duration(micros: i64) -> String {
@@ -150,6 +189,34 @@ pub fn check(store: &Store, plan: &Plan, now: i64) -> Result<CheckReport> {
             l.error.as_deref().unwrap_or("unknown error")
         ));
     }
+    let drill = match plan.drill_every {
+        Some(every) => {
+            let d = drill_status(store, plan, now)?;
+            if let Some(l) = d.last.as_ref().filter(|l| !l.passed) {
+                problems.push(format!(
+                    "The newest drill ({} of {}) failed",
+                    l.time, l.snapshot
+                ));
+            }
+            if d.due {
+                problems.push(match d.last_success_age_seconds {
+                    Some(age) => format!(
+                        "Drill overdue: the last successful drill of service {} was {} ago, drill_every is {}",
+                        plan.service,
+                        human_duration((age * 1e6) as i64),
+                        human_duration(every)
+                    ),
+                    None => format!(
+                        "Drill overdue: service {} has no successful drill (drill_every is {})",
+                        plan.service,
+                        human_duration(every)
+                    ),
+                });
+            }
+            Some(d)
+        }
+        None => None,
+    };
     Ok(CheckReport {
         service: plan.service.clone(),
         ok: problems.is_empty(),
@@ -159,6 +226,7 @@ pub fn check(store: &Store, plan: &Plan, now: i64) -> Result<CheckReport> {
         age_seconds: age.map(|a| a as f64 / 1e6),
         group_points: groups.len(),
         last_run: last,
+        drill,
     })
 }
 

@@ -10,6 +10,12 @@
 //! {"snapshot":"vm1@20261206T120000.000000Z","time":"2026-12-06T12:05:00.000000Z",
 //!  "passed":true,"rto_seconds":4.2,"checks":["console:PAYLOAD-OK"]}
 //! ```
+//! A drill of a whole service (`drill --plan`) adds one record per member
+//! snapshot and one for the group point,
+//! `drills/@<service>/<group id>/<micros>.json` (`@` cannot start an
+//! image name, so these never mix with an image's), whose `snapshot` is
+//! `SERVICE@ID` and whose `rto_seconds` is the service RTO.
+//!
 //! Records are history, not data: gc and verify ignore `drills/` (a record
 //! of a forgotten snapshot is harmless and small), and adding one needs no
 //! lock (each drill writes its own key).
@@ -22,6 +28,10 @@ use crate::snapshot::{self, now_micros, rfc3339_micros};
 
 /// Directory of all drill records.
 pub const DRILLS_DIR: &str = "drills";
+
+/// Prefix of a service's directory of group drill records under
+/// [`DRILLS_DIR`].
+const GROUP_PREFIX: &str = "@";
 
 /// The outcome of one drill of one snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,13 +55,20 @@ impl Store {
     /// `snapshot` and `time` are set here) and returns the stored record.
     pub fn add_drill_record(&self, reference: &str, record: &DrillRecord) -> Result<DrillRecord> {
         let l = snapshot::resolve(self.backend(), reference)?;
+        self.put_drill_record(&l.name, &l.id, record)
+    }
+
+    /// Publishes `record` as `drills/<dir>/<id>/<now>.json` with
+    /// `snapshot` = `<dir without @>@<id>` and `time` = now.
+    fn put_drill_record(&self, dir: &str, id: &str, record: &DrillRecord) -> Result<DrillRecord> {
         let micros = now_micros();
+        let name = dir.strip_prefix(GROUP_PREFIX).unwrap_or(dir);
         let stored = DrillRecord {
-            snapshot: format!("{}@{}", l.name, l.id),
+            snapshot: format!("{name}@{id}"),
             time: rfc3339_micros(micros),
             ..record.clone()
         };
-        let key = format!("{DRILLS_DIR}/{}/{}/{micros:016}.json", l.name, l.id);
+        let key = format!("{DRILLS_DIR}/{dir}/{id}/{micros:016}.json");
         let mut bytes = serde_json::to_vec_pretty(&stored)
             .map_err(|e| Error::invalid("Failed to encode drill record").with_source(e))?;
         bytes.push(b'\n');
@@ -78,9 +95,63 @@ impl Store {
         Ok(self.records_in(&dir)?.into_iter().map(|(_, r)| r).collect())
     }
 
+    /// Appends `record` as a drill of the whole group point `point` (its
+    /// `snapshot` is set to `SERVICE@ID`, its `time` to now).
+    pub fn add_group_drill_record(
+        &self,
+        point: &crate::group::GroupPoint,
+        record: &DrillRecord,
+    ) -> Result<DrillRecord> {
+        snapshot::validate_name(&point.service)?;
+        if !snapshot::is_snapshot_id(&point.id) {
+            return Err(Error::invalid(format!(
+                "Invalid group point id {:?}",
+                point.id
+            )));
+        }
+        self.put_drill_record(
+            &format!("{GROUP_PREFIX}{}", point.service),
+            &point.id,
+            record,
+        )
+    }
+
+    /// Every group drill record of `service` with its time (µs), by group
+    /// point id, then time.
+    pub fn group_drill_records(&self, service: &str) -> Result<Vec<(i64, DrillRecord)>> {
+        snapshot::validate_name(service)?;
+        let dir = format!("{DRILLS_DIR}/{GROUP_PREFIX}{service}");
+        let mut ids = self
+            .backend()
+            .list(&dir)
+            .ctx(|| format!("Failed to list drill records in {dir}"))?;
+        ids.sort();
+        let mut out = Vec::new();
+        for id in ids {
+            out.extend(self.records_in(&format!("{dir}/{id}"))?);
+        }
+        Ok(out)
+    }
+
+    /// Every group drill record in the store, by service, group point id,
+    /// then time.
+    pub fn all_group_drill_records(&self) -> Result<Vec<(i64, DrillRecord)>> {
+        let mut names = self
+            .backend()
+            .list(DRILLS_DIR)
+            .ctx(|| format!("Failed to list drill records in {DRILLS_DIR}"))?;
+        names.sort();
+        let mut out = Vec::new();
+        for service in names.iter().filter_map(|n| n.strip_prefix(GROUP_PREFIX)) {
+            out.extend(self.group_drill_records(service)?);
+        }
+        Ok(out)
+    }
+
     /// Every drill record in the store with its time (µs since the
     /// epoch, from its key), by image name, then snapshot id, then time.
-    /// Records of forgotten snapshots are included (they are history).
+    /// Records of forgotten snapshots are included (they are history);
+    /// group records are not ([`Store::all_group_drill_records`]).
     pub fn all_drill_records(&self) -> Result<Vec<(i64, DrillRecord)>> {
         let mut out = Vec::new();
         let list = |dir: &str| {
@@ -92,6 +163,9 @@ impl Store {
             Ok::<_, Error>(names)
         };
         for name in list(DRILLS_DIR)? {
+            if name.starts_with(GROUP_PREFIX) {
+                continue;
+            }
             for id in list(&format!("{DRILLS_DIR}/{name}"))? {
                 out.extend(self.records_in(&format!("{DRILLS_DIR}/{name}/{id}"))?);
             }
@@ -168,5 +242,26 @@ mod tests {
         assert!(all[0].0 < all[1].0, "{all:?}");
         assert_eq!(all[1].1, stored);
         assert!(all.iter().all(|(_, r)| r.snapshot == reference));
+
+        // A group drill: its own directory, not among the image records.
+        let point = crate::group::GroupPoint::new(
+            "svc",
+            1_700_000_000_000_000,
+            0.0,
+            vec![crate::group::GroupMember {
+                vm: "a".into(),
+                drive: "d".into(),
+                snapshot: reference.clone(),
+            }],
+        )
+        .unwrap();
+        let g = store.add_group_drill_record(&point, &passed).unwrap();
+        assert_eq!(g.snapshot, point.reference());
+        let groups = store.group_drill_records("svc").unwrap();
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].1, g);
+        assert_eq!(store.all_group_drill_records().unwrap(), groups);
+        assert!(store.group_drill_records("other").unwrap().is_empty());
+        assert_eq!(store.all_drill_records().unwrap().len(), 2);
     }
 }

@@ -59,7 +59,7 @@ fn report(out: &Output) -> serde_json::Value {
 /// Nothing of the drill is left: the sandbox directory is gone, no process
 /// runs with it in its command line (QEMU's socket and console live
 /// there), the daemon's hold is released and the store verifies.
-fn assert_nothing_left(store: &Path, tmp: &Path) {
+pub(crate) fn assert_nothing_left(store: &Path, tmp: &Path) {
     let left: Vec<_> = std::fs::read_dir(tmp).unwrap().collect();
     assert!(left.is_empty(), "drill left {left:?} in {}", tmp.display());
     let needle = tmp.display().to_string();
@@ -179,7 +179,7 @@ fn a_good_snapshot_passes_and_a_check_that_never_matches_fails() {
 }
 
 /// `metrics --store`: the drill metrics in Prometheus text.
-fn metrics(store: &Path) -> String {
+pub(crate) fn metrics(store: &Path) -> String {
     let out = recovery_cli()
         .args(["metrics", "--store"])
         .arg(store)
@@ -191,7 +191,7 @@ fn metrics(store: &Path) -> String {
 
 /// The value of sample `instant_recovery_<series>` in `text`.
 #[track_caller]
-fn sample(text: &str, series: &str) -> f64 {
+pub(crate) fn sample(text: &str, series: &str) -> f64 {
     let prefix = format!("instant_recovery_{series} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))

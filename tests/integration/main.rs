@@ -3,6 +3,7 @@ mod boot;
 mod corruption;
 mod device_blkio;
 mod drill;
+mod drill_plan;
 mod encryption;
 mod files;
 mod full_disk;

@@ -44,6 +44,7 @@ use crate::output;
 use check::{Check, Endpoints, ProbeState};
 
 mod check;
+pub mod group;
 mod metrics;
 
 /// The failure of a drill stopped by SIGINT or SIGTERM (not recorded).
@@ -173,16 +174,22 @@ struct Report {
     console_tail: Vec<String>,
 }
 
-/// The sandbox: daemon thread and QEMU, torn down on drop (every path).
-struct Sandbox {
+/// One disk's daemon in the sandbox.
+struct DaemonSlot {
     stop: StopHandle,
-    daemon: Option<thread::JoinHandle<daemon::Result<()>>>,
+    thread: Option<thread::JoinHandle<daemon::Result<()>>>,
+    /// The store and the daemon's hold on the snapshot (reference, holder).
+    hold: Option<(Arc<store::Store>, String, String)>,
+}
+
+/// The sandbox: a daemon thread per disk and QEMU, torn down on drop
+/// (every path).
+struct Sandbox {
+    daemons: Vec<DaemonSlot>,
     qemu: Option<Child>,
     /// Probe threads of the non-console checks, and their stop flag.
     probes: Vec<thread::JoinHandle<()>>,
     stop_probes: Arc<AtomicBool>,
-    /// The store and the daemon's hold on the snapshot (reference, holder).
-    hold: Option<(Arc<store::Store>, String, String)>,
 }
 
 impl Sandbox {
@@ -194,26 +201,33 @@ impl Sandbox {
     }
 
     /// Kills QEMU (so probes blocked on its sockets return), joins the
-    /// probes, stops the daemon, releases its hold.
+    /// probes, stops the daemons, releases their holds.
     fn teardown(&mut self) -> anyhow::Result<()> {
         self.kill_qemu();
         self.stop_probes.store(true, Ordering::SeqCst);
         for p in self.probes.drain(..) {
             let _ = p.join();
         }
-        self.stop.stop();
         let mut result = Ok(());
-        if let Some(t) = self.daemon.take() {
-            result = match t.join() {
-                Ok(r) => r.context("The drill's daemon failed"),
-                Err(_) => Err(anyhow::anyhow!("The drill's daemon panicked")),
-            };
+        for slot in &mut self.daemons {
+            slot.stop.stop();
         }
-        if let Some((store, reference, holder)) = self.hold.take() {
-            if let Err(e) = store.remove_hold(&reference, &holder) {
-                warn!(error = %e, "failed to release the drill's hold; `recovery-cli release-hold` removes it");
+        for slot in self.daemons.drain(..) {
+            if let Some(t) = slot.thread {
+                let r = match t.join() {
+                    Ok(r) => r.context("The drill's daemon failed"),
+                    Err(_) => Err(anyhow::anyhow!("The drill's daemon panicked")),
+                };
                 if result.is_ok() {
-                    result = Err(e).context("Failed to release the drill's hold");
+                    result = r;
+                }
+            }
+            if let Some((store, reference, holder)) = slot.hold {
+                if let Err(e) = store.remove_hold(&reference, &holder) {
+                    warn!(error = %e, "failed to release the drill's hold; `recovery-cli release-hold` removes it");
+                    if result.is_ok() {
+                        result = Err(e).context("Failed to release the drill's hold");
+                    }
                 }
             }
         }
@@ -227,30 +241,73 @@ impl Drop for Sandbox {
     }
 }
 
+/// SIGINT and SIGTERM set a flag while a drill runs (the drill then
+/// stops and cleans up).
+struct SignalFlag {
+    interrupted: Arc<AtomicBool>,
+    handle: signal_hook::iterator::Handle,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl SignalFlag {
+    fn install() -> anyhow::Result<SignalFlag> {
+        let interrupted = Arc::new(AtomicBool::new(false));
+        let mut signals =
+            Signals::new([SIGINT, SIGTERM]).context("Failed to install signal handlers")?;
+        let handle = signals.handle();
+        let flag = interrupted.clone();
+        let thread = thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if signals.forever().next().is_some() {
+                    flag.store(true, Ordering::SeqCst);
+                }
+            })
+            .context("Failed to start the signal thread")?;
+        Ok(SignalFlag {
+            interrupted,
+            handle,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for SignalFlag {
+    fn drop(&mut self) {
+        self.handle.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The drill's temporary directory (`recovery-drill-*`).
+fn sandbox_dir() -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("recovery-drill-")
+        .tempdir()
+        .context("Failed to create the drill's temporary directory")
+}
+
 /// Run the drill.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     let start = Instant::now();
     let store = Arc::new(open_store(&cfg.store)?);
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM]).context("Failed to install signal handlers")?;
-    let signal_handle = signals.handle();
-    let flag = interrupted.clone();
-    let signal_thread = thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if signals.forever().next().is_some() {
-                flag.store(true, Ordering::SeqCst);
-            }
-        })
-        .context("Failed to start the signal thread")?;
-    let tmp = tempfile::Builder::new()
-        .prefix("recovery-drill-")
-        .tempdir()
-        .context("Failed to create the drill's temporary directory")?;
-    let result = drill(&cfg, &store, tmp.path(), start, &interrupted);
-    signal_handle.close();
-    let _ = signal_thread.join();
+    let signals = SignalFlag::install()?;
+    let tmp = sandbox_dir()?;
+    let boot = Boot {
+        store: &cfg.store,
+        snapshots: std::slice::from_ref(&cfg.snapshot),
+        checks: &cfg.checks,
+        deadline: start + cfg.timeout,
+        timeout: cfg.timeout,
+        qemu_binary: &cfg.qemu_binary,
+        memory: cfg.memory,
+        qemu_args: &cfg.qemu_args,
+    };
+    let result = boot_sandbox(&boot, &store, tmp.path(), start, &signals.interrupted)
+        .and_then(|(mut sandbox, report, _)| sandbox.teardown().map(|()| report));
+    drop(signals);
     let removed = tmp
         .close()
         .context("Failed to remove the drill's temporary directory");
@@ -282,22 +339,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Boots the sandbox, runs the checks, tears it down.
-fn drill(
-    cfg: &Config,
-    store: &Arc<store::Store>,
-    tmp: &Path,
-    start: Instant,
-    interrupted: &AtomicBool,
-) -> anyhow::Result<Report> {
-    let socket = tmp.join("vhost.sock");
-    let console = tmp.join("console.log");
-    let daemon_cfg = DaemonConfig {
-        store: cfg.store.clone(),
-        snapshot: cfg.snapshot.clone(),
-        socket: socket.clone(),
+/// The sandbox daemon of one disk: throwaway state, no control socket,
+/// no migration.
+fn daemon_config(store: &Path, snapshot: &str, socket: &Path, state: &Path) -> DaemonConfig {
+    DaemonConfig {
+        store: store.to_path_buf(),
+        snapshot: snapshot.to_owned(),
+        socket: socket.to_path_buf(),
         socket_owner: None,
-        state: tmp.join("state"),
+        state: state.to_path_buf(),
         cache_size: 256 << 20,
         device: DeviceConfig {
             num_queues: 1,
@@ -309,28 +359,76 @@ fn drill(
         repair_from: None,
         log_interval: Duration::from_secs(3600),
         starts_guest: true,
-    };
-    let daemon = Daemon::start(&daemon_cfg)?;
-    let socket_ready_ms = start.elapsed().as_millis() as u64;
-    let reference = daemon.snapshot().reference();
-    let holder = daemon.state_dir().holder().ok();
+    }
+}
+
+/// What one sandbox boots: one or more snapshots as the disks of one
+/// guest (the first one boots), and the checks it must pass.
+struct Boot<'a> {
+    store: &'a Path,
+    snapshots: &'a [String],
+    checks: &'a [(String, Check)],
+    /// When the checks have failed.
+    deadline: Instant,
+    /// For the failure message.
+    timeout: Duration,
+    qemu_binary: &'a str,
+    memory: u64,
+    qemu_args: &'a [String],
+}
+
+/// Boots the sandbox in `tmp` and runs the checks; returns the running
+/// sandbox (the caller tears it down), the report (times from `start`)
+/// and the reference of each disk's snapshot.
+fn boot_sandbox(
+    cfg: &Boot<'_>,
+    store: &Arc<store::Store>,
+    tmp: &Path,
+    start: Instant,
+    interrupted: &AtomicBool,
+) -> anyhow::Result<(Sandbox, Report, Vec<String>)> {
+    let console = tmp.join("console.log");
     let mut sandbox = Sandbox {
-        stop: daemon.stop_handle(),
-        daemon: None,
+        daemons: Vec::new(),
         qemu: None,
         probes: Vec::new(),
         stop_probes: Arc::new(AtomicBool::new(false)),
-        hold: holder.map(|h| (store.clone(), reference.clone(), h)),
     };
-    sandbox.daemon = Some(
-        thread::Builder::new()
+    let mut sockets = Vec::new();
+    let mut references = Vec::new();
+    for (i, snapshot) in cfg.snapshots.iter().enumerate() {
+        let socket = tmp.join(format!("vhost{i}.sock"));
+        let daemon_cfg =
+            daemon_config(cfg.store, snapshot, &socket, &tmp.join(format!("state{i}")));
+        let daemon = Daemon::start(&daemon_cfg)?;
+        let reference = daemon.snapshot().reference();
+        let holder = daemon.state_dir().holder().ok();
+        let stop = daemon.stop_handle();
+        let thread = thread::Builder::new()
             .name("drill-daemon".into())
             .spawn(move || daemon.run())
-            .context("Failed to start the daemon thread")?,
-    );
-    info!(snapshot = %reference, socket_ready_ms, "drill: daemon ready");
+            .context("Failed to start the daemon thread")?;
+        sandbox.daemons.push(DaemonSlot {
+            stop,
+            thread: Some(thread),
+            hold: holder.map(|h| (store.clone(), reference.clone(), h)),
+        });
+        sockets.push(socket);
+        references.push(reference);
+    }
+    let socket_ready_ms = start.elapsed().as_millis() as u64;
+    let reference = references.first().cloned().unwrap_or_default();
+    info!(snapshot = %reference, disks = references.len(), socket_ready_ms, "drill: daemon ready");
 
-    let mut args = super::instant_boot::qemu_args(&socket.display().to_string(), cfg.memory, 1);
+    let mut args = super::instant_boot::qemu_args(&sockets[0].display().to_string(), cfg.memory, 1);
+    for (i, socket) in sockets.iter().enumerate().skip(1) {
+        args.extend([
+            "-chardev".to_owned(),
+            format!("socket,id=vu{i},path={},reconnect=1", socket.display()),
+            "-device".to_owned(),
+            format!("vhost-user-blk-pci,chardev=vu{i},num-queues=1"),
+        ]);
+    }
     args.extend(
         [
             "-accel",
@@ -358,7 +456,7 @@ fn drill(
     let qemu_started = Instant::now();
     sandbox.qemu = Some(
         daemon::qemu::spawn_tied(
-            Command::new(&cfg.qemu_binary)
+            Command::new(cfg.qemu_binary)
                 .args(&args)
                 .process_group(0)
                 .stdin(Stdio::null())
@@ -385,7 +483,7 @@ fn drill(
     // One probe thread per non-console check; `None` for console checks.
     let qmp = check::SharedQmp::default();
     let mut probes: Vec<Option<Arc<std::sync::Mutex<ProbeState>>>> = Vec::new();
-    for (_, c) in &cfg.checks {
+    for (_, c) in cfg.checks {
         if let Check::Console(_) = c {
             probes.push(None);
             continue;
@@ -400,7 +498,7 @@ fn drill(
         )?);
         probes.push(Some(state));
     }
-    let deadline = start + cfg.timeout;
+    let deadline = cfg.deadline;
     let mut failure = None;
     loop {
         let text = read_lossy(&console);
@@ -485,8 +583,11 @@ fn drill(
     };
     let boot_seconds =
         passed.then(|| (last_pass - qemu_started.duration_since(start).as_secs_f64()).max(0.0));
-    sandbox.teardown()?;
-    Ok(Report {
+    // QEMU goes at once on failure (the caller tears down the rest).
+    if !passed {
+        sandbox.kill_qemu();
+    }
+    let report = Report {
         snapshot: reference,
         passed,
         checks: results,
@@ -495,16 +596,21 @@ fn drill(
         boot_seconds,
         failure,
         console_tail,
-    })
+    };
+    Ok((sandbox, report, references))
 }
 
 /// `metrics --store`: the store's drill records as Prometheus text
 /// ([`metrics`]).
 pub fn metrics_text(store: &Path) -> anyhow::Result<String> {
-    let records = open_store(store)?
+    let store = open_store(store)?;
+    let records = store
         .all_drill_records()
         .context("Failed to read the drill records")?;
-    Ok(metrics::render(&records))
+    let services = store
+        .all_group_drill_records()
+        .context("Failed to read the group drill records")?;
+    Ok(metrics::render(&records, &services))
 }
 
 /// The file's text (invalid UTF-8 replaced); empty if it cannot be read.
@@ -523,6 +629,22 @@ fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
         r.snapshot,
         if r.passed { "PASSED" } else { "FAILED" }
     ))?;
+    print_checks(r)?;
+    if let Some(ms) = r.socket_ready_ms {
+        output::line(&format!("Socket ready after {ms} ms"))?;
+    }
+    if let (Some(rto), Some(boot)) = (r.rto_seconds, r.boot_seconds) {
+        output::line(&format!("RTO {rto:.1}s (boot {boot:.1}s)"))?;
+    }
+    if let Some(why) = &r.failure {
+        output::line(&format!("Failure: {why}"))?;
+        print_console_tail(r)?;
+    }
+    Ok(())
+}
+
+/// A line per check.
+fn print_checks(r: &Report) -> anyhow::Result<()> {
     for c in &r.checks {
         let detail = match c.passed_after_seconds {
             Some(t) => format!(" after {t:.1}s: {}", c.detail),
@@ -534,18 +656,13 @@ fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
             c.check
         ))?;
     }
-    if let Some(ms) = r.socket_ready_ms {
-        output::line(&format!("Socket ready after {ms} ms"))?;
-    }
-    if let (Some(rto), Some(boot)) = (r.rto_seconds, r.boot_seconds) {
-        output::line(&format!("RTO {rto:.1}s (boot {boot:.1}s)"))?;
-    }
-    if let Some(why) = &r.failure {
-        output::line(&format!("Failure: {why}"))?;
-        output::line("Console tail:")?;
-        for l in &r.console_tail {
-            output::line(&format!("  {l}"))?;
-        }
+    Ok(())
+}
+
+fn print_console_tail(r: &Report) -> anyhow::Result<()> {
+    output::line("Console tail:")?;
+    for l in &r.console_tail {
+        output::line(&format!("  {l}"))?;
     }
     Ok(())
 }

@@ -117,13 +117,15 @@ pub enum PlanCommand {
     Snapshots(SnapshotsArgs),
     /// Apply the plan's retention to its group points (a group goes as a whole).
     Forget(ForgetArgs),
+    /// Boot the whole service at a group point in sandboxes, run each VM's checks.
+    Drill(super::drill::group::Args),
 }
 
 /// `Some(PlanCli)` when `args` is `backup|snapshots|forget … --plan …`
 /// (clap's usage errors exit 2 as usual).
 pub fn dispatch(args: &[OsString]) -> Option<PlanCli> {
     let sub = args.get(1)?.to_str()?;
-    if !matches!(sub, "backup" | "snapshots" | "forget") {
+    if !matches!(sub, "backup" | "snapshots" | "forget" | "drill") {
         return None;
     }
     let has_plan = args[2..].iter().any(|a| {
@@ -140,6 +142,7 @@ impl PlanCli {
             PlanCommand::Backup(a) => backup_plan(a),
             PlanCommand::Snapshots(a) => snapshots(a),
             PlanCommand::Forget(a) => forget(a),
+            PlanCommand::Drill(a) => super::drill::group::run(a),
         }
     }
 }

@@ -32,12 +32,18 @@ struct Image {
     failed: u64,
 }
 
-/// Renders the records (`(µs since the epoch, record)`, any order).
-pub(super) fn render(records: &[(i64, DrillRecord)]) -> String {
-    let mut images: BTreeMap<&str, Image> = BTreeMap::new();
-    for (micros, r) in records {
+/// Renders the records (`(µs since the epoch, record)`, any order) of
+/// images and of services (group drills, `drill --plan`: label
+/// `service`).
+pub(super) fn render(records: &[(i64, DrillRecord)], services: &[(i64, DrillRecord)]) -> String {
+    let mut images: BTreeMap<(&str, &str), Image> = BTreeMap::new();
+    let labelled = records
+        .iter()
+        .map(|r| ("image", r))
+        .chain(services.iter().map(|r| ("service", r)));
+    for (label, (micros, r)) in labelled {
         let name = r.snapshot.split_once('@').map_or(&*r.snapshot, |(n, _)| n);
-        let img = images.entry(name).or_default();
+        let img = images.entry((label, name)).or_default();
         if r.passed {
             img.passed += 1;
             if img.last_pass.is_none_or(|(t, _)| t <= *micros) {
@@ -58,7 +64,7 @@ pub(super) fn render(records: &[(i64, DrillRecord)]) -> String {
             let _ = writeln!(out, "{PREFIX}{name}{{{labels}}} {v}");
         }
     };
-    let image = |n: &str| format!("image=\"{}\"", escape(n));
+    let image = |(label, n): &(&str, &str)| format!("{label}=\"{}\"", escape(n));
     metric(
         "last_successful_drill_timestamp_seconds",
         "gauge",
@@ -124,12 +130,15 @@ mod tests {
 
     #[test]
     fn newest_pass_and_counts_per_image() {
-        let text = render(&[
-            (3_000_000, record("a@1", false, None)),
-            (1_000_000, record("a@1", true, Some(4.5))),
-            (2_000_000, record("a@2", true, Some(3.25))),
-            (5_000_000, record("b\"x@1", false, None)),
-        ]);
+        let text = render(
+            &[
+                (3_000_000, record("a@1", false, None)),
+                (1_000_000, record("a@1", true, Some(4.5))),
+                (2_000_000, record("a@2", true, Some(3.25))),
+                (5_000_000, record("b\"x@1", false, None)),
+            ],
+            &[],
+        );
         let has = |l: &str| assert!(text.lines().any(|x| x == l), "{l} not in\n{text}");
         has("instant_recovery_last_successful_drill_timestamp_seconds{image=\"a\"} 2");
         has("instant_recovery_last_successful_drill_timestamp_seconds{image=\"b\\\"x\"} 0");
@@ -140,6 +149,10 @@ mod tests {
         has("# TYPE instant_recovery_drills_total counter");
         assert!(!text.contains("drill_rto_seconds{image=\"b"), "{text}");
         assert_eq!(text.lines().filter(|l| l.starts_with("# HELP")).count(), 4);
-        assert_eq!(render(&[]).lines().count(), 8);
+        assert_eq!(render(&[], &[]).lines().count(), 8);
+        let text = render(&[], &[(1_000_000, record("portal@1", true, Some(9.5)))]);
+        let has = |l: &str| assert!(text.lines().any(|x| x == l), "{l} not in\n{text}");
+        has("instant_recovery_drill_rto_seconds{service=\"portal\"} 9.5");
+        has("instant_recovery_last_drill_passed{service=\"portal\"} 1");
     }
 }
