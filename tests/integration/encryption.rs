@@ -557,3 +557,77 @@ fn encrypted_store_on_s3_seals_everything_the_server_holds() {
     let report = s3.verify(None, &store::VerifyOptions::default()).unwrap();
     assert!(!report.problems.is_empty());
 }
+
+#[test]
+fn cli_init_encrypt_on_s3_then_backup_and_restore_with_the_key() {
+    use crate::s3::server::Moto;
+    let moto = crate::require_moto!();
+    let bucket = moto.bucket("encrypted-cli");
+    let dir = tempfile::tempdir().unwrap();
+    let loc = format!("s3://{bucket}/enc");
+    let run = |pass: Option<&str>, args: &[&dyn AsRef<OsStr>]| -> Output {
+        let mut c = recovery_cli();
+        c.env_remove("RECOVERY_PASSWORD")
+            .env_remove("RECOVERY_KEY_FILE");
+        Moto::env(&mut c, &moto.endpoint(), &dir.path().join("cache"));
+        if let Some(p) = pass {
+            c.env("RECOVERY_PASSWORD", p);
+        }
+        for a in args {
+            c.arg(a);
+        }
+        c.output().unwrap()
+    };
+    let out = run(
+        Some(PASS),
+        &[
+            &"init",
+            &loc,
+            &"--encrypt",
+            &KDF[0],
+            &KDF[1],
+            &KDF[2],
+            &KDF[3],
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Created encrypted store s3://"),
+        "{out:?}"
+    );
+    assert!(!Path::new("s3:").exists(), "init made a local directory");
+    let img = dir.path().join("disk.img");
+    let data = image_with_holes(8, 4);
+    std::fs::write(&img, &data).unwrap();
+    let out = run(
+        Some(PASS),
+        &[&"backup", &"--name", &"vm", &"--store", &loc, &img],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = run(None, &[&"snapshots", &"--store", &loc]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is encrypted"),
+        "{out:?}"
+    );
+    let restored = dir.path().join("r.img");
+    let out = run(
+        Some(PASS),
+        &[&"restore", &"--store", &loc, &"vm", &restored],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read(&restored).unwrap() == data);
+    let out = run(
+        Some(PASS),
+        &[
+            &"init",
+            &loc,
+            &"--encrypt",
+            &KDF[0],
+            &KDF[1],
+            &KDF[2],
+            &KDF[3],
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}

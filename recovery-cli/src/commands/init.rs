@@ -68,7 +68,38 @@ pub fn run(c: Config) -> anyhow::Result<()> {
                 store::crypto::PASSWORD_ENV,
                 "init --encrypt",
             )?;
-            store::Store::init_encrypted(&c.store, c.chunk_size, &secret, kdf)?
+            match store::Location::parse(&super::location(&c.store)?)? {
+                store::Location::Local(p) => {
+                    store::Store::init_encrypted(&p, c.chunk_size, &secret, kdf)?
+                }
+                store::Location::S3 { bucket, prefix } => {
+                    let o = store::location::s3_options(
+                        &bucket,
+                        &prefix,
+                        &store::OpenOptions::default(),
+                    )?;
+                    let raw = store::backend::S3Backend::new(&o).map_err(|e| {
+                        store::Error::io(format!("Failed to set up S3 store {}", o.display()), e)
+                    })?;
+                    let present = store::backend::Backend::list(&raw, "").map_err(|e| {
+                        store::Error::io(format!("Failed to list {}", o.display()), e)
+                    })?;
+                    if !present.is_empty() {
+                        anyhow::bail!(
+                            "Cannot create a store at {}: the prefix is not empty",
+                            o.display()
+                        );
+                    }
+                    let cache = o.cache_dir.clone();
+                    store::Store::init_encrypted_in(
+                        cache,
+                        std::sync::Arc::new(raw),
+                        c.chunk_size,
+                        &secret,
+                        kdf,
+                    )?
+                }
+            }
         }
     };
     if c.json {
