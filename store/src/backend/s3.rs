@@ -416,6 +416,7 @@ impl Backend for S3Backend {
             shared: self.shared.clone(),
             key: key.to_string(),
             len: info.size,
+            window: std::sync::Mutex::new(Window::default()),
         }))
     }
 
@@ -519,6 +520,26 @@ struct S3Object {
     shared: Arc<Shared>,
     key: String,
     len: u64,
+    /// Readahead: the last range fetched beyond what was asked.
+    window: std::sync::Mutex<Window>,
+}
+
+/// Smallest and largest readahead of one object.
+const READAHEAD_MIN: u64 = 256 << 10;
+const READAHEAD_MAX: u64 = 8 << 20;
+
+/// Bytes of an object fetched ahead, and how far ahead the next fetch goes.
+#[derive(Debug, Default)]
+struct Window {
+    start: u64,
+    data: Bytes,
+    ahead: u64,
+}
+
+impl Window {
+    fn end(&self) -> u64 {
+        self.start + self.data.len() as u64
+    }
 }
 
 impl Object for S3Object {
@@ -536,14 +557,41 @@ impl Object for S3Object {
         if want == 0 {
             return Ok(());
         }
-        let data = self.shared.get_range(&self.key, offset, want)?;
-        if data.len() != buf.len() {
+        // A read inside the window is served from it; a read at (or just
+        // past) its end is sequential: fetch ahead, doubling up to 8 MiB.
+        // Random reads (instant boot) fetch exactly what they need.
+        let fetch = {
+            let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+            if offset >= w.start && offset + want <= w.end() && !w.data.is_empty() {
+                let at = (offset - w.start) as usize;
+                buf.copy_from_slice(&w.data[at..at + buf.len()]);
+                return Ok(());
+            }
+            let sequential =
+                !w.data.is_empty() && offset >= w.start && offset <= w.end() + (1 << 20);
+            if sequential {
+                (w.ahead * 2).clamp(READAHEAD_MIN, READAHEAD_MAX)
+            } else {
+                0
+            }
+        };
+        let len = want.max(fetch).min(self.len - offset);
+        let data = self.shared.get_range(&self.key, offset, len)?;
+        if data.len() as u64 != len {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("S3 GET {}/{}: short read", self.shared.display, self.key),
             ));
         }
-        buf.copy_from_slice(&data);
+        buf.copy_from_slice(&data[..buf.len()]);
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if fetch > 0 || w.data.is_empty() {
+            *w = Window {
+                start: offset,
+                data,
+                ahead: fetch,
+            };
+        }
         Ok(())
     }
 
