@@ -7,7 +7,8 @@
 //! check that never matches fails the drill with a non-zero exit and
 //! leaves the later VM unstarted. Records: one per member snapshot and
 //! one per group point; `check --plan` flags the failed drill under
-//! `drill_every`. After each drill nothing is left and the store verifies.
+//! `drill_every`, and `protect --plan` drills a new group point when the
+//! last successful drill is older than `drill_every`. After each drill nothing is left and the store verifies.
 
 use std::path::{Path, PathBuf};
 
@@ -114,7 +115,6 @@ fn a_two_vm_service_drill_passes_in_boot_order_and_a_failing_check_fails_it() {
     assert!(out.status.success(), "{out:?}");
     let backup: Value = serde_json::from_slice(&out.stdout).unwrap();
     let group = backup["group"].as_str().unwrap().to_owned();
-    drop(procs);
 
     // The whole service passes; app boots after db passed.
     let tmp = dir.join("tmp");
@@ -223,4 +223,51 @@ fn a_two_vm_service_drill_passes_in_boot_order_and_a_failing_check_fails_it() {
     assert!(!out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("drill") && err.contains("failed"), "{err}");
+
+    // protect --plan: the last successful drill is older than drill_every,
+    // so the new group point is drilled after it is taken.
+    let due = write_plan(
+        dir,
+        "due.toml",
+        &guest,
+        qmps,
+        ["[\"console:^PAYLOAD-OK\"]", "[\"qga\"]"],
+        "drill_timeout = \"180s\"\ndrill_every = \"1s\"",
+    );
+    // Wait until the last successful drill is older than drill_every.
+    let last_pass = s
+        .group_drill_records("portal")
+        .unwrap()
+        .iter()
+        .filter(|(_, r)| r.passed)
+        .map(|(t, _)| *t)
+        .max()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store::snapshot::now_micros() - last_pass <= 1_000_000 {
+        assert!(std::time::Instant::now() < deadline, "clock stuck");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = recovery_cli()
+        .env("TMPDIR", &tmp)
+        .args(["protect", "--points", "1", "--plan"])
+        .arg(&due)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let newest = s.groups("portal").unwrap().pop().unwrap().reference();
+    assert_ne!(newest, group);
+    assert!(
+        text.contains(&format!("drill of {newest}: passed")),
+        "{text}"
+    );
+    let g = s.group_drill_records("portal").unwrap();
+    assert_eq!(g.len(), 3);
+    assert!(
+        g.iter().any(|(_, r)| r.passed && r.snapshot == newest),
+        "{g:?}"
+    );
+    assert_nothing_left(&store, &tmp);
+    drop(procs);
 }

@@ -325,6 +325,44 @@ fn forget(a: ForgetArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// After a group point: with `drill_every` in the plan and no successful
+/// drill within it, drill `group` in a child `recovery-cli drill --plan`
+/// (in the scheduler's thread: the next point waits for it, at most
+/// `drill_timeout` per VM), and log its verdict. `check --plan` reports a
+/// failed or overdue drill.
+fn drill_if_due(plan: &Plan, group: &str) {
+    if plan.drill_every.is_none() {
+        return;
+    }
+    let due = open(plan)
+        .and_then(|s| Ok(policy::drill_status(&s, plan, store::snapshot::now_micros())?.due));
+    match due {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::warn!("drill status: {e:#}");
+            return;
+        }
+    }
+    let _ = output::line(&format!("drill of {group}: due, starting"));
+    let status = std::env::current_exe()
+        .context("Failed to find recovery-cli")
+        .and_then(|exe| {
+            std::process::Command::new(exe)
+                .args(["drill", "--plan"])
+                .arg(&plan.path)
+                .arg(group)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .context("Failed to run the drill")
+        });
+    let _ = output::line(&match status {
+        Ok(s) if s.success() => format!("drill of {group}: passed"),
+        Ok(s) => format!("drill of {group}: FAILED ({s}); see check --plan"),
+        Err(e) => format!("drill of {group}: FAILED: {e:#}"),
+    });
+}
+
 /// `protect --plan`: one log line per point; SIGTERM stops without a half
 /// point.
 pub fn protect(a: ProtectArgs) -> anyhow::Result<()> {
@@ -357,6 +395,9 @@ pub fn protect(a: ProtectArgs) -> anyhow::Result<()> {
             }
         };
         let _ = output::line(&line);
+        if let Some(r) = &o.report {
+            drill_if_due(&plan, &r.group);
+        }
     };
     output::line(&format!(
         "protecting service {}: a group point every {:.0} s (RPO {:.0} s)",
