@@ -308,6 +308,61 @@ disks = [ {{ drive = "d" }} ]
     }
 
     #[test]
+    fn check_flags_a_failed_or_overdue_drill_under_drill_every() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = plan(dir.path());
+        let store = Store::init(&p.store, 4096).unwrap();
+        let src = dir.path().join("disk");
+        std::fs::write(&src, vec![7u8; 8192]).unwrap();
+        let st = store
+            .backup("svc-a-d", &src, &store::BackupOptions::default())
+            .unwrap();
+        let m = GroupMember {
+            vm: "a".into(),
+            drive: "d".into(),
+            snapshot: format!("svc-a-d@{}", st.snapshot),
+        };
+        let mut g = GroupPoint::new("svc", now_micros(), 1.0, vec![m]).unwrap();
+        store.publish_group(&mut g).unwrap();
+        let drill = |passed: bool| store::DrillRecord {
+            snapshot: String::new(),
+            time: String::new(),
+            passed,
+            rto_seconds: passed.then_some(5.0),
+            checks: vec!["a:qga".into()],
+        };
+        // Without drill_every drills are not checked.
+        let r = check(&store, &p, now_micros()).unwrap();
+        assert!(r.ok && r.drill.is_none(), "{r:?}");
+        p.drill_every = Some(3600 * 1_000_000);
+        let r = check(&store, &p, now_micros()).unwrap();
+        assert!(!r.ok);
+        assert!(r.problems[0].contains("has no successful drill"), "{r:?}");
+        store.add_group_drill_record(&g, &drill(true)).unwrap();
+        let now = now_micros();
+        let r = check(&store, &p, now).unwrap();
+        assert!(r.ok, "{r:?}");
+        assert!(!drill_status(&store, &p, now).unwrap().due);
+        // Two hours later the drill is overdue.
+        let r = check(&store, &p, now + 7200 * 1_000_000).unwrap();
+        assert!(
+            r.problems.iter().any(|p| p.starts_with("Drill overdue")),
+            "{r:?}"
+        );
+        assert!(
+            drill_status(&store, &p, now + 7200 * 1_000_000)
+                .unwrap()
+                .due
+        );
+        // The newest drill failed: flagged even with a recent success.
+        store.add_group_drill_record(&g, &drill(false)).unwrap();
+        let r = check(&store, &p, now_micros()).unwrap();
+        assert!(!r.ok);
+        assert!(r.problems[0].starts_with("The newest drill"), "{r:?}");
+        assert!(r.problems[0].ends_with("failed"), "{r:?}");
+    }
+
+    #[test]
     fn check_flags_a_stale_rpo_and_a_failed_run_and_forget_keeps_whole_groups() {
         let dir = tempfile::tempdir().unwrap();
         let p = plan(dir.path());
