@@ -158,6 +158,15 @@ fn a_two_vm_service_drill_passes_in_boot_order_and_a_failing_check_fails_it() {
     assert_eq!(g.len(), 1);
     assert!(g[0].1.passed && g[0].1.snapshot == group, "{g:?}");
     assert_eq!(g[0].1.rto_seconds, Some(app_rto));
+    let out = recovery_cli()
+        .args(["snapshots", "--json", "--plan"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["group"], group.as_str(), "{rows:#}");
+    assert_eq!(rows[0]["last_drill"]["passed"], true, "{rows:#}");
     let m = metrics(&store);
     assert_eq!(
         sample(&m, "last_drill_passed{service=\"portal\"}"),

@@ -241,6 +241,16 @@ fn snapshots(a: SnapshotsArgs) -> anyhow::Result<()> {
         let t = store::point::parse_time(at, store::snapshot::now_micros())?;
         groups = vec![s.resolve_group(&plan.service, None, Some(t))?];
     }
+    // The newest drill of each group point (`drill --plan`).
+    let drills = s.group_drill_records(&plan.service)?;
+    let last_drill = |g: &store::group::GroupPoint| {
+        let reference = g.reference();
+        drills
+            .iter()
+            .filter(|(_, r)| r.snapshot == reference)
+            .max_by_key(|(t, _)| *t)
+            .map(|(_, r)| r.clone())
+    };
     if a.json {
         let v: Vec<serde_json::Value> = groups
             .iter()
@@ -248,6 +258,7 @@ fn snapshots(a: SnapshotsArgs) -> anyhow::Result<()> {
                 let mut v = serde_json::to_value(g).unwrap_or_default();
                 v["group"] = g.reference().into();
                 v["complete"] = policy::is_complete(&plan, g).into();
+                v["last_drill"] = serde_json::to_value(last_drill(g)).unwrap_or_default();
                 v
             })
             .collect();
@@ -263,8 +274,17 @@ fn snapshots(a: SnapshotsArgs) -> anyhow::Result<()> {
         } else {
             " (incomplete for this plan)"
         };
+        let drill = match last_drill(g) {
+            Some(d) if d.passed => format!(
+                " (drill passed {}, RTO {:.1}s)",
+                d.time,
+                d.rto_seconds.unwrap_or(0.0)
+            ),
+            Some(d) => format!(" (drill FAILED {})", d.time),
+            None => String::new(),
+        };
         output::line(&format!(
-            "{:<36} {:<28} {:>6.1} ms {:>7}  {}{incomplete}",
+            "{:<36} {:<28} {:>6.1} ms {:>7}  {}{incomplete}{drill}",
             g.reference(),
             g.instant,
             g.blackout_ms,
