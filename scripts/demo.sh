@@ -8,7 +8,10 @@
 #      with a live progress bar, while the guest keeps writing: writes to
 #      chunks not migrated yet go through the overlay, the others straight
 #      to the target;
-#   3. boot the migrated file on its own, without the store or the daemon.
+#   3. protect it continuously meanwhile: a protection point of the disk
+#      the guest sees every 2 s (changed chunks only), so any moment of the
+#      run can come back: restore one from the middle of the migration;
+#   4. boot the migrated file on its own, without the store or the daemon.
 #
 # Installs what is missing (QEMU, qemu-utils, busybox, e2fsprogs, a guest
 # kernel), builds recovery-cli in release mode. Work files go to a temp dir
@@ -82,7 +85,7 @@ say "Boot it instantly from the store, migrating to $TARGET"
 # the migration is complete.
 "$CLI" instant-boot --store "$STORE" guest \
     --socket "$WORK/vhost.sock" --state "$STATE" --target "$TARGET" \
-    --copy-rate 256K --queues 1 --qemu -- \
+    --copy-rate 256K --queues 1 --protect --protect-every 2s --qemu -- \
     -accel tcg -smp 1 -nodefaults -no-user-config -display none -no-reboot \
     -serial "file:$WORK/console.log" \
     -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initramfs.cpio.gz" \
@@ -129,6 +132,7 @@ echo "skipped (zero chunks):    $(mib "$(field bytes_skipped)")"
 echo "guest writes:             $(field guest_write_ops) requests, $(mib "$(field guest_write_bytes)")"
 echo "  through the overlay:    $(mib "$(field overlay_write_bytes)") (their chunk was not on the target yet)"
 echo "guest loop rounds verified by then: $ROUNDS"
+echo "protection points:        $(field points_written) written meanwhile, RPO $(awk -v s="$(field rpo_seconds)" 'BEGIN { printf "%.1f s", s }') at the end"
 if [ "$(field overlay_write_bytes)" -eq 0 ]; then
     echo "the guest wrote nothing through the overlay: no overlap with the migration" >&2
     exit 1
@@ -144,6 +148,18 @@ if grep -q 'LOOP .* BAD' "$WORK/console.log"; then
     echo "the guest saw bad data" >&2
     exit 1
 fi
+
+say "Continuous protection: a point every 2 s while the guest ran (recovery-cli snapshots)"
+# Points are ordinary snapshots of the image: deltas on the previous point.
+"$CLI" snapshots --store "$STORE" guest | tail -n 6
+read -r POINTS MID < <("$CLI" snapshots --store "$STORE" guest --json | python3 -c '
+import json, sys
+snaps = json.load(sys.stdin)
+print(len(snaps), snaps[len(snaps) * 3 // 4]["created"])')
+"$CLI" restore --store "$STORE" guest --at "$MID" "$WORK/point.raw"
+e2fsck -fy "$WORK/point.raw" >/dev/null 2>&1 || [ $? -lt 4 ]
+e2fsck -fn "$WORK/point.raw"
+echo "$POINTS snapshots of guest in the store; the one at $MID restored and checked"
 
 say "The target is a plain raw disk: check it and boot it alone"
 e2fsck -fn "$TARGET"

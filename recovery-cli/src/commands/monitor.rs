@@ -443,9 +443,19 @@ fn eta(status: &Status) -> String {
     }
 }
 
+/// Copy rate and ETA, and with protection the RPO next to them.
 fn rate_and_eta(status: &Status) -> String {
+    let rpo = match &status.protection {
+        Some(p) => format!(
+            ", RPO {} ({})",
+            p.rpo_seconds
+                .map_or("-".to_string(), human::format_duration),
+            p.state
+        ),
+        None => String::new(),
+    };
     format!(
-        "{}, ETA {}",
+        "{}, ETA {}{rpo}",
         human::format_rate(status.copy_rate),
         eta(status)
     )
@@ -552,6 +562,9 @@ pub fn summary(s: &Status) -> String {
         "Cache hit rate",
         format!("{:.1}%", s.cache_hit_rate * 100.0),
     ));
+    if let Some(line) = progress::protection_line(s) {
+        rows.push(("Protection", line));
+    }
     rows.push(("Uptime", human::format_duration(s.uptime_seconds)));
 
     let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0) + 1;
