@@ -434,7 +434,10 @@ impl Protector {
         };
         let handle = std::thread::Builder::new()
             .name("protect".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                lower_priority();
+                writer.run()
+            })
             .map_err(Error::Thread)?;
         self.thread = Some(handle);
         Ok(())
@@ -621,6 +624,20 @@ impl ChangedSource for PointSource<'_> {
             return Err(io::Error::other("the daemon stops"));
         }
         self.point.read_at(buf, offset)
+    }
+}
+
+/// Nice value of the `protect` thread and of the store's reader and worker
+/// threads it starts (threads inherit it): a point is background work, and
+/// on a loaded machine the guest's requests must win the CPU.
+pub const POINT_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`POINT_NICE`] (Linux nice
+/// values are per thread); a failure only costs the guest some latency.
+fn lower_priority() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), POINT_NICE) {
+        tracing::warn!(error = %e, "protection: could not lower the point thread's priority");
     }
 }
 
