@@ -38,7 +38,7 @@ use store::{SnapshotInfo, Store};
 use tracing::{info, info_span, warn};
 
 use super::{escape, parse_disks, parse_owner, Owner, Virsh};
-use crate::live_backup::fleece::{is_our_bitmap, Names};
+use crate::live_backup::fleece::{free_bytes, is_our_bitmap, Names, SCRATCH_HEADROOM};
 use crate::live_backup::{self, source, store_tag, Report};
 use crate::nbd;
 
@@ -261,15 +261,6 @@ fn clear_leftovers(v: &Virsh, domain: &str, names: &Names, scratch: &Path) -> Re
     Ok(removed)
 }
 
-/// Free bytes in `dir`.
-fn free_space(dir: &Path) -> Result<u64> {
-    let st = rustix::fs::statvfs(dir).map_err(|e| Error::Scratch {
-        dir: dir.to_path_buf(),
-        source: e.into(),
-    })?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
 /// The `<domainbackup>` XML of a pull-mode backup of `disk`.
 pub fn backup_xml(disk: &str, base: Option<&str>, socket: &Path, scratch: &Path) -> String {
     let incremental = base
@@ -453,8 +444,8 @@ fn backup(
         source,
     };
     std::fs::create_dir_all(&cfg.scratch).map_err(scratch_err)?;
-    let need = size + (16 << 20);
-    let free = free_space(&cfg.scratch)?;
+    let need = size + SCRATCH_HEADROOM;
+    let free = free_bytes(&cfg.scratch).map_err(scratch_err)?;
     if free < need {
         return Err(Error::ScratchSpace {
             dir: cfg.scratch.clone(),

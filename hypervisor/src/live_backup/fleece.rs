@@ -237,12 +237,14 @@ pub fn clear_leftovers(q: &mut Qmp, names: &Names, scratch_dir: &Path) -> Result
     Ok(removed)
 }
 
-/// Free bytes in `dir`.
-fn free_space(dir: &Path) -> Result<u64> {
-    let st = rustix::fs::statvfs(dir).map_err(|e| Error::Scratch {
-        dir: dir.to_path_buf(),
-        source: e.into(),
-    })?;
+/// Room a scratch directory needs beyond the disk size (the qcow2 image's
+/// metadata), for the QMP and the libvirt paths alike.
+pub(crate) const SCRATCH_HEADROOM: u64 = 16 << 20;
+
+/// Free bytes in `dir`, for the QMP and the libvirt paths alike (each maps
+/// the error to its own `Scratch` variant).
+pub(crate) fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
@@ -263,8 +265,11 @@ impl Fleece {
     /// QEMU fails guest writes when the scratch image cannot take them),
     /// create the scratch image and add it as a node backed by the disk.
     pub fn prepare(&mut self, q: &mut Qmp, names: &Names, drive: &Drive, dir: &Path) -> Result<()> {
-        let need = drive.size + (16 << 20);
-        let free = free_space(dir)?;
+        let need = drive.size + SCRATCH_HEADROOM;
+        let free = free_bytes(dir).map_err(|source| Error::Scratch {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
         if free < need {
             return Err(Error::ScratchSpace {
                 dir: dir.to_path_buf(),
