@@ -532,15 +532,18 @@ pub fn mount(
         if let Err(e) = unmounter.unmount() {
             tracing::error!(error = %e, mountpoint = %mp.display(), "unmount failed");
         }
-        let (lock, cv) = &*session_ended;
-        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (guard, _) = cv
-            .wait_timeout_while(guard, ABORT_GRACE, |ended| !*ended)
-            .unwrap_or_else(|p| p.into_inner());
-        if *guard {
+        // Whether the session ended within ABORT_GRACE.
+        let ended_in_grace = || {
+            let (lock, cv) = &*session_ended;
+            let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let (guard, _) = cv
+                .wait_timeout_while(guard, ABORT_GRACE, |ended| !*ended)
+                .unwrap_or_else(|p| p.into_inner());
+            *guard
+        };
+        if ended_in_grace() {
             return;
         }
-        drop(guard);
         tracing::warn!(
             mountpoint = %mp.display(),
             "the filesystem is still in use from another mount namespace after the unmount: \
@@ -548,11 +551,7 @@ pub fn mount(
         );
         let aborted = connection
             .is_some_and(|minor| std::fs::write(format!("{FUSECTL}/{minor}/abort"), b"1").is_ok());
-        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (guard, _) = cv
-            .wait_timeout_while(guard, ABORT_GRACE, |ended| !*ended)
-            .unwrap_or_else(|p| p.into_inner());
-        if !*guard {
+        if !ended_in_grace() {
             tracing::warn!(aborted, "the FUSE session did not end: exiting");
             std::process::exit(0);
         }
