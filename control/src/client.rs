@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{Error, Request, Response, Result, DEFAULT_TIMEOUT};
+use super::{Error, PointTaken, Request, Response, Result, DEFAULT_TIMEOUT};
 use crate::status::Status;
 
 /// Sends one request and waits up to [`DEFAULT_TIMEOUT`] for its response.
@@ -126,6 +126,39 @@ pub fn fetch_metrics(path: &Path) -> Result<String> {
 /// Sends a command that answers only `ok` (pause, resume, set-rate).
 pub fn send_command(path: &Path, req: &Request) -> Result<()> {
     request(path, req)?.into_result().map(drop)
+}
+
+/// Asks a protecting daemon for a protection point now (`point`);
+/// returns once its instant is taken, waiting at most `timeout`.
+pub fn take_point(path: &Path, timeout: Duration) -> Result<PointTaken> {
+    point_request(
+        path,
+        &Request::Point {
+            timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        },
+        timeout,
+    )
+}
+
+/// Waits at most `timeout` for the point of `cut` to be complete in the
+/// store (`point-wait`); its `snapshot` is then set.
+pub fn wait_point(path: &Path, cut: u64, timeout: Duration) -> Result<PointTaken> {
+    point_request(
+        path,
+        &Request::PointWait {
+            cut,
+            timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        },
+        timeout,
+    )
+}
+
+fn point_request(path: &Path, req: &Request, timeout: Duration) -> Result<PointTaken> {
+    // The daemon answers by its own deadline; leave it time to say why.
+    request_with_timeout(path, req, timeout + DEFAULT_TIMEOUT)?
+        .into_result()?
+        .point
+        .ok_or(Error::MissingField("point"))
 }
 
 #[cfg(test)]

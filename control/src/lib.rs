@@ -22,8 +22,22 @@
 //! {"cmd":"resume"}                              {"ok":true}
 //! {"cmd":"set-rate","bytes_per_second":N}       {"ok":true}
 //! {"cmd":"metrics"}                             {"ok":true,"metrics":"# HELP ..."}
+//! {"cmd":"point"}                               {"ok":true,"point":{"cut":N,"name":..,"instant":..,"instant_micros":..}}
+//! {"cmd":"point-wait","cut":N}                  {"ok":true,"point":{...,"snapshot":"NAME@ID"}}
 //! anything else                                 {"ok":false,"error":"..."}
 //! ```
+//!
+//! `point` asks a protecting daemon for a protection point now, out of its
+//! schedule, and answers once the cut is taken (every write acknowledged
+//! before `instant` is in the point, none issued after the request
+//! arrived): a caller that holds its guests still around the request gets
+//! the disk as it was then. The point is then written into the store in
+//! the background; `point-wait` answers once it is complete, with its
+//! snapshot (`NAME@ID`; when nothing changed since the last point, that
+//! point, which holds the disk as it is at the instant), or an error if
+//! writing it failed. Both take an optional `timeout_ms` (default
+//! [`POINT_TIMEOUT`]); give the client a longer one. A daemon without
+//! protection refuses both.
 //!
 //! A line is at most [`MAX_LINE`] bytes; a server serves at most
 //! [`MAX_CLIENTS`] connections at once and tells the next one so. The
@@ -78,9 +92,16 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
-pub use client::{fetch_metrics, fetch_status, request, request_with_timeout, send_command};
+pub use client::{
+    fetch_metrics, fetch_status, request, request_with_timeout, send_command, take_point,
+    wait_point,
+};
 pub use metrics::render_metrics;
 pub use status::{Control, PointRef, Protection, ProtectionState, State, Status};
+
+/// How long the daemon waits, by default, for a `point` cut or a
+/// `point-wait` completion before it answers with an error.
+pub const POINT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Longest request line accepted, newline included.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -155,8 +176,45 @@ pub enum Request {
     Status,
     Pause,
     Resume,
-    SetRate { bytes_per_second: u64 },
+    SetRate {
+        bytes_per_second: u64,
+    },
     Metrics,
+    /// A protection point now: answers once its instant is taken.
+    Point {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+    /// Waits until the point of cut `cut` is complete in the store.
+    PointWait {
+        cut: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+}
+
+/// A protection point asked for with `point` (the `point` field).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointTaken {
+    /// The daemon's number of the cut, for `point-wait`.
+    pub cut: u64,
+    /// The image name the daemon writes its points under.
+    pub name: String,
+    /// The instant the point holds the disk at (RFC 3339, µs).
+    pub instant: String,
+    /// The same instant, µs since the epoch.
+    pub instant_micros: i64,
+    /// `NAME@ID` of the point, once complete (`point-wait`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+/// A request's timeout: the one given in ms (bounded to a day), else
+/// [`POINT_TIMEOUT`].
+fn timeout_of(ms: Option<u64>) -> Duration {
+    ms.filter(|&ms| ms > 0).map_or(POINT_TIMEOUT, |ms| {
+        Duration::from_millis(ms.min(86_400_000))
+    })
 }
 
 /// A response line. `ok` is false exactly when `error` is set.
@@ -169,6 +227,8 @@ pub struct Response {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<PointTaken>,
 }
 
 impl Response {
@@ -179,6 +239,7 @@ impl Response {
             error: None,
             status: None,
             metrics: None,
+            point: None,
         }
     }
 
@@ -189,6 +250,7 @@ impl Response {
             error: Some(message.into()),
             status: None,
             metrics: None,
+            point: None,
         }
     }
 
@@ -222,6 +284,20 @@ pub fn handle_request(control: &dyn Control, request: &Request) -> Response {
             metrics: Some(render_metrics(&control.status())),
             ..Response::ok()
         },
+        Request::Point { timeout_ms } => point(control.point(timeout_of(*timeout_ms))),
+        Request::PointWait { cut, timeout_ms } => {
+            point(control.point_wait(*cut, timeout_of(*timeout_ms)))
+        }
+    }
+}
+
+fn point(result: std::result::Result<PointTaken, String>) -> Response {
+    match result {
+        Ok(p) => Response {
+            point: Some(p),
+            ..Response::ok()
+        },
+        Err(message) => Response::error(message),
     }
 }
 
@@ -277,6 +353,40 @@ mod tests {
             serde_json::to_string(&Response::error("no")).unwrap(),
             r#"{"ok":false,"error":"no"}"#
         );
+    }
+
+    #[test]
+    fn point_requests_round_trip_and_default_to_refused() {
+        let line = serde_json::to_string(&Request::PointWait {
+            cut: 3,
+            timeout_ms: None,
+        })
+        .unwrap();
+        assert_eq!(line, r#"{"cmd":"point-wait","cut":3}"#);
+        let parsed: Request = serde_json::from_str(r#"{"cmd":"point"}"#).unwrap();
+        assert_eq!(parsed, Request::Point { timeout_ms: None });
+        assert_eq!(timeout_of(Some(0)), POINT_TIMEOUT);
+        assert_eq!(timeout_of(Some(2500)), Duration::from_millis(2500));
+        // A daemon that does not protect refuses, with a reason.
+        struct Plain;
+        impl Control for Plain {
+            fn status(&self) -> Status {
+                Status::default()
+            }
+            fn pause(&self) -> std::result::Result<(), String> {
+                Ok(())
+            }
+            fn resume(&self) -> std::result::Result<(), String> {
+                Ok(())
+            }
+            fn set_rate(&self, _: u64) -> std::result::Result<(), String> {
+                Ok(())
+            }
+        }
+        let r = handle_line(&Plain, br#"{"cmd":"point"}"#);
+        assert!(!r.ok && r.error.unwrap().contains("does not protect"));
+        let r = handle_line(&Plain, br#"{"cmd":"point-wait","cut":1}"#);
+        assert!(!r.ok);
     }
 
     #[test]

@@ -262,4 +262,24 @@ pub trait Control: Send + Sync {
     fn resume(&self) -> Result<(), String>;
     /// Sets the copy rate limit in bytes per second; 0 means unlimited.
     fn set_rate(&self, bytes_per_second: u64) -> Result<(), String>;
+    /// Takes a protection point now, waiting at most `timeout` for its
+    /// cut (`point` request); refused without protection.
+    fn point(&self, timeout: std::time::Duration) -> Result<crate::PointTaken, String> {
+        let _ = timeout;
+        Err(NO_PROTECTION.to_string())
+    }
+    /// Waits at most `timeout` for the point of `cut` to be complete in
+    /// the store (`point-wait` request).
+    fn point_wait(
+        &self,
+        cut: u64,
+        timeout: std::time::Duration,
+    ) -> Result<crate::PointTaken, String> {
+        let _ = (cut, timeout);
+        Err(NO_PROTECTION.to_string())
+    }
 }
+
+/// The refusal of `point` by a daemon without protection.
+pub const NO_PROTECTION: &str =
+    "this daemon does not protect its disk: start it with --protect (instant-boot) or serve --protect-every";
