@@ -136,7 +136,8 @@ use crate::target::Target;
 
 use progress::Progress;
 use repair::Repair;
-use throttle::{RateLimiter, RateWindow};
+pub use throttle::RateLimiter;
+use throttle::RateWindow;
 
 /// Stripes of the chunk lock table.
 const CHUNK_LOCK_STRIPES: usize = 4096;
@@ -169,6 +170,11 @@ pub struct MigrationOptions {
     pub max_yield: Duration,
     /// How often the copier logs its progress.
     pub log_interval: Duration,
+    /// A limiter shared with other migrations (`instant-boot --plan`: one
+    /// copy-rate limit for every disk of a service); when set,
+    /// `copy_rate` is not used and [`MigratingDevice::set_rate`] changes
+    /// the shared limit.
+    pub shared_limit: Option<Arc<RateLimiter>>,
 }
 
 impl Default for MigrationOptions {
@@ -183,6 +189,7 @@ impl Default for MigrationOptions {
             yield_window: Duration::from_millis(5),
             max_yield: Duration::from_millis(50),
             log_interval: Duration::from_secs(10),
+            shared_limit: None,
         }
     }
 }
@@ -408,7 +415,7 @@ pub struct MigratingDevice {
     target_error: Mutex<Option<(Instant, String)>>,
     known_zero: AtomicBool,
     cursor: Mutex<u64>,
-    limiter: RateLimiter,
+    limiter: Arc<RateLimiter>,
     window: Mutex<RateWindow>,
     bytes_copied_on_read: AtomicU64,
     progress: Progress,
@@ -594,7 +601,10 @@ impl MigratingDevice {
             chunks: size.div_ceil(u64::from(chunk_size)),
             target,
             state,
-            limiter: RateLimiter::new(opts.copy_rate),
+            limiter: opts
+                .shared_limit
+                .clone()
+                .unwrap_or_else(|| Arc::new(RateLimiter::new(opts.copy_rate))),
             opts,
             layers: RwLock::new(layers.map(Arc::new)),
             ctl: Mutex::new(Ctl {

@@ -9,6 +9,13 @@
 //! credit (no burst after a pause), and a rate change applies at once.
 //! Copy-on-read is the guest's demand and is not paced.
 //!
+//! One limiter can pace several migrations: `instant-boot --plan` hands
+//! every disk's copier the same `Arc<RateLimiter>`
+//! ([`super::MigrationOptions::shared_limit`]), so all their workers take
+//! slots from one clock and the service's copy rate, not each disk's,
+//! stays under the limit; a rate change through any of them (or the
+//! limiter itself) applies to all.
+//!
 //! Decisions take the time as an argument ([`RateLimiter::take`],
 //! [`RateWindow::sample`]), so tests drive them with a synthetic clock;
 //! only [`RateLimiter::acquire`] sleeps.
@@ -34,8 +41,10 @@ fn duration(bytes: u64, rate: u64) -> Duration {
         .min(LONGEST)
 }
 
-/// A token bucket without burst, changeable at run time.
-pub(super) struct RateLimiter {
+/// A token bucket without burst, changeable at run time, shareable
+/// between migrations (see the module doc).
+#[derive(Debug)]
+pub struct RateLimiter {
     rate: AtomicU64,
     /// Where the last slot taken ends: the next one starts there, or now.
     next_free: Mutex<Instant>,
@@ -43,7 +52,7 @@ pub(super) struct RateLimiter {
 
 impl RateLimiter {
     /// A limiter of `rate` bytes per second (0 = unlimited).
-    pub(super) fn new(rate: u64) -> RateLimiter {
+    pub fn new(rate: u64) -> RateLimiter {
         RateLimiter {
             rate: AtomicU64::new(rate),
             next_free: Mutex::new(Instant::now()),
@@ -51,12 +60,12 @@ impl RateLimiter {
     }
 
     /// The limit in bytes per second, 0 = unlimited.
-    pub(super) fn rate(&self) -> u64 {
+    pub fn rate(&self) -> u64 {
         self.rate.load(Ordering::SeqCst)
     }
 
     /// Changes the limit, at once: the next slot starts now.
-    pub(super) fn set_rate(&self, rate: u64) {
+    pub fn set_rate(&self, rate: u64) {
         let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
         self.rate.store(rate, Ordering::SeqCst);
         *next = Instant::now();
@@ -192,6 +201,25 @@ mod tests {
         let now = Instant::now();
         assert_eq!(fast.take(CHUNK, now), Ok(()));
         assert_eq!(fast.take(CHUNK, now), Err(now + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn migrations_sharing_a_limiter_take_slots_from_one_clock() {
+        const CHUNK: u64 = 64 << 10;
+        // Two disks' copiers, one limit of a chunk per second: together
+        // they get one chunk per second, not one each.
+        let shared = std::sync::Arc::new(RateLimiter::new(CHUNK));
+        let (a, b) = (shared.clone(), shared.clone());
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        assert_eq!(a.take(CHUNK, t0), Ok(()));
+        assert_eq!(b.take(CHUNK, t0), Err(t0 + second));
+        assert_eq!(b.take(CHUNK, t0 + second), Ok(()));
+        assert_eq!(a.take(CHUNK, t0 + second), Err(t0 + 2 * second));
+        // A rate change through one applies to the other.
+        b.set_rate(0);
+        assert_eq!(a.rate(), 0);
+        assert_eq!(a.take(CHUNK, t0), Ok(()));
     }
 
     #[test]
