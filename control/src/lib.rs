@@ -97,7 +97,7 @@ pub use client::{
     wait_point,
 };
 pub use metrics::render_metrics;
-pub use status::{Control, PointRef, Protection, ProtectionState, State, Status};
+pub use status::{Control, DiskStatus, PointRef, Protection, ProtectionState, State, Status};
 
 /// How long the daemon waits, by default, for a `point` cut or a
 /// `point-wait` completion before it answers with an error.
@@ -314,6 +314,9 @@ fn finite(mut status: Status) -> Status {
         }
     }
     status.eta_seconds = status.eta_seconds.filter(|eta| eta.is_finite());
+    for disk in &mut status.disks {
+        disk.status = finite(std::mem::take(&mut disk.status));
+    }
     status
 }
 

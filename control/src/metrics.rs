@@ -221,8 +221,92 @@ pub fn render_metrics(status: &Status) -> String {
     if let Some(p) = &status.protection {
         render_protection(&mut out, p);
     }
+    render_disks(&mut out, status);
 
     out.text
+}
+
+/// `instant-boot --plan`: the service's name and a sample per disk
+/// (label `disk`, `<vm>-<drive>`) of the migration metrics; the metrics
+/// above are the service's totals.
+fn render_disks(out: &mut Metrics, status: &Status) {
+    if let Some(service) = &status.service {
+        out.metric(
+            "service_info",
+            Kind::Gauge,
+            "The service whose group point the daemon serves.",
+        );
+        out.sample("service_info", &[("service", service)], 1.0);
+    }
+    if status.disks.is_empty() {
+        return;
+    }
+    out.metric(
+        "disk_state",
+        Kind::Gauge,
+        "State of each disk of the service, one-hot over all states.",
+    );
+    for d in &status.disks {
+        for state in State::ALL {
+            let value = if d.status.state == state { 1.0 } else { 0.0 };
+            out.sample(
+                "disk_state",
+                &[("disk", &d.disk), ("state", state.name())],
+                value,
+            );
+        }
+    }
+    type Field = fn(&Status) -> f64;
+    let families: [(&str, Kind, &str, Field); 7] = [
+        (
+            "disk_image_bytes",
+            Kind::Gauge,
+            "Size of each disk in bytes.",
+            |s| s.bytes_total as f64,
+        ),
+        (
+            "disk_bytes_to_copy",
+            Kind::Gauge,
+            "Bytes of data each disk's migration has to move.",
+            |s| s.bytes_to_copy as f64,
+        ),
+        (
+            "disk_bytes_copied_total",
+            Kind::Counter,
+            "Bytes of data written to each disk's target.",
+            |s| s.bytes_copied as f64,
+        ),
+        (
+            "disk_bytes_migrated_total",
+            Kind::Counter,
+            "Bytes of each disk migrated to its target.",
+            |s| s.bytes_migrated as f64,
+        ),
+        (
+            "disk_migration_progress_ratio",
+            Kind::Gauge,
+            "Fraction of each disk's data to copy that is on its target, 0 to 1.",
+            Status::progress,
+        ),
+        (
+            "disk_copy_rate_bytes_per_second",
+            Kind::Gauge,
+            "Rate of data written to each disk's target over a recent window.",
+            |s| s.copy_rate,
+        ),
+        (
+            "disk_guest_io_errors_total",
+            Kind::Counter,
+            "Guest requests on each disk completed with an I/O error.",
+            |s| s.guest_io_errors as f64,
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        out.metric(name, kind, help);
+        for d in &status.disks {
+            out.sample(name, &[("disk", &d.disk)], value(&d.status));
+        }
+    }
 }
 
 /// The `protection_*` metrics (only while the daemon protects the disk).
@@ -386,6 +470,7 @@ mod tests {
     use std::collections::{BTreeMap, HashMap};
 
     use super::*;
+    use crate::status::DiskStatus;
 
     fn sample_status() -> Status {
         Status {
@@ -732,5 +817,67 @@ mod tests {
         let ok = parse_sample("instant_recovery_x{a=\"b\",c=\"d\"} 1.5").unwrap();
         assert_eq!(ok.labels.len(), 2);
         assert_eq!(ok.value, 1.5);
+    }
+
+    #[test]
+    fn a_service_has_its_totals_and_a_labelled_sample_per_disk() {
+        let disk = |name: &str, state, copied: u64| DiskStatus {
+            disk: name.to_string(),
+            status: Status {
+                state,
+                bytes_total: 64 << 20,
+                bytes_to_copy: 8 << 20,
+                bytes_copied: copied,
+                ..Status::default()
+            },
+        };
+        let status = Status {
+            state: State::Migrating,
+            bytes_total: 128 << 20,
+            bytes_to_copy: 16 << 20,
+            bytes_copied: 12 << 20,
+            service: Some("portal".into()),
+            disks: vec![
+                disk("db-disk0", State::Complete, 8 << 20),
+                disk("app-disk0", State::Migrating, 4 << 20),
+            ],
+            ..Status::default()
+        };
+        let samples = parse(&render_metrics(&status));
+        assert_eq!(
+            value(&samples, "bytes_copied_total", &[]),
+            (12 << 20) as f64
+        );
+        assert_eq!(
+            value(&samples, "service_info", &[("service", "portal")]),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "disk_bytes_copied_total",
+                &[("disk", "app-disk0")]
+            ),
+            (4 << 20) as f64
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "disk_migration_progress_ratio",
+                &[("disk", "app-disk0")]
+            ),
+            0.5
+        );
+        let state =
+            |disk, state| value(&samples, "disk_state", &[("disk", disk), ("state", state)]);
+        assert_eq!(state("db-disk0", "complete"), 1.0);
+        assert_eq!(state("db-disk0", "migrating"), 0.0);
+        assert_eq!(state("app-disk0", "migrating"), 1.0);
+        // A daemon of one disk has none of them.
+        let one = render_metrics(&sample_status());
+        assert!(
+            !one.contains("disk_state") && !one.contains("service_info"),
+            "{one}"
+        );
     }
 }

@@ -150,6 +150,27 @@ pub struct Status {
     /// daemon does not protect the disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protection: Option<Protection>,
+
+    /// `instant-boot --plan`: the service whose group point is served;
+    /// absent for a daemon of one disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// `instant-boot --plan`: one report per disk, in boot order. The
+    /// fields above are then the service's totals (sums of bytes, chunks,
+    /// rates and guest counters; the worst state; `snapshot` is the group
+    /// point), so a client of one disk reads the whole service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskStatus>,
+}
+
+/// One disk of a service (`Status::disks`): its name and its own report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiskStatus {
+    /// `<vm>-<drive>`, as in the socket's name.
+    pub disk: String,
+    /// The disk's report, its fields inline.
+    #[serde(flatten)]
+    pub status: Status,
 }
 
 /// How protection is doing.
@@ -283,3 +304,42 @@ pub trait Control: Send + Sync {
 /// The refusal of `point` by a daemon without protection.
 pub const NO_PROTECTION: &str =
     "this daemon does not protect its disk: start it with --protect (instant-boot) or serve --protect-every";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_report_reads_as_a_single_disk_report_and_round_trips() {
+        let service = Status {
+            state: State::Migrating,
+            snapshot: "portal@20261206T120000.000000Z".into(),
+            bytes_total: 2 << 20,
+            service: Some("portal".into()),
+            disks: vec![DiskStatus {
+                disk: "db-disk0".into(),
+                status: Status {
+                    state: State::Complete,
+                    bytes_total: 1 << 20,
+                    target: Some("/dev/vg/db".into()),
+                    ..Status::default()
+                },
+            }],
+            ..Status::default()
+        };
+        let json = serde_json::to_value(&service).unwrap();
+        // A disk's fields are inline, next to its name.
+        assert_eq!(json["disks"][0]["disk"], "db-disk0");
+        assert_eq!(json["disks"][0]["state"], "complete");
+        assert_eq!(json["disks"][0]["bytes_total"], 1 << 20);
+        assert!(json["disks"][0].get("disks").is_none(), "{json}");
+        let back: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back, service);
+        // A report of one disk has neither field, and an older report
+        // (without them) still parses.
+        let one = serde_json::to_value(Status::default()).unwrap();
+        assert!(one.get("disks").is_none() && one.get("service").is_none());
+        let old: Status = serde_json::from_value(one).unwrap();
+        assert!(old.disks.is_empty() && old.service.is_none());
+    }
+}
