@@ -140,11 +140,43 @@ pub fn open_source(source: &Path) -> Result<(File, u64)> {
     Ok((file, size))
 }
 
+/// Alignment of batch buffers: what `O_DIRECT` reads need (see `file.rs`).
+pub(crate) const READ_ALIGN: usize = 4096;
+
 struct Batch {
     first: u64,
     len: usize,
+    /// Allocated with [`READ_ALIGN`] spare bytes; the data starts at `at`,
+    /// the first aligned byte, so a source can read into it with `O_DIRECT`.
     data: Vec<u8>,
+    at: usize,
     parent: Vec<Option<ChunkId>>,
+}
+
+impl Batch {
+    fn new(capacity: usize, chunks: usize) -> Batch {
+        let data = vec![0u8; capacity + READ_ALIGN];
+        // `align_offset` may give up (usize::MAX); the buffer then is merely
+        // unaligned and the source reads it through the page cache.
+        let at = data.as_ptr().align_offset(READ_ALIGN).min(READ_ALIGN);
+        Batch {
+            first: 0,
+            len: 0,
+            data,
+            at,
+            parent: Vec::with_capacity(chunks),
+        }
+    }
+
+    /// The batch's bytes.
+    fn bytes(&self) -> &[u8] {
+        &self.data[self.at..self.at + self.len]
+    }
+
+    /// Room for `len` bytes, to read into.
+    fn room(&mut self, len: usize) -> &mut [u8] {
+        &mut self.data[self.at..self.at + len]
+    }
 }
 
 struct Output {
@@ -220,7 +252,7 @@ impl Store {
             None,
             // Holes are zero chunks, never read (see `file.rs`).
             |shared, parent, per_batch, free, work| {
-                changed::read_changed(shared, &src, parent, per_batch, 1, free, work)
+                changed::read_changed(shared, &src, parent, per_batch, src.readers(), free, work)
             },
         )
     }
@@ -415,12 +447,7 @@ where
     let (out_tx, out_rx) = bounded::<Output>(pool_size);
     let (out_free_tx, out_free_rx) = bounded::<Output>(pool_size);
     for _ in 0..pool_size {
-        let _ = free_tx.send(Batch {
-            first: 0,
-            len: 0,
-            data: vec![0u8; per_batch * cs],
-            parent: Vec::with_capacity(per_batch),
-        });
+        let _ = free_tx.send(Batch::new(per_batch * cs, per_batch));
         let _ = out_free_tx.send(Output {
             records: Vec::new(),
             chunks: Vec::new(),
@@ -496,7 +523,7 @@ fn work(
         output.chunks.clear();
         entries.clear();
         let c = &shared.counters;
-        for (i, data) in batch.data[..batch.len].chunks(cs).enumerate() {
+        for (i, data) in batch.bytes().chunks(cs).enumerate() {
             if is_zero(data) {
                 entries.extend_from_slice(&[0u8; ENTRY_LEN]);
                 c.chunks_zero.fetch_add(1, Ordering::Relaxed);

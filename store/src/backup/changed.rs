@@ -271,10 +271,9 @@ fn read_runs(
                 let Ok(mut batch) = free.recv() else {
                     return Ok(());
                 };
-                src.read_at(offset, &mut batch.data[..len as usize])
-                    .map_err(|e| {
-                        Error::io(format!("Failed to read the source at offset {offset}"), e)
-                    })?;
+                src.read_at(offset, batch.room(len as usize)).map_err(|e| {
+                    Error::io(format!("Failed to read the source at offset {offset}"), e)
+                })?;
                 batch.first = first;
                 batch.len = len as usize;
                 match parent {

@@ -8,17 +8,29 @@
 //! never says `Unchanged`: that is for sources that track changes since a
 //! parent (a dirty bitmap, NBD block status), which implement the same trait.
 //!
+//! Data is read with `O_DIRECT` where the file system allows it (a second
+//! descriptor; whole aligned 4 KiB blocks into the pipeline's aligned
+//! buffers): the disk DMAs straight into the buffer, so the copy out of the
+//! page cache (a fifth of a backup's CPU) is gone and the backup does not
+//! evict the host's cache. Without the kernel's readahead the backup keeps
+//! [`FileSource::readers`] reads in flight. A file system that refuses
+//! `O_DIRECT` (tmpfs), an unaligned tail, or an `EINVAL` at the first read
+//! falls back to ordinary buffered reads.
+//!
 //! The extent map is taken at open; like any backup of an image that is
 //! being written, data written into a hole during the backup may or may not
 //! be in the snapshot.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tracing::debug;
 
 use super::changed::{ChangedSource, ChunkState};
-use super::open_source;
+use super::{open_source, READ_ALIGN};
 use crate::error::{Error, Result};
 
 /// An image file or block device, with the byte ranges that hold data.
@@ -30,6 +42,9 @@ pub struct FileSource {
     chunk_size: u64,
     /// Sorted, disjoint `[start, end)` ranges that may hold data.
     data: Vec<(u64, u64)>,
+    /// The same file opened `O_DIRECT`, while the file system takes it.
+    direct: Option<File>,
+    direct_ok: AtomicBool,
 }
 
 impl FileSource {
@@ -47,13 +62,54 @@ impl FileSource {
         } else {
             vec![(0, size)]
         };
+        let direct = OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path)
+            .map_err(|e| debug!(path = %path.display(), "no O_DIRECT reads: {e}"))
+            .ok();
         Ok(FileSource {
             file,
             path: path.to_path_buf(),
             size,
             chunk_size: chunk_size as u64,
             data,
+            direct_ok: AtomicBool::new(direct.is_some()),
+            direct,
         })
+    }
+
+    /// Reads to keep in flight: several for `O_DIRECT` (no readahead),
+    /// one through the page cache (the kernel reads ahead).
+    pub fn readers(&self) -> usize {
+        if self.direct_ok.load(Ordering::Relaxed) {
+            3
+        } else {
+            1
+        }
+    }
+
+    /// An `O_DIRECT` read of `buf` at `offset`, when the descriptor, the
+    /// buffer, the offset and the length allow it. `None`: read buffered.
+    fn read_direct(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        let d = self.direct.as_ref()?;
+        let aligned = |x: u64| x.is_multiple_of(READ_ALIGN as u64);
+        if !self.direct_ok.load(Ordering::Relaxed)
+            || !aligned(offset)
+            || !aligned(buf.len() as u64)
+            || !aligned(buf.as_ptr() as u64)
+            || offset + buf.len() as u64 > self.size
+        {
+            return None;
+        }
+        match d.read_exact_at(buf, offset) {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                debug!(path = %self.path.display(), "O_DIRECT read refused, reading buffered");
+                self.direct_ok.store(false, Ordering::Relaxed);
+                None
+            }
+            r => Some(r),
+        }
     }
 
     /// Image size in bytes.
@@ -126,7 +182,10 @@ impl ChangedSource for FileSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        match self.read_direct(offset, buf) {
+            Some(r) => r,
+            None => self.file.read_exact_at(buf, offset),
+        }
     }
 }
 
@@ -168,6 +227,25 @@ mod tests {
         std::fs::write(&full, vec![0u8; 1 << 20]).unwrap();
         let s = FileSource::open(&full, 4096).unwrap();
         assert_eq!(s.data, vec![(0, 1 << 20)]);
+        // Aligned reads (O_DIRECT where the file system takes it) and
+        // unaligned ones (buffered) return the same bytes.
+        let img: Vec<u8> = (0..(1u32 << 20) + 1536).map(|i| (i % 251) as u8).collect();
+        let odd = dir.path().join("odd.img");
+        std::fs::write(&odd, &img).unwrap();
+        let s = FileSource::open(&odd, 65536).unwrap();
+        let mut buf = vec![0u8; (256 << 10) + READ_ALIGN];
+        let at = buf.as_ptr().align_offset(READ_ALIGN);
+        for (off, len) in [
+            (0usize, 256usize << 10),
+            (4096, 8192),
+            (100, 5000),
+            (1 << 20, 1536),
+        ] {
+            let b = &mut buf[at..at + len];
+            s.read_at(off as u64, b).unwrap();
+            assert!(b[..] == img[off..off + len], "read of {len} at {off}");
+        }
+        assert!(s.readers() >= 1);
         // An empty file has none.
         let empty = dir.path().join("empty.img");
         std::fs::write(&empty, b"").unwrap();
