@@ -5,10 +5,11 @@
 //! cache's hit rate, the overlay's size, the failed chunk reads of the
 //! store sources, continuous protection and the uptime. Control commands
 //! (pause, resume, set-rate) go to the migration; without a target they
-//! are refused with a message saying so.
+//! are refused with a message saying so. `point` and `point-wait` go to
+//! protection (`crate::protect`), and are refused without it.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use block::bitmap::JournalState;
 use block::cache::ChunkCache;
@@ -18,7 +19,7 @@ use block::migrate::{MigratingDevice, MigrationPhase, MigrationStatus};
 use block::overlay::Overlay;
 use block::source::ChunkSource;
 use block::store_source::StoreSource;
-use control::{Control, State, Status};
+use control::{Control, PointTaken, State, Status};
 
 use crate::protect::ProtectStatus;
 
@@ -85,6 +86,12 @@ impl DaemonStatus {
         self
     }
 
+    fn protection(&self) -> Result<&Arc<ProtectStatus>, String> {
+        self.protection
+            .as_ref()
+            .ok_or_else(|| control::status::NO_PROTECTION.to_string())
+    }
+
     fn migration(&self) -> Result<&Arc<MigratingDevice>, String> {
         self.migration.as_ref().ok_or_else(|| NO_TARGET.to_string())
     }
@@ -148,6 +155,14 @@ impl Control for DaemonStatus {
     fn set_rate(&self, bytes_per_second: u64) -> Result<(), String> {
         self.migration()?.set_rate(bytes_per_second);
         Ok(())
+    }
+
+    fn point(&self, timeout: Duration) -> Result<PointTaken, String> {
+        self.protection()?.point_now(timeout)
+    }
+
+    fn point_wait(&self, cut: u64, timeout: Duration) -> Result<PointTaken, String> {
+        self.protection()?.wait_point(cut, timeout)
     }
 }
 

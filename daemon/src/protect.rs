@@ -26,6 +26,22 @@
 //!    interval), and the next interval tries again. The guest never
 //!    notices.
 //!
+//! # Points on demand
+//! The `point` control request ([`ProtectStatus::point_now`]) asks for a
+//! point now, out of the schedule (a service's group point: its guests
+//! are held still around the request, see the `service` crate). The
+//! request counts itself (`asked`) and wakes the thread; a point whose
+//! attempt read `asked` before its instant covers every request counted
+//! by then, and the request answers with that cut's number and instant as
+//! soon as the cut is taken, before the point is copied. A demanded point
+//! takes its cut first and then waits for the store's writer lock (another
+//! daemon's point, a service backup), up to [`LOCK_WAIT`], so the cut is
+//! not delayed by the lock; a scheduled one takes the lock first, as
+//! before. `point-wait` ([`ProtectStatus::wait_point`]) answers once the
+//! cut's point is complete (or failed): the point, or, when nothing had
+//! changed, the last one, which holds the disk as it is at the instant.
+//! A request that arrives while a point is being copied waits for it.
+//!
 //! # Full reads
 //! A point reads every chunk (and has no parent) when there is no usable
 //! parent: the first point of `serve --disk`, of another `--protect-name`,
@@ -54,6 +70,7 @@
 //! [`ProtectStatus`] holds atomics and one leaf mutex (last point,
 //! reason); building a status never waits for point I/O.
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,8 +82,8 @@ use serde::{Deserialize, Serialize};
 use block::device::BlockDevice;
 use block::file::write_atomic;
 use block::protect::{Point, ProtectLayer, ProtectOptions, DEFAULT_PRESERVE_BUDGET};
-use control::{PointRef, Protection, ProtectionState};
-use store::backup::changed::{ChangedOptions, ChangedSource, ChunkState};
+use control::{PointRef, PointTaken, Protection, ProtectionState};
+use store::backup::changed::{ChangedBackup, ChangedOptions, ChangedSource, ChunkState};
 use store::snapshot::{micros_from_id, rfc3339_micros};
 use store::{ErrorKind, Store};
 
@@ -78,6 +95,11 @@ pub const PROTECT_FILE: &str = "protect.json";
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Default interval between points.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a point on demand waits for the store's writer lock after
+/// its cut.
+pub const LOCK_WAIT: Duration = Duration::from_secs(300);
+/// Cuts on demand remembered for `point-wait`.
+const CUTS_KEPT: usize = 64;
 
 /// What to protect under which name, how often.
 #[derive(Debug, Clone)]
@@ -204,6 +226,8 @@ pub struct ProtectStatus {
     /// Newest instant whose disk state is in the store, µs (0: none yet).
     covered_micros: AtomicU64,
     leaf: Mutex<Leaf>,
+    /// The thread's wake-up, and the points asked for on demand.
+    signal: Arc<Stop>,
 }
 
 #[derive(Debug, Default)]
@@ -253,20 +277,97 @@ impl ProtectStatus {
             pending_bytes: self.layer.pending_bytes(),
         }
     }
+
+    /// A point now (the `point` request): counts the request, wakes the
+    /// thread and waits at most `timeout` for a cut taken after it.
+    pub fn point_now(&self, timeout: Duration) -> std::result::Result<PointTaken, String> {
+        let deadline = Instant::now() + timeout;
+        let s = &self.signal;
+        let mut d = s.demand();
+        d.asked += 1;
+        let mine = d.asked;
+        s.cond.notify_all();
+        loop {
+            if let Some(cut) = d.cuts.iter().find(|c| c.covers >= mine) {
+                return Ok(self.taken(cut));
+            }
+            d = s.wait(d, deadline, "the cut")?;
+        }
+    }
+
+    /// Waits at most `timeout` for the point of `cut` to be complete (the
+    /// `point-wait` request).
+    pub fn wait_point(
+        &self,
+        cut: u64,
+        timeout: Duration,
+    ) -> std::result::Result<PointTaken, String> {
+        let deadline = Instant::now() + timeout;
+        let s = &self.signal;
+        let mut d = s.demand();
+        loop {
+            let Some(c) = d.cuts.iter().find(|c| c.number == cut) else {
+                return Err(format!("no point cut {cut} (unknown, or too old)"));
+            };
+            match &c.outcome {
+                Some(Ok(_)) => return Ok(self.taken(c)),
+                Some(Err(reason)) => return Err(format!("point cut {cut} failed: {reason}")),
+                None => d = s.wait(d, deadline, "the point")?,
+            }
+        }
+    }
+
+    fn taken(&self, cut: &Cut) -> PointTaken {
+        PointTaken {
+            cut: cut.number,
+            name: self.name.clone(),
+            instant: rfc3339_micros(cut.instant_micros),
+            instant_micros: cut.instant_micros,
+            snapshot: match &cut.outcome {
+                Some(Ok(id)) => Some(format!("{}@{id}", self.name)),
+                _ => None,
+            },
+        }
+    }
 }
 
-/// Stop signal of the `protect` thread.
+/// A cut that covers points asked for on demand.
+#[derive(Debug)]
+struct Cut {
+    number: u64,
+    /// Covers the requests counted up to this.
+    covers: u64,
+    instant_micros: i64,
+    /// The snapshot id holding the disk at the instant, or why not.
+    outcome: Option<std::result::Result<String, String>>,
+}
+
+/// The points asked for on demand, under [`Stop`]'s lock.
+#[derive(Debug, Default)]
+struct Demand {
+    /// Requests counted so far.
+    asked: u64,
+    /// Requests counted up to this are covered by a cut.
+    covered: u64,
+    /// Numbers the cuts.
+    cuts_taken: u64,
+    /// The newest cuts ([`CUTS_KEPT`]).
+    cuts: VecDeque<Cut>,
+}
+
+/// Stop signal of the `protect` thread, and its points on demand (one
+/// lock and condvar for both: every change wakes every waiter).
 #[derive(Debug, Default)]
 struct Stop {
     stopped: AtomicBool,
-    lock: Mutex<()>,
+    lock: Mutex<Demand>,
     cond: Condvar,
 }
 
 impl Stop {
     fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
-        let _g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _g = self.demand();
         self.cond.notify_all();
     }
 
@@ -274,15 +375,48 @@ impl Stop {
         self.stopped.load(Ordering::Acquire)
     }
 
-    /// Waits until `deadline` or a stop; true if stopped.
-    fn wait_until(&self, deadline: Instant) -> bool {
-        let mut g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+    fn demand(&self) -> std::sync::MutexGuard<'_, Demand> {
+        self.lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A request's wait for `what`: the guard back after a wake-up, or
+    /// why it gave up (the daemon stops, the deadline passed).
+    fn wait<'a>(
+        &self,
+        g: std::sync::MutexGuard<'a, Demand>,
+        deadline: Instant,
+        what: &str,
+    ) -> std::result::Result<std::sync::MutexGuard<'a, Demand>, String> {
+        if self.is_stopped() {
+            return Err(format!("the daemon stops before {what}"));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        Ok(self
+            .cond
+            .wait_timeout(g, deadline - now)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0)
+    }
+
+    /// Requests counted and not yet covered by a cut.
+    fn pending(&self) -> bool {
+        let d = self.demand();
+        d.asked > d.covered
+    }
+
+    /// Waits until `deadline`, a stop or (with `on_demand`) a point asked
+    /// for; true if stopped.
+    fn wait_until(&self, deadline: Instant, on_demand: bool) -> bool {
+        let mut g = self.demand();
         loop {
             if self.is_stopped() {
                 return true;
             }
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || (on_demand && g.asked > g.covered) {
                 return false;
             }
             g = self
@@ -379,6 +513,7 @@ impl Protector {
         }
         store_record(&record_path, &record).map_err(|e| Error::Write(record_path.clone(), e))?;
         let covered = record.last_point.as_ref().map_or(0, |p| p.instant_micros);
+        let stop = Arc::new(Stop::default());
         let status = Arc::new(ProtectStatus {
             name,
             interval: cfg.interval,
@@ -391,6 +526,7 @@ impl Protector {
                 last_point: record.last_point.clone(),
                 problem: None,
             }),
+            signal: stop.clone(),
         });
         tracing::info!(
             name = %status.name,
@@ -399,7 +535,6 @@ impl Protector {
             full = record.full_needed,
             "protection on"
         );
-        let stop = Arc::new(Stop::default());
         Ok(Protector {
             writer: Some(PointWriter {
                 layer: layer.clone(),
@@ -493,7 +628,7 @@ impl PointWriter {
         // exists the RPO is unknown.
         let mut next = Instant::now();
         loop {
-            if self.stop.wait_until(next) {
+            if self.stop.wait_until(next, true) {
                 return;
             }
             let started = Instant::now();
@@ -515,7 +650,14 @@ impl PointWriter {
     /// One attempt.
     fn point(&mut self) -> std::result::Result<(), Failed> {
         let name = self.status.name.clone();
-        let mut session = self.store.begin_changed_backup(&name)?;
+        // Asked for on demand: the cut first, then the lock (waited for).
+        let demanded = self.stop.pending();
+        let store = self.store.clone();
+        let early = if demanded {
+            None
+        } else {
+            Some(store.begin_changed_backup(&name)?)
+        };
         // A forgotten parent cannot be a delta's base: read everything.
         if let Some(parent) = &self.record.parent {
             if !self.layer.full_needed() {
@@ -525,7 +667,63 @@ impl PointWriter {
                 }
             }
         }
-        let (instant, point) = self.layer.start_point().map_err(|e| Failed {
+        // Requests counted before the instant are covered by this cut.
+        let asked = self.stop.demand().asked;
+        let started = self.layer.start_point();
+        let cut = self.record_cut(asked, started.as_ref().ok().map(|(i, _)| micros(*i)));
+        let result = self.write_point(early, started);
+        if let Some(cut) = cut {
+            let outcome = match &result {
+                Ok(()) => self
+                    .record
+                    .parent
+                    .clone()
+                    .ok_or_else(|| "nothing changed and there is no earlier point".to_string()),
+                Err(f) => Err(f.reason.clone()),
+            };
+            let mut d = self.stop.demand();
+            if let Some(c) = d.cuts.iter_mut().find(|c| c.number == cut) {
+                c.outcome = Some(outcome);
+            }
+            self.stop.cond.notify_all();
+        }
+        result
+    }
+
+    /// Records the cut at `instant` (µs; `None`: it failed) as covering
+    /// the requests counted up to `asked`; its number if it covers any.
+    fn record_cut(&self, asked: u64, instant: Option<i64>) -> Option<u64> {
+        let mut d = self.stop.demand();
+        if asked <= d.covered {
+            return None;
+        }
+        d.covered = asked;
+        d.cuts_taken += 1;
+        let number = d.cuts_taken;
+        d.cuts.push_back(Cut {
+            number,
+            covers: asked,
+            instant_micros: instant.unwrap_or(0),
+            outcome: instant
+                .is_none()
+                .then(|| Err("cannot start a point".to_string())),
+        });
+        if d.cuts.len() > CUTS_KEPT {
+            d.cuts.pop_front();
+        }
+        self.stop.cond.notify_all();
+        Some(number)
+    }
+
+    /// Writes the point started by `start_point` (`started`) under
+    /// `session` (taken before the cut) or a lock taken now.
+    fn write_point(
+        &mut self,
+        session: Option<ChangedBackup<'_>>,
+        started: io::Result<(SystemTime, Option<Point>)>,
+    ) -> std::result::Result<(), Failed> {
+        let name = self.status.name.clone();
+        let (instant, point) = started.map_err(|e| Failed {
             reason: format!("cannot start a point: {e}"),
             failure: true,
         })?;
@@ -535,6 +733,17 @@ impl PointWriter {
                 .covered_micros
                 .fetch_max(micros(instant).max(0) as u64, Ordering::AcqRel);
             return Ok(());
+        };
+        let store = self.store.clone();
+        let mut session = match session {
+            Some(s) => s,
+            None => match lock_store(&store, &name, &self.stop) {
+                Ok(s) => s,
+                Err(f) => {
+                    let _ = point.abandon();
+                    return Err(f);
+                }
+            },
         };
         session.set_created(micros(instant));
         let parent = if point.full() {
@@ -601,6 +810,28 @@ impl PointWriter {
             "protection point written"
         );
         Ok(())
+    }
+}
+
+/// Waits up to [`LOCK_WAIT`] for the store's writer lock (a point on
+/// demand, whose cut is taken), unless the daemon stops.
+fn lock_store<'a>(
+    store: &'a Store,
+    name: &str,
+    stop: &Stop,
+) -> std::result::Result<ChangedBackup<'a>, Failed> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match store.begin_changed_backup(name) {
+            Err(e) if e.kind() == ErrorKind::Locked && Instant::now() < deadline => {
+                if stop.wait_until(Instant::now() + pause, false) {
+                    return Err(e.into());
+                }
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            r => return r.map_err(Failed::from),
+        }
     }
 }
 
@@ -766,6 +997,69 @@ mod tests {
         );
         assert!(!p.writer.as_ref().unwrap().record.full_needed);
         assert_eq!(p.writer.as_ref().unwrap().record.parent, Some(second.id));
+    }
+
+    #[test]
+    fn a_point_on_demand_holds_the_writes_before_its_cut_and_waits_for_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = vec![7u8; SIZE];
+        let (store, booted) = store_with(dir.path(), &image);
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let mem = Arc::new(MemDevice::from_vec(image.clone()));
+        let origin = Origin {
+            snapshot: Some(("vm".into(), booted.clone())),
+            fresh_state: true,
+        };
+        // An hour between scheduled points: every point below is asked for.
+        let cfg = ProtectConfig {
+            name: None,
+            interval: Duration::from_secs(3600),
+        };
+        let mut p = Protector::open(&state, mem.clone(), store.clone(), &cfg, &origin).unwrap();
+        let layer = p.layer().clone();
+        let status = p.status().clone();
+        p.spawn().unwrap();
+        wait_for("the first scheduled attempt", || {
+            status.protection().rpo_seconds.is_some()
+        });
+        let timeout = Duration::from_secs(60);
+        // Nothing changed: the cut's point is the booted snapshot.
+        let cut = status.point_now(timeout).unwrap();
+        let done = status.wait_point(cut.cut, timeout).unwrap();
+        assert_eq!(done.snapshot, Some(format!("vm@{booted}")));
+        assert_eq!(done.instant, cut.instant);
+
+        layer.write_at(&[1; 4096], 3 * 4096).unwrap();
+        let expected = mem.snapshot();
+        // Another writer holds the store's lock: the cut is taken anyway,
+        // and the point is written once the lock is free.
+        let held = store.begin_changed_backup("other").unwrap();
+        let cut = status.point_now(timeout).unwrap();
+        assert!(cut.snapshot.is_none());
+        assert!(cut.instant_micros > 0);
+        layer.write_at(&[2; 4096], 5 * 4096).unwrap();
+        let err = status
+            .wait_point(cut.cut, Duration::from_millis(200))
+            .unwrap_err();
+        assert!(err.contains("timed out"), "{err}");
+        drop(held);
+        let done = status.wait_point(cut.cut, timeout).unwrap();
+        let snapshot = done.snapshot.unwrap();
+        assert_eq!(
+            restore(&store, &snapshot, dir.path()),
+            expected,
+            "the point holds the disk at its cut, not the later write"
+        );
+        assert_eq!(
+            store.resolve(&snapshot).unwrap().created,
+            cut.instant,
+            "the snapshot is stamped with the cut's instant"
+        );
+        assert!(status.wait_point(999, timeout).is_err());
+        p.stop();
+        let err = status.point_now(timeout).unwrap_err();
+        assert!(err.contains("stops"), "{err}");
     }
 
     #[test]
