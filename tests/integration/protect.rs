@@ -971,8 +971,11 @@ fn guest_files_synced_before_the_point_are_in_it() {
             .as_str()
             .map(parse_us);
         let after = synced[needed - 1].2.max(times.last().copied().unwrap_or(0));
-        if newest.is_some_and(|t| t > after) {
-            times.push(synced.last().unwrap().2);
+        // T is no earlier than that point's instant: under load the point
+        // can be cut after the last file's line was seen, and a T before
+        // it would pick the previous point, which may predate every file.
+        if let Some(point) = newest.filter(|&t| t > after) {
+            times.push(synced.last().unwrap().2.max(point));
         }
     }
     // A few more files after the last T.
