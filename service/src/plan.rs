@@ -17,7 +17,18 @@
 //! boot_order = 1
 //! checks = ["console:login:", "qga"]   # optional: what a drill checks
 //! drill_args = ["-kernel", "vmlinuz"]  # optional: extra QEMU args of the drill
+//!
+//! [[vm]]
+//! name = "app"                 # a VM whose disk our daemon serves
+//! qmp = "/run/portal/app.qmp"
+//! disks = [ { drive = "disk0", daemon = "/run/portal/app-disk0.control" } ]
 //! ```
+//! A disk with `daemon` (the control socket of the `instant-boot
+//! --protect` or `serve --protect-every` daemon serving it) is captured by
+//! that daemon's protection point, cut while the guests are held still;
+//! the daemon must write its points into the plan's store under the
+//! member name `<service>-<vm>-<drive>` (its `--protect-name`), which the
+//! backup checks. `drive` still names the member.
 //! A drill (`recovery-cli drill --plan`) boots every VM in a sandbox and
 //! runs its `checks` ([`crate::check`]); top-level `drill_every = "7d"`
 //! (optional: `protect` drills the newest group point when the last
@@ -104,6 +115,9 @@ pub struct Disk {
     pub drive: String,
     /// Migration target for `instant-boot --plan` (not used by backups).
     pub target: Option<PathBuf>,
+    /// Control socket of our daemon serving this disk: its protection
+    /// points are the member's snapshots (no fleecing).
+    pub daemon: Option<PathBuf>,
     /// The line of the disk in the plan (for errors found at backup time).
     pub line: usize,
 }
@@ -176,6 +190,7 @@ struct RawVm {
 struct RawDisk {
     drive: Spanned<String>,
     target: Option<PathBuf>,
+    daemon: Option<Spanned<PathBuf>>,
 }
 
 /// QEMU options of `drill_args` whose value is a path (relative to the
@@ -333,9 +348,21 @@ impl Plan {
                         format!("VM {name} lists drive {drive:?} twice (first on line {first})"),
                     ));
                 }
+                let daemon = match d.daemon {
+                    Some(p) if p.get_ref().as_os_str().is_empty() => {
+                        return Err(err(
+                            p.span(),
+                            Some(&format!("vm[{i}].disks[{j}].daemon")),
+                            "daemon must be the path of the daemon's control socket".into(),
+                        ));
+                    }
+                    Some(p) => Some(abs(p.into_inner())),
+                    None => None,
+                };
                 disks.push(Disk {
                     drive,
                     target: d.target.map(abs),
+                    daemon,
                     line: dline,
                 });
             }
@@ -538,6 +565,31 @@ disks = [ { drive = "disk0" }, { drive = "data" } ]
         assert_eq!((line, key.as_deref()), (7, Some("drill_timeout")));
         let (_, key, _) = bad(&text.replace("drill_args", "drill_arg"));
         assert_eq!(key.as_deref(), Some("drill_arg"));
+    }
+
+    #[test]
+    fn daemon_served_disks_parse_and_are_validated() {
+        let text = GOOD.replace(
+            "{ drive = \"data\" }",
+            "{ drive = \"data\", daemon = \"run/app-data.control\" }",
+        );
+        let p = parse(&text).unwrap();
+        assert_eq!(p.vms[1].disks[0].daemon, None);
+        assert_eq!(
+            p.vms[1].disks[1].daemon.as_deref(),
+            Some(Path::new("/etc/plans/run/app-data.control"))
+        );
+        let (line, key, msg) = bad(&text.replace("run/app-data.control", ""));
+        assert_eq!(
+            (line, key.as_deref()),
+            (17, Some("vm[1].disks[1].daemon")),
+            "{msg}"
+        );
+        let (line, key, msg) = bad(&text.replace("daemon = \"run", "deamon = \"run"));
+        assert_eq!((line, key.as_deref()), (17, Some("deamon")), "{msg}");
+        let (line, key, msg) = bad(&text.replace("\"run/app-data.control\"", "3"));
+        assert_eq!(line, 17, "{key:?} {msg}");
+        assert!(msg.contains("invalid type"), "{msg}");
     }
 
     #[test]

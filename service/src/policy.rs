@@ -424,6 +424,7 @@ disks = [ {{ drive = "d" }} ]
         q.vms[0].disks.push(crate::plan::Disk {
             drive: "e".into(),
             target: None,
+            daemon: None,
             line: 0,
         });
         assert!(!check(&store, &q, now).unwrap().ok);
