@@ -9,7 +9,15 @@
 //! [`PackWriter`] fills a reusable in-memory buffer up to the target size
 //! (~32 MiB), then publishes the pack (temp file, fsync, rename, fsync dir)
 //! and only then its per-pack index: an index never names a pack that is not
-//! durable.
+//! durable. On a local store the pack's whole 4 KiB blocks are written with
+//! `O_DIRECT` from the (aligned) buffer and only the tail through the page
+//! cache: the fsync writes the pack to disk anyway, and the copy into the
+//! page cache was a tenth of a backup's CPU. A file system that refuses
+//! `O_DIRECT` gets an ordinary write.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use tracing::debug;
 
@@ -24,10 +32,16 @@ use crate::index::idx::{self, IdxEntry};
 /// Default target size of a pack.
 pub const PACK_TARGET_SIZE: usize = 32 << 20;
 
+/// Alignment (and granularity) of `O_DIRECT` pack writes.
+const WRITE_ALIGN: usize = 4096;
+
 /// Accumulates records and publishes packs with their index.
 #[derive(Debug)]
 pub struct PackWriter {
+    /// `at` padding bytes, then the pack; `buf[at..]` is aligned to
+    /// [`WRITE_ALIGN`] (when the allocator allows) for `O_DIRECT` writes.
     buf: Vec<u8>,
+    at: usize,
     entries: Vec<IdxEntry>,
     target: usize,
 }
@@ -44,13 +58,23 @@ pub struct PublishedPack {
 impl PackWriter {
     /// A writer that publishes once a pack reaches `target` bytes.
     pub fn new(target: usize) -> PackWriter {
-        let mut buf = Vec::with_capacity(target + (4 << 20) + 4096);
+        let mut buf: Vec<u8> = Vec::with_capacity(target + (4 << 20) + 2 * WRITE_ALIGN);
+        // The capacity is never exceeded in normal use (records are at most
+        // a few MiB past the target), so the buffer stays where it is.
+        let at = buf.as_ptr().align_offset(WRITE_ALIGN).min(WRITE_ALIGN);
+        buf.resize(at, 0);
         buf.extend_from_slice(&pack_header());
         PackWriter {
             buf,
+            at,
             entries: Vec::new(),
             target,
         }
+    }
+
+    /// The pack's bytes so far.
+    fn pack(&self) -> &[u8] {
+        &self.buf[self.at..]
     }
 
     /// Append one encoded record (header + data, as made by
@@ -58,7 +82,7 @@ impl PackWriter {
     pub fn add(&mut self, id: ChunkId, raw_len: u32, record: &[u8]) {
         self.entries.push(IdxEntry {
             id,
-            offset: self.buf.len() as u64,
+            offset: self.pack().len() as u64,
             stored_len: (record.len() - RECORD_HEADER_LEN) as u32,
             raw_len,
         });
@@ -67,7 +91,7 @@ impl PackWriter {
 
     /// True once the pack reached its target size.
     pub fn is_full(&self) -> bool {
-        self.buf.len() >= self.target
+        self.pack().len() >= self.target
     }
 
     /// True when no record was added since the last publish.
@@ -83,9 +107,7 @@ impl PackWriter {
         }
         let id = PackId::random();
         let key = id.pack_key();
-        backend
-            .put(&key, &self.buf)
-            .ctx(|| format!("Failed to write pack {key}"))?;
+        put_pack(backend, &key, self.pack()).ctx(|| format!("Failed to write pack {key}"))?;
         let mut entries = std::mem::take(&mut self.entries);
         let idx_bytes = idx::encode(&id, &mut entries);
         let idx_key = id.idx_key();
@@ -97,11 +119,36 @@ impl PackWriter {
                 e,
             ));
         }
-        let size = self.buf.len() as u64;
+        let size = self.pack().len() as u64;
         debug!(pack = %id, size, chunks = entries.len(), "published pack");
-        self.buf.truncate(PACK_HEADER_LEN);
+        self.buf.truncate(self.at + PACK_HEADER_LEN);
         Ok(Some(PublishedPack { id, entries, size }))
     }
+}
+
+/// Write a pack as object `key`: on a local store its aligned part with
+/// `O_DIRECT` (see the module docs), else [`Backend::put`].
+fn put_pack(backend: &dyn Backend, key: &str, pack: &[u8]) -> io::Result<()> {
+    let aligned = pack.len() / WRITE_ALIGN * WRITE_ALIGN;
+    if backend.is_remote() || aligned == 0 || !(pack.as_ptr() as usize).is_multiple_of(WRITE_ALIGN)
+    {
+        return backend.put(key, pack);
+    }
+    let mut tmp = backend.create_temp()?;
+    let direct = OpenOptions::new()
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(tmp.path())
+        .and_then(|d| d.write_all_at(&pack[..aligned], 0));
+    match direct {
+        Ok(()) => tmp.file().write_all_at(&pack[aligned..], aligned as u64)?,
+        Err(e) => {
+            debug!(key, "O_DIRECT pack write refused ({e}), writing buffered");
+            tmp.file().set_len(0)?;
+            tmp.file_mut().write_all(pack)?;
+        }
+    }
+    backend.publish(tmp, key)
 }
 
 /// One record found by [`scan`].
