@@ -1,5 +1,6 @@
 mod blkio_client;
 mod boot;
+mod copy_keys;
 mod corruption;
 mod device_blkio;
 mod drill;
