@@ -91,6 +91,7 @@ pub mod operator_status;
 pub mod progress_log;
 pub mod protect;
 pub mod qemu;
+pub mod service;
 pub mod state_dir;
 
 // What the CLI needs to configure and stop a daemon, without reaching into
@@ -273,8 +274,11 @@ pub struct Daemon {
     cache: Arc<ChunkCache>,
     migration: Option<Arc<MigratingDevice>>,
     status: Arc<DaemonStatus>,
-    control: ControlServer,
-    logger: ProgressLogger,
+    /// The control socket and the progress logger; `None` for a disk of a
+    /// service, whose [`service::Service`] has one for all its disks.
+    control: Option<ControlServer>,
+    control_path: PathBuf,
+    logger: Option<ProgressLogger>,
     // Held for the daemon's lifetime: the state dir's flock and the
     // snapshot's shared lock (gc keeps its chunks while we serve).
     _state: Arc<StateDir>,
@@ -297,14 +301,26 @@ impl Daemon {
     /// given (`instant-boot --protect`): points of the disk the guest sees
     /// are written into the store every interval ([`protect`]).
     pub fn start_protected(cfg: &DaemonConfig, protect: Option<&ProtectConfig>) -> Result<Daemon> {
+        Self::open(cfg, protect, Role::Alone)
+    }
+
+    /// A disk of a [`service::Service`]: [`Daemon::start`] without a
+    /// control socket and progress logger of its own (`cfg.control` and
+    /// `cfg.log_interval` are not used).
+    pub(crate) fn start_member(cfg: &DaemonConfig) -> Result<Daemon> {
+        Self::open(cfg, None, Role::Member)
+    }
+
+    fn open(cfg: &DaemonConfig, protect: Option<&ProtectConfig>, role: Role) -> Result<Daemon> {
         if cfg.repair_from.is_some() && cfg.target.is_none() {
             return Err(Error::RepairWithoutTarget);
         }
         // What can be checked before anything is created, is.
         check_socket_path("vhost-user socket", &cfg.socket, true)?;
-        match &cfg.control {
-            Some(control) => check_socket_path("control socket", control, true)?,
-            None => check_socket_path(
+        match (&cfg.control, role) {
+            (_, Role::Member) => {}
+            (Some(control), Role::Alone) => check_socket_path("control socket", control, true)?,
+            (None, Role::Alone) => check_socket_path(
                 "control socket",
                 &state_dir::control_socket_in(&cfg.state),
                 false,
@@ -316,7 +332,7 @@ impl Daemon {
             state_dir::peek(&cfg.state).filter(|s| s.migration == MigrationState::Complete)
         });
         if let Some(done) = complete {
-            return Self::start_complete(cfg, &done, protect);
+            return Self::start_complete(cfg, &done, protect, role);
         }
         let store = open_store(&cfg.store).map_err(Error::OpenStore)?;
         let reader = store
@@ -364,6 +380,7 @@ impl Daemon {
             repair,
             protect,
             None,
+            role,
         )
     }
 
@@ -415,6 +432,7 @@ impl Daemon {
             None,
             Some(protect),
             Some(disk),
+            Role::Alone,
         )
     }
 
@@ -424,6 +442,7 @@ impl Daemon {
         cfg: &DaemonConfig,
         done: &state_dir::StateFile,
         protect: Option<&ProtectConfig>,
+        role: Role,
     ) -> Result<Daemon> {
         let name = done.snapshot_name.clone().unwrap_or_default();
         let id = &done.snapshot_id;
@@ -463,7 +482,7 @@ impl Daemon {
                 None
             }
         };
-        Self::assemble(cfg, info, store, None, None, None, protect, None)
+        Self::assemble(cfg, info, store, None, None, None, protect, None, role)
     }
 
     /// Opens the state dir and the target, builds the layers and binds the
@@ -478,6 +497,7 @@ impl Daemon {
         repair: Option<Arc<StoreSource>>,
         protect: Option<&ProtectConfig>,
         disk: Option<Arc<DiskDevice>>,
+        role: Role,
     ) -> Result<Daemon> {
         let binding = StateBinding {
             snapshot_id: match &disk {
@@ -651,14 +671,20 @@ impl Daemon {
         let server = BlockServer::new(device.clone(), device_cfg)?;
         let listening = server.bind_owned(&cfg.socket, cfg.socket_owner.as_ref())?;
         let stop = StopHandle::new().map_err(|e| Error::Layer("stop handle", e))?;
-        let control_path = cfg
-            .control
-            .clone()
-            .unwrap_or_else(|| state.control_socket_path());
-        let control =
-            ControlServer::start(&control_path, status.clone()).map_err(Error::Control)?;
-        let logger = spawn_progress_logger(status.clone(), cfg.log_interval)
-            .map_err(|e| Error::Layer("progress logger", e))?;
+        let (control, control_path, logger) = match role {
+            Role::Alone => {
+                let path = cfg
+                    .control
+                    .clone()
+                    .unwrap_or_else(|| state.control_socket_path());
+                let control =
+                    ControlServer::start(&path, status.clone()).map_err(Error::Control)?;
+                let logger = spawn_progress_logger(status.clone(), cfg.log_interval)
+                    .map_err(|e| Error::Layer("progress logger", e))?;
+                (Some(control), path, Some(logger))
+            }
+            Role::Member => (None, PathBuf::new(), None),
+        };
         if let (Some(migration), Some(path)) = (&migration, &cfg.target) {
             migration
                 .start()
@@ -688,6 +714,7 @@ impl Daemon {
             migration,
             status,
             control,
+            control_path,
             logger,
             _state: state,
             _reader: reader,
@@ -736,9 +763,9 @@ impl Daemon {
         &self.cache
     }
 
-    /// The control socket.
+    /// The control socket (empty for a disk of a service).
     pub fn control_socket(&self) -> &Path {
-        self.control.path()
+        &self.control_path
     }
 
     /// The migration, when there is a target.
@@ -781,8 +808,12 @@ impl Daemon {
         // serve() flushes on the way out; flush again in case it failed
         // before reaching that point, so the guest's writes are durable.
         let flushed = self.device.flush().map_err(Error::Flush);
-        self.logger.stop();
-        self.control.shutdown();
+        if let Some(logger) = self.logger {
+            logger.stop();
+        }
+        if let Some(control) = self.control {
+            control.shutdown();
+        }
         if let Some(t) = self.hold_release {
             let _ = t.join();
         }
@@ -795,6 +826,15 @@ impl Daemon {
         checkpoint?;
         flushed
     }
+}
+
+/// Whether a daemon serves alone or as a disk of a service.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Its own control socket and progress logger.
+    Alone,
+    /// A disk of a [`service::Service`], which has those for all disks.
+    Member,
 }
 
 /// The serial a guest sees when none is given: the snapshot id's digits
@@ -894,7 +934,11 @@ impl Drop for UndoStart {
 /// Refuses a socket path that cannot be bound or connected to: 108 bytes
 /// or more (`sun_path` holds 107 and a NUL), a missing directory
 /// (`dir_must_exist`), something other than a socket already there.
-fn check_socket_path(what: &'static str, path: &Path, dir_must_exist: bool) -> Result<()> {
+pub(crate) fn check_socket_path(
+    what: &'static str,
+    path: &Path,
+    dir_must_exist: bool,
+) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::FileTypeExt;
     let err = |why: String| Error::SocketPath {

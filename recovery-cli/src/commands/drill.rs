@@ -420,31 +420,7 @@ fn boot_sandbox(
     let reference = references.first().cloned().unwrap_or_default();
     info!(snapshot = %reference, disks = references.len(), socket_ready_ms, "drill: daemon ready");
 
-    let mut args = super::instant_boot::qemu_args(&sockets[0].display().to_string(), cfg.memory, 1);
-    for (i, socket) in sockets.iter().enumerate().skip(1) {
-        args.extend([
-            "-chardev".to_owned(),
-            format!("socket,id=vu{i},path={},reconnect=1", socket.display()),
-            "-device".to_owned(),
-            format!("vhost-user-blk-pci,chardev=vu{i},num-queues=1"),
-        ]);
-    }
-    args.extend(
-        [
-            "-accel",
-            "tcg",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-serial",
-        ]
-        .map(String::from),
-    );
-    args.push(format!("file:{}", console.display()));
+    let mut args = guest_args(&sockets, cfg.memory, &console);
     let endpoints = Endpoints::for_checks(cfg.checks.iter().map(|(_, c)| c), tmp)?;
     args.extend(endpoints.qemu_args());
     args.extend(cfg.qemu_args.iter().cloned());
@@ -598,6 +574,43 @@ fn boot_sandbox(
         console_tail,
     };
     Ok((sandbox, report, references))
+}
+
+/// QEMU arguments of a guest (TCG, one vCPU, no default devices, no
+/// reboot) whose disks are the vhost-user `sockets` (the first one boots),
+/// its serial console written to `console`. The VM's own arguments
+/// (kernel, checks' endpoints) go after them.
+pub(super) fn guest_args(sockets: &[PathBuf], memory: u64, console: &Path) -> Vec<String> {
+    let first = sockets
+        .first()
+        .map(|s| s.display().to_string())
+        .unwrap_or_default();
+    let mut args = super::instant_boot::qemu_args(&first, memory, 1);
+    for (i, socket) in sockets.iter().enumerate().skip(1) {
+        args.extend([
+            "-chardev".to_owned(),
+            format!("socket,id=vu{i},path={},reconnect=1", socket.display()),
+            "-device".to_owned(),
+            format!("vhost-user-blk-pci,chardev=vu{i},num-queues=1"),
+        ]);
+    }
+    args.extend(
+        [
+            "-accel",
+            "tcg",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+        ]
+        .map(String::from),
+    );
+    args.push(format!("file:{}", console.display()));
+    args
 }
 
 /// `metrics --store`: the store's drill records as Prometheus text

@@ -36,11 +36,15 @@ use super::monitor::parse_rate;
 use super::StoreArg;
 use crate::output::{self, parse_size};
 
+pub mod plan;
+
 /// Arguments of `instant-boot`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
     store: StoreArg,
+    #[command(flatten)]
+    remote: RemoteStoreArgs,
     /// Snapshot to serve: NAME, NAME@ID or ID.
     snapshot: String,
     /// Point in time: serve the newest snapshot of image SNAPSHOT (a NAME)
@@ -127,6 +131,44 @@ pub struct Args {
     qemu_args: Vec<String>,
 }
 
+/// How a daemon reaches a remote (`s3://`) store; no effect on a local one.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteStoreArgs {
+    /// Retry time of an S3 store: a request that keeps failing (5xx,
+    /// throttling, a slow or dead endpoint) is retried this long, then the
+    /// guest's read gets an I/O error instead of hanging; reported in
+    /// status (default: RECOVERY_S3_TIMEOUT seconds, else 60s).
+    #[arg(long, value_parser = parse_retry_time, value_name = "DURATION")]
+    store_retry_time: Option<Duration>,
+    /// Bound of the on-disk chunk cache of an S3 store, under --cache-dir:
+    /// chunks fetched once are read from local disk afterwards (default
+    /// 1G; 0 turns it off).
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    disk_cache_size: Option<u64>,
+}
+
+impl RemoteStoreArgs {
+    /// Make these the defaults of every store this process opens.
+    pub fn apply(&self) {
+        if let Some(t) = self.store_retry_time {
+            store::location::set_default_retry_time(t);
+        }
+        if let Some(n) = self.disk_cache_size {
+            store::location::set_default_disk_cache_bytes(n);
+        }
+    }
+}
+
+/// Parses a retry time (`30s`, `2m`), at least 1s.
+fn parse_retry_time(s: &str) -> Result<Duration, String> {
+    let micros = store::point::parse_duration(s).map_err(|e| e.to_string())?;
+    let d = Duration::from_micros(u64::try_from(micros).unwrap_or(0));
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s} is shorter than the minimum retry time of 1s"));
+    }
+    Ok(d)
+}
+
 /// Parses a protection interval (`5s`, `1m`, `1h30m`), at least 1s.
 pub fn parse_interval(s: &str) -> Result<Duration, String> {
     let micros = store::point::parse_duration(s).map_err(|e| e.to_string())?;
@@ -157,6 +199,7 @@ impl TryFrom<Args> for Config {
     type Error = anyhow::Error;
 
     fn try_from(a: Args) -> anyhow::Result<Config> {
+        a.remote.apply();
         let snapshot = snapshot_at(&a.store.store, &a.snapshot, a.at.as_deref())?;
         let queues = a.queues.unwrap_or_else(DeviceConfig::default_num_queues);
         if !(1..=16).contains(&queues) {
@@ -401,15 +444,23 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
 /// The `signals` thread: stops the daemon at the first SIGINT or SIGTERM.
 pub(super) fn stop_on_signal(
-    mut signals: Signals,
+    signals: Signals,
     stop: StopHandle,
+) -> anyhow::Result<thread::JoinHandle<()>> {
+    on_signal(signals, move || stop.stop())
+}
+
+/// The `signals` thread: runs `stop` at the first SIGINT or SIGTERM.
+fn on_signal(
+    mut signals: Signals,
+    stop: impl FnOnce() + Send + 'static,
 ) -> anyhow::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 info!(signal = sig, "stopping");
-                stop.stop();
+                stop();
             }
         })
         .context("Failed to start the signal thread")

@@ -5,6 +5,7 @@
 //! recovery-cli check     --plan portal.toml [--json]
 //! recovery-cli forget    --plan portal.toml [--dry-run] [--json]
 //! recovery-cli protect   --plan portal.toml
+//! recovery-cli instant-boot --plan portal.toml [GROUP_ID | --at TIME] --state DIR --socket-dir DIR [--qemu]
 //! ```
 //! `check` and `protect` are subcommands of their own. `backup`,
 //! `snapshots` and `forget` with `--plan` take no `--store` (the plan names
@@ -119,13 +120,18 @@ pub enum PlanCommand {
     Forget(ForgetArgs),
     /// Boot the whole service at a group point in sandboxes, run each VM's checks.
     Drill(super::drill::group::Args),
+    /// Serve every disk of the service at a group point from one daemon, migrating each to its target.
+    InstantBoot(super::instant_boot::plan::Args),
 }
 
 /// `Some(PlanCli)` when `args` is `backup|snapshots|forget … --plan …`
 /// (clap's usage errors exit 2 as usual).
 pub fn dispatch(args: &[OsString]) -> Option<PlanCli> {
     let sub = args.get(1)?.to_str()?;
-    if !matches!(sub, "backup" | "snapshots" | "forget" | "drill") {
+    if !matches!(
+        sub,
+        "backup" | "snapshots" | "forget" | "drill" | "instant-boot"
+    ) {
         return None;
     }
     let has_plan = args[2..].iter().any(|a| {
@@ -143,6 +149,7 @@ impl PlanCli {
             PlanCommand::Snapshots(a) => snapshots(a),
             PlanCommand::Forget(a) => forget(a),
             PlanCommand::Drill(a) => super::drill::group::run(a),
+            PlanCommand::InstantBoot(a) => super::instant_boot::plan::run(a),
         }
     }
 }

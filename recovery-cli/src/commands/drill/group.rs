@@ -39,16 +39,8 @@ pub struct Args {
     /// Service plan (TOML) with `checks` per VM.
     #[arg(long, value_name = "PLAN")]
     pub plan: PathBuf,
-    /// Group point to boot: ID or SERVICE@ID (default: the newest).
-    pub group: Option<String>,
-    /// The newest group point at or before TIME (RFC 3339, or -10m, -2h).
-    #[arg(
-        long,
-        value_name = "TIME",
-        allow_hyphen_values = true,
-        conflicts_with = "group"
-    )]
-    pub at: Option<String>,
+    #[command(flatten)]
+    pub point: PointArg,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -58,6 +50,36 @@ pub struct Args {
     /// Guest memory of each VM in MiB.
     #[arg(long, default_value_t = 512, value_name = "MIB")]
     pub memory: u64,
+}
+
+/// `[GROUP_ID | --at TIME]`: which group point of the plan's service.
+#[derive(Debug, clap::Args)]
+pub struct PointArg {
+    /// Group point: ID or SERVICE@ID (default: the newest).
+    pub group: Option<String>,
+    /// The newest group point at or before TIME (RFC 3339, or -10m, -2h).
+    #[arg(
+        long,
+        value_name = "TIME",
+        allow_hyphen_values = true,
+        conflicts_with = "group"
+    )]
+    pub at: Option<String>,
+}
+
+impl PointArg {
+    /// Opens the plan's store and finds the group point.
+    pub fn resolve(&self, plan: &Plan) -> anyhow::Result<(store::Store, store::group::GroupPoint)> {
+        let store = store::Store::open(&plan.store)
+            .with_context(|| format!("Failed to open store {}", plan.store.display()))?;
+        let at = self
+            .at
+            .as_deref()
+            .map(|t| store::point::parse_time(t, store::snapshot::now_micros()))
+            .transpose()?;
+        let point = store.resolve_group(&plan.service, self.group.as_deref(), at)?;
+        Ok((store, point))
+    }
 }
 
 /// One VM's outcome.
@@ -91,15 +113,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("--memory must be at least 64 (MiB)");
     }
     let plan = Plan::load(&a.plan)?;
-    let store = Arc::new(
-        store::Store::open(&plan.store)
-            .with_context(|| format!("Failed to open store {}", plan.store.display()))?,
-    );
-    let at =
-        a.at.as_deref()
-            .map(|t| store::point::parse_time(t, store::snapshot::now_micros()))
-            .transpose()?;
-    let point = store.resolve_group(&plan.service, a.group.as_deref(), at)?;
+    let (store, point) = a.point.resolve(&plan)?;
+    let store = Arc::new(store);
     let report = drill_group(&plan, &store, &point, &a, start)?;
     if report.failure.as_deref() == Some(INTERRUPTED) {
         print(&report, a.json)?;
@@ -124,9 +139,8 @@ fn vms_in_order<'a>(
     plan: &'a Plan,
     point: &store::group::GroupPoint,
 ) -> anyhow::Result<Vec<(&'a service::plan::Vm, Vec<(String, Check)>, Vec<String>)>> {
-    let mut vms: Vec<_> = plan.vms.iter().collect();
-    vms.sort_by_key(|v| v.boot_order);
-    vms.into_iter()
+    boot_order(plan)
+        .into_iter()
         .map(|vm| {
             if vm.checks.is_empty() {
                 bail!(
@@ -140,26 +154,40 @@ fn vms_in_order<'a>(
                 .iter()
                 .map(|s| Ok((s.clone(), Check::parse(s)?)))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let disks = vm
-                .disks
+            Ok((vm, checks, member_snapshots(vm, point)?))
+        })
+        .collect()
+}
+
+/// The plan's VMs in boot order (stable: plan order within a level).
+pub(crate) fn boot_order(plan: &Plan) -> Vec<&service::plan::Vm> {
+    let mut vms: Vec<_> = plan.vms.iter().collect();
+    vms.sort_by_key(|v| v.boot_order);
+    vms
+}
+
+/// The member snapshot in `point` of each of `vm`'s disks, in the plan's
+/// order.
+pub(crate) fn member_snapshots(
+    vm: &service::plan::Vm,
+    point: &store::group::GroupPoint,
+) -> anyhow::Result<Vec<String>> {
+    vm.disks
+        .iter()
+        .map(|d| {
+            point
+                .members
                 .iter()
-                .map(|d| {
-                    point
-                        .members
-                        .iter()
-                        .find(|m| m.vm == vm.name && m.drive == d.drive)
-                        .map(|m| m.snapshot.clone())
-                        .with_context(|| {
-                            format!(
-                                "Group point {} has no member for VM {} drive {}",
-                                point.reference(),
-                                vm.name,
-                                d.drive
-                            )
-                        })
+                .find(|m| m.vm == vm.name && m.drive == d.drive)
+                .map(|m| m.snapshot.clone())
+                .with_context(|| {
+                    format!(
+                        "Group point {} has no member for VM {} drive {}",
+                        point.reference(),
+                        vm.name,
+                        d.drive
+                    )
                 })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok((vm, checks, disks))
         })
         .collect()
 }
