@@ -21,7 +21,15 @@
 //!    verified and copied into new packs, which are published with their
 //!    indexes. Packs that no index names (left by a crashed backup) are
 //!    deleted.
-//! 5. A new merged index generation without the dropped packs is published;
+//! 5. On a remote store, the reader registrations are listed again right
+//!    before anything is deleted: a forgotten manifest that a reader
+//!    registered for meanwhile is kept, and so is every pack holding one of
+//!    its chunks ([`GcStats::packs_kept_for_readers`]). (The first listing
+//!    of readers comes after the listing of manifests: a reader registers
+//!    before it opens a live manifest, so a reader of a manifest forgotten
+//!    before the listing is always seen; the second listing guards against
+//!    the rest, such as a lease refreshed late.)
+//! 6. A new merged index generation without the dropped packs is published;
 //!    only then are the old packs and the forgotten manifests deleted.
 //!    A reader whose index view still names a deleted pack reloads the index
 //!    and finds the chunk in its new pack; packs it already had open stay
@@ -105,6 +113,9 @@ pub struct GcStats {
     pub packs_written: u64,
     /// Unindexed packs (left by crashed backups) deleted.
     pub orphan_packs_deleted: u64,
+    /// Packs that would have been dropped, kept because a reader that
+    /// registered during gc (remote store) reads chunks in them.
+    pub packs_kept_for_readers: u64,
     /// Pack bytes before gc.
     pub bytes_before: u64,
     /// Pack bytes after gc.
@@ -112,6 +123,15 @@ pub struct GcStats {
     /// `bytes_before - bytes_after`.
     pub bytes_freed: u64,
     pub seconds: f64,
+}
+
+/// Where a gc is, for [`Store::gc_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GcPhase {
+    /// Every chunk of every live (or still read) manifest is marked; the
+    /// sweep, repacking and deletion follow.
+    Marked,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -220,6 +240,11 @@ impl Store {
 
     /// Delete unreferenced chunks: see the module docs for the protocol.
     pub fn gc(&self, opts: &GcOptions) -> Result<GcStats> {
+        self.gc_with(opts, &mut |_| {})
+    }
+
+    /// [`Store::gc`], telling `on_phase` where it is (progress, tests).
+    pub fn gc_with(&self, opts: &GcOptions, on_phase: &mut dyn FnMut(GcPhase)) -> Result<GcStats> {
         let span = info_span!("gc", store = %self.path().display());
         let _e = span.enter();
         let start = Instant::now();
@@ -234,8 +259,12 @@ impl Store {
         // Forgotten manifests no reader holds are ours to delete.
         let mut doomed: Vec<(Listed, Option<File>)> = Vec::new();
         let mut live: Vec<Listed> = Vec::new();
+        let listed = snapshot::list(backend, None, true)?;
+        // Readers listed after the manifests: a reader registers before it
+        // opens a live manifest, so one that opened a manifest forgotten
+        // before this listing registered before it too.
         let remote_readers: HashSet<String> = self.remote_readers()?.into_iter().collect();
-        for l in snapshot::list(backend, None, true)? {
+        for l in listed {
             if !l.forgotten {
                 live.push(l);
                 continue;
@@ -300,6 +329,7 @@ impl Store {
             mark_one(&l, &mut bloom)?;
             stats.manifests_base += 1;
         }
+        on_phase(GcPhase::Marked);
         for (name, base) in &bases {
             let present = |forgotten| {
                 let l = Listed {
@@ -384,6 +414,45 @@ impl Store {
         }
         if writer.publish(backend)?.is_some() {
             stats.packs_written += 1;
+        }
+
+        // Right before anything a reader could need is deleted: readers
+        // registered since the listing keep what they read.
+        if self.is_remote() {
+            let readers: HashSet<String> = self.remote_readers()?.into_iter().collect();
+            let (late, rest): (Vec<_>, Vec<_>) = doomed
+                .into_iter()
+                .partition(|(l, _)| readers.contains(&format!("{}@{}", l.name, l.id)));
+            doomed = rest;
+            for (l, _) in &late {
+                warn!(
+                    "a reader of snapshot {}@{} registered during gc: keeping it and its chunks",
+                    l.name, l.id
+                );
+                stats.manifests_in_use += 1;
+                let Some(base) = mark_one(l, &mut bloom)? else {
+                    continue;
+                };
+                let (kept, rest): (Vec<_>, Vec<_>) = doomed
+                    .into_iter()
+                    .partition(|(b, _)| b.name == l.name && b.id == base);
+                doomed = rest;
+                for (b, _) in kept {
+                    mark_one(&b, &mut bloom)?;
+                    stats.manifests_base += 1;
+                }
+            }
+            if !late.is_empty() {
+                let mut needed = HashSet::new();
+                view.for_each(|id, loc| {
+                    if drop.contains(&loc.pack) && bloom.contains(id) {
+                        needed.insert(loc.pack);
+                    }
+                    Ok(())
+                })?;
+                drop.retain(|p| !needed.contains(p));
+                stats.packs_kept_for_readers = needed.len() as u64;
+            }
         }
 
         // Publish the new index, then delete.

@@ -20,6 +20,7 @@ mod protect;
 mod reconnect;
 mod restart;
 mod s3;
+mod s3_readers;
 mod service;
 mod store_cli;
 mod store_props;
