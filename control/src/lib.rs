@@ -97,7 +97,9 @@ pub use client::{
     wait_point,
 };
 pub use metrics::render_metrics;
-pub use status::{Control, DiskStatus, PointRef, Protection, ProtectionState, State, Status};
+pub use status::{
+    Control, DiskStatus, PointRef, Protection, ProtectionState, RemoteStore, State, Status,
+};
 
 /// How long the daemon waits, by default, for a `point` cut or a
 /// `point-wait` completion before it answers with an error.

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use crate::status::{Protection, ProtectionState, State, Status};
+use crate::status::{Protection, ProtectionState, RemoteStore, State, Status};
 
 const PREFIX: &str = "instant_recovery_";
 
@@ -222,6 +222,9 @@ pub fn render_metrics(status: &Status) -> String {
         render_protection(&mut out, p);
     }
     render_disks(&mut out, status);
+    if let Some(r) = &status.remote_store {
+        render_remote_store(&mut out, r);
+    }
 
     out.text
 }
@@ -306,6 +309,69 @@ fn render_disks(out: &mut Metrics, status: &Status) {
         for d in &status.disks {
             out.sample(name, &[("disk", &d.disk)], value(&d.status));
         }
+    }
+}
+
+/// The `remote_store_*` metrics (only for a remote store).
+fn render_remote_store(out: &mut Metrics, r: &RemoteStore) {
+    out.metric(
+        "remote_store_info",
+        Kind::Gauge,
+        "The remote store the chunks come from.",
+    );
+    out.sample("remote_store_info", &[("location", &r.location)], 1.0);
+    let samples: [(&str, Kind, &str, f64); 8] = [
+        (
+            "remote_store_retry_time_seconds",
+            Kind::Gauge,
+            "A store read fails (guest I/O error) after retrying this long.",
+            r.retry_time_seconds,
+        ),
+        (
+            "remote_store_requests_total",
+            Kind::Counter,
+            "Requests sent to the remote store, retries included.",
+            r.requests as f64,
+        ),
+        (
+            "remote_store_request_errors_total",
+            Kind::Counter,
+            "Requests to the remote store that failed (5xx, throttling, timeouts, connection errors).",
+            r.request_errors as f64,
+        ),
+        (
+            "remote_store_retries_total",
+            Kind::Counter,
+            "Requests to the remote store sent again after a failure.",
+            r.retries as f64,
+        ),
+        (
+            "remote_store_failed_operations_total",
+            Kind::Counter,
+            "Remote store operations that failed for good.",
+            r.failed_operations as f64,
+        ),
+        (
+            "remote_store_last_error_timestamp_seconds",
+            Kind::Gauge,
+            "When the last request error happened (0: none yet).",
+            r.last_error_unix.unwrap_or(0.0),
+        ),
+        (
+            "remote_store_disk_cache_bytes",
+            Kind::Gauge,
+            "Bytes held by the on-disk chunk cache of the remote store.",
+            r.disk_cache_bytes as f64,
+        ),
+        (
+            "remote_store_disk_cache_hits_total",
+            Kind::Counter,
+            "Chunk reads served from the on-disk chunk cache.",
+            r.disk_cache_hits as f64,
+        ),
+    ];
+    for (name, kind, help, value) in samples {
+        out.simple(name, kind, help, value);
     }
 }
 
@@ -680,6 +746,50 @@ mod tests {
             ("target", "/dev/vg0/\"prod\"\\disk"),
         ];
         assert_eq!(value(&samples, "info", &info), 1.0);
+    }
+
+    #[test]
+    fn a_remote_store_reports_its_retry_time_and_errors() {
+        assert!(!render_metrics(&sample_status()).contains("remote_store"));
+        let status = Status {
+            remote_store: Some(RemoteStore {
+                location: "s3://b/p".to_string(),
+                retry_time_seconds: 30.0,
+                requests: 100,
+                request_errors: 7,
+                retries: 5,
+                failed_operations: 2,
+                last_error: Some("S3 GET s3://b/p/packs/x: 503".to_string()),
+                last_error_unix: Some(1.7e9),
+                disk_cache_hits: 40,
+                ..RemoteStore::default()
+            }),
+            ..sample_status()
+        };
+        let samples = parse(&render_metrics(&status));
+        let location = [("location", "s3://b/p")];
+        assert_eq!(value(&samples, "remote_store_info", &location), 1.0);
+        assert_eq!(
+            value(&samples, "remote_store_retry_time_seconds", &[]),
+            30.0
+        );
+        assert_eq!(
+            value(&samples, "remote_store_request_errors_total", &[]),
+            7.0
+        );
+        assert_eq!(value(&samples, "remote_store_retries_total", &[]), 5.0);
+        assert_eq!(
+            value(&samples, "remote_store_failed_operations_total", &[]),
+            2.0
+        );
+        assert_eq!(
+            value(&samples, "remote_store_last_error_timestamp_seconds", &[]),
+            1.7e9
+        );
+        assert_eq!(
+            value(&samples, "remote_store_disk_cache_hits_total", &[]),
+            40.0
+        );
     }
 
     #[test]

@@ -161,6 +161,48 @@ pub struct Status {
     /// point), so a client of one disk reads the whole service.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskStatus>,
+
+    /// The remote (S3) store the chunks come from; absent for a local
+    /// store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_store: Option<RemoteStore>,
+}
+
+/// How the requests to a remote store went (since the daemon started).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RemoteStore {
+    /// `s3://bucket/prefix`.
+    pub location: String,
+    /// The retry time (`--store-retry-time`): a store read fails, and the
+    /// guest gets an I/O error, after retrying this long.
+    pub retry_time_seconds: f64,
+    /// HTTP requests sent, retries included.
+    pub requests: u64,
+    /// Requests that failed (5xx, throttling, timeouts, connection errors).
+    pub request_errors: u64,
+    /// Requests sent again after a failure.
+    pub retries: u64,
+    /// Operations that failed for good (the retry time used up, or an
+    /// error no retry helps).
+    pub failed_operations: u64,
+    /// The last request error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When the last request error happened (seconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_unix: Option<f64>,
+    /// Bytes held by the on-disk chunk cache (`--disk-cache-size`).
+    #[serde(default)]
+    pub disk_cache_bytes: u64,
+    /// Bound of the on-disk chunk cache; 0 when there is none.
+    #[serde(default)]
+    pub disk_cache_capacity: u64,
+    /// Chunk reads served from the on-disk cache.
+    #[serde(default)]
+    pub disk_cache_hits: u64,
+    /// Chunk reads the on-disk cache did not have.
+    #[serde(default)]
+    pub disk_cache_misses: u64,
 }
 
 /// One disk of a service (`Status::disks`): its name and its own report.

@@ -19,7 +19,7 @@ use block::migrate::{MigratingDevice, MigrationPhase, MigrationStatus};
 use block::overlay::Overlay;
 use block::source::ChunkSource;
 use block::store_source::StoreSource;
-use control::{Control, PointTaken, State, Status};
+use control::{Control, PointTaken, RemoteStore, State, Status};
 
 use crate::protect::ProtectStatus;
 
@@ -139,6 +139,7 @@ impl Control for DaemonStatus {
             apply_migration(&m.status(), &mut status);
         }
         status.protection = self.protection.as_ref().map(|p| p.protection());
+        status.remote_store = self.sources.first().and_then(|s| remote_store(s));
         status
     }
 
@@ -200,6 +201,33 @@ fn apply_migration(m: &MigrationStatus, status: &mut Status) {
     status.overlay_bytes = m.overlay_bytes;
     status.overlay_write_bytes = m.overlay_write_bytes;
     (status.journal_active, status.journal_inactive_reason) = journal_fields(m.journal.clone());
+}
+
+/// The request counters of the served store, if it is remote.
+fn remote_store(source: &StoreSource) -> Option<RemoteStore> {
+    let r = source.reader().store().raw_backend().remote_stats()?;
+    let cache = r.disk_cache.unwrap_or_default();
+    let (last_error, last_error_unix) = match r.last_error {
+        Some((text, at)) => {
+            let unix = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            (Some(text), Some(unix.as_secs_f64()))
+        }
+        None => (None, None),
+    };
+    Some(RemoteStore {
+        location: r.location,
+        retry_time_seconds: r.retry_time.as_secs_f64(),
+        requests: r.requests,
+        request_errors: r.request_errors,
+        retries: r.retries,
+        failed_operations: r.failed_operations,
+        last_error,
+        last_error_unix,
+        disk_cache_bytes: cache.bytes,
+        disk_cache_capacity: cache.capacity,
+        disk_cache_hits: cache.hits,
+        disk_cache_misses: cache.misses,
+    })
 }
 
 /// `journal_active` and `journal_inactive_reason` for a journal state.

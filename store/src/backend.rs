@@ -8,11 +8,13 @@
 //! local [`TempObject`] (which may be written out of order, e.g. manifest
 //! entries by parallel workers) and then [`Backend::publish`] it.
 
+pub mod disk_cache;
 mod local;
 pub mod s3;
 
+pub use disk_cache::{DiskCache, DiskCacheStats};
 pub use local::{sync_dir, LocalBackend};
-pub use s3::{S3Backend, S3Options};
+pub use s3::{RemoteStats, S3Backend, S3Options};
 
 use std::fmt;
 use std::fs::File;
@@ -111,6 +113,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// True for object storage (no `flock`, no local paths).
     fn is_remote(&self) -> bool {
         false
+    }
+
+    /// A remote backend's request counters (retry time, errors, retries,
+    /// the last error); `None` for a local one.
+    fn remote_stats(&self) -> Option<RemoteStats> {
+        None
     }
 
     /// Where the store lives, for messages (`/path` or `s3://bucket/prefix`).

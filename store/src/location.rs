@@ -6,11 +6,17 @@
 //! `AWS_REGION` (or `AWS_DEFAULT_REGION`, default `us-east-1`) and
 //! `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) for an S3-compatible
 //! server. Plain `http://` is allowed only when the endpoint says so
-//! explicitly (a local server). `RECOVERY_S3_TIMEOUT` (seconds) bounds each
-//! operation with all its retries (default 60).
+//! explicitly (a local server). The *retry time* bounds each operation
+//! with all its retries: [`OpenOptions::io_timeout`], else what a command
+//! line set with [`set_default_retry_time`] (`--store-retry-time`), else
+//! `RECOVERY_S3_TIMEOUT` (seconds), else 60 s. The on-disk chunk cache of
+//! a remote store ([`crate::backend::DiskCache`]) holds up to
+//! [`OpenOptions::disk_cache_bytes`], else [`set_default_disk_cache_bytes`],
+//! else `RECOVERY_DISK_CACHE_SIZE` (bytes), else 1 GiB; 0 turns it off.
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -28,6 +34,31 @@ pub const DEFAULT_S3_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Environment variable overriding [`DEFAULT_S3_TIMEOUT`] (seconds).
 pub const S3_TIMEOUT_ENV: &str = "RECOVERY_S3_TIMEOUT";
+
+/// Default bound of a remote store's on-disk chunk cache.
+pub const DEFAULT_DISK_CACHE_BYTES: u64 = 1 << 30;
+
+/// Environment variable overriding [`DEFAULT_DISK_CACHE_BYTES`] (bytes).
+pub const DISK_CACHE_ENV: &str = "RECOVERY_DISK_CACHE_SIZE";
+
+/// Process-wide defaults set by the command line: retry time, disk cache.
+static DEFAULTS: Mutex<(Option<Duration>, Option<u64>)> = Mutex::new((None, None));
+
+fn defaults() -> (Option<Duration>, Option<u64>) {
+    *DEFAULTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The retry time of remote stores opened from now on in this process
+/// when their [`OpenOptions`] set none (`--store-retry-time`).
+pub fn set_default_retry_time(t: Duration) {
+    DEFAULTS.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(t);
+}
+
+/// The on-disk chunk cache bound of remote stores opened from now on in
+/// this process when their [`OpenOptions`] set none (`--disk-cache-size`).
+pub fn set_default_disk_cache_bytes(n: u64) {
+    DEFAULTS.lock().unwrap_or_else(|p| p.into_inner()).1 = Some(n);
+}
 
 /// Where a store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +146,8 @@ pub struct OpenOptions {
     pub s3_endpoint: Option<String>,
     /// S3 access key id and secret, overriding the `AWS_*` variables.
     pub s3_credentials: Option<(String, String)>,
+    /// Bound of the on-disk chunk cache of a remote store (0: none).
+    pub disk_cache_bytes: Option<u64>,
 }
 
 /// Environment variable naming the cache root (`recovery-cli --cache-dir`).
@@ -159,7 +192,8 @@ pub fn s3_options(bucket: &str, prefix: &str, opts: &OpenOptions) -> Result<S3Op
     let allow_http = endpoint
         .as_deref()
         .is_some_and(|e| e.starts_with("http://"));
-    let op_timeout = match opts.io_timeout {
+    let (default_retry, default_cache) = defaults();
+    let op_timeout = match opts.io_timeout.or(default_retry) {
         Some(t) => t,
         None => match env(S3_TIMEOUT_ENV) {
             Some(v) => v
@@ -173,6 +207,17 @@ pub fn s3_options(bucket: &str, prefix: &str, opts: &OpenOptions) -> Result<S3Op
                     ))
                 })?,
             None => DEFAULT_S3_TIMEOUT,
+        },
+    };
+    let disk_cache_bytes = match opts.disk_cache_bytes.or(default_cache) {
+        Some(n) => n,
+        None => match env(DISK_CACHE_ENV) {
+            Some(v) => v.parse::<u64>().map_err(|_| {
+                Error::invalid(format!(
+                    "Invalid {DISK_CACHE_ENV}={v:?}: expected a number of bytes"
+                ))
+            })?,
+            None => DEFAULT_DISK_CACHE_BYTES,
         },
     };
     let cache_dir = match &opts.cache_dir {
@@ -197,6 +242,7 @@ pub fn s3_options(bucket: &str, prefix: &str, opts: &OpenOptions) -> Result<S3Op
         op_timeout,
         max_retries: 10,
         cache_dir,
+        disk_cache_bytes,
     })
 }
 

@@ -377,7 +377,12 @@ fn s3_faults_5xx_drops_and_slow_responses() {
     let snap = format!("vm@{}", s.snapshot);
     assert!(restore_bytes(&store, &snap, dir.path()) == data);
 
-    // Slower than the operation timeout: an error, not a hang.
+    // Slower than the operation timeout: an error, not a hang (with no
+    // disk cache, which kept the chunks the restore read).
+    let o = OpenOptions {
+        disk_cache_bytes: Some(0),
+        ..o
+    };
     let reader = Store::open_location(&loc, &o)
         .unwrap()
         .open_snapshot(&snap)
@@ -511,5 +516,198 @@ fn s3_guest_boots_from_an_s3_store() {
     );
     run.assert_clean_boot();
     assert_eq!(run.wrote_boot(), Some("boot-1.txt"), "{run}");
+    daemon.stop();
+}
+
+/// Reads of 64 KiB at each offset of `offsets` through `reader`.
+fn read_chunks(reader: &store::SnapshotReader, offsets: &[u64]) -> store::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    for &at in offsets {
+        reader.read_at(&mut buf, at)?;
+        out.extend_from_slice(&buf);
+    }
+    Ok(out)
+}
+
+/// A bucket `name` holding a store with one backup of a 4 MiB image:
+/// the location, the snapshot and the image.
+fn backed_up(moto: &Moto, name: &str, d: &Path, seed: u64) -> (String, String, Vec<u8>) {
+    let loc = format!("s3://{}", moto.bucket(name));
+    let store = Store::init_location(&loc, 65536, &opts(moto, d)).unwrap();
+    let img = d.join("disk.img");
+    let data = image(&img, 4, seed);
+    let s = store.backup("vm", &img, &BackupOptions::default()).unwrap();
+    (loc, format!("vm@{}", s.snapshot), data)
+}
+
+/// The on-disk chunk cache: a second open of the same snapshot reads what
+/// the first one fetched with the endpoint down; a torn cache entry is
+/// never served (an error while the endpoint is down, the right bytes once
+/// it is back).
+#[test]
+fn s3_disk_cache_serves_a_second_boot_with_the_endpoint_down() {
+    let moto = crate::require_moto!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (loc, snap, data) = backed_up(&moto, "disk-cache", d, 11);
+
+    let proxy = proxy::Proxy::start(moto.port());
+    let cache = d.join("boot-cache");
+    let o = OpenOptions {
+        io_timeout: Some(std::time::Duration::from_secs(3)),
+        disk_cache_bytes: Some(64 << 20),
+        ..Moto::options(&proxy.endpoint(), &cache)
+    };
+    // Backwards: random reads (no readahead), as a booting guest's.
+    let offsets: Vec<u64> = (0..64u64).rev().map(|i| i * 65536).collect();
+    let expected: Vec<u8> = offsets
+        .iter()
+        .flat_map(|&at| data[at as usize..at as usize + 65536].to_vec())
+        .collect();
+    let first = Store::open_location(&loc, &o).unwrap();
+    let reader = first.open_snapshot(&snap).unwrap();
+    assert!(read_chunks(&reader, &offsets).unwrap() == expected);
+    drop((reader, first));
+
+    // A second boot: opened while the endpoint answers, then it is gone.
+    let second = Store::open_location(&loc, &o).unwrap();
+    let reader = second.open_snapshot(&snap).unwrap();
+    proxy.set(proxy::Faults {
+        down: true,
+        ..Default::default()
+    });
+    let before = proxy.requests();
+    assert!(read_chunks(&reader, &offsets).unwrap() == expected);
+    let stats = second.raw_backend().remote_stats().unwrap();
+    let dc = stats.disk_cache.unwrap();
+    assert!(dc.hits > 0 && dc.bytes > 0, "{stats:?}");
+    // Zero chunks are not fetched at all; the others came from disk.
+    assert_eq!(proxy.requests(), before, "{stats:?}");
+
+    // Torn entries (a crash mid-write): never served.
+    let mut torn = 0;
+    for sub in fs::read_dir(cache.join("chunks")).unwrap().flatten() {
+        for e in fs::read_dir(sub.path()).unwrap().flatten() {
+            let len = e.metadata().unwrap().len();
+            fs::OpenOptions::new()
+                .write(true)
+                .open(e.path())
+                .unwrap()
+                .set_len(len / 2)
+                .unwrap();
+            torn += 1;
+        }
+    }
+    assert!(torn > 0);
+    proxy.set(proxy::Faults::default());
+    let third = Store::open_location(&loc, &o).unwrap();
+    let reader = third.open_snapshot(&snap).unwrap();
+    proxy.set(proxy::Faults {
+        down: true,
+        ..Default::default()
+    });
+    let e = read_chunks(&reader, &offsets).unwrap_err();
+    assert!(format!("{e:?}").contains("S3 GET"), "{e:?}");
+    proxy.set(proxy::Faults::default());
+    assert!(read_chunks(&reader, &offsets).unwrap() == expected);
+    let dc = third
+        .raw_backend()
+        .remote_stats()
+        .unwrap()
+        .disk_cache
+        .unwrap();
+    assert!(dc.damaged > 0, "{dc:?}");
+}
+
+/// A daemon on an S3 store whose endpoint dies: the guest's read of a
+/// chunk not cached fails with an I/O error after about the retry time
+/// (`--store-retry-time`), never hangs; status reports the retry time,
+/// the errors and the last one; once the endpoint is back, reads work.
+#[test]
+fn s3_daemon_read_fails_after_the_retry_time_and_recovers() {
+    let moto = crate::require_moto!();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (loc, snap, data) = backed_up(&moto, "retry-time", d, 12);
+
+    let proxy = proxy::Proxy::start(moto.port());
+    let ep = proxy.endpoint();
+    let cache = d.join("daemon-cache");
+    let env = [
+        ("AWS_ENDPOINT_URL", ep.as_str()),
+        ("AWS_ACCESS_KEY_ID", server::KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", server::SECRET),
+        ("AWS_REGION", "us-east-1"),
+        ("RECOVERY_CACHE_DIR", cache.to_str().unwrap()),
+    ];
+    let log = d.join("daemon.log");
+    let daemon = crate::boot::BootDaemon::start_logged(
+        Path::new(&loc),
+        &snap,
+        d,
+        &[
+            "--queues",
+            "1",
+            "--store-retry-time",
+            "3s",
+            "--disk-cache-size",
+            "0",
+        ],
+        None,
+        &log,
+        &env,
+    );
+    let show_log = || fs::read_to_string(&log).unwrap_or_default();
+    let mut client = crate::blkio_client::Client::connect(&daemon.socket, 1 << 20);
+    let chunk = |at: usize| data[at..at + 65536].to_vec();
+    assert!(client.read(0, 65536).unwrap() == chunk(0));
+    let status = crate::migrate::status(&d.join("state"));
+    let remote = &status["remote_store"];
+    assert_eq!(remote["location"], loc.as_str(), "{status}");
+    assert_eq!(remote["retry_time_seconds"], 3.0, "{status}");
+    assert_eq!(remote["request_errors"], 0, "{status}");
+
+    proxy.set(proxy::Faults {
+        down: true,
+        ..Default::default()
+    });
+    let at = 2 << 20;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = client.read(at as u64, 65536);
+        let _ = tx.send((r.map(|_| ()), client));
+    });
+    let (r, mut client) = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .unwrap_or_else(|_| panic!("a guest read hung on a dead endpoint\n{}", show_log()));
+    assert!(r.is_err(), "read succeeded with the endpoint down");
+    let status = crate::migrate::status(&d.join("state"));
+    let remote = &status["remote_store"];
+    assert!(remote["request_errors"].as_u64().unwrap() > 0, "{status}");
+    assert!(
+        remote["failed_operations"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    let last = remote["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last.starts_with("S3 ") && last.contains("/packs/"),
+        "{status}"
+    );
+    assert!(
+        remote["last_error_unix"].as_f64().unwrap() > 1.6e9,
+        "{status}"
+    );
+    assert!(status["guest_io_errors"].as_u64().unwrap() > 0, "{status}");
+
+    // The endpoint is back: the same read works.
+    proxy.set(proxy::Faults::default());
+    let again = client.read(at as u64, 65536);
+    assert!(
+        again.as_ref().ok() == Some(&chunk(at)),
+        "{again:?}\n{}",
+        show_log()
+    );
+    drop(client);
     daemon.stop();
 }

@@ -19,7 +19,7 @@ use signal_hook::iterator::Signals;
 use tracing::info;
 
 use super::instant_boot::{
-    libvirt_for, parse_interval, print_ready, qemu_args, stop_on_signal, Ready,
+    libvirt_for, parse_interval, print_ready, qemu_args, stop_on_signal, Ready, RemoteStoreArgs,
 };
 use super::StoreArg;
 use crate::output::parse_size;
@@ -29,6 +29,8 @@ use crate::output::parse_size;
 pub struct Args {
     #[command(flatten)]
     store: StoreArg,
+    #[command(flatten)]
+    remote: RemoteStoreArgs,
     /// The raw image file or block device to serve (used in place, locked).
     #[arg(long, value_name = "PATH")]
     disk: PathBuf,
@@ -86,6 +88,7 @@ impl TryFrom<Args> for Config {
     type Error = anyhow::Error;
 
     fn try_from(a: Args) -> anyhow::Result<Config> {
+        a.remote.apply();
         store::snapshot::validate_name(&a.name)?;
         let queues = a.queues.unwrap_or_else(DeviceConfig::default_num_queues);
         if !(1..=16).contains(&queues) {

@@ -17,11 +17,20 @@
 //!   Order (packs, then indexes, then the manifest) is kept by the callers,
 //!   which publish one after the other: a failed upload returns an error
 //!   before anything that names it is published.
-//! - **Retries** with exponential backoff on 5xx, throttling and connection
-//!   errors come from `object_store`'s retry layer; every request has a
-//!   timeout and every operation an overall deadline
-//!   ([`S3Options::op_timeout`]), so a dead endpoint is a bounded error,
-//!   never a hang.
+//! - **Retries** with exponential backoff (100 ms doubling to 5 s) on 5xx,
+//!   throttling, timeouts and connection errors are this backend's own loop
+//!   (`object_store`'s retry layer only retries the parts of a multipart
+//!   upload): every request has a timeout and every operation an overall
+//!   deadline, the *retry time* ([`S3Options::op_timeout`], `instant-boot
+//!   --store-retry-time`), so a dead or slow endpoint is an error after a
+//!   bounded time, never a hang. Every failed request, retry and the last
+//!   error are counted in [`RemoteStats`], which the daemon reports in its
+//!   status.
+//! - **Packs are opened lazily**: no HEAD, the length is asked only when a
+//!   caller needs it; a chunk read is one ranged GET.
+//! - **Disk cache** ([`super::disk_cache`]): exact ranged reads of packs
+//!   (chunk records) are kept under `cache_dir/chunks/`, bounded by
+//!   [`S3Options::disk_cache_bytes`], and served from there later.
 //! - **Rename** is copy then delete (S3 has no rename): a crash between the
 //!   two leaves both names, which `forget` (re-run) or `unforget` resolve.
 //! - **Cache**: index and manifest objects are immutable under their key;
@@ -33,8 +42,8 @@ use std::future::Future;
 use std::io::{self, Read, Write};
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
@@ -45,6 +54,7 @@ use object_store::{
 };
 use tracing::{debug, warn};
 
+use super::disk_cache::{DiskCache, DiskCacheStats};
 use super::{Backend, Object, ObjectInfo, TempObject};
 
 /// Objects at least this large are uploaded in parts.
@@ -75,12 +85,16 @@ pub struct S3Options {
     pub allow_http: bool,
     /// Timeout of one HTTP request.
     pub request_timeout: Duration,
-    /// Give up on an operation (all its retries) after this long.
+    /// The retry time: give up on an operation (all its retries) after
+    /// this long.
     pub op_timeout: Duration,
-    /// Retries of one request on 5xx, throttling and connection errors.
+    /// Retries of one multipart part on 5xx, throttling and connection
+    /// errors (other requests retry until `op_timeout`).
     pub max_retries: usize,
     /// Local directory for temp files and the index/manifest cache.
     pub cache_dir: PathBuf,
+    /// Bound of the on-disk chunk cache under `cache_dir/chunks`; 0: none.
+    pub disk_cache_bytes: u64,
 }
 
 impl S3Options {
@@ -94,14 +108,114 @@ impl S3Options {
     }
 }
 
+/// What a remote store's requests went through (since it was opened):
+/// the daemon's status reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteStats {
+    /// `s3://bucket/prefix`.
+    pub location: String,
+    /// The retry time: an operation fails after this long.
+    pub retry_time: Duration,
+    /// HTTP requests sent (attempts, retries included).
+    pub requests: u64,
+    /// Requests that failed (5xx, throttling, timeouts, connection errors;
+    /// not the answers the store expects, such as "not found").
+    pub request_errors: u64,
+    /// Requests sent again after a failure.
+    pub retries: u64,
+    /// Operations that failed for good (retry time used up, or an error no
+    /// retry helps).
+    pub failed_operations: u64,
+    /// The last request error and when it happened.
+    pub last_error: Option<(String, SystemTime)>,
+    /// The on-disk chunk cache, if there is one.
+    pub disk_cache: Option<DiskCacheStats>,
+}
+
+/// Counters behind [`RemoteStats`].
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    request_errors: AtomicU64,
+    retries: AtomicU64,
+    failed_operations: AtomicU64,
+    last_error: Mutex<Option<(String, SystemTime)>>,
+}
+
+impl Counters {
+    fn error(&self, what: String) {
+        self.request_errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((what, SystemTime::now()));
+    }
+}
+
+/// First and longest pause between two attempts of a request.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How one operation ended, inside the runtime.
+enum Outcome<T> {
+    Done(T),
+    Failed(object_store::Error),
+    /// The retry time ran out; the last error.
+    Expired(String),
+}
+
 /// State shared by the backend and the objects it opened.
 #[derive(Debug)]
 struct Shared {
+    /// Requests without `object_store` retries: [`Shared::run`] retries.
     s3: Arc<AmazonS3>,
+    /// With `object_store` retries, for the parts of multipart uploads.
+    s3_parts: Arc<AmazonS3>,
     prefix: String,
     display: String,
     op_timeout: Duration,
+    request_timeout: Duration,
+    counters: Arc<Counters>,
+    disk_cache: Option<DiskCache>,
     runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// Whether an `object_store` error is worth another attempt: 5xx, 429,
+/// 408, timeouts and connection errors; not "not found", a failed
+/// condition, a refused credential or another 4xx.
+fn retryable(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    match e {
+        E::NotFound { .. }
+        | E::AlreadyExists { .. }
+        | E::Precondition { .. }
+        | E::NotModified { .. }
+        | E::NotImplemented { .. }
+        | E::NotSupported { .. }
+        | E::InvalidPath { .. }
+        | E::PermissionDenied { .. }
+        | E::Unauthenticated { .. }
+        | E::UnknownConfigurationKey { .. } => false,
+        _ => match http_status(&e.to_string()) {
+            Some(s) => s >= 500 || s == 429 || s == 408,
+            None => true,
+        },
+    }
+}
+
+/// The HTTP status an `object_store` error message names, if any.
+fn http_status(msg: &str) -> Option<u16> {
+    let at = msg.find("status code: ")? + "status code: ".len();
+    msg.get(at..at + 3)?.parse().ok()
+}
+
+/// Answers that are part of the protocol, not failures of the endpoint.
+fn expected(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::NotModified { .. }
+    )
 }
 
 impl Drop for Shared {
@@ -122,53 +236,86 @@ impl Shared {
         }
     }
 
-    /// Run one S3 operation to completion on the backend's runtime, bounded
-    /// by the operation deadline.
-    fn run<T, F>(&self, op: &str, key: &str, fut: F) -> io::Result<T>
+    /// Run one S3 operation to completion on the backend's runtime: each
+    /// attempt (a future from `attempt`) bounded by the request timeout,
+    /// failed attempts retried with backoff while the retry time lasts.
+    fn run<T, F, Fut>(&self, op: &str, key: &str, attempt: F) -> io::Result<T>
     where
         T: Send + 'static,
-        F: Future<Output = object_store::Result<T>> + Send + 'static,
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = object_store::Result<T>> + Send + 'static,
     {
         let rt = self
             .runtime
             .as_ref()
             .ok_or_else(|| io::Error::other("S3 backend is shut down"))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let deadline = self.op_timeout;
-        let start = std::time::Instant::now();
+        let retry_time = self.op_timeout;
+        let request_timeout = self.request_timeout;
+        let counters = self.counters.clone();
+        let what = format!("S3 {op} {}/{key}", self.display);
+        let start = Instant::now();
         rt.spawn(async move {
-            let r = tokio::time::timeout(deadline, fut).await;
-            let _ = tx.send(r);
+            let deadline = start + retry_time;
+            let mut backoff = FIRST_BACKOFF;
+            let outcome = loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                counters.requests.fetch_add(1, Ordering::Relaxed);
+                let error = match tokio::time::timeout(left.min(request_timeout), attempt()).await {
+                    Ok(Ok(v)) => break Outcome::Done(v),
+                    Ok(Err(e)) if !retryable(&e) => {
+                        if !expected(&e) {
+                            counters.error(format!("{what}: {e}"));
+                        }
+                        break Outcome::Failed(e);
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!(
+                        "no answer within {:.1} s",
+                        left.min(request_timeout).as_secs_f64()
+                    ),
+                };
+                counters.error(format!("{what}: {error}"));
+                if Instant::now() + backoff >= deadline {
+                    break Outcome::Expired(error);
+                }
+                debug!(%what, %error, backoff_ms = backoff.as_millis() as u64, "retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                counters.retries.fetch_add(1, Ordering::Relaxed);
+            };
+            let _ = tx.send(outcome);
         });
-        let r = rx
+        let outcome = rx
             .recv()
             .map_err(|_| io::Error::other(format!("S3 {op} {key}: runtime stopped")))?;
-        match r {
-            Ok(Ok(v)) => Ok(v),
-            // Retries exhausted at the deadline: say so.
-            Ok(Err(e)) if start.elapsed() >= deadline.mul_f64(0.9) => Err(io::Error::new(
+        let e = match outcome {
+            Outcome::Done(v) => return Ok(v),
+            Outcome::Failed(e) => map_err(op, &self.display, key, e),
+            Outcome::Expired(last) => io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
-                    "S3 {op} {}/{key} timed out after {:.1} s: {e}",
+                    "S3 {op} {}/{key} timed out after {:.1} s (retry time {} s): {last}",
                     self.display,
-                    start.elapsed().as_secs_f64()
+                    start.elapsed().as_secs_f64(),
+                    retry_time.as_secs_f64()
                 ),
-            )),
-            Ok(Err(e)) => Err(map_err(op, &self.display, key, e)),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "S3 {op} {}/{key} timed out after {} s",
-                    self.display,
-                    deadline.as_secs_f64()
-                ),
-            )),
+            ),
+        };
+        if e.kind() != io::ErrorKind::NotFound && e.kind() != io::ErrorKind::AlreadyExists {
+            self.counters
+                .failed_operations
+                .fetch_add(1, Ordering::Relaxed);
         }
+        Err(e)
     }
 
     fn head(&self, key: &str) -> io::Result<ObjectInfo> {
         let (s3, path) = (self.s3.clone(), self.path(key));
-        let meta = self.run("HEAD", key, async move { s3.head(&path).await })?;
+        let meta = self.run("HEAD", key, move || {
+            let (s3, path) = (s3.clone(), path.clone());
+            async move { s3.head(&path).await }
+        })?;
         Ok(ObjectInfo {
             size: meta.size,
             modified_unix: meta.last_modified.timestamp(),
@@ -178,20 +325,22 @@ impl Shared {
 
     fn get_range(&self, key: &str, offset: u64, len: u64) -> io::Result<Bytes> {
         let (s3, path) = (self.s3.clone(), self.path(key));
-        self.run("GET", key, async move {
-            s3.get_range(&path, offset..offset + len).await
+        self.run("GET", key, move || {
+            let (s3, path) = (s3.clone(), path.clone());
+            async move { s3.get_range(&path, offset..offset + len).await }
         })
     }
 
     fn put_mode(&self, key: &str, data: Bytes, mode: PutMode) -> io::Result<ObjectInfo> {
         let (s3, path) = (self.s3.clone(), self.path(key));
         let len = data.len() as u64;
-        let r = self.run("PUT", key, async move {
+        let r = self.run("PUT", key, move || {
+            let (s3, path, data) = (s3.clone(), path.clone(), data.clone());
             let opts = PutOptions {
-                mode,
+                mode: mode.clone(),
                 ..Default::default()
             };
-            s3.put_opts(&path, PutPayload::from(data), opts).await
+            async move { s3.put_opts(&path, PutPayload::from(data), opts).await }
         })?;
         Ok(ObjectInfo {
             size: len,
@@ -228,17 +377,50 @@ pub struct S3Backend {
 impl S3Backend {
     /// Connect (lazily: no request is made here) to the bucket in `opts`.
     pub fn new(opts: &S3Options) -> io::Result<S3Backend> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("s3-io")
+            .enable_all()
+            .build()?;
+        let tmp_dir = opts.cache_dir.join("tmp");
+        let cache_dir = opts.cache_dir.join("objects");
+        fs::create_dir_all(&tmp_dir)?;
+        fs::create_dir_all(&cache_dir)?;
+        let disk_cache = match opts.disk_cache_bytes {
+            0 => None,
+            n => Some(DiskCache::open(&opts.cache_dir.join("chunks"), n)?),
+        };
+        Ok(S3Backend {
+            shared: Arc::new(Shared {
+                s3: Arc::new(Self::client(opts, 0)?),
+                s3_parts: Arc::new(Self::client(opts, opts.max_retries)?),
+                prefix: opts.prefix.clone(),
+                display: opts.display(),
+                op_timeout: opts.op_timeout,
+                request_timeout: opts.request_timeout,
+                counters: Arc::default(),
+                disk_cache,
+                runtime: Some(runtime),
+            }),
+            tmp_dir,
+            cache_dir,
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    /// A client retrying each request `max_retries` times itself.
+    fn client(opts: &S3Options, max_retries: usize) -> io::Result<AmazonS3> {
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(&opts.bucket)
             .with_region(&opts.region)
             .with_allow_http(opts.allow_http)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
-                    init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(5),
+                    init_backoff: FIRST_BACKOFF,
+                    max_backoff: MAX_BACKOFF,
                     base: 2.0,
                 },
-                max_retries: opts.max_retries,
+                max_retries,
                 retry_timeout: opts.op_timeout,
             })
             .with_client_options(
@@ -260,30 +442,27 @@ impl S3Backend {
         if let Some(t) = &opts.session_token {
             b = b.with_token(t);
         }
-        let s3 = b.build().map_err(|e| {
-            io::Error::other(format!("Invalid S3 location {}: {e}", opts.display()))
-        })?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("s3-io")
-            .enable_all()
-            .build()?;
-        let tmp_dir = opts.cache_dir.join("tmp");
-        let cache_dir = opts.cache_dir.join("objects");
-        fs::create_dir_all(&tmp_dir)?;
-        fs::create_dir_all(&cache_dir)?;
-        Ok(S3Backend {
-            shared: Arc::new(Shared {
-                s3: Arc::new(s3),
-                prefix: opts.prefix.clone(),
-                display: opts.display(),
-                op_timeout: opts.op_timeout,
-                runtime: Some(runtime),
-            }),
-            tmp_dir,
-            cache_dir,
-            counter: AtomicU64::new(0),
-        })
+        b.build()
+            .map_err(|e| io::Error::other(format!("Invalid S3 location {}: {e}", opts.display())))
+    }
+
+    /// What this backend's requests went through.
+    pub fn stats(&self) -> RemoteStats {
+        let c = &self.shared.counters;
+        RemoteStats {
+            location: self.shared.display.clone(),
+            retry_time: self.shared.op_timeout,
+            requests: c.requests.load(Ordering::Relaxed),
+            request_errors: c.request_errors.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            failed_operations: c.failed_operations.load(Ordering::Relaxed),
+            last_error: c
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            disk_cache: self.shared.disk_cache.as_ref().map(DiskCache::stats),
+        }
     }
 
     /// `s3://bucket/prefix`.
@@ -320,9 +499,24 @@ impl S3Backend {
         File::open(&dest)
     }
 
-    fn upload_multipart(&self, key: &str, mut file: File) -> io::Result<()> {
-        let (s3, path) = (self.shared.s3.clone(), self.shared.path(key));
-        self.shared.run("multipart PUT", key, async move {
+    /// Upload `file` in parts; a failed upload starts over (from a new
+    /// handle on the file) while the retry time lasts.
+    fn upload_multipart(&self, key: &str, file: &FsPath) -> io::Result<()> {
+        let (s3, path) = (self.shared.s3_parts.clone(), self.shared.path(key));
+        let file = file.to_path_buf();
+        self.shared.run("multipart PUT", key, move || {
+            let (s3, path, file) = (s3.clone(), path.clone(), file.clone());
+            async move { Self::multipart(s3, path, &file).await }
+        })
+    }
+
+    async fn multipart(s3: Arc<AmazonS3>, path: Path, file: &FsPath) -> object_store::Result<()> {
+        let generic = |e: io::Error| object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(e),
+        };
+        let mut file = File::open(file).map_err(generic)?;
+        {
             let upload = s3.put_multipart(&path).await?;
             let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
             let mut buf = vec![0u8; PART_SIZE];
@@ -331,10 +525,7 @@ impl S3Backend {
                     Ok(n) => n,
                     Err(e) => {
                         let _ = w.abort().await;
-                        return Err(object_store::Error::Generic {
-                            store: "S3",
-                            source: Box::new(e),
-                        });
+                        return Err(generic(e));
                     }
                 };
                 if n == 0 {
@@ -348,7 +539,7 @@ impl S3Backend {
                 w.write(&buf[..n]);
             }
             w.finish().await.map(|_| ())
-        })
+        }
     }
 }
 
@@ -376,8 +567,7 @@ impl Backend for S3Backend {
         let len = tmp.file().metadata()?.len();
         debug!(key, len, "S3 publish");
         if len >= MULTIPART_THRESHOLD {
-            let f = File::open(tmp.path())?;
-            self.upload_multipart(key, f)?;
+            self.upload_multipart(key, tmp.path())?;
         } else {
             let mut data = Vec::with_capacity(len as usize);
             File::open(tmp.path())?.read_to_end(&mut data)?;
@@ -398,6 +588,17 @@ impl Backend for S3Backend {
     }
 
     fn open(&self, key: &str) -> io::Result<Arc<dyn Object>> {
+        // A pack is immutable and read by exact ranges: no HEAD (a chunk
+        // read is one GET, and one the disk cache may spare); a missing
+        // pack is a NotFound from the GET.
+        if key.starts_with("packs/") {
+            return Ok(Arc::new(S3Object {
+                shared: self.shared.clone(),
+                key: key.to_string(),
+                len: OnceLock::new(),
+                window: Mutex::new(Window::default()),
+            }));
+        }
         let info = self.shared.head(key)?;
         if Self::cacheable(key) {
             let cached = self.cache_path(key);
@@ -415,15 +616,16 @@ impl Backend for S3Backend {
         Ok(Arc::new(S3Object {
             shared: self.shared.clone(),
             key: key.to_string(),
-            len: info.size,
-            window: std::sync::Mutex::new(Window::default()),
+            len: OnceLock::from(info.size),
+            window: Mutex::new(Window::default()),
         }))
     }
 
     fn list(&self, dir: &str) -> io::Result<Vec<String>> {
         let (s3, path) = (self.shared.s3.clone(), self.shared.path(dir));
-        let r = self.shared.run("LIST", dir, async move {
-            s3.list_with_delimiter(Some(&path)).await
+        let r = self.shared.run("LIST", dir, move || {
+            let (s3, path) = (s3.clone(), path.clone());
+            async move { s3.list_with_delimiter(Some(&path)).await }
         })?;
         let mut names: Vec<String> = r
             .objects
@@ -442,10 +644,10 @@ impl Backend for S3Backend {
 
     fn delete(&self, key: &str) -> io::Result<()> {
         let (s3, path) = (self.shared.s3.clone(), self.shared.path(key));
-        match self
-            .shared
-            .run("DELETE", key, async move { s3.delete(&path).await })
-        {
+        match self.shared.run("DELETE", key, move || {
+            let (s3, path) = (s3.clone(), path.clone());
+            async move { s3.delete(&path).await }
+        }) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
@@ -459,8 +661,10 @@ impl Backend for S3Backend {
             self.shared.path(from),
             self.shared.path(to),
         );
-        self.shared
-            .run("COPY", from, async move { s3.copy(&a, &b).await })?;
+        self.shared.run("COPY", from, move || {
+            let (s3, a, b) = (s3.clone(), a.clone(), b.clone());
+            async move { s3.copy(&a, &b).await }
+        })?;
         self.delete(from)
     }
 
@@ -512,6 +716,10 @@ impl Backend for S3Backend {
     fn display(&self) -> String {
         self.shared.display.clone()
     }
+
+    fn remote_stats(&self) -> Option<RemoteStats> {
+        Some(self.stats())
+    }
 }
 
 /// An object read through ranged GETs.
@@ -519,9 +727,20 @@ impl Backend for S3Backend {
 struct S3Object {
     shared: Arc<Shared>,
     key: String,
-    len: u64,
+    /// The object's length, asked (HEAD) when first needed.
+    len: OnceLock<u64>,
     /// Readahead: the last range fetched beyond what was asked.
-    window: std::sync::Mutex<Window>,
+    window: Mutex<Window>,
+}
+
+impl S3Object {
+    fn len(&self) -> io::Result<u64> {
+        if let Some(&n) = self.len.get() {
+            return Ok(n);
+        }
+        let n = self.shared.head(&self.key)?.size;
+        Ok(*self.len.get_or_init(|| n))
+    }
 }
 
 /// Smallest and largest readahead of one object.
@@ -545,14 +764,19 @@ impl Window {
 impl Object for S3Object {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let want = buf.len() as u64;
-        if offset.checked_add(want).is_none_or(|end| end > self.len) {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "read of {want} bytes at {offset} past the end of {}/{} ({} bytes)",
-                    self.shared.display, self.key, self.len
-                ),
-            ));
+        let end = offset.checked_add(want);
+        // A lazily opened pack's length is not known (nor needed): a range
+        // past its end is the GET's error.
+        if let Some(&len) = self.len.get() {
+            if end.is_none_or(|end| end > len) {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "read of {want} bytes at {offset} past the end of {}/{} ({len} bytes)",
+                        self.shared.display, self.key
+                    ),
+                ));
+            }
         }
         if want == 0 {
             return Ok(());
@@ -575,7 +799,17 @@ impl Object for S3Object {
                 0
             }
         };
-        let len = want.max(fetch).min(self.len - offset);
+        let cache = self.shared.disk_cache.as_ref().filter(|_| fetch == 0);
+        if let Some(c) = cache {
+            if c.get(&self.key, offset, buf) {
+                return Ok(());
+            }
+        }
+        let len = if fetch > want {
+            want.max(fetch.min(self.len()?.saturating_sub(offset)))
+        } else {
+            want
+        };
         let data = self.shared.get_range(&self.key, offset, len)?;
         if data.len() as u64 != len {
             return Err(io::Error::new(
@@ -584,6 +818,9 @@ impl Object for S3Object {
             ));
         }
         buf.copy_from_slice(&data[..buf.len()]);
+        if let Some(c) = cache {
+            c.put(&self.key, offset, buf);
+        }
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         if fetch > 0 || w.data.is_empty() {
             *w = Window {
@@ -596,6 +833,6 @@ impl Object for S3Object {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.len)
+        S3Object::len(self)
     }
 }

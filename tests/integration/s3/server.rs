@@ -99,6 +99,7 @@ impl Moto {
             io_timeout: Some(Duration::from_secs(20)),
             s3_endpoint: Some(endpoint.to_string()),
             s3_credentials: Some((KEY_ID.into(), SECRET.into())),
+            ..Default::default()
         }
     }
 
