@@ -479,8 +479,18 @@ fn totals(disks: &[DiskStatus]) -> Status {
         overlay_bytes: sum(|s| s.overlay_bytes),
         cache_hit_rate: disks.iter().map(|d| d.status.cache_hit_rate).sum::<f64>()
             / disks.len().max(1) as f64,
-        journal_active: disks.iter().all(|d| d.status.journal_active),
-        journal_inactive_reason: named(|s| s.journal_inactive_reason.as_ref()),
+        // A complete disk needs no journal: its writes go to the target.
+        journal_active: disks.iter().all(|d| journal_ok(&d.status)),
+        journal_inactive_reason: disks.iter().find(|d| !journal_ok(&d.status)).map(|d| {
+            format!(
+                "disk {}: {}",
+                d.disk,
+                d.status
+                    .journal_inactive_reason
+                    .as_deref()
+                    .unwrap_or("inactive")
+            )
+        }),
         ..Status::default()
     };
     t.eta_seconds = match state {
@@ -492,6 +502,11 @@ fn totals(disks: &[DiskStatus]) -> Status {
         }
     };
     t
+}
+
+/// Whether a disk's journal runs or is not needed (complete).
+fn journal_ok(s: &Status) -> bool {
+    s.journal_active || s.state == State::Complete
 }
 
 #[cfg(test)]
@@ -550,6 +565,7 @@ mod tests {
 
         let mut done = disks;
         done[1].status.state = State::Complete;
+        done[1].status.journal_active = false;
         let t = totals(&done);
         assert_eq!(
             (t.state, t.eta_seconds, t.progress()),

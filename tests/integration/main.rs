@@ -15,6 +15,7 @@ mod live_backup;
 mod migrate;
 mod operator_safety;
 mod permissions;
+mod plan_boot;
 mod points;
 mod protect;
 mod reconnect;

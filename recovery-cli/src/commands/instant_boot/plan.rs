@@ -376,6 +376,13 @@ fn run_vms(running: &Running, vms: &[VmPlan], a: &Args) -> Option<String> {
     while failure.is_none() && !stop.is_stopped() {
         failure = reap(running, &mut guests);
         if guests.iter().all(|g| g.exited) && running.migrations_finished(Duration::ZERO) {
+            let status = running.status().status();
+            if status.state == control::State::Failed {
+                failure = Some(format!(
+                    "Migration failed: {}",
+                    status.error.as_deref().unwrap_or("no reason given")
+                ));
+            }
             info!("every guest powered off and every migration finished");
             break;
         }

@@ -1,0 +1,500 @@
+//! `recovery-cli instant-boot --plan`: a whole service served by one
+//! daemon at one group point. Two VMs (`-M none` QEMUs: `db` with its
+//! root disk, `app` with its root disk and a data disk holding random
+//! bytes) are backed up with `backup --plan`; then:
+//!
+//! - with `--qemu` the service boots under TCG, `db` first and `app` once
+//!   `db`'s disk is served; the control socket reports the service's
+//!   totals and a report per disk (`status --json`, `/metrics` with a
+//!   `disk` label), `set-rate` changes the one service-wide limit; every
+//!   disk migrates to its plan `target`, the daemon stops once the guests
+//!   powered off, and each root target then boots alone (with the record
+//!   its instant boot wrote) while the data target equals the data disk
+//!   byte for byte;
+//! - killed with SIGKILL mid-migration, a restart with the same `--state`
+//!   resumes every disk, and every target equals its member snapshot's
+//!   image byte for byte;
+//! - bad input (an unknown group point, a missing socket dir, a disk
+//!   without a target) is refused with one clear line, nothing created.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use control::{State, Status};
+use hypervisor::testing;
+use serde_json::Value;
+
+use crate::guest::{require_guest, run_to_completion, Guest, BOOT_TIMEOUT};
+use crate::util::{persisted_bitmap, recovery_cli};
+
+/// The disks of the plan: `(vm, drive)`, in boot order.
+const DISKS: [(&str, &str); 3] = [("db", "disk0"), ("app", "disk0"), ("app", "data")];
+
+/// Generous: TCG boots on a loaded 2-core machine.
+const DEADLINE: Duration = Duration::from_secs(600);
+
+/// The service `portal`: `db` (boot order 1) and `app` (boot order 2),
+/// booted with the guest's kernel; each disk's target under `targets`
+/// (none for the disks in `without_target`).
+fn write_plan(
+    dir: &Path,
+    name: &str,
+    guest: &Guest,
+    qmps: &[PathBuf],
+    targets: &Path,
+    without_target: &[&str],
+) -> PathBuf {
+    let disk = |vm: &str, drive: &str| {
+        let name = format!("{vm}-{drive}");
+        match without_target.contains(&name.as_str()) {
+            true => format!("{{ drive = \"{drive}\" }}"),
+            false => format!(
+                "{{ drive = \"{drive}\", target = \"{}\" }}",
+                targets.join(format!("{name}.raw")).display()
+            ),
+        }
+    };
+    let args = format!(
+        "[\"-kernel\", \"{}\", \"-initrd\", \"{}\", \"-append\", \"{} no_timer_check\"]",
+        guest.kernel.display(),
+        guest.initrd.display(),
+        guest.cmdline
+    );
+    let text = format!(
+        "service = \"portal\"\nrpo = \"1h\"\nstore = \"store\"\nscratch = \"scratch\"\n\n\
+         [[vm]]\nname = \"app\"\nqmp = \"{}\"\ndisks = [ {}, {} ]\nboot_order = 2\ndrill_args = {args}\n\n\
+         [[vm]]\nname = \"db\"\nqmp = \"{}\"\ndisks = [ {} ]\nboot_order = 1\ndrill_args = {args}\n",
+        qmps[1].display(),
+        disk("app", "disk0"),
+        disk("app", "data"),
+        qmps[0].display(),
+        disk("db", "disk0"),
+    );
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A service backed up at one group point.
+struct Service {
+    root: PathBuf,
+    /// The disk images the group point holds, by `<vm>-<drive>`.
+    images: Vec<(String, PathBuf)>,
+    group: String,
+    _vms: Vec<testing::Proc>,
+}
+
+impl Service {
+    /// `name` in the test's directory.
+    fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn image(&self, disk: &str) -> &Path {
+        &self.images.iter().find(|(n, _)| n == disk).unwrap().1
+    }
+}
+
+/// Two `-M none` VMs over copies of the guest's root disk (and `app`'s
+/// data disk: 4 MiB of random bytes in 16 MiB), backed up with
+/// `backup --plan`; the plan `portal.toml` of the service with every
+/// disk's target in `targets/`, and an empty `sockets/`.
+fn back_up_service(dir: &Path, guest: &Guest) -> (Service, PathBuf) {
+    store::Store::init(&dir.join("store"), 65536).unwrap();
+    std::fs::create_dir_all(dir.join("scratch")).unwrap();
+    let mut vms = Vec::new();
+    let mut qmps = Vec::new();
+    let mut images = Vec::new();
+    for vm in ["db", "app"] {
+        let mut args = Vec::new();
+        for (_, drive) in DISKS.iter().filter(|(v, _)| *v == vm) {
+            let img = dir.join(format!("{vm}-{drive}.raw"));
+            match *drive {
+                "disk0" => {
+                    std::fs::copy(&guest.root_img, &img).unwrap();
+                }
+                _ => {
+                    let mut data = vec![0u8; 4 << 20];
+                    rand::Rng::fill(&mut rand::thread_rng(), &mut data[..]);
+                    let mut f = std::fs::File::create(&img).unwrap();
+                    f.write_all(&data).unwrap();
+                    f.set_len(16 << 20).unwrap();
+                }
+            }
+            args.extend(testing::blockdev_args(&img, "raw", drive));
+            images.push((format!("{vm}-{drive}"), img));
+        }
+        let qmp = dir.join(format!("{vm}.qmp"));
+        vms.push(testing::qemu_none(&qmp, &args));
+        qmps.push(qmp);
+    }
+    let plan = write_plan(dir, "backup.toml", guest, &qmps, &dir.join("unused"), &[]);
+    let out = recovery_cli()
+        .args(["backup", "--json", "--plan"])
+        .arg(&plan)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let backup: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let targets = dir.join("targets");
+    std::fs::create_dir(&targets).unwrap();
+    std::fs::create_dir(dir.join("sockets")).unwrap();
+    let plan = write_plan(dir, "portal.toml", guest, &qmps, &targets, &[]);
+    let service = Service {
+        root: dir.to_path_buf(),
+        images,
+        group: backup["group"].as_str().unwrap().to_owned(),
+        _vms: vms,
+    };
+    (service, plan)
+}
+
+/// `instant-boot --plan --json`, its stdout lines on a channel.
+struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    fn start(plan: &Path, state: &Path, sockets: &Path, extra: &[&str]) -> Daemon {
+        let mut child = recovery_cli()
+            .args(["instant-boot", "--json", "--log-interval", "1", "--plan"])
+            .arg(plan)
+            .arg("--state")
+            .arg(state)
+            .arg("--socket-dir")
+            .arg(sockets)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon { child, lines }
+    }
+
+    /// The next stdout line as JSON.
+    fn next_json(&mut self) -> Value {
+        let line = self.lines.recv_timeout(DEADLINE).unwrap_or_else(|e| {
+            panic!(
+                "no line from instant-boot --plan ({e}): {:?}",
+                self.child.try_wait()
+            )
+        });
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    }
+
+    /// Waits for the process to exit.
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "instant-boot --plan never stopped"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's PID; no memory is involved.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.wait()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls the control socket until `done` holds for the status.
+fn status_until(control: &Path, what: &str, done: impl Fn(&Status) -> bool) -> Status {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Ok(s) = control::fetch_status(control) {
+            if done(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "never {what}: {s:#?}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never {what}: control socket unreachable"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn disk<'a>(s: &'a Status, name: &str) -> &'a Status {
+    &s.disks
+        .iter()
+        .find(|d| d.disk == name)
+        .unwrap_or_else(|| panic!("no disk {name} in {s:#?}"))
+        .status
+}
+
+/// The totals are the disks' sums, the service and its disks named.
+fn assert_service_status(s: &Status, group: &str) {
+    assert_eq!(s.service.as_deref(), Some("portal"));
+    assert_eq!(s.snapshot, group);
+    let names: Vec<_> = s.disks.iter().map(|d| d.disk.as_str()).collect();
+    assert_eq!(names, ["db-disk0", "app-disk0", "app-data"], "boot order");
+    let sum = |f: fn(&Status) -> u64| s.disks.iter().map(|d| f(&d.status)).sum::<u64>();
+    assert_eq!(s.bytes_total, sum(|d| d.bytes_total));
+    assert_eq!(s.bytes_to_copy, sum(|d| d.bytes_to_copy));
+    assert_eq!(s.chunks_total, sum(|d| d.chunks_total));
+    assert_eq!(s.guest_read_ops, sum(|d| d.guest_read_ops));
+    for d in &s.disks {
+        assert_eq!(
+            d.status.rate_limit, s.rate_limit,
+            "one limit for all: {s:#?}"
+        );
+        assert!(
+            d.status
+                .target
+                .as_deref()
+                .is_some_and(|t| t.ends_with(&format!("{}.raw", d.disk))),
+            "{s:#?}"
+        );
+    }
+}
+
+/// Whether `a` and `b` hold the same bytes (`cmp`).
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    std::process::Command::new("cmp")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn the_service_boots_in_order_migrates_every_disk_and_each_target_boots_alone() {
+    let guest = require_guest!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (service, plan) = back_up_service(tmp.path(), &guest);
+    let (targets, state, sockets) = (
+        service.dir("targets"),
+        service.dir("state"),
+        service.dir("sockets"),
+    );
+
+    // Slow enough to watch the migration while the guests boot.
+    let mut daemon = Daemon::start(&plan, &state, &sockets, &["--qemu", "--copy-rate", "2M"]);
+    let ready = daemon.next_json();
+    assert_eq!(ready["group"], service.group.as_str(), "{ready:#}");
+    let control = sockets.join("control.sock");
+    assert_eq!(ready["control"], control.display().to_string().as_str());
+    for (vm, drive) in DISKS {
+        let socket = sockets.join(format!("{vm}-{drive}.sock"));
+        assert!(std::fs::symlink_metadata(&socket)
+            .unwrap()
+            .file_type()
+            .is_socket());
+        assert!(state.join(format!("{vm}-{drive}")).is_dir());
+    }
+
+    // One control socket: totals, a report per disk, per-disk metrics.
+    let s = status_until(&control, "migrating", |s| s.state == State::Migrating);
+    assert_service_status(&s, &service.group);
+    assert_eq!(s.rate_limit, 2 << 20);
+    let metrics = control::fetch_metrics(&control).unwrap();
+    assert!(
+        metrics.contains("instant_recovery_service_info{service=\"portal\"} 1"),
+        "{metrics}"
+    );
+    for (vm, drive) in DISKS {
+        assert!(
+            metrics.contains(&format!(
+                "instant_recovery_disk_bytes_to_copy{{disk=\"{vm}-{drive}\"}}"
+            )),
+            "{metrics}"
+        );
+    }
+
+    // db first; app once db's disk has been served.
+    let first = daemon.next_json();
+    assert_eq!(first["vm_started"], "db", "{first:#}");
+    let second = daemon.next_json();
+    assert_eq!(second["vm_started"], "app", "{second:#}");
+    let s = control::fetch_status(&control).unwrap();
+    assert!(disk(&s, "db-disk0").guest_read_ops > 0, "{s:#?}");
+
+    // One limit for the whole service: lifted through the one socket.
+    let out = recovery_cli()
+        .args(["set-rate", "0", "--control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let s = control::fetch_status(&control).unwrap();
+    assert_eq!(s.rate_limit, 0, "{s:#?}");
+    assert_service_status(&s, &service.group);
+
+    // The guests power off; the daemon stops once every disk is migrated.
+    let status = daemon.wait();
+    assert!(status.success(), "instant-boot --plan failed: {status}");
+    for vm in ["db", "app"] {
+        let console = std::fs::read_to_string(state.join(format!("{vm}.console"))).unwrap();
+        assert!(
+            console.contains("PAYLOAD-OK") && console.contains("GUEST-DONE"),
+            "{vm}: {console}"
+        );
+    }
+    for (vm, drive) in DISKS {
+        let recorded = daemon::state_dir::peek(&state.join(format!("{vm}-{drive}"))).unwrap();
+        assert_eq!(
+            recorded.migration,
+            block::state::MigrationState::Complete,
+            "{vm}-{drive}"
+        );
+    }
+
+    // Each root target boots alone, with the record its instant boot wrote.
+    for vm in ["db", "app"] {
+        let target = targets.join(format!("{vm}-disk0.raw"));
+        let out = run_to_completion(guest.qemu_file_cmd(&target), BOOT_TIMEOUT);
+        assert!(
+            out.payload_ok() && out.guest_done(),
+            "{vm}: {}",
+            out.console
+        );
+        assert_eq!(out.saw_boots().len(), 1, "{vm}: {}", out.console);
+    }
+    // The data disk, which no guest wrote, is the member's bytes.
+    assert!(same_bytes(
+        &targets.join("app-data.raw"),
+        service.image("app-data")
+    ));
+}
+
+#[test]
+fn a_killed_service_resumes_every_disk_and_each_target_equals_its_member() {
+    let guest = require_guest!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (service, plan) = back_up_service(tmp.path(), &guest);
+    let (targets, state, sockets) = (
+        service.dir("targets"),
+        service.dir("state"),
+        service.dir("sockets"),
+    );
+    let control = sockets.join("control.sock");
+
+    // A crawl: every disk has durable progress, none is done.
+    let mut daemon = Daemon::start(&plan, &state, &sockets, &["--copy-rate", "1M"]);
+    daemon.next_json();
+    let bitmap = |(vm, drive): (&str, &str)| {
+        persisted_bitmap(&state.join(format!("{vm}-{drive}")).join("migrated.bitmap")).0
+    };
+    let s = status_until(&control, "durable progress on every disk", |s| {
+        s.state == State::Migrating && DISKS.iter().all(|&d| bitmap(d) > 0)
+    });
+    assert_service_status(&s, &service.group);
+    assert_eq!(s.rate_limit, 1 << 20);
+    let before: Vec<u64> = DISKS.iter().map(|&d| bitmap(d)).collect();
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    drop(daemon);
+
+    // Same state: every disk resumes from its own progress, unlimited now.
+    let mut daemon = Daemon::start(&plan, &state, &sockets, &[]);
+    daemon.next_json();
+    let s = control::fetch_status(&control).unwrap();
+    for (&(vm, drive), before) in DISKS.iter().zip(before) {
+        let d = disk(&s, &format!("{vm}-{drive}"));
+        assert!(
+            d.chunks_migrated >= before,
+            "{vm}-{drive} restarted from scratch: {s:#?}"
+        );
+    }
+    let s = status_until(&control, "complete", |s| s.state == State::Complete);
+    assert_service_status(&s, &service.group);
+    assert!(
+        s.disks.iter().all(|d| d.status.state == State::Complete),
+        "{s:#?}"
+    );
+    assert_eq!(s.progress(), 1.0);
+    assert!(daemon.terminate().success());
+    for (vm, drive) in DISKS {
+        let name = format!("{vm}-{drive}");
+        assert!(
+            same_bytes(&targets.join(format!("{name}.raw")), service.image(&name)),
+            "{name}: the target differs from the member snapshot"
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_refused_with_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    store::Store::init(&dir.join("store"), 65536).unwrap();
+    let guest = Guest {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd"),
+        root_img: dir.join("root.img"),
+        cmdline: "console=ttyS0".into(),
+    };
+    let qmps = [dir.join("db.qmp"), dir.join("app.qmp")];
+    let targets = dir.join("targets");
+    let plan = write_plan(dir, "portal.toml", &guest, &qmps, &targets, &[]);
+    let no_target = write_plan(dir, "partial.toml", &guest, &qmps, &targets, &["app-data"]);
+    let (state, sockets) = (dir.join("state"), dir.join("sockets"));
+    std::fs::create_dir(&sockets).unwrap();
+    let refused = |plan: &Path, sockets: &Path, group: &str| {
+        let out = recovery_cli()
+            .args(["instant-boot", "--plan"])
+            .arg(plan)
+            .arg(group)
+            .arg("--state")
+            .arg(&state)
+            .arg("--socket-dir")
+            .arg(sockets)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        err
+    };
+    let err = refused(&plan, &sockets, "20991231T000000.000000Z");
+    assert!(
+        err.contains("No group point 20991231T000000.000000Z of service portal"),
+        "{err}"
+    );
+    let err = refused(&plan, &dir.join("nowhere"), "20991231T000000.000000Z");
+    assert!(
+        err.contains("Socket directory")
+            && err.contains("nowhere")
+            && err.contains("does not exist"),
+        "{err}"
+    );
+    let err = refused(&no_target, &sockets, "20991231T000000.000000Z");
+    assert!(
+        err.contains("partial.toml:") && err.contains("VM app drive data has no target"),
+        "{err}"
+    );
+    // Nothing was created.
+    assert!(!state.exists());
+    assert_eq!(std::fs::read_dir(&sockets).unwrap().count(), 0);
+    assert!(!targets.exists());
+}
