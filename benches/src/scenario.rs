@@ -8,6 +8,7 @@ pub mod io;
 pub mod migrate;
 pub mod protect;
 pub mod restore;
+pub mod s3;
 pub mod startup;
 pub mod virtnbd;
 
@@ -26,6 +27,7 @@ pub const ALL: &[&str] = &[
     "drill",
     "protect",
     "virtnbd",
+    "s3",
 ];
 
 /// Runs scenario `name`.
@@ -41,6 +43,7 @@ pub fn run(name: &str, ctx: &Ctx) -> anyhow::Result<Report> {
         "drill" => drill::run(ctx),
         "protect" => protect::run(ctx),
         "virtnbd" => virtnbd::run(ctx),
+        "s3" => s3::run(ctx),
         _ => anyhow::bail!("unknown scenario {name:?} (known: {})", ALL.join(", ")),
     }
 }

@@ -18,15 +18,15 @@ use crate::tools;
 use crate::Ctx;
 
 #[derive(Debug, Clone, Copy, Serialize)]
-struct Boot {
+pub(crate) struct Boot {
     /// Script spawn → `GUEST-INIT` (the root disk's init started).
-    init: f64,
+    pub(crate) init: f64,
     /// Script spawn → `GUEST-DONE`.
-    done: f64,
+    pub(crate) done: f64,
 }
 
 /// Boots the guest from `socket` and times its console markers.
-fn boot(root: &Path, socket: &Path, timeout: Duration) -> anyhow::Result<Boot> {
+pub(crate) fn boot(root: &Path, socket: &Path, timeout: Duration) -> anyhow::Result<Boot> {
     let start = Instant::now();
     let mut child = Command::new(root.join("scripts/boot-guest.sh"))
         .arg("--socket")
