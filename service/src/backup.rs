@@ -4,17 +4,26 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hypervisor::live_backup::{self, fleece, Member, ReadOptions, Report, Target};
 use hypervisor::qga::Qga;
 use hypervisor::qmp::{self, Qmp};
 use serde::Serialize;
+use store::backup::changed::ChangedBackup;
 use store::group::{GroupMember, GroupPoint};
-use store::Store;
+use store::{ErrorKind, Store};
 use tracing::{info, info_span, warn};
 
+use crate::daemon_point::{self, DaemonMember};
 use crate::plan::Plan;
+
+/// Fleeced members read at once (one VM each: a VM has one NBD server).
+pub const PARALLEL_READS: usize = 4;
+/// How long to wait for the store's writer lock held by another writer
+/// (a daemon writing a protection point into the same store).
+pub const LOCK_WAIT: Duration = Duration::from_secs(120);
 
 /// Errors of a group backup.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +56,14 @@ pub enum Error {
         #[source]
         source: Box<live_backup::Error>,
     },
+    #[error("VM {vm} drive {drive} (plan line {line}): served by our daemon")]
+    Daemon {
+        vm: String,
+        drive: String,
+        line: usize,
+        #[source]
+        source: Box<daemon_point::Error>,
+    },
     #[error("Store operation failed")]
     Store(#[from] store::Error),
     #[error("Backup interrupted")]
@@ -69,11 +86,16 @@ pub enum Pause {
     Stop,
 }
 
-/// One member of a group point (`--json`: `members[]`).
+/// One member of a group point (`--json`: `members[]`). A member served
+/// by our daemon has `mode` `daemon`, its `daemon` control socket, and
+/// no bytes of its own (the daemon's status counts them); its `seconds`
+/// run from the cut to the point complete.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemberReport {
     pub vm: String,
     pub drive: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<PathBuf>,
     #[serde(flatten)]
     pub report: Report,
 }
@@ -146,10 +168,33 @@ pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupRep
         .iter()
         .map(|(vm, drive, _)| plan.member_name(vm, drive))
         .collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    // One writer lock for every member: no other run of this store touches
-    // QEMU meanwhile, and the group record is published under it.
-    let sessions = store.begin_changed_backups(&refs)?;
+    // Members served by our daemon: reachable and protecting under the
+    // member's name, before anything changes anywhere.
+    let mut daemons: Vec<DaemonMember> = plan
+        .members()
+        .enumerate()
+        .filter_map(|(m, (_, d))| Some(DaemonMember::new(m, d.daemon.as_deref()?, &names[m])))
+        .collect();
+    for d in daemons.iter_mut() {
+        d.check().map_err(|e| daemon_err(&planned[d.index], e))?;
+    }
+    let fleeced: Vec<bool> = plan.members().map(|(_, d)| d.daemon.is_none()).collect();
+    // One writer lock for every fleeced member: no other run of this store
+    // touches QEMU meanwhile, and (without daemon members) the group
+    // record is published under it.
+    let refs: Vec<&str> = (0..names.len())
+        .filter(|&m| fleeced[m])
+        .map(|m| names[m].as_str())
+        .collect();
+    let mut sessions: Vec<Option<ChangedBackup<'_>>> = (0..names.len()).map(|_| None).collect();
+    if !refs.is_empty() {
+        let mut taken = lock_sessions(store, &refs, opts.abort)?.into_iter();
+        for (m, slot) in sessions.iter_mut().enumerate() {
+            if fleeced[m] {
+                *slot = taken.next();
+            }
+        }
+    }
 
     let mut vms: Vec<VmRun> = Vec::new();
     let mut k = 0;
@@ -176,9 +221,12 @@ pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupRep
     let result = (|| -> Result<(Pause, Duration, i64)> {
         // Prepare: nothing paused yet.
         for (vi, v) in vms.iter_mut().enumerate() {
+            let Some(&first) = v.members.iter().find(|&&m| fleeced[m]) else {
+                continue;
+            };
             leftovers[vi] = fleece::clear_leftovers(&mut v.q, &base, &plan.scratch)
-                .map_err(|source| member_err(&planned[v.members[0]], source))?;
-            for &m in &v.members {
+                .map_err(|source| member_err(&planned[first], source))?;
+            for &m in v.members.iter().filter(|&&m| fleeced[m]) {
                 let mut n = base.clone();
                 n.token = format!("{:08x}", base_token.wrapping_add(m as u32));
                 let target = Target {
@@ -188,7 +236,8 @@ pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupRep
                     full: opts.full,
                     scratch: plan.scratch.clone(),
                 };
-                let member = Member::prepare(&mut v.q, store, sessions[m].newest(), n, &target)
+                let newest = sessions[m].as_ref().and_then(|s| s.newest());
+                let member = Member::prepare(&mut v.q, store, newest, n, &target)
                     .map_err(|source| member_err(&planned[m], source))?;
                 members[m] = Some(member);
             }
@@ -223,15 +272,23 @@ pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupRep
             for v in vms.iter_mut() {
                 let mut actions = Vec::new();
                 for &m in &v.members {
-                    actions.extend(members[m].as_ref().expect("prepared").start_actions(chunk));
+                    if let Some(member) = &members[m] {
+                        actions.extend(member.start_actions(chunk));
+                    }
+                }
+                if actions.is_empty() {
+                    continue;
                 }
                 v.q.transaction(&actions)
                     .map_err(qmp_err(&v.name, "transaction (start fleecing)"))?;
                 for &m in &v.members {
-                    members[m].as_mut().expect("prepared").started();
+                    if let Some(member) = members[m].as_mut() {
+                        member.started();
+                    }
                 }
             }
-            Ok(())
+            // Every daemon cuts its point while the guests are still.
+            daemon_point::cut_all(&mut daemons).map_err(|(m, e)| daemon_err(&planned[m], e))
         })();
         // Always: resume every guest we paused, whatever failed.
         let mut resumed = Ok(());
@@ -254,32 +311,19 @@ pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupRep
         Ok((pause, blackout, instant))
     })();
 
-    // Read every member (one at a time: each VM has one NBD server), and
-    // tear each down as soon as it is read.
+    // Read the fleeced members (a few VMs at once), tearing each down as
+    // soon as it is read.
     let mut done: Vec<Option<live_backup::Done>> = (0..names.len()).map(|_| None).collect();
     let read = result.and_then(|r| {
-        for v in vms.iter_mut() {
-            for &m in &v.members {
-                let member = members[m].as_mut().expect("prepared");
-                let d = member
-                    .read(
-                        &mut v.q,
-                        store,
-                        &sessions[m],
-                        &ReadOptions {
-                            progress: None,
-                            threads: opts.threads,
-                            abort: opts.abort,
-                        },
-                    )
-                    .map_err(|source| match source {
-                        live_backup::Error::Interrupted => Error::Interrupted,
-                        source => member_err(&planned[m], source),
-                    });
-                member.teardown(&mut v.q);
-                done[m] = Some(d?);
-            }
-        }
+        read_members(
+            &mut vms,
+            &mut members,
+            &sessions,
+            store,
+            opts,
+            &planned,
+            &mut done,
+        )?;
         Ok(r)
     });
     // Tear down what is left (after a failure), then publish or not.
@@ -293,17 +337,36 @@ pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupRep
             }
         }
     }
+    // The daemons write their points under the store's writer lock: let
+    // go of ours, wait for them, and take it again to publish.
+    let mut publish_lock = Vec::new();
+    let read = read.and_then(|r| {
+        if daemons.is_empty() {
+            return Ok(r);
+        }
+        sessions.iter_mut().for_each(|s| *s = None);
+        daemon_point::wait_all(&mut daemons, store, opts.abort)
+            .map_err(|(m, e)| daemon_err(&planned[m], e))?;
+        publish_lock = lock_sessions(store, &[names[0].as_str()], opts.abort)?;
+        Ok(r)
+    });
     let published = read.and_then(|(pause, blackout, instant)| {
         let group_members = planned
             .iter()
             .zip(&done)
-            .map(|((vm, drive, _), d)| GroupMember {
+            .enumerate()
+            .map(|(m, ((vm, drive, _), d))| GroupMember {
                 vm: vm.clone(),
                 drive: drive.clone(),
-                snapshot: d
-                    .as_ref()
-                    .map(|d| format!("{}@{}", d.0.name, d.0.snapshot))
-                    .unwrap_or_default(),
+                snapshot: match d {
+                    Some(d) => format!("{}@{}", d.0.name, d.0.snapshot),
+                    None => daemons
+                        .iter()
+                        .find(|dm| dm.index == m)
+                        .and_then(|dm| dm.snapshot())
+                        .unwrap_or_default()
+                        .to_owned(),
+                },
             })
             .collect();
         let mut point = GroupPoint::new(
@@ -328,7 +391,8 @@ pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupRep
     if !ok {
         // Member snapshots of a group that was not published: forget them,
         // so the next run's incrementals start from the previous group
-        // point, whose bitmaps now hold every change since.
+        // point, whose bitmaps now hold every change since. (A daemon's
+        // point stays: it is the parent of the daemon's next point.)
         for (m, d) in done.iter().enumerate() {
             if let Some(d) = d {
                 let r = format!("{}@{}", d.0.name, d.0.snapshot);
@@ -340,21 +404,34 @@ pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupRep
     }
     let (pause, blackout, point) = published?;
     drop(sessions);
+    drop(publish_lock);
     let mut reports = Vec::new();
     for (vi, v) in vms.iter().enumerate() {
         for &m in &v.members {
-            let member = members[m].as_ref().expect("prepared");
-            let d = done[m].take().expect("read");
-            let report = member.report(
-                d,
-                v.blackout,
-                v.frozen.then_some(v.blackout),
-                started,
-                std::mem::take(&mut leftovers[vi]),
-            );
+            let frozen = v.frozen.then_some(v.blackout);
+            let report = match (members[m].as_ref(), done[m].take()) {
+                (Some(member), Some(d)) => member.report(
+                    d,
+                    v.blackout,
+                    frozen,
+                    started,
+                    std::mem::take(&mut leftovers[vi]),
+                ),
+                _ => {
+                    let dm = daemons
+                        .iter()
+                        .find(|dm| dm.index == m)
+                        .expect("daemon member");
+                    daemon_report(dm, v.blackout, frozen)
+                }
+            };
             reports.push(MemberReport {
                 vm: planned[m].0.clone(),
                 drive: planned[m].1.clone(),
+                daemon: daemons
+                    .iter()
+                    .find(|dm| dm.index == m)
+                    .map(|dm| dm.path.clone()),
                 report,
             });
         }
@@ -370,6 +447,150 @@ pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupRep
     };
     info!(group = %report.group, blackout_ms = report.blackout_ms, "group point published");
     Ok(report)
+}
+
+/// The report of a member whose point our daemon wrote.
+fn daemon_report(dm: &DaemonMember, blackout: Duration, frozen: Option<Duration>) -> Report {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    Report {
+        snapshot: dm.snapshot().unwrap_or_default().to_owned(),
+        mode: "daemon",
+        reason: None,
+        image_size: dm.size,
+        bytes_read: 0,
+        dirty_bytes: 0,
+        bytes_new: 0,
+        chunks_total: 0,
+        chunks_new: 0,
+        chunks_unchanged: 0,
+        blackout_ms: ms(blackout),
+        frozen_ms: frozen.map(ms),
+        seconds: dm.seconds,
+        parent: None,
+        bitmap: String::new(),
+        leftovers_cleared: Vec::new(),
+    }
+}
+
+/// The store's writer lock, through changed-backup sessions of `names`
+/// (every one shares it), waiting up to [`LOCK_WAIT`] while another
+/// writer (a daemon's protection point) holds it.
+fn lock_sessions<'a>(
+    store: &'a Store,
+    names: &[&str],
+    abort: &AtomicBool,
+) -> Result<Vec<ChangedBackup<'a>>> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match store.begin_changed_backups(names) {
+            Err(e) if e.kind() == ErrorKind::Locked && Instant::now() < deadline => {
+                if abort.load(Ordering::Relaxed) {
+                    return Err(Error::Interrupted);
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
+/// One VM's share of the reads: its QMP and its fleeced members.
+type VmReads<'v, 'm> = (&'v mut VmRun, Vec<(usize, &'m mut Member)>);
+
+/// Reads every fleeced member into the store, at most [`PARALLEL_READS`]
+/// VMs at once (one member of a VM at a time: a VM has one NBD server),
+/// tearing each down once read. The first failure, after every started
+/// read ended; no new read starts after a failure.
+fn read_members(
+    vms: &mut [VmRun],
+    members: &mut [Option<Member>],
+    sessions: &[Option<ChangedBackup<'_>>],
+    store: &Store,
+    opts: &Options<'_>,
+    planned: &[(String, String, usize)],
+    done: &mut [Option<live_backup::Done>],
+) -> Result<()> {
+    let mut slots: Vec<Option<&mut Member>> = members.iter_mut().map(Option::as_mut).collect();
+    let work: Vec<VmReads<'_, '_>> = vms
+        .iter_mut()
+        .filter_map(|v| {
+            let mine: Vec<(usize, &mut Member)> = v
+                .members
+                .iter()
+                .filter_map(|&m| Some((m, slots[m].take()?)))
+                .collect();
+            (!mine.is_empty()).then_some((v, mine))
+        })
+        .collect();
+    if work.is_empty() {
+        return Ok(());
+    }
+    let workers = work.len().min(PARALLEL_READS);
+    let queue = Mutex::new(work);
+    let failed = AtomicBool::new(false);
+    let results: Mutex<Vec<(usize, Result<live_backup::Done>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let Some((v, mine)) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
+                    return;
+                };
+                for (m, member) in mine {
+                    if failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let session = sessions[m]
+                        .as_ref()
+                        .expect("a fleeced member has a session");
+                    let d = member
+                        .read(
+                            &mut v.q,
+                            store,
+                            session,
+                            &ReadOptions {
+                                progress: None,
+                                threads: opts.threads,
+                                abort: opts.abort,
+                            },
+                        )
+                        .map_err(|source| match source {
+                            live_backup::Error::Interrupted => Error::Interrupted,
+                            source => member_err(&planned[m], source),
+                        });
+                    member.teardown(&mut v.q);
+                    if d.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    results
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((m, d));
+                }
+            });
+        }
+    });
+    let mut first = Ok(());
+    let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    results.sort_by_key(|(m, _)| *m);
+    for (m, d) in results {
+        match d {
+            Ok(d) => done[m] = Some(d),
+            Err(e) if first.is_ok() => first = Err(e),
+            Err(_) => {}
+        }
+    }
+    first
+}
+
+fn daemon_err(m: &(String, String, usize), source: daemon_point::Error) -> Error {
+    Error::Daemon {
+        vm: m.0.clone(),
+        drive: m.1.clone(),
+        line: m.2,
+        source: Box::new(source),
+    }
 }
 
 fn member_err(m: &(String, String, usize), source: live_backup::Error) -> Error {

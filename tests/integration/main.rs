@@ -23,6 +23,7 @@ mod restart;
 mod s3;
 mod s3_readers;
 mod service;
+mod service_daemon;
 mod store_cli;
 mod store_props;
 mod util;

@@ -28,11 +28,11 @@ use serde_json::{json, Value};
 use crate::guest::{self, require_guest, Guest, RunningGuest, BOOT_TIMEOUT};
 use crate::util::{recovery_cli, recovery_cli_path};
 
-const MIB: u64 = 1 << 20;
-const CHUNK: u32 = 65536;
+pub(crate) const MIB: u64 = 1 << 20;
+pub(crate) const CHUNK: u32 = 65536;
 
 /// Run `recovery-cli ARGS`.
-fn cli(args: &[&str]) -> Output {
+pub(crate) fn cli(args: &[&str]) -> Output {
     recovery_cli()
         .args(args)
         .stdin(Stdio::null())
@@ -40,7 +40,7 @@ fn cli(args: &[&str]) -> Output {
         .expect("run recovery-cli")
 }
 
-fn ok_json(out: &Output) -> Value {
+pub(crate) fn ok_json(out: &Output) -> Value {
     assert!(
         out.status.success(),
         "failed: {}{}",
@@ -51,7 +51,7 @@ fn ok_json(out: &Output) -> Value {
 }
 
 /// Exit 1 and one `error:` line holding every needle.
-fn assert_one_error(out: &Output, needles: &[&str]) {
+pub(crate) fn assert_one_error(out: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let lines: Vec<_> = err
@@ -65,7 +65,7 @@ fn assert_one_error(out: &Output, needles: &[&str]) {
     }
 }
 
-fn restore(store: &Path, snapshot: &str, out: &Path) {
+pub(crate) fn restore(store: &Path, snapshot: &str, out: &Path) {
     let _ = std::fs::remove_file(out);
     let s = store::Store::open(store).unwrap();
     s.restore(snapshot, out, &store::RestoreOptions::default())
@@ -76,17 +76,17 @@ fn restore(store: &Path, snapshot: &str, out: &Path) {
 // Without a guest.
 
 /// A `-M none` QEMU with qcow2 disks, and what each disk holds.
-struct Vm {
-    name: &'static str,
-    qmp: PathBuf,
+pub(crate) struct Vm {
+    pub(crate) name: &'static str,
+    pub(crate) qmp: PathBuf,
     proc: testing::Proc,
-    disks: Vec<(&'static str, PathBuf, Vec<u8>)>,
+    pub(crate) disks: Vec<(&'static str, PathBuf, Vec<u8>)>,
 }
 
 const SIZE: u64 = 16 * MIB;
 
 impl Vm {
-    fn start(dir: &Path, name: &'static str, drives: &[&'static str]) -> Vm {
+    pub(crate) fn start(dir: &Path, name: &'static str, drives: &[&'static str]) -> Vm {
         let mut disks = Vec::new();
         let mut args = Vec::new();
         for (i, d) in drives.iter().enumerate() {
@@ -123,7 +123,7 @@ impl Vm {
     }
 
     /// Write through QEMU's block layer (as a guest's write goes).
-    fn write(&mut self, disk: usize, offset: u64, len: u64, byte: u8) {
+    pub(crate) fn write(&mut self, disk: usize, offset: u64, len: u64, byte: u8) {
         let (d, _, want) = &mut self.disks[disk];
         let cmd = format!("qemu-io {d} \"write -P {byte} {offset} {len}\"");
         let out = Qmp::connect(&self.qmp)
@@ -138,13 +138,13 @@ impl Vm {
         want[offset as usize..(offset + len) as usize].fill(byte);
     }
 
-    fn running(&self) -> bool {
+    pub(crate) fn running(&self) -> bool {
         let s = self.qmp().execute_value("query-status", None).unwrap();
         s["running"] == json!(true)
     }
 
     /// Nothing of ours left in QEMU; one bitmap per disk at most.
-    fn assert_clean(&self) {
+    pub(crate) fn assert_clean(&self) {
         let mut q = self.qmp();
         assert!(q.query_block_exports().unwrap().is_empty());
         assert!(q.query_block_jobs().unwrap().is_empty());
@@ -437,6 +437,20 @@ poweroff -f
 
 /// A qcow2 copy of the guest root with [`SEQ_INIT`].
 fn seq_disk(guest: &Guest, dir: &Path, name: &str) -> PathBuf {
+    let raw = seq_raw(guest, dir, name);
+    let disk = dir.join(format!("{name}.qcow2"));
+    testing::run(
+        Command::new("qemu-img")
+            .args(["convert", "-q", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&disk),
+    );
+    std::fs::remove_file(&raw).unwrap();
+    disk
+}
+
+/// A raw copy of the guest root with [`SEQ_INIT`], `dir/NAME.raw`.
+pub(crate) fn seq_raw(guest: &Guest, dir: &Path, name: &str) -> PathBuf {
     let raw = dir.join(format!("{name}.raw"));
     std::fs::copy(&guest.root_img, &raw).unwrap();
     let init = dir.join("seq-init");
@@ -457,15 +471,7 @@ fn seq_disk(guest: &Guest, dir: &Path, name: &str) -> PathBuf {
             .arg(&cmds)
             .arg(&raw),
     );
-    let disk = dir.join(format!("{name}.qcow2"));
-    testing::run(
-        Command::new("qemu-img")
-            .args(["convert", "-q", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&disk),
-    );
-    std::fs::remove_file(&raw).unwrap();
-    disk
+    raw
 }
 
 fn seq_guest_cmd(guest: &Guest, disk: &Path, qmp: &Path) -> Command {
@@ -488,19 +494,24 @@ fn seq_guest_cmd(guest: &Guest, disk: &Path, qmp: &Path) -> Command {
 
 /// Drives writes 1, 2, 3, … round-robin over the guests, each one synced
 /// before the next starts, until `stop`; `done` counts finished writes.
-struct Writer {
+pub(crate) struct Writer {
     stop: Arc<AtomicBool>,
-    done: Arc<AtomicU32>,
+    pub(crate) done: Arc<AtomicU32>,
     thread: std::thread::JoinHandle<Vec<RunningGuest>>,
 }
 
 impl Writer {
-    fn start(mut vms: Vec<RunningGuest>) -> Writer {
+    pub(crate) fn start(vms: Vec<RunningGuest>) -> Writer {
+        Self::start_from(vms, 1)
+    }
+
+    /// [`Writer::start`] with write `first` (earlier ones were done).
+    pub(crate) fn start_from(mut vms: Vec<RunningGuest>, first: u32) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU32::new(0));
+        let done = Arc::new(AtomicU32::new(first - 1));
         let (s, d) = (stop.clone(), done.clone());
         let thread = std::thread::spawn(move || {
-            let mut k = 1u32;
+            let mut k = first;
             while !s.load(Ordering::Relaxed) {
                 let n = vms.len();
                 let vm = &mut vms[(k as usize - 1) % n];
@@ -519,7 +530,7 @@ impl Writer {
     }
 
     /// Wait until `n` writes are done.
-    fn wait_done(&self, n: u32) {
+    pub(crate) fn wait_done(&self, n: u32) {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         while self.done.load(Ordering::SeqCst) < n {
             assert!(
@@ -532,14 +543,14 @@ impl Writer {
         }
     }
 
-    fn finish(self) -> Vec<RunningGuest> {
+    pub(crate) fn finish(self) -> Vec<RunningGuest> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().expect("writer")
     }
 }
 
 /// The writes `/seq/w-K` in a restored disk (journal replayed first).
-fn writes_in(store: &Path, snapshot: &str, dir: &Path) -> BTreeSet<u32> {
+pub(crate) fn writes_in(store: &Path, snapshot: &str, dir: &Path) -> BTreeSet<u32> {
     let img = dir.join("cut.img");
     restore(store, snapshot, &img);
     let replay = Command::new("e2fsck")
@@ -566,7 +577,7 @@ fn writes_in(store: &Path, snapshot: &str, dir: &Path) -> BTreeSet<u32> {
 
 /// A consistent cut: the writes present form a prefix 1..=n of the global
 /// order (write k present ⇒ every earlier write present on its VM).
-fn consistent_cut(present: &BTreeSet<u32>) -> Result<u32, String> {
+pub(crate) fn consistent_cut(present: &BTreeSet<u32>) -> Result<u32, String> {
     let n = present.iter().next_back().copied().unwrap_or(0);
     let missing: Vec<u32> = (1..n).filter(|k| !present.contains(k)).collect();
     if missing.is_empty() {
@@ -595,13 +606,7 @@ fn group_point_of_two_guests_is_a_consistent_cut() {
         qmps.push(qmp);
         vms.push(vm);
     }
-    for vm in &vms {
-        assert!(
-            vm.wait_for("SEQ-READY", BOOT_TIMEOUT).is_some(),
-            "{}",
-            vm.console()
-        );
-    }
+    wait_seq_ready(&vms);
     let plan = dir.join("pair.toml");
     std::fs::write(
         &plan,
@@ -669,7 +674,22 @@ fn group_point_of_two_guests_is_a_consistent_cut() {
         "disks captured one after another gave a consistent cut: {present:?}"
     );
 
-    let mut vms = writer.finish();
+    quit_seq_guests(writer.finish());
+}
+
+/// Waits until every guest's [`SEQ_INIT`] is ready for writes.
+pub(crate) fn wait_seq_ready(vms: &[RunningGuest]) {
+    for vm in vms {
+        assert!(
+            vm.wait_for("SEQ-READY", BOOT_TIMEOUT).is_some(),
+            "{}",
+            vm.console()
+        );
+    }
+}
+
+/// Tells every [`SEQ_INIT`] guest to power off, and checks it did.
+pub(crate) fn quit_seq_guests(mut vms: Vec<RunningGuest>) {
     for vm in &mut vms {
         vm.send_line("q");
     }
