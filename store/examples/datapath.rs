@@ -55,8 +55,12 @@ fn main() {
         }
         "restore" => {
             let s = Store::open_keyed(Path::new(a), encrypt.then_some(&secret)).expect("open");
+            let threads = std::env::var("DATAPATH_THREADS")
+                .ok()
+                .map(|t| t.parse().expect("DATAPATH_THREADS"));
             let opts = RestoreOptions {
                 force: true,
+                threads,
                 ..Default::default()
             };
             let st = s.restore("disk", Path::new(b), &opts).expect("restore");

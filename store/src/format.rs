@@ -42,7 +42,8 @@ pub const RECORD_FLAG_COMPRESSED: u32 = 1;
 /// [`RECORD_NONCE_LEN`]-byte nonce, the AEAD ciphertext of the (possibly
 /// compressed) data, and a [`AEAD_TAG_LEN`]-byte tag.
 pub const RECORD_FLAG_ENCRYPTED: u32 = 2;
-/// Nonce length of a sealed record (XChaCha20-Poly1305).
+/// Nonce length of a sealed record (XChaCha20-Poly1305, or AES-256-GCM with
+/// a key derived from the first half).
 pub const RECORD_NONCE_LEN: usize = 24;
 /// Authentication tag length (Poly1305).
 pub const AEAD_TAG_LEN: usize = 16;

@@ -27,8 +27,9 @@
 //!   tmp/                          temp files, swept by the next writer
 //! ```
 //! An encrypted store (`init --encrypt`, config version 2 with an
-//! `encryption` section) seals every chunk record, index and manifest with
-//! XChaCha20-Poly1305 under a master key wrapped by argon2id in `keys/`;
+//! `encryption` section) seals every chunk record (AES-256-GCM with a key per
+//! record; XChaCha20-Poly1305 in stores made before), index and manifest
+//! (XChaCha20-Poly1305) under a master key wrapped by argon2id in `keys/`;
 //! config, key slots, holds and drill records stay plaintext metadata. See
 //! [`crypto`] (formats, key wrapping, threat model).
 //!

@@ -121,6 +121,7 @@ fn slot_cipher(kek: &[u8; 32]) -> Cipher {
     use chacha20poly1305::aead::KeyInit;
     Cipher {
         aead: chacha20poly1305::XChaCha20Poly1305::new(kek.into()),
+        records: super::RecordAead::XChaCha,
         id_key: Zeroizing::new([0; 32]),
         master: MasterKey(Zeroizing::new([0; 32])),
         segment_shift: 0,

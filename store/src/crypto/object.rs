@@ -293,7 +293,7 @@ mod tests {
     }
 
     fn cipher() -> Arc<Cipher> {
-        Arc::new(Cipher::new(MasterKey::random(), 12))
+        Arc::new(Cipher::new(MasterKey::random(), 12, true))
     }
 
     #[test]
