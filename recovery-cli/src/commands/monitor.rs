@@ -9,6 +9,11 @@
 //! otherwise (or one JSON object per line with `--json`). A daemon that
 //! restarts mid-watch (crash and resume) is waited for, up to
 //! [`RECONNECT_GRACE`].
+//!
+//! A service daemon (`instant-boot --plan`) reports its totals and one
+//! report per disk (`Status::disks`): the summary ends with a line per
+//! disk, the watch shows the total bar and a bar per disk below it (or
+//! the total line and a line per disk).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -18,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use control::{human, progress, Request};
 use control::{State, Status};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use crate::output;
 
@@ -176,7 +181,13 @@ pub fn status(c: StatusConfig) -> anyhow::Result<()> {
         let mut view = if c.json {
             View::Json(std::io::stdout())
         } else if std::io::stdout().is_terminal() {
-            View::Bar(progress_bar(ProgressDrawTarget::stdout()))
+            // A service gets a bar per disk below its total.
+            let disks: Vec<String> = control::fetch_status(&c.control)?
+                .disks
+                .into_iter()
+                .map(|d| d.disk)
+                .collect();
+            View::Bar(progress_bars(ProgressDrawTarget::stdout(), &disks))
         } else {
             View::Lines(std::io::stdout())
         };
@@ -252,7 +263,13 @@ impl<W: Write> View<W> {
                 bar.show(status);
                 Ok(())
             }
-            View::Lines(out) => write_line(out, &progress_line(status)),
+            View::Lines(out) => {
+                write_line(out, &progress_line(status))?;
+                for d in &status.disks {
+                    write_line(out, &disk_line(&d.disk, &d.status))?;
+                }
+                Ok(())
+            }
             View::Json(out) => {
                 let json = serde_json::to_string(status).context("Failed to encode JSON")?;
                 write_line(out, &json)
@@ -281,7 +298,13 @@ impl<W: Write> View<W> {
     fn finish(&mut self, status: &Status) -> anyhow::Result<()> {
         if let View::Bar(bar) = self {
             bar.bar.finish_and_clear();
+            for (_, d) in &bar.disks {
+                d.bar.finish_and_clear();
+            }
             output::line(&progress_line(status))?;
+            for d in &status.disks {
+                output::line(&disk_line(&d.disk, &d.status))?;
+            }
         }
         Ok(())
     }
@@ -307,20 +330,31 @@ struct BarText {
 struct Bar {
     bar: ProgressBar,
     text: Arc<Mutex<BarText>>,
+    /// A service's disks: their name and bar, below this one (the total).
+    disks: Vec<(String, Bar)>,
+    /// What draws them all, for a service.
+    _multi: Option<MultiProgress>,
 }
 
 impl Bar {
-    /// Shows `status`, in one draw.
+    /// Shows `status` (and each disk's report on its bar).
     fn show(&self, status: &Status) {
+        self.show_one(status, status.state.name());
+        for (name, bar) in &self.disks {
+            if let Some(d) = status.disks.iter().find(|d| &d.disk == name) {
+                bar.show_one(&d.status, &format!("{name} {}", d.status.state));
+            }
+        }
+    }
+
+    /// Shows one report with `state` before the bar, in one draw.
+    fn show_one(&self, status: &Status, state: &str) {
         let (done, total) = bar_amounts(status);
         let skipped = match status.bytes_skipped {
             0 => String::new(),
             n => format!("copied, {} of zeroes skipped, ", human::format_bytes(n)),
         };
-        self.set_text(
-            status.state.name(),
-            format!("{skipped}{}", rate_and_eta(status)),
-        );
+        self.set_text(state, format!("{skipped}{}", rate_and_eta(status)));
         self.bar.update(|s| {
             s.set_len(total);
             s.set_pos(done.min(total));
@@ -374,7 +408,40 @@ fn progress_bar(target: ProgressDrawTarget) -> Bar {
     .progress_chars("=> ");
     let bar = ProgressBar::with_draw_target(Some(0), target);
     bar.set_style(style);
-    Bar { bar, text }
+    Bar {
+        bar,
+        text,
+        disks: Vec::new(),
+        _multi: None,
+    }
+}
+
+/// The bar of a service's total with a bar per disk below it; a plain
+/// [`progress_bar`] without disks.
+fn progress_bars(target: ProgressDrawTarget, disks: &[String]) -> Bar {
+    if disks.is_empty() {
+        return progress_bar(target);
+    }
+    let multi = MultiProgress::with_draw_target(target);
+    let add = || {
+        let mut bar = progress_bar(ProgressDrawTarget::hidden());
+        bar.bar = multi.add(bar.bar);
+        bar
+    };
+    let mut total = add();
+    total.disks = disks.iter().map(|d| (d.clone(), add())).collect();
+    total._multi = Some(multi);
+    total
+}
+
+/// `"  db-disk0: migrating 25.0% ... -> /dev/vg/db"`: a disk of a service.
+fn disk_line(name: &str, status: &Status) -> String {
+    let target = status
+        .target
+        .as_deref()
+        .map(|t| format!(" -> {t}"))
+        .unwrap_or_default();
+    format!("  {name}: {}{target}", progress_line(status))
 }
 
 /// Follows the daemon until the migration ends. The first status must
@@ -489,10 +556,18 @@ pub fn summary(s: &Status) -> String {
     if let Some(error) = &s.error {
         rows.push(("Error", error.clone()));
     }
+    if let Some(service) = &s.service {
+        rows.push(("Service", format!("{service} ({} disks)", s.disks.len())));
+    }
     rows.push(("Snapshot", s.snapshot.clone()));
-    match &s.target {
+    let target = match (&s.target, s.disks.is_empty()) {
+        (Some(target), _) => Some(target.clone()),
+        (None, false) => Some("each disk its own (below)".to_string()),
+        (None, true) => None,
+    };
+    match target {
         Some(target) => {
-            rows.push(("Target", target.clone()));
+            rows.push(("Target", target));
             rows.push((
                 "Progress",
                 format!("{:.1}%  {}", s.progress() * 100.0, progress::amounts(s)),
@@ -568,9 +643,18 @@ pub fn summary(s: &Status) -> String {
     rows.push(("Uptime", human::format_duration(s.uptime_seconds)));
 
     let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0) + 1;
-    rows.iter()
+    let mut text: String = rows
+        .iter()
         .map(|(label, value)| format!("{:<width$} {value}\n", format!("{label}:")))
-        .collect()
+        .collect();
+    if !s.disks.is_empty() {
+        text.push_str("Disks:\n");
+        for d in &s.disks {
+            text.push_str(&disk_line(&d.disk, &d.status));
+            text.push('\n');
+        }
+    }
+    text
 }
 
 /// Parses a copy rate: a size per second (`50M`, `1GiB`, `50M/s`), or
@@ -1121,5 +1205,79 @@ Uptime:           1h 02m 05s
         );
         assert!(started.elapsed() < Duration::from_secs(10));
         drop(server);
+    }
+
+    fn service() -> Status {
+        let disk = |name: &str, state, copied: u64| control::DiskStatus {
+            disk: name.to_string(),
+            status: Status {
+                state,
+                target: Some(format!("/dev/vg/{name}")),
+                bytes_total: 64 << 20,
+                bytes_to_copy: 8 << 20,
+                bytes_copied: copied,
+                ..Status::default()
+            },
+        };
+        Status {
+            state: State::Migrating,
+            snapshot: "portal@20261206T120000.000000Z".into(),
+            bytes_total: 128 << 20,
+            bytes_to_copy: 16 << 20,
+            bytes_copied: 12 << 20,
+            eta_seconds: Some(4.0),
+            service: Some("portal".into()),
+            disks: vec![
+                disk("db-disk0", State::Complete, 8 << 20),
+                disk("app-disk0", State::Migrating, 4 << 20),
+            ],
+            ..Status::default()
+        }
+    }
+
+    #[test]
+    fn a_service_shows_its_total_and_a_line_and_a_bar_per_disk() {
+        let s = service();
+        let text = summary(&s);
+        assert!(
+            text.contains("Service:") && text.contains("portal (2 disks)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Progress:") && text.contains("75.0%"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nDisks:\n  db-disk0: complete 100.0%")
+                && text.contains("  app-disk0: migrating 50.0%")
+                && text.contains("-> /dev/vg/app-disk0"),
+            "{text}"
+        );
+
+        let mut view = View::Lines(Vec::new());
+        view.update(&s).unwrap();
+        let View::Lines(out) = view else {
+            unreachable!()
+        };
+        let out = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert!(lines[0].starts_with("migrating 75.0%"), "{out}");
+        assert!(
+            lines[2].starts_with("  app-disk0: migrating 50.0%"),
+            "{out}"
+        );
+
+        let names = ["db-disk0".to_string(), "app-disk0".to_string()];
+        let bar = progress_bars(ProgressDrawTarget::hidden(), &names);
+        bar.show(&s);
+        let at = |b: &Bar| (b.bar.position(), b.bar.length());
+        assert_eq!(at(&bar), (12 << 20, Some(16 << 20)));
+        assert_eq!(at(&bar.disks[0].1), (8 << 20, Some(8 << 20)));
+        assert_eq!(at(&bar.disks[1].1), (4 << 20, Some(8 << 20)));
+        assert_eq!(
+            bar.disks[1].1.text.lock().unwrap().state,
+            "app-disk0 migrating"
+        );
     }
 }
