@@ -29,6 +29,9 @@ pub enum Command {
     /// Create a new store.
     Init(init::Args),
     /// Back up a raw image file or block device as a new snapshot.
+    #[command(
+        after_help = "A whole service at one instant (a group point): recovery-cli backup --plan PLAN.toml [--full] [--json]; see recovery-cli backup --plan PLAN.toml --help"
+    )]
     Backup(backup::Args),
     /// List snapshots.
     Snapshots(snapshots::Args),

@@ -314,3 +314,12 @@ fn group_point_from_daemon_points_is_a_consistent_cut_and_survives_a_killed_daem
         d.kill();
     }
 }
+
+#[test]
+fn backup_help_names_the_plan_form() {
+    recovery_cli_path();
+    let out = cli(&["backup", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("backup --plan PLAN.toml"), "{help}");
+}
