@@ -349,6 +349,20 @@ fn the_service_boots_in_order_migrates_every_disk_and_each_target_boots_alone() 
     let s = control::fetch_status(&control).unwrap();
     assert_eq!(s.rate_limit, 0, "{s:#?}");
     assert_service_status(&s, &service.group);
+    // `status`: the service total, then a line per disk.
+    let out = recovery_cli()
+        .args(["status", "--control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("portal (3 disks)"),
+        "{out:?}"
+    );
+    for (vm, drive) in DISKS {
+        assert!(text.contains(&format!("\n  {vm}-{drive}: ")), "{text}");
+    }
 
     // The guests power off; the daemon stops once every disk is migrated.
     let status = daemon.wait();
