@@ -20,6 +20,7 @@
 //! | [`qemu`] | the QEMU that `instant-boot --qemu` launches: spawned with `PR_SET_PDEATHSIG` = `SIGKILL` so it dies with the daemon, and recorded in the state dir (`qemu.json`) so a second guest is refused on the same overlay |
 //! | [`protect`] | continuous protection: the `protect` thread writes a protection point into the store every interval through `block::protect::ProtectLayer`; `protect.json`; full reads after a reboot or without a parent |
 //! | [`progress_log`] | the `progress-log` thread: a progress line every `--log-interval` while migrating, each state change once, whether the live journal runs (at start and on change) |
+//! | [`service`] | `instant-boot --plan`: one process serving every disk of a group point, a disk stack per member without its own control socket, one shared copy-rate limit, one control socket with the service's totals and a report per disk |
 //!
 //! # Model
 //! ```text
