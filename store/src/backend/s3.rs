@@ -28,8 +28,9 @@
 //!   status.
 //! - **Packs are opened lazily**: no HEAD, the length is asked only when a
 //!   caller needs it; a chunk read is one ranged GET.
-//! - **Disk cache** ([`super::disk_cache`]): exact ranged reads of packs
-//!   (chunk records) are kept under `cache_dir/chunks/`, bounded by
+//! - **Disk cache** ([`super::disk_cache`]): every range read from a pack
+//!   over the network (a chunk record, fetched exactly or by readahead) is
+//!   kept under `cache_dir/chunks/`, bounded by
 //!   [`S3Options::disk_cache_bytes`], and served from there later.
 //! - **Rename** is copy then delete (S3 has no rename): a crash between the
 //!   two leaves both names, which `forget` (re-run) or `unforget` resolve.
@@ -42,7 +43,7 @@ use std::future::Future;
 use std::io::{self, Read, Write};
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -597,6 +598,7 @@ impl Backend for S3Backend {
                 key: key.to_string(),
                 len: OnceLock::new(),
                 window: Mutex::new(Window::default()),
+                fetched: Condvar::new(),
             }));
         }
         let info = self.shared.head(key)?;
@@ -618,6 +620,7 @@ impl Backend for S3Backend {
             key: key.to_string(),
             len: OnceLock::from(info.size),
             window: Mutex::new(Window::default()),
+            fetched: Condvar::new(),
         }))
     }
 
@@ -731,6 +734,8 @@ struct S3Object {
     len: OnceLock<u64>,
     /// Readahead: the last range fetched beyond what was asked.
     window: Mutex<Window>,
+    /// Signalled when a readahead ends.
+    fetched: Condvar,
 }
 
 impl S3Object {
@@ -753,6 +758,20 @@ struct Window {
     start: u64,
     data: Bytes,
     ahead: u64,
+    /// The range a readahead in flight will bring.
+    pending: Option<(u64, u64)>,
+}
+
+/// Ends a readahead: clears [`Window::pending`] and wakes its waiters.
+struct PendingFetch<'a>(&'a S3Object);
+
+impl Drop for PendingFetch<'_> {
+    fn drop(&mut self) {
+        let mut w = self.0.window.lock().unwrap_or_else(|p| p.into_inner());
+        w.pending = None;
+        drop(w);
+        self.0.fetched.notify_all();
+    }
 }
 
 impl Window {
@@ -783,23 +802,41 @@ impl Object for S3Object {
         }
         // A read inside the window is served from it; a read at (or just
         // past) its end is sequential: fetch ahead, doubling up to 8 MiB.
-        // Random reads (instant boot) fetch exactly what they need.
+        // One readahead is in flight at a time: a read the pending fetch
+        // covers waits for it, other reads (many threads reading one pack
+        // in parallel, like the migration copier's workers) fetch exactly
+        // what they need, as random reads (instant boot) do.
         let fetch = {
-            let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-            if offset >= w.start && offset + want <= w.end() && !w.data.is_empty() {
-                let at = (offset - w.start) as usize;
-                buf.copy_from_slice(&w.data[at..at + buf.len()]);
-                return Ok(());
-            }
-            let sequential =
-                !w.data.is_empty() && offset >= w.start && offset <= w.end() + (1 << 20);
-            if sequential {
-                (w.ahead * 2).clamp(READAHEAD_MIN, READAHEAD_MAX)
-            } else {
-                0
+            let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if offset >= w.start && offset + want <= w.end() && !w.data.is_empty() {
+                    let at = (offset - w.start) as usize;
+                    buf.copy_from_slice(&w.data[at..at + buf.len()]);
+                    drop(w);
+                    if let Some(c) = &self.shared.disk_cache {
+                        c.put(&self.key, offset, buf);
+                    }
+                    return Ok(());
+                }
+                if w.pending
+                    .is_some_and(|(s, e)| offset >= s && offset + want <= e)
+                {
+                    w = self.fetched.wait(w).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
+                let sequential =
+                    !w.data.is_empty() && offset >= w.start && offset <= w.end() + (1 << 20);
+                if sequential && w.pending.is_none() {
+                    let fetch = (w.ahead * 2).clamp(READAHEAD_MIN, READAHEAD_MAX);
+                    w.pending = Some((offset, offset + fetch.max(want)));
+                    break fetch;
+                }
+                break 0;
             }
         };
-        let cache = self.shared.disk_cache.as_ref().filter(|_| fetch == 0);
+        // Whatever happens to the readahead, its waiters are woken.
+        let _pending = (fetch > 0).then_some(PendingFetch(self));
+        let cache = self.shared.disk_cache.as_ref();
         if let Some(c) = cache {
             if c.get(&self.key, offset, buf) {
                 return Ok(());
@@ -827,6 +864,7 @@ impl Object for S3Object {
                 start: offset,
                 data,
                 ahead: fetch,
+                pending: None,
             };
         }
         Ok(())
