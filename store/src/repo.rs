@@ -323,14 +323,45 @@ impl Store {
             obj.read_at(&mut rec, loc.offset).map_err(|e| {
                 Error::io(format!("Failed to read chunk {id} from {}", where_()), e).with_chunk(*id)
             })?;
-            self.inner
-                .codec
-                .decode_record(&rec, id, loc.stored_len, out)
-                .map_err(|e| {
-                    Error::corrupt(format!("Chunk {id} in {} is corrupt", where_()))
-                        .with_source(e)
-                        .with_chunk(*id)
-                })
+            self.decode_loc(id, loc, &rec, out)
+        })
+    }
+
+    /// Decode and verify `rec`, the record the index places at `loc`.
+    pub(crate) fn decode_loc(
+        &self,
+        id: &ChunkId,
+        loc: &Loc,
+        rec: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        self.inner
+            .codec
+            .decode_record(rec, id, loc.stored_len, out)
+            .map_err(|e| {
+                Error::corrupt(format!(
+                    "Chunk {id} in pack {} at offset {} is corrupt",
+                    loc.pack, loc.offset
+                ))
+                .with_source(e)
+                .with_chunk(*id)
+            })
+    }
+
+    /// Read `buf.len()` bytes of pack `pack` from `offset` in one request:
+    /// a span of records (restore from a remote store). A fresh object, so
+    /// the GET is exact, not widened by a shared object's readahead.
+    pub(crate) fn read_pack_span(&self, pack: &PackId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let key = pack.pack_key();
+        let obj = self
+            .backend()
+            .open(&key)
+            .ctx(|| format!("Failed to open pack {key}"))?;
+        obj.read_at(buf, offset).ctx(|| {
+            format!(
+                "Failed to read {} bytes of pack {key} at offset {offset}",
+                buf.len()
+            )
         })
     }
 

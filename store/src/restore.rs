@@ -8,7 +8,8 @@
 //! target is truncated and re-extended to the image size first, so zero
 //! chunks are simply skipped and stay holes (sparse). A block device must be
 //! at least as large as the image; zero chunks are written as zeros. The
-//! target is fsynced before returning.
+//! target is fsynced before returning. From a remote store (S3) a batch is
+//! fetched as pack spans, many in flight (`restore/spans.rs`).
 //!
 //! What may be written is decided before anything is opened for writing
 //! (`restore/target.rs`):
@@ -21,6 +22,7 @@
 //! - the file checked is the file opened (device and inode compared), and a
 //!   new file is created `O_EXCL` and removed again if the restore fails.
 
+mod spans;
 mod target;
 
 pub use target::store_containing;
@@ -126,9 +128,16 @@ impl Store {
         write_zeros: bool,
         opts: &RestoreOptions<'_>,
     ) -> Result<(u64, u64)> {
+        let remote = self.is_remote();
         let threads = opts
             .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)
+            .unwrap_or_else(|| {
+                if remote {
+                    spans::REMOTE_THREADS
+                } else {
+                    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+                }
+            })
             .max(1);
         let next = AtomicU64::new(0);
         let written = AtomicU64::new(0);
@@ -139,6 +148,8 @@ impl Store {
             file,
             target,
             write_zeros,
+            batch: if remote { spans::SPAN_BATCH } else { BATCH },
+            remote,
             next: &next,
             written: &written,
             zeros: &zeros,
@@ -169,6 +180,10 @@ struct Ctx<'a> {
     file: &'a File,
     target: &'a Path,
     write_zeros: bool,
+    /// Chunks claimed at once.
+    batch: u64,
+    /// Fetch each batch as pack spans.
+    remote: bool,
     next: &'a AtomicU64,
     written: &'a AtomicU64,
     zeros: &'a AtomicU64,
@@ -189,18 +204,19 @@ impl Ctx<'_> {
         let count = self.reader.chunk_count();
         let cs = self.reader.chunk_size() as u64;
         let mut ids = Vec::new();
-        let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| Vec::new()).collect();
-        let mut lens = Vec::with_capacity(BATCH as usize);
+        let mut bufs: Vec<Vec<u8>> = (0..self.batch).map(|_| Vec::new()).collect();
+        let mut lens = Vec::with_capacity(self.batch as usize);
+        let mut span = Vec::new();
         let zero = vec![0u8; if self.write_zeros { cs as usize } else { 0 }];
         loop {
             if self.abort.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let first = self.next.fetch_add(BATCH, Ordering::Relaxed);
+            let first = self.next.fetch_add(self.batch, Ordering::Relaxed);
             if first >= count {
                 return Ok(());
             }
-            self.reader.chunk_ids(first, BATCH, &mut ids)?;
+            self.reader.chunk_ids(first, self.batch, &mut ids)?;
             // Decode the batch, then write each run of adjacent chunks with
             // one `pwritev` (zero chunks of a file target end a run: they
             // stay holes).
@@ -213,8 +229,12 @@ impl Ctx<'_> {
                     None => {
                         self.zeros.fetch_add(1, Ordering::Relaxed);
                     }
+                    Some(_) if self.remote => {}
                     Some(id) => self.reader.read_chunk_id(index, id, len, &mut bufs[i])?,
                 }
+            }
+            if self.remote {
+                spans::fill(self.reader, first, &ids, &lens, &mut bufs, &mut span)?;
             }
             let mut run: Vec<&[u8]> = Vec::with_capacity(ids.len());
             let mut run_at = first * cs;
