@@ -36,13 +36,25 @@
 //!
 //! # Copy-before-write
 //! While a point is copied, a guest write to a captured chunk that the
-//! point has not read yet first reads the chunk's old contents from the
-//! layer below into `preserved` (memory up to a budget, then the spill
-//! file [`SPILL_FILE`]). The point's reader ([`Point::read_at`]) takes the
-//! preserved copy if there is one, else reads the layer below. Both hold
-//! the chunk's stripe of the capture across "is it still pending? copy it,
-//! mark it done", so no write slips between. A guest write waits at most
-//! for one chunk read, never for the whole point.
+//! point has not read yet first copies the old contents of the 4 KiB
+//! grains it touches (not of the whole chunk), the ones not preserved yet,
+//! from the layer below into `preserved` (memory up to a budget, then the
+//! spill file [`SPILL_FILE`]). The point's reader ([`Point::read_at`])
+//! reads the chunk from the layer below and patches the preserved grains
+//! over it. Both hold the chunk's stripe of the capture, the writer across
+//! "is it still pending? which grains are not preserved? copy them", the
+//! reader across "read, patch, mark it done"; a guest write puts its data
+//! down only after its grains are preserved, so the grains the reader does
+//! not patch hold the instant's data. A guest write waits at most for the
+//! read of the grains it overwrites (or for the point's read of that one
+//! chunk), never for the whole point.
+//!
+//! Why grains: the guest's writes are mostly 4 KiB and scattered, while a
+//! chunk is 64 KiB. Copying whole chunks made every write that hit a
+//! pending chunk (a fifth of them at 20 MB/s of random writes, points
+//! every 5 s) read 64 KiB from the overlay and the store and keep 64 KiB,
+//! mostly in the spill file: 100–250 µs per write instead of 15 µs, and a
+//! spill file of hundreds of MiB per point. A grain costs one 4 KiB read.
 //!
 //! # Ending a point
 //! [`Point::finish`] (after the daemon recorded the point) clears the
@@ -353,7 +365,10 @@ impl ProtectLayer {
         let last = ((offset + len - 1) / self.chunk).min(self.nchunks - 1);
         if let Some(capture) = &gate.capture {
             for c in first..=last {
-                self.preserve(capture, c);
+                let start = c * self.chunk;
+                let lo = offset.max(start) - start;
+                let hi = (offset + len).min(start + self.chunk) - start;
+                self.preserve(capture, c, lo, hi);
             }
         }
         if let Err(e) = self.files[gate.active].mark(first, last) {
@@ -364,8 +379,10 @@ impl ProtectLayer {
         r
     }
 
-    /// Copy-before-write of chunk `c` for `capture`, if still pending.
-    fn preserve(&self, capture: &Capture, c: u64) {
+    /// Copy-before-write for `capture` of bytes `lo..hi` of chunk `c` (a
+    /// guest mutation is about to change them), if the chunk is still
+    /// pending: the grains they touch that are not preserved yet.
+    fn preserve(&self, capture: &Capture, c: u64, lo: u64, hi: u64) {
         if !capture.is_pending(c) {
             return;
         }
@@ -374,16 +391,27 @@ impl ProtectLayer {
             return;
         }
         let (off, len) = self.chunk_range(c);
-        let mut old = vec![0u8; len];
-        let kept = self
-            .lower
-            .read_at(&mut old, off)
-            .and_then(|()| self.preserved.put(c, old));
-        if let Err(e) = kept {
-            tracing::warn!(chunk = c, error = %e, "protection: failed to preserve a chunk for the point being written; the point is abandoned");
-            capture.set_broken(format!("failed to preserve chunk {c}: {e}"));
+        let len = len as u64;
+        let grain = self.preserved.grain();
+        let hi = hi.min(len);
+        if hi <= lo {
+            return;
         }
-        capture.clear_pending(c);
+        let (g0, g1) = ((lo / grain) as u32, ((hi - 1) / grain) as u32);
+        for (first, count) in self.preserved.missing(c, g0, g1) {
+            let start = u64::from(first) * grain;
+            let end = (start + u64::from(count) * grain).min(len);
+            let mut old = vec![0u8; (end - start) as usize];
+            let kept = self
+                .lower
+                .read_at(&mut old, off + start)
+                .and_then(|()| self.preserved.put(c, first, old));
+            if let Err(e) = kept {
+                tracing::warn!(chunk = c, error = %e, "protection: failed to preserve a chunk for the point being written; the point is abandoned");
+                capture.set_broken(format!("failed to preserve chunk {c}: {e}"));
+                return;
+            }
+        }
     }
 
     /// Starts a point: waits for the guest writes in flight, swaps the
@@ -549,9 +577,16 @@ impl Point {
                 )
             })?;
             let _stripe = cap.stripe(c);
-            if layer.preserved.take(c, piece)? {
-            } else if cap.is_pending(c) {
+            if cap.is_pending(c) {
                 layer.lower.read_at(piece, pos)?;
+                if let Err(e) = layer.preserved.take_into(c, piece) {
+                    // The preserved grains are gone: the chunk cannot be
+                    // read as it was any more.
+                    cap.set_broken(format!(
+                        "failed to read the preserved grains of chunk {c}: {e}"
+                    ));
+                    return Err(e);
+                }
                 cap.clear_pending(c);
             } else {
                 return Err(io::Error::other(match cap.broken() {
