@@ -41,7 +41,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::Serialize;
 use tracing::{info, info_span, warn};
 
-use crate::chunk::is_zero;
+use crate::chunk::{is_zero, record_bound};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView, MERGE_THRESHOLD};
@@ -180,7 +180,10 @@ impl Batch {
 }
 
 struct Output {
+    /// Records in `records[..used]`; the buffer keeps its length between
+    /// batches, so encoding never clears or zeroes it again.
     records: Vec<u8>,
+    used: usize,
     /// (id, raw_len, end offset in `records`).
     chunks: Vec<(ChunkId, u32, usize)>,
 }
@@ -450,6 +453,7 @@ where
         let _ = free_tx.send(Batch::new(per_batch * cs, per_batch));
         let _ = out_free_tx.send(Output {
             records: Vec::new(),
+            used: 0,
             chunks: Vec::new(),
         });
     }
@@ -519,7 +523,7 @@ fn work(
         let Ok(mut output) = out_free.recv() else {
             return Ok(());
         };
-        output.records.clear();
+        output.used = 0;
         output.chunks.clear();
         entries.clear();
         let c = &shared.counters;
@@ -545,13 +549,16 @@ fn work(
             if !fresh {
                 continue;
             }
-            shared
-                .store
-                .codec()
-                .encode_record(&id, data, &mut output.records);
-            output
-                .chunks
-                .push((id, data.len() as u32, output.records.len()));
+            let need = output.used + record_bound(data.len());
+            if output.records.len() < need {
+                output.records.resize(need, 0);
+            }
+            output.used += shared.store.codec().encode_record_into(
+                &id,
+                data,
+                &mut output.records[output.used..],
+            );
+            output.chunks.push((id, data.len() as u32, output.used));
             c.chunks_new.fetch_add(1, Ordering::Relaxed);
         }
         shared.manifest.set_entries(batch.first, &entries)?;

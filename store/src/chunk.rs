@@ -99,40 +99,50 @@ impl Codec {
     /// [`encode_record`], sealing the data in an encrypted store (compressed
     /// first). Returns the stored data length.
     pub fn encode_record(&self, id: &ChunkId, data: &[u8], out: &mut Vec<u8>) -> u32 {
-        let Some(c) = &self.cipher else {
-            return encode_record(id, data, out);
-        };
         let start = out.len();
-        let nonce_at = start + RECORD_HEADER_LEN;
-        let body = nonce_at + RECORD_NONCE_LEN;
-        let bound = lz4_flex::block::get_maximum_output_size(data.len());
-        out.resize(body + bound + AEAD_TAG_LEN, 0);
-        let (flags, n) = match lz4_flex::block::compress_into(data, &mut out[body..]) {
-            Ok(n) if n < data.len() => (RECORD_FLAG_COMPRESSED | RECORD_FLAG_ENCRYPTED, n),
+        out.resize(start + record_bound(data.len()), 0);
+        let n = self.encode_record_into(id, data, &mut out[start..]);
+        out.truncate(start + n);
+        (n - RECORD_HEADER_LEN) as u32
+    }
+
+    /// Write the record (header and stored data) of chunk `id` at the start
+    /// of `out`, which holds at least [`record_bound`] bytes; returns the
+    /// record's length. For callers that keep one buffer: nothing is
+    /// cleared or allocated per chunk.
+    pub fn encode_record_into(&self, id: &ChunkId, data: &[u8], out: &mut [u8]) -> usize {
+        let body = RECORD_HEADER_LEN
+            + if self.cipher.is_some() {
+                RECORD_NONCE_LEN
+            } else {
+                0
+            };
+        let raw_len = data.len() as u32;
+        let (mut flags, n) = match lz4_flex::block::compress_into(data, &mut out[body..]) {
+            Ok(n) if n < data.len() => (RECORD_FLAG_COMPRESSED, n),
             _ => {
                 out[body..body + data.len()].copy_from_slice(data);
-                (RECORD_FLAG_ENCRYPTED, data.len())
+                (0, data.len())
             }
         };
-        let nonce: [u8; RECORD_NONCE_LEN] = rand::random();
-        out[nonce_at..body].copy_from_slice(&nonce);
-        let raw_len = data.len() as u32;
-        let tag = c.seal_record(
-            &nonce,
-            &record_ad(id, raw_len, flags),
-            &mut out[body..body + n],
-        );
-        out[body + n..body + n + AEAD_TAG_LEN].copy_from_slice(&tag);
-        out.truncate(body + n + AEAD_TAG_LEN);
-        let stored = n as u32 + RECORD_SEAL_OVERHEAD;
+        let mut stored = n;
+        if let Some(c) = &self.cipher {
+            flags |= RECORD_FLAG_ENCRYPTED;
+            let nonce: [u8; RECORD_NONCE_LEN] = rand::random();
+            out[RECORD_HEADER_LEN..body].copy_from_slice(&nonce);
+            let ad = record_ad(id, raw_len, flags);
+            let tag = c.seal_record(&nonce, &ad, &mut out[body..body + n]);
+            out[body + n..body + n + AEAD_TAG_LEN].copy_from_slice(&tag);
+            stored = n + RECORD_SEAL_OVERHEAD as usize;
+        }
         let header = RecordHeader {
             id: id.0,
             raw_len,
-            stored_len: stored,
+            stored_len: stored as u32,
             flags,
         };
-        out[start..nonce_at].copy_from_slice(&header.encode());
-        stored
+        out[..RECORD_HEADER_LEN].copy_from_slice(&header.encode());
+        RECORD_HEADER_LEN + stored
     }
 
     /// [`decode_record`] for this store: authenticates and decrypts a sealed
@@ -204,29 +214,18 @@ pub fn is_zero(buf: &[u8]) -> bool {
     words.remainder().iter().all(|&b| b == 0)
 }
 
+/// The most bytes the record of `raw_len` plaintext bytes can take:
+/// header, lz4's worst case, and a sealed record's nonce and tag.
+pub fn record_bound(raw_len: usize) -> usize {
+    RECORD_HEADER_LEN
+        + RECORD_SEAL_OVERHEAD as usize
+        + lz4_flex::block::get_maximum_output_size(raw_len)
+}
+
 /// Append the record for chunk `id` with plaintext `data` to `out`,
 /// compressing when it saves space. Returns the stored data length.
 pub fn encode_record(id: &ChunkId, data: &[u8], out: &mut Vec<u8>) -> u32 {
-    let start = out.len();
-    let bound = lz4_flex::block::get_maximum_output_size(data.len());
-    out.resize(start + RECORD_HEADER_LEN + bound, 0);
-    let body = start + RECORD_HEADER_LEN;
-    let (flags, stored) = match lz4_flex::block::compress_into(data, &mut out[body..]) {
-        Ok(n) if n < data.len() => (RECORD_FLAG_COMPRESSED, n),
-        _ => {
-            out[body..body + data.len()].copy_from_slice(data);
-            (0, data.len())
-        }
-    };
-    out.truncate(body + stored);
-    let header = RecordHeader {
-        id: id.0,
-        raw_len: data.len() as u32,
-        stored_len: stored as u32,
-        flags,
-    };
-    out[start..body].copy_from_slice(&header.encode());
-    stored as u32
+    Codec::plain().encode_record(id, data, out)
 }
 
 /// Decode `record` (header + data) that the index says holds `id` with
