@@ -6,6 +6,7 @@ pub mod drill;
 pub mod ingest;
 pub mod io;
 pub mod migrate;
+pub mod plan_boot;
 pub mod protect;
 pub mod restore;
 pub mod s3;
@@ -24,6 +25,7 @@ pub const ALL: &[&str] = &[
     "startup",
     "boot",
     "migrate",
+    "plan-boot",
     "drill",
     "protect",
     "virtnbd",
@@ -40,6 +42,7 @@ pub fn run(name: &str, ctx: &Ctx) -> anyhow::Result<Report> {
         "startup" => startup::run(ctx),
         "boot" => boot::run(ctx),
         "migrate" => migrate::run(ctx),
+        "plan-boot" => plan_boot::run(ctx),
         "drill" => drill::run(ctx),
         "protect" => protect::run(ctx),
         "virtnbd" => virtnbd::run(ctx),

@@ -39,7 +39,7 @@ pub(crate) fn status(cli: &Path, control: &Path) -> anyhow::Result<serde_json::V
 }
 
 /// Waits until the daemon reports `complete`; returns the last status.
-fn wait_complete(
+pub(crate) fn wait_complete(
     cli: &Path,
     control: &Path,
     timeout: Duration,
