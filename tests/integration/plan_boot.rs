@@ -470,6 +470,7 @@ fn bad_input_is_refused_with_one_clear_line() {
     };
     let qmps = [dir.join("db.qmp"), dir.join("app.qmp")];
     let targets = dir.join("targets");
+    std::fs::create_dir(&targets).unwrap();
     let plan = write_plan(dir, "portal.toml", &guest, &qmps, &targets, &[]);
     let no_target = write_plan(dir, "partial.toml", &guest, &qmps, &targets, &["app-data"]);
     let (state, sockets) = (dir.join("state"), dir.join("sockets"));
@@ -507,8 +508,16 @@ fn bad_input_is_refused_with_one_clear_line() {
         err.contains("partial.toml:") && err.contains("VM app drive data has no target"),
         "{err}"
     );
+    let elsewhere = write_plan(dir, "elsewhere.toml", &guest, &qmps, &dir.join("gone"), &[]);
+    let err = refused(&elsewhere, &sockets, "20991231T000000.000000Z");
+    assert!(
+        err.contains("elsewhere.toml:")
+            && err.contains("the target of VM app drive disk0 is in")
+            && err.contains("which does not exist"),
+        "{err}"
+    );
     // Nothing was created.
     assert!(!state.exists());
     assert_eq!(std::fs::read_dir(&sockets).unwrap().count(), 0);
-    assert!(!targets.exists());
+    assert_eq!(std::fs::read_dir(&targets).unwrap().count(), 0);
 }

@@ -146,13 +146,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let plan = Plan::load(&a.plan)?;
     for (vm, disk) in plan.members() {
-        if disk.target.is_none() {
+        let Some(target) = &disk.target else {
             bail!(
                 "{}:{}: VM {} drive {} has no target: instant-boot --plan migrates every disk, add target = \"/path\" to it",
                 plan.path.display(),
                 disk.line,
                 vm.name,
                 disk.drive
+            );
+        };
+        // Checked for every disk before any starts: a start that fails
+        // half-way leaves the disks before it set up.
+        let dir = target.parent().filter(|d| !d.as_os_str().is_empty());
+        if !target.exists() && dir.is_some_and(|d| !d.is_dir()) {
+            bail!(
+                "{}:{}: the target of VM {} drive {} is in {}, which does not exist",
+                plan.path.display(),
+                disk.line,
+                vm.name,
+                disk.drive,
+                dir.map(|d| d.display().to_string()).unwrap_or_default()
             );
         }
     }
