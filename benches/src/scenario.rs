@@ -5,8 +5,8 @@ pub mod chunk_size;
 pub mod drill;
 pub mod ingest;
 pub mod io;
+pub mod live_backup;
 pub mod migrate;
-pub mod plan_boot;
 pub mod protect;
 pub mod restore;
 pub mod s3;
@@ -25,10 +25,10 @@ pub const ALL: &[&str] = &[
     "startup",
     "boot",
     "migrate",
-    "plan-boot",
     "drill",
     "protect",
     "virtnbd",
+    "live-backup",
     "s3",
 ];
 
@@ -42,10 +42,10 @@ pub fn run(name: &str, ctx: &Ctx) -> anyhow::Result<Report> {
         "startup" => startup::run(ctx),
         "boot" => boot::run(ctx),
         "migrate" => migrate::run(ctx),
-        "plan-boot" => plan_boot::run(ctx),
         "drill" => drill::run(ctx),
         "protect" => protect::run(ctx),
         "virtnbd" => virtnbd::run(ctx),
+        "live-backup" => live_backup::run(ctx),
         "s3" => s3::run(ctx),
         _ => anyhow::bail!("unknown scenario {name:?} (known: {})", ALL.join(", ")),
     }
