@@ -7,6 +7,7 @@ pub mod ingest;
 pub mod io;
 pub mod live_backup;
 pub mod migrate;
+pub mod plan_boot;
 pub mod protect;
 pub mod restore;
 pub mod s3;
@@ -25,6 +26,7 @@ pub const ALL: &[&str] = &[
     "startup",
     "boot",
     "migrate",
+    "plan-boot",
     "drill",
     "protect",
     "virtnbd",
@@ -42,6 +44,7 @@ pub fn run(name: &str, ctx: &Ctx) -> anyhow::Result<Report> {
         "startup" => startup::run(ctx),
         "boot" => boot::run(ctx),
         "migrate" => migrate::run(ctx),
+        "plan-boot" => plan_boot::run(ctx),
         "drill" => drill::run(ctx),
         "protect" => protect::run(ctx),
         "virtnbd" => virtnbd::run(ctx),
