@@ -20,7 +20,11 @@ use crate::daemon_point::{self, DaemonMember};
 use crate::plan::Plan;
 
 /// Fleeced members read at once (one VM each: a VM has one NBD server).
-pub const PARALLEL_READS: usize = 4;
+/// One for now: the store runs the sessions of one writer lock one after
+/// another (`Store::begin_changed_backups`); the index merge that ends a
+/// backup assumes it is the only one, and two at once could drop a pack's
+/// index. Raise this once that merge is serialized inside the store.
+pub const PARALLEL_READS: usize = 1;
 /// How long to wait for the store's writer lock held by another writer
 /// (a daemon writing a protection point into the same store).
 pub const LOCK_WAIT: Duration = Duration::from_secs(120);
@@ -528,6 +532,15 @@ fn read_members(
         return Ok(());
     }
     let workers = work.len().min(PARALLEL_READS);
+    // Taken from the back: the plan's first VM first.
+    let mut work = work;
+    work.reverse();
+    // The worker threads (all cores by default) are shared by the reads
+    // running at once, not multiplied by them.
+    let total = opts.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let threads = Some((total / workers).max(1));
     let queue = Mutex::new(work);
     let failed = AtomicBool::new(false);
     let results: Mutex<Vec<(usize, Result<live_backup::Done>)>> = Mutex::new(Vec::new());
@@ -551,7 +564,7 @@ fn read_members(
                             session,
                             &ReadOptions {
                                 progress: None,
-                                threads: opts.threads,
+                                threads,
                                 abort: opts.abort,
                             },
                         )
