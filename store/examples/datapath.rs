@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo build --release -p store --example datapath
 //! target/release/examples/datapath ingest IMAGE STORE [--encrypt]   # fresh store
+//! target/release/examples/datapath ingest-more IMAGE STORE [--encrypt]   # next backup
 //! target/release/examples/datapath restore STORE TARGET [--encrypt]
 //! ```
 //!
@@ -17,7 +18,7 @@ use store::{BackupOptions, RestoreOptions, Store};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: datapath ingest IMAGE STORE [--encrypt] | restore STORE TARGET [--encrypt]";
+    let usage = "usage: datapath ingest|ingest-more IMAGE STORE [--encrypt] | restore STORE TARGET [--encrypt]";
     let (Some(op), Some(a), Some(b)) = (args.get(1), args.get(2), args.get(3)) else {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -25,12 +26,14 @@ fn main() {
     let encrypt = args.iter().any(|a| a == "--encrypt");
     let secret = Secret::passphrase("bench").expect("secret");
     match op.as_str() {
-        "ingest" => {
+        "ingest" | "ingest-more" => {
             let store = Path::new(b);
-            if store.exists() {
+            if op == "ingest" && store.exists() {
                 std::fs::remove_dir_all(store).expect("remove old store");
             }
-            let s = if encrypt {
+            let s = if op == "ingest-more" {
+                Store::open_keyed(store, encrypt.then_some(&secret)).expect("open")
+            } else if encrypt {
                 let kdf = KdfParams {
                     m_cost_kib: 8 << 10,
                     t_cost: 1,
