@@ -96,8 +96,9 @@ pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// Default interval between points.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a point on demand waits for the store's writer lock after
-/// its cut.
-pub const LOCK_WAIT: Duration = Duration::from_secs(300);
+/// its cut (a service backup holds it while it reads its fleeced disks;
+/// meanwhile the cut's chunks are preserved as the guest rewrites them).
+pub const LOCK_WAIT: Duration = Duration::from_secs(3600);
 /// Cuts on demand remembered for `point-wait`.
 const CUTS_KEPT: usize = 64;
 

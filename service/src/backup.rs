@@ -27,7 +27,7 @@ use crate::plan::Plan;
 pub const PARALLEL_READS: usize = 1;
 /// How long to wait for the store's writer lock held by another writer
 /// (a daemon writing a protection point into the same store).
-pub const LOCK_WAIT: Duration = Duration::from_secs(120);
+pub const LOCK_WAIT: Duration = Duration::from_secs(600);
 
 /// Errors of a group backup.
 #[derive(Debug, thiserror::Error)]
@@ -491,6 +491,9 @@ fn lock_sessions<'a>(
             Err(e) if e.kind() == ErrorKind::Locked && Instant::now() < deadline => {
                 if abort.load(Ordering::Relaxed) {
                     return Err(Error::Interrupted);
+                }
+                if pause == Duration::from_millis(20) {
+                    info!("waiting for the store's writer lock: {e}");
                 }
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(500));
