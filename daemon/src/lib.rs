@@ -308,8 +308,9 @@ impl Daemon {
     /// A disk of a [`service::Service`]: [`Daemon::start`] without a
     /// control socket and progress logger of its own (`cfg.control` and
     /// `cfg.log_interval` are not used).
-    pub(crate) fn start_member(cfg: &DaemonConfig) -> Result<Daemon> {
-        Self::open(cfg, None, Role::Member)
+    /// The service's `store` is shared by all its disks.
+    pub(crate) fn start_member(cfg: &DaemonConfig, store: Arc<Store>) -> Result<Daemon> {
+        Self::open(cfg, None, Role::Member(store))
     }
 
     fn open(cfg: &DaemonConfig, protect: Option<&ProtectConfig>, role: Role) -> Result<Daemon> {
@@ -318,8 +319,8 @@ impl Daemon {
         }
         // What can be checked before anything is created, is.
         check_socket_path("vhost-user socket", &cfg.socket, true)?;
-        match (&cfg.control, role) {
-            (_, Role::Member) => {}
+        match (&cfg.control, &role) {
+            (_, Role::Member(_)) => {}
             (Some(control), Role::Alone) => check_socket_path("control socket", control, true)?,
             (None, Role::Alone) => check_socket_path(
                 "control socket",
@@ -335,7 +336,10 @@ impl Daemon {
         if let Some(done) = complete {
             return Self::start_complete(cfg, &done, protect, role);
         }
-        let store = open_store(&cfg.store).map_err(Error::OpenStore)?;
+        let store = match &role {
+            Role::Member(store) => store.clone(),
+            Role::Alone => Arc::new(open_store(&cfg.store).map_err(Error::OpenStore)?),
+        };
         let reader = store
             .open_snapshot(&cfg.snapshot)
             .map_err(Error::OpenSnapshot)?;
@@ -375,7 +379,7 @@ impl Daemon {
         Self::assemble(
             cfg,
             info,
-            Some(Arc::new(store)),
+            Some(store),
             Some(reader),
             source,
             repair,
@@ -474,8 +478,12 @@ impl Daemon {
             source: String::new(),
             parent: None,
         };
-        let store = match open_store(&cfg.store) {
-            Ok(store) => Some(Arc::new(store)),
+        let opened = match &role {
+            Role::Member(store) => Ok(store.clone()),
+            Role::Alone => open_store(&cfg.store).map(Arc::new),
+        };
+        let store = match opened {
+            Ok(store) => Some(store),
             // Protection writes its points into the store.
             Err(e) if protect.is_some() => return Err(Error::OpenStore(e)),
             Err(e) => {
@@ -672,7 +680,7 @@ impl Daemon {
         let server = BlockServer::new(device.clone(), device_cfg)?;
         let listening = server.bind_owned(&cfg.socket, cfg.socket_owner.as_ref())?;
         let stop = StopHandle::new().map_err(|e| Error::Layer("stop handle", e))?;
-        let (control, control_path, logger) = match role {
+        let (control, control_path, logger) = match &role {
             Role::Alone => {
                 let path = cfg
                     .control
@@ -684,7 +692,7 @@ impl Daemon {
                     .map_err(|e| Error::Layer("progress logger", e))?;
                 (Some(control), path, Some(logger))
             }
-            Role::Member => (None, PathBuf::new(), None),
+            Role::Member(_) => (None, PathBuf::new(), None),
         };
         if let (Some(migration), Some(path)) = (&migration, &cfg.target) {
             migration
@@ -830,12 +838,12 @@ impl Daemon {
 }
 
 /// Whether a daemon serves alone or as a disk of a service.
-#[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
-    /// Its own control socket and progress logger.
+    /// Its own store, control socket and progress logger.
     Alone,
-    /// A disk of a [`service::Service`], which has those for all disks.
-    Member,
+    /// A disk of a [`service::Service`], which has those for all disks
+    /// (the store, opened once, is here).
+    Member(Arc<Store>),
 }
 
 /// The serial a guest sees when none is given: the snapshot id's digits
@@ -1036,6 +1044,6 @@ fn make_private(dir: &Path) -> Result<()> {
 
 /// Open the store a daemon serves from: a directory or `s3://BUCKET/PREFIX`
 /// (AWS_* variables, cache under RECOVERY_CACHE_DIR / XDG_CACHE_HOME).
-fn open_store(location: &Path) -> store::Result<Store> {
+pub(crate) fn open_store(location: &Path) -> store::Result<Store> {
     store::Store::open_location(&location.to_string_lossy(), &store::OpenOptions::default())
 }

@@ -7,6 +7,7 @@
 //! socket and I/O threads), but without a control socket or progress
 //! logger of its own ([`Daemon::start_member`]). What is shared:
 //!
+//! - **one store**, opened once (the members of one group point);
 //! - **one copy-rate limit.** Every disk's copier takes its slots from one
 //!   `block::migrate::RateLimiter` (`MigrationOptions::shared_limit`), so
 //!   `--copy-rate` and `set-rate` bound the service's copy rate, not each
@@ -50,7 +51,7 @@ use vhost_backend::socket::StopHandle;
 use crate::control_server::ControlServer;
 use crate::progress_log::{spawn_progress_logger, ProgressLogger};
 use crate::state_dir::StateDir;
-use crate::{check_socket_path, Daemon, DaemonConfig};
+use crate::{check_socket_path, open_store, Daemon, DaemonConfig};
 
 /// Why a service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +70,9 @@ pub enum Error {
     /// The control socket's path cannot work.
     #[error(transparent)]
     ControlPath(crate::Error),
+    /// Opening the store failed (the store's error names it).
+    #[error(transparent)]
+    OpenStore(store::Error),
     /// Starting or serving one disk failed.
     #[error("Disk {disk}")]
     Disk {
@@ -103,7 +107,8 @@ pub struct DiskConfig {
     pub daemon: DaemonConfig,
 }
 
-/// Everything `instant-boot --plan` needs to know.
+/// Everything `instant-boot --plan` needs to know (every disk's
+/// `daemon.store` is the same; the first one's is opened, once).
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     /// The service's name.
@@ -164,12 +169,14 @@ impl Service {
             }
         }
         check_socket_path("control socket", &cfg.control, true).map_err(Error::ControlPath)?;
+        // One store for every disk (members of one group point).
+        let store = Arc::new(open_store(&cfg.disks[0].daemon.store).map_err(Error::OpenStore)?);
         let limiter = Arc::new(RateLimiter::new(cfg.copy_rate));
         let mut disks: Vec<(String, Daemon)> = Vec::new();
         for d in &cfg.disks {
             let mut daemon_cfg = d.daemon.clone();
             daemon_cfg.migration.shared_limit = Some(limiter.clone());
-            match Daemon::start_member(&daemon_cfg) {
+            match Daemon::start_member(&daemon_cfg, store.clone()) {
                 Ok(daemon) => {
                     tracing::info!(disk = %d.name, socket = %daemon.socket().display(), snapshot = %daemon.snapshot().reference(), "disk ready");
                     disks.push((d.name.clone(), daemon));
