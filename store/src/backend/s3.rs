@@ -803,9 +803,11 @@ impl Object for S3Object {
         // A read inside the window is served from it; a read at (or just
         // past) its end is sequential: fetch ahead, doubling up to 8 MiB.
         // One readahead is in flight at a time: a read the pending fetch
-        // covers waits for it, other reads (many threads reading one pack
-        // in parallel, like the migration copier's workers) fetch exactly
-        // what they need, as random reads (instant boot) do.
+        // covers, or that will be sequential once it is done, waits for it
+        // (many threads reading one pack in order, like the migration
+        // copier's workers, then share the growing windows instead of each
+        // sending a request); a read behind it fetches exactly what it
+        // needs, as random reads (instant boot) do.
         let fetch = {
             let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
             loop {
@@ -819,7 +821,7 @@ impl Object for S3Object {
                     return Ok(());
                 }
                 if w.pending
-                    .is_some_and(|(s, e)| offset >= s && offset + want <= e)
+                    .is_some_and(|(s, e)| offset >= s && offset <= e + (1 << 20))
                 {
                     w = self.fetched.wait(w).unwrap_or_else(|p| p.into_inner());
                     continue;
