@@ -43,10 +43,11 @@ use crate::crypto::Secret;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{DELTA_COUNT_LEN, DELTA_ENTRY_LEN, TRAILER_LEN};
 use crate::group::GROUPS_DIR;
-use crate::id::ChunkId;
+use crate::id::{ChunkId, PackId};
 use crate::location::{s3_options, Location, OpenOptions};
 use crate::pack::{PackWriter, PACK_TARGET_SIZE};
 use crate::repo::Store;
+use crate::restore::spans;
 use crate::snapshot::manifest::{read_header, ENTRY_LEN};
 use crate::snapshot::reader::SnapshotReader;
 use crate::snapshot::{self, forgotten_key, manifest_key, Listed};
@@ -56,6 +57,9 @@ use crate::snapshot::{self, forgotten_key, manifest_key, Listed};
 const FETCHERS: usize = 16;
 /// Chunk ids looked at per batch.
 const BATCH: u64 = 1024;
+/// Chunks of a remote source one fetcher reads in pack spans (4 MiB of
+/// 64 KiB chunks).
+const SPAN_GROUP: usize = 64;
 
 /// What a copy did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -251,9 +255,7 @@ impl Copier<'_> {
                     todo.push(*id);
                 }
             }
-            let fetched = self.fetch(&view, &todo);
-            for r in fetched {
-                let (id, did, rec) = r?;
+            for (id, did, rec) in self.fetch(&view, &todo)? {
                 if let Some(map) = &mut self.map {
                     map.insert(id, did);
                 }
@@ -275,13 +277,13 @@ impl Copier<'_> {
 
     /// Read, verify and (where the destination lacks it) re-encode each
     /// chunk of `todo`, `FETCHERS` at a time.
-    fn fetch(&self, view: &crate::index::IndexView, todo: &[ChunkId]) -> Vec<Result<Fetched>> {
-        let (src, dst, translate) = (self.src, self.dst, self.map.is_some());
+    fn fetch(&self, view: &crate::index::IndexView, todo: &[ChunkId]) -> Result<Vec<Fetched>> {
+        let (dst, translate) = (self.dst, self.map.is_some());
+        let plains = self.read_plain(todo)?;
         self.pool.install(|| {
             todo.par_iter()
-                .map(|id| {
-                    let mut plain = Vec::new();
-                    src.read_chunk(id, &mut plain)?;
+                .zip(plains.into_par_iter())
+                .map(|(id, plain)| {
                     let did = if translate {
                         let did = dst.chunk_id(&plain);
                         if self.dst_has(view, &did)? {
@@ -297,6 +299,57 @@ impl Copier<'_> {
                 })
                 .collect()
         })
+    }
+
+    /// The verified plaintexts of `todo`, in order: chunk by chunk from a
+    /// local source; from a remote one in pack spans, the chunks sorted by
+    /// pack and offset and cut into groups of `SPAN_GROUP`, one group per
+    /// fetcher (see [`crate::restore::spans`]).
+    fn read_plain(&self, todo: &[ChunkId]) -> Result<Vec<Vec<u8>>> {
+        let src = self.src;
+        if !src.is_remote() {
+            return self.pool.install(|| {
+                todo.par_iter()
+                    .map(|id| {
+                        let mut plain = Vec::new();
+                        src.read_chunk(id, &mut plain).map(|()| plain)
+                    })
+                    .collect()
+            });
+        }
+        let view = src.index();
+        let mut order: Vec<(Option<(PackId, u64)>, usize)> = todo
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let at = view.lookup(id).ok().flatten().map(|l| (l.pack, l.offset));
+                (at, i)
+            })
+            .collect();
+        order.sort_unstable();
+        let groups: Vec<Vec<(usize, ChunkId)>> = order
+            .chunks(SPAN_GROUP)
+            .map(|g| g.iter().map(|&(_, i)| (i, todo[i])).collect())
+            .collect();
+        let read: Vec<Vec<(usize, Vec<u8>)>> = self.pool.install(|| {
+            groups
+                .par_iter()
+                .map(|g| {
+                    let local: Vec<(usize, ChunkId)> =
+                        g.iter().enumerate().map(|(k, (_, id))| (k, *id)).collect();
+                    let mut bufs = vec![Vec::new(); g.len()];
+                    let mut alone =
+                        |_: usize, id: &ChunkId, buf: &mut Vec<u8>| src.read_chunk(id, buf);
+                    spans::read_spans(src, &local, &mut bufs, &mut Vec::new(), &mut alone)?;
+                    Ok(g.iter().map(|(i, _)| *i).zip(bufs).collect())
+                })
+                .collect::<Result<_>>()
+        })?;
+        let mut out = vec![Vec::new(); todo.len()];
+        for (i, plain) in read.into_iter().flatten() {
+            out[i] = plain;
+        }
+        Ok(out)
     }
 
     fn flush(&mut self) -> Result<()> {

@@ -22,7 +22,7 @@
 //! - the file checked is the file opened (device and inode compared), and a
 //!   new file is created `O_EXCL` and removed again if the restore fails.
 
-mod spans;
+pub(crate) mod spans;
 mod target;
 
 pub use target::store_containing;

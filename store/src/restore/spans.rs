@@ -8,12 +8,14 @@
 //! that many GETs in flight. Every record is still decoded and verified on
 //! its own; a span that fails (a pack repacked by gc meanwhile, a damaged
 //! record) falls back to the chunk-by-chunk path, which reloads the index
-//! and names the chunk in its error.
+//! and names the chunk in its error. `copy` reads a remote source the same
+//! way ([`read_spans`]).
 
 use crate::error::Result;
 use crate::format::{MAX_STORED_LEN, RECORD_HEADER_LEN};
 use crate::id::ChunkId;
 use crate::index::Loc;
+use crate::repo::Store;
 use crate::snapshot::reader::SnapshotReader;
 
 /// Chunks a worker claims at once from a remote store (8 MiB of 64 KiB
@@ -25,6 +27,9 @@ pub const REMOTE_THREADS: usize = 16;
 pub const SPAN_GAP: u64 = 256 << 10;
 /// Longest span fetched by one GET.
 pub const SPAN_MAX: u64 = 8 << 20;
+
+/// Reads chunk `id` (item `i`) on its own into the buffer.
+pub(crate) type ReadAlone<'a> = dyn FnMut(usize, &ChunkId, &mut Vec<u8>) -> Result<()> + 'a;
 
 fn end_of(l: &Loc) -> u64 {
     l.offset + RECORD_HEADER_LEN as u64 + l.stored_len as u64
@@ -40,15 +45,39 @@ pub(super) fn fill(
     bufs: &mut [Vec<u8>],
     span: &mut Vec<u8>,
 ) -> Result<()> {
-    let store = reader.store();
-    let mut wanted: Vec<(Loc, usize, ChunkId)> = Vec::with_capacity(ids.len());
-    for (i, id) in ids.iter().enumerate() {
-        let Some(id) = id else { continue };
+    let items: Vec<(usize, ChunkId)> = ids
+        .iter()
+        .enumerate()
+        .filter_map(|(i, id)| Some((i, (*id)?)))
+        .collect();
+    let mut alone = |i: usize, id: &ChunkId, buf: &mut Vec<u8>| {
+        reader.read_chunk_id(first + i as u64, id, lens[i], buf)
+    };
+    read_spans(reader.store(), &items, bufs, span, &mut alone)?;
+    for (i, id) in &items {
+        if bufs[*i].len() != lens[*i] {
+            alone(*i, id, &mut bufs[*i])?;
+        }
+    }
+    Ok(())
+}
+
+/// Read the verified plaintext of chunk `id` into `bufs[i]` for every
+/// `(i, id)` of `items`, in pack spans. A chunk that is not indexed, has an
+/// impossible length, or whose span or record fails is read by `alone`
+/// instead, which reloads the index or gives the chunk's error.
+pub(crate) fn read_spans(
+    store: &Store,
+    items: &[(usize, ChunkId)],
+    bufs: &mut [Vec<u8>],
+    span: &mut Vec<u8>,
+    alone: &mut ReadAlone<'_>,
+) -> Result<()> {
+    let mut wanted: Vec<(Loc, usize, ChunkId)> = Vec::with_capacity(items.len());
+    for (i, id) in items {
         match store.locate(id)? {
-            Some(loc) if loc.stored_len <= MAX_STORED_LEN => wanted.push((loc, i, *id)),
-            // Not indexed, or an impossible length: the chunk-by-chunk path
-            // gives the error.
-            _ => reader.read_chunk_id(first + i as u64, id, lens[i], &mut bufs[i])?,
+            Some(loc) if loc.stored_len <= MAX_STORED_LEN => wanted.push((loc, *i, *id)),
+            _ => alone(*i, id, &mut bufs[*i])?,
         }
     }
     wanted.sort_unstable_by_key(|(l, ..)| (l.pack, l.offset));
@@ -70,11 +99,8 @@ pub(super) fn fill(
         for (loc, i, id) in &wanted[at..next] {
             let from = (loc.offset - start) as usize;
             let rec = &span[from..from + RECORD_HEADER_LEN + loc.stored_len as usize];
-            let decoded = fetched
-                && store.decode_loc(id, loc, rec, &mut bufs[*i]).is_ok()
-                && bufs[*i].len() == lens[*i];
-            if !decoded {
-                reader.read_chunk_id(first + *i as u64, id, lens[*i], &mut bufs[*i])?;
+            if !(fetched && store.decode_loc(id, loc, rec, &mut bufs[*i]).is_ok()) {
+                alone(*i, id, &mut bufs[*i])?;
             }
         }
         at = next;
