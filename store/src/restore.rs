@@ -45,7 +45,8 @@ use crate::snapshot::reader::SnapshotReader;
 pub struct RestoreOptions<'a> {
     /// Called with byte counts as the image is restored.
     pub progress: Option<Progress<'a>>,
-    /// Worker threads (default: twice the cores, to overlap I/O).
+    /// Worker threads (default: twice the cores, to overlap I/O; from a
+    /// remote store 16, so many GETs are in flight).
     pub threads: Option<usize>,
     /// Overwrite an existing regular file (never a file inside a store).
     pub force: bool,
