@@ -38,8 +38,10 @@
 //! daemon's point, a service backup), up to [`LOCK_WAIT`], so the cut is
 //! not delayed by the lock; a scheduled one takes the lock first, as
 //! before. `point-wait` ([`ProtectStatus::wait_point`]) answers once the
-//! cut's point is complete (or failed): the point, or, when nothing had
-//! changed, the last one, which holds the disk as it is at the instant.
+//! cut's point is complete (or failed). A cut on demand always gets a
+//! point of its own, even when nothing changed (then a delta on the last
+//! point with no entries): a group point's members belong to it alone, so
+//! forgetting one group never takes another's member.
 //! A request that arrives while a point is being copied waits for it.
 //!
 //! # Full reads
@@ -672,7 +674,7 @@ impl PointWriter {
         let asked = self.stop.demand().asked;
         let started = self.layer.start_point();
         let cut = self.record_cut(asked, started.as_ref().ok().map(|(i, _)| micros(*i)));
-        let result = self.write_point(early, started);
+        let result = self.write_point(early, started, cut.is_some());
         if let Some(cut) = cut {
             let outcome = match &result {
                 Ok(()) => self
@@ -722,32 +724,42 @@ impl PointWriter {
         &mut self,
         session: Option<ChangedBackup<'_>>,
         started: io::Result<(SystemTime, Option<Point>)>,
+        own: bool,
     ) -> std::result::Result<(), Failed> {
         let name = self.status.name.clone();
         let (instant, point) = started.map_err(|e| Failed {
             reason: format!("cannot start a point: {e}"),
             failure: true,
         })?;
-        let Some(point) = point else {
+        // Nothing changed: the store holds the disk as it is now, unless a
+        // cut on demand wants a point of its own (then a delta on the last
+        // one with no entries, so no two group points share a member).
+        if point.is_none() && !(own && self.record.parent.is_some()) {
             drop(session);
             self.status
                 .covered_micros
                 .fetch_max(micros(instant).max(0) as u64, Ordering::AcqRel);
             return Ok(());
+        }
+        let abandon = |point: Option<Point>| {
+            if let Some(p) = point {
+                let _ = p.abandon();
+            }
         };
+        let full = point.as_ref().is_some_and(Point::full);
         let store = self.store.clone();
         let mut session = match session {
             Some(s) => s,
             None => match lock_store(&store, &name, &self.stop) {
                 Ok(s) => s,
                 Err(f) => {
-                    let _ = point.abandon();
+                    abandon(point);
                     return Err(f);
                 }
             },
         };
         session.set_created(micros(instant));
-        let parent = if point.full() {
+        let parent = if full {
             None
         } else {
             self.record.parent.clone()
@@ -760,15 +772,21 @@ impl PointWriter {
             threads: Some(2),
             readers: 2,
         };
-        let source = PointSource {
-            point: &point,
-            stop: &self.stop,
+        let ran = match &point {
+            Some(point) => session.run(
+                &PointSource {
+                    point,
+                    stop: &self.stop,
+                },
+                &opts,
+            ),
+            None => session.run(&NothingChanged, &opts),
         };
-        let stats = match session.run(&source, &opts) {
+        let stats = match ran {
             Ok(stats) => stats,
             Err(e) => {
                 drop(session);
-                let _ = point.abandon();
+                abandon(point);
                 return Err(e.into());
             }
         };
@@ -780,20 +798,20 @@ impl PointWriter {
         let mut record = self.record.clone();
         record.parent = Some(stats.snapshot.clone());
         record.last_point = Some(done.clone());
-        if point.full() {
+        if full {
             record.full_needed = false;
         }
         if let Err(e) = store_record(&self.record_path, &record) {
             // The point is in the store, but not recorded: its chunks stay
             // changed and the next point is a delta on the old parent.
-            let _ = point.abandon();
+            abandon(point);
             return Err(Failed {
                 reason: format!("failed to record point {}: {e}", stats.snapshot),
                 failure: true,
             });
         }
         self.record = record;
-        if let Err(e) = point.finish() {
+        if let Err(e) = point.map_or(Ok(()), Point::finish) {
             tracing::warn!(error = %e, "protection: failed to clear the capturing bitmap (its chunks are read again after a restart)");
         }
         let s = &self.status;
@@ -833,6 +851,20 @@ fn lock_store<'a>(
             }
             r => return r.map_err(Failed::from),
         }
+    }
+}
+
+/// The source of a point on demand when nothing changed since the last
+/// one: every chunk as in its parent.
+struct NothingChanged;
+
+impl ChangedSource for NothingChanged {
+    fn chunk_state(&self, _chunk: u64) -> ChunkState {
+        ChunkState::Unchanged
+    }
+
+    fn read_at(&self, _offset: u64, _buf: &mut [u8]) -> io::Result<()> {
+        Err(io::Error::other("no chunk changed since the last point"))
     }
 }
 
@@ -1025,11 +1057,16 @@ mod tests {
             status.protection().rpo_seconds.is_some()
         });
         let timeout = Duration::from_secs(60);
-        // Nothing changed: the cut's point is the booted snapshot.
+        // Nothing changed: a point of its own all the same, a delta on the
+        // booted snapshot holding the same disk.
         let cut = status.point_now(timeout).unwrap();
         let done = status.wait_point(cut.cut, timeout).unwrap();
-        assert_eq!(done.snapshot, Some(format!("vm@{booted}")));
         assert_eq!(done.instant, cut.instant);
+        let unchanged = done.snapshot.unwrap();
+        assert_ne!(unchanged, format!("vm@{booted}"));
+        let info = store.resolve(&unchanged).unwrap();
+        assert_eq!(info.parent.as_deref(), Some(booted.as_str()));
+        assert_eq!(restore(&store, &unchanged, dir.path()), image);
 
         layer.write_at(&[1; 4096], 3 * 4096).unwrap();
         let expected = mem.snapshot();

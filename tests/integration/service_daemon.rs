@@ -14,7 +14,8 @@
 //!   clear error before anything is paused.
 //! - One daemon killed: no group point, every VM running; the daemon
 //!   restarted on its state, the guest's disk comes back, and the next
-//!   group point is complete (it holds every write done before it).
+//!   group point is complete (it holds every write done before it); one
+//!   more, with nothing written, has members of its own.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -308,6 +309,20 @@ fn group_point_from_daemon_points_is_a_consistent_cut_and_survives_a_killed_daem
         .collect();
     assert_eq!(modes, ["daemon", "daemon", "incremental"], "{g2}");
     c.assert_clean();
+    // Once more with the guests idle: every member is a snapshot of this
+    // group's own (a daemon cuts a point even when nothing changed), so
+    // forgetting one group never takes another's member.
+    let g3 = ok_json(&cli(&["backup", "--plan", p, "--json"]));
+    for (m2, m3) in g2["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(g3["members"].as_array().unwrap())
+    {
+        assert_ne!(m2["snapshot"], m3["snapshot"], "{g2}\n{g3}");
+    }
+    let present = guest_writes(&store, &g3, dir);
+    assert_eq!(consistent_cut(&present), Ok(last));
 
     quit_seq_guests(vms);
     for d in &mut daemons {
