@@ -33,9 +33,8 @@
 //! arrived): a caller that holds its guests still around the request gets
 //! the disk as it was then. The point is then written into the store in
 //! the background; `point-wait` answers once it is complete, with its
-//! snapshot (`NAME@ID`; when nothing changed since the last point, that
-//! point, which holds the disk as it is at the instant), or an error if
-//! writing it failed. Both take an optional `timeout_ms` (default
+//! snapshot (`NAME@ID`, a point of its own even when nothing changed
+//! since the last one), or an error if writing it failed. Both take an optional `timeout_ms` (default
 //! [`POINT_TIMEOUT`]); give the client a longer one. A daemon without
 //! protection refuses both.
 //!
