@@ -11,8 +11,9 @@
 //!   powered off, and each root target then boots alone (with the record
 //!   its instant boot wrote) while the data target equals the data disk
 //!   byte for byte;
-//! - killed with SIGKILL mid-migration, a restart with the same `--state`
-//!   resumes every disk, and every target equals its member snapshot's
+//! - `pause` and `resume` through the one control socket act on every
+//!   disk; killed with SIGKILL mid-migration, a restart with the same
+//!   `--state` resumes every disk, and every target equals its member snapshot's
 //!   image byte for byte;
 //! - bad input (an unknown group point, a missing socket dir, a disk
 //!   without a target) is refused with one clear line, nothing created.
@@ -424,6 +425,28 @@ fn a_killed_service_resumes_every_disk_and_each_target_equals_its_member() {
     });
     assert_service_status(&s, &service.group);
     assert_eq!(s.rate_limit, 1 << 20);
+    // pause and resume act on every disk.
+    let control_cmd = |cmd: &str| {
+        let out = recovery_cli()
+            .args([cmd, "--control"])
+            .arg(&control)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}: {out:?}");
+    };
+    control_cmd("pause");
+    let s = control::fetch_status(&control).unwrap();
+    assert_eq!(s.state, State::Paused, "{s:#?}");
+    assert!(
+        s.disks.iter().all(|d| d.status.state == State::Paused),
+        "{s:#?}"
+    );
+    control_cmd("resume");
+    let s = control::fetch_status(&control).unwrap();
+    assert!(
+        s.disks.iter().all(|d| d.status.state == State::Migrating),
+        "{s:#?}"
+    );
     let before: Vec<u64> = DISKS.iter().map(|&d| bitmap(d)).collect();
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
