@@ -42,7 +42,10 @@
 //! `qemu` (stops the daemon when QEMU exits, once the migration has
 //! finished, or at once when QEMU failed; kills QEMU if the daemon stops
 //! first) and `qemu-stderr` (copies QEMU's stderr, keeping its last lines
-//! for the error message). The daemon's threads are listed in `docs/ARCHITECTURE.md`.
+//! for the error message). `instant-boot --plan` serves every disk of a
+//! service from one `daemon::service::Service` (a `disk-<vm>-<drive>`
+//! thread per disk) and, with `--qemu`, starts and watches the VMs on the
+//! main thread in boot order. The daemon's threads are listed in `docs/ARCHITECTURE.md`.
 //!
 //! # Errors and exit codes
 //! Commands return `anyhow::Result` (only here, never in the libraries);
