@@ -115,6 +115,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Fill `buf` with the bytes of `key` at `offset`, read once: no
+    /// readahead, nothing kept in a cache (restore and copy read every
+    /// chunk once, in large pack spans).
+    fn read_range_once(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.open(key)?.read_at(buf, offset)
+    }
+
     /// A remote backend's request counters (retry time, errors, retries,
     /// the last error); `None` for a local one.
     fn remote_stats(&self) -> Option<RemoteStats> {

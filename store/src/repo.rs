@@ -349,15 +349,11 @@ impl Store {
     }
 
     /// Read `buf.len()` bytes of pack `pack` from `offset` in one request:
-    /// a span of records (restore from a remote store). A fresh object, so
-    /// the GET is exact, not widened by a shared object's readahead.
+    /// a span of records (restore, copy from a remote store), exact (no
+    /// readahead) and not kept in the disk cache.
     pub(crate) fn read_pack_span(&self, pack: &PackId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let key = pack.pack_key();
-        let obj = self
-            .backend()
-            .open(&key)
-            .ctx(|| format!("Failed to open pack {key}"))?;
-        obj.read_at(buf, offset).ctx(|| {
+        self.backend().read_range_once(&key, offset, buf).ctx(|| {
             format!(
                 "Failed to read {} bytes of pack {key} at offset {offset}",
                 buf.len()

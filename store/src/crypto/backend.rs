@@ -122,6 +122,13 @@ impl Backend for EncryptedBackend {
         self.inner.is_remote()
     }
 
+    fn read_range_once(&self, key: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if is_sealed_key(key) {
+            return self.open(key)?.read_at(buf, offset);
+        }
+        self.inner.read_range_once(key, offset, buf)
+    }
+
     fn display(&self) -> String {
         self.inner.display()
     }
