@@ -820,10 +820,8 @@ impl Object for S3Object {
         // (many threads reading one pack in order, like the migration
         // copier's workers, then share the growing windows instead of each
         // sending a request); a read behind it fetches exactly what it
-        // needs, as random reads (instant boot) do. A readahead starts at
-        // the window's end, not at a read past it: the chunks in between,
-        // which other threads are about to read, come with it.
-        let (fetch, from) = {
+        // needs, as random reads (instant boot) do.
+        let fetch = {
             let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 if offset >= w.start && offset + want <= w.end() && !w.data.is_empty() {
@@ -845,11 +843,10 @@ impl Object for S3Object {
                     !w.data.is_empty() && offset >= w.start && offset <= w.end() + (1 << 20);
                 if sequential && w.pending.is_none() {
                     let fetch = (w.ahead * 2).clamp(READAHEAD_MIN, READAHEAD_MAX);
-                    let from = offset.min(w.end());
-                    w.pending = Some((from, from + fetch.max(offset + want - from)));
-                    break (fetch, from);
+                    w.pending = Some((offset, offset + fetch.max(want)));
+                    break fetch;
                 }
-                break (0, offset);
+                break 0;
             }
         };
         // Whatever happens to the readahead, its waiters are woken.
@@ -860,28 +857,26 @@ impl Object for S3Object {
                 return Ok(());
             }
         }
-        let need = offset + want - from;
-        let len = if fetch > need {
-            need.max(fetch.min(self.len()?.saturating_sub(from)))
+        let len = if fetch > want {
+            want.max(fetch.min(self.len()?.saturating_sub(offset)))
         } else {
-            need
+            want
         };
-        let data = self.shared.get_range(&self.key, from, len)?;
+        let data = self.shared.get_range(&self.key, offset, len)?;
         if data.len() as u64 != len {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("S3 GET {}/{}: short read", self.shared.display, self.key),
             ));
         }
-        let at = (offset - from) as usize;
-        buf.copy_from_slice(&data[at..at + buf.len()]);
+        buf.copy_from_slice(&data[..buf.len()]);
         if let Some(c) = cache {
             c.put(&self.key, offset, buf);
         }
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         if fetch > 0 || w.data.is_empty() {
             *w = Window {
-                start: from,
+                start: offset,
                 data,
                 ahead: fetch,
                 pending: None,
