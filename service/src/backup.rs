@@ -182,6 +182,9 @@ pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupRep
     for d in daemons.iter_mut() {
         d.check().map_err(|e| daemon_err(&planned[d.index], e))?;
     }
+    // No daemon busy copying a point when the window asks for its cut.
+    daemon_point::settle_all(&mut daemons, store, opts.abort)
+        .map_err(|(m, e)| daemon_err(&planned[m], e))?;
     let fleeced: Vec<bool> = plan.members().map(|(_, d)| d.daemon.is_none()).collect();
     // One writer lock for every fleeced member: no other run of this store
     // touches QEMU meanwhile, and (without daemon members) the group

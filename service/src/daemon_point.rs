@@ -5,7 +5,8 @@
 //!
 //! ```text
 //!  before the window: status of every daemon: reachable, protecting, and
-//!                     writing its points as <service>-<vm>-<drive>
+//!                     writing its points as <service>-<vm>-<drive>;
+//!                     then a point on each, waited for (settle_all)
 //!  in the window:     `point` on every daemon at once (one thread each);
 //!                     each answers once its cut is taken
 //!  after the window:  `point-wait` on every daemon at once; each answers
@@ -132,9 +133,10 @@ impl DaemonMember {
         Ok(())
     }
 
-    /// Asks for the point now; returns once its cut is taken.
-    fn take(&mut self) -> Result<()> {
-        let cut = control::take_point(&self.path, CUT_TIMEOUT).map_err(|source| Error::Cut {
+    /// Asks for the point now; returns once its cut is taken, waiting at
+    /// most `timeout`.
+    fn take(&mut self, timeout: Duration) -> Result<()> {
+        let cut = control::take_point(&self.path, timeout).map_err(|source| Error::Cut {
             path: self.path.clone(),
             source,
         })?;
@@ -193,9 +195,29 @@ impl DaemonMember {
     }
 }
 
+/// Before the window: a point on every daemon, waited for, so that no
+/// daemon is still copying a point (a first full read can take minutes)
+/// when the window asks for its cut, which would wait for that copy while
+/// the guests are held still. The daemon's next scheduled point is then an
+/// interval away, and the point cut in the window holds only what changed
+/// since.
+pub fn settle_all(
+    members: &mut [DaemonMember],
+    store: &Store,
+    abort: &AtomicBool,
+) -> std::result::Result<(), (usize, Error)> {
+    each(members, |m| {
+        m.take(POINT_TIMEOUT)?;
+        m.wait(store, abort)?;
+        m.cut = None;
+        m.done = None;
+        Ok(())
+    })
+}
+
 /// Cuts every member's point at once; the first failure, by member.
 pub fn cut_all(members: &mut [DaemonMember]) -> std::result::Result<(), (usize, Error)> {
-    each(members, DaemonMember::take)
+    each(members, |m| m.take(CUT_TIMEOUT))
 }
 
 /// Waits for every member's point at once; the first failure, by member.

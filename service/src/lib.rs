@@ -19,7 +19,8 @@
 //! # One instant
 //! ```text
 //!  daemon members: status of each daemon (reachable, protecting, points
-//!          named <service>-<vm>-<drive>)                     (nothing paused)
+//!          named <service>-<vm>-<drive>), then a point on each, waited
+//!          for, so none is copying one when the window cuts (nothing paused)
 //!  store writer lock (shared by every fleeced member's session; waited
 //!          for while a daemon writes a point)
 //!  per VM: QMP connect, clear leftovers, per fleeced disk: resolve drive,
