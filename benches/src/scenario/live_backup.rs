@@ -16,7 +16,8 @@
 //! the writes with no backup, and the writes while backups run back to
 //! back (the first one full, then incrementals through the persistent
 //! bitmap). Reported: write p50/p99 per case (the median round by p99),
-//! the backups that ran and their blackout.
+//! the backups that ran and their blackout. `SIDEBYSIDE_LIVE_SCRATCH=DIR`
+//! puts the scratch image in DIR instead of next to the disk.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -216,7 +217,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             .arg(&img)
             .arg(&disk),
     )?;
-    let scratch = dir.join("scratch");
+    // SIDEBYSIDE_LIVE_SCRATCH: the scratch image's directory elsewhere
+    // (another disk, tmpfs), to see what its placement costs.
+    let scratch = std::env::var_os("SIDEBYSIDE_LIVE_SCRATCH")
+        .map_or_else(|| dir.join("scratch"), PathBuf::from);
     std::fs::create_dir_all(&scratch)?;
     let ours = Ours::init(&ctx.cli, &dir.join("store"), None)?;
     let qsd = Qsd::start(&disk, &dir)?;
@@ -307,14 +311,18 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             dash(format!("{blackout:.1} ms")),
         ]);
     }
-    t.note(
+    let placement = if scratch.starts_with(&dir) {
+        "on the same disk as the image".to_string()
+    } else {
+        format!("in {}", scratch.display())
+    };
+    t.note(format!(
         "qemu-storage-daemon 7.2 serves the qcow2 disk over vhost-user-blk to the blkio client \
          (one queue, 8 in flight, random 4 KiB-aligned offsets over the whole disk, paced at \
          20 MB/s); `recovery-cli backup --qmp QSD_QMP --drive disk0 --scratch DIR` runs back to \
          back in the second case: fleecing (blockdev-backup sync=none into a scratch qcow2 \
-         backed by the disk), NBD export with the dirty bitmap; the scratch dir is on the same \
-         disk as the image.",
-    );
+         backed by the disk), NBD export with the dirty bitmap; the scratch image is {placement}."
+    ));
     let mut report = ctx.report("live-backup");
     report.tables.push(t);
     report.target_max(
