@@ -820,8 +820,10 @@ impl Object for S3Object {
         // (many threads reading one pack in order, like the migration
         // copier's workers, then share the growing windows instead of each
         // sending a request); a read behind it fetches exactly what it
-        // needs, as random reads (instant boot) do.
-        let fetch = {
+        // needs, as random reads (instant boot) do. A readahead starts at
+        // the window's end, not at a read past it: the chunks in between,
+        // which other threads are about to read, come with it.
+        let (fetch, from) = {
             let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 if offset >= w.start && offset + want <= w.end() && !w.data.is_empty() {
@@ -843,10 +845,11 @@ impl Object for S3Object {
                     !w.data.is_empty() && offset >= w.start && offset <= w.end() + (1 << 20);
                 if sequential && w.pending.is_none() {
                     let fetch = (w.ahead * 2).clamp(READAHEAD_MIN, READAHEAD_MAX);
-                    w.pending = Some((offset, offset + fetch.max(want)));
-                    break fetch;
+                    let from = offset.min(w.end());
+                    w.pending = Some((from, from + fetch.max(offset + want - from)));
+                    break (fetch, from);
                 }
-                break 0;
+                break (0, offset);
             }
         };
         // Whatever happens to the readahead, its waiters are woken.
@@ -857,26 +860,28 @@ impl Object for S3Object {
                 return Ok(());
             }
         }
-        let len = if fetch > want {
-            want.max(fetch.min(self.len()?.saturating_sub(offset)))
+        let need = offset + want - from;
+        let len = if fetch > need {
+            need.max(fetch.min(self.len()?.saturating_sub(from)))
         } else {
-            want
+            need
         };
-        let data = self.shared.get_range(&self.key, offset, len)?;
+        let data = self.shared.get_range(&self.key, from, len)?;
         if data.len() as u64 != len {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("S3 GET {}/{}: short read", self.shared.display, self.key),
             ));
         }
-        buf.copy_from_slice(&data[..buf.len()]);
+        let at = (offset - from) as usize;
+        buf.copy_from_slice(&data[at..at + buf.len()]);
         if let Some(c) = cache {
             c.put(&self.key, offset, buf);
         }
         let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         if fetch > 0 || w.data.is_empty() {
             *w = Window {
-                start: offset,
+                start: from,
                 data,
                 ahead: fetch,
                 pending: None,
