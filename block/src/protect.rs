@@ -53,7 +53,7 @@
 //! chunk is 64 KiB. Copying whole chunks made every write that hit a
 //! pending chunk (a fifth of them at 20 MB/s of random writes, points
 //! every 5 s) read 64 KiB from the overlay and the store and keep 64 KiB,
-//! mostly in the spill file: 100–250 µs per write instead of 15 µs, and a
+//! mostly in the spill file: 64–256 µs per write instead of 4–16 µs, and a
 //! spill file of hundreds of MiB per point. A grain costs one 4 KiB read.
 //!
 //! # Ending a point
