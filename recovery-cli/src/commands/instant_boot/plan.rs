@@ -338,6 +338,17 @@ fn print_ready(r: &Ready, json: bool) -> anyhow::Result<()> {
         "Control socket {} (recovery-cli status --control {} --watch)",
         r.control, r.control
     ))?;
+    output::line("")?;
+    output::line("Start the VMs in boot order with (what --qemu runs):")?;
+    for v in &r.vms {
+        output::line(&format!(
+            "  {} (boot order {}): qemu-system-x86_64 {}",
+            v.vm,
+            v.boot_order,
+            super::shell_words(&v.qemu_args)
+        ))?;
+    }
+    output::line("")?;
     output::line("Press Ctrl-C to stop (every disk is flushed first).")
 }
 
