@@ -420,18 +420,18 @@ impl ProtectLayer {
     /// already holds the disk as it is at that instant). Only one point at
     /// a time: a second call while one is open returns an error.
     pub fn start_point(self: &Arc<Self>) -> io::Result<(SystemTime, Option<Point>)> {
-        let mut gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-        if gate.capture.is_some() {
-            return Err(io::Error::other(
-                "a protection point is already being written",
-            ));
-        }
-        let instant = SystemTime::now();
+        let (instant, mut points) = start_points(std::slice::from_ref(self))?;
+        Ok((instant, points.pop().flatten()))
+    }
+
+    /// Starts this layer's capture at `instant` under its gate, held for
+    /// writing by the caller.
+    fn start_under_gate(self: &Arc<Self>, gate: &mut Gate, instant: SystemTime) -> Option<Point> {
         let full_seq = self.full_requested.load(Ordering::Acquire);
         let full = full_seq > self.full_done.load(Ordering::Acquire);
         let file = gate.active;
         if !full && self.files[file].count() == 0 {
-            return Ok((instant, None));
+            return None;
         }
         let words = self.nchunks.div_ceil(64) as usize;
         let pending = (0..words)
@@ -459,16 +459,12 @@ impl ProtectLayer {
         });
         gate.active = 1 - file;
         gate.capture = Some(capture.clone());
-        drop(gate);
-        Ok((
+        Some(Point {
+            layer: self.clone(),
+            capture,
             instant,
-            Some(Point {
-                layer: self.clone(),
-                capture,
-                instant,
-                ended: false,
-            }),
-        ))
+            ended: false,
+        })
     }
 
     /// Ends the capture: no more copy-before-write. Returns the file that
@@ -501,6 +497,40 @@ impl ProtectLayer {
         }
         merged
     }
+}
+
+/// Starts one point on each of `layers` at one instant: write-locks every
+/// layer's gate in slice order (so no guest write on any of them is in
+/// flight), reads the clock once, starts each capture and releases the
+/// gates. A write acknowledged before the call on any layer is in that
+/// layer's point; a write started after it is in none. `None` for a layer
+/// that has not changed since its last point. Fails, starting nothing,
+/// when a layer is listed twice or already has a point open.
+pub fn start_points(layers: &[Arc<ProtectLayer>]) -> io::Result<(SystemTime, Vec<Option<Point>>)> {
+    for (i, layer) in layers.iter().enumerate() {
+        if layers[..i].iter().any(|l| Arc::ptr_eq(l, layer)) {
+            return Err(io::Error::other(
+                "a protection layer is listed twice in one cut",
+            ));
+        }
+    }
+    let mut gates: Vec<_> = layers
+        .iter()
+        .map(|l| l.gate.write().unwrap_or_else(PoisonError::into_inner))
+        .collect();
+    if gates.iter().any(|g| g.capture.is_some()) {
+        return Err(io::Error::other(
+            "a protection point is already being written",
+        ));
+    }
+    let instant = SystemTime::now();
+    let points = layers
+        .iter()
+        .zip(gates.iter_mut())
+        .map(|(layer, gate)| layer.start_under_gate(gate, instant))
+        .collect();
+    drop(gates);
+    Ok((instant, points))
 }
 
 /// A point being copied: the disk as it was at [`Point::instant`].
