@@ -309,8 +309,25 @@ impl Daemon {
     /// control socket and progress logger of its own (`cfg.control` and
     /// `cfg.log_interval` are not used).
     /// The service's `store` is shared by all its disks.
-    pub(crate) fn start_member(cfg: &DaemonConfig, store: Arc<Store>) -> Result<Daemon> {
-        Self::open(cfg, None, Role::Member(store))
+    /// With `protect`, the disk is protected but its `protect` thread is
+    /// not started: the service takes the point writer
+    /// ([`Daemon::take_point_writer`]) and cuts every disk at once.
+    pub(crate) fn start_member(
+        cfg: &DaemonConfig,
+        store: Arc<Store>,
+        protect: Option<&ProtectConfig>,
+    ) -> Result<Daemon> {
+        Self::open(cfg, protect, Role::Member(store))
+    }
+
+    /// A protected member's layer and point writer (once), for its
+    /// service's aligned cuts.
+    pub(crate) fn take_point_writer(
+        &mut self,
+    ) -> Option<(Arc<block::protect::ProtectLayer>, protect::MemberWriter)> {
+        let p = self.protector.as_mut()?;
+        let layer = p.layer().clone();
+        p.take_writer().map(|w| (layer, w))
     }
 
     fn open(cfg: &DaemonConfig, protect: Option<&ProtectConfig>, role: Role) -> Result<Daemon> {
@@ -707,7 +724,8 @@ impl Daemon {
             _ => None,
         };
         let mut protector = protector;
-        if let Some(p) = &mut protector {
+        // A service's disks are cut together by its `service-protect` thread.
+        if let (Some(p), Role::Alone) = (&mut protector, &role) {
             p.spawn().map_err(Error::Protect)?;
         }
         undo.state = None;

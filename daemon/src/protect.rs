@@ -581,6 +581,14 @@ impl Protector {
         Ok(())
     }
 
+    /// The point writer, for a caller that takes the cuts itself (a
+    /// service's `service-protect` thread, which cuts every disk at one
+    /// instant); then [`Protector::spawn`] starts no thread. `None` once
+    /// taken or spawned.
+    pub(crate) fn take_writer(&mut self) -> Option<MemberWriter> {
+        self.writer.take().map(MemberWriter)
+    }
+
     /// Stops the thread: a point being written is abandoned (its chunks
     /// stay changed); waits for it.
     pub fn stop(&mut self) {
@@ -606,6 +614,56 @@ struct PointWriter {
     record: ProtectRecord,
     image_size: u64,
     stop: Arc<Stop>,
+}
+
+/// A disk's point writer driven by its service's cuts
+/// ([`Protector::take_writer`]).
+pub(crate) struct MemberWriter(PointWriter);
+
+impl MemberWriter {
+    /// Writes the disk's point of a cut taken at `instant` (`None`:
+    /// nothing changed since its last point; it still gets a point of its
+    /// own, a delta with no entries, so no two group points share a
+    /// member). The member snapshot's `NAME@ID`, or why it failed (the
+    /// point is abandoned: its chunks stay changed for the next cut).
+    pub(crate) fn write(
+        &mut self,
+        instant: SystemTime,
+        point: Option<Point>,
+    ) -> std::result::Result<String, String> {
+        let w = &mut self.0;
+        let result = w.write_point(None, Ok((instant, point)), true);
+        match result {
+            Ok(()) => w.status.leaf().problem = None,
+            Err(f) => {
+                w.status.leaf().problem = Some((f.reason.clone(), f.failure));
+                return Err(f.reason);
+            }
+        }
+        match &w.record.parent {
+            Some(id) => Ok(format!("{}@{id}", w.status.name)),
+            None => Err("nothing changed and there is no earlier point".into()),
+        }
+    }
+
+    /// The image name of the disk's points.
+    pub(crate) fn name(&self) -> &str {
+        &self.0.status.name
+    }
+
+    /// Publishes a group point whose members this and its sibling writers
+    /// wrote, under the store's writer lock (waited for like a point on
+    /// demand waits for it).
+    pub(crate) fn publish(
+        &self,
+        point: &mut store::group::GroupPoint,
+    ) -> std::result::Result<(), String> {
+        let w = &self.0;
+        let session = lock_store(&w.store, &w.status.name, &w.stop).map_err(|f| f.reason)?;
+        let published = w.store.publish_group(point);
+        drop(session);
+        published.map_err(|e| block::error_chain(&e))
+    }
 }
 
 /// Why a point attempt did not produce a point.
@@ -898,7 +956,7 @@ pub const POINT_NICE: i32 = 10;
 
 /// Lowers the calling thread's CPU priority to [`POINT_NICE`] (Linux nice
 /// values are per thread); a failure only costs the guest some latency.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     let tid = rustix::thread::gettid();
     if let Err(e) = rustix::process::setpriority_process(Some(tid), POINT_NICE) {
         tracing::warn!(error = %e, "protection: could not lower the point thread's priority");

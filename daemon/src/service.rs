@@ -31,7 +31,10 @@
 //! daemon. The service adds one `control-accept` (with its `control-conn`
 //! threads) and one `progress-log`. When any disk's thread ends (stopped,
 //! or its server failed), it stops every disk: a service runs whole or not
-//! at all.
+//! at all. With [`ServiceConfig::protect`], one `service-protect` thread
+//! (`daemon/src/service/protect.rs`) takes every disk's points, cut at
+//! one instant, and publishes the service's group points; no disk has a
+//! `protect` thread.
 //!
 //! # Errors
 //! [`Error`] names the disk whose start failed, with the single daemon's
@@ -51,7 +54,10 @@ use vhost_backend::socket::StopHandle;
 use crate::control_server::ControlServer;
 use crate::progress_log::{spawn_progress_logger, ProgressLogger};
 use crate::state_dir::StateDir;
-use crate::{check_socket_path, open_store, Daemon, DaemonConfig};
+use crate::{check_socket_path, open_store, Daemon, DaemonConfig, ProtectConfig};
+
+mod protect;
+use protect::{ProtectedDisk, ServiceProtect, ServiceProtectThread};
 
 /// Why a service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +107,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub struct DiskConfig {
     /// `<vm>-<drive>`: the disk's name in status, metrics and logs.
     pub name: String,
+    /// The VM and drive (a group point's member).
+    pub vm: String,
+    pub drive: String,
     /// The disk's daemon: member snapshot, socket, state dir, target,
     /// copier settings (`control`, `log_interval` and
     /// `migration.shared_limit` are the service's).
@@ -123,6 +132,11 @@ pub struct ServiceConfig {
     pub copy_rate: u64,
     /// How often progress is logged.
     pub log_interval: Duration,
+    /// Protect every disk, with one group point per interval aligned on
+    /// one instant across them (the `service-protect` thread, see
+    /// `service/protect.rs`); `name` is not used: each disk's points
+    /// carry its member snapshot's name.
+    pub protect: Option<ProtectConfig>,
 }
 
 /// Stops every disk of a service, from any thread.
@@ -150,6 +164,7 @@ pub struct Service {
     control: ControlServer,
     logger: ProgressLogger,
     stop: ServiceStop,
+    protect: Option<ServiceProtect>,
 }
 
 impl Service {
@@ -176,7 +191,11 @@ impl Service {
         for d in &cfg.disks {
             let mut daemon_cfg = d.daemon.clone();
             daemon_cfg.migration.shared_limit = Some(limiter.clone());
-            match Daemon::start_member(&daemon_cfg, store.clone()) {
+            let protect = cfg.protect.as_ref().map(|p| ProtectConfig {
+                name: None,
+                ..p.clone()
+            });
+            match Daemon::start_member(&daemon_cfg, store.clone(), protect.as_ref()) {
                 Ok(daemon) => {
                     tracing::info!(disk = %d.name, socket = %daemon.socket().display(), snapshot = %daemon.snapshot().reference(), "disk ready");
                     disks.push((d.name.clone(), daemon));
@@ -190,6 +209,22 @@ impl Service {
                 }
             }
         }
+        let protect = cfg.protect.as_ref().map(|p| {
+            let protected = disks
+                .iter_mut()
+                .zip(&cfg.disks)
+                .filter_map(|((_, daemon), d)| {
+                    let (layer, writer) = daemon.take_point_writer()?;
+                    Some(ProtectedDisk {
+                        vm: d.vm.clone(),
+                        drive: d.drive.clone(),
+                        layer,
+                        writer,
+                    })
+                })
+                .collect();
+            ServiceProtect::new(&cfg.service, p.interval, protected)
+        });
         let status = Arc::new(ServiceStatus {
             service: cfg.service.clone(),
             group: cfg.group.clone(),
@@ -221,6 +256,7 @@ impl Service {
             control,
             logger,
             stop,
+            protect,
         })
     }
 
@@ -274,6 +310,17 @@ impl Service {
                 }
             }
         }
+        let protect = match self.protect {
+            Some(p) if spawn_error.is_none() => match p.spawn() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    self.stop.stop();
+                    spawn_error = Some(Error::Spawn("service-protect".into(), e));
+                    None
+                }
+            },
+            _ => None,
+        };
         let running = Running {
             threads,
             migrations,
@@ -282,6 +329,7 @@ impl Service {
             control: self.control,
             logger: self.logger,
             stop: self.stop,
+            protect,
         };
         match spawn_error {
             None => Ok(running),
@@ -312,6 +360,7 @@ pub struct Running {
     control: ControlServer,
     logger: ProgressLogger,
     stop: ServiceStop,
+    protect: Option<ServiceProtectThread>,
 }
 
 impl Running {
@@ -339,8 +388,9 @@ impl Running {
     }
 
     /// Waits until every disk has stopped (after [`ServiceStop::stop`],
-    /// or when one disk's server fails), then stops the logger and the
-    /// control socket. The first disk's error is returned.
+    /// or when one disk's server fails), then stops the `service-protect`
+    /// thread (a point being written fails once its disk stops), the
+    /// logger and the control socket. The first disk's error is returned.
     pub fn wait(self) -> Result<()> {
         let mut result = Ok(());
         for (name, t) in self.threads {
@@ -354,6 +404,9 @@ impl Running {
             if result.is_ok() {
                 result = r;
             }
+        }
+        if let Some(p) = self.protect {
+            p.stop();
         }
         self.logger.stop();
         self.control.shutdown();

@@ -544,3 +544,125 @@ fn bad_input_is_refused_with_one_clear_line() {
     assert_eq!(std::fs::read_dir(&sockets).unwrap().count(), 0);
     assert_eq!(std::fs::read_dir(&targets).unwrap().count(), 0);
 }
+
+/// The group points of `portal` (`snapshots --plan --json`), oldest first.
+fn group_points(plan: &Path) -> Vec<Value> {
+    let out = recovery_cli()
+        .args(["snapshots", "--json", "--plan"])
+        .arg(plan)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// `instant-boot --plan --protect`: writes on two disks, one after the
+/// other, then a group point of the service published by the daemon
+/// after them: its members restore to exactly what each disk held (the
+/// written disks with their writes, the untouched one as booted), and the
+/// group is an ordinary group point (`snapshots --plan`).
+#[test]
+fn a_protected_service_publishes_group_points_whose_members_hold_every_disk() {
+    let guest = require_guest!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (service, plan) = back_up_service(tmp.path(), &guest);
+    let (state, sockets) = (service.dir("state"), service.dir("sockets"));
+    let before: Vec<String> = group_points(&plan)
+        .iter()
+        .map(|g| g["group"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(before, std::slice::from_ref(&service.group));
+    let mut daemon = Daemon::start(
+        &plan,
+        &state,
+        &sockets,
+        &["--protect", "--protect-every", "1s"],
+    );
+    daemon.next_json();
+
+    // A global order of writes over two disks, each acknowledged and
+    // flushed before the next.
+    let written: Vec<(&str, u64, Vec<u8>)> = (0..8u8)
+        .map(|k| {
+            let disk = if k % 2 == 0 { "db-disk0" } else { "app-data" };
+            let offset = (1 << 20) + u64::from(k / 2) * 65536 + 512;
+            (disk, offset, vec![0xc0 | k; 4096])
+        })
+        .collect();
+    let mut clients: Vec<(&str, crate::blkio_client::Client)> = ["db-disk0", "app-data"]
+        .into_iter()
+        .map(|d| {
+            let c =
+                crate::blkio_client::Client::connect(&sockets.join(format!("{d}.sock")), 64 << 10);
+            (d, c)
+        })
+        .collect();
+    for (disk, offset, data) in &written {
+        let c = &mut clients.iter_mut().find(|(d, _)| d == disk).unwrap().1;
+        c.write(*offset, data).unwrap();
+        c.flush().unwrap();
+    }
+    let after_writes = store::snapshot::now_micros();
+    drop(clients);
+
+    // A group point whose instant is after the last write.
+    let deadline = Instant::now() + DEADLINE;
+    let group = loop {
+        let found = group_points(&plan).into_iter().find(|g| {
+            let id = g["id"].as_str().unwrap();
+            store::snapshot::micros_from_id(id).is_some_and(|t| t > after_writes)
+        });
+        if let Some(g) = found {
+            break g;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no group point after the writes: {:#?}",
+            group_points(&plan)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(daemon.terminate().success());
+    assert_eq!(group["complete"], true, "{group:#}");
+    let members = group["members"].as_array().unwrap();
+    assert_eq!(members.len(), DISKS.len(), "{group:#}");
+    for (vm, drive) in DISKS {
+        let name = format!("{vm}-{drive}");
+        let m = members
+            .iter()
+            .find(|m| m["vm"] == vm && m["drive"] == drive)
+            .unwrap_or_else(|| panic!("no member {name}: {group:#}"));
+        let snapshot = m["snapshot"].as_str().unwrap();
+        assert!(
+            snapshot.starts_with(&format!("portal-{name}@")),
+            "{snapshot}"
+        );
+        let mut expected = std::fs::read(service.image(&name)).unwrap();
+        for (_, offset, data) in written.iter().filter(|(d, _, _)| *d == name) {
+            let at = *offset as usize;
+            expected[at..at + data.len()].copy_from_slice(data);
+        }
+        let out = tmp.path().join(format!("{name}.restored"));
+        crate::service::restore(&tmp.path().join("store"), snapshot, &out);
+        assert!(
+            std::fs::read(&out).unwrap() == expected,
+            "{name}: member {snapshot} of {} differs from the disk",
+            group["group"]
+        );
+    }
+    // Every group point the daemon published names members of its own.
+    let groups = group_points(&plan);
+    let mut seen = std::collections::BTreeSet::new();
+    for g in &groups {
+        for m in g["members"].as_array().unwrap() {
+            assert!(
+                seen.insert(m["snapshot"].as_str().unwrap().to_owned()),
+                "two group points share {m}: {groups:#?}"
+            );
+        }
+    }
+}

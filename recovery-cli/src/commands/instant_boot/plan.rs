@@ -22,6 +22,10 @@
 //! off and every migration has finished, or at once when a QEMU fails.
 //! Without `--qemu` it runs until SIGINT or SIGTERM. A restart with the
 //! same `--state` resumes every disk.
+//!
+//! With `--protect [--protect-every 5s]`, the daemon protects every disk
+//! and publishes a group point of the service every interval, its disks
+//! cut at one instant (`daemon::service`'s `service-protect` thread).
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -88,6 +92,15 @@ pub struct Args {
     /// Guest memory of each VM in MiB.
     #[arg(long, default_value_t = 512, value_name = "MIB")]
     pub memory: u64,
+    /// Continuous protection of the whole service: every --protect-every,
+    /// one cut across every disk at one instant, a point per disk (named
+    /// like its member snapshot) and a group point of the service
+    /// (`snapshots --plan`, `restore`, `instant-boot --plan GROUP`).
+    #[arg(long)]
+    pub protect: bool,
+    /// Time between group points (at least 1s).
+    #[arg(long, default_value = "5s", value_parser = super::parse_interval, value_name = "DURATION")]
+    pub protect_every: Duration,
 }
 
 /// One disk, as announced.
@@ -193,6 +206,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let socket = a.socket_dir.join(format!("{name}.sock"));
             disks.push(DiskConfig {
                 name: name.clone(),
+                vm: vm.name.clone(),
+                drive: d.drive.clone(),
                 daemon: DaemonConfig {
                     store: plan.store.clone(),
                     snapshot,
@@ -240,6 +255,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|| a.socket_dir.join("control.sock")),
         copy_rate: a.copy_rate.unwrap_or(0),
         log_interval: Duration::from_secs(a.log_interval.max(1)),
+        protect: a.protect.then_some(daemon::ProtectConfig {
+            name: None,
+            interval: a.protect_every,
+        }),
     };
 
     // Handlers go in before anything is announced.

@@ -1,0 +1,153 @@
+//! The `service-protect` thread: group points of a service served by one
+//! daemon, aligned on one instant across its disks.
+//!
+//! Every disk of a protected service has its protection layer and point
+//! writer (`crate::protect`), but no `protect` thread of its own. Every
+//! interval (from the start of the previous cut) this thread:
+//! 1. takes one cut on every disk (`block::protect::start_points`: every
+//!    disk's gate held at once, one clock read), so a guest write
+//!    acknowledged before the instant on any disk is in the cut and none
+//!    started after it is, whatever disk it went to;
+//! 2. writes each disk's point, one after another, through that disk's
+//!    writer (the same code as a single daemon's point, named like the
+//!    member snapshot, `<service>-<vm>-<drive>`); a disk that did not
+//!    change gets a point of its own anyway (a delta with no entries), so
+//!    no two group points share a member;
+//! 3. when every disk's point is complete, publishes the group point
+//!    (`store::group`, the record `backup --plan` writes), under the
+//!    store's writer lock.
+//!
+//! When a disk's point fails, the points not yet written are abandoned
+//! (their chunks stay changed, in the next cut) and no group point is
+//! published for that cut; the disks whose points were written keep them
+//! as the parents of their next ones.
+
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use block::protect::{start_points, ProtectLayer};
+use store::group::{GroupMember, GroupPoint};
+
+use crate::protect::MemberWriter;
+
+/// One protected disk of the service.
+pub(crate) struct ProtectedDisk {
+    /// The VM and drive the group record names.
+    pub(crate) vm: String,
+    pub(crate) drive: String,
+    pub(crate) layer: Arc<ProtectLayer>,
+    pub(crate) writer: MemberWriter,
+}
+
+/// The service's cuts: the thread, once spawned, and its stop signal.
+pub(crate) struct ServiceProtect {
+    service: String,
+    interval: Duration,
+    disks: Vec<ProtectedDisk>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+}
+
+/// The running thread.
+pub(crate) struct ServiceProtectThread {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: JoinHandle<()>,
+}
+
+impl ServiceProtect {
+    pub(crate) fn new(service: &str, interval: Duration, disks: Vec<ProtectedDisk>) -> Self {
+        ServiceProtect {
+            service: service.to_owned(),
+            interval,
+            disks,
+            stop: Arc::default(),
+        }
+    }
+
+    /// Starts the `service-protect` thread.
+    pub(crate) fn spawn(mut self) -> std::io::Result<ServiceProtectThread> {
+        let stop = self.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("service-protect".into())
+            .spawn(move || {
+                crate::protect::lower_priority();
+                self.run();
+            })?;
+        Ok(ServiceProtectThread { stop, thread })
+    }
+
+    /// Waits until `deadline`; true if stopped.
+    fn wait_until(&self, deadline: Instant) -> bool {
+        let (lock, cond) = &*self.stop;
+        let mut stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = Instant::now();
+            if *stopped || now >= deadline {
+                return *stopped;
+            }
+            stopped = cond
+                .wait_timeout(stopped, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn run(&mut self) {
+        // The first cut at once: until it exists the RPO is unknown.
+        let mut next = Instant::now();
+        loop {
+            if self.wait_until(next) {
+                return;
+            }
+            let started = Instant::now();
+            match self.cut() {
+                Ok(point) => {
+                    tracing::info!(group = %point.reference(), members = point.members.len(), "group point published")
+                }
+                Err(e) => {
+                    tracing::warn!(service = %self.service, error = %e, "group point failed; the changes wait for the next cut")
+                }
+            }
+            next = (started + self.interval).max(Instant::now());
+        }
+    }
+
+    /// One aligned cut, its points and its group record.
+    fn cut(&mut self) -> Result<GroupPoint, String> {
+        let layers: Vec<_> = self.disks.iter().map(|d| d.layer.clone()).collect();
+        let (instant, points) =
+            start_points(&layers).map_err(|e| format!("cannot start the cut: {e}"))?;
+        let mut members = Vec::new();
+        // A failure drops the points not yet written: abandoned, their
+        // chunks stay changed.
+        for (disk, point) in self.disks.iter_mut().zip(points) {
+            let snapshot = disk
+                .writer
+                .write(instant, point)
+                .map_err(|e| format!("point of {}: {e}", disk.writer.name()))?;
+            members.push(GroupMember {
+                vm: disk.vm.clone(),
+                drive: disk.drive.clone(),
+                snapshot,
+            });
+        }
+        let micros = instant
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let mut point = GroupPoint::new(&self.service, micros, 0.0, members)
+            .map_err(|e| block::error_chain(&e))?;
+        self.disks[0].writer.publish(&mut point)?;
+        Ok(point)
+    }
+}
+
+impl ServiceProtectThread {
+    /// Stops the thread (a point being written fails once its disk
+    /// stops, and is abandoned) and waits for it.
+    pub(crate) fn stop(self) {
+        let (lock, cond) = &*self.stop;
+        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        cond.notify_all();
+        let _ = self.thread.join();
+    }
+}
