@@ -17,6 +17,11 @@
 //!   image byte for byte;
 //! - bad input (an unknown group point, a missing socket dir, a disk
 //!   without a target) is refused with one clear line, nothing created.
+//! - with `--protect`, the daemon publishes group points of the service:
+//!   one after writes on two disks restores every member to exactly what
+//!   its disk held, and every group point taken during a global sequence
+//!   of writes over two disks holds a prefix of it (one cut across the
+//!   disks).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
@@ -665,4 +670,109 @@ fn a_protected_service_publishes_group_points_whose_members_hold_every_disk() {
             );
         }
     }
+}
+
+/// The service's group points are one cut across its disks: a writer
+/// puts a global sequence of records on two disks in turn (record k on
+/// `db-disk0` when k is even, else on `app-data`; each acknowledged and
+/// flushed before the next is sent) while `instant-boot --plan --protect`
+/// publishes group points. Every group point must hold a prefix of the
+/// sequence across both disks: if record k is in its member, every
+/// earlier record is in its own disk's member. A service whose disks were
+/// cut one after another fails this as soon as a write lands between
+/// the cuts.
+#[test]
+fn a_protected_service_cuts_every_disk_at_one_instant() {
+    const RECORDS: u64 = 8192;
+    let guest = require_guest!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (service, plan) = back_up_service(tmp.path(), &guest);
+    let (state, sockets) = (service.dir("state"), service.dir("sockets"));
+    let mut daemon = Daemon::start(
+        &plan,
+        &state,
+        &sockets,
+        &["--protect", "--protect-every", "1s"],
+    );
+    daemon.next_json();
+    let disks = ["db-disk0", "app-data"];
+    let mut clients: Vec<_> = disks
+        .iter()
+        .map(|d| crate::blkio_client::Client::connect(&sockets.join(format!("{d}.sock")), 4096))
+        .collect();
+    let place = |k: u64| ((k % 2) as usize, (k / 2) * 4096);
+    let newer_groups = |plan: &Path| {
+        group_points(plan)
+            .into_iter()
+            .filter(|g| g["group"] != service.group.as_str())
+            .count()
+    };
+    // Write until three group points came out during the writes.
+    let started = newer_groups(&plan);
+    let mut written = 0;
+    while written < RECORDS {
+        let (disk, offset) = place(written);
+        let mut rec = vec![0x5a; 4096];
+        rec[..8].copy_from_slice(&(written + 1).to_le_bytes());
+        clients[disk].write(offset, &rec).unwrap();
+        clients[disk].flush().unwrap();
+        written += 1;
+        if written % 64 == 0 && newer_groups(&plan) >= started + 3 {
+            break;
+        }
+    }
+    drop(clients);
+    // And one after the last write.
+    let after_writes = store::snapshot::now_micros();
+    let deadline = Instant::now() + DEADLINE;
+    while !group_points(&plan).iter().any(|g| {
+        store::snapshot::micros_from_id(g["id"].as_str().unwrap()).is_some_and(|t| t > after_writes)
+    }) {
+        assert!(Instant::now() < deadline, "no group point after the writes");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(daemon.terminate().success());
+
+    let store = tmp.path().join("store");
+    let mut counts = Vec::new();
+    for g in group_points(&plan)
+        .iter()
+        .filter(|g| g["group"] != service.group.as_str())
+    {
+        let images: Vec<Vec<u8>> = disks
+            .iter()
+            .map(|d| {
+                let (vm, drive) = d.split_once('-').unwrap();
+                let m = g["members"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m["vm"] == vm && m["drive"] == drive)
+                    .unwrap_or_else(|| panic!("no member {d}: {g:#}"));
+                let out = tmp.path().join(format!("{d}.cut"));
+                crate::service::restore(&store, m["snapshot"].as_str().unwrap(), &out);
+                std::fs::read(&out).unwrap()
+            })
+            .collect();
+        let present: Vec<bool> = (0..written)
+            .map(|k| {
+                let (disk, offset) = place(k);
+                let at = offset as usize;
+                images[disk][at..at + 8] == (k + 1).to_le_bytes()
+            })
+            .collect();
+        let count = present.iter().take_while(|p| **p).count();
+        assert!(
+            present[count..].iter().all(|p| !p),
+            "group point {}: record {count} is missing but a later one is present: \
+             not one cut across the disks",
+            g["group"]
+        );
+        counts.push(count as u64);
+    }
+    assert!(
+        counts.iter().any(|&c| c > 0 && c < written),
+        "no group point fell during the writes ({written} records; records per point {counts:?})"
+    );
+    assert_eq!(counts.last(), Some(&written), "{counts:?}");
 }
