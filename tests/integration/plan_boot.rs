@@ -565,6 +565,38 @@ fn group_points(plan: &Path) -> Vec<Value> {
         .clone()
 }
 
+/// `instant-boot --plan --protect --protect-every 1s`, started.
+fn start_protected(plan: &Path, state: &Path, sockets: &Path) -> Daemon {
+    let mut daemon = Daemon::start(
+        plan,
+        state,
+        sockets,
+        &["--protect", "--protect-every", "1s"],
+    );
+    daemon.next_json();
+    daemon
+}
+
+/// Waits for a group point whose instant is after `micros`.
+fn group_after(plan: &Path, micros: i64) -> Value {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let found = group_points(plan).into_iter().find(|g| {
+            let id = g["id"].as_str().unwrap();
+            store::snapshot::micros_from_id(id).is_some_and(|t| t > micros)
+        });
+        if let Some(g) = found {
+            return g;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no group point after the writes: {:#?}",
+            group_points(plan)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `instant-boot --plan --protect`: writes on two disks, one after the
 /// other, then a group point of the service published by the daemon
 /// after them: its members restore to exactly what each disk held (the
@@ -581,13 +613,7 @@ fn a_protected_service_publishes_group_points_whose_members_hold_every_disk() {
         .map(|g| g["group"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(before, std::slice::from_ref(&service.group));
-    let mut daemon = Daemon::start(
-        &plan,
-        &state,
-        &sockets,
-        &["--protect", "--protect-every", "1s"],
-    );
-    daemon.next_json();
+    let mut daemon = start_protected(&plan, &state, &sockets);
 
     // A global order of writes over two disks, each acknowledged and
     // flushed before the next.
@@ -614,23 +640,7 @@ fn a_protected_service_publishes_group_points_whose_members_hold_every_disk() {
     let after_writes = store::snapshot::now_micros();
     drop(clients);
 
-    // A group point whose instant is after the last write.
-    let deadline = Instant::now() + DEADLINE;
-    let group = loop {
-        let found = group_points(&plan).into_iter().find(|g| {
-            let id = g["id"].as_str().unwrap();
-            store::snapshot::micros_from_id(id).is_some_and(|t| t > after_writes)
-        });
-        if let Some(g) = found {
-            break g;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no group point after the writes: {:#?}",
-            group_points(&plan)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let group = group_after(&plan, after_writes);
     assert!(daemon.terminate().success());
     assert_eq!(group["complete"], true, "{group:#}");
     let members = group["members"].as_array().unwrap();
@@ -688,13 +698,7 @@ fn a_protected_service_cuts_every_disk_at_one_instant() {
     let tmp = tempfile::tempdir().unwrap();
     let (service, plan) = back_up_service(tmp.path(), &guest);
     let (state, sockets) = (service.dir("state"), service.dir("sockets"));
-    let mut daemon = Daemon::start(
-        &plan,
-        &state,
-        &sockets,
-        &["--protect", "--protect-every", "1s"],
-    );
-    daemon.next_json();
+    let mut daemon = start_protected(&plan, &state, &sockets);
     let disks = ["db-disk0", "app-data"];
     let mut clients: Vec<_> = disks
         .iter()
@@ -724,13 +728,7 @@ fn a_protected_service_cuts_every_disk_at_one_instant() {
     drop(clients);
     // And one after the last write.
     let after_writes = store::snapshot::now_micros();
-    let deadline = Instant::now() + DEADLINE;
-    while !group_points(&plan).iter().any(|g| {
-        store::snapshot::micros_from_id(g["id"].as_str().unwrap()).is_some_and(|t| t > after_writes)
-    }) {
-        assert!(Instant::now() < deadline, "no group point after the writes");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    group_after(&plan, after_writes);
     assert!(daemon.terminate().success());
 
     let store = tmp.path().join("store");
