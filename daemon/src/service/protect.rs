@@ -151,3 +151,106 @@ impl ServiceProtectThread {
         let _ = self.thread.join();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use block::device::BlockDevice;
+    use block::mem_device::MemDevice;
+    use store::Store;
+
+    use super::*;
+    use crate::protect::{Origin, ProtectConfig, Protector, MIN_INTERVAL};
+
+    const SIZE: usize = 16 * 4096;
+
+    /// Disk `<vm>-disk0` of service `svc` booted from a backup of zeroes
+    /// named `svc-<vm>-disk0`, its protector and its part in the cuts.
+    fn disk(dir: &Path, store: &Arc<Store>, vm: &str) -> (Protector, ProtectedDisk) {
+        let name = format!("svc-{vm}-disk0");
+        let src = dir.join(format!("{name}.img"));
+        std::fs::write(&src, vec![0u8; SIZE]).unwrap();
+        let id = store
+            .backup(&name, &src, &Default::default())
+            .unwrap()
+            .snapshot;
+        let state = dir.join(&name);
+        std::fs::create_dir(&state).unwrap();
+        let mem: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(SIZE));
+        let cfg = ProtectConfig {
+            name: None,
+            interval: MIN_INTERVAL,
+        };
+        let origin = Origin {
+            snapshot: Some((name, id)),
+            fresh_state: true,
+        };
+        let mut p = Protector::open(&state, mem, store.clone(), &cfg, &origin).unwrap();
+        let layer = p.layer().clone();
+        let writer = p.take_writer().unwrap();
+        let d = ProtectedDisk {
+            vm: vm.into(),
+            drive: "disk0".into(),
+            layer,
+            writer,
+        };
+        (p, d)
+    }
+
+    fn restore(store: &Store, reference: &str, dir: &Path) -> Vec<u8> {
+        let out = dir.join("out.img");
+        let _ = std::fs::remove_file(&out);
+        store.restore(reference, &out, &Default::default()).unwrap();
+        std::fs::read(&out).unwrap()
+    }
+
+    #[test]
+    fn a_cut_publishes_a_group_of_its_own_points_and_a_failed_disk_publishes_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::init(&tmp.path().join("store"), 4096).unwrap());
+        let (_pa, a) = disk(tmp.path(), &store, "a");
+        let (mut pb, b) = disk(tmp.path(), &store, "b");
+        let (la, lb) = (a.layer.clone(), b.layer.clone());
+        let mut sp = ServiceProtect::new("svc", MIN_INTERVAL, vec![a, b]);
+        la.write_at(&[1; 4096], 0).unwrap();
+        lb.write_at(&[2; 4096], 4096).unwrap();
+        let first = sp.cut().unwrap();
+        assert_eq!(store.groups("svc").unwrap(), std::slice::from_ref(&first));
+        let mut want_a = vec![0u8; SIZE];
+        want_a[..4096].fill(1);
+        let mut want_b = vec![0u8; SIZE];
+        want_b[4096..8192].fill(2);
+        let member = |g: &GroupPoint, vm: &str| {
+            g.members
+                .iter()
+                .find(|m| m.vm == vm)
+                .unwrap()
+                .snapshot
+                .clone()
+        };
+        assert!(restore(&store, &member(&first, "a"), tmp.path()) == want_a);
+        assert!(restore(&store, &member(&first, "b"), tmp.path()) == want_b);
+        assert!(member(&first, "a").starts_with("svc-a-disk0@"));
+
+        // Nothing changed: still points of its own.
+        let idle = sp.cut().unwrap();
+        for vm in ["a", "b"] {
+            assert_ne!(member(&idle, vm), member(&first, vm));
+            assert!(
+                restore(&store, &member(&idle, vm), tmp.path())
+                    == restore(&store, &member(&first, vm), tmp.path())
+            );
+        }
+
+        // Disk b's point cannot be read (its daemon stops): no group, and
+        // its change stays tracked.
+        la.write_at(&[3; 4096], 8192).unwrap();
+        lb.write_at(&[4; 4096], 8192).unwrap();
+        pb.stop();
+        let err = sp.cut().unwrap_err();
+        assert!(err.contains("svc-b-disk0"), "{err}");
+        assert_eq!(store.groups("svc").unwrap(), [first, idle]);
+        assert_eq!(lb.pending_bytes(), 4096);
+    }
+}
