@@ -44,8 +44,9 @@
 //! first) and `qemu-stderr` (copies QEMU's stderr, keeping its last lines
 //! for the error message). `instant-boot --plan` serves every disk of a
 //! service from one `daemon::service::Service` (a `disk-<vm>-<drive>`
-//! thread per disk) and, with `--qemu`, starts and watches the VMs on the
-//! main thread in boot order. The daemon's threads are listed in `docs/ARCHITECTURE.md`.
+//! thread per disk; with `--protect`, one `service-protect` thread for the
+//! service's aligned group points) and, with `--qemu`, starts and watches
+//! the VMs on the main thread in boot order. The daemon's threads are listed in `docs/ARCHITECTURE.md`.
 //!
 //! # Errors and exit codes
 //! Commands return `anyhow::Result` (only here, never in the libraries);
