@@ -14,7 +14,7 @@ use store::crypto::Secret;
 use store::group::{GroupMember, GroupPoint};
 
 use crate::s3::server::Moto;
-use crate::s3::{image, proxy};
+use crate::s3::{any_indexed_pack, image, proxy};
 use crate::util::recovery_cli;
 
 const PASS_S3: &str = "the s3 store's passphrase";
@@ -57,15 +57,6 @@ fn fails(out: Output, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "{n:?} missing in {err}");
     }
-}
-
-/// True once a pack and its index were published in local store `store`.
-fn any_indexed_pack(store: &Path) -> bool {
-    fs::read_dir(store.join("index"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| e.path().extension().is_some_and(|x| x == "idx"))
 }
 
 #[test]

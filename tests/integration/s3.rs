@@ -221,13 +221,13 @@ fn cli_json(endpoint: &str, cache: &Path, args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn any_pack(dir: &Path) -> bool {
-    fs::read_dir(dir.join("packs"))
+/// True once a pack and its index were published in local store `dir`.
+pub(crate) fn any_indexed_pack(dir: &Path) -> bool {
+    fs::read_dir(dir.join("index"))
         .into_iter()
         .flatten()
         .flatten()
-        .flat_map(|d| fs::read_dir(d.path()).into_iter().flatten().flatten())
-        .any(|e| e.path().extension().is_some_and(|x| x == "pack"))
+        .any(|e| e.path().extension().is_some_and(|x| x == "idx"))
 }
 
 /// `init`/`backup`/`snapshots`/`restore` on `s3://`, and `copy` local → S3
@@ -244,7 +244,9 @@ fn s3_cli_copy_local_s3_local_interrupted_and_resumed() {
     let (local, back) = (local.to_str().unwrap(), back.to_str().unwrap());
     let s3 = format!("s3://{bucket}/offsite");
     let img = d.join("disk.img");
-    let data = image(&img, 40, 4);
+    // More than one batch of the copy (1024 chunks): its first pack is
+    // published, with its index, while the second batch is still fetched.
+    let data = image(&img, 80, 4);
     let img_s = img.to_str().unwrap();
 
     cli_json(&ep, &cache, &["init", local, "--json"]);
@@ -292,11 +294,12 @@ fn s3_cli_copy_local_s3_local_interrupted_and_resumed() {
     );
     assert!(fs::read(&out).unwrap() == data, "restore from S3 differs");
 
-    // S3 → local through a slow link, killed once its first pack landed.
+    // S3 → local through a slow link, killed once its first pack and its
+    // index landed (a pack without its index is not there yet).
     cli_json(&ep, &cache, &["init", back, "--json"]);
     let proxy = proxy::Proxy::start(moto.port());
     proxy.set(proxy::Faults {
-        delay: std::time::Duration::from_millis(30),
+        delay: std::time::Duration::from_millis(100),
         ..Default::default()
     });
     let mut child = cli(
@@ -308,13 +311,13 @@ fn s3_cli_copy_local_s3_local_interrupted_and_resumed() {
     .spawn()
     .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !any_pack(Path::new(back)) {
+    while !any_indexed_pack(Path::new(back)) {
         assert!(
             child.try_wait().unwrap().is_none(),
             "copy ended before its first pack"
         );
         assert!(std::time::Instant::now() < deadline, "no pack after 120 s");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     child.kill().unwrap();
     child.wait().unwrap();
