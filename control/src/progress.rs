@@ -122,6 +122,45 @@ pub fn protection_line(status: &Status) -> Option<String> {
     Some(line)
 }
 
+/// `"s3://b/p: 1200 requests, 3 errors (2 retried), 0 failed, retry time
+/// 30s; disk cache 12.0 MiB of 1.0 GiB, 95.0% hits; last error 4s ago:
+/// ..."`, or `None` for a local store.
+pub fn remote_store_line(status: &Status, now_unix: f64) -> Option<String> {
+    let r = status.remote_store.as_ref()?;
+    let mut line = format!(
+        "{}: {} requests, {} errors ({} retried), {} failed, retry time {}",
+        r.location,
+        r.requests,
+        r.request_errors,
+        r.retries,
+        r.failed_operations,
+        format_duration(r.retry_time_seconds)
+    );
+    if r.disk_cache_capacity > 0 {
+        let looked = r.disk_cache_hits + r.disk_cache_misses;
+        let hits = if looked == 0 {
+            0.0
+        } else {
+            r.disk_cache_hits as f64 * 100.0 / looked as f64
+        };
+        line.push_str(&format!(
+            "; disk cache {} of {}, {hits:.1}% hits",
+            format_bytes(r.disk_cache_bytes),
+            format_bytes(r.disk_cache_capacity)
+        ));
+    }
+    if let Some(e) = &r.last_error {
+        match r.last_error_unix {
+            Some(t) => line.push_str(&format!(
+                "; last error {} ago: {e}",
+                format_duration((now_unix - t).max(0.0))
+            )),
+            None => line.push_str(&format!("; last error: {e}")),
+        }
+    }
+    Some(line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +263,33 @@ mod tests {
         assert_eq!(
             protection_line(&s).unwrap(),
             "protection failed: RPO 12s (every 5s), no point yet, 3 points, 1.0 MiB pending: store full"
+        );
+    }
+
+    #[test]
+    fn remote_store_line_counts_errors_and_the_cache() {
+        assert_eq!(remote_store_line(&Status::default(), 0.0), None);
+        let s = Status {
+            remote_store: Some(crate::status::RemoteStore {
+                location: "s3://b/p".into(),
+                retry_time_seconds: 30.0,
+                requests: 1200,
+                request_errors: 3,
+                retries: 2,
+                failed_operations: 1,
+                last_error: Some("HTTP 503".into()),
+                last_error_unix: Some(96.0),
+                disk_cache_bytes: 1 << 20,
+                disk_cache_capacity: 1 << 30,
+                disk_cache_hits: 3,
+                disk_cache_misses: 1,
+            }),
+            ..Status::default()
+        };
+        assert_eq!(
+            remote_store_line(&s, 100.0).unwrap(),
+            "s3://b/p: 1200 requests, 3 errors (2 retried), 1 failed, retry time 30s; \
+             disk cache 1.0 MiB of 1.0 GiB, 75.0% hits; last error 4s ago: HTTP 503"
         );
     }
 

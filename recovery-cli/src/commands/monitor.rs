@@ -640,6 +640,12 @@ pub fn summary(s: &Status) -> String {
     if let Some(line) = progress::protection_line(s) {
         rows.push(("Protection", line));
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    if let Some(line) = progress::remote_store_line(s, now) {
+        rows.push(("Remote store", line));
+    }
     rows.push(("Uptime", human::format_duration(s.uptime_seconds)));
 
     let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0) + 1;
