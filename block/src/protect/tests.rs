@@ -264,10 +264,14 @@ fn every_point_holds_a_prefix_of_the_acknowledged_writes() {
             });
         }
         while !done.load(Ordering::SeqCst) {
+            // Read before the point starts: once every writer is past the
+            // end, every write was acknowledged before this point, which
+            // must then be the disk. (Read after it, a last write could
+            // land just after the point's instant.)
+            let finished = next.load(Ordering::SeqCst) as usize >= RECORDS + WRITERS;
             let before = clock.fetch_add(1, Ordering::SeqCst);
             let (_, point) = layer.start_point().unwrap();
             let after = clock.fetch_add(1, Ordering::SeqCst);
-            let finished = next.load(Ordering::SeqCst) as usize >= RECORDS + WRITERS;
             let Some(point) = point else {
                 done.store(finished, Ordering::SeqCst);
                 continue;
