@@ -20,11 +20,9 @@ use crate::daemon_point::{self, DaemonMember};
 use crate::plan::Plan;
 
 /// Fleeced members read at once (one VM each: a VM has one NBD server).
-/// One for now: the store runs the sessions of one writer lock one after
-/// another (`Store::begin_changed_backups`); the index merge that ends a
-/// backup assumes it is the only one, and two at once could drop a pack's
-/// index. Raise this once that merge is serialized inside the store.
-pub const PARALLEL_READS: usize = 1;
+/// The sessions of one writer lock may end at once: the store serializes
+/// the index merge that ends each backup.
+pub const PARALLEL_READS: usize = 3;
 /// How long to wait for the store's writer lock held by another writer
 /// (a daemon writing a protection point into the same store).
 pub const LOCK_WAIT: Duration = Duration::from_secs(600);

@@ -32,9 +32,9 @@
 //!          once its cut is taken)
 //!          always: cont what we stopped, thaw what we froze
 //!  read the fleeced members over NBD into the store, up to
-//!          backup::PARALLEL_READS VMs at once (1 until the store's index
-//!          merge allows more; one member of a VM at a time; each read is
-//!          itself parallel: 8 NBD reads in flight, hashing on every core)
+//!          backup::PARALLEL_READS VMs at once (the store serializes the
+//!          index merge that ends each; one member of a VM at a time; the
+//!          cores are split among the reads: 8 NBD reads in flight each)
 //!  daemon members: release the lock, `point-wait` on every daemon (it
 //!          writes its point under the lock), take the lock again
 //!  every member succeeded → publish groups/<service>/<id>.json

@@ -357,6 +357,7 @@ impl Store {
         };
         drop(parent);
 
+        let merging = self.merging();
         let view = IndexView::load(self.backend())?;
         if view.unmerged_pack_count() > MERGE_THRESHOLD {
             let merged = index::merge(self.backend(), &view, &HashSet::new())?;
@@ -364,6 +365,7 @@ impl Store {
         } else {
             self.set_index(view);
         }
+        drop(merging);
         let stats = BackupStats {
             snapshot: info.id,
             name: name.to_string(),

@@ -43,6 +43,11 @@ struct Inner {
     codec: Codec,
     index: RwLock<Arc<IndexView>>,
     packs: Mutex<HashMap<PackId, Arc<dyn Object>>>,
+    /// Held while a backup ending reloads and merges the index: sessions
+    /// that share one writer lock (`Store::begin_changed_backups`) may end
+    /// at once, and two merges of one generation would each publish it and
+    /// delete the per-pack indexes the other's copy does not hold.
+    merging: Mutex<()>,
 }
 
 thread_local! {
@@ -192,6 +197,7 @@ impl Store {
                 codec,
                 index: RwLock::new(Arc::new(view)),
                 packs: Mutex::new(HashMap::new()),
+                merging: Mutex::new(()),
             }),
         })
     }
@@ -243,6 +249,15 @@ impl Store {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    /// Serializes the index reload and merge that end a backup (see
+    /// `Inner::merging`).
+    pub(crate) fn merging(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .merging
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn set_index(&self, view: IndexView) {
