@@ -106,13 +106,22 @@ fn assert_no_leftovers(q: &mut Qmp) {
     assert!(bitmaps.len() <= 1, "{bitmaps:?}");
 }
 
-/// `FILE <i> <sha256>` lines of the console so far.
+/// `FILE <i> <sha256>` lines of the console so far. Only whole lines count:
+/// the guest may be printing the last one while the host reads the log, and a
+/// half-written digest is not the file's.
 pub(crate) fn files(console: &str) -> Vec<(u32, String)> {
-    console
+    let whole = match console.rfind('\n') {
+        Some(end) => &console[..end],
+        None => "",
+    };
+    whole
         .lines()
         .filter_map(|l| {
             let mut w = l.trim().strip_prefix("FILE ")?.split_whitespace();
-            Some((w.next()?.parse().ok()?, w.next()?.to_owned()))
+            let i = w.next()?.parse().ok()?;
+            let sha = w.next()?;
+            let digest = sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit());
+            digest.then(|| (i, sha.to_owned()))
         })
         .collect()
 }
