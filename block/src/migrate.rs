@@ -738,6 +738,33 @@ impl MigratingDevice {
         self.layers().is_none()
     }
 
+    /// The snapshot layer under the overlay; `None` once complete.
+    pub fn snapshot(&self) -> Option<Arc<SnapshotLayer>> {
+        self.layers().map(|l| l.snapshot.clone())
+    }
+
+    /// Whether the guest sees `offset..offset + len` as the snapshot's
+    /// bytes: the migration is not complete, no chunk of the range is
+    /// migrated, and the overlay holds none of its blocks, checked in that
+    /// order. Once true it stays true until a guest write to the range:
+    /// bits never clear, a guest write lands in the overlay while its
+    /// chunk is not migrated (so a clear migrated bit means every write to
+    /// the chunk went to the overlay), and the copier moves the bytes to
+    /// the target unchanged. (A chunk the store cannot deliver reads as an
+    /// error, and as the snapshot's bytes once repaired.)
+    pub fn shows_snapshot(&self, offset: u64, len: u64) -> bool {
+        let Some(l) = self.layers() else {
+            return false;
+        };
+        if len == 0 || offset.saturating_add(len) > self.size {
+            return false;
+        }
+        let cs = u64::from(self.chunk_size);
+        let (first, last) = (offset / cs, (offset + len - 1) / cs);
+        let (migrated, run) = l.migrated.run(first, last + 1);
+        !migrated && first + run > last && !l.overlay.any_present(offset, len)
+    }
+
     /// Chunks the store could not deliver, with the reason.
     pub fn failed_chunks(&self) -> Vec<(u64, String)> {
         lock(&self.failed)

@@ -8,7 +8,9 @@
 //! The guest-visible device, right under `MeteredDevice`: above the
 //! `MigratingDevice` (or the overlay) while migrating, above the target
 //! once complete, above a [`DiskDevice`] for `serve --disk`. Reads pass
-//! straight through; writes, discards and write-zeroes are tracked.
+//! straight through; writes, discards and write-zeroes are tracked. It is
+//! opened on a [`Protected`], which also names the snapshot at the bottom
+//! of the stack, if there is one (copy-before-write leaves grains there).
 //!
 //! # Changed chunks, persistent
 //! Granularity is the store's chunk size. Two bitmap files in the state
@@ -36,18 +38,53 @@
 //!
 //! # Copy-before-write
 //! While a point is copied, a guest write to a captured chunk that the
-//! point has not read yet first copies the old contents of the 4 KiB
-//! grains it touches (not of the whole chunk), the ones not preserved yet,
-//! from the layer below into `preserved` (memory up to a budget, then the
-//! spill file [`SPILL_FILE`]). The point's reader ([`Point::read_at`])
-//! reads the chunk from the layer below and patches the preserved grains
-//! over it. Both hold the chunk's stripe of the capture, the writer across
-//! "is it still pending? which grains are not preserved? copy them", the
-//! reader across "read, patch, mark it done"; a guest write puts its data
-//! down only after its grains are preserved, so the grains the reader does
-//! not patch hold the instant's data. A guest write waits at most for the
-//! read of the grains it overwrites (or for the point's read of that one
-//! chunk), never for the whole point.
+//! point has not read yet first preserves the old contents of the 4 KiB
+//! grains it touches (not of the whole chunk), the ones not preserved yet.
+//! A grain the guest still sees as the snapshot's bytes (see below) is
+//! preserved without a copy: the capture only records "in the snapshot".
+//! Any other grain is copied from the layer below into `preserved`
+//! (memory up to a budget, then the spill file [`SPILL_FILE`]). The
+//! point's reader ([`Point::read_at`]) reads the chunk from the layer
+//! below, patches the copied grains over it and then the recorded ones
+//! from the snapshot. Both hold the chunk's stripe of the capture, the
+//! writer across "is it still pending? which grains are not preserved?
+//! classify, copy or record them", the reader across "patch, mark it
+//! done". The reader reads the chunk before it takes the stripe, and the
+//! snapshot's grains after it released it (the snapshot never changes),
+//! so a guest write waits at most for the read of the grains it
+//! overwrites, never for the point's read of a chunk.
+//!
+//! **Exactness.** Claim: the point reads every byte of a captured chunk as
+//! it was at the instant. A guest write puts its data down only after the
+//! grains it overwrites are preserved, under the gate, and only guest
+//! writes change what the guest sees (the migration copier and
+//! copy-on-read move bytes without changing them). So when the first
+//! write after the instant to grain g preserves it, under the stripe, g
+//! still holds the instant's bytes; no later write preserves g again. Then:
+//! 1. a grain the point's reader finds unpreserved when it takes the
+//!    stripe had no write since the instant put data down before then (a
+//!    write to a pending chunk preserves first, under the stripe; once the
+//!    reader marked the chunk done, under the stripe, writes no longer
+//!    preserve). Its read of the chunk ended before it took the stripe, so
+//!    it read the instant's bytes there (a grain written during the read
+//!    is preserved by then, and patched);
+//! 2. a copied grain holds the bytes read at its preservation: the
+//!    instant's;
+//! 3. a grain recorded as in the snapshot was seen as the snapshot's
+//!    bytes at its preservation (by [`Protected`]'s rules: the overlay
+//!    held none of its blocks; while migrating, also its chunk was not
+//!    migrated, checked first, and the migration was not complete), so the
+//!    instant's bytes were the snapshot's, which never change. Every grain
+//!    of a run is classified before any of it is read, because a read of a
+//!    migrating disk may migrate the chunk (copy-on-read). The snapshot
+//!    layer is held by the protection layer itself, so a migration that
+//!    completes mid-point (and drops its layers) does not take it away;
+//!    after completion no grain is recorded as in the snapshot.
+//!
+//! A kill -9 loses the capture (preserved grains and records are memory or
+//! scratch); the point is abandoned and its chunks re-merged on open, so
+//! no point ever depends on them. `serve --disk` (a [`DiskDevice`]) and a
+//! migration opened complete have no snapshot: every grain is copied.
 //!
 //! Why grains: the guest's writes are mostly 4 KiB and scattered, while a
 //! chunk is 64 KiB. Copying whole chunks made every write that hit a
@@ -55,6 +92,10 @@
 //! every 5 s) read 64 KiB from the overlay and the store and keep 64 KiB,
 //! mostly in the spill file: 64–256 µs per write instead of 4–16 µs, and a
 //! spill file of hundreds of MiB per point. A grain costs one 4 KiB read.
+//! Why the snapshot: a 4 KiB read of a grain the overlay does not hold
+//! still fetches, decompresses and verifies its whole store chunk
+//! (64–256 µs) inside the guest's write; recording it costs a bitmap
+//! lookup.
 //!
 //! # Ending a point
 //! [`Point::finish`] (after the daemon recorded the point) clears the
@@ -65,14 +106,18 @@
 //!
 //! # Locks (outermost first)
 //! `gate` (read: a guest write; write: start/end of a point) → a capture
-//! stripe (one chunk's copy) → the layer below's locks. The word stripes
-//! of a changed file and the `preserved` mutex are leaves. The point
-//! reader takes no gate.
+//! stripe (one chunk's copy) → the layer below's locks (a classification
+//! reads the overlay's and the migration's bitmaps, lock-free, and the
+//! migration's layers slot, a read lock). The word stripes of a changed
+//! file and the `preserved` mutex are leaves. The point reader takes no
+//! gate.
 
+mod base;
 mod changed;
 mod disk;
 mod preserved;
 
+pub use base::Protected;
 pub use disk::DiskDevice;
 
 use std::io;
@@ -84,6 +129,7 @@ use std::time::SystemTime;
 use vm_memory::VolatileSlice;
 
 use crate::device::BlockDevice;
+use base::Base;
 use changed::ChangedFile;
 use preserved::Preserved;
 
@@ -130,6 +176,9 @@ pub enum Error {
     /// The chunk size cannot be used.
     #[error("Invalid protection chunk size {0}")]
     ChunkSize(u32),
+    /// The layers handed in do not fit together.
+    #[error("Invalid protected layers")]
+    Layers(#[source] io::Error),
 }
 
 /// A `Result` of this module.
@@ -204,6 +253,8 @@ impl Capture {
 /// The protection layer (see the module doc).
 pub struct ProtectLayer {
     lower: Arc<dyn BlockDevice>,
+    /// The immutable snapshot under `lower`, if it has one.
+    base: Option<Base>,
     dir: PathBuf,
     size: u64,
     chunk: u64,
@@ -234,13 +285,14 @@ impl ProtectLayer {
     /// Protects `lower`, with the bitmaps in `dir` (created if missing;
     /// both merged into one if a point was being copied).
     pub fn open(
-        lower: Arc<dyn BlockDevice>,
+        lower: impl Into<Protected>,
         dir: &Path,
         opts: &ProtectOptions,
     ) -> Result<Arc<ProtectLayer>> {
         if opts.chunk_size == 0 {
             return Err(Error::ChunkSize(opts.chunk_size));
         }
+        let (lower, base) = lower.into().split().map_err(Error::Layers)?;
         let size = lower.size();
         let chunk = u64::from(opts.chunk_size);
         let open = |name: &str| ChangedFile::open_or_create(&dir.join(name), opts.chunk_size, size);
@@ -261,6 +313,7 @@ impl ProtectLayer {
         let full = u64::from(opts.full);
         Ok(Arc::new(ProtectLayer {
             lower,
+            base,
             dir: dir.to_path_buf(),
             size,
             chunk,
@@ -390,7 +443,7 @@ impl ProtectLayer {
         if !capture.is_pending(c) {
             return;
         }
-        let (off, len) = self.chunk_range(c);
+        let (_, len) = self.chunk_range(c);
         let len = len as u64;
         let grain = self.preserved.grain();
         let hi = hi.min(len);
@@ -401,17 +454,50 @@ impl ProtectLayer {
         for (first, count) in self.preserved.missing(c, g0, g1) {
             let start = u64::from(first) * grain;
             let end = (start + u64::from(count) * grain).min(len);
-            let mut old = vec![0u8; (end - start) as usize];
-            let kept = self
-                .lower
-                .read_at(&mut old, off + start)
-                .and_then(|()| self.preserved.put(c, first, old));
-            if let Err(e) = kept {
+            if let Err(e) = self.preserve_run(c, first, start, end) {
                 tracing::warn!(chunk = c, error = %e, "protection: failed to preserve a chunk for the point being written; the point is abandoned");
                 capture.set_broken(format!("failed to preserve chunk {c}: {e}"));
                 return;
             }
         }
+    }
+
+    /// Preserves bytes `start..end` of chunk `c`, whole grains from grain
+    /// `first` on, none preserved yet: the grains the guest still sees as
+    /// the snapshot's are left there, the others are copied. Every grain
+    /// is classified before any is read: reading a migrating disk can
+    /// migrate the chunk (copy-on-read), after which none of it would
+    /// count as the snapshot's.
+    fn preserve_run(&self, c: u64, first: u32, start: u64, end: u64) -> io::Result<()> {
+        let (off, _) = self.chunk_range(c);
+        let grain = self.preserved.grain();
+        // Runs of grains on the same side: (start, end, in the snapshot).
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut at = start;
+        while at < end {
+            let stop = (at + grain).min(end);
+            let kind = self
+                .base
+                .as_ref()
+                .is_some_and(|b| b.shows_snapshot(off + at, stop - at));
+            match runs.last_mut() {
+                Some((_, e, k)) if *k == kind => *e = stop,
+                _ => runs.push((at, stop, kind)),
+            }
+            at = stop;
+        }
+        for (a, e, in_base) in runs {
+            let g = first + ((a - start) / grain) as u32;
+            let n = (e - a) as usize;
+            if in_base {
+                self.preserved.put_base(c, g, n);
+            } else {
+                let mut old = vec![0u8; n];
+                self.lower.read_at(&mut old, off + a)?;
+                self.preserved.put(c, g, old)?;
+            }
+        }
+        Ok(())
     }
 
     /// Starts a point: waits for the guest writes in flight, swaps the
@@ -606,23 +692,52 @@ impl Point {
                     format!("point read of chunk {c} is cut short"),
                 )
             })?;
-            let _stripe = cap.stripe(c);
-            if cap.is_pending(c) {
-                layer.lower.read_at(piece, pos)?;
-                if let Err(e) = layer.preserved.take_into(c, piece) {
-                    // The preserved grains are gone: the chunk cannot be
-                    // read as it was any more.
+            let not_pending = || {
+                io::Error::other(match cap.broken() {
+                    Some(why) => why,
+                    None => format!("chunk {c} is not captured by this point, or was read twice"),
+                })
+            };
+            if !cap.is_pending(c) {
+                return Err(not_pending());
+            }
+            // Read without the stripe (a guest write to the chunk does not
+            // wait for this read): a write meanwhile preserves the grains
+            // it overwrites before its data goes down, and the patch below
+            // puts them back.
+            layer.lower.read_at(piece, pos)?;
+            let stripe = cap.stripe(c);
+            if !cap.is_pending(c) {
+                return Err(not_pending());
+            }
+            // Grains left in the snapshot, read once the stripe is free:
+            // the snapshot never changes.
+            let mut in_base = Vec::new();
+            let taken = layer.preserved.take_into(c, piece, |part, at| {
+                in_base.push((at as usize, part.len()));
+                Ok(())
+            });
+            if let Err(e) = taken {
+                // The preserved grains are gone: the chunk cannot be
+                // read as it was any more.
+                cap.set_broken(format!(
+                    "failed to read the preserved grains of chunk {c}: {e}"
+                ));
+                return Err(e);
+            }
+            cap.clear_pending(c);
+            drop(stripe);
+            for (at, len) in in_base {
+                let read = match &layer.base {
+                    Some(base) => base.read_at(&mut piece[at..at + len], pos + at as u64),
+                    None => Err(io::Error::other("no snapshot under the disk")),
+                };
+                if let Err(e) = read {
                     cap.set_broken(format!(
-                        "failed to read the preserved grains of chunk {c}: {e}"
+                        "failed to read the snapshot's grains of chunk {c}: {e}"
                     ));
                     return Err(e);
                 }
-                cap.clear_pending(c);
-            } else {
-                return Err(io::Error::other(match cap.broken() {
-                    Some(why) => why,
-                    None => format!("chunk {c} is not captured by this point, or was read twice"),
-                }));
             }
             at += n;
         }

@@ -125,7 +125,7 @@ use crate::operator_status::DaemonStatus;
 use crate::progress_log::{spawn_progress_logger, ProgressLogger};
 pub use crate::protect::ProtectConfig;
 use crate::state_dir::{StateBinding, StateDir};
-use block::protect::DiskDevice;
+use block::protect::{DiskDevice, Protected};
 
 /// Everything `instant-boot` needs to know.
 #[derive(Debug, Clone)]
@@ -642,8 +642,8 @@ impl Daemon {
                 (migration.clone(), Some(migration), None)
             }
             None => {
-                let (_, overlay) = Self::layers(source.as_ref(), &cache, &state, cfg)?;
-                (overlay.clone(), None, Some(overlay))
+                let (snapshot, overlay) = Self::layers(source.as_ref(), &cache, &state, cfg)?;
+                (overlay.clone(), None, Some((overlay, snapshot)))
             }
         };
         let protector = match protect {
@@ -651,12 +651,22 @@ impl Daemon {
                 let store = store.clone().ok_or_else(|| {
                     Error::Layer("protection", io::Error::other("the store is not open"))
                 })?;
+                // The layers under protection: with the snapshot at the
+                // bottom, it leaves grains the guest has not written there.
+                let protected = match (&migration, &overlay) {
+                    (Some(m), _) => Protected::Migrating(m.clone()),
+                    (None, Some((overlay, snapshot))) => Protected::Overlay {
+                        overlay: overlay.clone(),
+                        snapshot: snapshot.clone(),
+                    },
+                    (None, None) => Protected::Device(inner.clone()),
+                };
                 let origin = protect::Origin {
                     snapshot: disk.is_none().then(|| (info.name.clone(), info.id.clone())),
                     fresh_state: state.created(),
                 };
                 Some(
-                    protect::Protector::open(&cfg.state, inner.clone(), store, protect, &origin)
+                    protect::Protector::open(&cfg.state, protected, store, protect, &origin)
                         .map_err(Error::Protect)?,
                 )
             }
@@ -676,7 +686,7 @@ impl Daemon {
         if let Some(repair) = repair {
             status = status.with_store_source(repair);
         }
-        if let Some(overlay) = overlay {
+        if let Some((overlay, _)) = overlay {
             status = status.with_overlay(overlay);
         }
         if let Some(migration) = &migration {

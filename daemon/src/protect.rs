@@ -83,7 +83,7 @@ use serde::{Deserialize, Serialize};
 
 use block::device::BlockDevice;
 use block::file::write_atomic;
-use block::protect::{Point, ProtectLayer, ProtectOptions, DEFAULT_PRESERVE_BUDGET};
+use block::protect::{Point, ProtectLayer, ProtectOptions, Protected, DEFAULT_PRESERVE_BUDGET};
 use control::{PointRef, PointTaken, Protection, ProtectionState};
 use store::backup::changed::{ChangedBackup, ChangedOptions, ChangedSource, ChunkState};
 use store::snapshot::{micros_from_id, rfc3339_micros};
@@ -455,9 +455,12 @@ impl Protector {
     /// Opens protection of `lower` with its files in `dir`: reads (or
     /// makes) `protect.json`, decides whether the next point is a full
     /// read, and opens the layer. The thread starts with [`Protector::spawn`].
+    /// `lower` says which layers the disk is made of: with the snapshot
+    /// under it, copy-before-write leaves the grains the guest has not
+    /// written yet in the snapshot (see `block::protect`).
     pub fn open(
         dir: &Path,
-        lower: Arc<dyn BlockDevice>,
+        lower: impl Into<Protected>,
         store: Arc<Store>,
         cfg: &ProtectConfig,
         origin: &Origin,
@@ -507,7 +510,7 @@ impl Protector {
             full: record.full_needed,
             preserve_budget: DEFAULT_PRESERVE_BUDGET,
         };
-        let layer = ProtectLayer::open(lower.clone(), dir, &opts).map_err(Error::Layer)?;
+        let layer = ProtectLayer::open(lower, dir, &opts).map_err(Error::Layer)?;
         // A record without its bitmaps (deleted, or from another layout)
         // proves nothing about what changed.
         if !layer.resumed() && record.last_point.is_some() && !record.full_needed {
@@ -545,7 +548,7 @@ impl Protector {
                 store,
                 record_path,
                 record,
-                image_size: lower.size(),
+                image_size: layer.size(),
                 stop: stop.clone(),
             }),
             layer,
@@ -1007,7 +1010,14 @@ mod tests {
             name: name.map(str::to_string),
             interval: MIN_INTERVAL,
         };
-        Protector::open(dir, mem.clone(), store.clone(), &cfg, origin).unwrap()
+        Protector::open(
+            dir,
+            Protected::Device(mem.clone()),
+            store.clone(),
+            &cfg,
+            origin,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -1107,7 +1117,14 @@ mod tests {
             name: None,
             interval: Duration::from_secs(3600),
         };
-        let mut p = Protector::open(&state, mem.clone(), store.clone(), &cfg, &origin).unwrap();
+        let mut p = Protector::open(
+            &state,
+            Protected::Device(mem.clone()),
+            store.clone(),
+            &cfg,
+            &origin,
+        )
+        .unwrap();
         let layer = p.layer().clone();
         let status = p.status().clone();
         p.spawn().unwrap();

@@ -8,6 +8,10 @@
 //! the point reads the chunk from the layer below and patches the
 //! preserved grains over it ([`Preserved::take_into`]).
 //!
+//! A grain whose old contents are the immutable snapshot's is preserved
+//! without a copy ([`Preserved::put_base`]): the point reads it from the
+//! snapshot when it patches the chunk.
+//!
 //! Held in memory up to a byte budget; beyond it, in a sparse spill file
 //! in the state dir (`protect.preserved`, image-sized, a grain at its
 //! image offset), truncated when the point ends. The spill file is
@@ -38,6 +42,8 @@ enum Kept {
     Memory(Vec<u8>),
     /// In the spill file at the run's image offset, this many bytes.
     Spilled(usize),
+    /// In the snapshot under the disk, this many bytes.
+    Base(usize),
 }
 
 /// The preserved runs of one chunk.
@@ -172,14 +178,32 @@ impl Preserved {
         Ok(())
     }
 
+    /// Records that the old contents of chunk `chunk`'s `len` bytes from
+    /// grain `first` on (whole grains, the last one of the disk may be
+    /// short) are the snapshot's: nothing to copy.
+    pub(crate) fn put_base(&self, chunk: u64, first: u32, len: usize) {
+        let count = (len as u64).div_ceil(self.grain) as u32;
+        let mut g = self.lock();
+        let kept = g.chunks.entry(chunk).or_default();
+        kept.set(first, count);
+        kept.runs.push((first, Kept::Base(len)));
+    }
+
     fn offset(&self, chunk: u64, grain: u32) -> u64 {
         chunk * self.chunk_size + u64::from(grain) * self.grain
     }
 
     /// Patches the preserved grains of chunk `chunk` over `out` (the
     /// chunk as read from the layer below, from its start) and forgets
-    /// them; `false` if none were preserved.
-    pub(crate) fn take_into(&self, chunk: u64, out: &mut [u8]) -> io::Result<bool> {
+    /// them; `false` if none were preserved. `from_base(piece, at)` fills
+    /// the grains preserved with [`Preserved::put_base`], `at` bytes into
+    /// the chunk, from the snapshot.
+    pub(crate) fn take_into(
+        &self,
+        chunk: u64,
+        out: &mut [u8],
+        mut from_base: impl FnMut(&mut [u8], u64) -> io::Result<()>,
+    ) -> io::Result<bool> {
         let (kept, spill) = {
             let mut g = self.lock();
             let Some(kept) = g.chunks.remove(&chunk) else {
@@ -192,6 +216,7 @@ impl Preserved {
                         g.bytes -= d.len() as u64;
                     }
                     Kept::Spilled(n) => g.bytes -= *n as u64,
+                    Kept::Base(_) => {}
                 }
             }
             (kept, g.spill.clone())
@@ -211,12 +236,17 @@ impl Preserved {
                     let n = len.min(dst.len());
                     file.read_exact_at(&mut dst[..n], self.offset(chunk, first))?;
                 }
+                Kept::Base(len) => {
+                    let n = len.min(dst.len());
+                    from_base(&mut dst[..n], at as u64)?;
+                }
             }
         }
         Ok(true)
     }
 
-    /// Bytes held (memory and spill file).
+    /// Bytes held (memory and spill file; not the grains left in the
+    /// snapshot).
     pub(crate) fn bytes(&self) -> u64 {
         self.lock().bytes
     }
@@ -237,6 +267,10 @@ impl Preserved {
 mod tests {
     use super::*;
 
+    fn no_base(_: &mut [u8], at: u64) -> io::Result<()> {
+        panic!("no grain at {at} was left in the snapshot")
+    }
+
     #[test]
     fn grains_over_the_budget_spill_to_the_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -255,7 +289,7 @@ mod tests {
         assert_eq!(p.missing(7, 0, 3), [(0, 2), (3, 1)]);
         assert_eq!(p.missing(2, 1, 2), [(1, 2)]);
         let mut out = vec![5u8; cs as usize];
-        assert!(p.take_into(1, &mut out).unwrap());
+        assert!(p.take_into(1, &mut out, no_base).unwrap());
         let g = GRAIN as usize;
         assert!(out[..g].iter().all(|&b| b == 1));
         assert!(out[g..3 * g].iter().all(|&b| b == 9));
@@ -263,12 +297,12 @@ mod tests {
             out[3 * g..].iter().all(|&b| b == 5),
             "not preserved: as read"
         );
-        assert!(!p.take_into(1, &mut out).unwrap(), "taken once");
+        assert!(!p.take_into(1, &mut out, no_base).unwrap(), "taken once");
         assert_eq!(p.bytes(), GRAIN);
         p.clear();
         assert!(!spill.exists());
         assert_eq!(p.bytes(), 0);
-        assert!(!p.take_into(7, &mut out).unwrap());
+        assert!(!p.take_into(7, &mut out, no_base).unwrap());
     }
 
     #[test]
@@ -279,7 +313,32 @@ mod tests {
         p.put(3, 0, vec![3; 6000]).unwrap();
         assert!(p.missing(3, 0, 0).is_empty());
         let mut out = vec![0u8; 6000];
-        assert!(p.take_into(3, &mut out).unwrap());
+        assert!(p.take_into(3, &mut out, no_base).unwrap());
         assert_eq!(out, vec![3; 6000]);
+    }
+
+    #[test]
+    fn grains_left_in_the_snapshot_cost_no_bytes_and_are_read_from_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = GRAIN as usize;
+        let p = Preserved::new(&dir.path().join("p"), 1 << 20, 4 * GRAIN);
+        p.put_base(2, 1, 2 * g);
+        p.put(2, 3, vec![3; g]).unwrap();
+        assert_eq!(p.bytes(), GRAIN, "only the copied grain");
+        assert!(p.missing(2, 1, 3).is_empty());
+        assert_eq!(p.missing(2, 0, 3), [(0, 1)]);
+        let mut out = vec![5u8; 4 * g];
+        let mut asked = Vec::new();
+        let taken = p.take_into(2, &mut out, |piece, at| {
+            asked.push((at, piece.len()));
+            piece.fill(9);
+            Ok(())
+        });
+        assert!(taken.unwrap());
+        assert_eq!(asked, [(GRAIN, 2 * g)]);
+        assert!(out[..g].iter().all(|&b| b == 5), "not preserved: as read");
+        assert!(out[g..3 * g].iter().all(|&b| b == 9), "from the snapshot");
+        assert!(out[3 * g..].iter().all(|&b| b == 3), "the copy");
+        assert_eq!(p.bytes(), 0);
     }
 }

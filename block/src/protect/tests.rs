@@ -1,9 +1,17 @@
 //! Semantics of the protection layer over in-memory devices.
 
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use super::*;
+use crate::cache::ChunkCache;
 use crate::mem_device::MemDevice;
+use crate::migrate::{MigratingDevice, MigrationOptions, MigrationPhase};
+use crate::overlay::Overlay;
+use crate::snapshot::SnapshotLayer;
+use crate::source::VecSource;
+use crate::state::DirState;
+use crate::target::Target;
 
 const CHUNK: u32 = 16 << 10;
 const CHUNKS: u64 = 32;
@@ -320,6 +328,70 @@ fn every_point_holds_a_prefix_of_the_acknowledged_writes() {
 /// (a one-grain budget).
 #[test]
 fn grains_rewritten_while_the_point_reads_them_keep_the_instant() {
+    race_writes_against_the_point(|dir, img| {
+        let mem = Arc::new(MemDevice::from_vec(img.to_vec()));
+        let layer = open_full_with_budget(dir, mem, preserved::GRAIN as usize);
+        (layer, img.to_vec(), None)
+    });
+}
+
+/// The same race over an overlay on a snapshot, the overlay holding every
+/// third grain before the instant: grains the overlay does not hold are
+/// left in the snapshot, the others copied.
+#[test]
+fn grains_rewritten_while_the_point_reads_them_keep_the_instant_over_a_snapshot() {
+    race_writes_against_the_point(|dir, img| {
+        let stack = OverlayStack::new(dir, img);
+        let at_instant = hold_every_third_grain(&*stack.overlay, img);
+        let layer = ProtectLayer::open(stack.protected(), dir, &race_opts()).unwrap();
+        (layer, at_instant, None)
+    });
+}
+
+/// The same race while migrating: the copier starts at the instant (and
+/// may complete while the point is read).
+#[test]
+fn grains_rewritten_while_the_point_reads_them_keep_the_instant_while_migrating() {
+    race_writes_against_the_point(|dir, img| {
+        let stack = OverlayStack::new(dir, img);
+        let at_instant = hold_every_third_grain(&*stack.overlay, img);
+        let m = stack.migrate(dir);
+        let protected = Protected::Migrating(m.clone());
+        let layer = ProtectLayer::open(protected, dir, &race_opts()).unwrap();
+        (layer, at_instant, Some(m))
+    });
+}
+
+/// A full point, a one-grain memory budget.
+fn race_opts() -> ProtectOptions {
+    ProtectOptions {
+        preserve_budget: preserved::GRAIN as usize,
+        ..opts(true)
+    }
+}
+
+/// Writes every third grain of `dev` (inverted bytes of `img`, so they
+/// differ from the snapshot); returns the disk then.
+fn hold_every_third_grain(dev: &dyn BlockDevice, img: &[u8]) -> Vec<u8> {
+    let g = preserved::GRAIN as usize;
+    let mut disk = img.to_vec();
+    for (i, grain) in disk.chunks_mut(g).enumerate() {
+        if i % 3 == 0 {
+            grain.iter_mut().for_each(|b| *b = !*b);
+            dev.write_at(grain, (i * g) as u64).unwrap();
+        }
+    }
+    disk
+}
+
+/// What a race runs on: the layer, the disk at the instant, and a
+/// migration to start once the point is.
+type RaceSetup = (Arc<ProtectLayer>, Vec<u8>, Option<Arc<MigratingDevice>>);
+
+/// Races writers against a full point's reader on the layer `open(dir,
+/// image)` makes (see the callers). The reader starts once the writers
+/// have made a few writes, so some grains are preserved before it.
+fn race_writes_against_the_point(open: impl Fn(&Path, &[u8]) -> RaceSetup) {
     const WRITERS: u64 = 3;
     let cs = u64::from(CHUNK);
     let size = CHUNKS * cs - 1024;
@@ -329,15 +401,17 @@ fn grains_rewritten_while_the_point_reads_them_keep_the_instant() {
         img.iter_mut()
             .enumerate()
             .for_each(|(i, b)| *b = (i as u64 * 7 + round) as u8);
-        let mem = Arc::new(MemDevice::from_vec(img));
-        let layer = open_full_with_budget(dir.path(), mem.clone(), preserved::GRAIN as usize);
-        let at_instant = mem.snapshot();
+        let (layer, at_instant, migration) = open(dir.path(), &img);
         let point = layer.start_point().unwrap().1.unwrap();
+        if let Some(m) = &migration {
+            m.start().unwrap();
+        }
         let reading = AtomicBool::new(true);
+        let writes = AtomicU64::new(0);
         let mut got = vec![0u8; size as usize];
         std::thread::scope(|s| {
             for w in 0..WRITERS {
-                let (layer, reading) = (&layer, &reading);
+                let (layer, reading, writes) = (&layer, &reading, &writes);
                 s.spawn(move || {
                     let mut x = round * 31 + w + 1;
                     let mut i = 0u64;
@@ -358,8 +432,12 @@ fn grains_rewritten_while_the_point_reads_them_keep_the_instant() {
                                 .unwrap();
                         }
                         i += 1;
+                        writes.fetch_add(1, Ordering::Relaxed);
                     }
                 });
+            }
+            while writes.load(Ordering::Relaxed) < 8 * WRITERS {
+                std::thread::yield_now();
             }
             // The store reads a chunk or a few at a time, from the front.
             let mut c = 0;
@@ -379,7 +457,201 @@ fn grains_rewritten_while_the_point_reads_them_keep_the_instant() {
         assert_eq!(layer.preserved_bytes(), 0, "every preserved grain was read");
         point.finish().unwrap();
         assert!(!dir.path().join(SPILL_FILE).exists());
+        if let Some(m) = &migration {
+            assert_eq!(m.wait(Duration::from_secs(60)), MigrationPhase::Complete);
+        }
     }
+}
+
+/// A snapshot (in memory, `CHUNK` chunks) with an overlay over it.
+struct OverlayStack {
+    snapshot: Arc<SnapshotLayer>,
+    overlay: Arc<Overlay>,
+    state: Arc<DirState>,
+}
+
+impl OverlayStack {
+    fn new(dir: &Path, image: &[u8]) -> OverlayStack {
+        let src = Arc::new(VecSource::new(image.to_vec(), CHUNK));
+        let snapshot =
+            Arc::new(SnapshotLayer::new(src, Arc::new(ChunkCache::new(1 << 20))).unwrap());
+        let state = Arc::new(
+            DirState::open(&dir.join("state"), "snap", image.len() as u64, CHUNK).unwrap(),
+        );
+        let overlay = Arc::new(Overlay::open_in(&*state, snapshot.clone()).unwrap());
+        OverlayStack {
+            snapshot,
+            overlay,
+            state,
+        }
+    }
+
+    fn protected(&self) -> Protected {
+        Protected::Overlay {
+            overlay: self.overlay.clone(),
+            snapshot: self.snapshot.clone(),
+        }
+    }
+
+    /// A migration of the stack to a new target in `dir` (copier not
+    /// started).
+    fn migrate(&self, dir: &Path) -> Arc<MigratingDevice> {
+        let target = Target::open(&dir.join("target.raw"), self.snapshot.size()).unwrap();
+        let opts = MigrationOptions {
+            workers: 2,
+            checkpoint_interval: Duration::from_millis(20),
+            yield_window: Duration::from_millis(1),
+            max_yield: Duration::from_millis(2),
+            ..MigrationOptions::default()
+        };
+        MigratingDevice::open(
+            self.state.clone(),
+            self.overlay.clone(),
+            self.snapshot.clone(),
+            target,
+            opts,
+        )
+        .unwrap()
+    }
+}
+
+/// An image whose every byte tells where it is.
+fn numbered_image(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i / 512 * 13 + i) as u8).collect()
+}
+
+/// The whole disk as `layer` reads it now.
+fn disk_of(layer: &ProtectLayer) -> Vec<u8> {
+    let mut img = vec![0u8; layer.size() as usize];
+    layer.read_at(&mut img, 0).unwrap();
+    img
+}
+
+/// Writes `len` bytes of `byte` at `offset` to `layer` and to `model`
+/// (the disk as it should be; reading a migrating disk would migrate it).
+fn write_both(layer: &ProtectLayer, model: &mut [u8], byte: u8, len: u64, offset: u64) {
+    let data = vec![byte; len as usize];
+    layer.write_at(&data, offset).unwrap();
+    model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+}
+
+const G: u64 = preserved::GRAIN;
+
+/// A numbered image, the stack over it, its migration (copier not
+/// started) and the protection layer over that.
+fn migrating(
+    dir: &Path,
+) -> (
+    Vec<u8>,
+    OverlayStack,
+    Arc<MigratingDevice>,
+    Arc<ProtectLayer>,
+) {
+    let image = numbered_image((CHUNKS * u64::from(CHUNK)) as usize);
+    let stack = OverlayStack::new(dir, &image);
+    let m = stack.migrate(dir);
+    let layer = ProtectLayer::open(Protected::Migrating(m.clone()), dir, &opts(false)).unwrap();
+    (image, stack, m, layer)
+}
+
+/// Reads `point` whole: it must be `at_instant`; then finishes it.
+fn assert_holds(point: Point, at_instant: &[u8]) {
+    assert!(
+        image_of(&point, at_instant) == at_instant,
+        "the point differs from the disk at its instant"
+    );
+    point.finish().unwrap();
+}
+
+#[test]
+fn grains_the_overlay_did_not_hold_are_read_from_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = u64::from(CHUNK);
+    let image = numbered_image((CHUNKS * cs) as usize);
+    let stack = OverlayStack::new(dir.path(), &image);
+    let layer = ProtectLayer::open(stack.protected(), dir.path(), &opts(false)).unwrap();
+    // Before the instant: the overlay holds grains 0 and 2 of chunk 1.
+    layer.write_at(&[0x11; G as usize], cs).unwrap();
+    layer.write_at(&[0x12; 100], cs + 2 * G + 7).unwrap();
+    let at_instant = disk_of(&layer);
+    let point = layer.start_point().unwrap().1.unwrap();
+    assert_eq!(captured(&point), [1]);
+    // After it: grains 0..4 of chunk 1, and part of grain 3 again.
+    layer.write_at(&[0x22; 4 * G as usize], cs).unwrap();
+    layer.write_at(&[0x23; 10], cs + 3 * G + 5).unwrap();
+    assert_eq!(
+        layer.preserved_bytes(),
+        2 * G,
+        "grains 0 and 2 copied, 1 and 3 left in the snapshot"
+    );
+    assert_holds(point, &at_instant);
+}
+
+#[test]
+fn while_migrating_grains_migrated_or_in_the_overlay_are_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = u64::from(CHUNK);
+    let (image, _stack, _m, layer) = migrating(dir.path());
+    // Chunk 1: grain 0 in the overlay. Chunk 2: migrated (a guest read
+    // copies it), then grain 0 written on the target. Chunk 3: grain 1
+    // in the overlay.
+    let mut at_instant = image.clone();
+    write_both(&layer, &mut at_instant, 0x11, G, cs);
+    let mut buf = vec![0u8; 512];
+    layer.read_at(&mut buf, 2 * cs).unwrap();
+    write_both(&layer, &mut at_instant, 0x12, G, 2 * cs);
+    write_both(&layer, &mut at_instant, 0x13, G, 3 * cs + G);
+    let point = layer.start_point().unwrap().1.unwrap();
+    assert_eq!(captured(&point), [1, 2, 3]);
+    for c in 1..4 {
+        layer.write_at(&[0x22; 4 * G as usize], c * cs).unwrap();
+    }
+    assert_eq!(
+        layer.preserved_bytes(),
+        G + 4 * G + G,
+        "chunk 1: grain 0; chunk 2: every grain; chunk 3: grain 1"
+    );
+    assert_holds(point, &at_instant);
+}
+
+#[test]
+fn grains_left_in_the_snapshot_are_read_from_it_after_the_migration_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = u64::from(CHUNK);
+    let (image, stack, m, layer) = migrating(dir.path());
+    let mut at_instant = image.clone();
+    write_both(&layer, &mut at_instant, 0x11, G, cs);
+    write_both(&layer, &mut at_instant, 0x13, G, 3 * cs + G);
+    let point = layer.start_point().unwrap().1.unwrap();
+    assert_eq!(captured(&point), [1, 3]);
+    // Chunk 3 before completion: grain 1 copied, the others left in the
+    // snapshot.
+    layer.write_at(&[0x22; 4 * G as usize], 3 * cs).unwrap();
+    assert_eq!(layer.preserved_bytes(), G);
+    drop(stack);
+    m.start().unwrap();
+    assert_eq!(m.wait(Duration::from_secs(60)), MigrationPhase::Complete);
+    assert!(m.snapshot().is_none(), "the migration let its layers go");
+    // Chunk 1 after completion: everything is on the target, copied.
+    layer.write_at(&[0x24; 4 * G as usize], cs).unwrap();
+    assert_eq!(layer.preserved_bytes(), G + 4 * G);
+    assert_holds(point, &at_instant);
+}
+
+#[test]
+fn an_overlay_over_another_layer_than_the_snapshot_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = numbered_image((CHUNKS * u64::from(CHUNK)) as usize);
+    let a = OverlayStack::new(&dir.path().join("a"), &image);
+    let b = OverlayStack::new(&dir.path().join("b"), &image);
+    let mixed = Protected::Overlay {
+        overlay: a.overlay.clone(),
+        snapshot: b.snapshot.clone(),
+    };
+    assert!(matches!(
+        ProtectLayer::open(mixed, dir.path(), &opts(false)),
+        Err(Error::Layers(_))
+    ));
 }
 
 /// One cut across two layers: a single writer alternates a global
