@@ -44,10 +44,17 @@
 //! once: `add_used` with the request's own head index and used length,
 //! then, with `VIRTIO_RING_F_EVENT_IDX`, the used-event check, and the
 //! signal if the driver asked for one. The worker puts what it ran itself
-//! on the used ring as it goes and signals once per batch ([`notify`]),
-//! so a driver reaps a batch of cheap requests at once. The worker itself handles EVENT_IDX on the
-//! available side as disable → drain → re-enable, looping while
-//! re-enabling reports that requests arrived in between.
+//! on the used ring as it goes. With EVENT_IDX it checks the used event
+//! after each one too, so a driver that waits for a completion hears of
+//! the first one at once and refills the ring while the worker is still
+//! running the rest of the batch (the two sides overlap instead of taking
+//! turns); the driver's `used_event` keeps this to one signal per time it
+//! waits, not one per request. Without EVENT_IDX every check would signal,
+//! so the worker signals once per batch ([`notify`]) instead. The end of a
+//! batch always checks ([`notify`]), so no completion goes unsignalled.
+//! The worker itself handles EVENT_IDX on the available side as disable →
+//! drain → re-enable, looping while re-enabling reports that requests
+//! arrived in between.
 //!
 //! **Ordering.** Requests of one queue may complete out of order; virtio
 //! promises nothing else (virtio 1.2, 2.7.14: used buffers need not be
@@ -203,6 +210,9 @@ pub struct Worker {
     /// Signal the guest once, unconditionally, on the first processing
     /// after a (re)start (see [`Worker::start`]).
     announce: bool,
+    /// `VIRTIO_RING_F_EVENT_IDX` was negotiated (as of the last
+    /// [`Worker::process`]): check the used event after each completion.
+    event_idx: bool,
 }
 
 /// Moving averages of how long small reads and small writes take,
@@ -272,6 +282,7 @@ impl Worker {
             shared: None,
             resubmit: Vec::new(),
             announce: false,
+            event_idx: false,
         }
     }
 
@@ -311,6 +322,7 @@ impl Worker {
         pool: Option<&Pool>,
         event_idx: bool,
     ) -> Result<()> {
+        self.event_idx = event_idx;
         let result = if event_idx {
             self.drain_with_event_idx(vring, mem, target, pool)
         } else {
@@ -484,15 +496,27 @@ impl Worker {
             };
             self.finish(vring, head, len);
         }
-        // One signal for everything this thread completed: the driver then
-        // reaps the batch at once and answers with one kick.
+        // Without EVENT_IDX, one signal for everything this thread
+        // completed: the driver then reaps the batch at once. With it,
+        // `finish` signalled whatever the driver waited for already and
+        // this finds nothing new to signal.
         notify(vring, self.queue);
     }
 
-    /// Puts a request completed on this thread on the used ring; the
+    /// Puts a request completed on this thread on the used ring and, with
+    /// EVENT_IDX, signals the driver if it waits for it; without, the
     /// signal follows once per batch.
     fn finish(&self, vring: &Vring, head: u16, len: u32) {
-        let result = put_used(&mut vring.get_mut(), self.shared.as_ref(), head, len);
+        let result = {
+            let mut state = vring.get_mut();
+            put_used(&mut state, self.shared.as_ref(), head, len).and_then(|()| {
+                if self.event_idx {
+                    signal_if_needed(&mut state)
+                } else {
+                    Ok(())
+                }
+            })
+        };
         if let Err(e) = result {
             error!(queue = self.queue, error = %error_chain(&e), "completing a request failed");
         }

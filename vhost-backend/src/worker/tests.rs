@@ -704,3 +704,62 @@ fn the_run_time_average_shrugs_off_outliers_but_follows_a_shift() {
     // Extreme values do not overflow.
     assert_eq!(fold(u64::MAX, u64::MAX), u64::MAX);
 }
+
+/// The call eventfd's counter: signals since the last read (0 if none).
+fn signals(call: &vmm_sys_util::eventfd::EventFd) -> u64 {
+    call.read().unwrap_or(0)
+}
+
+#[test]
+fn with_event_idx_a_waiting_driver_hears_of_a_completion_before_the_batch_ends() {
+    use std::fs::File;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let atomic = guest_memory();
+    let guard = atomic.memory();
+    let mem: &GuestMemoryMmap = &guard;
+    let queue = MockSplitQueue::new(mem, QUEUE_SIZE);
+    // Head 0 reads sector 0; head 3 reads the gated sector 8. Without a
+    // pool both run on the worker, in ring order, in one batch.
+    let dev = Arc::new(Gated::new(1 << 20, 8 * 512));
+    queue
+        .add_desc_chains(&io_chain(mem, 0, 0, VIRTIO_BLK_T_IN, 0), 0)
+        .unwrap();
+    queue
+        .add_desc_chains(&io_chain(mem, 3, 1, VIRTIO_BLK_T_IN, 8), 3)
+        .unwrap();
+    let vring = vring_for(&atomic, &queue, QUEUE_SIZE, true);
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    // SAFETY: `into_raw_fd` hands over sole ownership of an open fd (a
+    // duplicate of `call`'s).
+    let file = unsafe { File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
+    vring.set_call(Some(file));
+    // used_event = 0: the driver waits for the first completion.
+    let used_event = queue.avail_addr().0 + 4 + 2 * u64::from(QUEUE_SIZE);
+    mem.write_obj(0u16, GuestAddress(used_event)).unwrap();
+    let target = target(dev.clone());
+
+    thread::scope(|s| {
+        // Inside the scope: a failed assertion opens the gate before the
+        // scope joins the worker.
+        let _open = OpenOnDrop(dev.clone());
+        let worker = s.spawn(|| {
+            let mut worker = Worker::new(0);
+            worker
+                .process(&vring, &atomic, &target, None, true)
+                .unwrap();
+        });
+        // The first request is done and the worker is stuck in the second,
+        // so the batch has not ended: the signal came with the completion.
+        assert_eq!(wait_used(mem, 1), [(0, 513)]);
+        dev.wait_blocked(1);
+        assert_eq!(signals(&call), 1, "no signal before the batch ended");
+        // The driver reaped it and now waits for the next one.
+        mem.write_obj(1u16, GuestAddress(used_event)).unwrap();
+        dev.open_gate();
+        worker.join().unwrap();
+    });
+    assert_eq!(used(mem), [(0, 513), (3, 513)]);
+    assert_eq!(signals(&call), 1, "the second completion went unsignalled");
+}
