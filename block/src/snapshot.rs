@@ -109,17 +109,20 @@ impl SnapshotLayer {
         } else {
             self.cache.get_or_fetch(&key, fetch)?
         };
-        if data.len() != expected {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "chunk {index} is {} bytes long, expected {expected}",
-                    data.len()
-                ),
-            ));
-        }
+        check_chunk_len(index, data.len(), expected)?;
         Ok(Some(data))
     }
+}
+
+/// A chunk of the wrong length is never served.
+fn check_chunk_len(index: u64, len: usize, expected: usize) -> io::Result<()> {
+    if len != expected {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("chunk {index} is {len} bytes long, expected {expected}"),
+        ));
+    }
+    Ok(())
 }
 
 impl SnapshotLayer {
@@ -136,9 +139,25 @@ impl SnapshotLayer {
             // At most one chunk, so it fits in usize.
             let take = (end - pos).min(cs - within as u64) as usize;
             let mut run = dest.next_run(take)?;
-            match self.chunk(index, false)? {
-                None => run.fill_zeroes()?,
-                Some(data) => run.copy_from(&data[within..within + take])?,
+            // A cached chunk is copied out under the cache's lock without
+            // taking a reference to it; a miss goes through `chunk`.
+            let cached = match self.source.chunk_key(index)? {
+                None => Some(run.fill_zeroes()),
+                Some(key) => self.cache.with_cached(&key, |data| {
+                    check_chunk_len(
+                        index,
+                        data.len(),
+                        chunk_len(self.size, self.chunk_size, index),
+                    )?;
+                    run.copy_from(&data[within..within + take])
+                }),
+            };
+            match cached {
+                Some(done) => done?,
+                None => match self.chunk(index, false)? {
+                    None => run.fill_zeroes()?,
+                    Some(data) => run.copy_from(&data[within..within + take])?,
+                },
             }
             pos += take as u64;
         }
