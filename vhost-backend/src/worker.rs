@@ -45,13 +45,15 @@
 //! then, with `VIRTIO_RING_F_EVENT_IDX`, the used-event check, and the
 //! signal if the driver asked for one. The worker puts what it ran itself
 //! on the used ring as it goes. With EVENT_IDX it checks the used event
-//! after each one too, so a driver that waits for a completion hears of
-//! the first one at once and refills the ring while the worker is still
-//! running the rest of the batch (the two sides overlap instead of taking
-//! turns); the driver's `used_event` keeps this to one signal per time it
-//! waits, not one per request. Without EVENT_IDX every check would signal,
-//! so the worker signals once per batch ([`notify`]) instead. The end of a
-//! batch always checks ([`notify`]), so no completion goes unsignalled.
+//! after the first one of a batch and after every [`SIGNAL_STRIDE`]th
+//! after that, so a driver that waits for a completion hears of the first
+//! one at once and refills the ring while the worker is still running the
+//! rest of the batch (the two sides overlap instead of taking turns); a
+//! check covers every completion since the last one, and the driver's
+//! `used_event` makes it signal only if the driver waits. Without
+//! EVENT_IDX every check would signal, so the worker signals once per
+//! batch instead. The end of a batch always checks ([`notify`]), so no
+//! completion goes unsignalled.
 //! The worker itself handles EVENT_IDX on the available side as disable →
 //! drain → re-enable, looping while re-enabling reports that requests
 //! arrived in between.
@@ -191,6 +193,15 @@ pub const INLINE_READS_BELOW: Duration = Duration::from_micros(10);
 /// parallelism unless they really wait (dirty-page throttling).
 pub const INLINE_WRITES_BELOW: Duration = Duration::from_micros(40);
 
+/// With EVENT_IDX, the worker checks the used event after the first
+/// request of a batch it completes and after every this many more (and at
+/// the batch's end). Early enough that a waiting driver refills the ring
+/// while the worker runs the rest of the batch; not after every request,
+/// because on a busy host the woken driver often runs on the worker's own
+/// CPU and preempts it, and a check per request then turns into a switch
+/// per two requests.
+pub const SIGNAL_STRIDE: usize = 16;
+
 /// Weight of the newest run time in the moving average (1/8).
 const AVERAGE_SHIFT: u32 = 3;
 
@@ -211,8 +222,10 @@ pub struct Worker {
     /// after a (re)start (see [`Worker::start`]).
     announce: bool,
     /// `VIRTIO_RING_F_EVENT_IDX` was negotiated (as of the last
-    /// [`Worker::process`]): check the used event after each completion.
+    /// [`Worker::process`]): check the used event within a batch.
     event_idx: bool,
+    /// Requests of the current batch this thread has put on the used ring.
+    finished: usize,
 }
 
 /// Moving averages of how long small reads and small writes take,
@@ -283,6 +296,7 @@ impl Worker {
             resubmit: Vec::new(),
             announce: false,
             event_idx: false,
+            finished: 0,
         }
     }
 
@@ -440,6 +454,7 @@ impl Worker {
         pool: Option<&Pool>,
     ) {
         let size = batch.len();
+        self.finished = 0;
         let mut inline = Vec::new();
         let mut jobs: Vec<Job> = Vec::new();
         for (head, parsed) in batch {
@@ -504,13 +519,16 @@ impl Worker {
     }
 
     /// Puts a request completed on this thread on the used ring and, with
-    /// EVENT_IDX, signals the driver if it waits for it; without, the
-    /// signal follows once per batch.
-    fn finish(&self, vring: &Vring, head: u16, len: u32) {
+    /// EVENT_IDX, for the first of a batch and every [`SIGNAL_STRIDE`]th
+    /// after it, signals the driver if it waits for any of them; the rest
+    /// wait for the batch's end ([`notify`]).
+    fn finish(&mut self, vring: &Vring, head: u16, len: u32) {
+        self.finished += 1;
+        let check = self.event_idx && self.finished % SIGNAL_STRIDE == 1;
         let result = {
             let mut state = vring.get_mut();
             put_used(&mut state, self.shared.as_ref(), head, len).and_then(|()| {
-                if self.event_idx {
+                if check {
                     signal_if_needed(&mut state)
                 } else {
                     Ok(())
