@@ -547,18 +547,12 @@ impl Member {
         info!(
             dirty_bytes = plan.dirty_bytes,
             data_chunks = plan.count(ChunkState::Data),
+            partial_chunks = plan.count(ChunkState::Partial),
             "plan ready"
         );
-        let parent = match &self.mode {
-            Mode::Incremental { parent, .. } => {
-                Some(store.open_snapshot(&format!("{}@{parent}", self.name))?)
-            }
-            Mode::Full { .. } => None,
-        };
         let src = source::NbdSource {
             client: &client,
             plan: &plan,
-            parent,
             abort: opts.abort,
             bytes_read: Default::default(),
         };

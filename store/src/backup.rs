@@ -41,7 +41,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::Serialize;
 use tracing::{info, info_span, warn};
 
-use crate::chunk::{is_zero, record_bound};
+use crate::chunk::{is_zero, record_bound, RecordKind};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView, MERGE_THRESHOLD};
@@ -100,6 +100,9 @@ pub struct BackupStats {
     pub bytes_new: u64,
     pub chunks_total: u64,
     pub chunks_new: u64,
+    /// Of the new chunks, those stored as patch records (a base chunk id
+    /// and the changed grains, see [`crate::patch`]).
+    pub chunks_patch: u64,
     pub chunks_zero: u64,
     /// Chunks identical to the parent's at the same index.
     pub chunks_parent: u64,
@@ -151,6 +154,10 @@ struct Batch {
     data: Vec<u8>,
     at: usize,
     parent: Vec<Option<ChunkId>>,
+    /// Empty: the data is the chunks `first..` back to back. Otherwise one
+    /// item per chunk from `first` (a partly changed run): its kind and the
+    /// end of its bytes in the data (whole chunk data, or a patch payload).
+    items: Vec<(RecordKind, usize)>,
 }
 
 impl Batch {
@@ -165,6 +172,7 @@ impl Batch {
             data,
             at,
             parent: Vec::with_capacity(chunks),
+            items: Vec::new(),
         }
     }
 
@@ -176,6 +184,28 @@ impl Batch {
     /// Room for `len` bytes, to read into.
     fn room(&mut self, len: usize) -> &mut [u8] {
         &mut self.data[self.at..self.at + len]
+    }
+
+    /// The batch's items: `(kind, bytes)` per chunk (see `items`).
+    fn items(&self) -> impl Iterator<Item = (RecordKind, &[u8])> {
+        let data = &self.data[self.at..];
+        let mut start = 0;
+        self.items.iter().map(move |&(kind, end)| {
+            let d = &data[start..end];
+            start = end;
+            (kind, d)
+        })
+    }
+
+    /// Append an item of `kind` (the next chunk of the batch).
+    pub(crate) fn push_item(&mut self, kind: RecordKind, bytes: &[u8]) {
+        let start = self.items.last().map_or(0, |i| i.1);
+        let end = start + bytes.len();
+        if self.data.len() < self.at + end {
+            self.data.resize(self.at + end, 0);
+        }
+        self.data[self.at + start..self.at + end].copy_from_slice(bytes);
+        self.items.push((kind, end));
     }
 }
 
@@ -194,6 +224,7 @@ struct Counters {
     chunks_zero: AtomicU64,
     chunks_parent: AtomicU64,
     chunks_new: AtomicU64,
+    chunks_patch: AtomicU64,
 }
 
 struct Shared<'a> {
@@ -337,6 +368,7 @@ impl Store {
             c.chunks_new.load(Ordering::Relaxed),
             c.chunks_zero.load(Ordering::Relaxed),
             c.chunks_parent.load(Ordering::Relaxed),
+            c.chunks_patch.load(Ordering::Relaxed),
         );
         let published =
             std::mem::take(&mut *shared.published.lock().unwrap_or_else(|p| p.into_inner()));
@@ -375,6 +407,7 @@ impl Store {
             bytes_new,
             chunks_total: info.chunk_count,
             chunks_new: counts.1,
+            chunks_patch: counts.4,
             chunks_zero: counts.2,
             chunks_parent: counts.3,
             packs_new,
@@ -386,6 +419,7 @@ impl Store {
             snapshot = %stats.snapshot,
             bytes_new = stats.bytes_new,
             chunks_new = stats.chunks_new,
+            chunks_patch = stats.chunks_patch,
             seconds = stats.seconds,
             "backup done"
         );
@@ -518,7 +552,7 @@ fn work(
 ) -> Result<()> {
     let cs = shared.chunk_size;
     let mut entries = Vec::with_capacity(((1usize << 20) / cs).max(1) * ENTRY_LEN);
-    while let Ok(batch) = work.recv() {
+    while let Ok(mut batch) = work.recv() {
         if shared.abort.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -529,13 +563,21 @@ fn work(
         output.chunks.clear();
         entries.clear();
         let c = &shared.counters;
-        for (i, data) in batch.bytes().chunks(cs).enumerate() {
-            if is_zero(data) {
+        let mut items: Box<dyn Iterator<Item = (RecordKind, &[u8])>> = if batch.items.is_empty() {
+            Box::new(batch.bytes().chunks(cs).map(|d| (RecordKind::Data, d)))
+        } else {
+            Box::new(batch.items())
+        };
+        for (i, (kind, data)) in items.by_ref().enumerate() {
+            if kind == RecordKind::Data && is_zero(data) {
                 entries.extend_from_slice(&[0u8; ENTRY_LEN]);
                 c.chunks_zero.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let id = shared.store.chunk_id(data);
+            let id = match kind {
+                RecordKind::Data => shared.store.chunk_id(data),
+                RecordKind::Patch => shared.store.codec().patch_id(data),
+            };
             entries.extend_from_slice(&id.0);
             if batch.parent.get(i).copied().flatten() == Some(id) {
                 c.chunks_parent.fetch_add(1, Ordering::Relaxed);
@@ -555,16 +597,22 @@ fn work(
             if output.records.len() < need {
                 output.records.resize(need, 0);
             }
-            output.used += shared.store.codec().encode_record_into(
+            output.used += shared.store.codec().encode_kind_into(
                 &id,
                 data,
+                kind,
                 &mut output.records[output.used..],
             );
             output.chunks.push((id, data.len() as u32, output.used));
             c.chunks_new.fetch_add(1, Ordering::Relaxed);
+            if kind == RecordKind::Patch {
+                c.chunks_patch.fetch_add(1, Ordering::Relaxed);
+            }
         }
         shared.manifest.set_entries(batch.first, &entries)?;
         let len = batch.len as u64;
+        drop(items);
+        batch.items.clear();
         let _ = free.send(batch);
         if out.send(output).is_err() {
             return Ok(());

@@ -147,6 +147,7 @@ pub mod index;
 pub mod location;
 pub mod lock;
 pub mod pack;
+pub mod patch;
 pub mod point;
 mod repo;
 pub mod restore;

@@ -547,18 +547,12 @@ fn backup(
     info!(
         dirty_bytes = plan.dirty_bytes,
         data_chunks = plan.count(ChunkState::Data),
+        partial_chunks = plan.count(ChunkState::Partial),
         "plan ready"
     );
-    let parent = match mode {
-        Mode::Incremental { parent, .. } => {
-            Some(store.open_snapshot(&format!("{}@{parent}", cfg.name))?)
-        }
-        Mode::Full { .. } => None,
-    };
     let src = source::NbdSource {
         client: &client,
         plan: &plan,
-        parent,
         abort: cfg.abort,
         bytes_read: Default::default(),
     };
