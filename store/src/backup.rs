@@ -39,7 +39,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::Serialize;
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 use crate::chunk::{is_zero, record_bound, RecordKind};
 use crate::error::{Error, Result};
@@ -155,9 +155,10 @@ struct Batch {
     at: usize,
     parent: Vec<Option<ChunkId>>,
     /// Empty: the data is the chunks `first..` back to back. Otherwise one
-    /// item per chunk from `first` (a partly changed run): its kind and the
-    /// end of its bytes in the data (whole chunk data, or a patch payload).
-    items: Vec<(RecordKind, usize)>,
+    /// item per chunk from `first` (a partly changed run): its kind (`None`:
+    /// unchanged, keep the parent's id) and the end of its bytes in the
+    /// data (whole chunk data, or a patch payload).
+    items: Vec<(Option<RecordKind>, usize)>,
 }
 
 impl Batch {
@@ -187,7 +188,7 @@ impl Batch {
     }
 
     /// The batch's items: `(kind, bytes)` per chunk (see `items`).
-    fn items(&self) -> impl Iterator<Item = (RecordKind, &[u8])> {
+    fn items(&self) -> impl Iterator<Item = (Option<RecordKind>, &[u8])> {
         let data = &self.data[self.at..];
         let mut start = 0;
         self.items.iter().map(move |&(kind, end)| {
@@ -198,7 +199,7 @@ impl Batch {
     }
 
     /// Append an item of `kind` (the next chunk of the batch).
-    pub(crate) fn push_item(&mut self, kind: RecordKind, bytes: &[u8]) {
+    pub(crate) fn push_item(&mut self, kind: Option<RecordKind>, bytes: &[u8]) {
         let start = self.items.last().map_or(0, |i| i.1);
         let end = start + bytes.len();
         if self.data.len() < self.at + end {
@@ -225,6 +226,8 @@ struct Counters {
     chunks_parent: AtomicU64,
     chunks_new: AtomicU64,
     chunks_patch: AtomicU64,
+    /// Time the readers spent waiting for the source (µs, all readers).
+    read_micros: AtomicU64,
 }
 
 struct Shared<'a> {
@@ -370,6 +373,11 @@ impl Store {
             c.chunks_parent.load(Ordering::Relaxed),
             c.chunks_patch.load(Ordering::Relaxed),
         );
+        debug!(
+            pipeline_s = start.elapsed().as_secs_f64(),
+            source_wait_s = c.read_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            "pipeline done"
+        );
         let published =
             std::mem::take(&mut *shared.published.lock().unwrap_or_else(|p| p.into_inner()));
         drop(shared);
@@ -388,6 +396,10 @@ impl Store {
             }
         };
         drop(parent);
+        debug!(
+            seconds = start.elapsed().as_secs_f64(),
+            "manifest published"
+        );
 
         let merging = self.merging();
         let view = IndexView::load(self.backend())?;
@@ -563,12 +575,32 @@ fn work(
         output.chunks.clear();
         entries.clear();
         let c = &shared.counters;
-        let mut items: Box<dyn Iterator<Item = (RecordKind, &[u8])>> = if batch.items.is_empty() {
-            Box::new(batch.bytes().chunks(cs).map(|d| (RecordKind::Data, d)))
-        } else {
-            Box::new(batch.items())
-        };
+        let mut items: Box<dyn Iterator<Item = (Option<RecordKind>, &[u8])>> =
+            if batch.items.is_empty() {
+                Box::new(
+                    batch
+                        .bytes()
+                        .chunks(cs)
+                        .map(|d| (Some(RecordKind::Data), d)),
+                )
+            } else {
+                Box::new(batch.items())
+            };
         for (i, (kind, data)) in items.by_ref().enumerate() {
+            let Some(kind) = kind else {
+                // Unchanged inside a partly changed run: the parent's entry.
+                match batch.parent.get(i).copied().flatten() {
+                    Some(id) => {
+                        entries.extend_from_slice(&id.0);
+                        c.chunks_parent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => {
+                        entries.extend_from_slice(&[0u8; ENTRY_LEN]);
+                        c.chunks_zero.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                continue;
+            };
             if kind == RecordKind::Data && is_zero(data) {
                 entries.extend_from_slice(&[0u8; ENTRY_LEN]);
                 c.chunks_zero.fetch_add(1, Ordering::Relaxed);

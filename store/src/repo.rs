@@ -337,6 +337,11 @@ impl Store {
         if self.has_patches() {
             return Ok(());
         }
+        // One upgrade, however many backup readers ask at once.
+        let _g = self.merging();
+        if self.has_patches() {
+            return Ok(());
+        }
         let config = self.inner.config.with_patches();
         self.inner
             .raw

@@ -211,14 +211,34 @@ fn take_run(
         return None;
     }
     let state = src.chunk_state(first);
-    let limit = if matches!(state, ChunkState::Data | ChunkState::Partial) {
-        per_batch
-    } else {
-        per_batch * 64
-    };
     let mut n = 1;
-    while n < limit && first + n < chunks && src.chunk_state(first + n) == state {
-        n += 1;
+    if state == ChunkState::Partial {
+        // Up to a batch of `Partial` chunks, with the `Unchanged` ones
+        // between them: scattered writes make short runs, and one batch
+        // (one pipelined read of all its dirty grains) per patch would
+        // cost a round trip and a batch each.
+        let (mut partial, mut last) = (1, 1);
+        while partial < per_batch && n < per_batch * 64 && first + n < chunks {
+            match src.chunk_state(first + n) {
+                ChunkState::Partial => {
+                    partial += 1;
+                    last = n + 1;
+                }
+                ChunkState::Unchanged => {}
+                _ => break,
+            }
+            n += 1;
+        }
+        n = last;
+    } else {
+        let limit = if state == ChunkState::Data {
+            per_batch
+        } else {
+            per_batch * 64
+        };
+        while n < limit && first + n < chunks && src.chunk_state(first + n) == state {
+            n += 1;
+        }
     }
     *g = first + n;
     Some((first, n, state))
@@ -297,7 +317,11 @@ fn read_runs(
                 let Ok(mut batch) = free.recv() else {
                     return Ok(());
                 };
-                src.read_at(offset, batch.room(len as usize)).map_err(|e| {
+                let t = Instant::now();
+                let read = src.read_at(offset, batch.room(len as usize));
+                c.read_micros
+                    .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                read.map_err(|e| {
                     Error::io(format!("Failed to read the source at offset {offset}"), e)
                 })?;
                 batch.first = first;
@@ -371,9 +395,10 @@ struct Scratch {
     out: Vec<u8>,
 }
 
-/// Build the items of a run of `Partial` chunks `first..first + n` into
-/// `batch` (whose `parent` holds the parent's ids): read the dirty grains
-/// of every chunk at once, then per chunk a patch over the parent's chunk
+/// Build the items of a run of `Partial` chunks `first..first + n` (with
+/// `Unchanged` ones between them, which keep the parent's id) into `batch`
+/// (whose `parent` holds the parent's ids): read the dirty grains of every
+/// chunk at once, then per chunk a patch over the parent's chunk
 /// (merged with the parent's patch, over the same base, when the parent's
 /// entry is a patch), or the whole chunk when the patch would cover more
 /// than half of it (the base read from the store, never from the source).
@@ -391,10 +416,13 @@ fn partial_run(
     let cs = shared.chunk_size as u64;
     let chunk_len = |c: u64| ((c + 1) * cs).min(shared.image_size) - c * cs;
     // Every dirty grain of the run, in order: one read request each run
-    // of adjacent grains.
-    let masks: Vec<Vec<bool>> = (first..first + n).map(|c| src.dirty_grains(c)).collect();
+    // of adjacent grains. An unchanged chunk has no mask.
+    let masks: Vec<Option<Vec<bool>>> = (first..first + n)
+        .map(|c| (src.chunk_state(c) == ChunkState::Partial).then(|| src.dirty_grains(c)))
+        .collect();
     s.ranges.clear();
     for (k, mask) in masks.iter().enumerate() {
+        let Some(mask) = mask else { continue };
         let c = first + k as u64;
         let len = chunk_len(c);
         if mask.len() != (len as usize).div_ceil(GRAIN) || !mask.iter().any(|&d| d) {
@@ -415,7 +443,13 @@ fn partial_run(
     }
     let total: usize = s.ranges.iter().map(|r| r.1).sum();
     s.grains.resize(total, 0);
-    src.read_ranges(&s.ranges, &mut s.grains).map_err(|e| {
+    let t = Instant::now();
+    let read = src.read_ranges(&s.ranges, &mut s.grains);
+    shared
+        .counters
+        .read_micros
+        .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+    read.map_err(|e| {
         Error::io(
             format!(
                 "Failed to read the changed grains of chunks {first}..{}",
@@ -427,6 +461,10 @@ fn partial_run(
     batch.items.clear();
     let mut at = 0;
     for (k, mask) in masks.iter().enumerate() {
+        let Some(mask) = mask else {
+            batch.push_item(None, &[]);
+            continue;
+        };
         let c = first + k as u64;
         let len = chunk_len(c) as usize;
         // The new grains of this chunk, in `s.grains` from `at`.
@@ -502,10 +540,10 @@ fn partial_run(
                     s.out[g * GRAIN..g * GRAIN + d.len()].copy_from_slice(d);
                 }
             }
-            batch.push_item(RecordKind::Data, &s.out);
+            batch.push_item(Some(RecordKind::Data), &s.out);
         } else {
             patch::encode(&base, len as u32, |g| merged[g], &mut s.out);
-            batch.push_item(RecordKind::Patch, &s.out);
+            batch.push_item(Some(RecordKind::Patch), &s.out);
         }
     }
     Ok(total as u64)
