@@ -219,6 +219,23 @@ struct Output {
     chunks: Vec<(ChunkId, u32, usize)>,
 }
 
+impl Counters {
+    /// Append the manifest entry of an unchanged chunk whose parent entry
+    /// is `id` (`None`: zero), counting it.
+    fn push_parent(&self, entries: &mut Vec<u8>, id: Option<ChunkId>) {
+        match id {
+            Some(id) => {
+                entries.extend_from_slice(&id.0);
+                self.chunks_parent.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                entries.extend_from_slice(&[0u8; ENTRY_LEN]);
+                self.chunks_zero.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     bytes_read: AtomicU64,
@@ -589,16 +606,7 @@ fn work(
         for (i, (kind, data)) in items.by_ref().enumerate() {
             let Some(kind) = kind else {
                 // Unchanged inside a partly changed run: the parent's entry.
-                match batch.parent.get(i).copied().flatten() {
-                    Some(id) => {
-                        entries.extend_from_slice(&id.0);
-                        c.chunks_parent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    None => {
-                        entries.extend_from_slice(&[0u8; ENTRY_LEN]);
-                        c.chunks_zero.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                c.push_parent(&mut entries, batch.parent.get(i).copied().flatten());
                 continue;
             };
             if kind == RecordKind::Data && is_zero(data) {

@@ -364,16 +364,7 @@ fn read_runs(
                     })?;
                     p.chunk_ids(first, n, &mut ids)?;
                     for id in &ids {
-                        match id {
-                            Some(id) => {
-                                entries.extend_from_slice(&id.0);
-                                c.chunks_parent.fetch_add(1, Ordering::Relaxed);
-                            }
-                            None => {
-                                entries.extend_from_slice(&[0u8; ENTRY_LEN]);
-                                c.chunks_zero.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
+                        c.push_parent(&mut entries, *id);
                     }
                 }
                 shared.manifest.set_entries(first, &entries)?;
