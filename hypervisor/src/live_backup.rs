@@ -135,6 +135,9 @@ pub struct Report {
     pub bytes_new: u64,
     pub chunks_total: u64,
     pub chunks_new: u64,
+    /// Of the new chunks, those changed in part and stored as patches (the
+    /// dirty 4 KiB grains over the parent's chunk).
+    pub chunks_patch: u64,
     /// Chunks reused from the parent without reading.
     pub chunks_unchanged: u64,
     /// Guest paused for the start transaction.
@@ -652,6 +655,7 @@ impl Member {
             bytes_new: stats.bytes_new,
             chunks_total: stats.chunks_total,
             chunks_new: stats.chunks_new,
+            chunks_patch: stats.chunks_patch,
             chunks_unchanged: unchanged,
             blackout_ms: blackout.as_secs_f64() * 1000.0,
             frozen_ms: frozen.map(|d| d.as_secs_f64() * 1000.0),

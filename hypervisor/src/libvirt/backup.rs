@@ -413,6 +413,7 @@ pub fn run(store: &Store, cfg: &Config<'_>) -> Result<Report> {
         bytes_new: stats.bytes_new,
         chunks_total: stats.chunks_total,
         chunks_new: stats.chunks_new,
+        chunks_patch: stats.chunks_patch,
         chunks_unchanged: unchanged,
         blackout_ms: blackout.as_secs_f64() * 1000.0,
         frozen_ms: None,
