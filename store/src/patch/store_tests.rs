@@ -356,3 +356,95 @@ fn missing_base_and_patch_on_patch_are_errors() {
         RecordKind::Patch
     );
 }
+
+mod model {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Writes of one grain each: (chunk, grain, byte).
+        Inc(Vec<(usize, usize, u8)>),
+        /// Forget the n-th (mod count) snapshot but the newest.
+        Forget(usize),
+        Gc,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => proptest::collection::vec((0usize..8, 0usize..4, 1u8..255), 1..6).prop_map(Op::Inc),
+            2 => any::<usize>().prop_map(Op::Forget),
+            1 => Just(Op::Gc),
+        ]
+    }
+
+    /// Every snapshot of the model reads back exactly, and every patch any
+    /// of them names has a data chunk as its base (depth one).
+    fn check(store: &Store, model: &[(String, Vec<u8>)]) {
+        let mut buf = Vec::new();
+        for (r, img) in model {
+            let reader = store.open_snapshot(r).unwrap();
+            for c in 0..CHUNKS as u64 {
+                reader.read_chunk(c, &mut buf).unwrap();
+                let at = c as usize * CS;
+                assert!(buf[..] == img[at..at + CS], "{r} chunk {c} differs");
+                if let Some(id) = reader.chunk_id(c).unwrap() {
+                    if let Some((base, _)) = patch_of(store, &id) {
+                        assert!(
+                            base.is_null() || patch_of(store, &base).is_none(),
+                            "{r} chunk {c}: patch on a patch"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        /// Model: snapshot -> image. Incrementals of scattered grain
+        /// writes (patches, merged patches, materialized chunks), forget
+        /// and gc in any order: every remaining snapshot reads back exactly.
+        #[test]
+        fn patches_forget_and_gc_match_the_model(ops in proptest::collection::vec(op(), 1..12)) {
+            let (_dir, store) = setup();
+            let mut img = image(21, CS * CHUNKS);
+            img[5 * CS..6 * CS].fill(0);
+            let s = run(&store, &Src::full(&img), None);
+            let mut model = vec![(format!("vm@{}", s.snapshot), img.clone())];
+            for op in ops {
+                match op {
+                    Op::Inc(writes) => {
+                        let mut dirty: Vec<(usize, Vec<usize>)> = Vec::new();
+                        for (c, g, b) in writes {
+                            let at = c * CS + g * GRAIN;
+                            img[at..at + GRAIN].fill(b);
+                            match dirty.iter_mut().find(|d| d.0 == c) {
+                                Some(d) if !d.1.contains(&g) => d.1.push(g),
+                                Some(_) => {}
+                                None => dirty.push((c, vec![g])),
+                            }
+                        }
+                        let dirty: Vec<(usize, &[usize])> =
+                            dirty.iter().map(|(c, g)| (*c, &g[..])).collect();
+                        let parent = model.last().unwrap().0.split('@').nth(1).unwrap().to_owned();
+                        let s = run(&store, &Src::inc(&img, &dirty), Some(&parent));
+                        model.push((format!("vm@{}", s.snapshot), img.clone()));
+                    }
+                    Op::Forget(n) if model.len() > 1 => {
+                        let (r, _) = model.remove(n % (model.len() - 1));
+                        store.forget(&r).unwrap();
+                    }
+                    Op::Forget(_) => {}
+                    Op::Gc => {
+                        store.gc(&GcOptions { repack_threshold: 0.001 }).unwrap();
+                    }
+                }
+                check(&store, &model);
+            }
+            prop_assert!(store.verify(None, &Default::default()).unwrap().is_ok());
+        }
+    }
+}
