@@ -253,6 +253,32 @@ fn copy_sends_patches_with_their_bases_or_materializes_them() {
     assert!(enc.verify(None, &Default::default()).unwrap().is_ok());
 }
 
+/// The pack-span path of restore and copy from remote stores reads
+/// patches as their whole chunks, like the chunk-by-chunk path.
+#[test]
+fn pack_spans_resolve_patches() {
+    let (dir, store) = setup();
+    let (refs, vs) = three(dir.path(), &store);
+    let r = store.open_snapshot(&refs[2]).unwrap();
+    let mut ids = Vec::new();
+    r.chunk_ids(0, CHUNKS as u64, &mut ids).unwrap();
+    let items: Vec<(usize, ChunkId)> = ids
+        .iter()
+        .enumerate()
+        .filter_map(|(i, id)| Some((i, (*id)?)))
+        .collect();
+    assert!(items.iter().any(|(_, id)| patch_of(&store, id).is_some()));
+    let mut bufs = vec![Vec::new(); CHUNKS];
+    let mut alone = |_: usize, id: &ChunkId, _: &mut Vec<u8>| -> crate::Result<()> {
+        panic!("chunk {id} fell back to a read on its own")
+    };
+    crate::restore::spans::read_spans(&store, &items, &mut bufs, &mut Vec::new(), &mut alone)
+        .unwrap();
+    for (i, _) in &items {
+        assert!(bufs[*i] == vs[2][i * CS..(i + 1) * CS], "chunk {i} differs");
+    }
+}
+
 /// A new encrypted store at `path` and its passphrase.
 fn encrypted(path: &std::path::Path) -> (Store, Secret) {
     const CHEAP: KdfParams = KdfParams {
