@@ -257,7 +257,9 @@ impl Copier<'_> {
                     todo.push(*id);
                 }
             }
-            if self.map.is_none() && self.src.has_patches() {
+            // Whatever the source's config said at open: another process
+            // may have written patches since; its index marks them.
+            if self.map.is_none() {
                 self.copy_patches(&view, &mut todo, &mut queued)?;
             }
             for (id, did, rec) in self.fetch(&view, &todo)? {

@@ -577,11 +577,10 @@ type Kept = Vec<(ChunkId, u32, usize, usize)>;
 /// the filter holds (live, or a false positive) is read (a small payload)
 /// for its base id. A base is chunk data (depth one), so one pass is
 /// enough. A patch that cannot be read aborts gc: its base would otherwise
-/// be collected. Returns the number of patches seen live.
+/// be collected. Returns the number of patches seen live. Done whatever
+/// this handle's config says: another process may have written the first
+/// patch since the store was opened; the index's patch bits are the truth.
 fn mark_patch_bases(store: &Store, view: &IndexView, bloom: &mut Bloom) -> Result<u64> {
-    if !store.has_patches() {
-        return Ok(0);
-    }
     let mut patches = Vec::new();
     view.for_each(|id, loc| {
         if loc.patch && bloom.contains(id) {

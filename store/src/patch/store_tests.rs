@@ -219,7 +219,11 @@ fn patches_restore_merge_and_materialize() {
 #[test]
 fn gc_keeps_the_bases_of_live_patches() {
     let (dir, store) = setup();
+    // Opened before the store held a patch: its gc must still keep bases.
+    let stale = Store::open(&dir.path().join("store")).unwrap();
     let (refs, vs) = three(dir.path(), &store);
+    assert!(!stale.has_patches());
+    let store = stale;
     // The full snapshot introduced the bases; the patch snapshot too.
     store.forget(&refs[0]).unwrap();
     store.forget(&refs[1]).unwrap();
