@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-ALL_TARGETS=(request_parse manifest index pack sealed state inflight nbd_reply files_image)
+ALL_TARGETS=(request_parse manifest index pack sealed state inflight nbd_reply files_image patch)
 seconds=${FUZZ_SECONDS:-60}
 export RUSTC_BOOTSTRAP=1
 # A small ASan quarantine: the default 256 MiB hands every large buffer (the

@@ -437,4 +437,32 @@ fn main() {
     packs(&out.join("pack"), tmp.path());
     indexes(&out.join("index"), tmp.path());
     states(&out.join("state"), tmp.path());
+    patches(&out.join("patch"));
+}
+
+/// Patch payloads from the real encoder: one grain, scattered grains, a
+/// short last grain, a zero base.
+fn patches(dir: &Path) {
+    let base = ChunkId::of(b"seed base");
+    let grain = vec![0x5au8; store::patch::GRAIN];
+    let g = store::patch::GRAIN as u32;
+    let cases: [(&str, ChunkId, u32, &[usize]); 4] = [
+        ("one", base, 16 * g, &[3]),
+        ("scattered", base, 16 * g, &[0, 5, 15]),
+        ("short_last", base, 3 * g + 100, &[3]),
+        ("zero_base", ChunkId::default(), 4 * g, &[1]),
+    ];
+    for (name, base, len, set) in cases {
+        let mut out = Vec::new();
+        store::patch::encode(
+            &base,
+            len,
+            |i| {
+                let n = ((i + 1) * grain.len()).min(len as usize) - i * grain.len();
+                set.contains(&i).then(|| &grain[..n])
+            },
+            &mut out,
+        );
+        write(dir, name, &out);
+    }
 }

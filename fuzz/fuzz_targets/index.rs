@@ -18,7 +18,7 @@
 
 use instant_recovery_fuzz::{seal_idx, Cursor, MemBackend, Midx};
 use libfuzzer_sys::fuzz_target;
-use store::format::MIDX_ENTRY_LEN;
+use store::format::{INDEX_FLAG_PATCH, MIDX_ENTRY_LEN};
 use store::index::idx;
 use store::index::midx::{midx_key, MidxEntry};
 use store::index::IndexView;
@@ -30,8 +30,9 @@ fn midx_entry(b: &[u8; MIDX_ENTRY_LEN]) -> MidxEntry {
     MidxEntry {
         id: ChunkId(id),
         pack: u32::from_le_bytes(b[32..36].try_into().unwrap()),
-        stored_len: u32::from_le_bytes(b[36..40].try_into().unwrap()),
+        stored_len: u32::from_le_bytes(b[36..40].try_into().unwrap()) & !INDEX_FLAG_PATCH,
         offset: u64::from_le_bytes(b[40..48].try_into().unwrap()),
+        patch: b[39] & 0x80 != 0,
     }
 }
 

@@ -117,6 +117,7 @@ fn check_records(pack: &[u8]) -> Vec<IdxEntry> {
             offset: r.offset,
             stored_len: h.stored_len,
             raw_len: h.raw_len,
+            patch: false,
         });
     }
     entries
@@ -166,6 +167,7 @@ fn run(data: &[u8]) {
                 offset: c.u64(),
                 stored_len: c.u32(),
                 raw_len: c.u32(),
+                patch: false,
             }
         })
         .collect();

@@ -135,6 +135,9 @@ pub struct Report {
     pub bytes_new: u64,
     pub chunks_total: u64,
     pub chunks_new: u64,
+    /// Of the new chunks, those changed in part and stored as patches (the
+    /// dirty 4 KiB grains over the parent's chunk).
+    pub chunks_patch: u64,
     /// Chunks reused from the parent without reading.
     pub chunks_unchanged: u64,
     /// Guest paused for the start transaction.
@@ -547,18 +550,12 @@ impl Member {
         info!(
             dirty_bytes = plan.dirty_bytes,
             data_chunks = plan.count(ChunkState::Data),
+            partial_chunks = plan.count(ChunkState::Partial),
             "plan ready"
         );
-        let parent = match &self.mode {
-            Mode::Incremental { parent, .. } => {
-                Some(store.open_snapshot(&format!("{}@{parent}", self.name))?)
-            }
-            Mode::Full { .. } => None,
-        };
         let src = source::NbdSource {
             client: &client,
             plan: &plan,
-            parent,
             abort: opts.abort,
             bytes_read: Default::default(),
         };
@@ -658,6 +655,7 @@ impl Member {
             bytes_new: stats.bytes_new,
             chunks_total: stats.chunks_total,
             chunks_new: stats.chunks_new,
+            chunks_patch: stats.chunks_patch,
             chunks_unchanged: unchanged,
             blackout_ms: blackout.as_secs_f64() * 1000.0,
             frozen_ms: frozen.map(|d| d.as_secs_f64() * 1000.0),

@@ -107,6 +107,9 @@ struct Slot {
     status: Vec<(u32, Vec<Extent>)>,
     error: Option<ProtoError>,
     done: bool,
+    /// Woken when this request is done (or the connection dies): a reply
+    /// wakes its own waiter, not every thread waiting on the client.
+    cv: Arc<Condvar>,
 }
 
 #[derive(Default)]
@@ -131,6 +134,9 @@ impl Inner {
     fn kill(&self, why: String) {
         let mut st = self.state();
         st.dead.get_or_insert(why);
+        for slot in st.slots.values() {
+            slot.cv.notify_all();
+        }
         self.cv.notify_all();
     }
 }
@@ -155,7 +161,7 @@ pub struct Pending<'a> {
 /// the request's offset on.
 pub type BlockStatus = Vec<(u32, Vec<Extent>)>;
 
-fn read_exact(s: &mut UnixStream, buf: &mut [u8], what: &'static str) -> Result<()> {
+fn read_exact(s: &mut impl Read, buf: &mut [u8], what: &'static str) -> Result<()> {
     s.read_exact(buf).map_err(io_err(what))
 }
 
@@ -384,6 +390,7 @@ impl Client {
                     status: Vec::new(),
                     error: None,
                     done: false,
+                    cv: Arc::new(Condvar::new()),
                 },
             );
         }
@@ -481,6 +488,7 @@ impl Pending<'_> {
     fn wait(self) -> Result<Slot> {
         let inner = &self.client.inner;
         let mut st = inner.state();
+        let cv = st.slots.get(&self.cookie).map(|s| s.cv.clone());
         loop {
             if st.slots.get(&self.cookie).is_some_and(|s| s.done) {
                 let slot = st.slots.remove(&self.cookie).expect("slot present");
@@ -504,7 +512,8 @@ impl Pending<'_> {
                 st.slots.remove(&self.cookie);
                 return Err(Error::Dead(why));
             }
-            st = inner.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            let cv = cv.as_deref().unwrap_or(&inner.cv);
+            st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -553,7 +562,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The reader thread: route every reply chunk to its request.
-fn reader_loop(inner: &Inner, mut s: UnixStream) -> Result<()> {
+fn reader_loop(inner: &Inner, s: UnixStream) -> Result<()> {
+    // Buffered: a burst of small replies arrives in a few `read`s, not
+    // three each.
+    let mut s = io::BufReader::with_capacity(256 << 10, s);
     let mut hdr = [0u8; proto::STRUCTURED_HEADER_LEN];
     let mut payload = Vec::new();
     loop {
@@ -690,7 +702,7 @@ fn reader_loop(inner: &Inner, mut s: UnixStream) -> Result<()> {
                 });
             }
             slot.done = true;
-            inner.cv.notify_all();
+            slot.cv.notify_all();
         }
     }
 }

@@ -467,6 +467,7 @@ fn daemon_report(dm: &DaemonMember, blackout: Duration, frozen: Option<Duration>
         bytes_new: 0,
         chunks_total: 0,
         chunks_new: 0,
+        chunks_patch: 0,
         chunks_unchanged: 0,
         blackout_ms: ms(blackout),
         frozen_ms: frozen.map(ms),

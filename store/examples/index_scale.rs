@@ -58,6 +58,7 @@ fn main() {
             pack: (i % packs.len() as u64) as u32,
             stored_len: 30_000,
             offset: 16 + (i / packs.len() as u64) * 30_048,
+            patch: false,
         })
     });
     write_midx(store.backend(), 1, &packs, entries).expect("write midx");

@@ -39,9 +39,9 @@ use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::Serialize;
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
-use crate::chunk::{is_zero, record_bound};
+use crate::chunk::{is_zero, record_bound, RecordKind};
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView, MERGE_THRESHOLD};
@@ -100,6 +100,9 @@ pub struct BackupStats {
     pub bytes_new: u64,
     pub chunks_total: u64,
     pub chunks_new: u64,
+    /// Of the new chunks, those stored as patch records (a base chunk id
+    /// and the changed grains, see [`crate::patch`]).
+    pub chunks_patch: u64,
     pub chunks_zero: u64,
     /// Chunks identical to the parent's at the same index.
     pub chunks_parent: u64,
@@ -151,6 +154,11 @@ struct Batch {
     data: Vec<u8>,
     at: usize,
     parent: Vec<Option<ChunkId>>,
+    /// Empty: the data is the chunks `first..` back to back. Otherwise one
+    /// item per chunk from `first` (a partly changed run): its kind (`None`:
+    /// unchanged, keep the parent's id) and the end of its bytes in the
+    /// data (whole chunk data, or a patch payload).
+    items: Vec<(Option<RecordKind>, usize)>,
 }
 
 impl Batch {
@@ -165,6 +173,7 @@ impl Batch {
             data,
             at,
             parent: Vec::with_capacity(chunks),
+            items: Vec::new(),
         }
     }
 
@@ -177,6 +186,28 @@ impl Batch {
     fn room(&mut self, len: usize) -> &mut [u8] {
         &mut self.data[self.at..self.at + len]
     }
+
+    /// The batch's items: `(kind, bytes)` per chunk (see `items`).
+    fn items(&self) -> impl Iterator<Item = (Option<RecordKind>, &[u8])> {
+        let data = &self.data[self.at..];
+        let mut start = 0;
+        self.items.iter().map(move |&(kind, end)| {
+            let d = &data[start..end];
+            start = end;
+            (kind, d)
+        })
+    }
+
+    /// Append an item of `kind` (the next chunk of the batch).
+    pub(crate) fn push_item(&mut self, kind: Option<RecordKind>, bytes: &[u8]) {
+        let start = self.items.last().map_or(0, |i| i.1);
+        let end = start + bytes.len();
+        if self.data.len() < self.at + end {
+            self.data.resize(self.at + end, 0);
+        }
+        self.data[self.at + start..self.at + end].copy_from_slice(bytes);
+        self.items.push((kind, end));
+    }
 }
 
 struct Output {
@@ -188,12 +219,32 @@ struct Output {
     chunks: Vec<(ChunkId, u32, usize)>,
 }
 
+impl Counters {
+    /// Append the manifest entry of an unchanged chunk whose parent entry
+    /// is `id` (`None`: zero), counting it.
+    fn push_parent(&self, entries: &mut Vec<u8>, id: Option<ChunkId>) {
+        match id {
+            Some(id) => {
+                entries.extend_from_slice(&id.0);
+                self.chunks_parent.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                entries.extend_from_slice(&[0u8; ENTRY_LEN]);
+                self.chunks_zero.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     bytes_read: AtomicU64,
     chunks_zero: AtomicU64,
     chunks_parent: AtomicU64,
     chunks_new: AtomicU64,
+    chunks_patch: AtomicU64,
+    /// Time the readers spent waiting for the source (µs, all readers).
+    read_micros: AtomicU64,
 }
 
 struct Shared<'a> {
@@ -337,6 +388,12 @@ impl Store {
             c.chunks_new.load(Ordering::Relaxed),
             c.chunks_zero.load(Ordering::Relaxed),
             c.chunks_parent.load(Ordering::Relaxed),
+            c.chunks_patch.load(Ordering::Relaxed),
+        );
+        debug!(
+            pipeline_s = start.elapsed().as_secs_f64(),
+            source_wait_s = c.read_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            "pipeline done"
         );
         let published =
             std::mem::take(&mut *shared.published.lock().unwrap_or_else(|p| p.into_inner()));
@@ -356,6 +413,10 @@ impl Store {
             }
         };
         drop(parent);
+        debug!(
+            seconds = start.elapsed().as_secs_f64(),
+            "manifest published"
+        );
 
         let merging = self.merging();
         let view = IndexView::load(self.backend())?;
@@ -375,6 +436,7 @@ impl Store {
             bytes_new,
             chunks_total: info.chunk_count,
             chunks_new: counts.1,
+            chunks_patch: counts.4,
             chunks_zero: counts.2,
             chunks_parent: counts.3,
             packs_new,
@@ -386,6 +448,7 @@ impl Store {
             snapshot = %stats.snapshot,
             bytes_new = stats.bytes_new,
             chunks_new = stats.chunks_new,
+            chunks_patch = stats.chunks_patch,
             seconds = stats.seconds,
             "backup done"
         );
@@ -518,7 +581,7 @@ fn work(
 ) -> Result<()> {
     let cs = shared.chunk_size;
     let mut entries = Vec::with_capacity(((1usize << 20) / cs).max(1) * ENTRY_LEN);
-    while let Ok(batch) = work.recv() {
+    while let Ok(mut batch) = work.recv() {
         if shared.abort.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -529,13 +592,32 @@ fn work(
         output.chunks.clear();
         entries.clear();
         let c = &shared.counters;
-        for (i, data) in batch.bytes().chunks(cs).enumerate() {
-            if is_zero(data) {
+        let mut items: Box<dyn Iterator<Item = (Option<RecordKind>, &[u8])>> =
+            if batch.items.is_empty() {
+                Box::new(
+                    batch
+                        .bytes()
+                        .chunks(cs)
+                        .map(|d| (Some(RecordKind::Data), d)),
+                )
+            } else {
+                Box::new(batch.items())
+            };
+        for (i, (kind, data)) in items.by_ref().enumerate() {
+            let Some(kind) = kind else {
+                // Unchanged inside a partly changed run: the parent's entry.
+                c.push_parent(&mut entries, batch.parent.get(i).copied().flatten());
+                continue;
+            };
+            if kind == RecordKind::Data && is_zero(data) {
                 entries.extend_from_slice(&[0u8; ENTRY_LEN]);
                 c.chunks_zero.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let id = shared.store.chunk_id(data);
+            let id = match kind {
+                RecordKind::Data => shared.store.chunk_id(data),
+                RecordKind::Patch => shared.store.codec().patch_id(data),
+            };
             entries.extend_from_slice(&id.0);
             if batch.parent.get(i).copied().flatten() == Some(id) {
                 c.chunks_parent.fetch_add(1, Ordering::Relaxed);
@@ -555,16 +637,22 @@ fn work(
             if output.records.len() < need {
                 output.records.resize(need, 0);
             }
-            output.used += shared.store.codec().encode_record_into(
+            output.used += shared.store.codec().encode_kind_into(
                 &id,
                 data,
+                kind,
                 &mut output.records[output.used..],
             );
             output.chunks.push((id, data.len() as u32, output.used));
             c.chunks_new.fetch_add(1, Ordering::Relaxed);
+            if kind == RecordKind::Patch {
+                c.chunks_patch.fetch_add(1, Ordering::Relaxed);
+            }
         }
         shared.manifest.set_entries(batch.first, &entries)?;
         let len = batch.len as u64;
+        drop(items);
+        batch.items.clear();
         let _ = free.send(batch);
         if out.send(output).is_err() {
             return Ok(());

@@ -16,8 +16,22 @@ use thiserror::Error;
 use crate::crypto::Cipher;
 use crate::format::{
     FormatError, RecordHeader, AEAD_TAG_LEN, RECORD_AD_MAGIC, RECORD_FLAG_COMPRESSED,
-    RECORD_FLAG_ENCRYPTED, RECORD_HEADER_LEN, RECORD_NONCE_LEN, RECORD_SEAL_OVERHEAD,
+    RECORD_FLAG_ENCRYPTED, RECORD_FLAG_PATCH, RECORD_HEADER_LEN, RECORD_NONCE_LEN,
+    RECORD_SEAL_OVERHEAD,
 };
+
+/// blake3 `derive_key` context of plaintext patch ids: a patch id is never
+/// the id of chunk data (domain separation).
+const PATCH_ID_CONTEXT: &str = "instant-recovery store 2026-12 patch id";
+
+/// What a record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// Chunk data.
+    Data,
+    /// A patch payload ([`crate::patch`]).
+    Patch,
+}
 use crate::id::ChunkId;
 
 /// A failure decoding a chunk record.
@@ -45,6 +59,9 @@ pub enum ChunkError {
     /// store's).
     #[error("Authentication failed (tampered, damaged or not this store's)")]
     Authentication,
+    /// A patch record where chunk data was required (a patch's base).
+    #[error("Record is a patch where chunk data is required")]
+    UnexpectedPatch,
     /// An encrypted store holds a plaintext record, or the reverse.
     #[error("Record is {}encrypted, the store is {}", if *.record { "" } else { "not " }, if *.record { "not" } else { "encrypted" })]
     EncryptionMismatch { record: bool },
@@ -96,12 +113,38 @@ impl Codec {
         }
     }
 
+    /// The id of a patch payload: blake3 in `derive_key` mode (keyed with a
+    /// key of its own in an encrypted store), so it never equals the id of
+    /// any chunk data.
+    pub fn patch_id(&self, payload: &[u8]) -> ChunkId {
+        match &self.cipher {
+            Some(c) => c.patch_id(payload),
+            None => {
+                let mut h = blake3::Hasher::new_derive_key(PATCH_ID_CONTEXT);
+                h.update(payload);
+                ChunkId(*h.finalize().as_bytes())
+            }
+        }
+    }
+
     /// [`encode_record`], sealing the data in an encrypted store (compressed
     /// first). Returns the stored data length.
     pub fn encode_record(&self, id: &ChunkId, data: &[u8], out: &mut Vec<u8>) -> u32 {
+        self.encode_kind(id, data, RecordKind::Data, out)
+    }
+
+    /// [`Codec::encode_record`] of a record of `kind` (a patch payload gets
+    /// [`RECORD_FLAG_PATCH`]).
+    pub fn encode_kind(
+        &self,
+        id: &ChunkId,
+        data: &[u8],
+        kind: RecordKind,
+        out: &mut Vec<u8>,
+    ) -> u32 {
         let start = out.len();
         out.resize(start + record_bound(data.len()), 0);
-        let n = self.encode_record_into(id, data, &mut out[start..]);
+        let n = self.encode_kind_into(id, data, kind, &mut out[start..]);
         out.truncate(start + n);
         (n - RECORD_HEADER_LEN) as u32
     }
@@ -111,6 +154,17 @@ impl Codec {
     /// record's length. For callers that keep one buffer: nothing is
     /// cleared or allocated per chunk.
     pub fn encode_record_into(&self, id: &ChunkId, data: &[u8], out: &mut [u8]) -> usize {
+        self.encode_kind_into(id, data, RecordKind::Data, out)
+    }
+
+    /// [`Codec::encode_record_into`] of a record of `kind`.
+    pub fn encode_kind_into(
+        &self,
+        id: &ChunkId,
+        data: &[u8],
+        kind: RecordKind,
+        out: &mut [u8],
+    ) -> usize {
         let body = RECORD_HEADER_LEN
             + if self.cipher.is_some() {
                 RECORD_NONCE_LEN
@@ -125,6 +179,9 @@ impl Codec {
                 (0, data.len())
             }
         };
+        if kind == RecordKind::Patch {
+            flags |= RECORD_FLAG_PATCH;
+        }
         let mut stored = n;
         if let Some(c) = &self.cipher {
             flags |= RECORD_FLAG_ENCRYPTED;
@@ -146,7 +203,8 @@ impl Codec {
     }
 
     /// [`decode_record`] for this store: authenticates and decrypts a sealed
-    /// record (its tag binds `id`), or decodes a plaintext one and checks its hash.
+    /// record (its tag binds `id`), or decodes a plaintext one and checks its
+    /// hash. A patch record is an error: this wants chunk data.
     pub fn decode_record(
         &self,
         record: &[u8],
@@ -154,7 +212,31 @@ impl Codec {
         stored_len: u32,
         out: &mut Vec<u8>,
     ) -> Result<(), ChunkError> {
+        match self.decode_any(record, id, stored_len, out)? {
+            RecordKind::Data => Ok(()),
+            RecordKind::Patch => {
+                out.clear();
+                Err(ChunkError::UnexpectedPatch)
+            }
+        }
+    }
+
+    /// [`Codec::decode_record`] of a data or patch record: `out` receives
+    /// the verified chunk data or patch payload (a patch's id is checked
+    /// with [`Codec::patch_id`]; its tag binds the patch flag).
+    pub fn decode_any(
+        &self,
+        record: &[u8],
+        id: &ChunkId,
+        stored_len: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<RecordKind, ChunkError> {
         let header = check_record(record, id, stored_len)?;
+        let kind = if header.flags & RECORD_FLAG_PATCH != 0 {
+            RecordKind::Patch
+        } else {
+            RecordKind::Data
+        };
         let sealed = header.flags & RECORD_FLAG_ENCRYPTED != 0;
         if sealed != self.cipher.is_some() {
             return Err(ChunkError::EncryptionMismatch { record: sealed });
@@ -163,7 +245,10 @@ impl Codec {
         match &self.cipher {
             None => {
                 decode_body(&header, body, out)?;
-                let found = self.id_of(out);
+                let found = match kind {
+                    RecordKind::Data => self.id_of(out),
+                    RecordKind::Patch => self.patch_id(out),
+                };
                 if found != *id {
                     return Err(ChunkError::HashMismatch { found });
                 }
@@ -197,7 +282,7 @@ impl Codec {
                 // cold encrypted read.
             }
         }
-        Ok(())
+        Ok(kind)
     }
 }
 

@@ -8,6 +8,7 @@ use crate::crypto::EncryptionConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
     CONFIG_FORMAT, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, STORE_VERSION, STORE_VERSION_ENCRYPTED,
+    STORE_VERSION_PATCHES,
 };
 
 /// Name of the config object.
@@ -73,12 +74,12 @@ impl Config {
             ));
         }
         match probe.version {
-            Some(STORE_VERSION | STORE_VERSION_ENCRYPTED) => {}
+            Some(STORE_VERSION | STORE_VERSION_ENCRYPTED | STORE_VERSION_PATCHES) => {}
             v => {
                 return Err(Error::new(
                     ErrorKind::UnsupportedVersion,
                     format!(
-                        "Store {where_} has format version {}, this program supports versions {STORE_VERSION} and {STORE_VERSION_ENCRYPTED} (encrypted)",
+                        "Store {where_} has format version {}, this program supports versions {STORE_VERSION}, {STORE_VERSION_ENCRYPTED} (encrypted) and {STORE_VERSION_PATCHES} (patch records)",
                         v.map_or("none".to_string(), |v| v.to_string())
                     ),
                 ))
@@ -89,7 +90,11 @@ impl Config {
         })?;
         validate_chunk_size(config.chunk_size)
             .map_err(|e| e.context(format!("Store {where_} has an invalid config.json")))?;
-        if (config.version == STORE_VERSION_ENCRYPTED) != config.encryption.is_some() {
+        let mismatch = match config.version {
+            STORE_VERSION_PATCHES => false,
+            v => (v == STORE_VERSION_ENCRYPTED) != config.encryption.is_some(),
+        };
+        if mismatch {
             return Err(Error::corrupt(format!(
                 "Store {where_} has an invalid config.json (version {} {} an encryption section)",
                 config.version,
@@ -101,6 +106,19 @@ impl Config {
             )));
         }
         Ok(config)
+    }
+
+    /// True when the store may hold patch records ([`STORE_VERSION_PATCHES`]).
+    pub fn has_patches(&self) -> bool {
+        self.version == STORE_VERSION_PATCHES
+    }
+
+    /// This config, upgraded to hold patch records.
+    pub fn with_patches(&self) -> Config {
+        Config {
+            version: STORE_VERSION_PATCHES,
+            ..self.clone()
+        }
     }
 
     /// Serialize.
@@ -141,6 +159,10 @@ mod tests {
             Config::new(2048).unwrap_err().kind(),
             ErrorKind::InvalidInput
         );
+        // Version 3 (patch records) with and without encryption.
+        let c = Config::new(65536).unwrap().with_patches();
+        assert!(c.has_patches());
+        assert_eq!(Config::parse(&c.to_json(), "s").unwrap(), c);
         let v7 = br#"{"format":"instant-recovery-store","version":7,"chunk_size":65536}"#;
         let e = Config::parse(v7, "s").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::UnsupportedVersion);

@@ -39,6 +39,7 @@ use serde::Serialize;
 use tracing::{info, info_span};
 
 use crate::backend::S3Backend;
+use crate::chunk::RecordKind;
 use crate::crypto::Secret;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{DELTA_COUNT_LEN, DELTA_ENTRY_LEN, TRAILER_LEN};
@@ -46,6 +47,7 @@ use crate::group::GROUPS_DIR;
 use crate::id::{ChunkId, PackId};
 use crate::location::{s3_options, Location, OpenOptions};
 use crate::pack::{PackWriter, PACK_TARGET_SIZE};
+use crate::patch::PatchRef;
 use crate::repo::Store;
 use crate::restore::spans;
 use crate::snapshot::manifest::{read_header, ENTRY_LEN};
@@ -255,6 +257,11 @@ impl Copier<'_> {
                     todo.push(*id);
                 }
             }
+            // Whatever the source's config said at open: another process
+            // may have written patches since; its index marks them.
+            if self.map.is_none() {
+                self.copy_patches(&view, &mut todo, &mut queued)?;
+            }
             for (id, did, rec) in self.fetch(&view, &todo)? {
                 if let Some(map) = &mut self.map {
                     map.insert(id, did);
@@ -273,6 +280,56 @@ impl Copier<'_> {
             }
         }
         self.flush()
+    }
+
+    /// With the same ids: send the patch records of `todo` as they are
+    /// (their ids are the same in the destination), and queue in `todo`
+    /// each one's base that the destination lacks. With translated ids
+    /// nothing is done here: a patch is read as its whole chunk and sent as
+    /// chunk data under its destination id (materialized).
+    fn copy_patches(
+        &mut self,
+        view: &crate::index::IndexView,
+        todo: &mut Vec<ChunkId>,
+        queued: &mut HashSet<ChunkId>,
+    ) -> Result<()> {
+        let mut data = Vec::with_capacity(todo.len());
+        let mut payload = Vec::new();
+        for id in std::mem::take(todo) {
+            let is_patch = self.src.locate(&id)?.is_some_and(|l| l.patch);
+            if !is_patch {
+                data.push(id);
+                continue;
+            }
+            if self.src.read_record(&id, &mut payload)? != RecordKind::Patch {
+                return Err(Error::corrupt(format!(
+                    "Chunk {id} is indexed as a patch but is not one"
+                ))
+                .with_chunk(id));
+            }
+            let p = PatchRef::parse(&payload).map_err(|e| {
+                Error::corrupt(format!("Patch {id} is corrupt"))
+                    .with_source(e)
+                    .with_chunk(id)
+            })?;
+            if !p.base.is_null() && !self.dst_has(view, &p.base)? && queued.insert(p.base) {
+                data.push(p.base);
+            }
+            self.dst.enable_patches()?;
+            let mut rec = Vec::new();
+            self.dst
+                .codec()
+                .encode_kind(&id, &payload, RecordKind::Patch, &mut rec);
+            self.sent.insert(id);
+            self.stats.chunks_sent += 1;
+            self.stats.bytes_sent += rec.len() as u64;
+            self.writer.add(id, payload.len() as u32, &rec);
+            if self.writer.is_full() {
+                self.flush()?;
+            }
+        }
+        *todo = data;
+        Ok(())
     }
 
     /// Read, verify and (where the destination lacks it) re-encode each

@@ -82,6 +82,7 @@ pub const PASSWORD_ENV: &str = "RECOVERY_PASSWORD";
 
 const CTX_AEAD: &str = "instant-recovery store 2026-12 aead key";
 const CTX_ID: &str = "instant-recovery store 2026-12 chunk id key";
+const CTX_PATCH_ID: &str = "instant-recovery store 2026-12 patch id key";
 const CTX_CHECK: &str = "instant-recovery store 2026-12 key check";
 const CTX_RECORD_AES: &str = "instant-recovery store 2026-12 record aes-256-gcm key";
 
@@ -251,6 +252,7 @@ pub struct Cipher {
     aead: XChaCha20Poly1305,
     records: RecordAead,
     id_key: Zeroizing<[u8; 32]>,
+    patch_id_key: Zeroizing<[u8; 32]>,
     master: MasterKey,
     segment_shift: u32,
 }
@@ -278,6 +280,7 @@ impl Cipher {
             aead,
             records,
             id_key: Zeroizing::new(blake3::derive_key(CTX_ID, &master.0[..])),
+            patch_id_key: Zeroizing::new(blake3::derive_key(CTX_PATCH_ID, &master.0[..])),
             master,
             segment_shift,
         }
@@ -293,6 +296,12 @@ impl Cipher {
     /// The keyed id of a chunk's plaintext.
     pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
         ChunkId(*blake3::keyed_hash(&self.id_key, data).as_bytes())
+    }
+
+    /// The keyed id of a patch payload (a key of its own: a patch id is
+    /// never a chunk id).
+    pub fn patch_id(&self, payload: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.patch_id_key, payload).as_bytes())
     }
 
     pub(crate) fn seal(&self, nonce: &[u8; 24], ad: &[u8], buf: &mut [u8]) -> [u8; 16] {

@@ -18,6 +18,13 @@ pub const STORE_VERSION: u32 = 1;
 /// [`STORE_VERSION`] refuses it instead of reading ciphertext.
 pub const STORE_VERSION_ENCRYPTED: u32 = 2;
 
+/// Version of a store that holds patch records ([`RECORD_FLAG_PATCH`]),
+/// plaintext or encrypted (the `encryption` section says which). A store
+/// is upgraded from 1 or 2 when its first patch is written, so a program
+/// that does not know patches (whose gc would drop their bases) refuses it
+/// at open instead of misreading it.
+pub const STORE_VERSION_PATCHES: u32 = 3;
+
 /// Smallest allowed chunk size (4 KiB).
 pub const MIN_CHUNK_SIZE: u32 = 4 << 10;
 /// Largest allowed chunk size (4 MiB).
@@ -42,6 +49,26 @@ pub const RECORD_FLAG_COMPRESSED: u32 = 1;
 /// [`RECORD_NONCE_LEN`]-byte nonce, the AEAD ciphertext of the (possibly
 /// compressed) data, and a [`AEAD_TAG_LEN`]-byte tag.
 pub const RECORD_FLAG_ENCRYPTED: u32 = 2;
+/// Record flag: the data is a patch payload ([`crate::patch`]), not chunk
+/// data: a base chunk id and the grains that differ from it. Its id is the
+/// domain-separated hash of the payload ([`crate::chunk::Codec::patch_id`]).
+pub const RECORD_FLAG_PATCH: u32 = 4;
+/// Bit set in a per-pack index entry's `raw_len` and in a merged index
+/// entry's `stored_len` when the record is a patch (lengths stay far below
+/// it: at most [`MAX_STORED_LEN`]). A program that does not know it sees an
+/// impossible length and refuses the chunk.
+pub const INDEX_FLAG_PATCH: u32 = 1 << 31;
+/// Magic at the start of a patch payload.
+pub const PATCH_MAGIC: [u8; 8] = *b"IRPATCH1";
+/// Patch payload header: magic, base chunk id, chunk length, log2 of the
+/// grain size. Then the grain mask (one bit per grain, `ceil(grains / 8)`
+/// bytes, bit `i % 8` of byte `i / 8`), then the marked grains' bytes in
+/// order (the last grain of a short chunk is short).
+pub const PATCH_HEADER_LEN: usize = 48;
+const _: () = assert!(PATCH_HEADER_LEN == 8 + 32 + 4 + 4);
+/// log2 of the grain size of the patches written (4 KiB: the dirty bitmap's
+/// granularity). Readers accept 4 KiB up to the chunk size.
+pub const PATCH_GRAIN_SHIFT: u32 = 12;
 /// Nonce length of a sealed record (XChaCha20-Poly1305, or AES-256-GCM with
 /// a key derived from the first half).
 pub const RECORD_NONCE_LEN: usize = 24;
@@ -231,7 +258,7 @@ impl RecordHeader {
             0
         };
         if h.raw_len > MAX_CHUNK_SIZE
-            || h.flags & !(RECORD_FLAG_COMPRESSED | RECORD_FLAG_ENCRYPTED) != 0
+            || h.flags & !(RECORD_FLAG_COMPRESSED | RECORD_FLAG_ENCRYPTED | RECORD_FLAG_PATCH) != 0
             || h.stored_len < sealed
             || (h.flags & RECORD_FLAG_COMPRESSED == 0 && h.stored_len != h.raw_len + sealed)
             || h.stored_len > MAX_STORED_LEN

@@ -63,6 +63,7 @@ use crate::hold::held_error;
 use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView};
 use crate::pack::{scan, PackWriter, PACK_TARGET_SIZE};
+use crate::patch::PatchRef;
 use crate::repo::Store;
 use crate::snapshot::delta::Delta;
 use crate::snapshot::manifest::{decode_entry, read_header, ENTRY_LEN};
@@ -101,6 +102,8 @@ pub struct GcStats {
     /// Forgotten full manifests kept because a live delta manifest names
     /// them as its base.
     pub manifests_base: u64,
+    /// Live patch records, whose base chunks were kept for them.
+    pub patch_bases: u64,
     /// Indexed chunks before gc.
     pub chunks_before: u64,
     /// Indexed chunks after gc.
@@ -329,6 +332,7 @@ impl Store {
             mark_one(&l, &mut bloom)?;
             stats.manifests_base += 1;
         }
+        stats.patch_bases = mark_patch_bases(self, &view, &mut bloom)?;
         on_phase(GcPhase::Marked);
         for (name, base) in &bases {
             let present = |forgotten| {
@@ -443,6 +447,7 @@ impl Store {
                 }
             }
             if !late.is_empty() {
+                mark_patch_bases(self, &view, &mut bloom)?;
                 let mut needed = HashSet::new();
                 view.for_each(|id, loc| {
                     if drop.contains(&loc.pack) && bloom.contains(id) {
@@ -568,6 +573,40 @@ fn list_packs(backend: &dyn crate::backend::Backend) -> Result<Vec<PackId>> {
 
 type Kept = Vec<(ChunkId, u32, usize, usize)>;
 
+/// Mark the base of every live patch: one pass over the index; each patch
+/// the filter holds (live, or a false positive) is read (a small payload)
+/// for its base id. A base is chunk data (depth one), so one pass is
+/// enough. A patch that cannot be read aborts gc: its base would otherwise
+/// be collected. Returns the number of patches seen live. Done whatever
+/// this handle's config says: another process may have written the first
+/// patch since the store was opened; the index's patch bits are the truth.
+fn mark_patch_bases(store: &Store, view: &IndexView, bloom: &mut Bloom) -> Result<u64> {
+    let mut patches = Vec::new();
+    view.for_each(|id, loc| {
+        if loc.patch && bloom.contains(id) {
+            patches.push(*id);
+        }
+        Ok(())
+    })?;
+    let mut payload = Vec::new();
+    for id in &patches {
+        store.read_record(id, &mut payload).map_err(|e| {
+            e.context(format!(
+                "Failed to read patch {id} for its base; gc aborted"
+            ))
+        })?;
+        let p = PatchRef::parse(&payload).map_err(|e| {
+            Error::corrupt(format!("Patch {id} is corrupt; gc aborted"))
+                .with_source(e)
+                .with_chunk(*id)
+        })?;
+        if !p.base.is_null() {
+            bloom.insert(&p.base);
+        }
+    }
+    Ok(patches.len() as u64)
+}
+
 /// Read pack `p` and return its bytes with the live, verified records the
 /// index attributes to it. A damaged record is a `Corrupt` error.
 fn live_records(
@@ -596,7 +635,7 @@ fn live_records(
         }
         store
             .codec()
-            .decode_record(rec.record, &id, rec.header.stored_len, buf)
+            .decode_any(rec.record, &id, rec.header.stored_len, buf)
             .map_err(|e| {
                 Error::corrupt(format!(
                     "Chunk {id} in pack {key} at offset {} is corrupt",

@@ -38,6 +38,9 @@ pub struct Loc {
     pub offset: u64,
     /// Stored data length after the record header.
     pub stored_len: u32,
+    /// The record is a patch ([`crate::patch`]): reading it also reads
+    /// its base.
+    pub patch: bool,
 }
 
 /// A consistent view of the index.
@@ -144,6 +147,7 @@ impl IndexView {
                 pack,
                 offset: e.offset,
                 stored_len: e.stored_len,
+                patch: e.patch,
             });
         }
     }
@@ -161,6 +165,7 @@ impl IndexView {
                 pack: m.pack(e.pack)?,
                 offset: e.offset,
                 stored_len: e.stored_len,
+                patch: e.patch,
             })),
             None => Ok(None),
         }
@@ -209,6 +214,7 @@ impl IndexView {
                     pack: m.pack(e.pack)?,
                     offset: e.offset,
                     stored_len: e.stored_len,
+                    patch: e.patch,
                 };
                 f(&e.id, &loc)?;
             }
@@ -271,6 +277,7 @@ impl<A: Iterator<Item = Result<(ChunkId, Loc)>>> Iterator for MergeIter<'_, A> {
                 pack,
                 stored_len: loc.stored_len,
                 offset: loc.offset,
+                patch: loc.patch,
             }));
         }
     }
@@ -291,6 +298,7 @@ pub fn merge(backend: &dyn Backend, view: &IndexView, drop: &HashSet<PackId>) ->
                     pack: m.pack(e.pack)?,
                     offset: e.offset,
                     stored_len: e.stored_len,
+                    patch: e.patch,
                 },
             ))
         })),
@@ -340,6 +348,7 @@ mod tests {
                 offset: *i as u64,
                 stored_len: 10,
                 raw_len: 10,
+                patch: false,
             })
             .collect();
         b.put(&pack.idx_key(), &idx::encode(&pack, &mut entries))

@@ -16,6 +16,7 @@
 //! ```text
 //! STORE/
 //!   config.json                   {"format":"instant-recovery-store","version":1,"chunk_size":N}
+//!                                 (version 3 once a patch record is written, see Patches)
 //!   lock                          writer lock (flock), holds the writer's PID
 //!   packs/<2 hex>/<pack>.pack     immutable chunk records          (pack.rs)
 //!   index/<pack>.idx              per-pack sorted index            (index/idx.rs)
@@ -86,6 +87,24 @@
 //! at or before a time ([`point`]), and `forget --keep-*` applies restic's
 //! retention ([`retention`]) to backups and points alike.
 //!
+//! # Patches: sub-chunk deltas
+//! A live incremental knows which 4 KiB grains of a chunk changed. A chunk
+//! changed in part is stored as a *patch record* ([`patch`]): the base
+//! chunk's id and only the changed grains, in a pack record flagged
+//! [`format::RECORD_FLAG_PATCH`] whose id is a domain-separated hash of the
+//! payload ([`chunk::Codec::patch_id`]). Index entries carry a patch bit.
+//! - Depth one: a base is always chunk data. A new patch over a parent
+//!   patch merges their grains over the same base; above half the chunk it
+//!   is materialized (stored whole). A read is at most two record reads.
+//! - Every chunk read ([`Store::read_chunk`], the pack-span path of
+//!   restore and copy, verify) resolves a patch as base + grains; a
+//!   missing or damaged base or patch is an error, never data.
+//! - gc marks the base of every live patch (one pass over the index);
+//!   copy sends bases along (same ids) or materializes (translated ids).
+//! - `config.json` version 3 marks a store that may hold patches; it is
+//!   upgraded before the first patch is written, so older programs refuse
+//!   it at open. See `docs/ARCHITECTURE.md` (Patch records).
+//!
 //! # Concurrency
 //! | operation          | lock                                   | runs concurrently with |
 //! |--------------------|----------------------------------------|------------------------|
@@ -147,6 +166,7 @@ pub mod index;
 pub mod location;
 pub mod lock;
 pub mod pack;
+pub mod patch;
 pub mod point;
 mod repo;
 pub mod restore;

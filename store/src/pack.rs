@@ -24,7 +24,8 @@ use tracing::debug;
 use crate::backend::Backend;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{
-    check_pack_header, pack_header, FormatError, RecordHeader, PACK_HEADER_LEN, RECORD_HEADER_LEN,
+    check_pack_header, pack_header, u32_at, FormatError, RecordHeader, PACK_HEADER_LEN,
+    RECORD_FLAG_PATCH, RECORD_HEADER_LEN,
 };
 use crate::id::{ChunkId, PackId};
 use crate::index::idx::{self, IdxEntry};
@@ -78,13 +79,16 @@ impl PackWriter {
     }
 
     /// Append one encoded record (header + data, as made by
-    /// [`encode_record`](crate::chunk::encode_record)).
+    /// [`encode_record`](crate::chunk::encode_record)). The index entry is
+    /// marked as a patch when the record's flags say so.
     pub fn add(&mut self, id: ChunkId, raw_len: u32, record: &[u8]) {
+        let flags = u32_at(record, 40);
         self.entries.push(IdxEntry {
             id,
             offset: self.pack().len() as u64,
             stored_len: (record.len() - RECORD_HEADER_LEN) as u32,
             raw_len,
+            patch: flags & RECORD_FLAG_PATCH != 0,
         });
         self.buf.extend_from_slice(record);
     }

@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tracing::{debug, info};
 
 use crate::backend::{Backend, LocalBackend, Object};
-use crate::chunk::Codec;
+use crate::chunk::{Codec, RecordKind};
 use crate::config::{Config, CONFIG_KEY};
 use crate::crypto::{KdfParams, Secret};
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -18,6 +19,7 @@ use crate::format::{MAX_STORED_LEN, RECORD_HEADER_LEN};
 use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView, Loc};
 use crate::lock::{WriterLock, LOCK_FILE};
+use crate::patch::PatchRef;
 use crate::snapshot::manifest::read_header;
 use crate::snapshot::reader::SnapshotReader;
 use crate::snapshot::{self, SnapshotInfo};
@@ -39,6 +41,9 @@ struct Inner {
     raw: Arc<dyn Backend>,
     backend: Arc<dyn Backend>,
     config: Config,
+    /// The store may hold patch records (config version 3): set at open or
+    /// by [`Store::enable_patches`].
+    patches: AtomicBool,
     /// Plaintext or sealed records, plain or keyed ids (see [`crate::crypto`]).
     codec: Codec,
     index: RwLock<Arc<IndexView>>,
@@ -193,6 +198,7 @@ impl Store {
                 place,
                 raw,
                 backend,
+                patches: AtomicBool::new(config.has_patches()),
                 config,
                 codec,
                 index: RwLock::new(Arc::new(view)),
@@ -318,8 +324,42 @@ impl Store {
         Ok(obj)
     }
 
-    /// Read and verify the chunk at `loc`.
+    /// True when the store may hold patch records.
+    pub fn has_patches(&self) -> bool {
+        self.inner.patches.load(Ordering::Relaxed)
+    }
+
+    /// Allow patch records: upgrade `config.json` to version 3 (once), so
+    /// a program that does not know patches refuses the store instead of
+    /// misreading it (or, worse, collecting the bases patches need). Called
+    /// under the writer lock before the first patch record is published.
+    pub(crate) fn enable_patches(&self) -> Result<()> {
+        if self.has_patches() {
+            return Ok(());
+        }
+        // One upgrade, however many backup readers ask at once.
+        let _g = self.merging();
+        if self.has_patches() {
+            return Ok(());
+        }
+        let config = self.inner.config.with_patches();
+        self.inner
+            .raw
+            .put(CONFIG_KEY, &config.to_json())
+            .ctx(|| format!("Failed to write {}/{CONFIG_KEY}", self.inner.place))?;
+        info!(store = %self.inner.place, "store upgraded to format version 3 (patch records)");
+        self.inner.patches.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Read and verify the chunk at `loc` (a patch: with its base applied).
     pub(crate) fn read_loc(&self, id: &ChunkId, loc: &Loc, out: &mut Vec<u8>) -> Result<()> {
+        let kind = self.read_loc_raw(id, loc, out)?;
+        self.apply_patch(id, kind, out)
+    }
+
+    /// Read and verify the record at `loc`: chunk data or a patch payload.
+    fn read_loc_raw(&self, id: &ChunkId, loc: &Loc, out: &mut Vec<u8>) -> Result<RecordKind> {
         let obj = self.pack_object(&loc.pack)?;
         let where_ = || format!("pack {} at offset {}", loc.pack, loc.offset);
         // The index is checksummed, not trusted: refuse a length no record
@@ -338,11 +378,12 @@ impl Store {
             obj.read_at(&mut rec, loc.offset).map_err(|e| {
                 Error::io(format!("Failed to read chunk {id} from {}", where_()), e).with_chunk(*id)
             })?;
-            self.decode_loc(id, loc, &rec, out)
+            self.decode_loc_raw(id, loc, &rec, out)
         })
     }
 
-    /// Decode and verify `rec`, the record the index places at `loc`.
+    /// Decode and verify `rec`, the record the index places at `loc` (a
+    /// patch: with its base applied).
     pub(crate) fn decode_loc(
         &self,
         id: &ChunkId,
@@ -350,9 +391,73 @@ impl Store {
         rec: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<()> {
+        let kind = self.decode_loc_raw(id, loc, rec, out)?;
+        self.apply_patch(id, kind, out)
+    }
+
+    /// Turn a decoded record into chunk data: a patch payload in `out`
+    /// becomes its base chunk with the patch's grains applied. The base is
+    /// read as data only (never a patch: depth one).
+    fn apply_patch(&self, id: &ChunkId, kind: RecordKind, out: &mut Vec<u8>) -> Result<()> {
+        if kind == RecordKind::Data {
+            return Ok(());
+        }
+        let payload = std::mem::take(out);
+        let p = PatchRef::parse(&payload).map_err(|e| {
+            Error::corrupt(format!("Patch {id} is corrupt"))
+                .with_source(e)
+                .with_chunk(*id)
+        })?;
+        if p.base.is_null() {
+            out.resize(p.chunk_len as usize, 0);
+        } else {
+            self.read_data_chunk(&p.base, out).map_err(|e| {
+                e.context(format!(
+                    "Failed to read base chunk {} of patch {id}",
+                    p.base
+                ))
+                .with_chunk(*id)
+            })?;
+        }
+        p.apply(out).map_err(|e| {
+            out.clear();
+            Error::corrupt(format!("Patch {id} does not fit its base chunk {}", p.base))
+                .with_source(e)
+                .with_chunk(*id)
+        })
+    }
+
+    /// Read the verified data of chunk `id`, refusing a patch record (a
+    /// patch's base).
+    fn read_data_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        let kind = self.with_loc(id, |loc| self.read_loc_raw(id, loc, out))?;
+        if kind == RecordKind::Patch {
+            out.clear();
+            return Err(Error::corrupt(format!(
+                "Chunk {id} is a patch where a patch's base must be chunk data"
+            ))
+            .with_chunk(*id));
+        }
+        Ok(())
+    }
+
+    /// The verified record of chunk `id`, unresolved: chunk data, or a
+    /// patch payload (to merge into a new patch, or to copy as it is).
+    pub(crate) fn read_record(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<RecordKind> {
+        self.with_loc(id, |loc| self.read_loc_raw(id, loc, out))
+    }
+
+    /// Decode and verify `rec`, the record the index places at `loc`.
+    fn decode_loc_raw(
+        &self,
+        id: &ChunkId,
+        loc: &Loc,
+        rec: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<RecordKind> {
         self.inner
             .codec
-            .decode_record(rec, id, loc.stored_len, out)
+            .decode_any(rec, id, loc.stored_len, out)
             .map_err(|e| {
                 Error::corrupt(format!(
                     "Chunk {id} in pack {} at offset {} is corrupt",
@@ -390,15 +495,22 @@ impl Store {
     /// If the chunk or its pack is missing (a backup or gc published a new
     /// index since this store was opened), reloads the index and retries once.
     pub fn read_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
+        let kind = self.with_loc(id, |loc| self.read_loc_raw(id, loc, out))?;
+        self.apply_patch(id, kind, out)
+    }
+
+    /// Run `f` on the location of chunk `id`; if the chunk or its pack is
+    /// missing, reload the index and retry once.
+    fn with_loc<T>(&self, id: &ChunkId, mut f: impl FnMut(&Loc) -> Result<T>) -> Result<T> {
         let missing =
             || Error::not_found(format!("Chunk {id} is not in the index")).with_chunk(*id);
         let loc = self.locate(id)?.ok_or_else(missing)?;
-        match self.read_loc(id, &loc, out) {
+        match f(&loc) {
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 debug!(chunk = %id, "pack gone, reloading index");
                 self.reload_index()?;
                 let loc = self.index().lookup(id)?.ok_or_else(missing)?;
-                self.read_loc(id, &loc, out)
+                f(&loc)
             }
             other => other,
         }
@@ -520,6 +632,7 @@ mod tests {
                 offset: 16,
                 stored_len,
                 raw_len: 1,
+                patch: false,
             }];
             s.backend()
                 .put(&pack.idx_key(), &idx::encode(&pack, &mut entries))

@@ -413,6 +413,7 @@ pub fn run(store: &Store, cfg: &Config<'_>) -> Result<Report> {
         bytes_new: stats.bytes_new,
         chunks_total: stats.chunks_total,
         chunks_new: stats.chunks_new,
+        chunks_patch: stats.chunks_patch,
         chunks_unchanged: unchanged,
         blackout_ms: blackout.as_secs_f64() * 1000.0,
         frozen_ms: None,
@@ -547,18 +548,12 @@ fn backup(
     info!(
         dirty_bytes = plan.dirty_bytes,
         data_chunks = plan.count(ChunkState::Data),
+        partial_chunks = plan.count(ChunkState::Partial),
         "plan ready"
     );
-    let parent = match mode {
-        Mode::Incremental { parent, .. } => {
-            Some(store.open_snapshot(&format!("{}@{parent}", cfg.name))?)
-        }
-        Mode::Full { .. } => None,
-    };
     let src = source::NbdSource {
         client: &client,
         plan: &plan,
-        parent,
         abort: cfg.abort,
         bytes_read: Default::default(),
     };

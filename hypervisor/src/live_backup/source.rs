@@ -5,7 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use store::backup::changed::{ChangedSource, ChunkState};
-use store::SnapshotReader;
+use store::patch::GRAIN;
 
 use super::{Error, Result};
 use crate::nbd::{self, proto, Client};
@@ -56,7 +56,9 @@ impl Plan {
     ///
     /// A chunk is `Unchanged` when the bitmap marks none of its bytes
     /// (incremental only), else `Zero` when every byte of it reads as zero,
-    /// else `Data`.
+    /// else `Partial` when the bitmap marks only part of it (incremental
+    /// only: the store keeps a patch of its dirty 4 KiB grains over the
+    /// parent's chunk), else `Data`.
     pub fn build(
         image_size: u64,
         chunk_size: u64,
@@ -64,6 +66,7 @@ impl Plan {
         dirty: Option<&[(u64, u64, u32)]>,
     ) -> Plan {
         let chunks = image_size.div_ceil(chunk_size);
+        let dirty_ranges = dirty.map(|d| ranges(d, |f| f & proto::STATE_DIRTY != 0));
         let mut runs: Vec<(u64, u64, ChunkState)> = Vec::new();
         let (mut ai, mut di) = (0usize, 0usize);
         for c in 0..chunks {
@@ -76,7 +79,10 @@ impl Plan {
             let state = if !changed {
                 ChunkState::Unchanged
             } else if any_in(alloc, &mut ai, start, end, |f| f & proto::STATE_ZERO == 0) {
-                ChunkState::Data
+                match &dirty_ranges {
+                    Some(d) if within(d, start, end).ne([(start, end)]) => ChunkState::Partial,
+                    _ => ChunkState::Data,
+                }
             } else {
                 ChunkState::Zero
             };
@@ -98,7 +104,7 @@ impl Plan {
             image_size,
             runs,
             dirty_bytes,
-            dirty: dirty.map(|d| ranges(d, |f| f & proto::STATE_DIRTY != 0)),
+            dirty: dirty_ranges,
             zero: ranges(alloc, |f| f & proto::STATE_ZERO != 0),
         }
     }
@@ -166,62 +172,64 @@ pub fn plan(client: &Client, chunk_size: u64, dirty_context: Option<&str>) -> Re
 /// call also sends all its requests before waiting for any).
 ///
 /// Only what changed crosses NBD: ranges that read as zeros are filled
-/// locally, and in a chunk the bitmap marks only in part, the clean part
-/// comes from the parent snapshot (the bitmap is finer than a chunk).
+/// locally, and of a chunk the bitmap marks only in part (`Partial`), only
+/// the dirty 4 KiB grains are read ([`ChangedSource::read_ranges`]); the
+/// store makes a patch of them over the parent's chunk id, so neither the
+/// clean part nor the parent's data is read.
 pub struct NbdSource<'a> {
     pub client: &'a Client,
     pub plan: &'a Plan,
-    /// The parent snapshot (incremental only).
-    pub parent: Option<SnapshotReader>,
     pub abort: &'a AtomicBool,
     /// Bytes read over NBD.
     pub bytes_read: AtomicU64,
 }
 
 impl NbdSource<'_> {
-    /// Fill `buf` (at `offset`) with zeros and parent data where they
-    /// apply; return the absolute ranges that must come from NBD.
-    fn prepare(&self, offset: u64, buf: &mut [u8]) -> io::Result<Vec<(u64, u64)>> {
-        let cs = self.plan.chunk_size;
+    /// Fill the parts of `buf` (image bytes `[offset, offset + len)`) that
+    /// read as zeros; append the absolute ranges that must come from NBD.
+    fn prepare(&self, offset: u64, buf: &mut [u8], need: &mut Vec<(u64, u64)>) {
         let end = offset + buf.len() as u64;
-        let mut need: Vec<(u64, u64)> = Vec::new();
-        let mut parent_chunk = Vec::new();
-        let mut c = offset / cs;
-        while c * cs < end {
-            let (cstart, cend) = (c * cs, ((c + 1) * cs).min(end));
-            let piece = &mut buf[(cstart - offset) as usize..(cend - offset) as usize];
-            let changed: Vec<(u64, u64)> = match (&self.plan.dirty, &self.parent) {
-                (Some(d), Some(p)) => {
-                    let r: Vec<_> = within(d, cstart, cend).collect();
-                    if r != [(cstart, cend)] {
-                        p.read_chunk(c, &mut parent_chunk)
-                            .map_err(|e| io::Error::other(nbd::error_chain(&e)))?;
-                        if parent_chunk.len() != piece.len() {
-                            return Err(io::Error::other(format!(
-                                "parent chunk {c} has {} bytes, expected {}",
-                                parent_chunk.len(),
-                                piece.len()
-                            )));
-                        }
-                        piece.copy_from_slice(&parent_chunk);
-                    }
-                    r
-                }
-                _ => vec![(cstart, cend)],
-            };
-            for (s, e) in changed {
-                // Zero ranges are filled here, the rest is read.
-                let mut at = s;
-                for (zs, ze) in within(&self.plan.zero, s, e) {
-                    push_range(&mut need, at, zs);
-                    buf[(zs - offset) as usize..(ze - offset) as usize].fill(0);
-                    at = ze;
-                }
-                push_range(&mut need, at, e);
-            }
-            c += 1;
+        let mut at = offset;
+        for (zs, ze) in within(&self.plan.zero, offset, end) {
+            push_range(need, at, zs);
+            buf[(zs - offset) as usize..(ze - offset) as usize].fill(0);
+            at = ze;
         }
-        Ok(need)
+        push_range(need, at, end);
+    }
+
+    /// Read each `(start, end, pos)`: image bytes `[start, end)` into
+    /// `buf[pos..]`, every request sent before the first wait.
+    fn fetch(&self, parts: &[(u64, u64, usize)], buf: &mut [u8]) -> io::Result<()> {
+        if self.abort.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "backup interrupted",
+            ));
+        }
+        let step = (self.client.max_request() as u64).clamp(4096, 4 << 20);
+        let err = |e: nbd::Error| io::Error::other(nbd::error_chain(&e));
+        let mut pending = Vec::new();
+        for &(s, e, pos) in parts {
+            let mut at = s;
+            while at < e {
+                let len = (e - at).min(step);
+                let p = self
+                    .client
+                    .submit_read(at, vec![0u8; len as usize])
+                    .map_err(err)?;
+                pending.push((p, pos + (at - s) as usize));
+                at += len;
+            }
+        }
+        let mut read = 0;
+        for (p, pos) in pending {
+            let data = p.wait_read().map_err(err)?;
+            buf[pos..pos + data.len()].copy_from_slice(&data);
+            read += data.len() as u64;
+        }
+        self.bytes_read.fetch_add(read, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -242,37 +250,41 @@ impl ChangedSource for NbdSource<'_> {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if self.abort.load(Ordering::Relaxed) {
-            return Err(io::Error::new(
-                io::ErrorKind::Interrupted,
-                "backup interrupted",
-            ));
-        }
-        let need = self.prepare(offset, buf)?;
-        let step = (self.client.max_request() as u64).clamp(4096, 4 << 20);
-        let err = |e: nbd::Error| io::Error::other(nbd::error_chain(&e));
-        let mut pending = Vec::new();
-        for (s, e) in need {
-            let mut at = s;
-            while at < e {
-                let len = (e - at).min(step);
-                let p = self
-                    .client
-                    .submit_read(at, vec![0u8; len as usize])
-                    .map_err(err)?;
-                pending.push((p, at));
-                at += len;
+        self.read_ranges(&[(offset, buf.len())], buf)
+    }
+
+    fn dirty_grains(&self, chunk: u64) -> Vec<bool> {
+        let cs = self.plan.chunk_size;
+        let start = chunk * cs;
+        let end = (start + cs).min(self.plan.image_size);
+        let grain = GRAIN as u64;
+        let mut mask = vec![false; (end - start).div_ceil(grain) as usize];
+        if let Some(d) = &self.plan.dirty {
+            for (s, e) in within(d, start, end) {
+                for g in (s - start) / grain..(e - start).div_ceil(grain) {
+                    mask[g as usize] = true;
+                }
             }
         }
-        let mut read = 0;
-        for (p, at) in pending {
-            let data = p.wait_read().map_err(err)?;
-            let pos = (at - offset) as usize;
-            buf[pos..pos + data.len()].copy_from_slice(&data);
-            read += data.len() as u64;
+        mask
+    }
+
+    fn read_ranges(&self, ranges: &[(u64, usize)], buf: &mut [u8]) -> io::Result<()> {
+        // `buf` holds the ranges back to back: zero parts are filled here,
+        // the rest is read, all ranges' requests at once.
+        let mut parts = Vec::new();
+        let mut need = Vec::new();
+        let mut pos = 0usize;
+        for &(offset, len) in ranges {
+            need.clear();
+            self.prepare(offset, &mut buf[pos..pos + len], &mut need);
+            parts.extend(
+                need.iter()
+                    .map(|&(s, e)| (s, e, pos + (s - offset) as usize)),
+            );
+            pos += len;
         }
-        self.bytes_read.fetch_add(read, Ordering::Relaxed);
-        Ok(())
+        self.fetch(&parts, buf)
     }
 }
 
@@ -311,14 +323,14 @@ mod tests {
             inc.runs,
             [
                 (0, 2, Unchanged),
-                (2, 1, Data),
+                (2, 1, Partial),
                 (3, 2, Unchanged),
                 (5, 2, Zero),
                 (7, 3, Unchanged)
             ]
         );
         assert_eq!(inc.dirty_bytes, 132 * k);
-        assert_eq!(inc.state(2), Data);
+        assert_eq!(inc.state(2), Partial);
         assert_eq!(inc.state(6), Zero);
         assert_eq!(inc.state(9), Unchanged);
         assert_eq!(inc.count(Unchanged), 7);

@@ -20,9 +20,11 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::{BackupOptions, BackupStats, Batch, Progress, Shared};
+use crate::chunk::RecordKind;
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
 use crate::lock::WriterLock;
+use crate::patch::{self, PatchRef, GRAIN};
 use crate::repo::Store;
 use crate::snapshot::manifest::ENTRY_LEN;
 use crate::snapshot::reader::SnapshotReader;
@@ -37,6 +39,11 @@ pub enum ChunkState {
     Zero,
     /// Identical to the parent snapshot's chunk: reuse its id.
     Unchanged,
+    /// Changed in part since the parent snapshot: only the grains that
+    /// [`ChangedSource::dirty_grains`] marks are read, and the chunk is
+    /// stored as a patch over the parent's chunk ([`crate::patch`]), or
+    /// whole once the patch would cover more than half of it.
+    Partial,
 }
 
 /// A source that classifies its chunks and reads the `Data` ones.
@@ -46,6 +53,23 @@ pub trait ChangedSource: Sync {
     fn chunk_state(&self, chunk: u64) -> ChunkState;
     /// Fill `buf` from `offset` (only ever whole `Data` chunk runs).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// For a `Partial` chunk: one flag per [`GRAIN`]-sized grain of the
+    /// chunk, true where it changed. A source that never says `Partial`
+    /// need not implement it.
+    fn dirty_grains(&self, _chunk: u64) -> Vec<bool> {
+        Vec::new()
+    }
+    /// Fill `buf` with the `(offset, len)` ranges back to back (the dirty
+    /// grains of `Partial` chunks). A source with latency sends them all
+    /// before waiting; the default reads them one by one.
+    fn read_ranges(&self, ranges: &[(u64, usize)], buf: &mut [u8]) -> io::Result<()> {
+        let mut at = 0;
+        for &(offset, len) in ranges {
+            self.read_at(offset, &mut buf[at..at + len])?;
+            at += len;
+        }
+        Ok(())
+    }
 }
 
 /// Options of [`ChangedBackup::run`].
@@ -187,14 +211,34 @@ fn take_run(
         return None;
     }
     let state = src.chunk_state(first);
-    let limit = if state == ChunkState::Data {
-        per_batch
-    } else {
-        per_batch * 64
-    };
     let mut n = 1;
-    while n < limit && first + n < chunks && src.chunk_state(first + n) == state {
-        n += 1;
+    if state == ChunkState::Partial {
+        // Up to a batch of `Partial` chunks, with the `Unchanged` ones
+        // between them: scattered writes make short runs, and one batch
+        // (one pipelined read of all its dirty grains) per patch would
+        // cost a round trip and a batch each.
+        let (mut partial, mut last) = (1, 1);
+        while partial < per_batch && n < per_batch * 64 && first + n < chunks {
+            match src.chunk_state(first + n) {
+                ChunkState::Partial => {
+                    partial += 1;
+                    last = n + 1;
+                }
+                ChunkState::Unchanged => {}
+                _ => break,
+            }
+            n += 1;
+        }
+        n = last;
+    } else {
+        let limit = if state == ChunkState::Data {
+            per_batch
+        } else {
+            per_batch * 64
+        };
+        while n < limit && first + n < chunks && src.chunk_state(first + n) == state {
+            n += 1;
+        }
     }
     *g = first + n;
     Some((first, n, state))
@@ -261,6 +305,7 @@ fn read_runs(
     let c = &shared.counters;
     let mut ids: Vec<Option<ChunkId>> = Vec::new();
     let mut entries: Vec<u8> = Vec::new();
+    let mut scratch = Scratch::default();
     while !shared.abort.load(Ordering::Relaxed) {
         let Some((first, n, state)) = take_run(next, src, chunks, per_batch) else {
             return Ok(());
@@ -272,7 +317,11 @@ fn read_runs(
                 let Ok(mut batch) = free.recv() else {
                     return Ok(());
                 };
-                src.read_at(offset, batch.room(len as usize)).map_err(|e| {
+                let t = Instant::now();
+                let read = src.read_at(offset, batch.room(len as usize));
+                c.read_micros
+                    .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                read.map_err(|e| {
                     Error::io(format!("Failed to read the source at offset {offset}"), e)
                 })?;
                 batch.first = first;
@@ -282,6 +331,24 @@ fn read_runs(
                     None => batch.parent.clear(),
                 }
                 c.bytes_read.fetch_add(len, Ordering::Relaxed);
+                if work.send(batch).is_err() {
+                    return Ok(());
+                }
+            }
+            ChunkState::Partial => {
+                let p = parent.ok_or_else(|| {
+                    Error::invalid(
+                        "Source marks chunks changed in part but names no parent snapshot",
+                    )
+                })?;
+                let Ok(mut batch) = free.recv() else {
+                    return Ok(());
+                };
+                p.chunk_ids(first, n, &mut batch.parent)?;
+                let read = partial_run(shared, src, first, n, &mut batch, &mut scratch)?;
+                batch.first = first;
+                batch.len = len as usize;
+                c.bytes_read.fetch_add(read, Ordering::Relaxed);
                 if work.send(batch).is_err() {
                     return Ok(());
                 }
@@ -297,16 +364,7 @@ fn read_runs(
                     })?;
                     p.chunk_ids(first, n, &mut ids)?;
                     for id in &ids {
-                        match id {
-                            Some(id) => {
-                                entries.extend_from_slice(&id.0);
-                                c.chunks_parent.fetch_add(1, Ordering::Relaxed);
-                            }
-                            None => {
-                                entries.extend_from_slice(&[0u8; ENTRY_LEN]);
-                                c.chunks_zero.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
+                        c.push_parent(&mut entries, *id);
                     }
                 }
                 shared.manifest.set_entries(first, &entries)?;
@@ -317,6 +375,169 @@ fn read_runs(
         }
     }
     Ok(())
+}
+
+/// Buffers of [`partial_run`], kept across runs.
+#[derive(Default)]
+struct Scratch {
+    ranges: Vec<(u64, usize)>,
+    grains: Vec<u8>,
+    old: Vec<u8>,
+    out: Vec<u8>,
+}
+
+/// Build the items of a run of `Partial` chunks `first..first + n` (with
+/// `Unchanged` ones between them, which keep the parent's id) into `batch`
+/// (whose `parent` holds the parent's ids): read the dirty grains of every
+/// chunk at once, then per chunk a patch over the parent's chunk
+/// (merged with the parent's patch, over the same base, when the parent's
+/// entry is a patch), or the whole chunk when the patch would cover more
+/// than half of it (the base read from the store, never from the source).
+/// Returns the bytes read from the source.
+fn partial_run(
+    shared: &Shared<'_>,
+    src: &dyn ChangedSource,
+    first: u64,
+    n: u64,
+    batch: &mut super::Batch,
+    s: &mut Scratch,
+) -> Result<u64> {
+    let store = shared.store;
+    store.enable_patches()?;
+    let cs = shared.chunk_size as u64;
+    let chunk_len = |c: u64| ((c + 1) * cs).min(shared.image_size) - c * cs;
+    // Every dirty grain of the run, in order: one read request each run
+    // of adjacent grains. An unchanged chunk has no mask.
+    let masks: Vec<Option<Vec<bool>>> = (first..first + n)
+        .map(|c| (src.chunk_state(c) == ChunkState::Partial).then(|| src.dirty_grains(c)))
+        .collect();
+    s.ranges.clear();
+    for (k, mask) in masks.iter().enumerate() {
+        let Some(mask) = mask else { continue };
+        let c = first + k as u64;
+        let len = chunk_len(c);
+        if mask.len() != (len as usize).div_ceil(GRAIN) || !mask.iter().any(|&d| d) {
+            return Err(Error::invalid(format!(
+                "Source marks chunk {c} changed in part with a grain mask of {} grains ({} set) for a chunk of {len} bytes",
+                mask.len(),
+                mask.iter().filter(|&&d| d).count()
+            )));
+        }
+        for (g, _) in mask.iter().enumerate().filter(|(_, &d)| d) {
+            let off = c * cs + (g * GRAIN) as u64;
+            let glen = ((g + 1) * GRAIN).min(len as usize) - g * GRAIN;
+            match s.ranges.last_mut() {
+                Some(r) if r.0 + r.1 as u64 == off => r.1 += glen,
+                _ => s.ranges.push((off, glen)),
+            }
+        }
+    }
+    let total: usize = s.ranges.iter().map(|r| r.1).sum();
+    s.grains.resize(total, 0);
+    let t = Instant::now();
+    let read = src.read_ranges(&s.ranges, &mut s.grains);
+    shared
+        .counters
+        .read_micros
+        .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+    read.map_err(|e| {
+        Error::io(
+            format!(
+                "Failed to read the changed grains of chunks {first}..{}",
+                first + n
+            ),
+            e,
+        )
+    })?;
+    batch.items.clear();
+    let mut at = 0;
+    for (k, mask) in masks.iter().enumerate() {
+        let Some(mask) = mask else {
+            batch.push_item(None, &[]);
+            continue;
+        };
+        let c = first + k as u64;
+        let len = chunk_len(c) as usize;
+        // The new grains of this chunk, in `s.grains` from `at`.
+        let mut new: Vec<Option<&[u8]>> = vec![None; mask.len()];
+        for (g, _) in mask.iter().enumerate().filter(|(_, &d)| d) {
+            let glen = ((g + 1) * GRAIN).min(len) - g * GRAIN;
+            new[g] = Some(&s.grains[at..at + glen]);
+            at += glen;
+        }
+        // The base, and the parent's patch if its entry is one.
+        let pid = batch.parent.get(k).copied().flatten();
+        let mut base = pid.unwrap_or_default();
+        let mut old: Option<PatchRef<'_>> = None;
+        if let Some(pid) = pid {
+            let loc = store.locate(&pid)?.ok_or_else(|| {
+                Error::not_found(format!(
+                    "Chunk {pid} of the parent snapshot is not in the index"
+                ))
+                .with_chunk(pid)
+            })?;
+            if loc.patch {
+                if store.read_record(&pid, &mut s.old)? != RecordKind::Patch {
+                    return Err(Error::corrupt(format!(
+                        "Chunk {pid} is indexed as a patch but is not one"
+                    ))
+                    .with_chunk(pid));
+                }
+                let p = PatchRef::parse(&s.old).map_err(|e| {
+                    Error::corrupt(format!("Patch {pid} is corrupt"))
+                        .with_source(e)
+                        .with_chunk(pid)
+                })?;
+                if p.chunk_len as usize != len {
+                    return Err(Error::corrupt(format!(
+                        "Patch {pid} makes a chunk of {} bytes, chunk {c} has {len}",
+                        p.chunk_len
+                    ))
+                    .with_chunk(pid));
+                }
+                base = p.base;
+                old = Some(p);
+            }
+        }
+        let mut merged: Vec<Option<&[u8]>> = new.clone();
+        if let Some(p) = &old {
+            if p.grain_size() != GRAIN {
+                // Another grain size: merge by materializing below.
+                merged.iter_mut().for_each(|g| *g = Some(&[]));
+            } else {
+                for (g, d) in p.iter() {
+                    if merged[g].is_none() {
+                        merged[g] = Some(d);
+                    }
+                }
+            }
+        }
+        let count = merged.iter().filter(|g| g.is_some()).count();
+        if patch::should_materialize(count, merged.len()) {
+            // Whole chunk: base + old patch + new grains, from the store.
+            s.out.clear();
+            match pid {
+                None => s.out.resize(len, 0),
+                Some(pid) => store.read_chunk(&pid, &mut s.out)?,
+            }
+            if s.out.len() != len {
+                return Err(Error::corrupt(format!(
+                    "Parent chunk {c} has {} bytes, expected {len}",
+                    s.out.len()
+                )));
+            }
+            for (g, d) in new.iter().enumerate() {
+                if let Some(d) = d {
+                    s.out[g * GRAIN..g * GRAIN + d.len()].copy_from_slice(d);
+                }
+            }
+            batch.push_item(Some(RecordKind::Data), &s.out);
+        } else {
+            patch::encode(&base, len as u32, |g| merged[g], &mut s.out);
+            batch.push_item(Some(RecordKind::Patch), &s.out);
+        }
+    }
+    Ok(total as u64)
 }
 
 #[cfg(test)]

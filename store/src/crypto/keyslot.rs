@@ -123,6 +123,7 @@ fn slot_cipher(kek: &[u8; 32]) -> Cipher {
         aead: chacha20poly1305::XChaCha20Poly1305::new(kek.into()),
         records: super::RecordAead::XChaCha,
         id_key: Zeroizing::new([0; 32]),
+        patch_id_key: Zeroizing::new([0; 32]),
         master: MasterKey(Zeroizing::new([0; 32])),
         segment_shift: 0,
     }

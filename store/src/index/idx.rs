@@ -8,7 +8,7 @@
 
 use crate::format::{
     arr32_at, check_magic_version, u32_at, u64_at, FormatError, IDX_ENTRY_LEN, IDX_HEADER_LEN,
-    IDX_MAGIC, IDX_VERSION, TRAILER_LEN,
+    IDX_MAGIC, IDX_VERSION, INDEX_FLAG_PATCH, TRAILER_LEN,
 };
 use crate::id::{ChunkId, PackId};
 
@@ -23,6 +23,8 @@ pub struct IdxEntry {
     pub stored_len: u32,
     /// Plaintext length.
     pub raw_len: u32,
+    /// The record is a patch ([`INDEX_FLAG_PATCH`] in `raw_len` on disk).
+    pub patch: bool,
 }
 
 /// Encode the idx file of `pack`; sorts `entries` by id.
@@ -38,7 +40,8 @@ pub fn encode(pack: &PackId, entries: &mut [IdxEntry]) -> Vec<u8> {
         b.extend_from_slice(&e.id.0);
         b.extend_from_slice(&e.offset.to_le_bytes());
         b.extend_from_slice(&e.stored_len.to_le_bytes());
-        b.extend_from_slice(&e.raw_len.to_le_bytes());
+        let flag = if e.patch { INDEX_FLAG_PATCH } else { 0 };
+        b.extend_from_slice(&(e.raw_len | flag).to_le_bytes());
     }
     let h = blake3::hash(&b);
     b.extend_from_slice(h.as_bytes());
@@ -73,7 +76,8 @@ pub fn decode(b: &[u8]) -> Result<(PackId, Vec<IdxEntry>), FormatError> {
             id: ChunkId(arr32_at(b, at)),
             offset: u64_at(b, at + 32),
             stored_len: u32_at(b, at + 40),
-            raw_len: u32_at(b, at + 44),
+            raw_len: u32_at(b, at + 44) & !INDEX_FLAG_PATCH,
+            patch: u32_at(b, at + 44) & INDEX_FLAG_PATCH != 0,
         });
         at += IDX_ENTRY_LEN;
     }
@@ -96,6 +100,7 @@ mod tests {
                 offset: 16 + i as u64 * 100,
                 stored_len: 52,
                 raw_len: 4096,
+                patch: i % 3 == 0,
             })
             .collect();
         let bytes = encode(&pack, &mut entries);

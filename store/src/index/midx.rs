@@ -26,8 +26,8 @@ use std::sync::Arc;
 use crate::backend::{Backend, Object};
 use crate::error::{Error, IoContext, Result};
 use crate::format::{
-    arr32_at, check_magic_version, u32_at, u64_at, FormatError, MIDX_ENTRY_LEN, MIDX_FANOUT_BITS,
-    MIDX_HEADER_LEN, MIDX_MAGIC, MIDX_VERSION, TRAILER_LEN,
+    arr32_at, check_magic_version, u32_at, u64_at, FormatError, INDEX_FLAG_PATCH, MIDX_ENTRY_LEN,
+    MIDX_FANOUT_BITS, MIDX_HEADER_LEN, MIDX_MAGIC, MIDX_VERSION, TRAILER_LEN,
 };
 use crate::id::{ChunkId, PackId};
 
@@ -42,6 +42,8 @@ pub struct MidxEntry {
     pub pack: u32,
     pub stored_len: u32,
     pub offset: u64,
+    /// The record is a patch ([`INDEX_FLAG_PATCH`] in `stored_len` on disk).
+    pub patch: bool,
 }
 
 impl MidxEntry {
@@ -49,8 +51,9 @@ impl MidxEntry {
         MidxEntry {
             id: ChunkId(arr32_at(b, 0)),
             pack: u32_at(b, 32),
-            stored_len: u32_at(b, 36),
+            stored_len: u32_at(b, 36) & !INDEX_FLAG_PATCH,
             offset: u64_at(b, 40),
+            patch: u32_at(b, 36) & INDEX_FLAG_PATCH != 0,
         }
     }
 
@@ -58,7 +61,8 @@ impl MidxEntry {
         let mut b = [0u8; MIDX_ENTRY_LEN];
         b[..32].copy_from_slice(&self.id.0);
         b[32..36].copy_from_slice(&self.pack.to_le_bytes());
-        b[36..40].copy_from_slice(&self.stored_len.to_le_bytes());
+        let flag = if self.patch { INDEX_FLAG_PATCH } else { 0 };
+        b[36..40].copy_from_slice(&(self.stored_len | flag).to_le_bytes());
         b[40..48].copy_from_slice(&self.offset.to_le_bytes());
         b
     }
@@ -434,6 +438,7 @@ mod tests {
                 id: ChunkId::of(&i.to_le_bytes()),
                 pack: i % 2,
                 stored_len: i,
+                patch: i % 3 == 0,
                 offset: i as u64 * 3,
             })
             .collect();
@@ -469,6 +474,7 @@ mod tests {
                     pack: 0,
                     stored_len: 1,
                     offset: i as u64,
+                    patch: false,
                 }
             })
             .collect();
@@ -491,6 +497,7 @@ mod tests {
             pack: 0,
             stored_len: 1,
             offset: 0,
+            patch: false,
         };
         let err =
             write_midx(&b, 1, &[PackId([0; 16])], [e(2), e(1)].into_iter().map(Ok)).unwrap_err();

@@ -1,0 +1,480 @@
+//! Patch records end to end: a changed-blocks source with `Partial`
+//! chunks, restore, merge, materialize, gc, copy, verify and damage.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::backup::changed::{ChangedOptions, ChangedSource, ChunkState};
+use crate::backup::tests::image;
+use crate::chunk::RecordKind;
+use crate::crypto::{KdfParams, Secret};
+use crate::format::RECORD_HEADER_LEN;
+use crate::id::ChunkId;
+use crate::pack::PackWriter;
+use crate::patch::{self, PatchRef, GRAIN};
+use crate::restore::RestoreOptions;
+use crate::{ErrorKind, GcOptions, Store};
+
+/// 4 grains per chunk: a patch of at most 2 grains, more is materialized.
+const CS: usize = 4 * GRAIN;
+const CHUNKS: usize = 64;
+
+/// An in-memory source: per chunk a state and, for `Partial`, the dirty
+/// grains; records every range read.
+struct Src<'a> {
+    data: &'a [u8],
+    plan: Vec<ChunkState>,
+    grains: Vec<Vec<bool>>,
+    read: AtomicU64,
+    ranges: Mutex<Vec<(u64, usize)>>,
+}
+
+impl<'a> Src<'a> {
+    fn full(data: &'a [u8]) -> Src<'a> {
+        Src {
+            data,
+            plan: vec![ChunkState::Data; CHUNKS],
+            grains: vec![Vec::new(); CHUNKS],
+            read: AtomicU64::new(0),
+            ranges: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Everything unchanged except `dirty`: `(chunk, grains)`; all four
+    /// grains make a `Data` chunk.
+    fn inc(data: &'a [u8], dirty: &[(usize, &[usize])]) -> Src<'a> {
+        let mut s = Src::full(data);
+        s.plan = vec![ChunkState::Unchanged; CHUNKS];
+        for (c, gs) in dirty {
+            let mut mask = vec![false; CS / GRAIN];
+            for g in *gs {
+                mask[*g] = true;
+            }
+            s.plan[*c] = if gs.len() == CS / GRAIN {
+                ChunkState::Data
+            } else {
+                ChunkState::Partial
+            };
+            s.grains[*c] = mask;
+        }
+        s
+    }
+}
+
+impl ChangedSource for Src<'_> {
+    fn chunk_state(&self, chunk: u64) -> ChunkState {
+        self.plan[chunk as usize]
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let o = offset as usize;
+        buf.copy_from_slice(&self.data[o..o + buf.len()]);
+        self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.ranges.lock().unwrap().push((offset, buf.len()));
+        Ok(())
+    }
+    fn dirty_grains(&self, chunk: u64) -> Vec<bool> {
+        self.grains[chunk as usize].clone()
+    }
+}
+
+fn opts(parent: Option<&str>) -> ChangedOptions<'static> {
+    ChangedOptions {
+        image_size: (CS * CHUNKS) as u64,
+        source: "test".into(),
+        parent: parent.map(str::to_owned),
+        progress: None,
+        threads: Some(2),
+        readers: 2,
+    }
+}
+
+fn run(store: &Store, src: &Src<'_>, parent: Option<&str>) -> crate::BackupStats {
+    let b = store.begin_changed_backup("vm").unwrap();
+    b.run(src, &opts(parent)).unwrap()
+}
+
+fn write_grains(img: &mut [u8], c: usize, gs: &[usize], v: u8) {
+    for g in gs {
+        let at = c * CS + g * GRAIN;
+        img[at..at + GRAIN].fill(v);
+        img[at + 7] = (c + g) as u8;
+    }
+}
+
+fn restored(store: &Store, reference: &str, dir: &std::path::Path) -> Vec<u8> {
+    let out = dir.join("out.img");
+    let _ = std::fs::remove_file(&out);
+    store
+        .restore(reference, &out, &RestoreOptions::default())
+        .unwrap();
+    std::fs::read(&out).unwrap()
+}
+
+/// The entry of chunk `c` in snapshot `r`.
+fn entry(store: &Store, reference: &str, c: u64) -> ChunkId {
+    store
+        .open_snapshot(reference)
+        .unwrap()
+        .chunk_id(c)
+        .unwrap()
+        .unwrap()
+}
+
+fn patch_of(store: &Store, id: &ChunkId) -> Option<(ChunkId, usize)> {
+    let mut buf = Vec::new();
+    match store.read_record(id, &mut buf).unwrap() {
+        RecordKind::Data => None,
+        RecordKind::Patch => {
+            let p = PatchRef::parse(&buf).unwrap();
+            Some((p.base, p.count()))
+        }
+    }
+}
+
+/// Three backups: full, then patches (one over a zero chunk), then merged
+/// patches and a materialized chunk. Every snapshot restores exactly.
+fn three(dir: &std::path::Path, store: &Store) -> (Vec<String>, Vec<Vec<u8>>) {
+    let mut img = image(5, CS * CHUNKS);
+    img[50 * CS..51 * CS].fill(0);
+    let s1 = run(store, &Src::full(&img), None);
+    assert!(!store.has_patches(), "a full backup writes no patch");
+    let v1 = img.clone();
+
+    write_grains(&mut img, 3, &[1], 0x31);
+    write_grains(&mut img, 10, &[1], 0x32);
+    write_grains(&mut img, 20, &[0], 0x33);
+    write_grains(&mut img, 30, &[0, 1, 2, 3], 0x34);
+    write_grains(&mut img, 50, &[2], 0x35);
+    let src = Src::inc(
+        &img,
+        &[
+            (3, &[1]),
+            (10, &[1]),
+            (20, &[0]),
+            (30, &[0, 1, 2, 3]),
+            (50, &[2]),
+        ],
+    );
+    let s2 = run(store, &src, Some(&s1.snapshot));
+    // Only the dirty grains were read.
+    assert_eq!(s2.bytes_read, (4 * GRAIN + CS) as u64);
+    assert_eq!(src.read.load(Ordering::Relaxed), s2.bytes_read);
+    for (o, len) in src.ranges.lock().unwrap().iter() {
+        let c = *o as usize / CS;
+        assert!(
+            *len == CS && c == 30 || *len == GRAIN && [3, 10, 20, 50].contains(&c),
+            "read {len} bytes at {o}"
+        );
+    }
+    assert_eq!(s2.chunks_patch, 4, "{s2:?}");
+    assert!(store.has_patches());
+    let cfg = std::fs::read_to_string(dir.join("store/config.json")).unwrap();
+    assert!(cfg.contains("\"version\": 3"), "{cfg}");
+    let v2 = img.clone();
+
+    // Chunk 3: a second grain, merged over the same base (2 of 4 grains).
+    // Chunk 10: two more grains make 3 of 4: stored whole.
+    write_grains(&mut img, 3, &[2], 0x41);
+    write_grains(&mut img, 10, &[0, 3], 0x42);
+    let src = Src::inc(&img, &[(3, &[2]), (10, &[0, 3])]);
+    let s3 = run(store, &src, Some(&s2.snapshot));
+    assert_eq!(s3.bytes_read, (3 * GRAIN) as u64);
+    let v3 = img.clone();
+
+    let r = |s: &crate::BackupStats| format!("vm@{}", s.snapshot);
+    let base3 = entry(store, &r(&s1), 3);
+    assert_eq!(patch_of(store, &entry(store, &r(&s2), 3)), Some((base3, 1)));
+    assert_eq!(patch_of(store, &entry(store, &r(&s3), 3)), Some((base3, 2)));
+    assert_eq!(patch_of(store, &entry(store, &r(&s3), 10)), None);
+    assert_eq!(
+        patch_of(store, &entry(store, &r(&s2), 50)),
+        Some((ChunkId::default(), 1))
+    );
+    // Inherited unchanged: chunk 20's patch.
+    assert_eq!(entry(store, &r(&s2), 20), entry(store, &r(&s3), 20));
+    for (s, v) in [(&s1, &v1), (&s2, &v2), (&s3, &v3)] {
+        assert!(restored(store, &r(s), dir) == *v, "{} differs", r(s));
+    }
+    assert!(store.verify(None, &Default::default()).unwrap().is_ok());
+    (vec![r(&s1), r(&s2), r(&s3)], vec![v1, v2, v3])
+}
+
+fn setup() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::init(&dir.path().join("store"), CS as u32).unwrap();
+    (dir, store)
+}
+
+#[test]
+fn patches_restore_merge_and_materialize() {
+    let (dir, store) = setup();
+    three(dir.path(), &store);
+    // A fresh open reads them too.
+    let fresh = Store::open(&dir.path().join("store")).unwrap();
+    assert!(fresh.has_patches());
+    assert!(fresh.verify(None, &Default::default()).unwrap().is_ok());
+}
+
+#[test]
+fn gc_keeps_the_bases_of_live_patches() {
+    let (dir, store) = setup();
+    // Opened before the store held a patch: its gc must still keep bases.
+    let stale = Store::open(&dir.path().join("store")).unwrap();
+    let (refs, vs) = three(dir.path(), &store);
+    assert!(!stale.has_patches());
+    let store = stale;
+    // The full snapshot introduced the bases; the patch snapshot too.
+    store.forget(&refs[0]).unwrap();
+    store.forget(&refs[1]).unwrap();
+    let stats = store
+        .gc(&GcOptions {
+            repack_threshold: 0.001,
+        })
+        .unwrap();
+    assert!(stats.patch_bases >= 2, "{stats:?}");
+    let fresh = Store::open(&dir.path().join("store")).unwrap();
+    assert!(restored(&fresh, &refs[2], dir.path()) == vs[2]);
+    assert!(fresh.verify(None, &Default::default()).unwrap().is_ok());
+}
+
+#[test]
+fn copy_sends_patches_with_their_bases_or_materializes_them() {
+    let (dir, store) = setup();
+    let (refs, vs) = three(dir.path(), &store);
+    // Same ids: only the last snapshot; its patches need bases from s1.
+    let same = Store::init(&dir.path().join("same"), CS as u32).unwrap();
+    store.copy_to(&same, &refs[2..]).unwrap();
+    assert!(same.has_patches());
+    assert!(restored(&same, &refs[2], dir.path()) == vs[2]);
+    assert!(same.verify(None, &Default::default()).unwrap().is_ok());
+    // Translated ids (encrypted): patches arrive as whole chunks.
+    let (enc, _) = encrypted(&dir.path().join("enc"));
+    store.copy_to(&enc, &[]).unwrap();
+    for (r, v) in refs.iter().zip(&vs) {
+        assert!(restored(&enc, r, dir.path()) == *v, "{r} differs");
+    }
+    assert!(enc.verify(None, &Default::default()).unwrap().is_ok());
+}
+
+/// The pack-span path of restore and copy from remote stores reads
+/// patches as their whole chunks, like the chunk-by-chunk path.
+#[test]
+fn pack_spans_resolve_patches() {
+    let (dir, store) = setup();
+    let (refs, vs) = three(dir.path(), &store);
+    let r = store.open_snapshot(&refs[2]).unwrap();
+    let mut ids = Vec::new();
+    r.chunk_ids(0, CHUNKS as u64, &mut ids).unwrap();
+    let items: Vec<(usize, ChunkId)> = ids
+        .iter()
+        .enumerate()
+        .filter_map(|(i, id)| Some((i, (*id)?)))
+        .collect();
+    assert!(items.iter().any(|(_, id)| patch_of(&store, id).is_some()));
+    let mut bufs = vec![Vec::new(); CHUNKS];
+    let mut alone = |_: usize, id: &ChunkId, _: &mut Vec<u8>| -> crate::Result<()> {
+        panic!("chunk {id} fell back to a read on its own")
+    };
+    crate::restore::spans::read_spans(&store, &items, &mut bufs, &mut Vec::new(), &mut alone)
+        .unwrap();
+    for (i, _) in &items {
+        assert!(bufs[*i] == vs[2][i * CS..(i + 1) * CS], "chunk {i} differs");
+    }
+}
+
+/// A new encrypted store at `path` and its passphrase.
+fn encrypted(path: &std::path::Path) -> (Store, Secret) {
+    const CHEAP: KdfParams = KdfParams {
+        m_cost_kib: 256,
+        t_cost: 1,
+        p_cost: 1,
+    };
+    let pass = Secret::passphrase("pw").unwrap();
+    let store = Store::init_encrypted(path, CS as u32, &pass, &CHEAP).unwrap();
+    (store, pass)
+}
+
+#[test]
+fn patches_on_an_encrypted_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, pass) = encrypted(&dir.path().join("store"));
+    three(dir.path(), &store);
+    let fresh = Store::open_keyed(&dir.path().join("store"), Some(&pass)).unwrap();
+    assert!(fresh.has_patches());
+}
+
+/// Flip one byte of the record of `id` (its stored data).
+fn damage(store: &Store, id: &ChunkId) {
+    let loc = store.locate(id).unwrap().unwrap();
+    let path = store.path().join(loc.pack.pack_key());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[loc.offset as usize + RECORD_HEADER_LEN + 60] ^= 0x10;
+    std::fs::write(&path, bytes).unwrap();
+}
+
+#[test]
+fn damaged_base_or_patch_is_an_error_never_data() {
+    for target in ["base", "patch"] {
+        let (dir, store) = setup();
+        let (refs, _) = three(dir.path(), &store);
+        let pid = entry(&store, &refs[2], 3);
+        let (base, _) = patch_of(&store, &pid).unwrap();
+        damage(&store, if target == "base" { &base } else { &pid });
+        let fresh = Store::open(&dir.path().join("store")).unwrap();
+        let mut out = Vec::new();
+        let e = fresh.read_chunk(&pid, &mut out).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{target}: {e:?}");
+        let out = dir.path().join("x.img");
+        assert!(fresh
+            .restore(&refs[2], &out, &RestoreOptions::default())
+            .is_err());
+        assert!(!fresh.verify(None, &Default::default()).unwrap().is_ok());
+    }
+}
+
+/// Hand-made patch records: a missing base, and a base that is itself a
+/// patch (depth one is the rule), are errors.
+#[test]
+fn missing_base_and_patch_on_patch_are_errors() {
+    let (_dir, store) = setup();
+    store.enable_patches().unwrap();
+    let data = image(9, CS);
+    let did = store.chunk_id(&data);
+    let grain = vec![7u8; GRAIN];
+    let mut p1 = Vec::new();
+    patch::encode(&did, CS as u32, |g| (g == 0).then_some(&grain[..]), &mut p1);
+    let id1 = store.codec().patch_id(&p1);
+    let mut p2 = Vec::new();
+    patch::encode(&id1, CS as u32, |g| (g == 1).then_some(&grain[..]), &mut p2);
+    let id2 = store.codec().patch_id(&p2);
+    assert_ne!(id1, store.chunk_id(&p1), "patch ids are not chunk ids");
+
+    let mut w = PackWriter::new(1 << 20);
+    let mut rec = Vec::new();
+    for (id, payload) in [(id1, &p1), (id2, &p2)] {
+        rec.clear();
+        store
+            .codec()
+            .encode_kind(&id, payload, RecordKind::Patch, &mut rec);
+        w.add(id, payload.len() as u32, &rec);
+    }
+    w.publish(store.backend()).unwrap();
+    store.reload_index().unwrap();
+    assert!(store.locate(&id1).unwrap().unwrap().patch);
+    let mut out = Vec::new();
+    let e = store.read_chunk(&id1, &mut out).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e:?}");
+    // Once the base exists, patch 1 reads; patch 2 (on a patch) never does.
+    let mut w = PackWriter::new(1 << 20);
+    rec.clear();
+    store.codec().encode_record(&did, &data, &mut rec);
+    w.add(did, CS as u32, &rec);
+    w.publish(store.backend()).unwrap();
+    store.reload_index().unwrap();
+    store.read_chunk(&id1, &mut out).unwrap();
+    let mut want = data.clone();
+    want[..GRAIN].fill(7);
+    assert!(out == want);
+    let e = store.read_chunk(&id2, &mut out).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:?}");
+    assert!(format!("{e:?}").contains("is a patch where"), "{e:?}");
+    // A data read of a patch record is refused by the codec too.
+    let mut buf = Vec::new();
+    assert_eq!(
+        store.read_record(&id1, &mut buf).unwrap(),
+        RecordKind::Patch
+    );
+}
+
+mod model {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Writes of one grain each: (chunk, grain, byte).
+        Inc(Vec<(usize, usize, u8)>),
+        /// Forget the n-th (mod count) snapshot but the newest.
+        Forget(usize),
+        Gc,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => proptest::collection::vec((0usize..8, 0usize..4, 1u8..255), 1..6).prop_map(Op::Inc),
+            2 => any::<usize>().prop_map(Op::Forget),
+            1 => Just(Op::Gc),
+        ]
+    }
+
+    /// Every snapshot of the model reads back exactly, and every patch any
+    /// of them names has a data chunk as its base (depth one).
+    fn check(store: &Store, model: &[(String, Vec<u8>)]) {
+        let mut buf = Vec::new();
+        for (r, img) in model {
+            let reader = store.open_snapshot(r).unwrap();
+            for c in 0..CHUNKS as u64 {
+                reader.read_chunk(c, &mut buf).unwrap();
+                let at = c as usize * CS;
+                assert!(buf[..] == img[at..at + CS], "{r} chunk {c} differs");
+                if let Some(id) = reader.chunk_id(c).unwrap() {
+                    if let Some((base, _)) = patch_of(store, &id) {
+                        assert!(
+                            base.is_null() || patch_of(store, &base).is_none(),
+                            "{r} chunk {c}: patch on a patch"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        /// Model: snapshot -> image. Incrementals of scattered grain
+        /// writes (patches, merged patches, materialized chunks), forget
+        /// and gc in any order: every remaining snapshot reads back exactly.
+        #[test]
+        fn patches_forget_and_gc_match_the_model(ops in proptest::collection::vec(op(), 1..12)) {
+            let (_dir, store) = setup();
+            let mut img = image(21, CS * CHUNKS);
+            img[5 * CS..6 * CS].fill(0);
+            let s = run(&store, &Src::full(&img), None);
+            let mut model = vec![(format!("vm@{}", s.snapshot), img.clone())];
+            for op in ops {
+                match op {
+                    Op::Inc(writes) => {
+                        let mut dirty: Vec<(usize, Vec<usize>)> = Vec::new();
+                        for (c, g, b) in writes {
+                            let at = c * CS + g * GRAIN;
+                            img[at..at + GRAIN].fill(b);
+                            match dirty.iter_mut().find(|d| d.0 == c) {
+                                Some(d) if !d.1.contains(&g) => d.1.push(g),
+                                Some(_) => {}
+                                None => dirty.push((c, vec![g])),
+                            }
+                        }
+                        let dirty: Vec<(usize, &[usize])> =
+                            dirty.iter().map(|(c, g)| (*c, &g[..])).collect();
+                        let parent = model.last().unwrap().0.split('@').nth(1).unwrap().to_owned();
+                        let s = run(&store, &Src::inc(&img, &dirty), Some(&parent));
+                        model.push((format!("vm@{}", s.snapshot), img.clone()));
+                    }
+                    Op::Forget(n) if model.len() > 1 => {
+                        let (r, _) = model.remove(n % (model.len() - 1));
+                        store.forget(&r).unwrap();
+                    }
+                    Op::Forget(_) => {}
+                    Op::Gc => {
+                        store.gc(&GcOptions { repack_threshold: 0.001 }).unwrap();
+                    }
+                }
+                check(&store, &model);
+            }
+            prop_assert!(store.verify(None, &Default::default()).unwrap().is_ok());
+        }
+    }
+}
