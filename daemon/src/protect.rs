@@ -440,6 +440,8 @@ pub struct Protector {
     status: Arc<ProtectStatus>,
     stop: Arc<Stop>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The `protect-watch` thread (see [`point_priority`]).
+    watch: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Where protection starts from.
@@ -555,6 +557,7 @@ impl Protector {
             status,
             stop,
             thread: None,
+            watch: None,
         })
     }
 
@@ -581,6 +584,12 @@ impl Protector {
             })
             .map_err(Error::Thread)?;
         self.thread = Some(handle);
+        let (status, stop) = (self.status.clone(), self.stop.clone());
+        let watch = std::thread::Builder::new()
+            .name("protect-watch".into())
+            .spawn(move || watch_priority(&status, &stop))
+            .map_err(Error::Thread)?;
+        self.watch = Some(watch);
         Ok(())
     }
 
@@ -597,6 +606,9 @@ impl Protector {
     pub fn stop(&mut self) {
         self.stop.stop();
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.watch.take() {
             let _ = t.join();
         }
     }
@@ -696,9 +708,7 @@ impl PointWriter {
                 return;
             }
             let started = Instant::now();
-            let covered = self.status.covered_micros.load(Ordering::Acquire) as i64;
-            let behind = now_micros() - covered > 2 * interval.as_micros() as i64;
-            point_priority(behind);
+            point_priority(is_behind(&self.status));
             match self.point() {
                 Ok(()) => self.status.leaf().problem = None,
                 Err(f) if self.stop.is_stopped() => {
@@ -969,6 +979,50 @@ pub(crate) fn lower_priority() {
     }
 }
 
+/// Whether the newest complete point is older than twice the interval
+/// (the `behind` of the status; also before the first point).
+fn is_behind(status: &ProtectStatus) -> bool {
+    let covered = status.covered_micros.load(Ordering::Acquire) as i64;
+    now_micros() - covered > 2 * status.interval.as_micros() as i64
+}
+
+/// The `protect-watch` thread: every half interval, if the RPO is behind
+/// while a point runs as `SCHED_IDLE`, puts its threads back to
+/// `SCHED_OTHER` (a point starved by other work must not stay starved).
+fn watch_priority(status: &ProtectStatus, stop: &Stop) {
+    while !stop.wait_until(Instant::now() + status.interval / 2, false) {
+        if is_behind(status) {
+            boost_idle_threads();
+        }
+    }
+}
+
+/// Puts every `SCHED_IDLE` thread of this process (only point threads
+/// are: [`point_priority`]) back to `SCHED_OTHER`, at its nice value.
+fn boost_idle_threads() {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        // SAFETY: no pointer arguments; a thread that exited meanwhile is
+        // an error return.
+        if unsafe { libc::sched_getscheduler(tid) } != libc::SCHED_IDLE {
+            continue;
+        }
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `param` is a valid `sched_param` that outlives the call,
+        // which only reads it.
+        let r = unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
+        if r != 0 && !PRIORITY_WARNED.swap(true, Ordering::Relaxed) {
+            let e = io::Error::last_os_error();
+            tracing::warn!(error = %e, "protection: could not raise a point thread's priority");
+        }
+    }
+}
+
 /// A failure of [`point_priority`] was logged.
 static PRIORITY_WARNED: AtomicBool = AtomicBool::new(false);
 
@@ -986,7 +1040,8 @@ static PRIORITY_WARNED: AtomicBool = AtomicBool::new(false);
 /// once, but only gets the CPU nobody else wants: on a machine busy with
 /// other work points could fall behind, so a point that starts behind
 /// (RPO over twice the interval; also the first one) runs as
-/// `SCHED_OTHER`. Going back needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of
+/// `SCHED_OTHER`, and the `protect-watch` thread puts a running point's
+/// threads back to `SCHED_OTHER` once it falls behind. Going back needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of
 /// at least 10; without, the thread stays idle (logged once).
 pub(crate) fn point_priority(behind: bool) {
     let policy = if behind {
@@ -1295,18 +1350,24 @@ mod tests {
     }
 
     #[test]
-    fn point_threads_run_idle_unless_behind_and_their_threads_inherit_it() {
+    fn point_threads_run_idle_unless_behind_and_their_threads_inherit_it_and_are_raised_when_behind(
+    ) {
         std::thread::spawn(|| {
             lower_priority();
             point_priority(false);
             assert_eq!(policy(), libc::SCHED_IDLE);
             let child = std::thread::spawn(policy).join().unwrap();
             assert_eq!(child, libc::SCHED_IDLE, "a point's threads inherit it");
-            point_priority(true);
             // Leaving SCHED_IDLE at nice 10 needs CAP_SYS_NICE (root here
             // and in CI) or RLIMIT_NICE >= 10.
             if rustix::process::geteuid().is_root() {
+                point_priority(true);
                 assert_eq!(policy(), libc::SCHED_OTHER, "a point behind runs normally");
+                // A point that falls behind while it runs: the watch
+                // raises its threads.
+                point_priority(false);
+                boost_idle_threads();
+                assert_eq!(policy(), libc::SCHED_OTHER, "raised by the watch");
             } else {
                 println!("NOTE: not root: leaving SCHED_IDLE is not checked");
             }
