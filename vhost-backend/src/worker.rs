@@ -513,8 +513,7 @@ impl Worker {
         }
         // Without EVENT_IDX, one signal for everything this thread
         // completed: the driver then reaps the batch at once. With it,
-        // `finish` signalled whatever the driver waited for already and
-        // this finds nothing new to signal.
+        // this checks the completions since `finish`'s last check.
         notify(vring, self.queue);
     }
 
