@@ -440,8 +440,6 @@ pub struct Protector {
     status: Arc<ProtectStatus>,
     stop: Arc<Stop>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// The `protect-watch` thread (see [`point_priority`]).
-    watch: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Where protection starts from.
@@ -557,7 +555,6 @@ impl Protector {
             status,
             stop,
             thread: None,
-            watch: None,
         })
     }
 
@@ -584,12 +581,6 @@ impl Protector {
             })
             .map_err(Error::Thread)?;
         self.thread = Some(handle);
-        let (status, stop) = (self.status.clone(), self.stop.clone());
-        let watch = std::thread::Builder::new()
-            .name("protect-watch".into())
-            .spawn(move || watch_priority(&status, &stop))
-            .map_err(Error::Thread)?;
-        self.watch = Some(watch);
         Ok(())
     }
 
@@ -606,9 +597,6 @@ impl Protector {
     pub fn stop(&mut self) {
         self.stop.stop();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        if let Some(t) = self.watch.take() {
             let _ = t.join();
         }
     }
@@ -708,7 +696,6 @@ impl PointWriter {
                 return;
             }
             let started = Instant::now();
-            point_priority(is_behind(&self.status));
             match self.point() {
                 Ok(()) => self.status.leaf().problem = None,
                 Err(f) if self.stop.is_stopped() => {
@@ -976,86 +963,6 @@ pub(crate) fn lower_priority() {
     let tid = rustix::thread::gettid();
     if let Err(e) = rustix::process::setpriority_process(Some(tid), POINT_NICE) {
         tracing::warn!(error = %e, "protection: could not lower the point thread's priority");
-    }
-}
-
-/// Whether the newest complete point is older than twice the interval
-/// (the `behind` of the status; also before the first point).
-fn is_behind(status: &ProtectStatus) -> bool {
-    let covered = status.covered_micros.load(Ordering::Acquire) as i64;
-    now_micros() - covered > 2 * status.interval.as_micros() as i64
-}
-
-/// The `protect-watch` thread: every half interval, if the RPO is behind
-/// while a point runs as `SCHED_IDLE`, puts its threads back to
-/// `SCHED_OTHER` (a point starved by other work must not stay starved).
-fn watch_priority(status: &ProtectStatus, stop: &Stop) {
-    while !stop.wait_until(Instant::now() + status.interval / 2, false) {
-        if is_behind(status) {
-            boost_idle_threads();
-        }
-    }
-}
-
-/// Puts every `SCHED_IDLE` thread of this process (only point threads
-/// are: [`point_priority`]) back to `SCHED_OTHER`, at its nice value.
-fn boost_idle_threads() {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return;
-    };
-    for task in tasks.flatten() {
-        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
-            continue;
-        };
-        // SAFETY: no pointer arguments; a thread that exited meanwhile is
-        // an error return.
-        if unsafe { libc::sched_getscheduler(tid) } != libc::SCHED_IDLE {
-            continue;
-        }
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: `param` is a valid `sched_param` that outlives the call,
-        // which only reads it.
-        let r = unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
-        if r != 0 && !PRIORITY_WARNED.swap(true, Ordering::Relaxed) {
-            let e = io::Error::last_os_error();
-            tracing::warn!(error = %e, "protection: could not raise a point thread's priority");
-        }
-    }
-}
-
-/// A failure of [`point_priority`] was logged.
-static PRIORITY_WARNED: AtomicBool = AtomicBool::new(false);
-
-/// Runs the calling thread, and the threads it starts from now on (they
-/// inherit it: the store's readers and workers of the next point), as
-/// `SCHED_IDLE`, or, when the RPO is `behind`, as `SCHED_OTHER` at its
-/// nice value ([`POINT_NICE`]).
-///
-/// Why idle: at nice 10 a point's thread that got a core keeps it for
-/// its scheduler slice, and the guest's request thread (`vq0`), woken by
-/// a request, waits for it: measured at 20 MB/s of random writes on a
-/// loaded 2-core machine, `vq0`'s wake-up-to-run delay p99 was 1.7 ms
-/// with the points at nice 10 and 82 µs as `SCHED_IDLE`, and that wait
-/// was most of the guest's write p99. A `SCHED_IDLE` thread gives way at
-/// once, but only gets the CPU nobody else wants: on a machine busy with
-/// other work points could fall behind, so a point that starts behind
-/// (RPO over twice the interval; also the first one) runs as
-/// `SCHED_OTHER`, and the `protect-watch` thread puts a running point's
-/// threads back to `SCHED_OTHER` once it falls behind. Going back needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of
-/// at least 10; without, the thread stays idle (logged once).
-pub(crate) fn point_priority(behind: bool) {
-    let policy = if behind {
-        libc::SCHED_OTHER
-    } else {
-        libc::SCHED_IDLE
-    };
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `param` is a valid `sched_param` that outlives the call,
-    // which only reads it; pid 0 is the calling thread.
-    let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
-    if r != 0 && !PRIORITY_WARNED.swap(true, Ordering::Relaxed) {
-        let e = io::Error::last_os_error();
-        tracing::warn!(error = %e, behind, "protection: could not set the point thread's scheduling policy");
     }
 }
 
@@ -1341,38 +1248,5 @@ mod tests {
                 .record
                 .full_needed
         );
-    }
-
-    /// The calling thread's scheduling policy.
-    fn policy() -> i32 {
-        // SAFETY: no pointer arguments; pid 0 is the calling thread.
-        unsafe { libc::sched_getscheduler(0) }
-    }
-
-    #[test]
-    fn point_threads_run_idle_unless_behind_and_their_threads_inherit_it_and_are_raised_when_behind(
-    ) {
-        std::thread::spawn(|| {
-            lower_priority();
-            point_priority(false);
-            assert_eq!(policy(), libc::SCHED_IDLE);
-            let child = std::thread::spawn(policy).join().unwrap();
-            assert_eq!(child, libc::SCHED_IDLE, "a point's threads inherit it");
-            // Leaving SCHED_IDLE at nice 10 needs CAP_SYS_NICE (root here
-            // and in CI) or RLIMIT_NICE >= 10.
-            if rustix::process::geteuid().is_root() {
-                point_priority(true);
-                assert_eq!(policy(), libc::SCHED_OTHER, "a point behind runs normally");
-                // A point that falls behind while it runs: the watch
-                // raises its threads.
-                point_priority(false);
-                boost_idle_threads();
-                assert_eq!(policy(), libc::SCHED_OTHER, "raised by the watch");
-            } else {
-                println!("NOTE: not root: leaving SCHED_IDLE is not checked");
-            }
-        })
-        .join()
-        .unwrap();
     }
 }
