@@ -430,7 +430,7 @@ impl Store {
     /// Read the verified data of chunk `id`, refusing a patch record (a
     /// patch's base).
     fn read_data_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let kind = self.with_loc(id, |loc| self.read_loc_raw(id, loc, out))?;
+        let kind = self.read_record(id, out)?;
         if kind == RecordKind::Patch {
             out.clear();
             return Err(Error::corrupt(format!(
@@ -495,7 +495,7 @@ impl Store {
     /// If the chunk or its pack is missing (a backup or gc published a new
     /// index since this store was opened), reloads the index and retries once.
     pub fn read_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let kind = self.with_loc(id, |loc| self.read_loc_raw(id, loc, out))?;
+        let kind = self.read_record(id, out)?;
         self.apply_patch(id, kind, out)
     }
 
