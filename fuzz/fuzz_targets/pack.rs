@@ -21,9 +21,10 @@ use std::sync::OnceLock;
 
 use instant_recovery_fuzz::{seal_records, Cursor};
 use libfuzzer_sys::fuzz_target;
-use store::chunk::{decode_record, ChunkError};
+use store::chunk::{decode_record, ChunkError, Codec};
 use store::format::{
-    RecordHeader, RECORD_FLAG_COMPRESSED, RECORD_FLAG_ENCRYPTED, RECORD_HEADER_LEN,
+    RecordHeader, RECORD_FLAG_COMPRESSED, RECORD_FLAG_ENCRYPTED, RECORD_FLAG_PATCH,
+    RECORD_HEADER_LEN,
 };
 use store::index::idx::{self, IdxEntry};
 use store::pack::scan;
@@ -99,9 +100,17 @@ fn check_records(pack: &[u8]) -> Vec<IdxEntry> {
             Err(ChunkError::HashMismatch { found }) => {
                 assert_ne!(found, id);
                 if let Some(p) = &expected {
-                    assert_eq!(ChunkId::of(p), found);
+                    // A patch record's id is the patch hash of its payload.
+                    let want = if h.flags & RECORD_FLAG_PATCH != 0 {
+                        Codec::plain().patch_id(p)
+                    } else {
+                        ChunkId::of(p)
+                    };
+                    assert_eq!(want, found);
                 }
             }
+            // A verified patch record is refused where chunk data is asked for.
+            Err(ChunkError::UnexpectedPatch) => assert!(h.flags & RECORD_FLAG_PATCH != 0),
             Err(e) => {
                 let _ = format!("{e} {e:?}");
                 assert!(expected.is_none(), "decodable record refused: {e:?}");
