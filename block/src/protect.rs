@@ -25,6 +25,20 @@
 //! the daemon died is abandoned: its chunks are changed again), so the
 //! next point covers everything since the last complete one.
 //!
+//! # Written grains, in memory
+//! Next to each file, a `GrainMap` (module `grains`) records which
+//! 4 KiB grains ([`GRAIN`]) the guest wrote, set with the file's bit. A
+//! captured chunk with at most half of its grains written is read *in
+//! part*: the point reads only those grains ([`Point::changed_grains`],
+//! [`Point::read_ranges`]), and the daemon stores a patch over the
+//! parent's chunk (`store::patch`); the others are read whole
+//! ([`Point::read_at`]). Scattered 4 KiB writes into 64 KiB chunks then
+//! cost a point 4 KiB each, not 64 KiB read, hashed and compressed.
+//! The maps are not persistent: on open, every grain of a chunk the files
+//! mark counts as written, so a restart costs whole-chunk reads, never a
+//! change. Whether a chunk is read in part is fixed when its point starts
+//! (the capture's map no longer changes).
+//!
 //! # The point instant
 //! Guest writes hold the read side of the `gate` from marking their
 //! chunks until their data write returns. [`ProtectLayer::start_point`]
@@ -39,7 +53,8 @@
 //! # Copy-before-write
 //! While a point is copied, a guest write to a captured chunk that the
 //! point has not read yet first preserves the old contents of the 4 KiB
-//! grains it touches (not of the whole chunk), the ones not preserved yet.
+//! grains it touches (not of the whole chunk), the ones not preserved yet
+//! (of a chunk read in part, only the grains the point reads).
 //! A grain the guest still sees as the snapshot's bytes (see below) is
 //! preserved without a copy: the capture only records "in the snapshot".
 //! Any other grain is copied from the layer below into `preserved`
@@ -115,10 +130,14 @@
 mod base;
 mod changed;
 mod disk;
+mod grains;
 mod preserved;
 
 pub use base::Protected;
 pub use disk::DiskDevice;
+/// Bytes per grain: copy-before-write and partial point reads work in
+/// grains of this size.
+pub use preserved::GRAIN;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -131,6 +150,7 @@ use vm_memory::VolatileSlice;
 use crate::device::BlockDevice;
 use base::Base;
 use changed::ChangedFile;
+use grains::GrainMap;
 use preserved::Preserved;
 
 /// The two changed-chunks bitmaps, in the state dir.
@@ -260,6 +280,9 @@ pub struct ProtectLayer {
     chunk: u64,
     nchunks: u64,
     files: [ChangedFile; 2],
+    /// The grains written, next to each file; `None` when the chunk size
+    /// is not whole grains (every captured chunk is then read whole).
+    grains: Option<[GrainMap; 2]>,
     gate: RwLock<Gate>,
     /// Full reads requested (open with `full`, a lost bit)...
     full_requested: AtomicU64,
@@ -310,6 +333,21 @@ impl ProtectLayer {
         }
         f0.sync().map_err(merge_err)?;
         f1.clear().map_err(merge_err)?;
+        // What changed before this open is known by chunk only: every
+        // grain of those chunks counts as written.
+        let grains = chunk.is_multiple_of(GRAIN).then(|| {
+            let maps = [GrainMap::new(size), GrainMap::new(size)];
+            let per_chunk = chunk / GRAIN;
+            for i in 0..f0.word_count() {
+                let mut w = f0.word(i);
+                while w != 0 {
+                    let c = i as u64 * 64 + u64::from(w.trailing_zeros());
+                    maps[0].set(c * per_chunk, per_chunk);
+                    w &= w - 1;
+                }
+            }
+            maps
+        });
         let full = u64::from(opts.full);
         Ok(Arc::new(ProtectLayer {
             lower,
@@ -319,6 +357,7 @@ impl ProtectLayer {
             chunk,
             nchunks: size.div_ceil(chunk),
             files: [f0, f1],
+            grains,
             gate: RwLock::new(Gate {
                 active: 0,
                 capture: None,
@@ -401,6 +440,25 @@ impl ProtectLayer {
         (off, (self.size - off).min(self.chunk) as usize)
     }
 
+    /// The grains of chunk `chunk`: (first grain of the image, count).
+    fn chunk_grains(&self, chunk: u64) -> (u64, u64) {
+        let (off, len) = self.chunk_range(chunk);
+        (off / GRAIN, (len as u64).div_ceil(GRAIN))
+    }
+
+    /// The grains of captured chunk `chunk` that `capture` reads, when it
+    /// reads only the written ones (their grains are tracked, and at most
+    /// half of them were written): one flag per grain of the chunk. `None`
+    /// when it reads the whole chunk. Fixed for the capture's life (its
+    /// map is frozen), so copy-before-write and the point's reader agree.
+    fn grains_read(&self, capture: &Capture, chunk: u64) -> Option<Vec<bool>> {
+        let maps = self.grains.as_ref().filter(|_| !capture.full)?;
+        let map = &maps[capture.file];
+        let (first, n) = self.chunk_grains(chunk);
+        let ones = map.count(first, n);
+        (ones > 0 && ones * 2 <= n).then(|| (first..first + n).map(|g| map.get(g)).collect())
+    }
+
     /// Runs `write` (a guest mutation of `len` bytes at `offset`) with the
     /// gate's read side held: preserves the captured chunks it touches,
     /// marks them changed, then writes.
@@ -427,6 +485,9 @@ impl ProtectLayer {
         if let Err(e) = self.files[gate.active].mark(first, last) {
             self.degrade("record a changed chunk", &e);
         }
+        if let Some(maps) = &self.grains {
+            maps[gate.active].set_bytes(offset, len);
+        }
         let r = write();
         drop(gate);
         r
@@ -451,13 +512,27 @@ impl ProtectLayer {
             return;
         }
         let (g0, g1) = ((lo / grain) as u32, ((hi - 1) / grain) as u32);
+        // A point that reads only the written grains needs no other.
+        let read = self.grains_read(capture, c);
+        let needed = |g: u32| read.as_ref().is_none_or(|r| r[g as usize]);
         for (first, count) in self.preserved.missing(c, g0, g1) {
-            let start = u64::from(first) * grain;
-            let end = (start + u64::from(count) * grain).min(len);
-            if let Err(e) = self.preserve_run(c, first, start, end) {
-                tracing::warn!(chunk = c, error = %e, "protection: failed to preserve a chunk for the point being written; the point is abandoned");
-                capture.set_broken(format!("failed to preserve chunk {c}: {e}"));
-                return;
+            let mut g = first;
+            while g < first + count {
+                if !needed(g) {
+                    g += 1;
+                    continue;
+                }
+                let run = g;
+                while g < first + count && needed(g) {
+                    g += 1;
+                }
+                let start = u64::from(run) * grain;
+                let end = (u64::from(g) * grain).min(len);
+                if let Err(e) = self.preserve_run(c, run, start, end) {
+                    tracing::warn!(chunk = c, error = %e, "protection: failed to preserve a chunk for the point being written; the point is abandoned");
+                    capture.set_broken(format!("failed to preserve chunk {c}: {e}"));
+                    return;
+                }
             }
         }
     }
@@ -567,6 +642,10 @@ impl ProtectLayer {
     fn abandon_capture(&self, capture: &Capture) -> io::Result<()> {
         let active = self.end_capture();
         let (src, dst) = (&self.files[capture.file], &self.files[active]);
+        if let Some(maps) = &self.grains {
+            maps[active].merge_from(&maps[capture.file]);
+            maps[capture.file].clear();
+        }
         let merged = (|| {
             for i in 0..src.word_count() {
                 let w = src.word(i);
@@ -665,9 +744,120 @@ impl Point {
             && (self.capture.full || self.layer.files[self.capture.file].get(chunk))
     }
 
+    /// For a captured chunk the point reads in part: one flag per 4 KiB
+    /// grain of the chunk, true for the grains written since the last
+    /// point (the others are as in the last point). Read those with
+    /// [`Point::read_ranges`]. `None` when the chunk is read whole with
+    /// [`Point::read_at`]: the point is a full read, grains are not
+    /// tracked (after a restart, or a chunk size that is not whole
+    /// grains), or more than half of the chunk was written.
+    pub fn changed_grains(&self, chunk: u64) -> Option<Vec<bool>> {
+        if !self.is_captured(chunk) {
+            return None;
+        }
+        self.layer.grains_read(&self.capture, chunk)
+    }
+
+    /// Fills `buf` with the `(offset, len)` ranges of the image back to
+    /// back, as they were at the instant. The ranges are whole written
+    /// grains of chunks read in part (see [`Point::changed_grains`]), in
+    /// order; every grain a chunk needs is in one call (each chunk is read
+    /// once per point). Called from several threads at once.
+    pub fn read_ranges(&self, ranges: &[(u64, usize)], buf: &mut [u8]) -> io::Result<()> {
+        let total: usize = ranges.iter().map(|r| r.1).sum();
+        if total != buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "point read of {total} bytes of grains into {} bytes",
+                    buf.len()
+                ),
+            ));
+        }
+        let chunk = self.layer.chunk;
+        // Split at chunk boundaries: (chunk, offset in it, len, at in buf).
+        let mut pieces: Vec<(u64, usize, usize, usize)> = Vec::with_capacity(ranges.len());
+        let mut at = 0usize;
+        for &(offset, len) in ranges {
+            let mut pos = offset;
+            let end = offset + len as u64;
+            while pos < end {
+                let c = pos / chunk;
+                let stop = end.min((c + 1) * chunk);
+                let n = (stop - pos) as usize;
+                pieces.push((c, (pos - c * chunk) as usize, n, at));
+                at += n;
+                pos = stop;
+            }
+        }
+        let mut scratch = Vec::new();
+        for group in pieces.chunk_by(|a, b| a.0 == b.0) {
+            self.read_chunk_grains(group[0].0, group, buf, &mut scratch)?;
+        }
+        Ok(())
+    }
+
+    /// Reads `pieces` (all of chunk `c`: offset in it, length, where in
+    /// `buf`) as they were at the instant, through `scratch` (the chunk).
+    fn read_chunk_grains(
+        &self,
+        c: u64,
+        pieces: &[(u64, usize, usize, usize)],
+        buf: &mut [u8],
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let layer = &self.layer;
+        let cap = &self.capture;
+        if let Some(why) = cap.broken() {
+            return Err(io::Error::other(why));
+        }
+        let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+        let read = (c < layer.nchunks && self.is_captured(c))
+            .then(|| layer.grains_read(cap, c))
+            .flatten()
+            .ok_or_else(|| invalid(format!("chunk {c} is not read in part by this point")))?;
+        let (off, n) = layer.chunk_range(c);
+        for &(_, at, len, _) in pieces {
+            let end = at + len;
+            let whole = (at as u64).is_multiple_of(GRAIN)
+                && ((end as u64).is_multiple_of(GRAIN) || end == n);
+            let written = || {
+                (at as u64 / GRAIN..=(end as u64).saturating_sub(1) / GRAIN)
+                    .all(|g| read.get(g as usize).copied().unwrap_or(false))
+            };
+            if len == 0 || end > n || !whole || !written() {
+                return Err(invalid(format!(
+                    "point read of {len} bytes at {at} of chunk {c} is not whole written grains"
+                )));
+            }
+        }
+        let not_pending = || {
+            io::Error::other(match cap.broken() {
+                Some(why) => why,
+                None => format!("chunk {c} was read twice by this point"),
+            })
+        };
+        if !cap.is_pending(c) {
+            return Err(not_pending());
+        }
+        scratch.resize(n, 0);
+        // As in `read_at`: read without the stripe, then patch.
+        for &(_, at, len, _) in pieces {
+            layer
+                .lower
+                .read_at(&mut scratch[at..at + len], off + at as u64)?;
+        }
+        self.patch_preserved(c, scratch, off)?;
+        for &(_, at, len, to) in pieces {
+            buf[to..to + len].copy_from_slice(&scratch[at..at + len]);
+        }
+        Ok(())
+    }
+
     /// Fills `buf` with the captured chunks from `offset` on, as they were
     /// at the instant. `offset` is chunk-aligned and `buf` covers whole
-    /// chunks (the last one of the disk may be short); each chunk is read
+    /// chunks (the last one of the disk may be short) that the point
+    /// reads whole (see [`Point::changed_grains`]); each chunk is read
     /// once per point. Called from several threads at once.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let layer = &self.layer;
@@ -701,45 +891,63 @@ impl Point {
             if !cap.is_pending(c) {
                 return Err(not_pending());
             }
+            if layer.grains_read(cap, c).is_some() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("chunk {c} is read in part by this point, not whole"),
+                ));
+            }
             // Read without the stripe (a guest write to the chunk does not
             // wait for this read): a write meanwhile preserves the grains
             // it overwrites before its data goes down, and the patch below
             // puts them back.
             layer.lower.read_at(piece, pos)?;
-            let stripe = cap.stripe(c);
-            if !cap.is_pending(c) {
-                return Err(not_pending());
-            }
-            // Grains left in the snapshot, read once the stripe is free:
-            // the snapshot never changes.
-            let mut in_base = Vec::new();
-            let taken = layer.preserved.take_into(c, piece, |part, at| {
-                in_base.push((at as usize, part.len()));
-                Ok(())
-            });
-            if let Err(e) = taken {
-                // The preserved grains are gone: the chunk cannot be
-                // read as it was any more.
+            self.patch_preserved(c, piece, pos)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Ends the read of chunk `c` (at image offset `off`), just read from
+    /// the layer below into `chunk` (from its start) without its stripe:
+    /// under the stripe, patches the grains preserved since the instant
+    /// over it and marks the chunk read; then fills the grains left in the
+    /// snapshot (once the stripe is free: the snapshot never changes).
+    fn patch_preserved(&self, c: u64, chunk: &mut [u8], off: u64) -> io::Result<()> {
+        let (layer, cap) = (&self.layer, &self.capture);
+        let stripe = cap.stripe(c);
+        if !cap.is_pending(c) {
+            return Err(io::Error::other(match cap.broken() {
+                Some(why) => why,
+                None => format!("chunk {c} was read twice by this point"),
+            }));
+        }
+        let mut in_base = Vec::new();
+        let taken = layer.preserved.take_into(c, chunk, |part, at| {
+            in_base.push((at as usize, part.len()));
+            Ok(())
+        });
+        if let Err(e) = taken {
+            // The preserved grains are gone: the chunk cannot be read as
+            // it was any more.
+            cap.set_broken(format!(
+                "failed to read the preserved grains of chunk {c}: {e}"
+            ));
+            return Err(e);
+        }
+        cap.clear_pending(c);
+        drop(stripe);
+        for (at, len) in in_base {
+            let read = match &layer.base {
+                Some(base) => base.read_at(&mut chunk[at..at + len], off + at as u64),
+                None => Err(io::Error::other("no snapshot under the disk")),
+            };
+            if let Err(e) = read {
                 cap.set_broken(format!(
-                    "failed to read the preserved grains of chunk {c}: {e}"
+                    "failed to read the snapshot's grains of chunk {c}: {e}"
                 ));
                 return Err(e);
             }
-            cap.clear_pending(c);
-            drop(stripe);
-            for (at, len) in in_base {
-                let read = match &layer.base {
-                    Some(base) => base.read_at(&mut piece[at..at + len], pos + at as u64),
-                    None => Err(io::Error::other("no snapshot under the disk")),
-                };
-                if let Err(e) = read {
-                    cap.set_broken(format!(
-                        "failed to read the snapshot's grains of chunk {c}: {e}"
-                    ));
-                    return Err(e);
-                }
-            }
-            at += n;
         }
         Ok(())
     }
@@ -754,6 +962,9 @@ impl Point {
             layer
                 .full_done
                 .fetch_max(self.capture.full_seq, Ordering::AcqRel);
+        }
+        if let Some(maps) = &layer.grains {
+            maps[self.capture.file].clear();
         }
         layer.files[self.capture.file].clear()
     }

@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 
 /// Bytes per preserved grain (chunk sizes that are not a multiple of it
 /// are preserved whole).
-pub(crate) const GRAIN: u64 = 4096;
+pub const GRAIN: u64 = 4096;
 
 /// Where a preserved run of grains is.
 #[derive(Debug)]

@@ -42,19 +42,44 @@ fn open_full_with_budget(
     ProtectLayer::open(lower, dir, &opts).unwrap()
 }
 
-/// The disk as a point sees it: `base` with the captured chunks read
-/// through the point.
+/// The disk as a point sees it: `base` (the disk at the last point) with
+/// the captured chunks read through the point.
 fn image_of(point: &Point, base: &[u8]) -> Vec<u8> {
     let mut img = base.to_vec();
-    let cs = u64::from(CHUNK);
-    for c in 0..CHUNKS {
-        if point.is_captured(c) {
-            let at = (c * cs) as usize;
-            let end = (at + cs as usize).min(point.layer.size as usize);
-            point.read_at(&mut img[at..end], c * cs).unwrap();
+    read_point(point, &mut img, 0, point.layer.nchunks);
+    img
+}
+
+/// Reads the captured chunks among `first..first + n` through `point`
+/// into `img` (the disk at the last point), as the store does: the
+/// written grains of the chunks read in part in one call, the others
+/// whole.
+fn read_point(point: &Point, img: &mut [u8], first: u64, n: u64) {
+    let cs = point.layer.chunk;
+    let size = point.layer.size;
+    let mut ranges: Vec<(u64, usize)> = Vec::new();
+    for c in (first..first + n).filter(|&c| point.is_captured(c)) {
+        let at = c * cs;
+        let end = (at + cs).min(size);
+        match point.changed_grains(c) {
+            None => point
+                .read_at(&mut img[at as usize..end as usize], at)
+                .unwrap(),
+            Some(grains) => {
+                for (i, _) in grains.iter().enumerate().filter(|(_, &w)| w) {
+                    let off = at + i as u64 * GRAIN;
+                    ranges.push((off, GRAIN.min(end - off) as usize));
+                }
+            }
         }
     }
-    img
+    let mut got = vec![0; ranges.iter().map(|r| r.1).sum()];
+    point.read_ranges(&ranges, &mut got).unwrap();
+    let mut from = 0;
+    for (off, len) in ranges {
+        img[off as usize..off as usize + len].copy_from_slice(&got[from..from + len]);
+        from += len;
+    }
 }
 
 fn captured(point: &Point) -> Vec<u64> {
@@ -78,13 +103,22 @@ fn a_point_holds_the_disk_at_its_instant_while_the_guest_rewrites_it() {
     let point = point.unwrap();
     assert_eq!(captured(&point), [1, 3, 5, 6]);
     assert_eq!(point.chunks(), 4);
+    // Chunks 1 and 3 are read in part (grains 0-1, grain 0), 5 and 6 whole.
+    let t = true;
+    assert_eq!(point.changed_grains(1), Some(vec![t, t, false, false]));
+    assert_eq!(point.changed_grains(3), Some(vec![t, false, false, false]));
+    assert_eq!(
+        (point.changed_grains(5), point.changed_grains(2)),
+        (None, None)
+    );
     // After the instant: rewrite a captured chunk (preserved), write an
     // uncaptured one (not preserved), discard across a captured one.
     layer.write_at(&[0xb1; 8192], cs).unwrap();
     layer.write_at(&[0xb9; 512], 9 * cs).unwrap();
     layer.discard(2 * cs, 2 * cs).unwrap();
-    // Only the grains written: 8 KiB of chunk 1, all of chunk 3.
-    assert_eq!(layer.preserved_bytes(), 8192 + cs);
+    // Only the grains written that the point reads: 8 KiB of chunk 1,
+    // grain 0 of chunk 3.
+    assert_eq!(layer.preserved_bytes(), 8192 + G);
     assert!(
         image_of(&point, &base) == at_instant,
         "the point differs from the disk at its instant"
@@ -97,6 +131,84 @@ fn a_point_holds_the_disk_at_its_instant_while_the_guest_rewrites_it() {
     assert_eq!(captured(&next), [1, 2, 3, 9]);
     assert!(image_of(&next, &at_instant) == mem.snapshot());
     next.finish().unwrap();
+}
+
+#[test]
+fn a_chunk_read_in_part_is_read_only_by_its_written_grains() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemDevice::new((CHUNKS * u64::from(CHUNK)) as usize));
+    let layer = open(dir.path(), mem.clone(), false);
+    let cs = u64::from(CHUNK);
+    layer.write_at(&[1; 512], cs + 2 * G).unwrap();
+    layer.write_at(&[2; 512], 3 * cs).unwrap();
+    let point = layer.start_point().unwrap().1.unwrap();
+    let refused = |r: io::Result<()>| r.unwrap_err().kind() == io::ErrorKind::InvalidInput;
+    let mut chunk = vec![0; cs as usize];
+    assert!(refused(point.read_at(&mut chunk, cs)), "read whole");
+    let mut grain = vec![0; G as usize];
+    assert!(
+        refused(point.read_ranges(&[(cs, G as usize)], &mut grain)),
+        "grain 0 was not written"
+    );
+    assert!(
+        refused(point.read_ranges(&[(cs + 2 * G, 512)], &mut grain[..512])),
+        "part of a grain"
+    );
+    assert!(
+        refused(point.read_ranges(&[(5 * cs, G as usize)], &mut grain)),
+        "not captured"
+    );
+    assert!(
+        refused(point.read_ranges(&[(cs + 2 * G, G as usize)], &mut grain[..100])),
+        "short buffer"
+    );
+    // Both chunks' grains in one call, as one range per chunk.
+    let mut two = vec![0; 2 * G as usize];
+    point
+        .read_ranges(&[(cs + 2 * G, G as usize), (3 * cs, G as usize)], &mut two)
+        .unwrap();
+    assert!(two[..512] == [1; 512] && two[G as usize..][..512] == [2; 512]);
+    assert!(
+        point
+            .read_ranges(&[(3 * cs, G as usize)], &mut grain)
+            .is_err(),
+        "each chunk is read once"
+    );
+    point.finish().unwrap();
+}
+
+#[test]
+fn written_grains_survive_an_abandoned_point_but_not_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemDevice::new((CHUNKS * u64::from(CHUNK)) as usize));
+    let cs = u64::from(CHUNK);
+    let layer = open(dir.path(), mem.clone(), false);
+    layer.write_at(&[1; 512], cs).unwrap();
+    let point = layer.start_point().unwrap().1.unwrap();
+    layer.write_at(&[2; 512], cs + 2 * G).unwrap();
+    point.abandon().unwrap();
+    let point = layer.start_point().unwrap().1.unwrap();
+    assert_eq!(
+        point.changed_grains(1),
+        Some(vec![true, false, true, false])
+    );
+    drop(point);
+    drop(layer);
+    // Reopened: the chunk is known changed, its grains are not.
+    let layer = open(dir.path(), mem, false);
+    let point = layer.start_point().unwrap().1.unwrap();
+    assert_eq!(captured(&point), [1]);
+    assert_eq!(point.changed_grains(1), None);
+    let mut chunk = vec![0; cs as usize];
+    point.read_at(&mut chunk, cs).unwrap();
+    point.finish().unwrap();
+    // Grains are tracked again from then on.
+    layer.write_at(&[3; 512], cs + 3 * G).unwrap();
+    let point = layer.start_point().unwrap().1.unwrap();
+    assert_eq!(
+        point.changed_grains(1),
+        Some(vec![false, false, false, true])
+    );
 }
 
 #[test]
@@ -284,16 +396,7 @@ fn every_point_holds_a_prefix_of_the_acknowledged_writes() {
                 done.store(finished, Ordering::SeqCst);
                 continue;
             };
-            // Read the point in whole-chunk runs, as the store does.
-            let mut img = base.clone();
-            let cs = CHUNK as usize;
-            for c in 0..size / cs {
-                if point.is_captured(c as u64) {
-                    point
-                        .read_at(&mut img[c * cs..(c + 1) * cs], (c * cs) as u64)
-                        .unwrap();
-                }
-            }
+            let img = image_of(&point, &base);
             point.finish().unwrap();
             points += 1;
             let present: Vec<bool> = (0..RECORDS)
@@ -328,7 +431,7 @@ fn every_point_holds_a_prefix_of_the_acknowledged_writes() {
 /// (a one-grain budget).
 #[test]
 fn grains_rewritten_while_the_point_reads_them_keep_the_instant() {
-    race_writes_against_the_point(|dir, img| {
+    race_writes_against_the_point(false, |dir, img| {
         let mem = Arc::new(MemDevice::from_vec(img.to_vec()));
         let layer = open_full_with_budget(dir, mem, preserved::GRAIN as usize);
         (layer, img.to_vec(), None)
@@ -340,7 +443,7 @@ fn grains_rewritten_while_the_point_reads_them_keep_the_instant() {
 /// left in the snapshot, the others copied.
 #[test]
 fn grains_rewritten_while_the_point_reads_them_keep_the_instant_over_a_snapshot() {
-    race_writes_against_the_point(|dir, img| {
+    race_writes_against_the_point(false, |dir, img| {
         let stack = OverlayStack::new(dir, img);
         let at_instant = hold_every_third_grain(&*stack.overlay, img);
         let layer = ProtectLayer::open(stack.protected(), dir, &race_opts()).unwrap();
@@ -352,7 +455,7 @@ fn grains_rewritten_while_the_point_reads_them_keep_the_instant_over_a_snapshot(
 /// may complete while the point is read).
 #[test]
 fn grains_rewritten_while_the_point_reads_them_keep_the_instant_while_migrating() {
-    race_writes_against_the_point(|dir, img| {
+    race_writes_against_the_point(false, |dir, img| {
         let stack = OverlayStack::new(dir, img);
         let at_instant = hold_every_third_grain(&*stack.overlay, img);
         let m = stack.migrate(dir);
@@ -362,11 +465,47 @@ fn grains_rewritten_while_the_point_reads_them_keep_the_instant_while_migrating(
     });
 }
 
+/// The same race on a point that reads only the grains written since
+/// the last point (every third grain: at most half of each chunk):
+/// copy-before-write preserves only those, however the writes fall.
+#[test]
+fn written_grains_rewritten_while_a_partial_point_reads_them_keep_the_instant() {
+    race_writes_against_the_point(true, |dir, img| {
+        let mem = Arc::new(MemDevice::from_vec(img.to_vec()));
+        let layer =
+            ProtectLayer::open(mem as Arc<dyn BlockDevice>, dir, &partial_race_opts()).unwrap();
+        let at_instant = hold_every_third_grain(&*layer, img);
+        (layer, at_instant, None)
+    });
+}
+
+/// The partial race while migrating: grains of the snapshot, of the
+/// overlay and of the target, the copier running.
+#[test]
+fn written_grains_rewritten_while_a_partial_point_reads_them_keep_the_instant_while_migrating() {
+    race_writes_against_the_point(true, |dir, img| {
+        let stack = OverlayStack::new(dir, img);
+        let m = stack.migrate(dir);
+        let protected = Protected::Migrating(m.clone());
+        let layer = ProtectLayer::open(protected, dir, &partial_race_opts()).unwrap();
+        let at_instant = hold_every_third_grain(&*layer, img);
+        (layer, at_instant, Some(m))
+    });
+}
+
 /// A full point, a one-grain memory budget.
 fn race_opts() -> ProtectOptions {
     ProtectOptions {
         preserve_budget: preserved::GRAIN as usize,
         ..opts(true)
+    }
+}
+
+/// A point that is not a full read, a one-grain memory budget.
+fn partial_race_opts() -> ProtectOptions {
+    ProtectOptions {
+        full: false,
+        ..race_opts()
     }
 }
 
@@ -388,10 +527,12 @@ fn hold_every_third_grain(dev: &dyn BlockDevice, img: &[u8]) -> Vec<u8> {
 /// migration to start once the point is.
 type RaceSetup = (Arc<ProtectLayer>, Vec<u8>, Option<Arc<MigratingDevice>>);
 
-/// Races writers against a full point's reader on the layer `open(dir,
-/// image)` makes (see the callers). The reader starts once the writers
-/// have made a few writes, so some grains are preserved before it.
-fn race_writes_against_the_point(open: impl Fn(&Path, &[u8]) -> RaceSetup) {
+/// Races writers against a point's reader on the layer `open(dir, image)`
+/// makes (see the callers). The reader starts once the writers have made a
+/// few writes, so some grains are preserved before it. The point is a full
+/// read, or with `partial` a point over `image` that reads only the
+/// grains written before it.
+fn race_writes_against_the_point(partial: bool, open: impl Fn(&Path, &[u8]) -> RaceSetup) {
     const WRITERS: u64 = 3;
     let cs = u64::from(CHUNK);
     let size = CHUNKS * cs - 1024;
@@ -403,12 +544,20 @@ fn race_writes_against_the_point(open: impl Fn(&Path, &[u8]) -> RaceSetup) {
             .for_each(|(i, b)| *b = (i as u64 * 7 + round) as u8);
         let (layer, at_instant, migration) = open(dir.path(), &img);
         let point = layer.start_point().unwrap().1.unwrap();
+        assert_eq!(point.full(), !partial);
+        if partial {
+            assert!((0..CHUNKS).all(|c| point.changed_grains(c).is_some()));
+        }
         if let Some(m) = &migration {
             m.start().unwrap();
         }
         let reading = AtomicBool::new(true);
         let writes = AtomicU64::new(0);
-        let mut got = vec![0u8; size as usize];
+        let mut got = if partial {
+            img.clone()
+        } else {
+            vec![0u8; size as usize]
+        };
         std::thread::scope(|s| {
             for w in 0..WRITERS {
                 let (layer, reading, writes) = (&layer, &reading, &writes);
@@ -443,9 +592,7 @@ fn race_writes_against_the_point(open: impl Fn(&Path, &[u8]) -> RaceSetup) {
             let mut c = 0;
             while c < CHUNKS {
                 let n = (1 + c % 3).min(CHUNKS - c);
-                let at = (c * cs) as usize;
-                let end = (at + (n * cs) as usize).min(size as usize);
-                point.read_at(&mut got[at..end], c * cs).unwrap();
+                read_point(&point, &mut got, c, n);
                 c += n;
             }
             reading.store(false, Ordering::Relaxed);
@@ -574,8 +721,11 @@ fn grains_the_overlay_did_not_hold_are_read_from_the_snapshot() {
     layer.write_at(&[0x11; G as usize], cs).unwrap();
     layer.write_at(&[0x12; 100], cs + 2 * G + 7).unwrap();
     let at_instant = disk_of(&layer);
+    // A full read: the point reads chunk 1 whole (read in part, it would
+    // need only grains 0 and 2).
+    layer.request_full();
     let point = layer.start_point().unwrap().1.unwrap();
-    assert_eq!(captured(&point), [1]);
+    assert!(point.full());
     // After it: grains 0..4 of chunk 1, and part of grain 3 again.
     layer.write_at(&[0x22; 4 * G as usize], cs).unwrap();
     layer.write_at(&[0x23; 10], cs + 3 * G + 5).unwrap();
@@ -601,8 +751,10 @@ fn while_migrating_grains_migrated_or_in_the_overlay_are_copied() {
     layer.read_at(&mut buf, 2 * cs).unwrap();
     write_both(&layer, &mut at_instant, 0x12, G, 2 * cs);
     write_both(&layer, &mut at_instant, 0x13, G, 3 * cs + G);
+    // Full, so that whole chunks are preserved.
+    layer.request_full();
     let point = layer.start_point().unwrap().1.unwrap();
-    assert_eq!(captured(&point), [1, 2, 3]);
+    assert!(point.full());
     for c in 1..4 {
         layer.write_at(&[0x22; 4 * G as usize], c * cs).unwrap();
     }
@@ -622,8 +774,9 @@ fn grains_left_in_the_snapshot_are_read_from_it_after_the_migration_completes() 
     let mut at_instant = image.clone();
     write_both(&layer, &mut at_instant, 0x11, G, cs);
     write_both(&layer, &mut at_instant, 0x13, G, 3 * cs + G);
+    layer.request_full();
     let point = layer.start_point().unwrap().1.unwrap();
-    assert_eq!(captured(&point), [1, 3]);
+    assert!(point.full());
     // Chunk 3 before completion: grain 1 copied, the others left in the
     // snapshot.
     layer.write_at(&[0x22; 4 * G as usize], 3 * cs).unwrap();
@@ -702,14 +855,7 @@ fn an_aligned_cut_holds_a_prefix_of_the_writes_across_layers() {
             for (d, point) in points.into_iter().enumerate() {
                 let Some(point) = point else { continue };
                 assert_eq!(point.instant(), instant, "one instant for every disk");
-                let cs = CHUNK as usize;
-                for c in 0..size / cs {
-                    if point.is_captured(c as u64) {
-                        point
-                            .read_at(&mut bases[d][c * cs..(c + 1) * cs], (c * cs) as u64)
-                            .unwrap();
-                    }
-                }
+                bases[d] = image_of(&point, &bases[d]);
                 point.finish().unwrap();
             }
             cuts += 1;

@@ -1,0 +1,129 @@
+//! Which 4 KiB grains of the disk the guest wrote since the last point, in
+//! memory, next to each changed-chunks file: a bit per [`GRAIN`] of the
+//! image, bit `i` in word `i / 64` at position `i % 64`.
+//!
+//! It refines its file: a chunk's grains are exact only when they were
+//! marked by the writes themselves. A chunk whose bit came from the file
+//! on open (a point that a crashed daemon left behind, or changes from
+//! before a restart) has every grain set, so the point reads it whole.
+//! Losing this map (a kill -9) therefore costs reads, never a change.
+//!
+//! Only guest writes set bits (under the layer's gate, read side, before
+//! the data goes down), and only the point's end clears them, when its
+//! file is not active; a merge back (an abandoned point) ORs bits into the
+//! active map while writers set others. So plain atomics suffice.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::preserved::GRAIN;
+
+/// The grains written since the last point (see the module doc).
+#[derive(Debug)]
+pub(crate) struct GrainMap {
+    words: Vec<AtomicU64>,
+    ngrains: u64,
+}
+
+impl GrainMap {
+    /// A map of an image of `size` bytes, nothing set.
+    pub(crate) fn new(size: u64) -> GrainMap {
+        let ngrains = size.div_ceil(GRAIN);
+        GrainMap {
+            words: (0..ngrains.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            ngrains,
+        }
+    }
+
+    /// Sets grains `first..first + count` (clamped to the image).
+    pub(crate) fn set(&self, first: u64, count: u64) {
+        let end = (first + count).min(self.ngrains);
+        let mut g = first;
+        while g < end {
+            let (w, bit) = ((g / 64) as usize, g % 64);
+            let n = (64 - bit).min(end - g);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[w].fetch_or(mask, Ordering::AcqRel);
+            g += n;
+        }
+    }
+
+    /// Sets the grains of bytes `offset..offset + len` of the image.
+    pub(crate) fn set_bytes(&self, offset: u64, len: u64) {
+        if len > 0 {
+            let first = offset / GRAIN;
+            self.set(first, (offset + len - 1) / GRAIN + 1 - first);
+        }
+    }
+
+    /// Whether grain `g` is set.
+    pub(crate) fn get(&self, g: u64) -> bool {
+        g < self.ngrains
+            && self.words[(g / 64) as usize].load(Ordering::Acquire) & (1 << (g % 64)) != 0
+    }
+
+    /// Number of grains set in `first..first + count`.
+    pub(crate) fn count(&self, first: u64, count: u64) -> u64 {
+        let end = (first + count).min(self.ngrains);
+        let mut ones = 0u64;
+        let mut g = first;
+        while g < end {
+            let (w, bit) = ((g / 64) as usize, g % 64);
+            let n = (64 - bit).min(end - g);
+            let word = self.words[w].load(Ordering::Acquire) >> bit;
+            let word = if n == 64 { word } else { word & ((1 << n) - 1) };
+            ones += u64::from(word.count_ones());
+            g += n;
+        }
+        ones
+    }
+
+    /// ORs every bit of `other` into this map.
+    pub(crate) fn merge_from(&self, other: &GrainMap) {
+        for (dst, src) in self.words.iter().zip(&other.words) {
+            let w = src.load(Ordering::Acquire);
+            if w != 0 {
+                dst.fetch_or(w, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Clears every bit.
+    pub(crate) fn clear(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_set_and_count_across_words() {
+        let m = GrainMap::new(1000 * GRAIN + 1);
+        assert_eq!(m.ngrains, 1001);
+        m.set(60, 10);
+        m.set_bytes(200 * GRAIN + 1, 2 * GRAIN);
+        m.set(990, 100);
+        assert_eq!(m.count(0, 1001), 10 + 3 + 11);
+        assert_eq!(m.count(64, 64), 6);
+        assert!(m.get(69) && !m.get(70) && m.get(59 + 1) && !m.get(59));
+        assert!(m.get(200) && m.get(202) && !m.get(203));
+        assert!(m.get(1000) && !m.get(1001));
+        m.set(0, 128);
+        assert_eq!(m.count(0, 128), 128);
+        let other = GrainMap::new(1000 * GRAIN + 1);
+        other.set(500, 1);
+        m.merge_from(&other);
+        assert!(m.get(500));
+        m.clear();
+        assert_eq!(m.count(0, 1001), 0);
+    }
+}
