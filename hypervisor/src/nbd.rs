@@ -5,7 +5,7 @@
 //! `qemu:dirty-bitmap:NAME`), then `NBD_OPT_GO`. Transmission: `NBD_CMD_READ`
 //! and `NBD_CMD_BLOCK_STATUS` with structured replies, pipelined: any number
 //! of requests may be in flight, from one thread ([`Client::submit_read`]
-//! then [`Pending::wait`]) or from many (the client is `Sync`). One reader
+//! then [`Pending::wait_read`]) or from many (the client is `Sync`). One reader
 //! thread owns the socket's read half and routes reply chunks to their
 //! request by cookie; read data lands directly in the request's buffer.
 //!
@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -107,9 +107,24 @@ struct Slot {
     status: Vec<(u32, Vec<Extent>)>,
     error: Option<ProtoError>,
     done: bool,
-    /// Woken when this request is done (or the connection dies): a reply
-    /// wakes its own waiter, not every thread waiting on the client.
-    cv: Arc<Condvar>,
+    group: Arc<Group>,
+}
+
+/// Requests submitted together and waited for together: their waiter is
+/// woken once, when the last of them is done (or the connection dies), not
+/// once per reply.
+struct Group {
+    cv: Condvar,
+    /// Requests of the group not done yet (changed under the state lock).
+    left: AtomicUsize,
+}
+
+/// A request to send: kind, offset, length and, for a read, its buffer.
+struct Req {
+    kind: u16,
+    offset: u64,
+    len: u32,
+    buf: Option<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -122,7 +137,6 @@ struct State {
 struct Inner {
     writer: Mutex<UnixStream>,
     state: Mutex<State>,
-    cv: Condvar,
     next: AtomicU64,
 }
 
@@ -135,9 +149,8 @@ impl Inner {
         let mut st = self.state();
         st.dead.get_or_insert(why);
         for slot in st.slots.values() {
-            slot.cv.notify_all();
+            slot.group.cv.notify_all();
         }
-        self.cv.notify_all();
     }
 }
 
@@ -150,11 +163,16 @@ pub struct Client {
     export: String,
 }
 
-/// A submitted request; [`Pending::wait`] for its reply.
+/// Submitted requests (one, or a batch sent in one write); wait for their
+/// replies with [`Pending::wait_read`], [`Pending::wait_reads`],
+/// [`Pending::wait_status`] or [`Pending::wait_statuses`].
 #[must_use]
 pub struct Pending<'a> {
     client: &'a Client,
-    cookie: u64,
+    /// Cookies `first..first + n`.
+    first: u64,
+    n: u64,
+    group: Arc<Group>,
 }
 
 /// Result of a block status request: per meta context id, the extents from
@@ -304,7 +322,6 @@ impl Client {
         let inner = Arc::new(Inner {
             writer: Mutex::new(s),
             state: Mutex::new(State::default()),
-            cv: Condvar::new(),
             next: AtomicU64::new(1),
         });
         let shared = Arc::clone(&inner);
@@ -365,50 +382,58 @@ impl Client {
         Ok(())
     }
 
-    fn submit(
-        &self,
-        kind: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
-        buf: Option<Vec<u8>>,
-    ) -> Result<Pending<'_>> {
-        let cookie = self.inner.next.fetch_add(1, Ordering::Relaxed);
+    /// Send `reqs` in one write; their replies are waited for together.
+    fn submit(&self, reqs: Vec<Req>) -> Result<Pending<'_>> {
+        let n = reqs.len() as u64;
+        let first = self.inner.next.fetch_add(n, Ordering::Relaxed);
+        let group = Arc::new(Group {
+            cv: Condvar::new(),
+            left: AtomicUsize::new(reqs.len()),
+        });
+        let mut wire = Vec::with_capacity(reqs.len() * proto::REQUEST_LEN);
         {
             let mut st = self.inner.state();
             if let Some(why) = &st.dead {
                 return Err(Error::Dead(why.clone()));
             }
-            st.slots.insert(
-                cookie,
-                Slot {
-                    kind,
-                    offset,
-                    len,
-                    buf,
-                    covered: 0,
-                    status: Vec::new(),
-                    error: None,
-                    done: false,
-                    cv: Arc::new(Condvar::new()),
-                },
-            );
+            for (cookie, r) in (first..).zip(reqs) {
+                let req = Request {
+                    flags: 0,
+                    kind: r.kind,
+                    cookie,
+                    offset: r.offset,
+                    len: r.len,
+                };
+                wire.extend_from_slice(&req.encode());
+                st.slots.insert(
+                    cookie,
+                    Slot {
+                        kind: r.kind,
+                        offset: r.offset,
+                        len: r.len,
+                        buf: r.buf,
+                        covered: 0,
+                        status: Vec::new(),
+                        error: None,
+                        done: false,
+                        group: Arc::clone(&group),
+                    },
+                );
+            }
         }
-        let req = Request {
-            flags,
-            kind,
-            cookie,
-            offset,
-            len,
-        };
         let sent = self
             .inner
             .writer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .write_all(&req.encode());
+            .write_all(&wire);
         if let Err(e) = sent {
-            self.inner.state().slots.remove(&cookie);
+            {
+                let mut st = self.inner.state();
+                for cookie in first..first + n {
+                    st.slots.remove(&cookie);
+                }
+            }
             let e = Error::Io {
                 what: "request send",
                 source: e,
@@ -418,16 +443,33 @@ impl Client {
         }
         Ok(Pending {
             client: self,
-            cookie,
+            first,
+            n,
+            group,
         })
     }
 
     /// Send a read of `buf.len()` bytes at `offset`; the buffer comes back
     /// filled from [`Pending::wait_read`].
     pub fn submit_read(&self, offset: u64, buf: Vec<u8>) -> Result<Pending<'_>> {
-        self.check_range("read", offset, buf.len() as u64)?;
-        let len = buf.len() as u32;
-        self.submit(proto::CMD_READ, 0, offset, len, Some(buf))
+        self.submit_reads(vec![(offset, buf)])
+    }
+
+    /// Send reads of `(offset, buffer)` in one write (the server sees them
+    /// at once); the buffers come back filled, in order, from
+    /// [`Pending::wait_reads`].
+    pub fn submit_reads(&self, reads: Vec<(u64, Vec<u8>)>) -> Result<Pending<'_>> {
+        let mut reqs = Vec::with_capacity(reads.len());
+        for (offset, buf) in reads {
+            self.check_range("read", offset, buf.len() as u64)?;
+            reqs.push(Req {
+                kind: proto::CMD_READ,
+                offset,
+                len: buf.len() as u32,
+                buf: Some(buf),
+            });
+        }
+        self.submit(reqs)
     }
 
     /// Read `buf.len()` bytes at `offset`.
@@ -437,13 +479,82 @@ impl Client {
 
     /// Send a block status request for `[offset, offset + len)`.
     pub fn submit_block_status(&self, offset: u64, len: u32) -> Result<Pending<'_>> {
-        self.check_range("block status", offset, len as u64)?;
-        self.submit(proto::CMD_BLOCK_STATUS, 0, offset, len, None)
+        self.submit_block_statuses(&[(offset, len)])
+    }
+
+    /// Send block status requests for `(offset, len)` ranges in one write.
+    pub fn submit_block_statuses(&self, ranges: &[(u64, u32)]) -> Result<Pending<'_>> {
+        let mut reqs = Vec::with_capacity(ranges.len());
+        for &(offset, len) in ranges {
+            self.check_range("block status", offset, len as u64)?;
+            reqs.push(Req {
+                kind: proto::CMD_BLOCK_STATUS,
+                offset,
+                len,
+                buf: None,
+            });
+        }
+        self.submit(reqs)
     }
 
     /// Block status of `[offset, offset + len)` for every selected context.
     pub fn block_status(&self, offset: u64, len: u32) -> Result<BlockStatus> {
         self.submit_block_status(offset, len)?.wait_status()
+    }
+
+    /// Extents of each of `contexts` over `[offset, end)` as absolute
+    /// `(offset, len, flags)`, adjacent equal ones merged: the requests of
+    /// one pass sent at once (each answers every context), then, for a
+    /// part a reply left out, [`Client::extents`].
+    pub fn extents_of(
+        &self,
+        contexts: &[u32],
+        offset: u64,
+        end: u64,
+    ) -> Result<Vec<Vec<(u64, u64, u32)>>> {
+        let step = self.max_request().min(1 << 30) as u64;
+        self.extents_stepped(contexts, offset, end, step)
+    }
+
+    /// [`Client::extents_of`] with requests of `step` bytes.
+    fn extents_stepped(
+        &self,
+        contexts: &[u32],
+        offset: u64,
+        end: u64,
+        step: u64,
+    ) -> Result<Vec<Vec<(u64, u64, u32)>>> {
+        let ranges: Vec<(u64, u32)> = (offset..end)
+            .step_by(step as usize)
+            .map(|at| (at, (end - at).min(step) as u32))
+            .collect();
+        let answers = if ranges.is_empty() {
+            Vec::new()
+        } else {
+            self.submit_block_statuses(&ranges)?.wait_statuses()?
+        };
+        let mut out = vec![Vec::new(); contexts.len()];
+        for (&(at, len), st) in ranges.iter().zip(&answers) {
+            let stop = at + len as u64;
+            for (&context, out) in contexts.iter().zip(&mut out) {
+                let ext = st
+                    .iter()
+                    .find(|(c, _)| *c == context)
+                    .map(|(_, e)| e.as_slice())
+                    .unwrap_or(&[]);
+                let mut covered = at;
+                for r in proto::extent_ranges(at, stop, ext) {
+                    push_extent(out, r);
+                    covered = r.0 + r.1;
+                }
+                if covered < stop {
+                    for r in self.extents(context, covered, stop)? {
+                        push_extent(out, r);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Extents of one context over `[offset, end)` as absolute
@@ -461,12 +572,9 @@ impl Client {
                 .map(|(_, e)| e.as_slice())
                 .unwrap_or(&[]);
             let before = at;
-            for (o, l, f) in proto::extent_ranges(at, at + len as u64, ext) {
-                match out.last_mut() {
-                    Some(last) if last.2 == f && last.0 + last.1 == o => last.1 += l,
-                    _ => out.push((o, l, f)),
-                }
-                at = o + l;
+            for r in proto::extent_ranges(at, at + len as u64, ext) {
+                push_extent(&mut out, r);
+                at = r.0 + r.1;
             }
             if at == before {
                 return Err(Error::Request {
@@ -484,48 +592,76 @@ impl Client {
     }
 }
 
+/// Append extent `r` to `out`, merged with the last one when adjacent with
+/// the same flags.
+fn push_extent(out: &mut Vec<(u64, u64, u32)>, r: (u64, u64, u32)) {
+    match out.last_mut() {
+        Some(last) if last.2 == r.2 && last.0 + last.1 == r.0 => last.1 += r.1,
+        _ => out.push(r),
+    }
+}
+
 impl Pending<'_> {
-    fn wait(self) -> Result<Slot> {
+    /// Wait until every request is done (or the connection dies); the
+    /// slots in order, or the first request's error.
+    fn wait(self) -> Result<Vec<Slot>> {
         let inner = &self.client.inner;
         let mut st = inner.state();
-        let cv = st.slots.get(&self.cookie).map(|s| s.cv.clone());
-        loop {
-            if st.slots.get(&self.cookie).is_some_and(|s| s.done) {
-                let slot = st.slots.remove(&self.cookie).expect("slot present");
-                let what = if slot.kind == proto::CMD_READ {
-                    "read"
-                } else {
-                    "block status"
-                };
-                return match slot.error {
-                    Some(source) => Err(Error::Request {
-                        what,
-                        offset: slot.offset,
-                        len: slot.len,
-                        source,
-                    }),
-                    None => Ok(slot),
-                };
-            }
-            if let Some(why) = &st.dead {
-                let why = why.clone();
-                st.slots.remove(&self.cookie);
-                return Err(Error::Dead(why));
-            }
-            let cv = cv.as_deref().unwrap_or(&inner.cv);
-            st = cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        while self.group.left.load(Ordering::Relaxed) > 0 && st.dead.is_none() {
+            st = self.group.cv.wait(st).unwrap_or_else(|p| p.into_inner());
         }
+        let mut slots = Vec::with_capacity(self.n as usize);
+        let mut first_err = None;
+        for cookie in self.first..self.first + self.n {
+            match st.slots.remove(&cookie) {
+                Some(mut slot) if slot.done => match slot.error.take() {
+                    Some(source) if first_err.is_none() => {
+                        first_err = Some(Error::Request {
+                            what: if slot.kind == proto::CMD_READ {
+                                "read"
+                            } else {
+                                "block status"
+                            },
+                            offset: slot.offset,
+                            len: slot.len,
+                            source,
+                        })
+                    }
+                    _ => slots.push(slot),
+                },
+                _ => {
+                    if first_err.is_none() {
+                        let why = st.dead.clone().unwrap_or_default();
+                        first_err = Some(Error::Dead(why));
+                    }
+                }
+            }
+        }
+        first_err.map_or(Ok(slots), Err)
     }
 
     /// Wait for a read; returns its buffer, filled.
     pub fn wait_read(self) -> Result<Vec<u8>> {
-        let slot = self.wait()?;
-        Ok(slot.buf.unwrap_or_default())
+        Ok(self.wait_reads()?.pop().unwrap_or_default())
+    }
+
+    /// Wait for reads; returns their buffers, filled, in order.
+    pub fn wait_reads(self) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .wait()?
+            .into_iter()
+            .map(|s| s.buf.unwrap_or_default())
+            .collect())
     }
 
     /// Wait for a block status request.
     pub fn wait_status(self) -> Result<BlockStatus> {
-        Ok(self.wait()?.status)
+        Ok(self.wait_statuses()?.pop().unwrap_or_default())
+    }
+
+    /// Wait for block status requests; their answers in order.
+    pub fn wait_statuses(self) -> Result<Vec<BlockStatus>> {
+        Ok(self.wait()?.into_iter().map(|s| s.status).collect())
     }
 }
 
@@ -587,6 +723,15 @@ fn reader_loop(inner: &Inner, s: UnixStream) -> Result<()> {
                     why: format!("unknown cookie {cookie}"),
                 },
             })?;
+            if slot.done {
+                return Err(Error::Proto {
+                    what: "reply receive",
+                    source: ProtoError::Invalid {
+                        what: "reply",
+                        why: format!("reply to request {cookie}, which was already answered"),
+                    },
+                });
+            }
             (slot.kind, slot.offset, slot.len, slot.buf.take())
         };
         let mut error = None;
@@ -702,7 +847,9 @@ fn reader_loop(inner: &Inner, s: UnixStream) -> Result<()> {
                 });
             }
             slot.done = true;
-            slot.cv.notify_all();
+            if slot.group.left.fetch_sub(1, Ordering::Relaxed) == 1 {
+                slot.group.cv.notify_all();
+            }
         }
     }
 }
@@ -780,6 +927,17 @@ mod tests {
                 "data differs in block {i}"
             );
         }
+        // The same as one batch: one write, one wake-up.
+        let got = c
+            .submit_reads(
+                (0..SIZE / step)
+                    .map(|i| (i * step, vec![0x55; step as usize]))
+                    .collect(),
+            )
+            .unwrap()
+            .wait_reads()
+            .unwrap();
+        assert!(got.concat() == want, "batched reads differ");
         // Odd-sized read across a data/zero boundary.
         let got = c.read_at(2 * MIB - 1000, vec![1; 3000]).unwrap();
         assert_eq!(
@@ -814,6 +972,15 @@ mod tests {
             .map(|e| (e.0, e.1))
             .collect();
         assert_eq!(marked, DIRTY);
+        // Both contexts from one pipelined pass, in steps smaller than the
+        // export (as a server limiting requests makes them).
+        let whole = c.extents(alloc, 0, SIZE).unwrap();
+        for step in [SIZE, MIB, 3 * MIB + 4096] {
+            let both = c.extents_stepped(&[alloc, dirty], 0, SIZE, step).unwrap();
+            assert_eq!(both[1], ext, "step {step}");
+            assert_eq!(both[0], whole, "step {step}");
+        }
+        assert_eq!(c.extents_of(&[dirty], 1000, 1000).unwrap(), [[]; 1]);
         // A status request in the middle of a dirty range starts there.
         let st = c.block_status(6 * MIB + 4096, 4096).unwrap();
         let (_, e) = st.iter().find(|(id, _)| *id == dirty).unwrap();
@@ -980,6 +1147,31 @@ mod tests {
         b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
         b.extend_from_slice(payload);
         b
+    }
+
+    #[test]
+    fn a_second_reply_to_an_answered_request_kills_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("evil.sock");
+        let t = hostile(&sock, |r| {
+            let mut p = 0u64.to_be_bytes().to_vec();
+            p.extend_from_slice(&[7; 4096]);
+            let mut b = chunk(r, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA, &p);
+            b.extend(chunk(
+                r,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_NONE,
+                &[],
+            ));
+            b
+        });
+        let c = Client::connect(&sock, &Options::default()).unwrap();
+        assert_eq!(c.read_at(0, vec![0; 4096]).unwrap(), [7; 4096]);
+        let e = c.read_at(0, vec![0; 4096]).unwrap_err();
+        assert!(matches!(e, Error::Dead(_)), "{e}");
+        assert!(e.to_string().contains("already answered"), "{e}");
+        drop(c);
+        t.join().unwrap();
     }
 
     #[test]

@@ -154,16 +154,18 @@ pub fn plan(client: &Client, chunk_size: u64, dirty_context: Option<&str>) -> Re
     let alloc_id = client
         .context_id("base:allocation")
         .ok_or_else(|| Error::Unsupported("NBD export lacks base:allocation".into()))?;
-    let alloc = client.extents(alloc_id, 0, size).map_err(nerr)?;
-    let dirty = match dirty_context {
-        Some(name) => {
-            let id = client
+    let mut ids = vec![alloc_id];
+    if let Some(name) = dirty_context {
+        ids.push(
+            client
                 .context_id(name)
-                .ok_or_else(|| Error::Unsupported(format!("NBD export lacks {name}")))?;
-            Some(client.extents(id, 0, size).map_err(nerr)?)
-        }
-        None => None,
-    };
+                .ok_or_else(|| Error::Unsupported(format!("NBD export lacks {name}")))?,
+        );
+    }
+    // Both contexts from one pass of block status requests, sent at once.
+    let mut ext = client.extents_of(&ids, 0, size).map_err(nerr)?;
+    let dirty = dirty_context.and_then(|_| ext.pop());
+    let alloc = ext.pop().unwrap_or_default();
     Ok(Plan::build(size, chunk_size, &alloc, dirty.as_deref()))
 }
 
@@ -209,23 +211,29 @@ impl NbdSource<'_> {
         }
         let step = (self.client.max_request() as u64).clamp(4096, 4 << 20);
         let err = |e: nbd::Error| io::Error::other(nbd::error_chain(&e));
-        let mut pending = Vec::new();
+        // Every request in one write, one wake-up when all are answered.
+        let mut reads = Vec::new();
+        let mut dest = Vec::new();
         for &(s, e, pos) in parts {
             let mut at = s;
             while at < e {
                 let len = (e - at).min(step);
-                let p = self
-                    .client
-                    .submit_read(at, vec![0u8; len as usize])
-                    .map_err(err)?;
-                pending.push((p, pos + (at - s) as usize));
+                reads.push((at, vec![0u8; len as usize]));
+                dest.push(pos + (at - s) as usize);
                 at += len;
             }
         }
+        if reads.is_empty() {
+            return Ok(());
+        }
+        let data = self
+            .client
+            .submit_reads(reads)
+            .and_then(|p| p.wait_reads())
+            .map_err(err)?;
         let mut read = 0;
-        for (p, pos) in pending {
-            let data = p.wait_read().map_err(err)?;
-            buf[pos..pos + data.len()].copy_from_slice(&data);
+        for (data, pos) in data.iter().zip(dest) {
+            buf[pos..pos + data.len()].copy_from_slice(data);
             read += data.len() as u64;
         }
         self.bytes_read.fetch_add(read, Ordering::Relaxed);
