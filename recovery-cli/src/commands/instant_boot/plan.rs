@@ -16,7 +16,8 @@
 //!
 //! With `--qemu`, the VMs start in `boot_order`, each once the previous
 //! one's disks are being served (its guest has read from every one of
-//! them), with the QEMU arguments `drill --plan` uses (TCG, the VM's
+//! them; after two minutes without that, with a warning), with the QEMU
+//! arguments `drill --plan` uses (TCG, the VM's
 //! `drill_args`; console in `STATE/<vm>.console`, QEMU's stderr in
 //! `STATE/<vm>.qemu.log`). The service stops once every guest has powered
 //! off and every migration has finished, or at once when a QEMU fails.
@@ -31,7 +32,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use daemon::service::{DiskConfig, Running, Service, ServiceConfig};
@@ -371,6 +372,11 @@ fn print_ready(r: &Ready, json: bool) -> anyhow::Result<()> {
     output::line("Press Ctrl-C to stop (every disk is flushed first).")
 }
 
+/// How long `--qemu` waits for a VM to read from every disk before it
+/// starts the next VM anyway (a guest stuck in its firmware must not hold
+/// the service back for ever).
+const BOOT_WAIT: Duration = Duration::from_secs(120);
+
 /// A VM's QEMU.
 struct Guest<'a> {
     vm: &'a VmPlan,
@@ -390,7 +396,12 @@ fn run_vms(running: &Running, vms: &[VmPlan], a: &Args) -> Option<String> {
     'boot: for vm in vms {
         if let Some(prev) = guests.last().map(|g| g.vm) {
             info!(vm = %vm.name, after = %prev.name, "waiting for the previous VM's disks to be served");
+            let deadline = Instant::now() + BOOT_WAIT;
             while !served(running, &prev.disks) {
+                if Instant::now() >= deadline {
+                    warn!(vm = %vm.name, after = %prev.name, waited_secs = BOOT_WAIT.as_secs(), "the previous VM has not read all its disks yet; starting this one anyway");
+                    break;
+                }
                 failure = failure.or_else(|| reap(running, &mut guests));
                 if failure.is_some() || stop.is_stopped() {
                     break 'boot;
