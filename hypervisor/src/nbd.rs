@@ -119,9 +119,11 @@ struct Group {
     left: AtomicUsize,
 }
 
-/// A request to send: kind, offset, length and, for a read, its buffer.
+/// A request to send: kind, flags, offset, length and, for a read, its
+/// buffer.
 struct Req {
     kind: u16,
+    flags: u16,
     offset: u64,
     len: u32,
     buf: Option<Vec<u8>>,
@@ -398,7 +400,7 @@ impl Client {
             }
             for (cookie, r) in (first..).zip(reqs) {
                 let req = Request {
-                    flags: 0,
+                    flags: r.flags,
                     kind: r.kind,
                     cookie,
                     offset: r.offset,
@@ -458,12 +460,23 @@ impl Client {
     /// Send reads of `(offset, buffer)` in one write (the server sees them
     /// at once); the buffers come back filled, in order, from
     /// [`Pending::wait_reads`].
+    ///
+    /// Reads go with `NBD_CMD_FLAG_DF` when the server takes it: the data
+    /// comes in one chunk, and the server does not look for holes in it
+    /// first (QEMU's sparse read asks the block layer for the status of
+    /// every read; our callers read only what they know holds data).
     pub fn submit_reads(&self, reads: Vec<(u64, Vec<u8>)>) -> Result<Pending<'_>> {
+        let flags = if self.info.flags & proto::TFLAG_SEND_DF != 0 {
+            proto::CMD_FLAG_DF
+        } else {
+            0
+        };
         let mut reqs = Vec::with_capacity(reads.len());
         for (offset, buf) in reads {
             self.check_range("read", offset, buf.len() as u64)?;
             reqs.push(Req {
                 kind: proto::CMD_READ,
+                flags,
                 offset,
                 len: buf.len() as u32,
                 buf: Some(buf),
@@ -489,6 +502,7 @@ impl Client {
             self.check_range("block status", offset, len as u64)?;
             reqs.push(Req {
                 kind: proto::CMD_BLOCK_STATUS,
+                flags: 0,
                 offset,
                 len,
                 buf: None,
@@ -915,6 +929,8 @@ mod tests {
     fn check_export(c: &Client, want: &[u8], bitmap: &str) {
         assert_eq!(c.size(), SIZE);
         assert_ne!(c.flags() & proto::TFLAG_READ_ONLY, 0);
+        // Reads below go with NBD_CMD_FLAG_DF.
+        assert_ne!(c.flags() & proto::TFLAG_SEND_DF, 0);
         let step = 64 << 10;
         let pending: Vec<_> = (0..SIZE / step)
             .map(|i| c.submit_read(i * step, vec![0x55; step as usize]).unwrap())

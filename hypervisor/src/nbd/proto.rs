@@ -33,6 +33,8 @@ pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 /// Transmission flags.
 pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+/// The server takes `NBD_CMD_FLAG_DF` on reads.
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 /// Options.
@@ -55,6 +57,9 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 pub const CMD_READ: u16 = 0;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_BLOCK_STATUS: u16 = 7;
+/// Command flag: `NBD_CMD_FLAG_DF` (a read's data in one chunk, holes
+/// not looked for).
+pub const CMD_FLAG_DF: u16 = 1 << 2;
 /// Command flag: `NBD_CMD_FLAG_REQ_ONE` (one extent per context).
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
