@@ -7,14 +7,15 @@
 //! live_backup_measure [SIZE_MIB]`
 #![forbid(unsafe_code)]
 
+mod common;
+
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use hypervisor::live_backup::{run, Config};
+use hypervisor::live_backup::run;
 use hypervisor::qmp::Qmp;
 use hypervisor::testing;
-use rand::Rng;
 
 fn main() {
     // RUST_LOG=info shows the phases with timestamps.
@@ -29,38 +30,14 @@ fn main() {
         .nth(1)
         .map_or(2048, |s| s.parse().expect("SIZE_MIB"));
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("disk.raw");
-    testing::run(
-        Command::new("dd")
-            .args(["if=/dev/urandom", "bs=1M", "status=none"])
-            .arg(format!("of={}", raw.display()))
-            .arg(format!("count={mib}")),
-    );
-    let img = dir.path().join("disk.qcow2");
-    testing::run(
-        Command::new("qemu-img")
-            .args(["convert", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&img),
-    );
+    let (raw, img) = common::random_disk(dir.path(), mib);
     let store = store::Store::init(&dir.path().join("store"), chunk).unwrap();
     // The file-backup baseline: a store of its own, the old content first.
     let files = store::Store::init(&dir.path().join("files"), chunk).unwrap();
     files.backup("file", &raw, &Default::default()).unwrap();
     let qmp = dir.path().join("qmp.sock");
     let abort = AtomicBool::new(false);
-    let cfg = Config {
-        name: "vm".into(),
-        qmp: qmp.clone(),
-        drive: "disk0".into(),
-        full: false,
-        scratch: dir.path().to_path_buf(),
-        qga: None,
-        threads: None,
-        abort: &abort,
-        progress: None,
-        on_size: None,
-    };
+    let cfg = common::config(dir.path(), &qmp, &abort);
     let args = testing::blockdev_args(&img, "qcow2", "disk0");
     let mut vm = testing::qemu_none(&qmp, &args);
     let full = run(&store, &cfg).unwrap();
@@ -74,19 +51,7 @@ fn main() {
     let _ = vm.child.wait();
 
     // 1 % of the 4 KiB blocks, rewritten offline (the bitmap is persistent).
-    let blocks = mib * 256;
-    let mut rng = rand::thread_rng();
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "qcow2"]);
-    for _ in 0..blocks / 100 {
-        let b = rng.gen_range(0..blocks);
-        c.args([
-            "-c",
-            &format!("write -P {} {} 4k", rng.gen_range(1..255), b * 4096),
-        ]);
-    }
-    c.arg(&img);
-    testing::run(&mut c);
+    common::rewrite_one_percent(&img, mib);
     testing::run(
         Command::new("qemu-img")
             .args(["convert", "-O", "raw"])
