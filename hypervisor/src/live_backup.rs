@@ -535,12 +535,13 @@ impl Member {
         let dirty_ctx = base.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
         let mut contexts = vec!["base:allocation".to_owned()];
         contexts.extend(dirty_ctx.clone());
-        let client = nbd::Client::connect(
+        let client = nbd::Client::connect_many(
             &socket,
             &nbd::Options {
                 export: self.names.export(),
                 meta_contexts: contexts,
             },
+            NBD_CONNECTIONS,
         )
         .map_err(|source| Error::Nbd {
             what: "connect",
@@ -701,6 +702,15 @@ fn fold_strays(q: &mut Qmp, drive: &Drive, ours: &[qmp::DirtyBitmap], base: &str
     info!(?strays, "folded stray bitmaps into the base");
     Ok(())
 }
+
+/// Connections to the fleecing export: QEMU serves 16 requests at a time
+/// per connection, each waiting for a thread of its pool, so a second
+/// connection keeps more reads in flight (a 2 GiB incremental of 5000
+/// scattered 4 KiB reads, 2-core host, medians over 8 interleaved rounds:
+/// 0.128 s against 0.138 s with one, QEMU's CPU 89 ms against 103 ms;
+/// 15-25 % faster under load; three were about as fast as two, four
+/// slower).
+const NBD_CONNECTIONS: usize = 2;
 
 /// Granularity of new bitmaps: a sixteenth of the chunk size (at least
 /// 4 KiB), so a small write costs a small read; the rest of its chunk

@@ -156,13 +156,26 @@ impl Inner {
     }
 }
 
-/// A connected NBD client.
+/// Granted meta contexts: `(id, name)`.
+type Contexts = Vec<(u32, String)>;
+
+/// A connected NBD client: one connection, or several to one export
+/// ([`Client::connect_many`]).
 pub struct Client {
+    /// The first carries block status requests (the meta context ids in
+    /// `contexts` are its); reads take turns over all.
+    conns: Vec<Conn>,
+    next_conn: AtomicUsize,
+    info: ExportInfo,
+    contexts: Contexts,
+    export: String,
+}
+
+/// One connection: its socket's write half, and the thread reading its
+/// replies.
+struct Conn {
     inner: Arc<Inner>,
     reader: Option<JoinHandle<()>>,
-    info: ExportInfo,
-    contexts: Vec<(u32, String)>,
-    export: String,
 }
 
 /// Submitted requests (one, or a batch sent in one write); wait for their
@@ -171,6 +184,8 @@ pub struct Client {
 #[must_use]
 pub struct Pending<'a> {
     client: &'a Client,
+    /// The connection they went out on.
+    conn: usize,
     /// Cookies `first..first + n`.
     first: u64,
     n: u64,
@@ -202,6 +217,51 @@ fn option_reply(
 impl Client {
     /// Connect to a unix socket and negotiate `opts`.
     pub fn connect(path: &Path, opts: &Options) -> Result<Client> {
+        Self::connect_many(path, opts, 1)
+    }
+
+    /// Connect `n` times to the export (when the server allows several
+    /// connections: `NBD_FLAG_CAN_MULTI_CONN`; otherwise once), for more
+    /// reads in flight than the server serves on one connection (QEMU
+    /// serves 16 at a time per connection). The meta contexts are
+    /// negotiated on the first connection only.
+    pub fn connect_many(path: &Path, opts: &Options, n: usize) -> Result<Client> {
+        let (s, info, contexts) = Self::handshake(path, opts)?;
+        let mut conns = vec![Self::start(s)?];
+        if info.flags & proto::TFLAG_CAN_MULTI_CONN != 0 {
+            let plain = Options {
+                export: opts.export.clone(),
+                meta_contexts: Vec::new(),
+            };
+            for _ in 1..n {
+                let (s, other, _) = Self::handshake(path, &plain)?;
+                if other.size != info.size {
+                    return Err(Error::Proto {
+                        what: "NBD_OPT_GO",
+                        source: ProtoError::Invalid {
+                            what: "second connection",
+                            why: format!(
+                                "export of {} bytes, the first connection's has {}",
+                                other.size, info.size
+                            ),
+                        },
+                    });
+                }
+                conns.push(Self::start(s)?);
+            }
+        }
+        Ok(Client {
+            conns,
+            next_conn: AtomicUsize::new(0),
+            info,
+            contexts,
+            export: opts.export.clone(),
+        })
+    }
+
+    /// Connect and negotiate: the socket, ready for transmission, the
+    /// export and the granted meta contexts.
+    fn handshake(path: &Path, opts: &Options) -> Result<(UnixStream, ExportInfo, Contexts)> {
         let mut s = UnixStream::connect(path).map_err(|source| Error::Connect {
             path: path.to_path_buf(),
             source,
@@ -319,7 +379,11 @@ impl Client {
             });
         }
         debug!(export = %opts.export, size = info.size, contexts = %proto::Contexts(&contexts), "NBD connected");
+        Ok((s, info, contexts))
+    }
 
+    /// Start the reader thread of a negotiated connection.
+    fn start(s: UnixStream) -> Result<Conn> {
         let rd = s.try_clone().map_err(io_err("socket clone"))?;
         let inner = Arc::new(Inner {
             writer: Mutex::new(s),
@@ -337,12 +401,9 @@ impl Client {
                 shared.kill(why);
             })
             .map_err(io_err("reader thread spawn"))?;
-        Ok(Client {
+        Ok(Conn {
             inner,
             reader: Some(reader),
-            info,
-            contexts,
-            export: opts.export.clone(),
         })
     }
 
@@ -384,17 +445,19 @@ impl Client {
         Ok(())
     }
 
-    /// Send `reqs` in one write; their replies are waited for together.
-    fn submit(&self, reqs: Vec<Req>) -> Result<Pending<'_>> {
+    /// Send `reqs` in one write on connection `conn`; their replies are
+    /// waited for together.
+    fn submit(&self, conn: usize, reqs: Vec<Req>) -> Result<Pending<'_>> {
+        let inner = &self.conns[conn].inner;
         let n = reqs.len() as u64;
-        let first = self.inner.next.fetch_add(n, Ordering::Relaxed);
+        let first = inner.next.fetch_add(n, Ordering::Relaxed);
         let group = Arc::new(Group {
             cv: Condvar::new(),
             left: AtomicUsize::new(reqs.len()),
         });
         let mut wire = Vec::with_capacity(reqs.len() * proto::REQUEST_LEN);
         {
-            let mut st = self.inner.state();
+            let mut st = inner.state();
             if let Some(why) = &st.dead {
                 return Err(Error::Dead(why.clone()));
             }
@@ -423,15 +486,14 @@ impl Client {
                 );
             }
         }
-        let sent = self
-            .inner
+        let sent = inner
             .writer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .write_all(&wire);
         if let Err(e) = sent {
             {
-                let mut st = self.inner.state();
+                let mut st = inner.state();
                 for cookie in first..first + n {
                     st.slots.remove(&cookie);
                 }
@@ -440,11 +502,12 @@ impl Client {
                 what: "request send",
                 source: e,
             };
-            self.inner.kill(error_chain(&e));
+            inner.kill(error_chain(&e));
             return Err(e);
         }
         Ok(Pending {
             client: self,
+            conn,
             first,
             n,
             group,
@@ -482,7 +545,8 @@ impl Client {
                 buf: Some(buf),
             });
         }
-        self.submit(reqs)
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.submit(conn, reqs)
     }
 
     /// Read `buf.len()` bytes at `offset`.
@@ -508,7 +572,7 @@ impl Client {
                 buf: None,
             });
         }
-        self.submit(reqs)
+        self.submit(0, reqs)
     }
 
     /// Block status of `[offset, offset + len)` for every selected context.
@@ -619,7 +683,7 @@ impl Pending<'_> {
     /// Wait until every request is done (or the connection dies); the
     /// slots in order, or the first request's error.
     fn wait(self) -> Result<Vec<Slot>> {
-        let inner = &self.client.inner;
+        let inner = &self.client.conns[self.conn].inner;
         let mut st = inner.state();
         while self.group.left.load(Ordering::Relaxed) > 0 && st.dead.is_none() {
             st = self.group.cv.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -688,14 +752,16 @@ impl Drop for Client {
             offset: 0,
             len: 0,
         };
-        let w = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut w = &*w;
-        let _ = w.write_all(&disc.encode());
-        let _ = w.shutdown(std::net::Shutdown::Both);
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
+        for c in &mut self.conns {
+            let w = c.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+            let mut w = &*w;
+            let _ = w.write_all(&disc.encode());
+            let _ = w.shutdown(std::net::Shutdown::Both);
+            if let Some(r) = c.reader.take() {
+                let _ = r.join();
+            }
         }
-        debug!(export = %self.export, "NBD disconnected");
+        debug!(export = %self.export, connections = self.conns.len(), "NBD disconnected");
     }
 }
 
@@ -1070,6 +1136,13 @@ mod tests {
             .unwrap();
         let c = Client::connect(&sock, &opts("disk0", "b0")).unwrap();
         check_export(&c, &want, "b0");
+        // Reads taking turns over three connections (QEMU allows several
+        // on a read-only export).
+        let many = Client::connect_many(&sock, &opts("disk0", "b0"), 3).unwrap();
+        assert_ne!(many.flags() & proto::TFLAG_CAN_MULTI_CONN, 0);
+        assert_eq!(many.conns.len(), 3);
+        check_export(&many, &want, "b0");
+        drop(many);
         // The server going away fails pending and later requests cleanly.
         q.block_export_del("e0", true).unwrap();
         q.nbd_server_stop().unwrap();
@@ -1182,8 +1255,13 @@ mod tests {
             b
         });
         let c = Client::connect(&sock, &Options::default()).unwrap();
-        assert_eq!(c.read_at(0, vec![0; 4096]).unwrap(), [7; 4096]);
-        let e = c.read_at(0, vec![0; 4096]).unwrap_err();
+        // A batch of two: the first is answered twice while the batch
+        // still waits for the second (which the server never answers).
+        let e = c
+            .submit_reads(vec![(0, vec![0; 4096]), (4096, vec![0; 4096])])
+            .unwrap()
+            .wait_reads()
+            .unwrap_err();
         assert!(matches!(e, Error::Dead(_)), "{e}");
         assert!(e.to_string().contains("already answered"), "{e}");
         drop(c);
