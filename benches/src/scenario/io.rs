@@ -86,26 +86,6 @@ struct Cell {
 
 type Results = BTreeMap<Setup, BTreeMap<&'static str, Cell>>;
 
-/// CPU time (user + system, all threads) of process `pid` so far, in
-/// seconds, from `/proc/PID/stat`; NaN if it cannot be read.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    // Fields after the command name (which may hold spaces) start at ')'.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return f64::NAN;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at 3.
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    match (ticks(11), ticks(12)) {
-        // /proc reports clock ticks of USER_HZ, which Linux fixes at 100.
-        (Some(u), Some(s)) => (u + s) / 100.0,
-        _ => f64::NAN,
-    }
-}
-
 /// Runs `w` on `client` and measures the server's CPU meanwhile.
 fn run_cell(
     client: &mut Client,
@@ -115,9 +95,9 @@ fn run_cell(
     duration: Duration,
     one_pass: bool,
 ) -> anyhow::Result<Cell> {
-    let before = cpu_seconds(server.pid());
+    let before = tools::cpu_seconds(server.pid());
     let stats = client.run(w, size, duration, one_pass)?;
-    let cpu = cpu_seconds(server.pid()) - before;
+    let cpu = tools::cpu_seconds(server.pid()) - before;
     Ok(Cell {
         stats,
         server_cpu_us_per_request: cpu * 1e6 / stats.ops.max(1) as f64,

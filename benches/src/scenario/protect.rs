@@ -124,6 +124,9 @@ struct Outcome {
     points: u64,
     point_bytes_read: u64,
     point_bytes_new: u64,
+    /// CPU seconds of the daemon process (every thread: the guest's
+    /// requests and the points) while the client ran.
+    daemon_cpu: f64,
     /// Store growth over the case (points' packs and manifests).
     store_growth: u64,
     /// Of which manifests (`snapshots/`).
@@ -187,10 +190,12 @@ fn run_case(
     };
     let duration = Duration::from_secs_f64(secs);
     let span = case.hot.unwrap_or(size).min(size);
+    let cpu_before = tools::cpu_seconds(server.pid());
     let stats = match case.pace {
         Some(rate) => client.run_paced(&WRITE, span, duration, rate),
         None => client.run(&WRITE, span, duration, false),
     };
+    let daemon_cpu = tools::cpu_seconds(server.pid()) - cpu_before;
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.join().expect("sampler thread");
     let stats = stats?;
@@ -215,6 +220,7 @@ fn run_case(
         points: num("points_written"),
         point_bytes_read: num("point_bytes_read"),
         point_bytes_new: num("point_bytes_new"),
+        daemon_cpu,
         store_growth: tools::dir_bytes(&ours.store)?.saturating_sub(store_before),
         manifest_growth: tools::dir_bytes(&ours.store.join("snapshots"))?
             .saturating_sub(manifests_before),
@@ -309,6 +315,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             "MB/s",
             "write p50",
             "write p99",
+            "daemon CPU",
             "RPO max",
             "RPO p99",
             "behind samples",
@@ -330,6 +337,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             format!("{:.1}", s.mb_per_s),
             format!("{:.0} µs", s.lat_p50_us),
             format!("{:.0} µs", s.lat_p99_us),
+            format!("{:.1} s", o.daemon_cpu),
             dash(format!("{:.2} s", o.rpo_max)),
             dash(format!("{:.2} s", o.rpo_p99)),
             dash(format!("{} of {}", o.behind, o.rpo_samples)),
@@ -350,6 +358,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
          incompressible data; a fresh store per case; paced cases submit at 20 MB/s (5120 IOPS) when a slot is free; \
          the hot-set case writes only into the first 64 MiB."
     ));
+    t.note(
+        "Daemon CPU: user + system seconds of the daemon process (all threads: the guest's \
+         requests and the points) while the client ran, from `/proc/PID/stat`.",
+    );
     t.note(
         "RPO: `protection.rpo_seconds` from `status --json` every 250 ms, from the first point \
          on (the age of the newest complete point); `behind` means more than twice the interval.",
