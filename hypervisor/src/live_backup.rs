@@ -268,7 +268,7 @@ pub fn run(store: &Store, cfg: &Config<'_>) -> Result<Report> {
     let session = store.begin_changed_backup(&cfg.name)?;
     let mut q = Qmp::connect(&cfg.qmp).map_err(qerr("connect"))?;
     // Resolve first: an unknown drive is reported before anything changes.
-    fleece::resolve_drive(&mut q, &cfg.drive)?;
+    let drive = fleece::resolve_drive(&mut q, &cfg.drive)?;
     let leftovers = fleece::clear_leftovers(&mut q, &names, &cfg.scratch)?;
     let target = Target {
         name: cfg.name.clone(),
@@ -277,7 +277,10 @@ pub fn run(store: &Store, cfg: &Config<'_>) -> Result<Report> {
         full: cfg.full,
         scratch: cfg.scratch.clone(),
     };
-    let mut member = Member::prepare(&mut q, store, session.newest(), names, &target)?;
+    // Clearing leftovers removes only our own nodes, exports and jobs: the
+    // drive and its bitmaps are as resolved.
+    let mut member =
+        Member::prepare_resolved(&mut q, store, session.newest(), names, &target, drive)?;
     if let Some(f) = cfg.on_size {
         f(member.drive.size);
     }
@@ -416,6 +419,20 @@ impl Member {
     ) -> Result<Member> {
         store::snapshot::validate_name(&target.name)?;
         let drive = fleece::resolve_drive(q, &target.drive)?;
+        Self::prepare_resolved(q, store, newest, names, target, drive)
+    }
+
+    /// [`Member::prepare`] of a drive already resolved (after the VM's
+    /// leftovers were cleared).
+    pub fn prepare_resolved(
+        q: &mut Qmp,
+        store: &Store,
+        newest: Option<&SnapshotInfo>,
+        names: Names,
+        target: &Target,
+        drive: Drive,
+    ) -> Result<Member> {
+        store::snapshot::validate_name(&target.name)?;
         let bprefix = names.bitmap_prefix(&target.name);
         let ours: Vec<qmp::DirtyBitmap> = drive
             .bitmaps
