@@ -11,6 +11,7 @@ pub mod plan_boot;
 pub mod protect;
 pub mod restore;
 pub mod s3;
+pub mod s3_ingest;
 pub mod startup;
 pub mod virtnbd;
 
@@ -32,6 +33,7 @@ pub const ALL: &[&str] = &[
     "virtnbd",
     "live-backup",
     "s3",
+    "s3-ingest",
 ];
 
 /// Runs scenario `name`.
@@ -50,6 +52,7 @@ pub fn run(name: &str, ctx: &Ctx) -> anyhow::Result<Report> {
         "virtnbd" => virtnbd::run(ctx),
         "live-backup" => live_backup::run(ctx),
         "s3" => s3::run(ctx),
+        "s3-ingest" => s3_ingest::run(ctx),
         _ => anyhow::bail!("unknown scenario {name:?} (known: {})", ALL.join(", ")),
     }
 }

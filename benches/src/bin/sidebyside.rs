@@ -12,7 +12,8 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "sidebyside")]
 struct Args {
-    /// Scenario (ingest, chunk-size, restore, io, startup, boot, migrate, protect),
+    /// Scenario (ingest, chunk-size, restore, io, startup, boot, migrate, protect,
+    /// s3, s3-ingest, ...),
     /// `all`, `criterion` to tabulate the last `cargo bench` results, or
     /// `update-docs` to splice the last results into docs/BENCHMARKS.md.
     scenario: String,

@@ -41,13 +41,13 @@ const SLOW: Duration = Duration::from_millis(20);
 const MIGRATE_BYTES: usize = 256 << 20;
 
 /// `moto_server` on a free loopback port; killed on drop.
-struct Moto {
-    child: Child,
-    port: u16,
+pub(crate) struct Moto {
+    pub(crate) child: Child,
+    pub(crate) port: u16,
 }
 
 impl Moto {
-    fn start() -> anyhow::Result<Moto> {
+    pub(crate) fn start() -> anyhow::Result<Moto> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
@@ -79,7 +79,7 @@ impl Drop for Moto {
 }
 
 /// One plain HTTP request; the status code.
-fn http(port: u16, method: &str, path: &str) -> anyhow::Result<u16> {
+pub(crate) fn http(port: u16, method: &str, path: &str) -> anyhow::Result<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
@@ -90,6 +90,15 @@ fn http(port: u16, method: &str, path: &str) -> anyhow::Result<u16> {
     s.read_exact(&mut head)?;
     let code = std::str::from_utf8(&head[9..12])?.parse()?;
     Ok(code)
+}
+
+/// Points the AWS variables of the processes spawned from now on at
+/// the S3 server on `port`.
+pub(crate) fn aws_env(port: u16) {
+    std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
+    std::env::set_var("AWS_REGION", "us-east-1");
+    std::env::set_var("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"));
 }
 
 /// A TCP relay in front of the S3 server that holds every chunk of bytes
@@ -296,13 +305,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     if http(moto.port, "PUT", &format!("/{BUCKET}"))? != 200 {
         bail!("cannot create bucket {BUCKET}");
     }
-    std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
-    std::env::set_var("AWS_REGION", "us-east-1");
-    std::env::set_var(
-        "AWS_ENDPOINT_URL",
-        format!("http://127.0.0.1:{}", moto.port),
-    );
+    aws_env(moto.port);
     std::env::set_var("RECOVERY_CACHE_DIR", dir.join("setup-cache"));
     let local = ours.store.clone();
     tools::run(Command::new(&ctx.cli).args(["init", STORE]))?;
