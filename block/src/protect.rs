@@ -28,12 +28,16 @@
 //! # Written grains, in memory
 //! Next to each file, a `GrainMap` (module `grains`) records which
 //! 4 KiB grains ([`GRAIN`]) the guest wrote, set with the file's bit. A
-//! captured chunk with at most half of its grains written is read *in
-//! part*: the point reads only those grains ([`Point::changed_grains`],
-//! [`Point::read_ranges`]), and the daemon stores a patch over the
-//! parent's chunk (`store::patch`); the others are read whole
-//! ([`Point::read_at`]). Scattered 4 KiB writes into 64 KiB chunks then
-//! cost a point 4 KiB each, not 64 KiB read, hashed and compressed.
+//! captured chunk is read *in part* when at most half of its grains were
+//! written since it was last read whole (by the points since then: what
+//! the store's patch of the chunk holds, a third map updated when a point
+//! finishes): the point reads only the grains written since the last
+//! point ([`Point::changed_grains`], [`Point::read_ranges`]), and the
+//! daemon stores a patch over the parent's chunk (`store::patch`, merged
+//! with the parent's patch). The others are read whole
+//! ([`Point::read_at`]): past half, the store would rebuild the chunk from
+//! its base anyway. Scattered 4 KiB writes into 64 KiB chunks then cost a
+//! point 4 KiB each, not 64 KiB read, hashed and compressed.
 //! The maps are not persistent: on open, every grain of a chunk the files
 //! mark counts as written, so a restart costs whole-chunk reads, never a
 //! change. Whether a chunk is read in part is fixed when its point starts
@@ -221,6 +225,13 @@ struct Gate {
     capture: Option<Arc<Capture>>,
 }
 
+/// The grain maps of a layer (see [`ProtectLayer::grains_read`]).
+struct Grains {
+    written: [GrainMap; 2],
+    /// Changed only when a point finishes: frozen while one is copied.
+    patched: GrainMap,
+}
+
 /// The point being copied.
 struct Capture {
     /// The file holding its chunks (frozen until the point ends).
@@ -280,9 +291,11 @@ pub struct ProtectLayer {
     chunk: u64,
     nchunks: u64,
     files: [ChangedFile; 2],
-    /// The grains written, next to each file; `None` when the chunk size
-    /// is not whole grains (every captured chunk is then read whole).
-    grains: Option<[GrainMap; 2]>,
+    /// The grains written, next to each file, and the grains written
+    /// since each chunk was last read whole by a finished point (what the
+    /// store's patch of the chunk holds); `None` when the chunk size is
+    /// not whole grains (every captured chunk is then read whole).
+    grains: Option<Grains>,
     gate: RwLock<Gate>,
     /// Full reads requested (open with `full`, a lost bit)...
     full_requested: AtomicU64,
@@ -336,17 +349,20 @@ impl ProtectLayer {
         // What changed before this open is known by chunk only: every
         // grain of those chunks counts as written.
         let grains = chunk.is_multiple_of(GRAIN).then(|| {
-            let maps = [GrainMap::new(size), GrainMap::new(size)];
+            let written = [GrainMap::new(size), GrainMap::new(size)];
             let per_chunk = chunk / GRAIN;
             for i in 0..f0.word_count() {
                 let mut w = f0.word(i);
                 while w != 0 {
                     let c = i as u64 * 64 + u64::from(w.trailing_zeros());
-                    maps[0].set(c * per_chunk, per_chunk);
+                    written[0].set(c * per_chunk, per_chunk);
                     w &= w - 1;
                 }
             }
-            maps
+            Grains {
+                written,
+                patched: GrainMap::new(size),
+            }
         });
         let full = u64::from(opts.full);
         Ok(Arc::new(ProtectLayer {
@@ -447,16 +463,21 @@ impl ProtectLayer {
     }
 
     /// The grains of captured chunk `chunk` that `capture` reads, when it
-    /// reads only the written ones (their grains are tracked, and at most
-    /// half of them were written): one flag per grain of the chunk. `None`
-    /// when it reads the whole chunk. Fixed for the capture's life (its
-    /// map is frozen), so copy-before-write and the point's reader agree.
+    /// reads only the written ones: one flag per grain of the chunk.
+    /// `None` when it reads the whole chunk. A chunk is read in part when
+    /// its grains are tracked and, with the grains its store patch already
+    /// holds (written since the chunk was last read whole), at most half
+    /// of them changed: past that, the store would rebuild the whole chunk
+    /// from its base anyway, and reading it here is cheaper. Fixed for the
+    /// capture's life (both maps are frozen), so copy-before-write and the
+    /// point's reader agree.
     fn grains_read(&self, capture: &Capture, chunk: u64) -> Option<Vec<bool>> {
-        let maps = self.grains.as_ref().filter(|_| !capture.full)?;
-        let map = &maps[capture.file];
+        let grains = self.grains.as_ref().filter(|_| !capture.full)?;
+        let map = &grains.written[capture.file];
         let (first, n) = self.chunk_grains(chunk);
         let ones = map.count(first, n);
-        (ones > 0 && ones * 2 <= n).then(|| (first..first + n).map(|g| map.get(g)).collect())
+        let patch = map.count_union(&grains.patched, first, n);
+        (ones > 0 && patch * 2 <= n).then(|| (first..first + n).map(|g| map.get(g)).collect())
     }
 
     /// Runs `write` (a guest mutation of `len` bytes at `offset`) with the
@@ -485,8 +506,8 @@ impl ProtectLayer {
         if let Err(e) = self.files[gate.active].mark(first, last) {
             self.degrade("record a changed chunk", &e);
         }
-        if let Some(maps) = &self.grains {
-            maps[gate.active].set_bytes(offset, len);
+        if let Some(g) = &self.grains {
+            g.written[gate.active].set_bytes(offset, len);
         }
         let r = write();
         drop(gate);
@@ -642,9 +663,9 @@ impl ProtectLayer {
     fn abandon_capture(&self, capture: &Capture) -> io::Result<()> {
         let active = self.end_capture();
         let (src, dst) = (&self.files[capture.file], &self.files[active]);
-        if let Some(maps) = &self.grains {
-            maps[active].merge_from(&maps[capture.file]);
-            maps[capture.file].clear();
+        if let Some(g) = &self.grains {
+            g.written[active].merge_from(&g.written[capture.file]);
+            g.written[capture.file].clear();
         }
         let merged = (|| {
             for i in 0..src.word_count() {
@@ -963,8 +984,19 @@ impl Point {
                 .full_done
                 .fetch_max(self.capture.full_seq, Ordering::AcqRel);
         }
-        if let Some(maps) = &layer.grains {
-            maps[self.capture.file].clear();
+        if let Some(g) = &layer.grains {
+            // What the chunks' patches hold now: the grains just read in
+            // part added, none for a chunk read whole.
+            let cap = &self.capture;
+            for c in (0..layer.nchunks).filter(|&c| self.is_captured(c)) {
+                let (first, n) = layer.chunk_grains(c);
+                if layer.grains_read(cap, c).is_some() {
+                    g.patched.set_from(&g.written[cap.file], first, n);
+                } else {
+                    g.patched.clear_range(first, n);
+                }
+            }
+            g.written[cap.file].clear();
         }
         layer.files[self.capture.file].clear()
     }

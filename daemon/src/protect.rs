@@ -1154,40 +1154,69 @@ mod tests {
             snapshot: Some(("vm".into(), booted)),
             fresh_state: true,
         };
-        let mut p = open(&state, &mem, &store, None, &origin);
+        // Points on demand only (the timer's first point finds nothing).
+        let cfg = ProtectConfig {
+            name: None,
+            interval: Duration::from_secs(3600),
+        };
+        let mut p = Protector::open(
+            &state,
+            Protected::Device(mem.clone()),
+            store.clone(),
+            &cfg,
+            &origin,
+        )
+        .unwrap();
         let layer = p.layer().clone();
         let status = p.status().clone();
         p.spawn().unwrap();
         let mut points: Vec<(String, Vec<u8>)> = Vec::new();
+        // The grains each chunk's patch holds (written since it was last
+        // read whole): past half a chunk, the point reads it whole.
+        let mut patched = vec![std::collections::BTreeSet::new(); CHUNKS];
+        let mut whole = 0;
         let mut x = 12345u64;
         for round in 0..12u64 {
             let before = status.protection();
-            // Three grains in three chunks (one of them part of a grain),
-            // always chunk 3 so that it fills past half and goes whole.
-            let mut grains = std::collections::BTreeSet::new();
+            // Three grains (one of them in part), two always in chunk 3
+            // so that it fills past half and is read whole.
+            let mut written = vec![std::collections::BTreeSet::new(); CHUNKS];
             for k in 0..3u64 {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                let chunk = if k == 0 { 3 } else { x % CHUNKS as u64 };
+                let chunk = if k < 2 { 3 } else { x % CHUNKS as u64 };
                 let g = (x >> 8) % 16;
                 let off = chunk * u64::from(BIG) + g * 4096;
                 let len = if k == 2 { 100 } else { 4096 };
                 layer
                     .write_at(&vec![round as u8 + 1; len], off + 4096 - len as u64)
                     .unwrap();
-                grains.insert(off);
+                written[chunk as usize].insert(g);
             }
-            wait_for("a point", || {
-                status.protection().points_written > before.points_written
-            });
+            let mut expect = 0;
+            for (c, w) in written.iter().enumerate().filter(|(_, w)| !w.is_empty()) {
+                patched[c].extend(w.iter().copied());
+                if patched[c].len() * 2 > 16 {
+                    expect += u64::from(BIG);
+                    patched[c].clear();
+                    whole += 1;
+                } else {
+                    expect += w.len() as u64 * 4096;
+                }
+            }
+            let cut = status.point_now(Duration::from_secs(60)).unwrap().cut;
+            let last = status
+                .wait_point(cut, Duration::from_secs(60))
+                .unwrap()
+                .snapshot
+                .unwrap();
             let pr = status.protection();
             assert_eq!(
                 pr.point_bytes_read - before.point_bytes_read,
-                grains.len() as u64 * 4096,
+                expect,
                 "round {round}: only the written grains are read: {pr:?}"
             );
-            let last = pr.last_point.unwrap().snapshot;
             assert_eq!(
                 restore(&store, &last, dir.path()),
                 mem.snapshot(),
@@ -1195,6 +1224,7 @@ mod tests {
             );
             points.push((last, mem.snapshot()));
         }
+        assert!(whole > 0, "chunk 3 was never read whole");
         p.stop();
         for (point, image) in &points {
             assert!(restore(&store, point, dir.path()) == *image, "{point}");

@@ -83,6 +83,53 @@ impl GrainMap {
         ones
     }
 
+    /// Number of grains in `first..first + count` set in this map or in
+    /// `other` (a map of the same image).
+    pub(crate) fn count_union(&self, other: &GrainMap, first: u64, count: u64) -> u64 {
+        let end = (first + count).min(self.ngrains);
+        let mut ones = 0u64;
+        let mut g = first;
+        while g < end {
+            let (w, bit) = ((g / 64) as usize, g % 64);
+            let n = (64 - bit).min(end - g);
+            let word = (self.words[w].load(Ordering::Acquire)
+                | other.words[w].load(Ordering::Acquire))
+                >> bit;
+            let word = if n == 64 { word } else { word & ((1 << n) - 1) };
+            ones += u64::from(word.count_ones());
+            g += n;
+        }
+        ones
+    }
+
+    /// Sets in this map the grains of `first..first + count` that `other`
+    /// has set.
+    pub(crate) fn set_from(&self, other: &GrainMap, first: u64, count: u64) {
+        let end = (first + count).min(self.ngrains);
+        for g in first..end {
+            if other.get(g) {
+                self.set(g, 1);
+            }
+        }
+    }
+
+    /// Clears grains `first..first + count`.
+    pub(crate) fn clear_range(&self, first: u64, count: u64) {
+        let end = (first + count).min(self.ngrains);
+        let mut g = first;
+        while g < end {
+            let (w, bit) = ((g / 64) as usize, g % 64);
+            let n = (64 - bit).min(end - g);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[w].fetch_and(!mask, Ordering::AcqRel);
+            g += n;
+        }
+    }
+
     /// ORs every bit of `other` into this map.
     pub(crate) fn merge_from(&self, other: &GrainMap) {
         for (dst, src) in self.words.iter().zip(&other.words) {
@@ -123,6 +170,13 @@ mod tests {
         other.set(500, 1);
         m.merge_from(&other);
         assert!(m.get(500));
+        let fresh = GrainMap::new(1000 * GRAIN + 1);
+        fresh.set(126, 4);
+        assert_eq!(m.count_union(&fresh, 120, 10), 8 + 2);
+        fresh.set_from(&m, 0, 200);
+        assert_eq!(fresh.count(0, 1001), 128 + 2);
+        fresh.clear_range(1, 127);
+        assert_eq!(fresh.count(0, 1001), 1 + 2);
         m.clear();
         assert_eq!(m.count(0, 1001), 0);
     }

@@ -212,6 +212,36 @@ fn written_grains_survive_an_abandoned_point_but_not_a_restart() {
 }
 
 #[test]
+fn a_chunk_is_read_whole_once_its_patch_would_hold_more_than_half() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemDevice::new((CHUNKS * u64::from(CHUNK)) as usize));
+    let layer = open(dir.path(), mem, false);
+    let cs = u64::from(CHUNK);
+    let (f, t) = (false, true);
+    let point_after = |grain: u64| {
+        layer.write_at(&[grain as u8; 512], cs + grain * G).unwrap();
+        layer.start_point().unwrap().1.unwrap()
+    };
+    // Grains 0, then 1: the patch holds at most half of the 4 grains.
+    let p = point_after(0);
+    assert_eq!(p.changed_grains(1), Some(vec![t, f, f, f]));
+    p.finish().unwrap();
+    let p = point_after(1);
+    assert_eq!(p.changed_grains(1), Some(vec![f, t, f, f]));
+    p.finish().unwrap();
+    // Grain 2 would make it 3 of 4: read whole (an abandoned point
+    // changes nothing), and the patch starts again after it.
+    let p = point_after(2);
+    assert_eq!(p.changed_grains(1), None);
+    p.abandon().unwrap();
+    let p = layer.start_point().unwrap().1.unwrap();
+    assert_eq!(p.changed_grains(1), None);
+    p.finish().unwrap();
+    let p = point_after(3);
+    assert_eq!(p.changed_grains(1), Some(vec![f, f, f, t]));
+}
+
+#[test]
 fn a_full_point_reads_every_chunk_and_preserves_any() {
     let dir = tempfile::tempdir().unwrap();
     let mut img = vec![0u8; (CHUNKS * u64::from(CHUNK)) as usize - 512];
