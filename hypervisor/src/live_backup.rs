@@ -6,14 +6,16 @@
 //! ```text
 //!  store writer lock ─ QMP connect ─ resolve drive ─ clear leftovers (by name prefix)
 //!  decide full / incremental (+ reason) ─ fold stray bitmaps into the base
-//!  qemu-img create scratch.qcow2 ─ blockdev-add scratch (backing = disk)
+//!  write empty scratch.qcow2 ─ blockdev-add scratch (backing = disk)
 //!  [qga freeze] transaction { blockdev-backup sync=none disk→scratch,
 //!                             block-dirty-bitmap-add NEW,
 //!                             block-dirty-bitmap-disable BASE } [qga thaw]
 //!  nbd-server-start ─ block-export-add scratch (bitmaps: BASE)
-//!  NBD: block status (base:allocation, qemu:dirty-bitmap:BASE) → chunk plan
-//!  store: read Data chunks (many NBD reads in flight), Zero never read,
-//!         Unchanged chunks reuse the parent snapshot's chunk ids
+//!  NBD (2 connections): block status (base:allocation,
+//!         qemu:dirty-bitmap:BASE, one pipelined pass) → chunk plan
+//!  store: read Data chunks and the dirty grains of Partial ones (each
+//!         reader's requests in one write, many in flight), Zero never
+//!         read, Unchanged chunks reuse the parent snapshot's chunk ids
 //!  teardown (always): export, server, job, scratch node, scratch file
 //!  bitmaps: success → remove BASE (NEW tracks from this snapshot on)
 //!           failure → enable BASE, merge NEW into BASE, remove NEW
