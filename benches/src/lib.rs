@@ -13,6 +13,7 @@
 //! | `boot`       | guest boot from our socket             | guest boot from qemu-storage-daemon          |
 //! | `migrate`    | background copier, cold cache          | `qemu-img convert -O raw`, `recovery-cli restore` |
 //! | `protect`    | `--protect-every 5s` under 4K random writes QD8 (RPO, write p99, store growth) | the same daemon without protection |
+//! | `s3-ingest`  | `backup` / `restore` on S3 (moto) and on a local store | `restic backup` / `restore` on the same S3 server |
 //!
 //! Every scenario prints a markdown table of absolute numbers and of
 //! ratios against its peers, checks the targets of the issues, and writes
