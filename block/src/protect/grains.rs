@@ -36,20 +36,31 @@ impl GrainMap {
         }
     }
 
-    /// Sets grains `first..first + count` (clamped to the image).
-    pub(crate) fn set(&self, first: u64, count: u64) {
+    /// The words of grains `first..first + count` (clamped to the
+    /// image), each with the mask of those grains in it.
+    fn spans(&self, first: u64, count: u64) -> impl Iterator<Item = (&AtomicU64, u64)> + '_ {
         let end = (first + count).min(self.ngrains);
         let mut g = first;
-        while g < end {
+        std::iter::from_fn(move || {
+            if g >= end {
+                return None;
+            }
             let (w, bit) = ((g / 64) as usize, g % 64);
             let n = (64 - bit).min(end - g);
+            g += n;
             let mask = if n == 64 {
                 u64::MAX
             } else {
                 ((1u64 << n) - 1) << bit
             };
-            self.words[w].fetch_or(mask, Ordering::AcqRel);
-            g += n;
+            Some((&self.words[w], mask))
+        })
+    }
+
+    /// Sets grains `first..first + count` (clamped to the image).
+    pub(crate) fn set(&self, first: u64, count: u64) {
+        for (w, mask) in self.spans(first, count) {
+            w.fetch_or(mask, Ordering::AcqRel);
         }
     }
 
@@ -69,37 +80,21 @@ impl GrainMap {
 
     /// Number of grains set in `first..first + count`.
     pub(crate) fn count(&self, first: u64, count: u64) -> u64 {
-        let end = (first + count).min(self.ngrains);
-        let mut ones = 0u64;
-        let mut g = first;
-        while g < end {
-            let (w, bit) = ((g / 64) as usize, g % 64);
-            let n = (64 - bit).min(end - g);
-            let word = self.words[w].load(Ordering::Acquire) >> bit;
-            let word = if n == 64 { word } else { word & ((1 << n) - 1) };
-            ones += u64::from(word.count_ones());
-            g += n;
-        }
-        ones
+        self.spans(first, count)
+            .map(|(w, mask)| u64::from((w.load(Ordering::Acquire) & mask).count_ones()))
+            .sum()
     }
 
     /// Number of grains in `first..first + count` set in this map or in
     /// `other` (a map of the same image).
     pub(crate) fn count_union(&self, other: &GrainMap, first: u64, count: u64) -> u64 {
-        let end = (first + count).min(self.ngrains);
-        let mut ones = 0u64;
-        let mut g = first;
-        while g < end {
-            let (w, bit) = ((g / 64) as usize, g % 64);
-            let n = (64 - bit).min(end - g);
-            let word = (self.words[w].load(Ordering::Acquire)
-                | other.words[w].load(Ordering::Acquire))
-                >> bit;
-            let word = if n == 64 { word } else { word & ((1 << n) - 1) };
-            ones += u64::from(word.count_ones());
-            g += n;
-        }
-        ones
+        self.spans(first, count)
+            .zip(other.spans(first, count))
+            .map(|((a, mask), (b, _))| {
+                let word = a.load(Ordering::Acquire) | b.load(Ordering::Acquire);
+                u64::from((word & mask).count_ones())
+            })
+            .sum()
     }
 
     /// Sets in this map the grains of `first..first + count` that `other`
@@ -115,18 +110,8 @@ impl GrainMap {
 
     /// Clears grains `first..first + count`.
     pub(crate) fn clear_range(&self, first: u64, count: u64) {
-        let end = (first + count).min(self.ngrains);
-        let mut g = first;
-        while g < end {
-            let (w, bit) = ((g / 64) as usize, g % 64);
-            let n = (64 - bit).min(end - g);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            self.words[w].fetch_and(!mask, Ordering::AcqRel);
-            g += n;
+        for (w, mask) in self.spans(first, count) {
+            w.fetch_and(!mask, Ordering::AcqRel);
         }
     }
 
