@@ -266,6 +266,12 @@ impl Capture {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The error of a read that found chunk `c` no longer pending: why
+    /// the point broke, or `otherwise`.
+    fn not_pending(&self, otherwise: impl FnOnce() -> String) -> io::Error {
+        io::Error::other(self.broken().unwrap_or_else(otherwise))
+    }
+
     fn broken(&self) -> Option<String> {
         self.broken
             .lock()
@@ -472,12 +478,22 @@ impl ProtectLayer {
     /// capture's life (both maps are frozen), so copy-before-write and the
     /// point's reader agree.
     fn grains_read(&self, capture: &Capture, chunk: u64) -> Option<Vec<bool>> {
+        let (map, first) = self.written_grains(capture, chunk)?;
+        let (_, n) = self.chunk_grains(chunk);
+        Some((first..first + n).map(|g| map.get(g)).collect())
+    }
+
+    /// When `capture` reads captured chunk `chunk` in part (see
+    /// [`ProtectLayer::grains_read`]): the map of its written grains and
+    /// the chunk's first grain in it. No allocation: a guest write to a
+    /// pending chunk asks.
+    fn written_grains(&self, capture: &Capture, chunk: u64) -> Option<(&GrainMap, u64)> {
         let grains = self.grains.as_ref().filter(|_| !capture.full)?;
         let map = &grains.written[capture.file];
         let (first, n) = self.chunk_grains(chunk);
         let ones = map.count(first, n);
         let patch = map.count_union(&grains.patched, first, n);
-        (ones > 0 && patch * 2 <= n).then(|| (first..first + n).map(|g| map.get(g)).collect())
+        (ones > 0 && patch * 2 <= n).then_some((map, first))
     }
 
     /// Runs `write` (a guest mutation of `len` bytes at `offset`) with the
@@ -534,8 +550,8 @@ impl ProtectLayer {
         }
         let (g0, g1) = ((lo / grain) as u32, ((hi - 1) / grain) as u32);
         // A point that reads only the written grains needs no other.
-        let read = self.grains_read(capture, c);
-        let needed = |g: u32| read.as_ref().is_none_or(|r| r[g as usize]);
+        let read = self.written_grains(capture, c);
+        let needed = |g: u32| read.is_none_or(|(map, first)| map.get(first + u64::from(g)));
         for (first, count) in self.preserved.missing(c, g0, g1) {
             let mut g = first;
             while g < first + count {
@@ -852,14 +868,8 @@ impl Point {
                 )));
             }
         }
-        let not_pending = || {
-            io::Error::other(match cap.broken() {
-                Some(why) => why,
-                None => format!("chunk {c} was read twice by this point"),
-            })
-        };
         if !cap.is_pending(c) {
-            return Err(not_pending());
+            return Err(cap.not_pending(|| format!("chunk {c} was read twice by this point")));
         }
         scratch.resize(n, 0);
         // As in `read_at`: read without the stripe, then patch.
@@ -903,16 +913,12 @@ impl Point {
                     format!("point read of chunk {c} is cut short"),
                 )
             })?;
-            let not_pending = || {
-                io::Error::other(match cap.broken() {
-                    Some(why) => why,
-                    None => format!("chunk {c} is not captured by this point, or was read twice"),
-                })
-            };
             if !cap.is_pending(c) {
-                return Err(not_pending());
+                return Err(cap.not_pending(|| {
+                    format!("chunk {c} is not captured by this point, or was read twice")
+                }));
             }
-            if layer.grains_read(cap, c).is_some() {
+            if layer.written_grains(cap, c).is_some() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("chunk {c} is read in part by this point, not whole"),
@@ -938,10 +944,7 @@ impl Point {
         let (layer, cap) = (&self.layer, &self.capture);
         let stripe = cap.stripe(c);
         if !cap.is_pending(c) {
-            return Err(io::Error::other(match cap.broken() {
-                Some(why) => why,
-                None => format!("chunk {c} was read twice by this point"),
-            }));
+            return Err(cap.not_pending(|| format!("chunk {c} was read twice by this point")));
         }
         let mut in_base = Vec::new();
         let taken = layer.preserved.take_into(c, chunk, |part, at| {
@@ -990,7 +993,7 @@ impl Point {
             let cap = &self.capture;
             for c in (0..layer.nchunks).filter(|&c| self.is_captured(c)) {
                 let (first, n) = layer.chunk_grains(c);
-                if layer.grains_read(cap, c).is_some() {
+                if layer.written_grains(cap, c).is_some() {
                     g.patched.set_from(&g.written[cap.file], first, n);
                 } else {
                     g.patched.clear_range(first, n);
