@@ -1042,9 +1042,31 @@ mod tests {
         name: Option<&str>,
         origin: &Origin,
     ) -> Protector {
+        open_every(dir, mem, store, name, origin, MIN_INTERVAL)
+    }
+
+    /// An hour between scheduled points: every point a test takes after
+    /// the first attempt is asked for.
+    fn open_on_demand(
+        dir: &Path,
+        mem: &Arc<MemDevice>,
+        store: &Arc<Store>,
+        origin: &Origin,
+    ) -> Protector {
+        open_every(dir, mem, store, None, origin, Duration::from_secs(3600))
+    }
+
+    fn open_every(
+        dir: &Path,
+        mem: &Arc<MemDevice>,
+        store: &Arc<Store>,
+        name: Option<&str>,
+        origin: &Origin,
+        interval: Duration,
+    ) -> Protector {
         let cfg = ProtectConfig {
             name: name.map(str::to_string),
-            interval: MIN_INTERVAL,
+            interval,
         };
         Protector::open(
             dir,
@@ -1164,18 +1186,7 @@ mod tests {
             fresh_state: true,
         };
         // Points on demand only (the timer's first point finds nothing).
-        let cfg = ProtectConfig {
-            name: None,
-            interval: Duration::from_secs(3600),
-        };
-        let mut p = Protector::open(
-            &state,
-            Protected::Device(mem.clone()),
-            store.clone(),
-            &cfg,
-            &origin,
-        )
-        .unwrap();
+        let mut p = open_on_demand(&state, &mem, &store, &origin);
         let layer = p.layer().clone();
         let status = p.status().clone();
         p.spawn().unwrap();
@@ -1254,19 +1265,7 @@ mod tests {
             snapshot: Some(("vm".into(), booted.clone())),
             fresh_state: true,
         };
-        // An hour between scheduled points: every point below is asked for.
-        let cfg = ProtectConfig {
-            name: None,
-            interval: Duration::from_secs(3600),
-        };
-        let mut p = Protector::open(
-            &state,
-            Protected::Device(mem.clone()),
-            store.clone(),
-            &cfg,
-            &origin,
-        )
-        .unwrap();
+        let mut p = open_on_demand(&state, &mem, &store, &origin);
         let layer = p.layer().clone();
         let status = p.status().clone();
         p.spawn().unwrap();
