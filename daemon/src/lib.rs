@@ -89,6 +89,7 @@
 
 pub mod control_server;
 pub mod operator_status;
+pub mod point_sched;
 pub mod progress_log;
 pub mod protect;
 pub mod qemu;

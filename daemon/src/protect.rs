@@ -89,6 +89,8 @@ use store::backup::changed::{ChangedBackup, ChangedOptions, ChangedSource, Chunk
 use store::snapshot::{micros_from_id, rfc3339_micros};
 use store::{ErrorKind, Store};
 
+use crate::point_sched::Background;
+
 /// Version of `protect.json`. Do not modify; add a new version instead.
 pub const PROTECT_FORMAT_VERSION: u32 = 1;
 /// The protection record in the state dir.
@@ -833,7 +835,8 @@ impl PointWriter {
             threads: Some(point_threads()),
             readers: point_threads(),
         };
-        let ran = match &point {
+        // The copy runs idle-class (the cut above did not).
+        let ran = Background::run(self.status.interval, || match &point {
             Some(point) => session.run(
                 &PointSource {
                     point,
@@ -843,7 +846,7 @@ impl PointWriter {
                 &opts,
             ),
             None => session.run(&NothingChanged, &opts),
-        };
+        });
         let stats = match ran {
             Ok(stats) => stats,
             Err(e) => {
@@ -990,7 +993,8 @@ fn point_threads() -> usize {
 
 /// Nice value of the `protect` thread and of the store's reader and worker
 /// threads it starts (threads inherit it): a point is background work, and
-/// on a loaded machine the guest's requests must win the CPU.
+/// on a loaded machine the guest's requests must win the CPU. While a
+/// point copies, its threads are also idle-class (`crate::point_sched`).
 pub const POINT_NICE: i32 = 10;
 
 /// Lowers the calling thread's CPU priority to [`POINT_NICE`] (Linux nice
