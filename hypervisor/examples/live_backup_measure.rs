@@ -2,6 +2,9 @@
 //! a qcow2 disk of random data (default 2 GiB) in `-M none` QEMU, a full
 //! live backup, then 1 % of its 4 KiB blocks rewritten (offline, through
 //! qemu-io, so the persistent bitmap records them) and an incremental.
+//! Every timed backup starts from a settled machine (`common::settle`: the
+//! setup's 6 GiB of writes synced, the page cache dropped), as the
+//! side-by-side benchmarks do; `LIVE_MEASURE_WARM=1` keeps the cache.
 //!
 //! `cargo run --release -p hypervisor --features test-util --example
 //! live_backup_measure [SIZE_MIB]`
@@ -40,6 +43,7 @@ fn main() {
     let cfg = common::config(dir.path(), &qmp, &abort);
     let args = testing::blockdev_args(&img, "qcow2", "disk0");
     let mut vm = testing::qemu_none(&qmp, &args);
+    common::settle();
     let full = run(&store, &cfg).unwrap();
     println!(
         "live full:        {:.2} s, read {} MiB, blackout {:.2} ms",
@@ -60,6 +64,7 @@ fn main() {
     );
 
     let _vm = testing::qemu_none(&qmp, &args);
+    common::settle();
     let inc = run(&store, &cfg).unwrap();
     println!(
         "live incremental: {:.2} s, read {} MiB ({} MiB dirty), blackout {:.2} ms",
@@ -68,6 +73,7 @@ fn main() {
         inc.dirty_bytes >> 20,
         inc.blackout_ms
     );
+    common::settle();
     let t = Instant::now();
     let file = files.backup("file", &raw, &Default::default()).unwrap();
     println!(
@@ -76,6 +82,7 @@ fn main() {
         file.bytes_read >> 20
     );
     let fresh = store::Store::init(&dir.path().join("fresh"), chunk).unwrap();
+    common::settle();
     let t = Instant::now();
     let full_file = fresh.backup("file", &raw, &Default::default()).unwrap();
     println!(

@@ -61,3 +61,18 @@ pub fn rewrite_one_percent(img: &Path, mib: u64) {
     c.arg(img);
     testing::run(&mut c);
 }
+
+/// Before a timed backup: the setup's writeback done (`sync`), then the
+/// page cache dropped, as the side-by-side benchmarks do, so that neither
+/// contender finds the disk in memory or pays for the other's writes.
+/// With `LIVE_MEASURE_WARM=1`, or without the right to drop the cache
+/// (not root), only the `sync`.
+pub fn settle() {
+    testing::run(&mut Command::new("sync"));
+    if std::env::var_os("LIVE_MEASURE_WARM").is_some_and(|v| v == "1") {
+        return;
+    }
+    if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
+        eprintln!("note: page cache not dropped ({e}): the timed backups read a warm cache");
+    }
+}
