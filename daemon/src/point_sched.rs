@@ -7,7 +7,7 @@
 //! is placed on an idle core, and a core running a niced thread is not
 //! idle, so the woken thread queues behind its waker instead (measured:
 //! the guest's write p99 at 20 MB/s with points every 5 s, 1.9× the
-//! unprotected one with nice 10 against 1.2–1.5× with `SCHED_IDLE`; see
+//! unprotected one with nice 10 against 1.15–1.4× with `SCHED_IDLE`; see
 //! `docs/BENCHMARKS.md`). The cut (the gate's write side) and the end of
 //! a point run at the `protect` thread's own priority (nice
 //! [`crate::protect::POINT_NICE`]), never as `SCHED_IDLE`.
@@ -15,10 +15,11 @@
 //! **Starvation.** On a host whose cores are kept busy by other work, an
 //! idle-class point would never finish, and a reader holding a capture
 //! stripe (a few microseconds of copying) could keep a guest write to that
-//! chunk waiting. A [`Watchdog`] therefore moves the point's threads back
-//! to `SCHED_OTHER` (keeping their nice value) once the point has run for
-//! one interval: the RPO stays within about two intervals, as with nice
-//! alone, and any wait on a stripe ends then at the latest.
+//! chunk waiting. A watchdog thread (`protect-watch`, started by
+//! [`Background::run`]) therefore moves the point's threads back to
+//! `SCHED_OTHER` (keeping their nice value) once the point has run for one
+//! interval: the RPO stays within about two intervals, as with nice alone,
+//! and any wait on a stripe ends then at the latest.
 //!
 //! The threads are found by name: the store's threads are unnamed, so
 //! they carry the name of the thread that started them (`protect`, or a
