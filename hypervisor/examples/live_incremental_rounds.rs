@@ -4,7 +4,8 @@
 //! live backup, 1 % of its 4 KiB blocks rewritten offline; then, per round,
 //! a hard-linked copy of the store, QEMU started, the live incremental,
 //! QEMU stopped and the base bitmap restored (`qemu-img bitmap`), so every
-//! round does the same work from the same state.
+//! round does the same work from the same state, from a settled machine
+//! (`common::settle`).
 //!
 //! `cargo run --release -p hypervisor --features test-util --example
 //! live_incremental_rounds [ROUNDS] [SIZE_MIB]`
@@ -78,7 +79,6 @@ fn main() {
     // store's path names its QEMU objects and bitmaps).
     let orig = dir.path().join("store-orig");
     std::fs::rename(&store_dir, &orig).unwrap();
-    testing::run(&mut Command::new("sync"));
 
     let mut secs = Vec::new();
     let (mut cpu_ours, mut cpu_qemu) = (0.0, 0.0);
@@ -88,6 +88,7 @@ fn main() {
         let store = store::Store::open(copy).unwrap();
         let vm = testing::qemu_none(&qmp, &args);
         let qemu_stat = format!("/proc/{}/stat", vm.child.id());
+        common::settle();
         let (us0, qemu0) = (cpu_secs("/proc/self/stat"), cpu_secs(&qemu_stat));
         let t = Instant::now();
         let inc = run(&store, &cfg).unwrap();
