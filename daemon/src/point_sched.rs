@@ -65,18 +65,12 @@ fn idle_class_usable() -> bool {
                 set_idle(0, true).and_then(|()| set_idle(0, false))
             })
             .map_err(|e| e.to_string())
-            .and_then(|t| t.join().map_err(|_| "probe panicked".to_string()));
-        match probe {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::info!(error = %e, "protection: points cannot use the idle class here (nice only)");
-                false
-            }
-            Err(e) => {
-                tracing::info!(error = %e, "protection: points cannot use the idle class here (nice only)");
-                false
-            }
+            .and_then(|t| t.join().map_err(|_| "probe panicked".to_string()))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = &probe {
+            tracing::info!(error = %e, "protection: points cannot use the idle class here (nice only)");
         }
+        probe.is_ok()
     })
 }
 
