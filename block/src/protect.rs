@@ -266,7 +266,7 @@ impl Capture {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The error of a read that found chunk `c` no longer pending: why
+    /// The error of a read that found its chunk no longer pending: why
     /// the point broke, or `otherwise`.
     fn not_pending(&self, otherwise: impl FnOnce() -> String) -> io::Error {
         io::Error::other(self.broken().unwrap_or_else(otherwise))

@@ -101,6 +101,38 @@ fn lift_named(name: &str) -> io::Result<usize> {
     Ok(lifted)
 }
 
+/// A one-shot signal with a timed wait: a point's copy is done (for its
+/// watchdog), a service's `service-protect` thread must stop.
+#[derive(Debug, Default)]
+pub(crate) struct Flag {
+    set: Mutex<bool>,
+    cond: Condvar,
+}
+
+impl Flag {
+    /// Raises the flag and wakes every waiter.
+    pub(crate) fn set(&self) {
+        *self.set.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        self.cond.notify_all();
+    }
+
+    /// Waits until the flag is raised or `deadline` passes; true if raised.
+    pub(crate) fn wait_until(&self, deadline: Instant) -> bool {
+        let mut set = self.set.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = Instant::now();
+            if *set || now >= deadline {
+                return *set;
+            }
+            set = self
+                .cond
+                .wait_timeout(set, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
 /// The copy of one point in the idle class, with its watchdog: made by
 /// the thread that runs the point ([`Background::run`]).
 pub struct Background;
@@ -123,7 +155,7 @@ impl Background {
                 return f();
             }
         };
-        let done = (Mutex::new(false), Condvar::new());
+        let done = Flag::default();
         std::thread::scope(|s| {
             let watchdog = std::thread::Builder::new()
                 .name("protect-watch".into())
@@ -142,8 +174,7 @@ impl Background {
                     tracing::warn!(error = %e, "protection: the point thread stays idle-class");
                 }
             }
-            *done.0.lock().unwrap_or_else(PoisonError::into_inner) = true;
-            done.1.notify_all();
+            done.set();
             out
         })
     }
@@ -151,30 +182,17 @@ impl Background {
 
 /// The watchdog: waits for `done` up to `limit`, then lifts the threads
 /// named `name`.
-fn watch(done: &(Mutex<bool>, Condvar), name: &str, limit: Duration) {
-    let end = Instant::now() + limit;
-    let mut g = done.0.lock().unwrap_or_else(PoisonError::into_inner);
-    while !*g {
-        let now = Instant::now();
-        if now >= end {
-            drop(g);
-            match lift_named(name) {
-                Ok(n) => tracing::info!(
-                    threads = n,
-                    after = ?limit,
-                    "protection: point still copying after an interval, its threads leave the idle class"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "protection: could not lift the point's threads")
-                }
-            }
-            return;
-        }
-        g = done
-            .1
-            .wait_timeout(g, end - now)
-            .unwrap_or_else(PoisonError::into_inner)
-            .0;
+fn watch(done: &Flag, name: &str, limit: Duration) {
+    if done.wait_until(Instant::now() + limit) {
+        return;
+    }
+    match lift_named(name) {
+        Ok(n) => tracing::info!(
+            threads = n,
+            after = ?limit,
+            "protection: point still copying after an interval, its threads leave the idle class"
+        ),
+        Err(e) => tracing::warn!(error = %e, "protection: could not lift the point's threads"),
     }
 }
 

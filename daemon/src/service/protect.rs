@@ -22,13 +22,14 @@
 //! published for that cut; the disks whose points were written keep them
 //! as the parents of their next ones.
 
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use block::protect::{start_points, ProtectLayer};
 use store::group::{GroupMember, GroupPoint};
 
+use crate::point_sched::Flag;
 use crate::protect::MemberWriter;
 
 /// One protected disk of the service.
@@ -45,12 +46,12 @@ pub(crate) struct ServiceProtect {
     service: String,
     interval: Duration,
     disks: Vec<ProtectedDisk>,
-    stop: Arc<(Mutex<bool>, Condvar)>,
+    stop: Arc<Flag>,
 }
 
 /// The running thread.
 pub(crate) struct ServiceProtectThread {
-    stop: Arc<(Mutex<bool>, Condvar)>,
+    stop: Arc<Flag>,
     thread: JoinHandle<()>,
 }
 
@@ -78,18 +79,7 @@ impl ServiceProtect {
 
     /// Waits until `deadline`; true if stopped.
     fn wait_until(&self, deadline: Instant) -> bool {
-        let (lock, cond) = &*self.stop;
-        let mut stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            let now = Instant::now();
-            if *stopped || now >= deadline {
-                return *stopped;
-            }
-            stopped = cond
-                .wait_timeout(stopped, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        self.stop.wait_until(deadline)
     }
 
     fn run(&mut self) {
@@ -145,9 +135,7 @@ impl ServiceProtectThread {
     /// Stops the thread (a point being written fails once its disk
     /// stops, and is abandoned) and waits for it.
     pub(crate) fn stop(self) {
-        let (lock, cond) = &*self.stop;
-        *lock.lock().unwrap_or_else(PoisonError::into_inner) = true;
-        cond.notify_all();
+        self.stop.set();
         let _ = self.thread.join();
     }
 }
