@@ -46,6 +46,7 @@ use crate::error::{Error, Result};
 use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView, MERGE_THRESHOLD};
 use crate::pack::{PackWriter, PACK_TARGET_SIZE};
+use crate::patch::ChainInfo;
 use crate::repo::Store;
 #[cfg(test)]
 use crate::restore::RestoreOptions;
@@ -159,6 +160,9 @@ struct Batch {
     /// unchanged, keep the parent's id) and the end of its bytes in the
     /// data (whole chunk data, or a patch payload).
     items: Vec<(Option<RecordKind>, usize)>,
+    /// Chain hints of the patch items: `(item index, info)`, in item order;
+    /// a worker files each under the patch's id once it has hashed it.
+    hints: Vec<(usize, ChainInfo)>,
 }
 
 impl Batch {
@@ -174,6 +178,7 @@ impl Batch {
             at,
             parent: Vec::with_capacity(chunks),
             items: Vec::new(),
+            hints: Vec::new(),
         }
     }
 
@@ -618,6 +623,9 @@ fn work(
                 RecordKind::Data => shared.store.chunk_id(data),
                 RecordKind::Patch => shared.store.codec().patch_id(data),
             };
+            if let Ok(h) = batch.hints.binary_search_by_key(&i, |h| h.0) {
+                shared.store.chain_hints().insert(id, batch.hints[h].1);
+            }
             entries.extend_from_slice(&id.0);
             if batch.parent.get(i).copied().flatten() == Some(id) {
                 c.chunks_parent.fetch_add(1, Ordering::Relaxed);
@@ -653,6 +661,7 @@ fn work(
         let len = batch.len as u64;
         drop(items);
         batch.items.clear();
+        batch.hints.clear();
         let _ = free.send(batch);
         if out.send(output).is_err() {
             return Ok(());

@@ -8,7 +8,7 @@ use crate::crypto::EncryptionConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{
     CONFIG_FORMAT, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, STORE_VERSION, STORE_VERSION_ENCRYPTED,
-    STORE_VERSION_PATCHES,
+    STORE_VERSION_PATCHES, STORE_VERSION_PATCH_CHAINS,
 };
 
 /// Name of the config object.
@@ -74,12 +74,17 @@ impl Config {
             ));
         }
         match probe.version {
-            Some(STORE_VERSION | STORE_VERSION_ENCRYPTED | STORE_VERSION_PATCHES) => {}
+            Some(
+                STORE_VERSION
+                | STORE_VERSION_ENCRYPTED
+                | STORE_VERSION_PATCHES
+                | STORE_VERSION_PATCH_CHAINS,
+            ) => {}
             v => {
                 return Err(Error::new(
                     ErrorKind::UnsupportedVersion,
                     format!(
-                        "Store {where_} has format version {}, this program supports versions {STORE_VERSION}, {STORE_VERSION_ENCRYPTED} (encrypted) and {STORE_VERSION_PATCHES} (patch records)",
+                        "Store {where_} has format version {}, this program supports versions {STORE_VERSION}, {STORE_VERSION_ENCRYPTED} (encrypted), {STORE_VERSION_PATCHES} (patch records) and {STORE_VERSION_PATCH_CHAINS} (patch chains)",
                         v.map_or("none".to_string(), |v| v.to_string())
                     ),
                 ))
@@ -91,7 +96,7 @@ impl Config {
         validate_chunk_size(config.chunk_size)
             .map_err(|e| e.context(format!("Store {where_} has an invalid config.json")))?;
         let mismatch = match config.version {
-            STORE_VERSION_PATCHES => false,
+            STORE_VERSION_PATCHES | STORE_VERSION_PATCH_CHAINS => false,
             v => (v == STORE_VERSION_ENCRYPTED) != config.encryption.is_some(),
         };
         if mismatch {
@@ -108,15 +113,18 @@ impl Config {
         Ok(config)
     }
 
-    /// True when the store may hold patch records ([`STORE_VERSION_PATCHES`]).
+    /// True when the store may hold patch records in chains
+    /// ([`STORE_VERSION_PATCH_CHAINS`]), the patches this program writes. A
+    /// version [`STORE_VERSION_PATCHES`] store holds patches too (read the
+    /// same way) but is upgraded before this program writes one.
     pub fn has_patches(&self) -> bool {
-        self.version == STORE_VERSION_PATCHES
+        self.version == STORE_VERSION_PATCH_CHAINS
     }
 
-    /// This config, upgraded to hold patch records.
+    /// This config, upgraded to hold patch records in chains.
     pub fn with_patches(&self) -> Config {
         Config {
-            version: STORE_VERSION_PATCHES,
+            version: STORE_VERSION_PATCH_CHAINS,
             ..self.clone()
         }
     }
@@ -159,10 +167,16 @@ mod tests {
             Config::new(2048).unwrap_err().kind(),
             ErrorKind::InvalidInput
         );
-        // Version 3 (patch records) with and without encryption.
+        // Version 4 (patch chains) with and without encryption; version 3
+        // (patches of depth one) is read, and upgraded before a patch.
         let c = Config::new(65536).unwrap().with_patches();
         assert!(c.has_patches());
+        assert_eq!(c.version, STORE_VERSION_PATCH_CHAINS);
         assert_eq!(Config::parse(&c.to_json(), "s").unwrap(), c);
+        let v3 = br#"{"format":"instant-recovery-store","version":3,"chunk_size":65536}"#;
+        let v3 = Config::parse(v3, "s").unwrap();
+        assert!(!v3.has_patches());
+        assert!(v3.with_patches().has_patches());
         let v7 = br#"{"format":"instant-recovery-store","version":7,"chunk_size":65536}"#;
         let e = Config::parse(v7, "s").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::UnsupportedVersion);

@@ -283,8 +283,9 @@ impl Copier<'_> {
     }
 
     /// With the same ids: send the patch records of `todo` as they are
-    /// (their ids are the same in the destination), and queue in `todo`
-    /// each one's base that the destination lacks. With translated ids
+    /// (their ids are the same in the destination), each one's base that
+    /// the destination lacks too, down the chain, and leave in `todo` the
+    /// chunk data to fetch. With translated ids
     /// nothing is done here: a patch is read as its whole chunk and sent as
     /// chunk data under its destination id (materialized).
     fn copy_patches(
@@ -295,7 +296,12 @@ impl Copier<'_> {
     ) -> Result<()> {
         let mut data = Vec::with_capacity(todo.len());
         let mut payload = Vec::new();
-        for id in std::mem::take(todo) {
+        // A base joins the list: chunk data is fetched below, a patch (of
+        // a chain) is sent here like the others.
+        let mut work = std::mem::take(todo);
+        let mut next = 0;
+        while let Some(&id) = work.get(next) {
+            next += 1;
             let is_patch = self.src.locate(&id)?.is_some_and(|l| l.patch);
             if !is_patch {
                 data.push(id);
@@ -313,7 +319,7 @@ impl Copier<'_> {
                     .with_chunk(id)
             })?;
             if !p.base.is_null() && !self.dst_has(view, &p.base)? && queued.insert(p.base) {
-                data.push(p.base);
+                work.push(p.base);
             }
             self.dst.enable_patches()?;
             let mut rec = Vec::new();

@@ -25,6 +25,20 @@ pub const STORE_VERSION_ENCRYPTED: u32 = 2;
 /// at open instead of misreading it.
 pub const STORE_VERSION_PATCHES: u32 = 3;
 
+/// Version of a store whose patch records may chain: a patch's base may
+/// itself be a patch, at most [`MAX_PATCH_CHAIN`] records from chunk data
+/// (plaintext or encrypted, as for version 3). Written from this version
+/// on when a store gets patches; a version 3 store is upgraded before its
+/// first patch of this program. A program that knows version 3 only (whose
+/// gc marks one base per patch, and would drop the rest of a chain) refuses
+/// it at open.
+pub const STORE_VERSION_PATCH_CHAINS: u32 = 4;
+
+/// Longest chain of patch records a chunk may resolve through: a patch of
+/// depth `d` is `d` records over chunk data, and reading it is `d + 1`
+/// record reads. A deeper chain is refused as corrupt.
+pub const MAX_PATCH_CHAIN: u32 = 8;
+
 /// Smallest allowed chunk size (4 KiB).
 pub const MIN_CHUNK_SIZE: u32 = 4 << 10;
 /// Largest allowed chunk size (4 MiB).

@@ -573,24 +573,25 @@ fn list_packs(backend: &dyn crate::backend::Backend) -> Result<Vec<PackId>> {
 
 type Kept = Vec<(ChunkId, u32, usize, usize)>;
 
-/// Mark the base of every live patch: one pass over the index; each patch
-/// the filter holds (live, or a false positive) is read (a small payload)
-/// for its base id. A base is chunk data (depth one), so one pass is
-/// enough. A patch that cannot be read aborts gc: its base would otherwise
-/// be collected. Returns the number of patches seen live. Done whatever
-/// this handle's config says: another process may have written the first
-/// patch since the store was opened; the index's patch bits are the truth.
+/// Mark the base of every live patch, down each chain: every patch the
+/// filter holds (live, or a false positive) is read (a small payload) for
+/// its base id, and a base that is a patch is read in turn, until chunk
+/// data. A patch that cannot be read aborts gc: its base would otherwise be
+/// collected. Returns the number of patches seen live. Done whatever this
+/// handle's config says: another process may have written the first patch
+/// since the store was opened; the index's patch bits are the truth.
 fn mark_patch_bases(store: &Store, view: &IndexView, bloom: &mut Bloom) -> Result<u64> {
-    let mut patches = Vec::new();
+    let mut todo = Vec::new();
     view.for_each(|id, loc| {
         if loc.patch && bloom.contains(id) {
-            patches.push(*id);
+            todo.push(*id);
         }
         Ok(())
     })?;
+    let mut seen: HashSet<ChunkId> = todo.iter().copied().collect();
     let mut payload = Vec::new();
-    for id in &patches {
-        store.read_record(id, &mut payload).map_err(|e| {
+    while let Some(id) = todo.pop() {
+        store.read_record(&id, &mut payload).map_err(|e| {
             e.context(format!(
                 "Failed to read patch {id} for its base; gc aborted"
             ))
@@ -598,13 +599,19 @@ fn mark_patch_bases(store: &Store, view: &IndexView, bloom: &mut Bloom) -> Resul
         let p = PatchRef::parse(&payload).map_err(|e| {
             Error::corrupt(format!("Patch {id} is corrupt; gc aborted"))
                 .with_source(e)
-                .with_chunk(*id)
+                .with_chunk(id)
         })?;
-        if !p.base.is_null() {
-            bloom.insert(&p.base);
+        if p.base.is_null() {
+            continue;
+        }
+        bloom.insert(&p.base);
+        // A base that is a patch (of a chain) needs its own base.
+        let base_is_patch = view.lookup(&p.base)?.is_some_and(|l| l.patch);
+        if base_is_patch && seen.insert(p.base) {
+            todo.push(p.base);
         }
     }
-    Ok(patches.len() as u64)
+    Ok(seen.len() as u64)
 }
 
 /// Read pack `p` and return its bytes with the live, verified records the

@@ -16,7 +16,7 @@
 //! ```text
 //! STORE/
 //!   config.json                   {"format":"instant-recovery-store","version":1,"chunk_size":N}
-//!                                 (version 3 once a patch record is written, see Patches)
+//!                                 (version 4 once a patch record is written, see Patches)
 //!   lock                          writer lock (flock), holds the writer's PID
 //!   packs/<2 hex>/<pack>.pack     immutable chunk records          (pack.rs)
 //!   index/<pack>.idx              per-pack sorted index            (index/idx.rs)
@@ -93,17 +93,24 @@
 //! chunk's id and only the changed grains, in a pack record flagged
 //! [`format::RECORD_FLAG_PATCH`] whose id is a domain-separated hash of the
 //! payload ([`chunk::Codec::patch_id`]). Index entries carry a patch bit.
-//! - Depth one: a base is always chunk data. A new patch over a parent
-//!   patch merges their grains over the same base; above half the chunk it
-//!   is materialized (stored whole). A read is at most two record reads.
+//! - Chains: a patch's base is chunk data or another patch. A new patch
+//!   over a parent patch holds only the new grains, over that patch; a
+//!   chain is at most [`format::MAX_PATCH_CHAIN`] patches deep, and once it
+//!   would be deeper, or replace more than half the chunk, the chunk is
+//!   materialized (stored whole). A read is at most that many record reads
+//!   plus one. Writers learn a parent patch's depth from the store's hints
+//!   of the patches written lately ([`patch::ChainHints`]), or read its
+//!   chain.
 //! - Every chunk read ([`Store::read_chunk`], the pack-span path of
-//!   restore and copy, verify) resolves a patch as base + grains; a
-//!   missing or damaged base or patch is an error, never data.
-//! - gc marks the base of every live patch (one pass over the index);
-//!   copy sends bases along (same ids) or materializes (translated ids).
-//! - `config.json` version 3 marks a store that may hold patches; it is
-//!   upgraded before the first patch is written, so older programs refuse
-//!   it at open. See `docs/ARCHITECTURE.md` (Patch records).
+//!   restore and copy, verify) resolves a patch as base + grains, down the
+//!   chain; a missing or damaged base or patch is an error, never data.
+//! - gc marks the base of every live patch, down each chain; copy sends
+//!   bases along (same ids) or materializes (translated ids).
+//! - `config.json` version 4 marks a store that may hold patch chains
+//!   (version 3, written by earlier programs: patches of depth one, read
+//!   the same way); it is upgraded before the first patch is written, so
+//!   older programs refuse it at open. See `docs/ARCHITECTURE.md` (Patch
+//!   records).
 //!
 //! # Concurrency
 //! | operation          | lock                                   | runs concurrently with |

@@ -17,22 +17,26 @@
 //! [`Codec::patch_id`](crate::chunk::Codec::patch_id) of the payload, a
 //! hash domain-separated from chunk ids.
 //!
-//! # Depth rule
-//! A base is always a data chunk, never a patch, so reading a patched chunk
-//! is two record reads, never a walk. A new patch over a chunk whose parent
-//! entry is already a patch merges the old grains with the new ones over
-//! the same base; once the merged grains would cover more than half the
-//! chunk ([`should_materialize`]), the chunk is stored whole instead.
+//! # Chains
+//! A patch's base is chunk data or another patch (store version 4): a new
+//! patch over a chunk whose parent entry is a patch holds only the new
+//! grains, over the parent's patch. A chain is at most
+//! [`MAX_PATCH_CHAIN`] patches deep, so reading a patched chunk is at most
+//! that many record reads plus one, never a walk of the snapshots. Once a
+//! new patch would make the chain deeper than that, or the chain would
+//! replace more than half the chunk ([`should_materialize`]), the chunk is
+//! stored whole instead. A version 3 store's patches all rest on data
+//! (depth one); they are read the same way.
 //!
 //! [`PatchRef::parse`] takes hostile input: every length is checked, nothing
 //! panics (fuzzed by `fuzz/fuzz_targets/patch.rs`).
 
-#[cfg(doc)]
-use crate::format::RECORD_FLAG_PATCH;
 use crate::format::{
     u32_at, FormatError, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PATCH_GRAIN_SHIFT, PATCH_HEADER_LEN,
     PATCH_MAGIC,
 };
+#[cfg(doc)]
+use crate::format::{MAX_PATCH_CHAIN, RECORD_FLAG_PATCH};
 use crate::id::ChunkId;
 
 /// Grain size of the patches written (4 KiB).
@@ -132,6 +136,16 @@ impl<'a> PatchRef<'a> {
         self.mask.iter().map(|b| b.count_ones() as usize).sum()
     }
 
+    /// The held grains as bits (bit `i` = grain `i`), for a chunk of at
+    /// most 64 grains.
+    pub fn grain_bits(&self) -> Option<u64> {
+        (self.grains() <= 64).then(|| {
+            (0..self.grains())
+                .filter(|&i| self.is_set(i))
+                .fold(0u64, |b, i| b | 1 << i)
+        })
+    }
+
     /// Byte range of grain `i` in the chunk.
     pub fn range(&self, i: usize) -> std::ops::Range<usize> {
         let g = 1usize << self.shift;
@@ -171,6 +185,47 @@ impl<'a> PatchRef<'a> {
 /// as a whole chunk instead (it covers more than half of it).
 pub fn should_materialize(count: usize, grains: usize) -> bool {
     count * 2 > grains
+}
+
+/// What a writer needs to know of a patch to chain a new one over it:
+/// its depth (patch records down to chunk data, 1 when its base is data)
+/// and the grains the whole chain replaces in the chunk data under it
+/// (bit `i` = grain `i`; chunks of at most 64 grains).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainInfo {
+    /// Patch records from this one down to chunk data.
+    pub depth: u32,
+    /// Grains the chain replaces.
+    pub covered: u64,
+}
+
+/// Most patches [`ChainHints`] remembers before it starts over (about
+/// 15 MiB).
+const HINTS_MAX: usize = 1 << 18;
+
+/// [`ChainInfo`] of recently written patches, by patch id, so the next
+/// point or incremental chains over them without reading them back. A
+/// patch id names its payload, and the payload its base, so an entry is
+/// never stale; a miss costs a walk of the chain. Bounded: when full it
+/// starts over.
+#[derive(Debug, Default)]
+pub struct ChainHints {
+    map: std::collections::HashMap<ChunkId, ChainInfo>,
+}
+
+impl ChainHints {
+    /// The info of patch `id`, if remembered.
+    pub fn get(&self, id: &ChunkId) -> Option<ChainInfo> {
+        self.map.get(id).copied()
+    }
+
+    /// Remember patch `id`'s info.
+    pub fn insert(&mut self, id: ChunkId, info: ChainInfo) {
+        if self.map.len() >= HINTS_MAX {
+            self.map.clear();
+        }
+        self.map.insert(id, info);
+    }
 }
 
 /// Encode a patch of [`GRAIN`]-sized grains over `base` (null: zeros) for a

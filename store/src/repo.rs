@@ -15,11 +15,11 @@ use crate::chunk::{Codec, RecordKind};
 use crate::config::{Config, CONFIG_KEY};
 use crate::crypto::{KdfParams, Secret};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::format::{MAX_STORED_LEN, RECORD_HEADER_LEN};
+use crate::format::{FormatError, MAX_PATCH_CHAIN, MAX_STORED_LEN, RECORD_HEADER_LEN};
 use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView, Loc};
 use crate::lock::{WriterLock, LOCK_FILE};
-use crate::patch::PatchRef;
+use crate::patch::{ChainHints, PatchRef};
 use crate::snapshot::manifest::read_header;
 use crate::snapshot::reader::SnapshotReader;
 use crate::snapshot::{self, SnapshotInfo};
@@ -41,9 +41,12 @@ struct Inner {
     raw: Arc<dyn Backend>,
     backend: Arc<dyn Backend>,
     config: Config,
-    /// The store may hold patch records (config version 3): set at open or
+    /// The store may hold patch chains (config version 4): set at open or
     /// by [`Store::enable_patches`].
     patches: AtomicBool,
+    /// Chain depth and coverage of the patches written lately (see
+    /// [`ChainHints`]).
+    chain_hints: Mutex<ChainHints>,
     /// Plaintext or sealed records, plain or keyed ids (see [`crate::crypto`]).
     codec: Codec,
     index: RwLock<Arc<IndexView>>,
@@ -204,6 +207,7 @@ impl Store {
                 index: RwLock::new(Arc::new(view)),
                 packs: Mutex::new(HashMap::new()),
                 merging: Mutex::new(()),
+                chain_hints: Mutex::new(ChainHints::default()),
             }),
         })
     }
@@ -324,14 +328,23 @@ impl Store {
         Ok(obj)
     }
 
+    /// The chain hints of the patches written lately.
+    pub(crate) fn chain_hints(&self) -> std::sync::MutexGuard<'_, ChainHints> {
+        self.inner
+            .chain_hints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// True when the store may hold patch records.
     pub fn has_patches(&self) -> bool {
         self.inner.patches.load(Ordering::Relaxed)
     }
 
-    /// Allow patch records: upgrade `config.json` to version 3 (once), so
-    /// a program that does not know patches refuses the store instead of
-    /// misreading it (or, worse, collecting the bases patches need). Called
+    /// Allow patch records: upgrade `config.json` to version 4 (once; from
+    /// 1, 2 or 3), so a program that does not know patch chains refuses the
+    /// store instead of misreading it (or, worse, collecting the bases
+    /// patches need). Called
     /// under the writer lock before the first patch record is published.
     pub(crate) fn enable_patches(&self) -> Result<()> {
         if self.has_patches() {
@@ -347,7 +360,7 @@ impl Store {
             .raw
             .put(CONFIG_KEY, &config.to_json())
             .ctx(|| format!("Failed to write {}/{CONFIG_KEY}", self.inner.place))?;
-        info!(store = %self.inner.place, "store upgraded to format version 3 (patch records)");
+        info!(store = %self.inner.place, "store upgraded to format version 4 (patch chains)");
         self.inner.patches.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -396,47 +409,61 @@ impl Store {
     }
 
     /// Turn a decoded record into chunk data: a patch payload in `out`
-    /// becomes its base chunk with the patch's grains applied. The base is
-    /// read as data only (never a patch: depth one).
+    /// becomes its base chunk with the patch's grains applied. A base that
+    /// is itself a patch is resolved the same way, at most
+    /// [`MAX_PATCH_CHAIN`] patches deep (a deeper chain is corrupt): the
+    /// chain's payloads are read top down, then applied bottom up over the
+    /// chunk data (or zeros) they rest on.
     fn apply_patch(&self, id: &ChunkId, kind: RecordKind, out: &mut Vec<u8>) -> Result<()> {
         if kind == RecordKind::Data {
             return Ok(());
         }
-        let payload = std::mem::take(out);
-        let p = PatchRef::parse(&payload).map_err(|e| {
-            Error::corrupt(format!("Patch {id} is corrupt"))
+        let corrupt = |pid: &ChunkId, e: FormatError| {
+            Error::corrupt(format!("Patch {pid} is corrupt"))
                 .with_source(e)
                 .with_chunk(*id)
-        })?;
-        if p.base.is_null() {
-            out.resize(p.chunk_len as usize, 0);
-        } else {
-            self.read_data_chunk(&p.base, out).map_err(|e| {
-                e.context(format!(
-                    "Failed to read base chunk {} of patch {id}",
+        };
+        let mut chain = vec![(*id, std::mem::take(out))];
+        loop {
+            let (pid, payload) = chain.last().expect("the chain starts with the patch");
+            let p = PatchRef::parse(payload).map_err(|e| corrupt(pid, e))?;
+            if p.base.is_null() {
+                out.resize(p.chunk_len as usize, 0);
+                break;
+            }
+            let (pid, base) = (*pid, p.base);
+            let mut next = Vec::new();
+            let kind = self.read_record(&base, &mut next).map_err(|e| {
+                e.context(format!("Failed to read base chunk {base} of patch {pid}"))
+                    .with_chunk(*id)
+            })?;
+            match kind {
+                RecordKind::Data => {
+                    *out = next;
+                    break;
+                }
+                RecordKind::Patch if chain.len() < MAX_PATCH_CHAIN as usize => {
+                    chain.push((base, next))
+                }
+                RecordKind::Patch => {
+                    return Err(Error::corrupt(format!(
+                        "Patch {id} chains more than {MAX_PATCH_CHAIN} patches"
+                    ))
+                    .with_chunk(*id))
+                }
+            }
+        }
+        for (pid, payload) in chain.iter().rev() {
+            let p = PatchRef::parse(payload).map_err(|e| corrupt(pid, e))?;
+            p.apply(out).map_err(|e| {
+                out.clear();
+                Error::corrupt(format!(
+                    "Patch {pid} does not fit its base chunk {}",
                     p.base
                 ))
-                .with_chunk(*id)
-            })?;
-        }
-        p.apply(out).map_err(|e| {
-            out.clear();
-            Error::corrupt(format!("Patch {id} does not fit its base chunk {}", p.base))
                 .with_source(e)
                 .with_chunk(*id)
-        })
-    }
-
-    /// Read the verified data of chunk `id`, refusing a patch record (a
-    /// patch's base).
-    fn read_data_chunk(&self, id: &ChunkId, out: &mut Vec<u8>) -> Result<()> {
-        let kind = self.read_record(id, out)?;
-        if kind == RecordKind::Patch {
-            out.clear();
-            return Err(Error::corrupt(format!(
-                "Chunk {id} is a patch where a patch's base must be chunk data"
-            ))
-            .with_chunk(*id));
+            })?;
         }
         Ok(())
     }

@@ -22,9 +22,10 @@ use crossbeam_channel::{Receiver, Sender};
 use super::{BackupOptions, BackupStats, Batch, Progress, Shared};
 use crate::chunk::RecordKind;
 use crate::error::{Error, Result};
+use crate::format::MAX_PATCH_CHAIN;
 use crate::id::ChunkId;
 use crate::lock::WriterLock;
-use crate::patch::{self, PatchRef, GRAIN};
+use crate::patch::{self, ChainInfo, PatchRef, GRAIN};
 use crate::repo::Store;
 use crate::snapshot::manifest::ENTRY_LEN;
 use crate::snapshot::reader::SnapshotReader;
@@ -377,6 +378,87 @@ fn read_runs(
     Ok(())
 }
 
+/// The grains of `new` that are set, as bits (`None` past 64 grains).
+fn grain_bits(new: &[Option<&[u8]>]) -> Option<u64> {
+    (new.len() <= 64).then(|| {
+        new.iter()
+            .enumerate()
+            .filter(|(_, g)| g.is_some())
+            .fold(0u64, |b, (i, _)| b | 1 << i)
+    })
+}
+
+/// True when the index holds chunk `id` as a patch record.
+fn store_is_patch(store: &Store, id: &ChunkId) -> Result<bool> {
+    let loc = store.locate(id)?.ok_or_else(|| {
+        Error::not_found(format!(
+            "Chunk {id} of the parent snapshot is not in the index"
+        ))
+        .with_chunk(*id)
+    })?;
+    Ok(loc.patch)
+}
+
+/// Depth and coverage of patch `id`, a parent snapshot's entry for a chunk
+/// of `len` bytes: from the store's hints, or read down its chain (each
+/// patch's small payload, never the chunk data) and remembered. `None` when
+/// a patch of the chain has grains this writer does not track (another
+/// grain size, more than 64 grains): the chunk is then stored whole.
+fn chain_info(
+    store: &Store,
+    id: &ChunkId,
+    len: usize,
+    buf: &mut Vec<u8>,
+) -> Result<Option<ChainInfo>> {
+    let mut info = ChainInfo {
+        depth: 0,
+        covered: 0,
+    };
+    let mut cur = *id;
+    loop {
+        if let Some(h) = store.chain_hints().get(&cur) {
+            info.depth += h.depth;
+            info.covered |= h.covered;
+            break;
+        }
+        info.depth += 1;
+        if info.depth > MAX_PATCH_CHAIN {
+            return Err(Error::corrupt(format!(
+                "Patch {id} chains more than {MAX_PATCH_CHAIN} patches"
+            ))
+            .with_chunk(*id));
+        }
+        if store.read_record(&cur, buf)? != RecordKind::Patch {
+            return Err(Error::corrupt(format!(
+                "Chunk {cur} is indexed as a patch but is not one"
+            ))
+            .with_chunk(cur));
+        }
+        let p = PatchRef::parse(buf).map_err(|e| {
+            Error::corrupt(format!("Patch {cur} is corrupt"))
+                .with_source(e)
+                .with_chunk(cur)
+        })?;
+        if p.chunk_len as usize != len {
+            return Err(Error::corrupt(format!(
+                "Patch {cur} makes a chunk of {} bytes, the chunk has {len}",
+                p.chunk_len
+            ))
+            .with_chunk(cur));
+        }
+        let Some(bits) = p.grain_bits().filter(|_| p.grain_size() == GRAIN) else {
+            return Ok(None);
+        };
+        info.covered |= bits;
+        if p.base.is_null() || !store_is_patch(store, &p.base)? {
+            break;
+        }
+        cur = p.base;
+    }
+    store.chain_hints().insert(*id, info);
+    Ok(Some(info))
+}
+
 /// Buffers of [`partial_run`], kept across runs.
 #[derive(Default)]
 struct Scratch {
@@ -389,10 +471,11 @@ struct Scratch {
 /// Build the items of a run of `Partial` chunks `first..first + n` (with
 /// `Unchanged` ones between them, which keep the parent's id) into `batch`
 /// (whose `parent` holds the parent's ids): read the dirty grains of every
-/// chunk at once, then per chunk a patch over the parent's chunk
-/// (merged with the parent's patch, over the same base, when the parent's
-/// entry is a patch), or the whole chunk when the patch would cover more
-/// than half of it (the base read from the store, never from the source).
+/// chunk at once, then per chunk a patch of the new grains over the
+/// parent's entry (chunk data, or a patch: a chain), or the whole chunk
+/// when the chain would be deeper than [`MAX_PATCH_CHAIN`] or replace more
+/// than half of it (the parent's chunk read from the store, never from the
+/// source).
 /// Returns the bytes read from the source.
 fn partial_run(
     shared: &Shared<'_>,
@@ -450,6 +533,7 @@ fn partial_run(
         )
     })?;
     batch.items.clear();
+    batch.hints.clear();
     let mut at = 0;
     for (k, mask) in masks.iter().enumerate() {
         let Some(mask) = mask else {
@@ -465,76 +549,66 @@ fn partial_run(
             new[g] = Some(&s.grains[at..at + glen]);
             at += glen;
         }
-        // The base, and the parent's patch if its entry is one.
+        // The parent's entry: chunk data (or zeros), or a patch to chain on.
         let pid = batch.parent.get(k).copied().flatten();
-        let mut base = pid.unwrap_or_default();
-        let mut old: Option<PatchRef<'_>> = None;
-        if let Some(pid) = pid {
-            let loc = store.locate(&pid)?.ok_or_else(|| {
-                Error::not_found(format!(
-                    "Chunk {pid} of the parent snapshot is not in the index"
-                ))
-                .with_chunk(pid)
-            })?;
-            if loc.patch {
-                if store.read_record(&pid, &mut s.old)? != RecordKind::Patch {
-                    return Err(Error::corrupt(format!(
-                        "Chunk {pid} is indexed as a patch but is not one"
-                    ))
-                    .with_chunk(pid));
-                }
-                let p = PatchRef::parse(&s.old).map_err(|e| {
-                    Error::corrupt(format!("Patch {pid} is corrupt"))
-                        .with_source(e)
-                        .with_chunk(pid)
-                })?;
-                if p.chunk_len as usize != len {
-                    return Err(Error::corrupt(format!(
-                        "Patch {pid} makes a chunk of {} bytes, chunk {c} has {len}",
-                        p.chunk_len
-                    ))
-                    .with_chunk(pid));
-                }
-                base = p.base;
-                old = Some(p);
+        let new_bits = grain_bits(&new);
+        let chain = match pid {
+            Some(pid) if store_is_patch(store, &pid)? => {
+                Some(chain_info(store, &pid, len, &mut s.old)?)
             }
-        }
-        let mut merged: Vec<Option<&[u8]>> = new.clone();
-        if let Some(p) = &old {
-            if p.grain_size() != GRAIN {
-                // Another grain size: merge by materializing below.
-                merged.iter_mut().for_each(|g| *g = Some(&[]));
-            } else {
-                for (g, d) in p.iter() {
-                    if merged[g].is_none() {
-                        merged[g] = Some(d);
+            _ => None,
+        };
+        let grains = new.len();
+        // `Some(hint)`: store a patch over the parent's entry (its hint for
+        // the next patch over it, when this writer can track its grains);
+        // `None`: store the chunk whole.
+        let patch = match chain {
+            None => {
+                let count = new.iter().filter(|g| g.is_some()).count();
+                (!patch::should_materialize(count, grains))
+                    .then_some(new_bits.map(|covered| ChainInfo { depth: 1, covered }))
+            }
+            Some(Some(c)) if c.depth < MAX_PATCH_CHAIN => new_bits.and_then(|bits| {
+                let covered = c.covered | bits;
+                (!patch::should_materialize(covered.count_ones() as usize, grains)).then_some(Some(
+                    ChainInfo {
+                        depth: c.depth + 1,
+                        covered,
+                    },
+                ))
+            }),
+            // As deep as chains go, or grains this writer cannot track.
+            Some(_) => None,
+        };
+        match patch {
+            Some(hint) => {
+                patch::encode(&pid.unwrap_or_default(), len as u32, |g| new[g], &mut s.out);
+                if let Some(h) = hint {
+                    batch.hints.push((batch.items.len(), h));
+                }
+                batch.push_item(Some(RecordKind::Patch), &s.out);
+            }
+            None => {
+                // Whole chunk: the parent's (its chain resolved), with the
+                // new grains, from the store.
+                s.out.clear();
+                match pid {
+                    None => s.out.resize(len, 0),
+                    Some(pid) => store.read_chunk(&pid, &mut s.out)?,
+                }
+                if s.out.len() != len {
+                    return Err(Error::corrupt(format!(
+                        "Parent chunk {c} has {} bytes, expected {len}",
+                        s.out.len()
+                    )));
+                }
+                for (g, d) in new.iter().enumerate() {
+                    if let Some(d) = d {
+                        s.out[g * GRAIN..g * GRAIN + d.len()].copy_from_slice(d);
                     }
                 }
+                batch.push_item(Some(RecordKind::Data), &s.out);
             }
-        }
-        let count = merged.iter().filter(|g| g.is_some()).count();
-        if patch::should_materialize(count, merged.len()) {
-            // Whole chunk: base + old patch + new grains, from the store.
-            s.out.clear();
-            match pid {
-                None => s.out.resize(len, 0),
-                Some(pid) => store.read_chunk(&pid, &mut s.out)?,
-            }
-            if s.out.len() != len {
-                return Err(Error::corrupt(format!(
-                    "Parent chunk {c} has {} bytes, expected {len}",
-                    s.out.len()
-                )));
-            }
-            for (g, d) in new.iter().enumerate() {
-                if let Some(d) = d {
-                    s.out[g * GRAIN..g * GRAIN + d.len()].copy_from_slice(d);
-                }
-            }
-            batch.push_item(Some(RecordKind::Data), &s.out);
-        } else {
-            patch::encode(&base, len as u32, |g| merged[g], &mut s.out);
-            batch.push_item(Some(RecordKind::Patch), &s.out);
         }
     }
     Ok(total as u64)

@@ -1,5 +1,5 @@
 //! Patch records end to end: a changed-blocks source with `Partial`
-//! chunks, restore, merge, materialize, gc, copy, verify and damage.
+//! chunks, restore, chains, materialize, gc, copy, verify and damage.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +9,7 @@ use crate::backup::changed::{ChangedOptions, ChangedSource, ChunkState};
 use crate::backup::tests::image;
 use crate::chunk::RecordKind;
 use crate::crypto::{KdfParams, Secret};
-use crate::format::RECORD_HEADER_LEN;
+use crate::format::{MAX_PATCH_CHAIN, RECORD_HEADER_LEN};
 use crate::id::ChunkId;
 use crate::pack::PackWriter;
 use crate::patch::{self, PatchRef, GRAIN};
@@ -132,8 +132,8 @@ fn patch_of(store: &Store, id: &ChunkId) -> Option<(ChunkId, usize)> {
     }
 }
 
-/// Three backups: full, then patches (one over a zero chunk), then merged
-/// patches and a materialized chunk. Every snapshot restores exactly.
+/// Three backups: full, then patches (one over a zero chunk), then a
+/// chained patch and a materialized chunk. Every snapshot restores exactly.
 fn three(dir: &std::path::Path, store: &Store) -> (Vec<String>, Vec<Vec<u8>>) {
     let mut img = image(5, CS * CHUNKS);
     img[50 * CS..51 * CS].fill(0);
@@ -170,11 +170,12 @@ fn three(dir: &std::path::Path, store: &Store) -> (Vec<String>, Vec<Vec<u8>>) {
     assert_eq!(s2.chunks_patch, 4, "{s2:?}");
     assert!(store.has_patches());
     let cfg = std::fs::read_to_string(dir.join("store/config.json")).unwrap();
-    assert!(cfg.contains("\"version\": 3"), "{cfg}");
+    assert!(cfg.contains("\"version\": 4"), "{cfg}");
     let v2 = img.clone();
 
-    // Chunk 3: a second grain, merged over the same base (2 of 4 grains).
-    // Chunk 10: two more grains make 3 of 4: stored whole.
+    // Chunk 3: a second grain, chained over the first patch (the chain
+    // replaces 2 of 4 grains). Chunk 10: two more grains make 3 of 4:
+    // stored whole.
     write_grains(&mut img, 3, &[2], 0x41);
     write_grains(&mut img, 10, &[0, 3], 0x42);
     let src = Src::inc(&img, &[(3, &[2]), (10, &[0, 3])]);
@@ -185,7 +186,10 @@ fn three(dir: &std::path::Path, store: &Store) -> (Vec<String>, Vec<Vec<u8>>) {
     let r = |s: &crate::BackupStats| format!("vm@{}", s.snapshot);
     let base3 = entry(store, &r(&s1), 3);
     assert_eq!(patch_of(store, &entry(store, &r(&s2), 3)), Some((base3, 1)));
-    assert_eq!(patch_of(store, &entry(store, &r(&s3), 3)), Some((base3, 2)));
+    assert_eq!(
+        patch_of(store, &entry(store, &r(&s3), 3)),
+        Some((entry(store, &r(&s2), 3), 1))
+    );
     assert_eq!(patch_of(store, &entry(store, &r(&s3), 10)), None);
     assert_eq!(
         patch_of(store, &entry(store, &r(&s2), 50)),
@@ -207,7 +211,7 @@ fn setup() -> (tempfile::TempDir, Store) {
 }
 
 #[test]
-fn patches_restore_merge_and_materialize() {
+fn patches_restore_chain_and_materialize() {
     let (dir, store) = setup();
     three(dir.path(), &store);
     // A fresh open reads them too.
@@ -333,31 +337,44 @@ fn damaged_base_or_patch_is_an_error_never_data() {
     }
 }
 
-/// Hand-made patch records: a missing base, and a base that is itself a
-/// patch (depth one is the rule), are errors.
+/// Encode a patch over `base` setting grain `g` to `v`, and pack it.
+/// Returns its id and payload.
+fn hand_patch(
+    store: &Store,
+    w: &mut PackWriter,
+    base: &ChunkId,
+    g: usize,
+    v: u8,
+) -> (ChunkId, Vec<u8>) {
+    let grain = vec![v; GRAIN];
+    let mut p = Vec::new();
+    patch::encode(base, CS as u32, |i| (i == g).then_some(&grain[..]), &mut p);
+    let id = store.codec().patch_id(&p);
+    let mut rec = Vec::new();
+    store
+        .codec()
+        .encode_kind(&id, &p, RecordKind::Patch, &mut rec);
+    w.add(id, p.len() as u32, &rec);
+    (id, p)
+}
+
+/// Hand-made patch records: a missing base is an error; a chain resolves
+/// bottom up; a chain deeper than `MAX_PATCH_CHAIN` is corrupt.
 #[test]
-fn missing_base_and_patch_on_patch_are_errors() {
+fn missing_base_chains_and_too_deep_a_chain() {
     let (_dir, store) = setup();
     store.enable_patches().unwrap();
     let data = image(9, CS);
     let did = store.chunk_id(&data);
-    let grain = vec![7u8; GRAIN];
-    let mut p1 = Vec::new();
-    patch::encode(&did, CS as u32, |g| (g == 0).then_some(&grain[..]), &mut p1);
-    let id1 = store.codec().patch_id(&p1);
-    let mut p2 = Vec::new();
-    patch::encode(&id1, CS as u32, |g| (g == 1).then_some(&grain[..]), &mut p2);
-    let id2 = store.codec().patch_id(&p2);
-    assert_ne!(id1, store.chunk_id(&p1), "patch ids are not chunk ids");
-
     let mut w = PackWriter::new(1 << 20);
-    let mut rec = Vec::new();
-    for (id, payload) in [(id1, &p1), (id2, &p2)] {
-        rec.clear();
-        store
-            .codec()
-            .encode_kind(&id, payload, RecordKind::Patch, &mut rec);
-        w.add(id, payload.len() as u32, &rec);
+    let (id1, p1) = hand_patch(&store, &mut w, &did, 0, 7);
+    assert_ne!(id1, store.chunk_id(&p1), "patch ids are not chunk ids");
+    // A chain over patch 1: grain 1, then grain 0 again (the newest wins),
+    // up to the limit, and one more.
+    let mut chain = vec![id1];
+    for k in 1..=MAX_PATCH_CHAIN as usize {
+        let top = *chain.last().unwrap();
+        chain.push(hand_patch(&store, &mut w, &top, k % 2, 7 + k as u8).0);
     }
     w.publish(store.backend()).unwrap();
     store.reload_index().unwrap();
@@ -365,26 +382,72 @@ fn missing_base_and_patch_on_patch_are_errors() {
     let mut out = Vec::new();
     let e = store.read_chunk(&id1, &mut out).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e:?}");
-    // Once the base exists, patch 1 reads; patch 2 (on a patch) never does.
+    // Once the base exists, every patch of the chain up to the limit reads.
     let mut w = PackWriter::new(1 << 20);
-    rec.clear();
+    let mut rec = Vec::new();
     store.codec().encode_record(&did, &data, &mut rec);
     w.add(did, CS as u32, &rec);
     w.publish(store.backend()).unwrap();
     store.reload_index().unwrap();
-    store.read_chunk(&id1, &mut out).unwrap();
     let mut want = data.clone();
-    want[..GRAIN].fill(7);
-    assert!(out == want);
-    let e = store.read_chunk(&id2, &mut out).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:?}");
-    assert!(format!("{e:?}").contains("is a patch where"), "{e:?}");
+    for (k, id) in chain.iter().enumerate() {
+        let g = k % 2;
+        want[g * GRAIN..(g + 1) * GRAIN].fill(7 + k as u8);
+        let r = store.read_chunk(id, &mut out);
+        if k < MAX_PATCH_CHAIN as usize {
+            r.unwrap();
+            assert!(out == want, "depth {} differs", k + 1);
+        } else {
+            let e = r.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:?}");
+            assert!(format!("{e:?}").contains("chains more than"), "{e:?}");
+        }
+    }
     // A data read of a patch record is refused by the codec too.
     let mut buf = Vec::new();
     assert_eq!(
         store.read_record(&id1, &mut buf).unwrap(),
         RecordKind::Patch
     );
+}
+
+/// The depth of the patch chain of `id` (0: chunk data).
+fn depth(store: &Store, id: &ChunkId) -> u32 {
+    match patch_of(store, id) {
+        None => 0,
+        Some((base, _)) if base.is_null() => 1,
+        Some((base, _)) => 1 + depth(store, &base),
+    }
+}
+
+/// One grain rewritten by every incremental: the chain grows one patch a
+/// snapshot up to `MAX_PATCH_CHAIN`, then the chunk is stored whole and a
+/// new chain starts. A writer that has not seen the chain (a fresh open)
+/// reads it for its depth and continues it the same way.
+#[test]
+fn a_chain_grows_to_its_limit_then_the_chunk_is_stored_whole() {
+    let (dir, store) = setup();
+    let mut img = image(5, CS * CHUNKS);
+    let mut snap = run(&store, &Src::full(&img), None).snapshot;
+    let max = MAX_PATCH_CHAIN;
+    let mut store = store;
+    for k in 1..=max + 2 {
+        if k == 4 {
+            store = Store::open(&dir.path().join("store")).unwrap();
+        }
+        write_grains(&mut img, 5, &[0], k as u8);
+        let s = run(&store, &Src::inc(&img, &[(5, &[0])]), Some(&snap));
+        snap = s.snapshot;
+        let r = format!("vm@{snap}");
+        let want = if k <= max { k } else { k - max - 1 };
+        assert_eq!(
+            depth(&store, &entry(&store, &r, 5)),
+            want,
+            "incremental {k}"
+        );
+        assert!(restored(&store, &r, dir.path()) == img, "incremental {k}");
+    }
+    assert!(store.verify(None, &Default::default()).unwrap().is_ok());
 }
 
 mod model {
@@ -410,7 +473,7 @@ mod model {
     }
 
     /// Every snapshot of the model reads back exactly, and every patch any
-    /// of them names has a data chunk as its base (depth one).
+    /// of them names rests on chunk data within `MAX_PATCH_CHAIN` patches.
     fn check(store: &Store, model: &[(String, Vec<u8>)]) {
         let mut buf = Vec::new();
         for (r, img) in model {
@@ -420,12 +483,10 @@ mod model {
                 let at = c as usize * CS;
                 assert!(buf[..] == img[at..at + CS], "{r} chunk {c} differs");
                 if let Some(id) = reader.chunk_id(c).unwrap() {
-                    if let Some((base, _)) = patch_of(store, &id) {
-                        assert!(
-                            base.is_null() || patch_of(store, &base).is_none(),
-                            "{r} chunk {c}: patch on a patch"
-                        );
-                    }
+                    assert!(
+                        depth(store, &id) <= MAX_PATCH_CHAIN,
+                        "{r} chunk {c}: a chain too deep"
+                    );
                 }
             }
         }
@@ -435,7 +496,7 @@ mod model {
         #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
         /// Model: snapshot -> image. Incrementals of scattered grain
-        /// writes (patches, merged patches, materialized chunks), forget
+        /// writes (patches, chains, materialized chunks), forget
         /// and gc in any order: every remaining snapshot reads back exactly.
         #[test]
         fn patches_forget_and_gc_match_the_model(ops in proptest::collection::vec(op(), 1..12)) {
