@@ -5,7 +5,7 @@
 //! member, each exactly the stack of a single-disk [`Daemon`] (its own
 //! state dir, overlay, migration target and copier, its own vhost-user
 //! socket and I/O threads), but without a control socket or progress
-//! logger of its own ([`Daemon::start_member`]). What is shared:
+//! logger of its own (`Daemon::start_member`). What is shared:
 //!
 //! - **one store**, opened once (the members of one group point);
 //! - **one copy-rate limit.** Every disk's copier takes its slots from one

@@ -459,6 +459,18 @@ fn chain_info(
     Ok(Some(info))
 }
 
+/// How [`partial_run`] stores a chunk changed in part.
+enum Layout {
+    /// A patch of the new grains over the parent's entry (its chain hint,
+    /// when this writer tracks its grains).
+    OverParent(Option<ChainInfo>),
+    /// The parent is a patch as deep as chains go: one patch of its grains
+    /// and the new ones over its base, so the chain keeps its depth.
+    MergedWithParent(ChainInfo),
+    /// The whole chunk (the chain would replace more than half of it).
+    Whole,
+}
+
 /// Buffers of [`partial_run`], kept across runs.
 #[derive(Default)]
 struct Scratch {
@@ -472,10 +484,11 @@ struct Scratch {
 /// `Unchanged` ones between them, which keep the parent's id) into `batch`
 /// (whose `parent` holds the parent's ids): read the dirty grains of every
 /// chunk at once, then per chunk a patch of the new grains over the
-/// parent's entry (chunk data, or a patch: a chain), or the whole chunk
-/// when the chain would be deeper than [`MAX_PATCH_CHAIN`] or replace more
-/// than half of it (the parent's chunk read from the store, never from the
-/// source).
+/// parent's entry (chunk data, or a patch: a chain); at
+/// [`MAX_PATCH_CHAIN`], one patch of the parent patch's grains and the new
+/// ones over the parent's base; or the whole chunk once the chain would
+/// replace more than half of it (the parent's chunk read from the store,
+/// never from the source).
 /// Returns the bytes read from the source.
 fn partial_run(
     shared: &Shared<'_>,
@@ -559,36 +572,67 @@ fn partial_run(
             _ => None,
         };
         let grains = new.len();
-        // `Some(hint)`: store a patch over the parent's entry (its hint for
-        // the next patch over it, when this writer can track its grains);
-        // `None`: store the chunk whole.
-        let patch = match chain {
-            None => {
+        let layout = match (chain, new_bits) {
+            (None, _) => {
                 let count = new.iter().filter(|g| g.is_some()).count();
-                (!patch::should_materialize(count, grains))
-                    .then_some(new_bits.map(|covered| ChainInfo { depth: 1, covered }))
+                if patch::should_materialize(count, grains) {
+                    Layout::Whole
+                } else {
+                    Layout::OverParent(new_bits.map(|covered| ChainInfo { depth: 1, covered }))
+                }
             }
-            Some(Some(c)) if c.depth < MAX_PATCH_CHAIN => new_bits.and_then(|bits| {
+            (Some(Some(c)), Some(bits)) => {
                 let covered = c.covered | bits;
-                (!patch::should_materialize(covered.count_ones() as usize, grains)).then_some(Some(
-                    ChainInfo {
+                if patch::should_materialize(covered.count_ones() as usize, grains) {
+                    Layout::Whole
+                } else if c.depth < MAX_PATCH_CHAIN {
+                    Layout::OverParent(Some(ChainInfo {
                         depth: c.depth + 1,
                         covered,
-                    },
-                ))
-            }),
-            // As deep as chains go, or grains this writer cannot track.
-            Some(_) => None,
+                    }))
+                } else {
+                    Layout::MergedWithParent(ChainInfo {
+                        depth: c.depth,
+                        covered,
+                    })
+                }
+            }
+            // Grains this writer cannot track.
+            (Some(_), _) => Layout::Whole,
         };
-        match patch {
-            Some(hint) => {
+        match (layout, pid) {
+            (Layout::OverParent(hint), pid) => {
                 patch::encode(&pid.unwrap_or_default(), len as u32, |g| new[g], &mut s.out);
                 if let Some(h) = hint {
                     batch.hints.push((batch.items.len(), h));
                 }
                 batch.push_item(Some(RecordKind::Patch), &s.out);
             }
-            None => {
+            (Layout::MergedWithParent(hint), Some(pid)) => {
+                // The parent patch's grains and the new ones (which win),
+                // over the parent's base: the chain keeps its depth.
+                if store.read_record(&pid, &mut s.old)? != RecordKind::Patch {
+                    return Err(Error::corrupt(format!(
+                        "Chunk {pid} is indexed as a patch but is not one"
+                    ))
+                    .with_chunk(pid));
+                }
+                let p = PatchRef::parse(&s.old)
+                    .ok()
+                    .filter(|p| p.chunk_len as usize == len && p.grain_size() == GRAIN)
+                    .ok_or_else(|| {
+                        Error::corrupt(format!("Patch {pid} does not fit chunk {c}"))
+                            .with_chunk(pid)
+                    })?;
+                let mut merged = new.clone();
+                for (g, d) in p.iter() {
+                    merged[g] = merged[g].or(Some(d));
+                }
+                patch::encode(&p.base, len as u32, |g| merged[g], &mut s.out);
+                batch.hints.push((batch.items.len(), hint));
+                batch.push_item(Some(RecordKind::Patch), &s.out);
+            }
+            (_, pid) => {
                 // Whole chunk: the parent's (its chain resolved), with the
                 // new grains, from the store.
                 s.out.clear();

@@ -421,32 +421,40 @@ fn depth(store: &Store, id: &ChunkId) -> u32 {
 }
 
 /// One grain rewritten by every incremental: the chain grows one patch a
-/// snapshot up to `MAX_PATCH_CHAIN`, then the chunk is stored whole and a
-/// new chain starts. A writer that has not seen the chain (a fresh open)
-/// reads it for its depth and continues it the same way.
+/// snapshot up to `MAX_PATCH_CHAIN`; past it, the top patch and the new
+/// grain become one patch over the same base (the depth stays); once the
+/// chain would replace more than half the chunk, it is stored whole. A
+/// writer that has not seen the chain (a fresh open) reads it for its
+/// depth and continues it the same way.
 #[test]
-fn a_chain_grows_to_its_limit_then_the_chunk_is_stored_whole() {
+fn a_chain_grows_to_its_limit_merges_at_the_top_then_is_stored_whole() {
     let (dir, store) = setup();
     let mut img = image(5, CS * CHUNKS);
     let mut snap = run(&store, &Src::full(&img), None).snapshot;
     let max = MAX_PATCH_CHAIN;
     let mut store = store;
-    for k in 1..=max + 2 {
-        if k == 4 {
-            store = Store::open(&dir.path().join("store")).unwrap();
-        }
-        write_grains(&mut img, 5, &[0], k as u8);
-        let s = run(&store, &Src::inc(&img, &[(5, &[0])]), Some(&snap));
+    let mut step = |store: &Store, img: &mut Vec<u8>, gs: &[usize], k: u32| {
+        write_grains(img, 5, gs, k as u8);
+        let s = run(store, &Src::inc(img, &[(5, gs)]), Some(&snap));
         snap = s.snapshot;
         let r = format!("vm@{snap}");
-        let want = if k <= max { k } else { k - max - 1 };
-        assert_eq!(
-            depth(&store, &entry(&store, &r, 5)),
-            want,
-            "incremental {k}"
-        );
-        assert!(restored(&store, &r, dir.path()) == img, "incremental {k}");
+        assert!(restored(store, &r, dir.path()) == *img, "incremental {k}");
+        entry(store, &r, 5)
+    };
+    for k in 1..=max + 2 {
+        if k == 4 || k == max + 2 {
+            store = Store::open(&dir.path().join("store")).unwrap();
+        }
+        let id = step(&store, &mut img, &[0], k);
+        assert_eq!(depth(&store, &id), k.min(max), "incremental {k}");
     }
+    // Grain 1 joins the top patch: half the chunk, still a patch.
+    let id = step(&store, &mut img, &[1], max + 3);
+    assert_eq!(depth(&store, &id), max);
+    assert_eq!(patch_of(&store, &id).unwrap().1, 2);
+    // Grain 2 makes three of four: whole.
+    let id = step(&store, &mut img, &[2], max + 4);
+    assert_eq!(depth(&store, &id), 0);
     assert!(store.verify(None, &Default::default()).unwrap().is_ok());
 }
 
