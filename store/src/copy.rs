@@ -47,7 +47,6 @@ use crate::group::GROUPS_DIR;
 use crate::id::{ChunkId, PackId};
 use crate::location::{s3_options, Location, OpenOptions};
 use crate::pack::{PackWriter, PACK_TARGET_SIZE};
-use crate::patch::PatchRef;
 use crate::repo::Store;
 use crate::restore::spans;
 use crate::snapshot::manifest::{read_header, ENTRY_LEN};
@@ -307,17 +306,7 @@ impl Copier<'_> {
                 data.push(id);
                 continue;
             }
-            if self.src.read_record(&id, &mut payload)? != RecordKind::Patch {
-                return Err(Error::corrupt(format!(
-                    "Chunk {id} is indexed as a patch but is not one"
-                ))
-                .with_chunk(id));
-            }
-            let p = PatchRef::parse(&payload).map_err(|e| {
-                Error::corrupt(format!("Patch {id} is corrupt"))
-                    .with_source(e)
-                    .with_chunk(id)
-            })?;
+            let p = self.src.read_patch(&id, &mut payload)?;
             if !p.base.is_null() && !self.dst_has(view, &p.base)? && queued.insert(p.base) {
                 work.push(p.base);
             }

@@ -63,7 +63,6 @@ use crate::hold::held_error;
 use crate::id::{ChunkId, PackId};
 use crate::index::{self, IndexView};
 use crate::pack::{scan, PackWriter, PACK_TARGET_SIZE};
-use crate::patch::PatchRef;
 use crate::repo::Store;
 use crate::snapshot::delta::Delta;
 use crate::snapshot::manifest::{decode_entry, read_header, ENTRY_LEN};
@@ -591,15 +590,10 @@ fn mark_patch_bases(store: &Store, view: &IndexView, bloom: &mut Bloom) -> Resul
     let mut seen: HashSet<ChunkId> = todo.iter().copied().collect();
     let mut payload = Vec::new();
     while let Some(id) = todo.pop() {
-        store.read_record(&id, &mut payload).map_err(|e| {
+        let p = store.read_patch(&id, &mut payload).map_err(|e| {
             e.context(format!(
                 "Failed to read patch {id} for its base; gc aborted"
             ))
-        })?;
-        let p = PatchRef::parse(&payload).map_err(|e| {
-            Error::corrupt(format!("Patch {id} is corrupt; gc aborted"))
-                .with_source(e)
-                .with_chunk(id)
         })?;
         if p.base.is_null() {
             continue;

@@ -344,8 +344,8 @@ impl Store {
     /// Allow patch records: upgrade `config.json` to version 4 (once; from
     /// 1, 2 or 3), so a program that does not know patch chains refuses the
     /// store instead of misreading it (or, worse, collecting the bases
-    /// patches need). Called
-    /// under the writer lock before the first patch record is published.
+    /// patches need). Called under the writer lock before the first patch
+    /// record is published.
     pub(crate) fn enable_patches(&self) -> Result<()> {
         if self.has_patches() {
             return Ok(());
@@ -466,6 +466,27 @@ impl Store {
             })?;
         }
         Ok(())
+    }
+
+    /// Read patch record `id` (its payload into `buf`) and parse it: chunk
+    /// data where the index says patch, or a payload that does not parse,
+    /// is corrupt.
+    pub(crate) fn read_patch<'b>(
+        &self,
+        id: &ChunkId,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<PatchRef<'b>> {
+        if self.read_record(id, buf)? != RecordKind::Patch {
+            return Err(
+                Error::corrupt(format!("Chunk {id} is indexed as a patch but is not one"))
+                    .with_chunk(*id),
+            );
+        }
+        PatchRef::parse(buf).map_err(|e| {
+            Error::corrupt(format!("Patch {id} is corrupt"))
+                .with_source(e)
+                .with_chunk(*id)
+        })
     }
 
     /// The verified record of chunk `id`, unresolved: chunk data, or a

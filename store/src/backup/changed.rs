@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::format::MAX_PATCH_CHAIN;
 use crate::id::ChunkId;
 use crate::lock::WriterLock;
-use crate::patch::{self, ChainInfo, PatchRef, GRAIN};
+use crate::patch::{self, ChainInfo, GRAIN};
 use crate::repo::Store;
 use crate::snapshot::manifest::ENTRY_LEN;
 use crate::snapshot::reader::SnapshotReader;
@@ -428,17 +428,7 @@ fn chain_info(
             ))
             .with_chunk(*id));
         }
-        if store.read_record(&cur, buf)? != RecordKind::Patch {
-            return Err(Error::corrupt(format!(
-                "Chunk {cur} is indexed as a patch but is not one"
-            ))
-            .with_chunk(cur));
-        }
-        let p = PatchRef::parse(buf).map_err(|e| {
-            Error::corrupt(format!("Patch {cur} is corrupt"))
-                .with_source(e)
-                .with_chunk(cur)
-        })?;
+        let p = store.read_patch(&cur, buf)?;
         if p.chunk_len as usize != len {
             return Err(Error::corrupt(format!(
                 "Patch {cur} makes a chunk of {} bytes, the chunk has {len}",
@@ -611,14 +601,7 @@ fn partial_run(
             (Layout::MergedWithParent(hint), Some(pid)) => {
                 // The parent patch's grains and the new ones (which win),
                 // over the parent's base: the chain keeps its depth.
-                if store.read_record(&pid, &mut s.old)? != RecordKind::Patch {
-                    return Err(Error::corrupt(format!(
-                        "Chunk {pid} is indexed as a patch but is not one"
-                    ))
-                    .with_chunk(pid));
-                }
-                let p = PatchRef::parse(&s.old)
-                    .ok()
+                let p = Some(store.read_patch(&pid, &mut s.old)?)
                     .filter(|p| p.chunk_len as usize == len && p.grain_size() == GRAIN)
                     .ok_or_else(|| {
                         Error::corrupt(format!("Patch {pid} does not fit chunk {c}"))
