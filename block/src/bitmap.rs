@@ -61,7 +61,7 @@
 //!
 //! Bits also go to `<bitmap>.live` as they are set (page cache only), so a
 //! daemon killed between syncs loses no acknowledged write as long as the
-//! machine keeps running; see [`journal`].
+//! machine keeps running; see `journal`.
 //!
 //! # Failures
 //!
@@ -82,7 +82,7 @@ use crate::file::sync_parent_dir;
 
 mod journal;
 
-/// The live journal path of the bitmap at `bitmap` (see [`journal`]).
+/// The live journal path of the bitmap at `bitmap` (see `journal`).
 pub fn journal_path(bitmap: &Path) -> PathBuf {
     journal::path_for(bitmap)
 }
@@ -312,7 +312,7 @@ pub struct PersistentBitmap {
     journal: std::result::Result<journal::Journal, String>,
 }
 
-/// Whether a bitmap's live journal runs (see [`journal`]).
+/// Whether a bitmap's live journal runs (see `journal`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JournalState {
     /// Every bit set is journaled: a restart of the daemon on the same

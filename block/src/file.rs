@@ -144,7 +144,7 @@ impl RawFile {
         }
     }
 
-    /// Writes `len` zero bytes at `offset`, at most [`ZERO_BUF`] at a time.
+    /// Writes `len` zero bytes at `offset`, at most `ZERO_BUF` at a time.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         let zeroes = vec![0u8; (len as usize).min(ZERO_BUF)];
         let mut pos = offset;

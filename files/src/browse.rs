@@ -2,10 +2,10 @@
 //! (lazily, through `ext4-view` over the volume's bytes) and answers
 //! `stat`, `list`, `read_link` and `open` with bounded work.
 //!
-//! Symlinks are resolved here ([`Browser::resolve`]), not by `ext4-view`:
+//! Symlinks are resolved here (`Browser::resolve`), not by `ext4-view`:
 //! it reads a link's target whole, sized by the link's inode, so a hostile
 //! inode claiming a 200 GB target would exhaust memory. We check every
-//! link's size ([`MAX_SYMLINK_LEN`]) before reading its target and hand
+//! link's size (`MAX_SYMLINK_LEN`) before reading its target and hand
 //! `ext4-view` only paths whose directory components are real directories.
 //! Resolution stays inside the filesystem: an absolute target starts at
 //! that filesystem's root and `..` stops there, so no name in an image can

@@ -5,7 +5,7 @@
 //! `init --encrypt` draws a random 256-bit *master key*. Keys are derived
 //! from it with blake3's `derive_key` (distinct contexts): the AEAD key that
 //! seals every index and manifest (XChaCha20-Poly1305), the record key that
-//! seals chunk records (AES-256-GCM with a key per record, [`RecordAead`];
+//! seals chunk records (AES-256-GCM with a key per record, `RecordAead`;
 //! stores made before, `aead` = [`AEAD`] in the config, seal records with
 //! the XChaCha20-Poly1305 key and keep doing so), and the chunk-id key: a chunk's id is `blake3::keyed_hash(id key, plaintext)`, so
 //! equal plaintext in two stores has unrelated ids and an id says nothing
@@ -71,7 +71,7 @@ use crate::id::ChunkId;
 /// the chunk records of stores made before [`AEAD_AES_RECORDS`].
 pub const AEAD: &str = "xchacha20poly1305";
 /// The `aead` of stores made since: objects and slots as [`AEAD`], chunk
-/// records with AES-256-GCM under a per-record key (see [`RecordAead`]).
+/// records with AES-256-GCM under a per-record key (see `RecordAead`).
 pub const AEAD_AES_RECORDS: &str = "xchacha20poly1305+aes256gcm-records";
 /// The key derivation function of key slots.
 pub const KDF: &str = "argon2id";

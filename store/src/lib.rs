@@ -34,7 +34,7 @@
 //! config, key slots, holds and drill records stay plaintext metadata. See
 //! [`crypto`] (formats, key wrapping, threat model).
 //!
-//! Magic numbers, versions and header layouts live in [`format`] (do not
+//! Magic numbers, versions and header layouts live in [`format`](mod@format) (do not
 //! modify). All I/O on packs, indexes and manifests goes through the
 //! [`backend::Backend`] trait: objects are published whole and atomically and
 //! never rewritten in place, so an object-store backend can follow.

@@ -2,7 +2,7 @@
 //! self-describing chunk records.
 //!
 //! Layout: a 16-byte header (magic, version), then records, each a 48-byte
-//! [`RecordHeader`](crate::format::RecordHeader) (chunk id, raw length,
+//! [`RecordHeader`] (chunk id, raw length,
 //! stored length, flags, header check) followed by the stored data. Because
 //! records describe themselves, an index can be rebuilt from the packs alone.
 //!

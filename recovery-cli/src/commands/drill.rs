@@ -9,7 +9,7 @@
 //! the guest's writes go to the throwaway overlay there, and QEMU
 //! (`-accel tcg`) boots from its vhost-user socket with the serial console
 //! written to a file, with no network unless a `tcp:` check asks for the
-//! isolated user-mode one. The checks ([`check`]: `console:REGEX`, `qga`,
+//! isolated user-mode one. The checks (`check`: `console:REGEX`, `qga`,
 //! `tcp:PORT`, `exec:CMD`) must all pass within `--timeout`.
 //!
 //! Nothing of the drill stays behind, on every path (pass, fail, error,
@@ -614,7 +614,7 @@ pub(super) fn guest_args(sockets: &[PathBuf], memory: u64, console: &Path) -> Ve
 }
 
 /// `metrics --store`: the store's drill records as Prometheus text
-/// ([`metrics`]).
+/// (`metrics`).
 pub fn metrics_text(store: &Path) -> anyhow::Result<String> {
     let store = open_store(store)?;
     let records = store

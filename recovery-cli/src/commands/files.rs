@@ -1,10 +1,12 @@
 //! `ls`, `cat`, `restore-files` and `mount`: single files out of a snapshot
 //! without restoring the disk (see the `files` crate).
 //!
+//! ```text
 //! recovery-cli ls            --store S SNAP [PATH] [-l] [--json]
 //! recovery-cli cat           --store S SNAP PATH
 //! recovery-cli restore-files --store S SNAP PATH... --to DIR [--force] [--json]
 //! recovery-cli mount         --store S SNAP MOUNTPOINT
+//! ```
 
 use std::io::Write;
 use std::path::PathBuf;

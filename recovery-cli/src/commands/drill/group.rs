@@ -4,7 +4,7 @@
 //! `recovery-cli drill --plan service.toml [GROUP_ID | --at TIME] [--json]`
 //!
 //! Every VM of the plan boots in a sandbox of its own (the single-snapshot
-//! drill's [`super::boot_sandbox`]: one throwaway daemon per disk, the
+//! drill's `super::boot_sandbox`: one throwaway daemon per disk, the
 //! group point's member snapshots `<service>-<vm>-<drive>` as the disks,
 //! QEMU with the VM's `drill_args`), in `boot_order`: a VM starts once the
 //! previous one passed its checks, and stays up until the whole service
