@@ -95,8 +95,9 @@
 //! payload ([`chunk::Codec::patch_id`]). Index entries carry a patch bit.
 //! - Chains: a patch's base is chunk data or another patch. A new patch
 //!   over a parent patch holds only the new grains, over that patch; a
-//!   chain is at most [`format::MAX_PATCH_CHAIN`] patches deep, and once it
-//!   would be deeper, or replace more than half the chunk, the chunk is
+//!   chain is at most [`format::MAX_PATCH_CHAIN`] patches deep (at that
+//!   depth the new grains merge into the top patch, over its base), and
+//!   once it would replace more than half the chunk, the chunk is
 //!   materialized (stored whole). A read is at most that many record reads
 //!   plus one. Writers learn a parent patch's depth from the store's hints
 //!   of the patches written lately ([`patch::ChainHints`]), or read its

@@ -22,10 +22,11 @@
 //! patch over a chunk whose parent entry is a patch holds only the new
 //! grains, over the parent's patch. A chain is at most
 //! [`MAX_PATCH_CHAIN`] patches deep, so reading a patched chunk is at most
-//! that many record reads plus one, never a walk of the snapshots. Once a
-//! new patch would make the chain deeper than that, or the chain would
-//! replace more than half the chunk ([`should_materialize`]), the chunk is
-//! stored whole instead. A version 3 store's patches all rest on data
+//! that many record reads plus one, never a walk of the snapshots. At that
+//! depth a new patch holds the top patch's grains and the new ones, over
+//! the top patch's base, so the depth stays. Once the chain would replace
+//! more than half the chunk ([`should_materialize`]), the chunk is stored
+//! whole instead. A version 3 store's patches all rest on data
 //! (depth one); they are read the same way.
 //!
 //! [`PatchRef::parse`] takes hostile input: every length is checked, nothing
