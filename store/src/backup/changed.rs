@@ -454,9 +454,10 @@ enum Layout {
     /// A patch of the new grains over the parent's entry (its chain hint,
     /// when this writer tracks its grains).
     OverParent(Option<ChainInfo>),
-    /// The parent is a patch as deep as chains go: one patch of its grains
-    /// and the new ones over its base, so the chain keeps its depth.
-    MergedWithParent(ChainInfo),
+    /// The parent's entry is a patch (the id) as deep as chains go: one
+    /// patch of its grains and the new ones over its base, so the chain
+    /// keeps its depth.
+    MergedWithParent(ChunkId, ChainInfo),
     /// The whole chunk (the chain would replace more than half of it).
     Whole,
 }
@@ -557,7 +558,7 @@ fn partial_run(
         let new_bits = grain_bits(&new);
         let chain = match pid {
             Some(pid) if store_is_patch(store, &pid)? => {
-                Some(chain_info(store, &pid, len, &mut s.old)?)
+                Some((pid, chain_info(store, &pid, len, &mut s.old)?))
             }
             _ => None,
         };
@@ -571,7 +572,7 @@ fn partial_run(
                     Layout::OverParent(new_bits.map(|covered| ChainInfo { depth: 1, covered }))
                 }
             }
-            (Some(Some(c)), Some(bits)) => {
+            (Some((parent, Some(c))), Some(bits)) => {
                 let covered = c.covered | bits;
                 if patch::should_materialize(covered.count_ones() as usize, grains) {
                     Layout::Whole
@@ -581,32 +582,36 @@ fn partial_run(
                         covered,
                     }))
                 } else {
-                    Layout::MergedWithParent(ChainInfo {
-                        depth: c.depth,
-                        covered,
-                    })
+                    Layout::MergedWithParent(
+                        parent,
+                        ChainInfo {
+                            depth: c.depth,
+                            covered,
+                        },
+                    )
                 }
             }
             // Grains this writer cannot track.
             (Some(_), _) => Layout::Whole,
         };
-        match (layout, pid) {
-            (Layout::OverParent(hint), pid) => {
+        match layout {
+            Layout::OverParent(hint) => {
                 patch::encode(&pid.unwrap_or_default(), len as u32, |g| new[g], &mut s.out);
                 if let Some(h) = hint {
                     batch.hints.push((batch.items.len(), h));
                 }
                 batch.push_item(Some(RecordKind::Patch), &s.out);
             }
-            (Layout::MergedWithParent(hint), Some(pid)) => {
+            Layout::MergedWithParent(parent, hint) => {
                 // The parent patch's grains and the new ones (which win),
                 // over the parent's base: the chain keeps its depth.
-                let p = Some(store.read_patch(&pid, &mut s.old)?)
-                    .filter(|p| p.chunk_len as usize == len && p.grain_size() == GRAIN)
-                    .ok_or_else(|| {
-                        Error::corrupt(format!("Patch {pid} does not fit chunk {c}"))
-                            .with_chunk(pid)
-                    })?;
+                let p = store.read_patch(&parent, &mut s.old)?;
+                if p.chunk_len as usize != len || p.grain_size() != GRAIN {
+                    return Err(
+                        Error::corrupt(format!("Patch {parent} does not fit chunk {c}"))
+                            .with_chunk(parent),
+                    );
+                }
                 let mut merged = new.clone();
                 for (g, d) in p.iter() {
                     merged[g] = merged[g].or(Some(d));
@@ -615,7 +620,7 @@ fn partial_run(
                 batch.hints.push((batch.items.len(), hint));
                 batch.push_item(Some(RecordKind::Patch), &s.out);
             }
-            (_, pid) => {
+            Layout::Whole => {
                 // Whole chunk: the parent's (its chain resolved), with the
                 // new grains, from the store.
                 s.out.clear();
