@@ -3,7 +3,7 @@
 //! protection points are), then a restore of the newest point.
 //!
 //! ```text
-//! cargo run --release -p store --example patch_chains -- [SIZE_MIB] [POINTS] [GRAINS_PER_POINT]
+//! cargo run --release -p benches --example patch_chains -- [SIZE_MIB] [POINTS] [GRAINS_PER_POINT]
 //! ```
 //! Defaults: a 1024 MiB image of random data (64 KiB chunks), 12 points of
 //! 25600 random 4 KiB grains each (5 s at 20 MB/s). Prints per point its
@@ -16,6 +16,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use benches::tools::{dir_bytes, drop_caches};
 use rand::{Rng, SeedableRng};
 use store::backup::changed::{ChangedOptions, ChangedSource, ChunkState};
 use store::restore::RestoreOptions;
@@ -54,30 +55,7 @@ impl ChangedSource for Image {
     }
 }
 
-fn dir_bytes(p: &std::path::Path) -> u64 {
-    walk(p).unwrap_or(0)
-}
-
-fn walk(p: &std::path::Path) -> io::Result<u64> {
-    let mut n = 0;
-    for e in std::fs::read_dir(p)? {
-        let e = e?;
-        let m = e.metadata()?;
-        n += if m.is_dir() {
-            walk(&e.path())?
-        } else {
-            m.len()
-        };
-    }
-    Ok(n)
-}
-
-fn drop_caches() -> bool {
-    std::process::Command::new("sync").status().is_ok()
-        && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
-}
-
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mib: usize = args.next().map_or(Ok(1024), |a| a.parse())?;
     let points: usize = args.next().map_or(Ok(12), |a| a.parse())?;
@@ -98,7 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let base = store.backup("vm", &src, &BackupOptions::default())?;
     std::fs::remove_file(&src)?;
     let mut parent = base.snapshot.clone();
-    let mut grown = dir_bytes(store.path());
+    let mut grown = dir_bytes(store.path())?;
     println!("{mib} MiB image, {points} points of {per_point} random 4 KiB grains");
     for p in 1..=points {
         img.dirty.fill(0);
@@ -119,7 +97,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 readers: 1,
             },
         )?;
-        let now = dir_bytes(store.path());
+        let now = dir_bytes(store.path())?;
         println!(
             "point {p:2}: {:.3} s, {} patches, {} whole chunks, store +{} MiB",
             t.elapsed().as_secs_f64(),
@@ -146,7 +124,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 t.elapsed().as_secs_f64()
             );
             if r == &newest && std::fs::read(&out)? != img.data {
-                return Err("the restored newest point differs from the image".into());
+                anyhow::bail!("the restored newest point differs from the image");
             }
         }
     }
