@@ -33,6 +33,17 @@ fn cpu_secs(stat: &str) -> f64 {
     ticks / 100.0
 }
 
+/// On-CPU and runnable-but-waiting seconds of process `pid`'s main thread
+/// (QEMU's main loop, which serves NBD), from `/proc/PID/schedstat`.
+fn main_thread_sched(pid: u32) -> (f64, f64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap_or_default();
+    let v: Vec<f64> = s.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    (
+        v.first().copied().unwrap_or(0.0) / 1e9,
+        v.get(1).copied().unwrap_or(0.0) / 1e9,
+    )
+}
+
 fn main() {
     // RUST_LOG=info shows the phases with timestamps.
     let _ = tracing_subscriber::fmt()
@@ -82,6 +93,7 @@ fn main() {
 
     let mut secs = Vec::new();
     let (mut cpu_ours, mut cpu_qemu) = (0.0, 0.0);
+    let (mut main_runs, mut main_waits) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         let copy = &store_dir;
         testing::run(Command::new("cp").arg("-al").arg(&orig).arg(copy));
@@ -90,6 +102,7 @@ fn main() {
         let qemu_stat = format!("/proc/{}/stat", vm.child.id());
         common::settle();
         let (us0, qemu0) = (cpu_secs("/proc/self/stat"), cpu_secs(&qemu_stat));
+        let main0 = main_thread_sched(vm.child.id());
         let t = Instant::now();
         let inc = run(&store, &cfg).unwrap();
         let wall = t.elapsed().as_secs_f64();
@@ -97,16 +110,23 @@ fn main() {
             cpu_secs("/proc/self/stat") - us0,
             cpu_secs(&qemu_stat) - qemu0,
         );
+        let main1 = main_thread_sched(vm.child.id());
+        let (main_run, main_wait) = (main1.0 - main0.0, main1.1 - main0.1);
         assert_eq!(inc.mode, "incremental", "{:?}", inc.reason);
         println!(
-            "round {r}: live incremental {:.4} s (wall {wall:.4} s), CPU ours {us:.3} s QEMU {qemu:.3} s, read {} KiB, chunks_patch {}",
+            "round {r}: live incremental {:.4} s (wall {wall:.4} s), CPU ours {us:.3} s QEMU {qemu:.3} s \
+             (its main loop: on CPU {:.3} s, runnable but waiting {:.3} s), read {} KiB, chunks_patch {}",
             inc.seconds,
+            main_run,
+            main_wait,
             inc.bytes_read >> 10,
             inc.chunks_patch,
         );
         secs.push(inc.seconds);
         cpu_ours += us;
         cpu_qemu += qemu;
+        main_runs.push(main_run);
+        main_waits.push(main_wait);
         quit(vm);
         bitmap(&["--remove", img_s, &inc.bitmap]);
         bitmap(&["--add", "-g", &g, img_s, &base]);
@@ -114,6 +134,15 @@ fn main() {
         drop(store);
         std::fs::remove_dir_all(copy).unwrap();
     }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "QEMU's main loop per round: median {:.3} s on CPU, {:.3} s runnable but waiting for a core",
+        median(&mut main_runs),
+        median(&mut main_waits),
+    );
     secs.sort_by(f64::total_cmp);
     println!(
         "live incremental over {rounds} rounds: median {:.4} s, min {:.4} s, max {:.4} s; \
