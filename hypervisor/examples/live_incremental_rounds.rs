@@ -37,7 +37,10 @@ fn cpu_secs(stat: &str) -> f64 {
 /// (QEMU's main loop, which serves NBD), from `/proc/PID/schedstat`.
 fn main_thread_sched(pid: u32) -> (f64, f64) {
     let s = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap_or_default();
-    let v: Vec<f64> = s.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<f64> = s
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
     (
         v.first().copied().unwrap_or(0.0) / 1e9,
         v.get(1).copied().unwrap_or(0.0) / 1e9,

@@ -435,6 +435,18 @@ impl Member {
         drive: Drive,
     ) -> Result<Member> {
         store::snapshot::validate_name(&target.name)?;
+        // A killed run's job copy of the base (its job was cancelled with
+        // the leftovers): nothing to keep.
+        let job_prefix = names.job_bitmap_prefix();
+        for b in drive
+            .bitmaps
+            .iter()
+            .filter(|b| b.name.starts_with(&job_prefix))
+        {
+            q.bitmap_remove(&drive.node, &b.name)
+                .map_err(qerr("block-dirty-bitmap-remove (a leftover job copy)"))?;
+            info!(bitmap = %b.name, "removed a leftover job copy of a bitmap");
+        }
         let bprefix = names.bitmap_prefix(&target.name);
         let ours: Vec<qmp::DirtyBitmap> = drive
             .bitmaps
@@ -504,22 +516,54 @@ impl Member {
     /// them in one transaction with the other members of its VM).
     pub fn start_actions(&self, chunk_size: u32) -> Vec<Action> {
         let drive = &self.drive;
-        let mut actions = vec![
-            Action::BlockdevBackup {
-                job_id: self.names.job(),
-                device: drive.node.clone(),
-                target: self.names.node(),
-                sync: "none".into(),
-                auto_dismiss: true,
-                filter_node_name: Some(self.names.filter()),
-            },
-            Action::BlockDirtyBitmapAdd {
-                node: drive.node.clone(),
-                name: self.new_bitmap.clone(),
-                granularity: bitmap_granularity(chunk_size),
-                persistent: drive.drv == "qcow2",
-            },
-        ];
+        let mut actions = Vec::new();
+        let backup = |sync: &str, bitmap: Option<String>| Action::BlockdevBackup {
+            job_id: self.names.job(),
+            device: drive.node.clone(),
+            target: self.names.node(),
+            sync: sync.into(),
+            bitmap_mode: bitmap.as_ref().map(|_| "never".into()),
+            // Copy nothing on its own (one cluster at most): only
+            // copy-before-write.
+            speed: bitmap.as_ref().map(|_| 1),
+            bitmap,
+            auto_dismiss: true,
+            filter_node_name: Some(self.names.filter()),
+        };
+        match &self.mode {
+            // Only the base's dirty clusters are read, so only they need a
+            // copy before the guest overwrites them: a guest write
+            // elsewhere costs nothing (`sync: none` copied the first write
+            // to every cluster). The job holds its bitmap busy, and NBD
+            // cannot export a busy bitmap: the job gets a copy of the
+            // base, taken in this transaction.
+            Mode::Incremental { base, .. } => {
+                let copy = self.names.job_bitmap();
+                actions.push(Action::BlockDirtyBitmapAdd {
+                    node: drive.node.clone(),
+                    name: copy.clone(),
+                    granularity: drive
+                        .bitmaps
+                        .iter()
+                        .find(|b| &b.name == base)
+                        .map_or(bitmap_granularity(chunk_size), |b| b.granularity),
+                    persistent: false,
+                });
+                actions.push(Action::BlockDirtyBitmapMerge {
+                    node: drive.node.clone(),
+                    target: copy.clone(),
+                    bitmaps: vec![base.clone()],
+                });
+                actions.push(backup("bitmap", Some(copy)));
+            }
+            Mode::Full { .. } => actions.push(backup("none", None)),
+        }
+        actions.extend([Action::BlockDirtyBitmapAdd {
+            node: drive.node.clone(),
+            name: self.new_bitmap.clone(),
+            granularity: bitmap_granularity(chunk_size),
+            persistent: drive.drv == "qcow2",
+        }]);
         if let Mode::Incremental { base, .. } = &self.mode {
             actions.push(Action::BlockDirtyBitmapDisable {
                 node: drive.node.clone(),
@@ -533,6 +577,9 @@ impl Member {
     /// succeeded.
     pub fn started(&mut self) {
         self.fleece.job = Some(self.names.job());
+        if matches!(self.mode, Mode::Incremental { .. }) {
+            self.fleece.job_bitmap = Some((self.drive.node.clone(), self.names.job_bitmap()));
+        }
         self.added = true;
     }
 

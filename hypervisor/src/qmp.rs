@@ -379,14 +379,22 @@ pub struct BlockExport {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", content = "data", rename_all = "kebab-case")]
 pub enum Action {
-    /// `blockdev-backup`: with `sync: none`, the copy-before-write job of
-    /// image fleecing.
+    /// `blockdev-backup` into a fleecing scratch image: with `sync: none`
+    /// the job copies before write every cluster the guest overwrites;
+    /// with `sync: bitmap` only those of `bitmap`, and (at `speed` 1 byte
+    /// a second) copies nothing on its own.
     BlockdevBackup {
         #[serde(rename = "job-id")]
         job_id: String,
         device: String,
         target: String,
         sync: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        bitmap: Option<String>,
+        #[serde(rename = "bitmap-mode", skip_serializing_if = "Option::is_none")]
+        bitmap_mode: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        speed: Option<u64>,
         #[serde(rename = "auto-dismiss")]
         auto_dismiss: bool,
         /// Name of the copy-before-write filter node the job inserts.

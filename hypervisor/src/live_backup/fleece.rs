@@ -71,6 +71,17 @@ impl Names {
     pub fn bitmap(&self, name: &str) -> String {
         format!("{}{}", self.bitmap_prefix(name), self.token)
     }
+    /// Prefix of the in-memory copies of a base bitmap that incremental
+    /// backup jobs hold (busy) for their copy-before-write. Image names
+    /// never start with `.`, so no image's bitmaps
+    /// ([`Names::bitmap_prefix`]) look like these.
+    pub fn job_bitmap_prefix(&self) -> String {
+        format!("{}.job-", self.prefix)
+    }
+    /// This run's copy of the base bitmap for its backup job.
+    pub fn job_bitmap(&self) -> String {
+        format!("{}{}", self.job_bitmap_prefix(), self.token)
+    }
     pub fn scratch_file(&self, dir: &Path) -> PathBuf {
         dir.join(format!("{}{}.fleece.qcow2", self.prefix, self.token))
     }
@@ -314,6 +325,9 @@ pub struct Fleece {
     pub scratch_file: Option<PathBuf>,
     pub node: Option<String>,
     pub job: Option<String>,
+    /// The job's copy of the base bitmap: (node, name), removed once the
+    /// job is gone.
+    pub job_bitmap: Option<(String, String)>,
     pub server: Option<PathBuf>,
     pub export: Option<String>,
 }
@@ -448,6 +462,13 @@ impl Fleece {
                 Ok(false) => errors.push(format!("backup job {job} did not end")),
                 Err(e) => errors.push(format!("query-block-jobs: {e}")),
             }
+        }
+        if let Some((node, name)) = self.job_bitmap.take() {
+            note(
+                &mut errors,
+                "block-dirty-bitmap-remove (the job's copy)",
+                q.bitmap_remove(&node, &name),
+            );
         }
         if let Some(node) = self.node.take() {
             note(&mut errors, "blockdev-del", q.blockdev_del(&node));

@@ -45,7 +45,7 @@ impl Vm {
         want[MIB as usize..4 * MIB as usize].fill(0x61);
         want[10 * MIB as usize..(10 * MIB + 65536) as usize].fill(0x62);
         let qmp = dir.join("qmp.sock");
-        let proc = testing::qemu_none(&qmp, &testing::blockdev_args(&img, format, "disk0"));
+        let proc = testing::qemu_none(&qmp, &Self::args(&dir, &img, format));
         Some(Vm {
             _dir: tmp,
             dir,
@@ -67,10 +67,19 @@ impl Vm {
             assert!(std::time::Instant::now() < deadline, "QEMU did not quit");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        self.proc = testing::qemu_none(
-            &self.qmp,
-            &testing::blockdev_args(&self.img, self.format, "disk0"),
-        );
+        self.proc = testing::qemu_none(&self.qmp, &Self::args(&self.dir, &self.img, self.format));
+    }
+
+    /// The disk, and a second QMP monitor (`qmp2.sock`) for the test while
+    /// a backup holds the first.
+    fn args(dir: &Path, img: &Path, format: &str) -> Vec<String> {
+        let mut args = testing::blockdev_args(img, format, "disk0");
+        args.push("-qmp".into());
+        args.push(format!(
+            "unix:{},server=on,wait=off",
+            dir.join("qmp2.sock").display()
+        ));
+        args
     }
 
     fn qmp(&self) -> Qmp {
@@ -85,16 +94,11 @@ impl Vm {
     /// The same through node `node` (the copy-before-write filter while a
     /// fleece runs: as the guest's writes go).
     fn write_via(&mut self, node: &str, offset: u64, len: u64, byte: u8) {
-        let cmd = format!("qemu-io {node} \"write -P {byte} {offset} {len}\"");
-        let out = self
-            .qmp()
-            .execute_value(
-                "human-monitor-command",
-                Some(json!({ "command-line": cmd })),
-            )
-            .unwrap();
-        let out = out.as_str().unwrap_or_default();
-        assert!(!out.to_ascii_lowercase().contains("error"), "{cmd}: {out}");
+        qemu_io(
+            &mut self.qmp(),
+            node,
+            &format!("write -P {byte} {offset} {len}"),
+        );
         self.want[offset as usize..(offset + len) as usize].fill(byte);
     }
 
@@ -153,6 +157,20 @@ impl Vm {
         let disk = nodes.iter().find(|n| n.node_name == "disk0").unwrap();
         disk.dirty_bitmaps.clone()
     }
+}
+
+/// HMP `qemu-io NODE "CMD"` over `q`; its output.
+fn qemu_io(q: &mut Qmp, node: &str, cmd: &str) -> String {
+    let line = format!("qemu-io {node} \"{cmd}\"");
+    let out = q
+        .execute_value(
+            "human-monitor-command",
+            Some(json!({ "command-line": line })),
+        )
+        .unwrap();
+    let out = out.as_str().unwrap_or_default().to_owned();
+    assert!(!out.to_ascii_lowercase().contains("error"), "{line}: {out}");
+    out
 }
 
 fn no_abort() -> AtomicBool {
@@ -224,6 +242,88 @@ fn full_then_incremental_reads_only_what_changed() {
 }
 
 #[test]
+fn an_incremental_copies_before_write_only_what_it_reads() {
+    let Some(mut vm) = Vm::start("qcow2") else {
+        return;
+    };
+    vm.backup(false, &no_abort(), None).unwrap();
+    vm.write(2 * MIB, 65536, 0x71);
+    vm.write(9 * MIB, 65536, 0x72);
+    let at_instant = vm.want.clone();
+    // While the incremental runs (after its start transaction), the guest
+    // overwrites a dirty chunk and a clean one, through the
+    // copy-before-write filter as a device's writes go. (The job copies
+    // the first dirty run, 2 MiB, on its own, then waits on its rate
+    // limit: the filter stays while 9 MiB is pending.)
+    let grew = std::sync::Mutex::new(None::<(u64, u64)>);
+    let once = std::sync::Once::new();
+    let qmp2 = vm.dir.join("qmp2.sock");
+    let during = |_: u64| {
+        once.call_once(|| {
+            let mut q = Qmp::connect(&qmp2).unwrap();
+            let nodes = q.query_named_block_nodes().unwrap();
+            let find = |kind: &str| {
+                nodes
+                    .iter()
+                    .map(|n| n.node_name.clone())
+                    .find(|n| n.starts_with("ir-") && n.contains(kind))
+                    .unwrap()
+            };
+            let (filter, scratch) = (find("-cbw-"), find("-fl-"));
+            // The scratch image's allocated bytes (its file's blocks).
+            let used = |q: &mut Qmp| {
+                let v = q.execute_value("query-named-block-nodes", None).unwrap();
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|n| n["node-name"] == scratch.as_str())
+                    .and_then(|n| n["image"]["actual-size"].as_u64())
+                    .unwrap()
+            };
+            let before = used(&mut q);
+            // Once every dirty chunk is copied the job ends and takes the
+            // filter away: the clean chunk first.
+            qemu_io(&mut q, &filter, "write -P 0x82 6M 64k");
+            let after_clean = used(&mut q);
+            qemu_io(&mut q, &filter, "write -P 0x81 9M 64k");
+            let after_dirty = used(&mut q);
+            *grew.lock().unwrap() = Some((after_clean - before, after_dirty - after_clean));
+        })
+    };
+    let cfg = Config {
+        name: "vm".into(),
+        qmp: vm.qmp.clone(),
+        drive: "disk0".into(),
+        full: false,
+        scratch: vm.dir.clone(),
+        qga: None,
+        threads: Some(2),
+        abort: &no_abort(),
+        progress: Some(&during),
+        on_size: None,
+    };
+    let r2 = run(&vm.store, &cfg).unwrap();
+    assert_eq!(r2.mode, "incremental", "{r2:?}");
+    vm.want[9 * MIB as usize..(9 * MIB + 65536) as usize].fill(0x81);
+    vm.want[6 * MIB as usize..(6 * MIB + 65536) as usize].fill(0x82);
+    // The point in time: the dirty chunk as it was, not the guest's later
+    // write; the clean one from the parent.
+    vm.check(&r2.snapshot, &at_instant);
+    // The guest's write to a chunk the backup does not read cost no copy;
+    // the one to a dirty chunk copied it first.
+    let (clean, dirty) = grew
+        .into_inner()
+        .unwrap()
+        .expect("the guest wrote during the backup");
+    assert_eq!(clean, 0, "the scratch image grew on a clean chunk's write");
+    assert!(dirty >= 65536, "the dirty chunk was not copied: {dirty}");
+    vm.assert_clean();
+    let r3 = vm.backup(false, &no_abort(), None).unwrap();
+    assert_eq!(r3.bytes_read, 2 * 65536, "{r3:?}");
+    vm.check(&r3.snapshot, &vm.want.clone());
+}
+
+#[test]
 fn failed_and_interrupted_backups_keep_every_change_tracked() {
     let Some(mut vm) = Vm::start("qcow2") else {
         return;
@@ -266,8 +366,11 @@ fn leftovers_of_a_killed_run_are_cleared_and_changes_kept() {
     };
     let r1 = vm.backup(false, &no_abort(), None).unwrap();
     vm.write(3 * MIB, 65536, 0x51);
-    // What a run killed after exporting leaves: scratch node, job, export,
-    // NBD server, a disabled base and an enabled new bitmap.
+    vm.write(5 * MIB, 65536, 0x53);
+    // What an incremental killed after exporting leaves: scratch node, job
+    // (held on its copy of the base by its rate limit), export, NBD
+    // server, the job's copy of the base, a disabled base and an enabled
+    // new bitmap.
     let names = Names::new(&store_tag(&vm.store));
     {
         let mut q = vm.qmp();
@@ -275,11 +378,25 @@ fn leftovers_of_a_killed_run_are_cleared_and_changes_kept() {
         let mut f = Fleece::default();
         f.prepare(&mut q, &names, &drive, &vm.dir).unwrap();
         q.transaction(&[
+            Action::BlockDirtyBitmapAdd {
+                node: "disk0".into(),
+                name: names.job_bitmap(),
+                granularity: 4096,
+                persistent: false,
+            },
+            Action::BlockDirtyBitmapMerge {
+                node: "disk0".into(),
+                target: names.job_bitmap(),
+                bitmaps: vec![r1.bitmap.clone()],
+            },
             Action::BlockdevBackup {
                 job_id: names.job(),
                 device: "disk0".into(),
                 target: names.node(),
-                sync: "none".into(),
+                sync: "bitmap".into(),
+                bitmap: Some(names.job_bitmap()),
+                bitmap_mode: Some("never".into()),
+                speed: Some(1),
                 auto_dismiss: true,
                 filter_node_name: Some(names.filter()),
             },
@@ -302,13 +419,17 @@ fn leftovers_of_a_killed_run_are_cleared_and_changes_kept() {
     vm.write_via(&names.filter(), 8 * MIB, 65536, 0x52);
     let r2 = vm.backup(false, &no_abort(), None).unwrap();
     assert_eq!(r2.mode, "incremental", "{r2:?}");
-    assert_eq!(r2.bytes_read, 2 * 65536, "{r2:?}");
+    assert_eq!(r2.bytes_read, 3 * 65536, "{r2:?}");
     assert!(
         r2.leftovers_cleared.len() >= 4,
         "{:?}",
         r2.leftovers_cleared
     );
-    vm.assert_clean();
+    let b = vm.assert_clean();
+    assert_eq!(
+        b.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+        [r2.bitmap.as_str()]
+    );
     vm.check(&r2.snapshot, &vm.want.clone());
 }
 
