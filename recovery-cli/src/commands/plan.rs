@@ -178,6 +178,8 @@ fn backup_plan(a: BackupArgs) -> anyhow::Result<()> {
     if a.threads == Some(0) {
         anyhow::bail!("--threads must be at least 1");
     }
+    // The VMs run: their I/O wins the cores, as for one live backup.
+    super::live_backup::lower_priority();
     let plan = load(&a.plan)?;
     let s = open(&plan)?;
     let abort = stop_flag()?;
