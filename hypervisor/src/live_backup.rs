@@ -6,21 +6,39 @@
 //! ```text
 //!  store writer lock ─ QMP connect ─ resolve drive ─ clear leftovers (by name prefix)
 //!  decide full / incremental (+ reason) ─ fold stray bitmaps into the base
-//!  write empty scratch.qcow2 ─ blockdev-add scratch (backing = disk)
-//!  [qga freeze] transaction { blockdev-backup sync=none disk→scratch,
-//!                             block-dirty-bitmap-add NEW,
-//!                             block-dirty-bitmap-disable BASE } [qga thaw]
+//!  write empty scratch.qcow2 ─ blockdev-add scratch (backing = disk,
+//!         cache.no-flush: throwaway data, no fdatasync with the disk drained)
+//!  [qga freeze] transaction {
+//!      full:        blockdev-backup sync=none disk→scratch
+//!      incremental: block-dirty-bitmap-add JOB (in memory),
+//!                   block-dirty-bitmap-merge BASE→JOB,
+//!                   blockdev-backup sync=bitmap bitmap=JOB bitmap-mode=never
+//!                                   speed=1 disk→scratch
+//!      block-dirty-bitmap-add NEW,
+//!      block-dirty-bitmap-disable BASE } [qga thaw]
 //!  nbd-server-start ─ block-export-add scratch (bitmaps: BASE)
 //!  NBD (2 connections): block status (base:allocation,
 //!         qemu:dirty-bitmap:BASE, one pipelined pass) → chunk plan
 //!  store: read Data chunks and the dirty grains of Partial ones (each
 //!         reader's requests in one write, many in flight), Zero never
 //!         read, Unchanged chunks reuse the parent snapshot's chunk ids
-//!  teardown (always): export, server, job, scratch node, scratch file
+//!  teardown (always): export, server, job, JOB bitmap, scratch node, file
 //!  bitmaps: success → remove BASE (NEW tracks from this snapshot on)
 //!           failure → enable BASE, merge NEW into BASE, remove NEW
 //! ```
 //! The guest is paused only for the transaction (`blackout_ms`).
+//!
+//! # What the guest pays
+//! The job's copy-before-write keeps the point in time: the first guest
+//! write to a cluster the backup still has to read copies the old cluster
+//! into the scratch image. A full backup reads everything, so every
+//! cluster needs it (`sync=none`). An incremental reads only the base
+//! bitmap's dirty clusters: its job (`sync=bitmap` over `JOB`, a copy of
+//! the base taken in the transaction, because NBD cannot export the
+//! bitmap a job holds busy) copies before write only those, and at
+//! 1 byte/s copies nothing on its own beyond its first run; once every
+//! dirty cluster is copied the job ends and QEMU removes its filter. A
+//! guest write anywhere else costs nothing.
 //!
 //! # Bitmaps and "never a wrong incremental"
 //! Each snapshot records in its `source` the bitmap that started at its
