@@ -85,7 +85,7 @@ pub struct Stats {
 impl Stats {
     /// The numbers of `ops` requests of `block` bytes in `secs`, with
     /// their latencies.
-    fn new(ops: u64, block: u64, secs: f64, mut lat_us: Vec<f32>) -> Stats {
+    pub(crate) fn new(ops: u64, block: u64, secs: f64, mut lat_us: Vec<f32>) -> Stats {
         lat_us.sort_by(f32::total_cmp);
         let pct = |p: f64| {
             lat_us
@@ -316,6 +316,31 @@ impl Client {
         duration: Duration,
         bytes_per_sec: f64,
     ) -> anyhow::Result<Stats> {
+        self.run_paced_into(w, span, duration, bytes_per_sec, None)
+    }
+
+    /// [`Client::run_paced`] that also returns every request's submission
+    /// time and latency (µs), to look at the requests of a time window.
+    pub fn run_paced_timeline(
+        &mut self,
+        w: &Workload,
+        span: u64,
+        duration: Duration,
+        bytes_per_sec: f64,
+    ) -> anyhow::Result<(Stats, Vec<(Instant, f32)>)> {
+        let mut timeline = Vec::with_capacity(1 << 16);
+        let stats = self.run_paced_into(w, span, duration, bytes_per_sec, Some(&mut timeline))?;
+        Ok((stats, timeline))
+    }
+
+    fn run_paced_into(
+        &mut self,
+        w: &Workload,
+        span: u64,
+        duration: Duration,
+        bytes_per_sec: f64,
+        mut timeline: Option<&mut Vec<(Instant, f32)>>,
+    ) -> anyhow::Result<Stats> {
         let block = w.block as u64;
         let blocks = self.blocks_for(w, span)?;
         if bytes_per_sec <= 0.0 {
@@ -360,7 +385,11 @@ impl Client {
                 // SAFETY: `reap_within` returned n, so do_io initialised the first n.
                 let slot = unsafe { c.assume_init_ref() }.user_data;
                 ops += 1;
-                lat_us.push(now.duration_since(started[slot]).as_secs_f32() * 1e6);
+                let lat = now.duration_since(started[slot]).as_secs_f32() * 1e6;
+                if let Some(t) = timeline.as_deref_mut() {
+                    t.push((started[slot], lat));
+                }
+                lat_us.push(lat);
                 free.push(slot);
             }
         }

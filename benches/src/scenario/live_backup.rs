@@ -111,29 +111,58 @@ struct Backup {
     seconds: f64,
     blackout_ms: f64,
     bytes_read: u64,
+    /// When the process ran.
+    #[serde(skip)]
+    window: (Instant, Instant),
 }
+
+/// The backups of a case.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Backups {
+    None,
+    /// One after the other, no pause.
+    BackToBack,
+    /// With [`GAP`] between them; the writes submitted while one ran are
+    /// also reported on their own.
+    Spaced,
+}
+
+/// The pause between backups in [`Backups::Spaced`].
+const GAP: Duration = Duration::from_secs(1);
 
 /// What one case measured.
 #[derive(Debug, Clone, Serialize)]
 struct Outcome {
     during_backup: bool,
+    #[serde(skip)]
+    backups_kind: Option<&'static str>,
     stats: Stats,
+    /// Spaced backups: the writes submitted while the full backup ran, and
+    /// while an incremental ran.
+    in_full: Option<Stats>,
+    in_incremental: Option<Stats>,
     backups: Vec<Backup>,
     load_avg: f64,
 }
 
-/// `recovery-cli backup --qmp` back to back until `stop`.
+/// `recovery-cli backup --qmp` one after the other, `gap` apart, until
+/// `stop`.
 fn backups(
     ours: &Ours,
     qmp: &Path,
     scratch: &Path,
     stop: &AtomicBool,
+    gap: Duration,
 ) -> anyhow::Result<Vec<Backup>> {
     let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) {
+        let t0 = Instant::now();
+        // Spaced backups start with a full one, to see its window too.
+        let full = !gap.is_zero() && out.is_empty();
         let run = tools::run(
             Command::new(&ours.cli)
                 .arg("backup")
+                .args(full.then_some("--full"))
                 .arg("--store")
                 .arg(&ours.store)
                 .args(["--name", "live", "--json", "--drive", NODE])
@@ -149,9 +178,26 @@ fn backups(
             seconds: v["seconds"].as_f64().unwrap_or(run.secs),
             blackout_ms: v["blackout_ms"].as_f64().unwrap_or(f64::NAN),
             bytes_read: v["bytes_read"].as_u64().unwrap_or(0),
+            window: (t0, Instant::now()),
         });
+        let resume = Instant::now() + gap;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < resume {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     Ok(out)
+}
+
+/// The stats of the requests of `timeline` submitted inside one of
+/// `windows`.
+fn within(timeline: &[(Instant, f32)], windows: &[(Instant, Instant)]) -> Option<Stats> {
+    let lat: Vec<f32> = timeline
+        .iter()
+        .filter(|(at, _)| windows.iter().any(|(a, b)| a <= at && at <= b))
+        .map(|&(_, l)| l)
+        .collect();
+    let secs: f64 = windows.iter().map(|(a, b)| (*b - *a).as_secs_f64()).sum();
+    (!lat.is_empty()).then(|| Stats::new(lat.len() as u64, 4096, secs, lat))
 }
 
 fn run_case(
@@ -159,39 +205,65 @@ fn run_case(
     qsd: &Qsd,
     client: &mut Client,
     scratch: &Path,
-    during_backup: bool,
+    kind: Backups,
     size: u64,
     secs: f64,
 ) -> anyhow::Result<Outcome> {
     let duration = Duration::from_secs_f64(secs);
     let stop = AtomicBool::new(false);
-    let (stats, backups) = std::thread::scope(|s| {
-        let worker = during_backup.then(|| s.spawn(|| backups(ours, &qsd.qmp, scratch, &stop)));
-        let stats = client.run_paced(&WRITE, size, duration, PACED);
+    let gap = if kind == Backups::Spaced {
+        GAP
+    } else {
+        Duration::ZERO
+    };
+    let (run, backups) = std::thread::scope(|s| {
+        let worker = (kind != Backups::None)
+            .then(|| s.spawn(|| backups(ours, &qsd.qmp, scratch, &stop, gap)));
+        let run = client.run_paced_timeline(&WRITE, size, duration, PACED);
         stop.store(true, Ordering::Relaxed);
         let backups = match worker {
             Some(w) => w.join().expect("backup thread"),
             None => Ok(Vec::new()),
         };
-        (stats, backups)
+        (run, backups)
     });
+    let (stats, timeline) = run?;
+    let backups = backups?;
+    let windows = |full: bool| -> Vec<(Instant, Instant)> {
+        backups
+            .iter()
+            .filter(|b| (b.mode == "full") == full)
+            .map(|b| b.window)
+            .collect()
+    };
+    let spaced = kind == Backups::Spaced;
     let out = Outcome {
-        during_backup,
-        stats: stats?,
-        backups: backups?,
+        during_backup: kind != Backups::None,
+        backups_kind: match kind {
+            Backups::None => None,
+            Backups::BackToBack => Some("back to back"),
+            Backups::Spaced => Some("1 s apart"),
+        },
+        stats,
+        in_full: spaced.then(|| within(&timeline, &windows(true))).flatten(),
+        in_incremental: spaced.then(|| within(&timeline, &windows(false))).flatten(),
+        backups,
         load_avg: tools::load_avg(),
     };
     eprintln!(
-        "live-backup: {}: p50 {:.0} µs, p99 {:.0} µs, {} backups, load {:.1}",
-        if during_backup {
-            "during backups"
-        } else {
-            "no backup"
-        },
+        "live-backup: {}: p50 {:.0} µs, p99 {:.0} µs, {} backups, load {:.1}{}",
+        out.backups_kind.map_or("no backup".into(), |k| format!("backups {k}")),
         out.stats.lat_p50_us,
         out.stats.lat_p99_us,
         out.backups.len(),
-        out.load_avg
+        out.load_avg,
+        match &out.in_incremental {
+            Some(s) => format!(
+                "; writes while an incremental ran: p50 {:.0} µs, p99 {:.0} µs ({} writes)",
+                s.lat_p50_us, s.lat_p99_us, s.ops
+            ),
+            None => String::new(),
+        }
     );
     Ok(out)
 }
@@ -227,6 +299,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let mut client = Client::connect_retry(&qsd.vhost, Duration::from_secs(10))?;
     let mut idle = Vec::new();
     let mut busy = Vec::new();
+    let mut spaced = Vec::new();
     for round in 0..ctx.rounds.max(1) {
         eprintln!("live-backup: round {}", round + 1);
         ctx.cold();
@@ -235,7 +308,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             &qsd,
             &mut client,
             &scratch,
-            false,
+            Backups::None,
             size,
             secs,
         )?);
@@ -245,7 +318,17 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             &qsd,
             &mut client,
             &scratch,
-            true,
+            Backups::BackToBack,
+            size,
+            secs,
+        )?);
+        ctx.cold();
+        spaced.push(run_case(
+            &ours,
+            &qsd,
+            &mut client,
+            &scratch,
+            Backups::Spaced,
             size,
             secs,
         )?);
@@ -258,14 +341,25 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             .collect::<Vec<_>>()
             .join(" ")
     };
+    let inc_p99 = |o: &Outcome| o.in_incremental.map_or(f64::NAN, |s| s.lat_p99_us);
     eprintln!(
-        "live-backup: write p99 per round (µs): no backup {}; during backups {}",
+        "live-backup: write p99 per round (µs): no backup {}; backups back to back {}; \
+         while an incremental ran (1 s apart) {}",
         p99s(&idle),
-        p99s(&busy)
+        p99s(&busy),
+        spaced
+            .iter()
+            .map(|o| format!("{:.0}", inc_p99(o)))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let rounds = idle.len();
     let p99 = |o: &Outcome| o.stats.lat_p99_us;
-    let (Some(idle), Some(busy)) = (median_by(idle, p99), median_by(busy, p99)) else {
+    let (Some(idle), Some(busy), Some(spaced)) = (
+        median_by(idle, p99),
+        median_by(busy, p99),
+        median_by(spaced, inc_p99),
+    ) else {
         bail!("no rounds");
     };
     crate::remove_dir_if_exists(&dir)?;
@@ -286,7 +380,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             "blackout max",
         ],
     );
-    for o in [&idle, &busy] {
+    for o in [&idle, &busy, &spaced] {
         let s = &o.stats;
         let full = o.backups.iter().filter(|b| b.mode == "full").count();
         let times: Vec<f64> = o.backups.iter().map(|b| b.seconds).collect();
@@ -297,11 +391,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             .fold(f64::NAN, f64::max);
         let dash = |v: String| if o.during_backup { v } else { "-".to_string() };
         t.row(vec![
-            if o.during_backup {
-                "during `backup --qmp`, back to back".into()
-            } else {
-                "no backup".into()
-            },
+            o.backups_kind.map_or("no backup".into(), |k| {
+                format!("during `backup --qmp`, {k}: all writes")
+            }),
             format!("{:.0}", s.iops),
             format!("{:.0} µs", s.lat_p50_us),
             format!("{:.0} µs", s.lat_p99_us),
@@ -309,6 +401,29 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             dash(format!("{} + {}", full, o.backups.len() - full)),
             dash(secs_str(crate::report::median(&times))),
             dash(format!("{blackout:.1} ms")),
+        ]);
+    }
+    // The writes submitted while a backup process of the spaced case ran.
+    for (what, st, full) in [
+        ("the full backup", spaced.in_full, true),
+        ("an incremental", spaced.in_incremental, false),
+    ] {
+        let Some(st) = st else { continue };
+        let times: Vec<f64> = spaced
+            .backups
+            .iter()
+            .filter(|b| (b.mode == "full") == full)
+            .map(|b| b.seconds)
+            .collect();
+        t.row(vec![
+            format!("while {what} ran (1 s apart): {} writes", st.ops),
+            "-".into(),
+            format!("{:.0} µs", st.lat_p50_us),
+            format!("{:.0} µs", st.lat_p99_us),
+            ratio_str(st.lat_p99_us / idle.stats.lat_p99_us),
+            times.len().to_string(),
+            secs_str(crate::report::median(&times)),
+            "-".into(),
         ]);
     }
     let placement = if scratch.starts_with(&dir) {
@@ -320,13 +435,28 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         "qemu-storage-daemon 7.2 serves the qcow2 disk over vhost-user-blk to the blkio client \
          (one queue, 8 in flight, random 4 KiB-aligned offsets over the whole disk, paced at \
          20 MB/s); `recovery-cli backup --qmp QSD_QMP --drive disk0 --scratch DIR` runs back to \
-         back in the second case: fleecing (blockdev-backup sync=none into a scratch qcow2 \
-         backed by the disk), NBD export with the dirty bitmap; the scratch image is {placement}."
+         back in the second case, and 1 s apart (the first with --full) in the third, whose \
+         writes submitted while a backup process ran are also shown alone: fleecing \
+         (blockdev-backup into a scratch qcow2 backed by the disk: sync=none for a full, \
+         sync=bitmap over the base's dirty clusters for an incremental), NBD export with the \
+         dirty bitmap; the scratch image is {placement}."
     ));
     let mut report = ctx.report("live-backup");
     report.tables.push(t);
     report.target_max(
-        "write p99 during live backups ÷ without, 20 MB/s",
+        "write p99 while an incremental runs (1 s apart) ÷ without, 20 MB/s",
+        inc_p99(&spaced) / idle.stats.lat_p99_us,
+        2.0,
+    );
+    if let Some(full) = spaced.in_full {
+        report.target_max(
+            "write p99 while a full backup runs ÷ without, 20 MB/s",
+            full.lat_p99_us / idle.stats.lat_p99_us,
+            2.0,
+        );
+    }
+    report.target_max(
+        "write p99 with backups back to back ÷ without, 20 MB/s",
         busy.stats.lat_p99_us / idle.stats.lat_p99_us,
         2.0,
     );
@@ -335,5 +465,6 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     report.set("rounds", rounds);
     report.set("no_backup", &idle);
     report.set("during_backups", &busy);
+    report.set("backups_spaced", &spaced);
     Ok(report)
 }
