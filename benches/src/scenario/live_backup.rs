@@ -257,7 +257,8 @@ fn run_case(
     };
     eprintln!(
         "live-backup: {}: p50 {:.0} µs, p99 {:.0} µs, {} backups, load {:.1}{}",
-        out.backups_kind.map_or("no backup".into(), |k| format!("backups {k}")),
+        out.backups_kind
+            .map_or("no backup".into(), |k| format!("backups {k}")),
         out.stats.lat_p50_us,
         out.stats.lat_p99_us,
         out.backups.len(),
