@@ -576,12 +576,12 @@ impl Member {
             }
             Mode::Full { .. } => actions.push(backup("none", None)),
         }
-        actions.extend([Action::BlockDirtyBitmapAdd {
+        actions.push(Action::BlockDirtyBitmapAdd {
             node: drive.node.clone(),
             name: self.new_bitmap.clone(),
             granularity: bitmap_granularity(chunk_size),
             persistent: drive.drv == "qcow2",
-        }]);
+        });
         if let Mode::Incremental { base, .. } = &self.mode {
             actions.push(Action::BlockDirtyBitmapDisable {
                 node: drive.node.clone(),

@@ -202,7 +202,7 @@ fn within(timeline: &[(Instant, f32)], windows: &[(Instant, Instant)]) -> Option
         .map(|&(_, l)| l)
         .collect();
     let secs: f64 = windows.iter().map(|(a, b)| (*b - *a).as_secs_f64()).sum();
-    (!lat.is_empty()).then(|| Stats::new(lat.len() as u64, 4096, secs, lat))
+    (!lat.is_empty()).then(|| Stats::new(lat.len() as u64, WRITE.block as u64, secs, lat))
 }
 
 fn run_case(
