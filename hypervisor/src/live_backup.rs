@@ -541,9 +541,17 @@ impl Member {
             target: self.names.node(),
             sync: sync.into(),
             bitmap_mode: bitmap.as_ref().map(|_| "never".into()),
-            // Copy nothing on its own (one cluster at most): only
-            // copy-before-write.
+            // Copy nothing on its own beyond the first run the rate limit
+            // lets through: only copy-before-write.
             speed: bitmap.as_ref().map(|_| 1),
+            // A job that ends takes its copy-before-write filter with it:
+            // if its own copy (that first run) failed, later guest writes
+            // to clusters not copied yet would reach the disk under the
+            // export. Stopped, it keeps the filter until the teardown
+            // cancels it. (A job with `sync: none` copies nothing on its
+            // own.)
+            on_source_error: bitmap.as_ref().map(|_| "stop".into()),
+            on_target_error: bitmap.as_ref().map(|_| "stop".into()),
             bitmap,
             auto_dismiss: true,
             filter_node_name: Some(self.names.filter()),

@@ -395,6 +395,12 @@ pub enum Action {
         bitmap_mode: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         speed: Option<u64>,
+        /// `stop`: a failed copy pauses the job (its filter stays) instead
+        /// of ending it.
+        #[serde(rename = "on-source-error", skip_serializing_if = "Option::is_none")]
+        on_source_error: Option<String>,
+        #[serde(rename = "on-target-error", skip_serializing_if = "Option::is_none")]
+        on_target_error: Option<String>,
         #[serde(rename = "auto-dismiss")]
         auto_dismiss: bool,
         /// Name of the copy-before-write filter node the job inserts.

@@ -253,8 +253,8 @@ fn an_incremental_copies_before_write_only_what_it_reads() {
     // While the incremental runs (after its start transaction), the guest
     // overwrites a dirty chunk and a clean one, through the
     // copy-before-write filter as a device's writes go. (The job copies
-    // the first dirty run, 2 MiB, on its own, then waits on its rate
-    // limit: the filter stays while 9 MiB is pending.)
+    // at most the first dirty run, 2 MiB, on its own: the filter stays
+    // while 9 MiB is pending.)
     let grew = std::sync::Mutex::new(None::<(u64, u64)>);
     let once = std::sync::Once::new();
     let qmp2 = vm.dir.join("qmp2.sock");
@@ -321,6 +321,54 @@ fn an_incremental_copies_before_write_only_what_it_reads() {
     let r3 = vm.backup(false, &no_abort(), None).unwrap();
     assert_eq!(r3.bytes_read, 2 * 65536, "{r3:?}");
     vm.check(&r3.snapshot, &vm.want.clone());
+}
+
+#[test]
+fn an_incremental_job_copies_one_run_at_most_on_its_own() {
+    let Some(mut vm) = Vm::start("qcow2") else {
+        return;
+    };
+    let r1 = vm.backup(false, &no_abort(), None).unwrap();
+    vm.write(2 * MIB, 65536, 0x71);
+    vm.write(9 * MIB, 65536, 0x72);
+    let names = Names::new(&store_tag(&vm.store));
+    let mut q = vm.qmp();
+    let drive = fleece::resolve_drive(&mut q, "disk0").unwrap();
+    let mut m = Member {
+        name: "vm".into(),
+        new_bitmap: names.bitmap("vm"),
+        drive: drive.clone(),
+        mode: Mode::Incremental {
+            base: r1.bitmap.clone(),
+            parent: r1.snapshot.split('@').nth(1).unwrap().to_owned(),
+        },
+        names,
+        qmp: vm.qmp.clone(),
+        scratch: vm.dir.clone(),
+        ours: Vec::new(),
+        fleece: Fleece::default(),
+        added: false,
+    };
+    m.fleece.prepare(&mut q, &m.names, &drive, &vm.dir).unwrap();
+    q.transaction(&m.start_actions(65536)).unwrap();
+    m.started();
+    // Of the two dirty chunks it copies the first on its own (the rate
+    // limit lets one run through), then only copies before write.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let jobs = q.execute_value("query-block-jobs", None).unwrap();
+    let offset = jobs[0]["offset"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        jobs[0]["status"] == "running" && offset <= 65536 && jobs[0]["len"] == 131072,
+        "{jobs}"
+    );
+    assert!(m.teardown(&mut q).is_empty());
+    m.finish(&mut q, false).unwrap();
+    drop(q);
+    let b = vm.assert_clean();
+    assert_eq!(
+        b.iter().map(|b| b.name.as_str()).collect::<Vec<_>>(),
+        [r1.bitmap.as_str()]
+    );
 }
 
 #[test]
@@ -397,6 +445,8 @@ fn leftovers_of_a_killed_run_are_cleared_and_changes_kept() {
                 bitmap: Some(names.job_bitmap()),
                 bitmap_mode: Some("never".into()),
                 speed: Some(1),
+                on_source_error: Some("stop".into()),
+                on_target_error: Some("stop".into()),
                 auto_dismiss: true,
                 filter_node_name: Some(names.filter()),
             },
