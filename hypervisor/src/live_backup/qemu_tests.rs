@@ -159,6 +159,33 @@ impl Vm {
     }
 }
 
+/// The member of an incremental over `base` (a backup's report), its
+/// fleece prepared and its start transaction run, as `run` does before
+/// exporting.
+fn started_incremental(vm: &Vm, q: &mut Qmp, base: &Report) -> Member {
+    let names = Names::new(&store_tag(&vm.store));
+    let drive = fleece::resolve_drive(q, "disk0").unwrap();
+    let mut m = Member {
+        name: "vm".into(),
+        new_bitmap: names.bitmap("vm"),
+        drive: drive.clone(),
+        mode: Mode::Incremental {
+            base: base.bitmap.clone(),
+            parent: base.snapshot.split('@').nth(1).unwrap().to_owned(),
+        },
+        names,
+        qmp: vm.qmp.clone(),
+        scratch: vm.dir.clone(),
+        ours: Vec::new(),
+        fleece: Fleece::default(),
+        added: false,
+    };
+    m.fleece.prepare(q, &m.names, &drive, &vm.dir).unwrap();
+    q.transaction(&m.start_actions(65536)).unwrap();
+    m.started();
+    m
+}
+
 /// HMP `qemu-io NODE "CMD"` over `q`; its output.
 fn qemu_io(q: &mut Qmp, node: &str, cmd: &str) -> String {
     let line = format!("qemu-io {node} \"{cmd}\"");
@@ -331,27 +358,8 @@ fn an_incremental_job_copies_one_run_at_most_on_its_own() {
     let r1 = vm.backup(false, &no_abort(), None).unwrap();
     vm.write(2 * MIB, 65536, 0x71);
     vm.write(9 * MIB, 65536, 0x72);
-    let names = Names::new(&store_tag(&vm.store));
     let mut q = vm.qmp();
-    let drive = fleece::resolve_drive(&mut q, "disk0").unwrap();
-    let mut m = Member {
-        name: "vm".into(),
-        new_bitmap: names.bitmap("vm"),
-        drive: drive.clone(),
-        mode: Mode::Incremental {
-            base: r1.bitmap.clone(),
-            parent: r1.snapshot.split('@').nth(1).unwrap().to_owned(),
-        },
-        names,
-        qmp: vm.qmp.clone(),
-        scratch: vm.dir.clone(),
-        ours: Vec::new(),
-        fleece: Fleece::default(),
-        added: false,
-    };
-    m.fleece.prepare(&mut q, &m.names, &drive, &vm.dir).unwrap();
-    q.transaction(&m.start_actions(65536)).unwrap();
-    m.started();
+    let mut m = started_incremental(&vm, &mut q, &r1);
     // Of the two dirty chunks it copies the first on its own (the rate
     // limit lets one run through), then only copies before write.
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -419,54 +427,17 @@ fn leftovers_of_a_killed_run_are_cleared_and_changes_kept() {
     // (held on its copy of the base by its rate limit), export, NBD
     // server, the job's copy of the base, a disabled base and an enabled
     // new bitmap.
-    let names = Names::new(&store_tag(&vm.store));
-    {
+    let filter = {
         let mut q = vm.qmp();
-        let drive = fleece::resolve_drive(&mut q, "disk0").unwrap();
-        let mut f = Fleece::default();
-        f.prepare(&mut q, &names, &drive, &vm.dir).unwrap();
-        q.transaction(&[
-            Action::BlockDirtyBitmapAdd {
-                node: "disk0".into(),
-                name: names.job_bitmap(),
-                granularity: 4096,
-                persistent: false,
-            },
-            Action::BlockDirtyBitmapMerge {
-                node: "disk0".into(),
-                target: names.job_bitmap(),
-                bitmaps: vec![r1.bitmap.clone()],
-            },
-            Action::BlockdevBackup {
-                job_id: names.job(),
-                device: "disk0".into(),
-                target: names.node(),
-                sync: "bitmap".into(),
-                bitmap: Some(names.job_bitmap()),
-                bitmap_mode: Some("never".into()),
-                speed: Some(1),
-                on_source_error: Some("stop".into()),
-                on_target_error: Some("stop".into()),
-                auto_dismiss: true,
-                filter_node_name: Some(names.filter()),
-            },
-            Action::BlockDirtyBitmapAdd {
-                node: "disk0".into(),
-                name: names.bitmap("vm"),
-                granularity: 65536,
-                persistent: true,
-            },
-            Action::BlockDirtyBitmapDisable {
-                node: "disk0".into(),
-                name: r1.bitmap.clone(),
-            },
-        ])
-        .unwrap();
-        f.export(&mut q, &names, &vm.dir, std::slice::from_ref(&r1.bitmap))
+        let mut m = started_incremental(&vm, &mut q, &r1);
+        m.fleece
+            .export(&mut q, &m.names, &vm.dir, std::slice::from_ref(&r1.bitmap))
             .unwrap();
-        std::mem::forget(f);
-    }
-    vm.write_via(&names.filter(), 8 * MIB, 65536, 0x52);
+        let filter = m.names.filter();
+        std::mem::forget(m);
+        filter
+    };
+    vm.write_via(&filter, 8 * MIB, 65536, 0x52);
     let r2 = vm.backup(false, &no_abort(), None).unwrap();
     assert_eq!(r2.mode, "incremental", "{r2:?}");
     assert_eq!(r2.bytes_read, 3 * 65536, "{r2:?}");
