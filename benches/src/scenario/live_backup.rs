@@ -122,7 +122,8 @@ struct Backup {
 }
 
 /// The backups of a case.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
 enum Backups {
     None,
     /// One after the other, no pause.
@@ -132,15 +133,24 @@ enum Backups {
     Spaced,
 }
 
+impl Backups {
+    /// How the case's backups ran, for the report (`None` without).
+    fn label(self) -> Option<&'static str> {
+        match self {
+            Backups::None => None,
+            Backups::BackToBack => Some("back to back"),
+            Backups::Spaced => Some("1 s apart"),
+        }
+    }
+}
+
 /// The pause between backups in [`Backups::Spaced`].
 const GAP: Duration = Duration::from_secs(1);
 
 /// What one case measured.
 #[derive(Debug, Clone, Serialize)]
 struct Outcome {
-    during_backup: bool,
-    #[serde(skip)]
-    backups_kind: Option<&'static str>,
+    kind: Backups,
     stats: Stats,
     /// Spaced backups: the writes submitted while the full backup ran, and
     /// while an incremental ran.
@@ -243,12 +253,7 @@ fn run_case(
     };
     let spaced = kind == Backups::Spaced;
     let out = Outcome {
-        during_backup: kind != Backups::None,
-        backups_kind: match kind {
-            Backups::None => None,
-            Backups::BackToBack => Some("back to back"),
-            Backups::Spaced => Some("1 s apart"),
-        },
+        kind,
         stats,
         in_full: spaced.then(|| within(&timeline, &windows(true))).flatten(),
         in_incremental: spaced.then(|| within(&timeline, &windows(false))).flatten(),
@@ -257,7 +262,8 @@ fn run_case(
     };
     eprintln!(
         "live-backup: {}: p50 {:.0} µs, p99 {:.0} µs, {} backups, load {:.1}{}",
-        out.backups_kind
+        out.kind
+            .label()
             .map_or("no backup".into(), |k| format!("backups {k}")),
         out.stats.lat_p50_us,
         out.stats.lat_p99_us,
@@ -395,9 +401,15 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             .iter()
             .map(|b| b.blackout_ms)
             .fold(f64::NAN, f64::max);
-        let dash = |v: String| if o.during_backup { v } else { "-".to_string() };
+        let dash = |v: String| {
+            if o.kind == Backups::None {
+                "-".to_string()
+            } else {
+                v
+            }
+        };
         t.row(vec![
-            o.backups_kind.map_or("no backup".into(), |k| {
+            o.kind.label().map_or("no backup".into(), |k| {
                 format!("during `backup --qmp`, {k}: all writes")
             }),
             format!("{:.0}", s.iops),
