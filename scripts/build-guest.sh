@@ -37,6 +37,11 @@
 #                     /files/f-<i>, each fsync'ed and synced, then
 #                     "FILE <i> <sha256>", until "stop" on the console;
 #                     then FILES-DONE <n>, GUEST-DONE, power off.
+#   guestmode=exec    the checks above, then the program guestexec=<path>
+#                     (not part of this image: copy it in, e.g. with
+#                     debugfs), console as stdin and stdout; then
+#                     EXEC-EXIT <status> (or EXEC-MISSING <path>),
+#                     GUEST-DONE, power off.
 #   guestmode=serve   the checks above, then services for recovery drills
 #                     until "stop" on the console: qemu-guest-agent on the
 #                     virtio-serial port named org.qemu.guest_agent.0 (if
@@ -55,6 +60,7 @@
 #   WROTE-BOOT: boot-<N>.txt, LOOP-READY, LOOP-SUM <i> <sha256>,
 #   LOOP-FILE-SUM <i> <file> <sha256>, LOOP <i> OK|BAD, LOOP-DONE <n>,
 #   ROOT-RO (root remounted read-only, so e2fsck -fn is clean), GUEST-DONE,
+#   EXEC-EXIT <status> | EXEC-MISSING <path>,
 #   QGA-STARTED <dev> | QGA-NONE, NET-UP <port> | NET-NONE, SERVE-READY,
 #   and INITRAMFS-FAIL: <why> when the initramfs cannot mount the root.
 #
@@ -463,6 +469,24 @@ if [ "$mode" = serve ]; then
     while read -r line; do
         [ "$line" = stop ] && break
     done </dev/console
+fi
+
+if [ "$mode" = exec ]; then
+    # guestexec=<path>: a program someone put on this disk (the benchmark
+    # harness copies its in-guest load onto a copy of root.img), run with
+    # the serial console as stdin and stdout.
+    exe=""
+    for arg in $(cat /proc/cmdline); do
+        case $arg in
+        guestexec=*) exe=${arg#guestexec=} ;;
+        esac
+    done
+    if [ -n "$exe" ] && [ -x "$exe" ]; then
+        "$exe"
+        echo "EXEC-EXIT $?"
+    else
+        echo "EXEC-MISSING ${exe:-none}"
+    fi
 fi
 finish
 EOF

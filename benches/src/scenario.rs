@@ -6,6 +6,7 @@ pub mod drill;
 pub mod ingest;
 pub mod io;
 pub mod live_backup;
+pub mod live_guest;
 pub mod migrate;
 pub mod plan_boot;
 pub mod protect;
@@ -32,6 +33,7 @@ pub const ALL: &[&str] = &[
     "protect",
     "virtnbd",
     "live-backup",
+    "live-backup-guest",
     "s3",
     "s3-ingest",
 ];
@@ -51,6 +53,7 @@ pub fn run(name: &str, ctx: &Ctx) -> anyhow::Result<Report> {
         "protect" => protect::run(ctx),
         "virtnbd" => virtnbd::run(ctx),
         "live-backup" => live_backup::run(ctx),
+        "live-backup-guest" => live_guest::run(ctx),
         "s3" => s3::run(ctx),
         "s3-ingest" => s3_ingest::run(ctx),
         _ => anyhow::bail!("unknown scenario {name:?} (known: {})", ALL.join(", ")),

@@ -111,20 +111,20 @@ impl Drop for Qsd {
 
 /// One backup that ran during a case.
 #[derive(Debug, Clone, Serialize)]
-struct Backup {
-    mode: String,
-    seconds: f64,
-    blackout_ms: f64,
-    bytes_read: u64,
+pub(crate) struct Backup {
+    pub(crate) mode: String,
+    pub(crate) seconds: f64,
+    pub(crate) blackout_ms: f64,
+    pub(crate) bytes_read: u64,
     /// When the process ran.
     #[serde(skip)]
-    window: (Instant, Instant),
+    pub(crate) window: (Instant, Instant),
 }
 
 /// The backups of a case.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
-enum Backups {
+pub(crate) enum Backups {
     None,
     /// One after the other, no pause.
     BackToBack,
@@ -135,7 +135,7 @@ enum Backups {
 
 impl Backups {
     /// How the case's backups ran, for the report (`None` without).
-    fn label(self) -> Option<&'static str> {
+    pub(crate) fn label(self) -> Option<&'static str> {
         match self {
             Backups::None => None,
             Backups::BackToBack => Some("back to back"),
@@ -145,7 +145,7 @@ impl Backups {
 }
 
 /// The pause between backups in [`Backups::Spaced`].
-const GAP: Duration = Duration::from_secs(1);
+pub(crate) const GAP: Duration = Duration::from_secs(1);
 
 /// What one case measured.
 #[derive(Debug, Clone, Serialize)]
@@ -160,32 +160,40 @@ struct Outcome {
     load_avg: f64,
 }
 
-/// `recovery-cli backup --qmp` one after the other, `gap` apart, until
-/// `stop`.
-fn backups(
+/// `recovery-cli backup --qmp QMP --drive DRIVE` one after the other, `gap`
+/// apart, until `stop`. `around(Some(full))` is called just before each
+/// backup process starts (`full`: it was asked for with `--full`), and
+/// `around(None)` just after it ends.
+pub(crate) fn backups(
     ours: &Ours,
     qmp: &Path,
+    drive: &str,
     scratch: &Path,
     stop: &AtomicBool,
     gap: Duration,
+    around: &(dyn Fn(Option<bool>) + Sync),
 ) -> anyhow::Result<Vec<Backup>> {
     let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let t0 = Instant::now();
         // Spaced backups start with a full one, to see its window too.
         let full = !gap.is_zero() && out.is_empty();
+        around(Some(full));
+        let t0 = Instant::now();
         let run = tools::run(
             Command::new(&ours.cli)
                 .arg("backup")
                 .args(full.then_some("--full"))
                 .arg("--store")
                 .arg(&ours.store)
-                .args(["--name", "live", "--json", "--drive", NODE])
+                .args(["--name", "live", "--json", "--drive", drive])
                 .arg("--qmp")
                 .arg(qmp)
                 .arg("--scratch")
                 .arg(scratch),
-        )?;
+        );
+        let t1 = Instant::now();
+        around(None);
+        let run = run?;
         let v: Value = serde_json::from_str(&run.stdout)
             .with_context(|| format!("parse backup output {:?}", run.stdout))?;
         out.push(Backup {
@@ -193,7 +201,7 @@ fn backups(
             seconds: v["seconds"].as_f64().unwrap_or(run.secs),
             blackout_ms: v["blackout_ms"].as_f64().unwrap_or(f64::NAN),
             bytes_read: v["bytes_read"].as_u64().unwrap_or(0),
-            window: (t0, Instant::now()),
+            window: (t0, t1),
         });
         let resume = Instant::now() + gap;
         while !stop.load(Ordering::Relaxed) && Instant::now() < resume {
@@ -233,7 +241,7 @@ fn run_case(
     };
     let (run, backups) = std::thread::scope(|s| {
         let worker = (kind != Backups::None)
-            .then(|| s.spawn(|| backups(ours, &qsd.qmp, scratch, &stop, gap)));
+            .then(|| s.spawn(|| backups(ours, &qsd.qmp, NODE, scratch, &stop, gap, &|_| {})));
         let run = client.run_paced_timeline(&WRITE, size, duration, PACED);
         stop.store(true, Ordering::Relaxed);
         let backups = match worker {
@@ -280,10 +288,10 @@ fn run_case(
     Ok(out)
 }
 
-/// Runs the scenario.
-pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
-    tools::require("qemu-storage-daemon")?;
-    tools::require("qemu-img")?;
+/// The disk size (`--size`; 1 GiB, `--quick` 256 MiB) and the seconds per
+/// case (`--duration`, at least 30; `--quick` 10) of the live-backup
+/// scenarios.
+pub(crate) fn disk_size_and_case_secs(ctx: &Ctx) -> (u64, f64) {
     let size = ctx
         .size
         .unwrap_or(if ctx.quick { 256 << 20 } else { 1 << 30 });
@@ -292,6 +300,14 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     } else {
         ctx.duration.max(30.0)
     };
+    (size, secs)
+}
+
+/// Runs the scenario.
+pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
+    tools::require("qemu-storage-daemon")?;
+    tools::require("qemu-img")?;
+    let (size, secs) = disk_size_and_case_secs(ctx);
     let img = image::realistic(&ctx.images, size)?;
     let dir = ctx.scratch("live-backup")?;
     let disk = dir.join("disk.qcow2");
