@@ -66,6 +66,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use block::migrate::RateLimiter;
 use serde::Serialize;
 use store::backup::changed::{ChangedBackup, ChangedOptions, ChunkState};
 use store::{SnapshotInfo, Store};
@@ -133,6 +134,8 @@ pub struct Config<'a> {
     /// Guest agent socket: freeze filesystems around the start.
     pub qga: Option<PathBuf>,
     pub threads: Option<usize>,
+    /// Read at most this many bytes per second over NBD (0: unlimited).
+    pub rate: u64,
     /// Set to stop the backup (Ctrl-C); changes stay tracked.
     pub abort: &'a AtomicBool,
     pub progress: Option<store::Progress<'a>>,
@@ -337,6 +340,7 @@ fn start_and_read(
         None => None,
     };
     let actions = member.start_actions(store.chunk_size());
+    let limit = (cfg.rate > 0).then(|| RateLimiter::new(cfg.rate));
     let frozen_at = Instant::now();
     if let Some(g) = qga.as_mut() {
         g.fsfreeze_freeze().map_err(|source| Error::Qga {
@@ -370,6 +374,7 @@ fn start_and_read(
             progress: cfg.progress,
             threads: cfg.threads,
             abort: cfg.abort,
+            limit: limit.as_ref(),
         },
     )?;
     Ok((done, blackout, frozen))
@@ -392,6 +397,8 @@ pub struct ReadOptions<'a> {
     pub progress: Option<store::Progress<'a>>,
     pub threads: Option<usize>,
     pub abort: &'a AtomicBool,
+    /// Paces the NBD reads (one limiter may pace several members).
+    pub limit: Option<&'a RateLimiter>,
 }
 
 /// What a member's read produced: store stats, dirty bytes, chunks reused
@@ -651,6 +658,7 @@ impl Member {
             plan: &plan,
             abort: opts.abort,
             bytes_read: Default::default(),
+            limit: opts.limit,
         };
         let copts = ChangedOptions {
             image_size: self.drive.size,

@@ -118,6 +118,7 @@ fn group(s: &Setup) {
         abort: &abort,
         threads: None,
         full: false,
+        rate: 0,
     };
     backup::run(&s.plan, &opts).unwrap();
 }
@@ -134,6 +135,7 @@ fn one_by_one(s: &Setup) {
             scratch: s.dir.clone(),
             qga: None,
             threads: None,
+            rate: 0,
             abort: &abort,
             progress: None,
             on_size: None,

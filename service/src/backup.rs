@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use block::migrate::RateLimiter;
 use hypervisor::live_backup::{self, fleece, Member, ReadOptions, Report, Target};
 use hypervisor::qga::Qga;
 use hypervisor::qmp::{self, Qmp};
@@ -124,6 +125,9 @@ pub struct Options<'a> {
     pub threads: Option<usize>,
     /// Read every disk in full, even where an incremental is possible.
     pub full: bool,
+    /// Read at most this many bytes per second over NBD, all disks
+    /// together (0: unlimited).
+    pub rate: u64,
 }
 
 /// One VM during the backup.
@@ -546,6 +550,8 @@ fn read_members(
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
     let threads = Some((total / workers).max(1));
+    // One limiter for every read at once: the service's rate.
+    let limit = (opts.rate > 0).then(|| RateLimiter::new(opts.rate));
     let queue = Mutex::new(work);
     let failed = AtomicBool::new(false);
     let results: Mutex<Vec<(usize, Result<live_backup::Done>)>> = Mutex::new(Vec::new());
@@ -571,6 +577,7 @@ fn read_members(
                                 progress: None,
                                 threads,
                                 abort: opts.abort,
+                                limit: limit.as_ref(),
                             },
                         )
                         .map_err(|source| match source {

@@ -42,6 +42,8 @@ pub struct PointOutcome {
 pub struct Options<'a> {
     pub stop: &'a AtomicBool,
     pub threads: Option<usize>,
+    /// NBD read rate limit of each group point (0: unlimited).
+    pub rate: u64,
     /// Stop after this many points (tests).
     pub max_points: Option<u64>,
     /// Called after every point.
@@ -100,6 +102,7 @@ pub fn run(plan: &Plan, opts: &Options<'_>) -> Result<Totals, backup::Error> {
                 abort: opts.stop,
                 threads: opts.threads,
                 full: false,
+                rate: opts.rate,
             },
         );
         if matches!(r, Err(backup::Error::Interrupted)) {

@@ -341,9 +341,11 @@ fn sigkill_mid_backup_then_the_next_backup_has_every_change() {
     let mut q = vm.ctl();
     vm.write(&mut q, "disk0", 20 << 20, 65536, 0xa1);
 
-    // Kill recovery-cli as soon as its NBD export exists.
+    // Kill recovery-cli as soon as its NBD export exists (its reads paced
+    // at 1 MiB/s, so it surely still runs then).
     let mut child = recovery_cli()
         .args(["backup", "--name", "vm", "--drive", "disk0", "--full"])
+        .args(["--rate", "1M"])
         .arg("--store")
         .arg(&vm.store)
         .arg("--qmp")
@@ -424,6 +426,17 @@ fn bad_inputs_give_one_clear_line_and_leave_nothing() {
         .unwrap();
     assert_clear_error(&out, "Unknown drive \"nope\"");
     assert_no_leftovers(&mut q);
+    // A usage error (clap's: status 2), before anything touches QEMU.
+    let out = live_backup(&store, &vm.qmp, &dir, &["--rate", "fast"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .next()
+            .unwrap_or_default()
+            .contains("invalid rate \"fast\""),
+        "{err}"
+    );
 
     {
         // Someone else holds the QMP socket.

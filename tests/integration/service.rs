@@ -257,10 +257,12 @@ fn plan_backup_failure_recovery_and_policy() {
     app.assert_clean();
     assert!(db.running() && app.running());
 
-    // Second: incremental by each disk's own bitmap.
+    // Second: incremental by each disk's own bitmap (reads paced for the
+    // whole service: `--rate` is taken; its pacing is tested in
+    // `hypervisor`).
     db.write(0, 8 * MIB, 64 << 10, 0x51);
     app.write(1, 12 * MIB, 4096, 0x52);
-    let g2 = ok_json(&cli(&["backup", "--plan", p, "--json"]));
+    let g2 = ok_json(&cli(&["backup", "--plan", p, "--json", "--rate", "100M"]));
     for m in g2["members"].as_array().unwrap() {
         assert_eq!(m["mode"], "incremental", "{m}");
         assert!(m["bytes_read"].as_u64().unwrap() <= 64 << 10, "{m}");

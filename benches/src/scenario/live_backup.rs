@@ -160,19 +160,33 @@ struct Outcome {
     load_avg: f64,
 }
 
-/// `recovery-cli backup --qmp QMP --drive DRIVE` one after the other, `gap`
-/// apart, until `stop`. `around(Some(full))` is called just before each
-/// backup process starts (`full`: it was asked for with `--full`), and
-/// `around(None)` just after it ends.
+/// What [`backups`] runs: `recovery-cli backup --qmp QMP --drive DRIVE
+/// --scratch SCRATCH [--rate RATE]` into `ours`' store.
+pub(crate) struct LiveBackup<'a> {
+    pub(crate) ours: &'a Ours,
+    pub(crate) qmp: &'a Path,
+    pub(crate) drive: &'a str,
+    pub(crate) scratch: &'a Path,
+    pub(crate) rate: Option<&'a str>,
+}
+
+/// `live` one after the other, `gap` apart, until `stop`.
+/// `around(Some(full))` is called just before each backup process starts
+/// (`full`: it was asked for with `--full`), and `around(None)` just after
+/// it ends.
 pub(crate) fn backups(
-    ours: &Ours,
-    qmp: &Path,
-    drive: &str,
-    scratch: &Path,
+    live: &LiveBackup<'_>,
     stop: &AtomicBool,
     gap: Duration,
     around: &(dyn Fn(Option<bool>) + Sync),
 ) -> anyhow::Result<Vec<Backup>> {
+    let LiveBackup {
+        ours,
+        qmp,
+        drive,
+        scratch,
+        rate,
+    } = *live;
     let mut out = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         // Spaced backups start with a full one, to see its window too.
@@ -189,7 +203,8 @@ pub(crate) fn backups(
                 .arg("--qmp")
                 .arg(qmp)
                 .arg("--scratch")
-                .arg(scratch),
+                .arg(scratch)
+                .args(rate.map(|r| ["--rate", r]).into_iter().flatten()),
         );
         let t1 = Instant::now();
         around(None);
@@ -239,9 +254,16 @@ fn run_case(
     } else {
         Duration::ZERO
     };
+    let live = LiveBackup {
+        ours,
+        qmp: &qsd.qmp,
+        drive: NODE,
+        scratch,
+        rate: None,
+    };
     let (run, backups) = std::thread::scope(|s| {
-        let worker = (kind != Backups::None)
-            .then(|| s.spawn(|| backups(ours, &qsd.qmp, NODE, scratch, &stop, gap, &|_| {})));
+        let worker =
+            (kind != Backups::None).then(|| s.spawn(|| backups(&live, &stop, gap, &|_| {})));
         let run = client.run_paced_timeline(&WRITE, size, duration, PACED);
         stop.store(true, Ordering::Relaxed);
         let backups = match worker {

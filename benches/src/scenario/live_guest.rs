@@ -11,10 +11,12 @@
 //! submitted.
 //!
 //! The cases are those of `live-backup` (no backup, back to back, 1 s
-//! apart with the first `--full`), interleaved per round on the same VM;
-//! the spaced case switches the phase around each backup process, so the
-//! writes submitted while the full backup ran, while an incremental ran and
-//! between backups are counted apart. QEMU's main loop serves both the
+//! apart with the first `--full`) and the spaced one again with every
+//! backup under `--rate` (`SIDEBYSIDE_GUEST_RATE`, default 50M),
+//! interleaved per round on the same VM; the spaced cases switch the phase
+//! around each backup process, so the writes submitted while the full
+//! backup ran, while an incremental ran and between backups are counted
+//! apart. QEMU's main loop serves both the
 //! guest's virtio-blk requests (no iothread: the default of QEMU and of
 //! libvirt) and the backup's QMP and NBD, as on a production host.
 //!
@@ -36,7 +38,9 @@ use serde::Serialize;
 use crate::image;
 use crate::peers::Ours;
 use crate::report::{bytes_str, median, ratio_str, secs_str, Report, Table};
-use crate::scenario::live_backup::{backups, disk_size_and_case_secs, Backup, Backups, GAP};
+use crate::scenario::live_backup::{
+    backups, disk_size_and_case_secs, Backup, Backups, LiveBackup, GAP,
+};
 use crate::scenario::protect::median_by;
 use crate::tools;
 use crate::Ctx;
@@ -283,54 +287,90 @@ impl Phase {
     }
 }
 
-/// One round of one case: the phase names it used, its backups.
-struct Case {
-    kind: Backups,
-    round: usize,
-    backups: Vec<Backup>,
+/// The cases, interleaved per round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Idle,
+    BackToBack,
+    /// 1 s apart, the first `--full`.
+    Spaced,
+    /// As [`Kind::Spaced`], every backup with `--rate`.
+    Limited,
 }
 
-impl Case {
-    /// The phase of the case's writes (all of them, for [`Backups::None`]
-    /// and [`Backups::BackToBack`]; between backups for
-    /// [`Backups::Spaced`]).
-    fn phase(kind: Backups, round: usize) -> String {
-        match kind {
-            Backups::None => format!("idle-{round}"),
-            Backups::BackToBack => format!("back-to-back-{round}"),
-            Backups::Spaced => format!("spaced-gap-{round}"),
+impl Kind {
+    const ALL: [Kind; 4] = [Kind::Idle, Kind::BackToBack, Kind::Spaced, Kind::Limited];
+
+    fn backups(self) -> Backups {
+        match self {
+            Kind::Idle => Backups::None,
+            Kind::BackToBack => Backups::BackToBack,
+            Kind::Spaced | Kind::Limited => Backups::Spaced,
         }
     }
+
+    fn label(self, rate: &str) -> String {
+        match self {
+            Kind::Idle => "no backup".into(),
+            Kind::BackToBack => "backups back to back".into(),
+            Kind::Spaced => "1 s apart".into(),
+            Kind::Limited => format!("1 s apart, --rate {rate}"),
+        }
+    }
+
+    /// The writer's phase in round `round`: all the case's writes, or
+    /// (spaced cases) those between backups (`None`), while the full
+    /// backup ran (`Some(true)`), while an incremental ran (`Some(false)`).
+    fn phase(self, round: usize, during: Option<bool>) -> String {
+        let name = match self {
+            Kind::Idle => "idle",
+            Kind::BackToBack => "back-to-back",
+            Kind::Spaced => "spaced",
+            Kind::Limited => "limited",
+        };
+        match during {
+            None => format!("{name}-{round}"),
+            Some(true) => format!("{name}-full-{round}"),
+            Some(false) => format!("{name}-incremental-{round}"),
+        }
+    }
+}
+
+/// One round of one case and its backups.
+struct Case {
+    kind: Kind,
+    round: usize,
+    backups: Vec<Backup>,
 }
 
 fn run_case(
     ours: &Ours,
     guest: &Guest,
     scratch: &Path,
-    kind: Backups,
+    (kind, rate): (Kind, &str),
     round: usize,
     secs: f64,
 ) -> anyhow::Result<Case> {
-    let main = Case::phase(kind, round);
+    let main = kind.phase(round, None);
     guest.phase(&main);
     let stop = AtomicBool::new(false);
+    let spaced = kind.backups() == Backups::Spaced;
     let around = |start: Option<bool>| {
-        if kind == Backups::Spaced {
-            guest.phase(&match start {
-                Some(true) => format!("spaced-full-{round}"),
-                Some(false) => format!("spaced-incremental-{round}"),
-                None => main.clone(),
-            });
+        if spaced {
+            guest.phase(&kind.phase(round, start));
         }
     };
-    let gap = if kind == Backups::Spaced {
-        GAP
-    } else {
-        Duration::ZERO
+    let gap = if spaced { GAP } else { Duration::ZERO };
+    let rate = (kind == Kind::Limited).then_some(rate);
+    let live = LiveBackup {
+        ours,
+        qmp: &guest.qmp,
+        drive: NODE,
+        scratch,
+        rate,
     };
     let done = std::thread::scope(|s| {
-        let worker = (kind != Backups::None)
-            .then(|| s.spawn(|| backups(ours, &guest.qmp, NODE, scratch, &stop, gap, &around)));
+        let worker = (kind != Kind::Idle).then(|| s.spawn(|| backups(&live, &stop, gap, &around)));
         std::thread::sleep(Duration::from_secs_f64(secs));
         stop.store(true, Ordering::Relaxed);
         match worker {
@@ -339,7 +379,7 @@ fn run_case(
         }
     })?;
     guest.phase("between");
-    if kind == Backups::Spaced {
+    if spaced {
         if let Some(b) = done.iter().skip(1).find(|b| b.mode != "incremental") {
             bail!(
                 "a spaced backup after the first was {} (counted as incremental)",
@@ -349,7 +389,7 @@ fn run_case(
     }
     eprintln!(
         "live-backup-guest: round {round}: {}: {} backups",
-        kind.label().unwrap_or("no backup"),
+        kind.label(rate.unwrap_or_default()),
         done.len()
     );
     Ok(Case {
@@ -387,6 +427,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     tools::require("qemu-img")?;
     tools::require("debugfs")?;
     let iops = env_u32("SIDEBYSIDE_GUEST_IOPS", 500)?;
+    let rate = std::env::var("SIDEBYSIDE_GUEST_RATE").unwrap_or_else(|_| "50M".into());
     let threads = env_u32("SIDEBYSIDE_GUEST_THREADS", 4)?;
     let (size, secs) = disk_size_and_case_secs(ctx);
     let img = image::realistic(&ctx.images, size)?;
@@ -410,9 +451,16 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     std::thread::sleep(Duration::from_secs(3));
     let mut cases = Vec::new();
     for round in 1..=ctx.rounds.max(1) {
-        for kind in [Backups::None, Backups::BackToBack, Backups::Spaced] {
+        for kind in Kind::ALL {
             ctx.cold();
-            cases.push(run_case(&ours, &guest, &scratch, kind, round, secs)?);
+            cases.push(run_case(
+                &ours,
+                &guest,
+                &scratch,
+                (kind, &rate),
+                round,
+                secs,
+            )?);
         }
     }
     let phases = guest.finish()?;
@@ -420,59 +468,31 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let rounds = ctx.rounds.max(1);
     let get = |name: &str| phases.get(name).copied();
 
-    // Per row: the phase name per round, the backups to show, the median
-    // round by p99.
-    struct Pick {
-        what: &'static str,
-        kind: Backups,
-        phase: fn(usize) -> String,
-        full: Option<bool>,
+    // Per row: the case, which of its writes (see `Kind::phase`), the
+    // backups to show; the median round by p99.
+    let mut picks = vec![(Kind::Idle, None), (Kind::BackToBack, None)];
+    for kind in [Kind::Spaced, Kind::Limited] {
+        picks.extend([(kind, None), (kind, Some(true)), (kind, Some(false))]);
     }
-    let picks = [
-        Pick {
-            what: "no backup",
-            kind: Backups::None,
-            phase: |r| Case::phase(Backups::None, r),
-            full: None,
-        },
-        Pick {
-            what: "backups back to back: all writes",
-            kind: Backups::BackToBack,
-            phase: |r| Case::phase(Backups::BackToBack, r),
-            full: None,
-        },
-        Pick {
-            what: "1 s apart: writes between backups",
-            kind: Backups::Spaced,
-            phase: |r| Case::phase(Backups::Spaced, r),
-            full: None,
-        },
-        Pick {
-            what: "1 s apart: writes while the full backup ran",
-            kind: Backups::Spaced,
-            phase: |r| format!("spaced-full-{r}"),
-            full: Some(true),
-        },
-        Pick {
-            what: "1 s apart: writes while an incremental ran",
-            kind: Backups::Spaced,
-            phase: |r| format!("spaced-incremental-{r}"),
-            full: Some(false),
-        },
-    ];
     let mut rows = Vec::new();
     let mut per_round = String::new();
-    for pick in &picks {
+    for &(kind, during) in &picks {
+        let what = match (kind.backups(), during) {
+            (Backups::None, _) => kind.label(&rate),
+            (Backups::BackToBack, _) => format!("{}: all writes", kind.label(&rate)),
+            (_, None) => format!("{}: writes between backups", kind.label(&rate)),
+            (_, Some(true)) => format!("{}: writes while the full backup ran", kind.label(&rate)),
+            (_, Some(false)) => format!("{}: writes while an incremental ran", kind.label(&rate)),
+        };
         let mut found = Vec::new();
-        for case in cases.iter().filter(|c| c.kind == pick.kind) {
-            let name = (pick.phase)(case.round);
+        for case in cases.iter().filter(|c| c.kind == kind) {
+            let name = kind.phase(case.round, during);
             if let Some(p) = get(&name) {
                 found.push((name, p, case));
             }
         }
         per_round.push_str(&format!(
-            "\n  {}: p99 {} µs",
-            pick.what,
+            "\n  {what}: p99 {} µs",
             found
                 .iter()
                 .map(|(_, p, _)| format!("{:.0}", p.p99_us))
@@ -485,11 +505,11 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
         let shown: Vec<&Backup> = case
             .backups
             .iter()
-            .filter(|b| pick.full.is_none_or(|full| (b.mode == "full") == full))
+            .filter(|b| during.is_none_or(|full| (b.mode == "full") == full))
             .collect();
         let times: Vec<f64> = shown.iter().map(|b| b.seconds).collect();
         rows.push(Row {
-            what: pick.what.to_string(),
+            what,
             phase,
             writes,
             backups: shown.len(),
@@ -548,8 +568,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
          time, paced, and times each write from the syscall to its return. \
          `recovery-cli backup --qmp QEMU_QMP --drive data0` runs back to back in the second case \
          (the very first one full, then incrementals through the persistent bitmap), and 1 s \
-         apart (the first with --full) in the third; the harness names the writer's phase on \
-         the serial console when each backup process starts and ends.",
+         apart (the first with --full) in the third and fourth, the fourth with --rate on \
+         every backup; the harness names the writer's phase on the serial console when each \
+         backup process starts and ends.",
     );
     let mut report = ctx.report("live-backup-guest");
     report.tables.push(t);

@@ -7,7 +7,9 @@
 //! second), chunks move one at a time, each a full `chunk / rate` after
 //! the one before, and never one per worker at once. Idle time earns no
 //! credit (no burst after a pause), and a rate change applies at once.
-//! Copy-on-read is the guest's demand and is not paced.
+//! Copy-on-read is the guest's demand and is not paced. A live backup
+//! (crate `hypervisor`, `backup --rate`) paces its NBD reads with the same
+//! limiter.
 //!
 //! One limiter can pace several migrations: `instant-boot --plan` hands
 //! every disk's copier the same `Arc<RateLimiter>`
@@ -87,9 +89,10 @@ impl RateLimiter {
         Ok(())
     }
 
-    /// For the copier: waits until a slot for `bytes` starts and takes
-    /// it. Returns early if `stop()` turns true.
-    pub(super) fn acquire(&self, bytes: u64, stop: impl Fn() -> bool) {
+    /// For the copier (and any other paced reader: a live backup's NBD
+    /// reads): waits until a slot for `bytes` starts and takes it. Returns
+    /// early if `stop()` turns true.
+    pub fn acquire(&self, bytes: u64, stop: impl Fn() -> bool) {
         loop {
             let now = Instant::now();
             match self.take(bytes, now) {

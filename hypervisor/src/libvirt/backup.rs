@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use block::migrate::RateLimiter;
 use store::backup::changed::{ChangedBackup, ChangedOptions, ChunkState};
 use store::{SnapshotInfo, Store};
 use tracing::{info, info_span, warn};
@@ -101,6 +102,8 @@ pub struct Config<'a> {
     /// Directory for the NBD socket and libvirt's scratch image.
     pub scratch: PathBuf,
     pub threads: Option<usize>,
+    /// Read at most this many bytes per second over NBD (0: unlimited).
+    pub rate: u64,
     /// Set to stop the backup (Ctrl-C); changes stay tracked.
     pub abort: &'a AtomicBool,
     pub progress: Option<store::Progress<'a>>,
@@ -551,11 +554,13 @@ fn backup(
         partial_chunks = plan.count(ChunkState::Partial),
         "plan ready"
     );
+    let limit = (cfg.rate > 0).then(|| RateLimiter::new(cfg.rate));
     let src = source::NbdSource {
         client: &client,
         plan: &plan,
         abort: cfg.abort,
         bytes_read: Default::default(),
+        limit: limit.as_ref(),
     };
     let opts = ChangedOptions {
         image_size: size,

@@ -110,6 +110,17 @@ impl Vm {
         abort: &AtomicBool,
         on_size: Option<store::Progress<'_>>,
     ) -> Result<Report> {
+        self.backup_at(0, full, abort, on_size)
+    }
+
+    /// [`Vm::backup`] reading at most `rate` bytes per second.
+    fn backup_at(
+        &self,
+        rate: u64,
+        full: bool,
+        abort: &AtomicBool,
+        on_size: Option<store::Progress<'_>>,
+    ) -> Result<Report> {
         let cfg = Config {
             name: "vm".into(),
             qmp: self.qmp.clone(),
@@ -118,6 +129,7 @@ impl Vm {
             scratch: self.dir.clone(),
             qga: None,
             threads: Some(2),
+            rate,
             abort,
             progress: None,
             on_size,
@@ -325,6 +337,7 @@ fn an_incremental_copies_before_write_only_what_it_reads() {
         scratch: vm.dir.clone(),
         qga: None,
         threads: Some(2),
+        rate: 0,
         abort: &no_abort(),
         progress: Some(&during),
         on_size: None,
@@ -348,6 +361,28 @@ fn an_incremental_copies_before_write_only_what_it_reads() {
     let r3 = vm.backup(false, &no_abort(), None).unwrap();
     assert_eq!(r3.bytes_read, 2 * 65536, "{r3:?}");
     vm.check(&r3.snapshot, &vm.want.clone());
+}
+
+#[test]
+fn a_rate_limit_paces_the_reads() {
+    let Some(vm) = Vm::start("qcow2") else {
+        return;
+    };
+    let rate = 4 * MIB;
+    let started = std::time::Instant::now();
+    let r = vm.backup_at(rate, false, &no_abort(), None).unwrap();
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(r.bytes_read, 3 * MIB + 65536, "{r:?}");
+    // Each read waits for its slot: all but the first (at most a few
+    // chunks at once) take bytes / rate. (Unlimited, this backup takes
+    // a few ms.)
+    let floor = (r.bytes_read - MIB) as f64 / rate as f64;
+    assert!(
+        took >= floor,
+        "{took:.3} s for {} bytes at {rate} B/s",
+        r.bytes_read
+    );
+    vm.check(&r.snapshot, &vm.want.clone());
 }
 
 #[test]
@@ -482,6 +517,7 @@ fn raw_disk_bitmaps_live_in_memory_and_bad_input_is_clear() {
         scratch: vm.dir.clone(),
         qga: None,
         threads: None,
+        rate: 0,
         abort: &no_abort(),
         progress: None,
         on_size: None,
@@ -551,6 +587,7 @@ fn guest_agent_freezes_only_around_the_start_transaction() {
         scratch: vm.dir.clone(),
         qga: Some(sock),
         threads: None,
+        rate: 0,
         abort: &abort,
         progress: None,
         on_size: None,

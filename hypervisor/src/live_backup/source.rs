@@ -9,6 +9,7 @@ use store::patch::GRAIN;
 
 use super::{Error, Result};
 use crate::nbd::{self, proto, Client};
+use block::migrate::RateLimiter;
 
 /// Per-chunk states, run-length encoded: `(first chunk, count, state)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +185,9 @@ pub struct NbdSource<'a> {
     pub abort: &'a AtomicBool,
     /// Bytes read over NBD.
     pub bytes_read: AtomicU64,
+    /// Paces the reads (`backup --rate`): QEMU serves them in the same
+    /// main loop as the guest's I/O.
+    pub limit: Option<&'a RateLimiter>,
 }
 
 impl NbdSource<'_> {
@@ -225,6 +229,16 @@ impl NbdSource<'_> {
         }
         if reads.is_empty() {
             return Ok(());
+        }
+        if let Some(limit) = self.limit {
+            let bytes = reads.iter().map(|(_, b)| b.len() as u64).sum();
+            limit.acquire(bytes, || self.abort.load(Ordering::Relaxed));
+            if self.abort.load(Ordering::Relaxed) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "backup interrupted",
+                ));
+            }
         }
         let data = self
             .client

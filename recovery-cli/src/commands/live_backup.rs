@@ -1,8 +1,8 @@
 //! `recovery-cli backup --store S --name N --qmp QMP_SOCKET --drive NODE
-//! [--full] [--scratch DIR] [--qga QGA_SOCKET] [--json]`
+//! [--full] [--scratch DIR] [--qga QGA_SOCKET] [--rate RATE] [--json]`
 //!
 //! `recovery-cli backup --store S --name N --domain DOM --disk vda
-//! [--connect URI] [--full] [--scratch DIR] [--json]`
+//! [--connect URI] [--full] [--scratch DIR] [--rate RATE] [--json]`
 //!
 //! Back up a running QEMU VM's disk (see `hypervisor::live_backup`), or a
 //! libvirt domain's disk through libvirt's backup API (see
@@ -53,6 +53,11 @@ pub struct LiveArgs {
     /// start (always thawed).
     #[arg(long, value_name = "QGA_SOCKET", requires = "qmp")]
     pub qga: Option<PathBuf>,
+    /// Read at most RATE bytes per second from the VM (e.g. 50M; default
+    /// unlimited). QEMU serves the backup's reads in the same main loop as
+    /// the guest's I/O: a limit trades backup time for guest latency.
+    #[arg(long, value_name = "RATE", value_parser = super::monitor::parse_rate, requires = "live_vm")]
+    pub rate: Option<u64>,
 }
 
 /// Which VM, and how to reach it.
@@ -79,6 +84,8 @@ pub struct Config {
     pub full: bool,
     pub scratch: PathBuf,
     pub threads: Option<usize>,
+    /// NBD read rate limit, bytes per second (0: unlimited).
+    pub rate: u64,
     pub json: bool,
 }
 
@@ -111,6 +118,7 @@ impl TryFrom<backup::Args> for Config {
             full: l.full,
             scratch: l.scratch.unwrap_or_else(std::env::temp_dir),
             threads: a.threads,
+            rate: l.rate.unwrap_or(0),
             json: a.json,
         })
     }
@@ -163,6 +171,7 @@ pub fn run(c: Config) -> anyhow::Result<()> {
                 scratch: c.scratch,
                 qga,
                 threads: c.threads,
+                rate: c.rate,
                 abort: &abort,
                 progress: Some(&inc),
                 on_size: Some(&len),
@@ -183,6 +192,7 @@ pub fn run(c: Config) -> anyhow::Result<()> {
                 full: c.full,
                 scratch: c.scratch,
                 threads: c.threads,
+                rate: c.rate,
                 abort: &abort,
                 progress: Some(&inc),
                 on_size: Some(&len),

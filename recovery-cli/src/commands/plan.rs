@@ -1,10 +1,10 @@
 //! Service plans (see the `service` crate):
 //! ```text
-//! recovery-cli backup    --plan portal.toml [--full] [--json]
+//! recovery-cli backup    --plan portal.toml [--full] [--rate RATE] [--json]
 //! recovery-cli snapshots --plan portal.toml [--at TIME] [--json]
 //! recovery-cli check     --plan portal.toml [--json]
 //! recovery-cli forget    --plan portal.toml [--dry-run] [--json]
-//! recovery-cli protect   --plan portal.toml
+//! recovery-cli protect   --plan portal.toml [--rate RATE]
 //! recovery-cli instant-boot --plan portal.toml [GROUP_ID | --at TIME] --state DIR --socket-dir DIR [--qemu]
 //! ```
 //! `check` and `protect` are subcommands of their own. `backup`,
@@ -43,6 +43,10 @@ pub struct BackupArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Read at most RATE bytes per second from the VMs, all disks together
+    /// (e.g. 50M; default unlimited).
+    #[arg(long, value_name = "RATE", value_parser = super::monitor::parse_rate)]
+    pub rate: Option<u64>,
     #[arg(long)]
     pub json: bool,
 }
@@ -92,6 +96,10 @@ pub struct ProtectArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Read at most RATE bytes per second from the VMs in each group
+    /// point, all disks together (e.g. 50M; default unlimited).
+    #[arg(long, value_name = "RATE", value_parser = super::monitor::parse_rate)]
+    pub rate: Option<u64>,
     /// One JSON object per point on stdout instead of a log line.
     #[arg(long)]
     pub json: bool,
@@ -190,6 +198,7 @@ fn backup_plan(a: BackupArgs) -> anyhow::Result<()> {
             abort: &abort,
             threads: a.threads,
             full: a.full,
+            rate: a.rate.unwrap_or(0),
         },
     );
     let recorded = match &r {
@@ -439,6 +448,7 @@ pub fn protect(a: ProtectArgs) -> anyhow::Result<()> {
         &protect::Options {
             stop: &stop,
             threads: a.threads,
+            rate: a.rate.unwrap_or(0),
             max_points: a.points,
             on_point: &on_point,
             control: a.control.as_deref(),
