@@ -340,7 +340,7 @@ fn start_and_read(
         None => None,
     };
     let actions = member.start_actions(store.chunk_size());
-    let limit = (cfg.rate > 0).then(|| RateLimiter::new(cfg.rate));
+    let limit = RateLimiter::new(cfg.rate);
     let frozen_at = Instant::now();
     if let Some(g) = qga.as_mut() {
         g.fsfreeze_freeze().map_err(|source| Error::Qga {
@@ -374,7 +374,7 @@ fn start_and_read(
             progress: cfg.progress,
             threads: cfg.threads,
             abort: cfg.abort,
-            limit: limit.as_ref(),
+            limit: &limit,
         },
     )?;
     Ok((done, blackout, frozen))
@@ -398,7 +398,7 @@ pub struct ReadOptions<'a> {
     pub threads: Option<usize>,
     pub abort: &'a AtomicBool,
     /// Paces the NBD reads (one limiter may pace several members).
-    pub limit: Option<&'a RateLimiter>,
+    pub limit: &'a RateLimiter,
 }
 
 /// What a member's read produced: store stats, dirty bytes, chunks reused

@@ -551,7 +551,7 @@ fn read_members(
     });
     let threads = Some((total / workers).max(1));
     // One limiter for every read at once: the service's rate.
-    let limit = (opts.rate > 0).then(|| RateLimiter::new(opts.rate));
+    let limit = RateLimiter::new(opts.rate);
     let queue = Mutex::new(work);
     let failed = AtomicBool::new(false);
     let results: Mutex<Vec<(usize, Result<live_backup::Done>)>> = Mutex::new(Vec::new());
@@ -577,7 +577,7 @@ fn read_members(
                                 progress: None,
                                 threads,
                                 abort: opts.abort,
-                                limit: limit.as_ref(),
+                                limit: &limit,
                             },
                         )
                         .map_err(|source| match source {

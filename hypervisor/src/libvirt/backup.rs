@@ -554,13 +554,13 @@ fn backup(
         partial_chunks = plan.count(ChunkState::Partial),
         "plan ready"
     );
-    let limit = (cfg.rate > 0).then(|| RateLimiter::new(cfg.rate));
+    let limit = RateLimiter::new(cfg.rate);
     let src = source::NbdSource {
         client: &client,
         plan: &plan,
         abort: cfg.abort,
         bytes_read: Default::default(),
-        limit: limit.as_ref(),
+        limit: &limit,
     };
     let opts = ChangedOptions {
         image_size: size,

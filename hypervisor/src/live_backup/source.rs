@@ -185,9 +185,9 @@ pub struct NbdSource<'a> {
     pub abort: &'a AtomicBool,
     /// Bytes read over NBD.
     pub bytes_read: AtomicU64,
-    /// Paces the reads (`backup --rate`): QEMU serves them in the same
-    /// main loop as the guest's I/O.
-    pub limit: Option<&'a RateLimiter>,
+    /// Paces the reads (`backup --rate`; rate 0: unlimited): QEMU serves
+    /// them in the same main loop as the guest's I/O.
+    pub limit: &'a RateLimiter,
 }
 
 impl NbdSource<'_> {
@@ -230,15 +230,14 @@ impl NbdSource<'_> {
         if reads.is_empty() {
             return Ok(());
         }
-        if let Some(limit) = self.limit {
-            let bytes = reads.iter().map(|(_, b)| b.len() as u64).sum();
-            limit.acquire(bytes, || self.abort.load(Ordering::Relaxed));
-            if self.abort.load(Ordering::Relaxed) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Interrupted,
-                    "backup interrupted",
-                ));
-            }
+        let bytes = reads.iter().map(|(_, b)| b.len() as u64).sum();
+        self.limit
+            .acquire(bytes, || self.abort.load(Ordering::Relaxed));
+        if self.abort.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "backup interrupted",
+            ));
         }
         let data = self
             .client
