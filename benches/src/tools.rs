@@ -63,6 +63,24 @@ pub fn run_and_sync(cmd: &mut Command, path: &Path) -> anyhow::Result<Run> {
     Ok(r)
 }
 
+/// The lines a child writes on `out` (a guest's serial console), each
+/// with the time it arrived, from a thread of their own; the channel
+/// closes when the child closes its end.
+pub fn console_lines(
+    out: std::process::ChildStdout,
+) -> std::sync::mpsc::Receiver<(String, Instant)> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((line, Instant::now())).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// User + system CPU seconds of this process's waited-for children
 /// (`cutime` + `cstime` in /proc/self/stat); NaN if unreadable.
 pub fn children_cpu() -> f64 {

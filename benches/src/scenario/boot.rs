@@ -3,7 +3,6 @@
 //! The guest is built and booted by `scripts/build-guest.sh` and
 //! `scripts/boot-guest.sh`.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,15 +35,7 @@ pub(crate) fn boot(root: &Path, socket: &Path, timeout: Duration) -> anyhow::Res
         .stderr(Stdio::null())
         .spawn()
         .context("spawn scripts/boot-guest.sh")?;
-    let stdout = child.stdout.take().context("guest console")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send((line, Instant::now())).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = tools::console_lines(child.stdout.take().context("guest console")?);
     let mut init = None;
     let mut console = Vec::new();
     let deadline = start + timeout;

@@ -9,7 +9,7 @@
 //! reads its 4 MiB payload (`PAYLOAD-OK`); the rest of the disk is data
 //! that a restore must copy and an instant boot never reads.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -71,15 +71,7 @@ fn boot_file(guest: &Guest, disk: &Path, timeout: Duration) -> anyhow::Result<f6
         .stderr(Stdio::null())
         .spawn()
         .context("spawn qemu-system-x86_64")?;
-    let stdout = child.stdout.take().context("guest console")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send((line, Instant::now())).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = tools::console_lines(child.stdout.take().context("guest console")?);
     let deadline = start + timeout;
     let result = loop {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {

@@ -325,20 +325,27 @@ pub(crate) fn disk_size_and_case_secs(ctx: &Ctx) -> (u64, f64) {
     (size, secs)
 }
 
+/// The live-backup scenarios' disk: a qcow2 copy of the realistic ext4
+/// image of `size` at `disk`.
+pub(crate) fn realistic_qcow2(ctx: &Ctx, size: u64, disk: &Path) -> anyhow::Result<()> {
+    let img = image::realistic(&ctx.images, size)?;
+    tools::run(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&img)
+            .arg(disk),
+    )?;
+    Ok(())
+}
+
 /// Runs the scenario.
 pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     tools::require("qemu-storage-daemon")?;
     tools::require("qemu-img")?;
     let (size, secs) = disk_size_and_case_secs(ctx);
-    let img = image::realistic(&ctx.images, size)?;
     let dir = ctx.scratch("live-backup")?;
     let disk = dir.join("disk.qcow2");
-    tools::run(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&img)
-            .arg(&disk),
-    )?;
+    realistic_qcow2(ctx, size, &disk)?;
     // SIDEBYSIDE_LIVE_SCRATCH: the scratch image's directory elsewhere
     // (another disk, tmpfs), to see what its placement costs.
     let scratch = std::env::var_os("SIDEBYSIDE_LIVE_SCRATCH")

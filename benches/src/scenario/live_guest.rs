@@ -24,22 +24,21 @@
 //! (default 4) set the load.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::Receiver;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
 
-use crate::image;
 use crate::peers::Ours;
 use crate::report::{bytes_str, median, ratio_str, secs_str, Report, Table};
 use crate::scenario::live_backup::{
-    backups, disk_size_and_case_secs, Backup, Backups, LiveBackup, GAP,
+    backups, disk_size_and_case_secs, realistic_qcow2, Backup, Backups, LiveBackup, GAP,
 };
 use crate::scenario::protect::median_by;
 use crate::tools;
@@ -96,7 +95,7 @@ fn root_disk(root: &Path, writer: &Path, dir: &Path) -> anyhow::Result<PathBuf> 
 struct Guest {
     child: Child,
     console: Mutex<ChildStdin>,
-    lines: Mutex<Receiver<String>>,
+    lines: Mutex<Receiver<(String, Instant)>>,
     qmp: PathBuf,
     log: Vec<String>,
 }
@@ -164,16 +163,8 @@ impl Guest {
             .stderr(Stdio::null())
             .spawn()
             .context("spawn qemu-system-x86_64")?;
-        let stdout = child.stdout.take().context("guest console")?;
+        let lines = tools::console_lines(child.stdout.take().context("guest console")?);
         let console = Mutex::new(child.stdin.take().context("guest console")?);
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
         Ok(Guest {
             child,
             console,
@@ -193,7 +184,7 @@ impl Guest {
                 .get_mut()
                 .unwrap_or_else(|e| e.into_inner())
                 .recv_timeout(left);
-            let Ok(line) = next else {
+            let Ok((line, _)) = next else {
                 bail!(
                     "no {marker} from the guest within {timeout:?}; console:\n{}",
                     self.log[self.log.len().saturating_sub(30)..].join("\n")
@@ -430,17 +421,11 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     let rate = std::env::var("SIDEBYSIDE_GUEST_RATE").unwrap_or_else(|_| "50M".into());
     let threads = env_u32("SIDEBYSIDE_GUEST_THREADS", 4)?;
     let (size, secs) = disk_size_and_case_secs(ctx);
-    let img = image::realistic(&ctx.images, size)?;
     let dir = ctx.scratch("live-backup-guest")?;
     let writer = build_writer(&ctx.root, &ctx.out.join("guest-writer-build"))?;
     let root_disk = root_disk(&ctx.root, &writer, &dir)?;
     let data = dir.join("data.qcow2");
-    tools::run(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&img)
-            .arg(&data),
-    )?;
+    realistic_qcow2(ctx, size, &data)?;
     let scratch = dir.join("scratch");
     std::fs::create_dir_all(&scratch)?;
     let ours = Ours::init(&ctx.cli, &dir.join("store"), None)?;
