@@ -142,10 +142,19 @@ impl Backups {
             Backups::Spaced => Some("1 s apart"),
         }
     }
+
+    /// The pause after each backup: [`GAP`] when spaced, else none.
+    pub(crate) fn gap(self) -> Duration {
+        if self == Backups::Spaced {
+            GAP
+        } else {
+            Duration::ZERO
+        }
+    }
 }
 
 /// The pause between backups in [`Backups::Spaced`].
-pub(crate) const GAP: Duration = Duration::from_secs(1);
+const GAP: Duration = Duration::from_secs(1);
 
 /// What one case measured.
 #[derive(Debug, Clone, Serialize)]
@@ -249,11 +258,7 @@ fn run_case(
 ) -> anyhow::Result<Outcome> {
     let duration = Duration::from_secs_f64(secs);
     let stop = AtomicBool::new(false);
-    let gap = if kind == Backups::Spaced {
-        GAP
-    } else {
-        Duration::ZERO
-    };
+    let gap = kind.gap();
     let live = LiveBackup {
         ours,
         qmp: &qsd.qmp,

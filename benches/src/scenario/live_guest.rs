@@ -38,7 +38,7 @@ use serde::Serialize;
 use crate::peers::Ours;
 use crate::report::{bytes_str, median, ratio_str, secs_str, Report, Table};
 use crate::scenario::live_backup::{
-    backups, disk_size_and_case_secs, realistic_qcow2, Backup, Backups, LiveBackup, GAP,
+    backups, disk_size_and_case_secs, realistic_qcow2, Backup, Backups, LiveBackup,
 };
 use crate::scenario::protect::median_by;
 use crate::tools;
@@ -90,12 +90,30 @@ fn root_disk(root: &Path, writer: &Path, dir: &Path) -> anyhow::Result<PathBuf> 
     Ok(disk)
 }
 
+/// The guest's serial console input, shared by the threads that name the
+/// writer's phases.
+struct Console(Mutex<ChildStdin>);
+
+impl Console {
+    /// Sends one line to the guest.
+    fn send(&self, line: &str) -> std::io::Result<()> {
+        let mut stdin = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        writeln!(stdin, "{line}")?;
+        stdin.flush()
+    }
+
+    /// Names the writer's current phase.
+    fn phase(&self, name: &str) {
+        let _ = self.send(&format!("phase {name}"));
+    }
+}
+
 /// The TCG guest with its console (stdin for phase names, stdout for
 /// markers); killed on drop.
 struct Guest {
     child: Child,
-    console: Mutex<ChildStdin>,
-    lines: Mutex<Receiver<(String, Instant)>>,
+    console: Console,
+    lines: Receiver<(String, Instant)>,
     qmp: PathBuf,
     log: Vec<String>,
 }
@@ -164,11 +182,11 @@ impl Guest {
             .spawn()
             .context("spawn qemu-system-x86_64")?;
         let lines = tools::console_lines(child.stdout.take().context("guest console")?);
-        let console = Mutex::new(child.stdin.take().context("guest console")?);
+        let console = Console(Mutex::new(child.stdin.take().context("guest console")?));
         Ok(Guest {
             child,
             console,
-            lines: Mutex::new(lines),
+            lines,
             qmp,
             log: Vec::new(),
         })
@@ -179,12 +197,7 @@ impl Guest {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let next = self
-                .lines
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .recv_timeout(left);
-            let Ok((line, _)) = next else {
+            let Ok((line, _)) = self.lines.recv_timeout(left) else {
                 bail!(
                     "no {marker} from the guest within {timeout:?}; console:\n{}",
                     self.log[self.log.len().saturating_sub(30)..].join("\n")
@@ -208,20 +221,9 @@ impl Guest {
         }
     }
 
-    /// Names the writer's current phase.
-    fn phase(&self, name: &str) {
-        let mut console = self.console.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(console, "phase {name}");
-        let _ = console.flush();
-    }
-
     /// Stops the writer and collects its per-phase stats.
     fn finish(&mut self) -> anyhow::Result<HashMap<String, Phase>> {
-        {
-            let mut console = self.console.lock().unwrap_or_else(|e| e.into_inner());
-            writeln!(console, "stop")?;
-            console.flush()?;
-        }
+        self.console.send("stop")?;
         let mut out = HashMap::new();
         loop {
             let line = self.expect("WRITER-", Duration::from_secs(120))?;
@@ -342,16 +344,16 @@ fn run_case(
     round: usize,
     secs: f64,
 ) -> anyhow::Result<Case> {
-    let main = kind.phase(round, None);
-    guest.phase(&main);
+    let console = &guest.console;
+    console.phase(&kind.phase(round, None));
     let stop = AtomicBool::new(false);
     let spaced = kind.backups() == Backups::Spaced;
     let around = |start: Option<bool>| {
         if spaced {
-            guest.phase(&kind.phase(round, start));
+            console.phase(&kind.phase(round, start));
         }
     };
-    let gap = if spaced { GAP } else { Duration::ZERO };
+    let gap = kind.backups().gap();
     let rate = (kind == Kind::Limited).then_some(rate);
     let live = LiveBackup {
         ours,
@@ -369,7 +371,7 @@ fn run_case(
             None => Ok(Vec::new()),
         }
     })?;
-    guest.phase("between");
+    console.phase("between");
     if spaced {
         if let Some(b) = done.iter().skip(1).find(|b| b.mode != "incremental") {
             bail!(

@@ -4,12 +4,12 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use block::migrate::RateLimiter;
 use store::backup::changed::{ChangedSource, ChunkState};
 use store::patch::GRAIN;
 
 use super::{Error, Result};
 use crate::nbd::{self, proto, Client};
-use block::migrate::RateLimiter;
 
 /// Per-chunk states, run-length encoded: `(first chunk, count, state)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,11 +207,10 @@ impl NbdSource<'_> {
     /// Read each `(start, end, pos)`: image bytes `[start, end)` into
     /// `buf[pos..]`, every request sent before the first wait.
     fn fetch(&self, parts: &[(u64, u64, usize)], buf: &mut [u8]) -> io::Result<()> {
-        if self.abort.load(Ordering::Relaxed) {
-            return Err(io::Error::new(
-                io::ErrorKind::Interrupted,
-                "backup interrupted",
-            ));
+        let stopped = || self.abort.load(Ordering::Relaxed);
+        let interrupted = || io::Error::new(io::ErrorKind::Interrupted, "backup interrupted");
+        if stopped() {
+            return Err(interrupted());
         }
         let step = (self.client.max_request() as u64).clamp(4096, 4 << 20);
         let err = |e: nbd::Error| io::Error::other(nbd::error_chain(&e));
@@ -230,14 +229,11 @@ impl NbdSource<'_> {
         if reads.is_empty() {
             return Ok(());
         }
+        // Paced; a stop while waiting for the slot sends nothing.
         let bytes = reads.iter().map(|(_, b)| b.len() as u64).sum();
-        self.limit
-            .acquire(bytes, || self.abort.load(Ordering::Relaxed));
-        if self.abort.load(Ordering::Relaxed) {
-            return Err(io::Error::new(
-                io::ErrorKind::Interrupted,
-                "backup interrupted",
-            ));
+        self.limit.acquire(bytes, stopped);
+        if stopped() {
+            return Err(interrupted());
         }
         let data = self
             .client
