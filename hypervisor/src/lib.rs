@@ -10,6 +10,7 @@
 //! | [`nbd`]         | QEMU's NBD server        | NBD fixed newstyle, structured replies  |
 //! | [`live_backup`] | all three, and the store | fleecing + dirty bitmaps → snapshots    |
 //! | [`libvirt`]     | libvirtd, through virsh  | backup API (pull mode) + checkpoints    |
+//! | [`pacing`]      | (QMP or virsh counters)  | `--rate auto`: guest latency → read rate |
 //!
 //! [`nbd::proto`] holds the NBD parsers without I/O, so they can be fuzzed
 //! (`fuzz/fuzz_targets/nbd_reply.rs`). Everything a server sends is
@@ -27,6 +28,7 @@
 pub mod libvirt;
 pub mod live_backup;
 pub mod nbd;
+pub mod pacing;
 pub mod qga;
 pub mod qmp;
 

@@ -22,6 +22,8 @@ use std::process::{Command, Stdio};
 
 use tracing::debug;
 
+use crate::pacing::{IoTotals, LatencyProbe};
+
 /// Errors of talking to libvirt.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -129,6 +131,15 @@ impl Virsh {
             })
     }
 
+    /// The guest's I/O counters of `disk` (`domblkstat`).
+    pub fn blkstat(&self, domain: &str, disk: &str) -> Result<IoTotals> {
+        let out = self.run(&["domblkstat", domain, disk])?;
+        parse_blkstat(&out).ok_or_else(|| Error::Answer {
+            command: format!("domblkstat {domain} {disk}"),
+            detail: format!("no read and write counters in {out:?}"),
+        })
+    }
+
     /// Names of the domain's checkpoints.
     pub fn checkpoints(&self, domain: &str) -> Result<Vec<String>> {
         let out = self.run(&["checkpoint-list", domain, "--name"])?;
@@ -185,6 +196,39 @@ impl Virsh {
             Err(Error::Virsh { answer, .. }) if answer.contains("no job is active") => Ok(()),
             r => r.map(drop),
         }
+    }
+}
+
+/// The counters in `virsh domblkstat`'s output (`vda rd_req 12` lines;
+/// times in ns).
+pub fn parse_blkstat(out: &str) -> Option<IoTotals> {
+    let get = |key: &str| {
+        out.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, k, v) = (f.next()?, f.next()?, f.next()?);
+            (k == key).then(|| v.parse::<u64>().ok()).flatten()
+        })
+    };
+    Some(IoTotals {
+        read_ops: get("rd_req")?,
+        read_ns: get("rd_total_times")?,
+        write_ops: get("wr_req")?,
+        write_ns: get("wr_total_times")?,
+    })
+}
+
+/// [`Virsh::blkstat`] as the pacing's probe.
+pub struct BlkstatProbe<'a> {
+    pub virsh: &'a Virsh,
+    pub domain: &'a str,
+    pub disk: &'a str,
+}
+
+impl LatencyProbe for BlkstatProbe<'_> {
+    fn totals(&mut self) -> std::result::Result<IoTotals, String> {
+        self.virsh
+            .blkstat(self.domain, self.disk)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -365,6 +409,23 @@ mod tests {
     <imagelabel>+64055:+994</imagelabel>
   </seclabel>
 </domain>";
+
+    #[test]
+    fn blkstat_gives_the_read_and_write_counters() {
+        let out = "vda rd_req 412\nvda rd_bytes 9035776\nvda wr_req 120\nvda wr_bytes 491520\n\
+                   vda flush_operations 40\nvda rd_total_times 73146410\n\
+                   vda wr_total_times 50212345\nvda flush_total_times 9000000\n";
+        assert_eq!(
+            parse_blkstat(out),
+            Some(IoTotals {
+                read_ops: 412,
+                read_ns: 73146410,
+                write_ops: 120,
+                write_ns: 50212345,
+            })
+        );
+        assert_eq!(parse_blkstat("vda rd_req 1\n"), None);
+    }
 
     #[test]
     fn domain_xml_gives_disks_and_the_qemu_user() {

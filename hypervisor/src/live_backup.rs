@@ -46,6 +46,8 @@
 //! (`block::migrate::RateLimiter`, as the migration copier): inside a TCG
 //! guest here, a full backup at full speed raised the guest's write p99
 //! 22–38×, at 50 MB/s about 2× (`docs/BENCHMARKS.md`, `live-backup-guest`).
+//! With `Rate::Auto` a pacer thread sets the limiter from the guest's own
+//! latency while the store reads ([`crate::pacing`]).
 //!
 //! # Bitmaps and "never a wrong incremental"
 //! Each snapshot records in its `source` the bitmap that started at its
@@ -80,6 +82,7 @@ use store::{SnapshotInfo, Store};
 use tracing::{info, info_span, warn};
 
 use crate::nbd;
+use crate::pacing::{self, Rate};
 use crate::qga::Qga;
 use crate::qmp::{self, Action, Qmp};
 use fleece::{Drive, Fleece, Names};
@@ -141,8 +144,9 @@ pub struct Config<'a> {
     /// Guest agent socket: freeze filesystems around the start.
     pub qga: Option<PathBuf>,
     pub threads: Option<usize>,
-    /// Read at most this many bytes per second over NBD (0: unlimited).
-    pub rate: u64,
+    /// How the NBD reads are paced: a fixed limit (0: unlimited), or by
+    /// the guest's latency ([`crate::pacing`]).
+    pub rate: Rate,
     /// Set to stop the backup (Ctrl-C); changes stay tracked.
     pub abort: &'a AtomicBool,
     pub progress: Option<store::Progress<'a>>,
@@ -180,6 +184,9 @@ pub struct Report {
     pub bitmap: String,
     /// Leftovers of an earlier killed run that were removed.
     pub leftovers_cleared: Vec<String>,
+    /// What `--rate auto` did (absent with a fixed rate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pacing: Option<pacing::Report>,
 }
 
 /// A short tag naming the store in QEMU object names.
@@ -346,8 +353,14 @@ fn start_and_read(
         })?),
         None => None,
     };
+    if cfg.rate == Rate::Auto && member.drive.guest.is_none() {
+        return Err(Error::Unsupported(format!(
+            "--rate auto paces by the guest's I/O latency, but drive {} is attached to no device",
+            cfg.drive
+        )));
+    }
     let actions = member.start_actions(store.chunk_size());
-    let limit = RateLimiter::new(cfg.rate);
+    let limit = RateLimiter::new(cfg.rate.initial());
     let frozen_at = Instant::now();
     if let Some(g) = qga.as_mut() {
         g.fsfreeze_freeze().map_err(|source| Error::Qga {
@@ -382,6 +395,7 @@ fn start_and_read(
             threads: cfg.threads,
             abort: cfg.abort,
             limit: &limit,
+            auto: cfg.rate == Rate::Auto,
         },
     )?;
     Ok((done, blackout, frozen))
@@ -406,6 +420,9 @@ pub struct ReadOptions<'a> {
     pub abort: &'a AtomicBool,
     /// Paces the NBD reads (one limiter may pace several members).
     pub limit: &'a RateLimiter,
+    /// Set `limit` by the guest's latency on this member's drive while it
+    /// reads ([`crate::pacing`]; the drive must be attached to a device).
+    pub auto: bool,
 }
 
 /// What a member's read produced: store stats, dirty bytes, chunks reused
@@ -438,6 +455,8 @@ pub struct Member {
     new_bitmap: String,
     fleece: Fleece,
     added: bool,
+    /// What `--rate auto` did during [`Member::read`].
+    pacing: Option<pacing::Report>,
 }
 
 impl Member {
@@ -536,6 +555,7 @@ impl Member {
             ours,
             fleece: Fleece::default(),
             added: false,
+            pacing: None,
         };
         if let Err(e) = m.fleece.prepare(q, &m.names, &m.drive, &m.scratch) {
             m.teardown(q);
@@ -678,7 +698,30 @@ impl Member {
             threads: opts.threads,
             readers: 8,
         };
-        let mut stats = match session.run(&src, &copts) {
+        let guest = self.drive.guest.clone().filter(|_| opts.auto);
+        let result = match guest {
+            None => session.run(&src, &copts),
+            Some((device, qdev)) => {
+                let done = AtomicBool::new(false);
+                std::thread::scope(|s| {
+                    let pacer = s.spawn(|| {
+                        let mut probe = pacing::QmpProbe { q, device, qdev };
+                        pacing::run(
+                            &mut probe,
+                            opts.limit,
+                            &src.bytes_read,
+                            &done,
+                            pacing::WINDOW,
+                        )
+                    });
+                    let r = session.run(&src, &copts);
+                    done.store(true, Ordering::Relaxed);
+                    self.pacing = pacer.join().ok();
+                    r
+                })
+            }
+        };
+        let mut stats = match result {
             Err(_) if opts.abort.load(Ordering::Relaxed) => return Err(Error::Interrupted),
             r => r?,
         };
@@ -771,6 +814,7 @@ impl Member {
             parent: stats.parent,
             bitmap: self.new_bitmap.clone(),
             leftovers_cleared: leftovers,
+            pacing: self.pacing.clone(),
         }
     }
 }
@@ -869,6 +913,7 @@ mod tests {
             drv: "qcow2".into(),
             size: 1 << 30,
             bitmaps: Vec::new(),
+            guest: None,
         };
         let src = source_string(Path::new("/run/q.sock"), "disk0", "ir-abc-vm-01");
         assert_eq!(recorded_bitmap(&src), Some("ir-abc-vm-01"));

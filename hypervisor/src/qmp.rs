@@ -356,6 +356,26 @@ pub struct DirtyBitmap {
     pub inconsistent: bool,
 }
 
+/// One entry of `query-blockstats`: a device's I/O accounting.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BlockStatsEntry {
+    /// Drive id (empty for `-blockdev` nodes attached to a device).
+    #[serde(default)]
+    pub device: String,
+    /// Device path, as `query-block` gives it.
+    pub qdev: Option<String>,
+    pub stats: BlockStats,
+}
+
+/// Cumulative counters of one device (the guest's requests only).
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct BlockStats {
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub rd_total_time_ns: u64,
+    pub wr_total_time_ns: u64,
+}
+
 /// One entry of `query-block-jobs`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BlockJob {
@@ -528,6 +548,11 @@ impl Qmp {
     /// `query-block-jobs`.
     pub fn query_block_jobs(&mut self) -> Result<Vec<BlockJob>> {
         self.execute("query-block-jobs", None)
+    }
+
+    /// `query-blockstats` of the devices (not of every node).
+    pub fn query_blockstats(&mut self) -> Result<Vec<BlockStatsEntry>> {
+        self.execute("query-blockstats", None)
     }
 
     /// `query-block-exports`.

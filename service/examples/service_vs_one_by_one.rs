@@ -135,7 +135,7 @@ fn one_by_one(s: &Setup) {
             scratch: s.dir.clone(),
             qga: None,
             threads: None,
-            rate: 0,
+            rate: hypervisor::pacing::Rate::Fixed(0),
             abort: &abort,
             progress: None,
             on_size: None,

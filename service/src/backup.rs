@@ -479,6 +479,7 @@ fn daemon_report(dm: &DaemonMember, blackout: Duration, frozen: Option<Duration>
         parent: None,
         bitmap: String::new(),
         leftovers_cleared: Vec::new(),
+        pacing: None,
     }
 }
 
@@ -578,6 +579,7 @@ fn read_members(
                                 threads,
                                 abort: opts.abort,
                                 limit: &limit,
+                                auto: false,
                             },
                         )
                         .map_err(|source| match source {

@@ -116,6 +116,8 @@ pub(crate) struct Backup {
     pub(crate) seconds: f64,
     pub(crate) blackout_ms: f64,
     pub(crate) bytes_read: u64,
+    /// With `--rate auto`: (lowest rate, windows slowed, windows judged).
+    pub(crate) pacing: Option<(u64, u64, u64)>,
     /// When the process ran.
     #[serde(skip)]
     pub(crate) window: (Instant, Instant),
@@ -225,6 +227,10 @@ pub(crate) fn backups(
             seconds: v["seconds"].as_f64().unwrap_or(run.secs),
             blackout_ms: v["blackout_ms"].as_f64().unwrap_or(f64::NAN),
             bytes_read: v["bytes_read"].as_u64().unwrap_or(0),
+            pacing: v.get("pacing").map(|p| {
+                let n = |k: &str| p[k].as_u64().unwrap_or(0);
+                (n("lowest_rate"), n("slowed"), n("windows"))
+            }),
             window: (t0, t1),
         });
         let resume = Instant::now() + gap;

@@ -12,8 +12,10 @@
 //!
 //! The cases are those of `live-backup` (no backup, back to back, 1 s
 //! apart with the first `--full`) and the spaced one again with every
-//! backup under `--rate` (`SIDEBYSIDE_GUEST_RATE`, default 50M),
-//! interleaved per round on the same VM; the spaced cases switch the phase
+//! backup under `--rate` (`SIDEBYSIDE_GUEST_RATE`, default 50M) and under
+//! `--rate auto` (paced by the guest's latency), interleaved per round on
+//! the same VM (`SIDEBYSIDE_GUEST_CASES=limited,auto` runs only those, and
+//! the no-backup case); the spaced cases switch the phase
 //! around each backup process, so the writes submitted while the full
 //! backup ran, while an incremental ran and between backups are counted
 //! apart. QEMU's main loop serves both the
@@ -289,17 +291,57 @@ enum Kind {
     Spaced,
     /// As [`Kind::Spaced`], every backup with `--rate`.
     Limited,
+    /// As [`Kind::Spaced`], every backup with `--rate auto`.
+    Auto,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Idle, Kind::BackToBack, Kind::Spaced, Kind::Limited];
+    const ALL: [Kind; 5] = [
+        Kind::Idle,
+        Kind::BackToBack,
+        Kind::Spaced,
+        Kind::Limited,
+        Kind::Auto,
+    ];
 
     fn backups(self) -> Backups {
         match self {
             Kind::Idle => Backups::None,
             Kind::BackToBack => Backups::BackToBack,
-            Kind::Spaced | Kind::Limited => Backups::Spaced,
+            Kind::Spaced | Kind::Limited | Kind::Auto => Backups::Spaced,
         }
+    }
+
+    /// Its name in `SIDEBYSIDE_GUEST_CASES` and in the writer's phases.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Idle => "idle",
+            Kind::BackToBack => "back-to-back",
+            Kind::Spaced => "spaced",
+            Kind::Limited => "limited",
+            Kind::Auto => "auto",
+        }
+    }
+
+    /// The cases to run: `SIDEBYSIDE_GUEST_CASES` (comma-separated names),
+    /// or all; the no-backup case always runs (the ratios' base).
+    fn picked() -> anyhow::Result<Vec<Kind>> {
+        let Ok(list) = std::env::var("SIDEBYSIDE_GUEST_CASES") else {
+            return Ok(Kind::ALL.to_vec());
+        };
+        let mut kinds = vec![Kind::Idle];
+        for n in list.split(',').map(str::trim) {
+            let Some(k) = Kind::ALL.into_iter().find(|k| k.name() == n) else {
+                anyhow::bail!(
+                    "SIDEBYSIDE_GUEST_CASES: {n:?} is none of {}",
+                    Kind::ALL.map(Kind::name).join(", ")
+                );
+            };
+            if !kinds.contains(&k) {
+                kinds.push(k);
+            }
+        }
+        Ok(kinds)
     }
 
     fn label(self, rate: &str) -> String {
@@ -308,6 +350,7 @@ impl Kind {
             Kind::BackToBack => "backups back to back".into(),
             Kind::Spaced => "1 s apart".into(),
             Kind::Limited => format!("1 s apart, --rate {rate}"),
+            Kind::Auto => "1 s apart, --rate auto".into(),
         }
     }
 
@@ -315,12 +358,7 @@ impl Kind {
     /// (spaced cases) those between backups (`None`), while the full
     /// backup ran (`Some(true)`), while an incremental ran (`Some(false)`).
     fn phase(self, round: usize, during: Option<bool>) -> String {
-        let name = match self {
-            Kind::Idle => "idle",
-            Kind::BackToBack => "back-to-back",
-            Kind::Spaced => "spaced",
-            Kind::Limited => "limited",
-        };
+        let name = self.name();
         match during {
             None => format!("{name}-{round}"),
             Some(true) => format!("{name}-full-{round}"),
@@ -354,7 +392,11 @@ fn run_case(
         }
     };
     let gap = kind.backups().gap();
-    let rate = (kind == Kind::Limited).then_some(rate);
+    let rate = match kind {
+        Kind::Limited => Some(rate),
+        Kind::Auto => Some("auto"),
+        _ => None,
+    };
     let live = LiveBackup {
         ours,
         qmp: &guest.qmp,
@@ -436,9 +478,10 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     // The writer's first seconds (page faults, the guest settling) count
     // in no case.
     std::thread::sleep(Duration::from_secs(3));
+    let kinds = Kind::picked()?;
     let mut cases = Vec::new();
     for round in 1..=ctx.rounds.max(1) {
-        for kind in Kind::ALL {
+        for &kind in &kinds {
             ctx.cold();
             cases.push(run_case(
                 &ours,
@@ -458,7 +501,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
     // Per row: the case, which of its writes (see `Kind::phase`), the
     // backups to show; the median round by p99.
     let mut picks = vec![(Kind::Idle, None), (Kind::BackToBack, None)];
-    for kind in [Kind::Spaced, Kind::Limited] {
+    for kind in [Kind::Spaced, Kind::Limited, Kind::Auto] {
         picks.extend([(kind, None), (kind, Some(true)), (kind, Some(false))]);
     }
     let mut rows = Vec::new();
@@ -503,6 +546,27 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             backup_seconds_median: median(&times),
             blackout_ms_max: shown.iter().map(|b| b.blackout_ms).fold(f64::NAN, f64::max),
         });
+    }
+    // What --rate auto chose, per backup.
+    for case in cases.iter().filter(|c| c.kind == Kind::Auto) {
+        let paced: Vec<String> = case
+            .backups
+            .iter()
+            .filter_map(|b| {
+                let (lowest, slowed, windows) = b.pacing?;
+                Some(format!(
+                    "{} {:.2} s, lowest {}/s, slowed {slowed} of {windows}",
+                    b.mode,
+                    b.seconds,
+                    bytes_str(lowest)
+                ))
+            })
+            .collect();
+        per_round.push_str(&format!(
+            "\n  --rate auto, round {}: {}",
+            case.round,
+            paced.join("; ")
+        ));
     }
     eprintln!("live-backup-guest: per round{per_round}");
     let errors: u64 = phases.values().map(|p| p.errors).sum();

@@ -38,7 +38,7 @@ pub fn config<'a>(dir: &Path, qmp: &Path, abort: &'a AtomicBool) -> Config<'a> {
         scratch: dir.to_path_buf(),
         qga: None,
         threads: None,
-        rate: 0,
+        rate: hypervisor::pacing::Rate::Fixed(0),
         abort,
         progress: None,
         on_size: None,

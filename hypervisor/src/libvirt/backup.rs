@@ -38,10 +38,11 @@ use store::backup::changed::{ChangedBackup, ChangedOptions, ChunkState};
 use store::{SnapshotInfo, Store};
 use tracing::{info, info_span, warn};
 
-use super::{escape, parse_disks, parse_owner, Owner, Virsh};
+use super::{escape, parse_disks, parse_owner, BlkstatProbe, Owner, Virsh};
 use crate::live_backup::fleece::{free_bytes, is_our_bitmap, Names, SCRATCH_HEADROOM};
 use crate::live_backup::{self, source, store_tag, Report};
 use crate::nbd;
+use crate::pacing::{self, Rate};
 
 /// Errors of a libvirt backup.
 #[derive(Debug, thiserror::Error)]
@@ -102,8 +103,8 @@ pub struct Config<'a> {
     /// Directory for the NBD socket and libvirt's scratch image.
     pub scratch: PathBuf,
     pub threads: Option<usize>,
-    /// Read at most this many bytes per second over NBD (0: unlimited).
-    pub rate: u64,
+    /// How the NBD reads are paced (see `live_backup::Config::rate`).
+    pub rate: Rate,
     /// Set to stop the backup (Ctrl-C); changes stay tracked.
     pub abort: &'a AtomicBool,
     pub progress: Option<store::Progress<'a>>,
@@ -401,7 +402,7 @@ pub fn run(store: &Store, cfg: &Config<'_>) -> Result<Report> {
             warn!("could not delete checkpoint {c}: {e}");
         }
     }
-    let (stats, dirty_bytes, unchanged, blackout) = result?;
+    let (stats, dirty_bytes, unchanged, blackout, pacing) = result?;
     let (mode_name, reason) = match &mode {
         Mode::Full { reason } => ("full", Some(reason.clone())),
         Mode::Incremental { .. } => ("incremental", None),
@@ -424,10 +425,17 @@ pub fn run(store: &Store, cfg: &Config<'_>) -> Result<Report> {
         parent: stats.parent,
         bitmap: new_cp.unwrap_or_default(),
         leftovers_cleared: leftovers,
+        pacing,
     })
 }
 
-type Done = (store::BackupStats, u64, u64, Duration);
+type Done = (
+    store::BackupStats,
+    u64,
+    u64,
+    Duration,
+    Option<pacing::Report>,
+);
 
 /// Begin the job, read its export into the store.
 #[allow(clippy::too_many_arguments)]
@@ -554,7 +562,7 @@ fn backup(
         partial_chunks = plan.count(ChunkState::Partial),
         "plan ready"
     );
-    let limit = RateLimiter::new(cfg.rate);
+    let limit = RateLimiter::new(cfg.rate.initial());
     let src = source::NbdSource {
         client: &client,
         plan: &plan,
@@ -573,7 +581,28 @@ fn backup(
         threads: cfg.threads,
         readers: 8,
     };
-    let mut stats = match session.run(&src, &opts) {
+    let (result, pacing) = match cfg.rate {
+        Rate::Fixed(_) => (session.run(&src, &opts), None),
+        Rate::Auto => {
+            let done = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let pacer = s.spawn(|| {
+                    let mut probe = BlkstatProbe {
+                        virsh: v,
+                        domain: &cfg.domain,
+                        disk: &cfg.disk,
+                    };
+                    // A virsh process per sample: a longer window.
+                    let window = pacing::WINDOW * 2;
+                    pacing::run(&mut probe, &limit, &src.bytes_read, &done, window)
+                });
+                let r = session.run(&src, &opts);
+                done.store(true, Ordering::Relaxed);
+                (r, pacer.join().ok())
+            })
+        }
+    };
+    let mut stats = match result {
         Err(_) if cfg.abort.load(Ordering::Relaxed) => return Err(Error::Interrupted),
         r => r?,
     };
@@ -583,6 +612,7 @@ fn backup(
         plan.dirty_bytes,
         plan.count(ChunkState::Unchanged),
         blackout,
+        pacing,
     ))
 }
 

@@ -108,6 +108,9 @@ pub struct Drive {
     pub drv: String,
     pub size: u64,
     pub bitmaps: Vec<DirtyBitmap>,
+    /// The guest device the node is attached to, as `query-block` names it
+    /// (drive id, device path), if any: whose I/O `--rate auto` watches.
+    pub guest: Option<(String, Option<String>)>,
 }
 
 /// Find `drive`: a node name, a drive id, or a device id / QOM path as
@@ -170,11 +173,16 @@ pub fn resolve_drive(q: &mut Qmp, drive: &str) -> Result<Drive> {
         n.image.as_ref().map(|i| i.virtual_size).ok_or_else(|| {
             Error::Unsupported(format!("Drive {drive} (node {node}) has no medium"))
         })?;
+    let guest = blocks
+        .iter()
+        .find(|b| b.inserted.as_ref().and_then(|i| i.node_name.as_deref()) == Some(&node))
+        .map(|b| (b.device.clone(), b.qdev.clone()));
     Ok(Drive {
         node: n.node_name.clone(),
         drv: n.drv.clone(),
         size,
         bitmaps: n.dirty_bitmaps.clone(),
+        guest,
     })
 }
 

@@ -110,13 +110,13 @@ impl Vm {
         abort: &AtomicBool,
         on_size: Option<store::Progress<'_>>,
     ) -> Result<Report> {
-        self.backup_at(0, full, abort, on_size)
+        self.backup_at(Rate::Fixed(0), full, abort, on_size)
     }
 
-    /// [`Vm::backup`] reading at most `rate` bytes per second.
+    /// [`Vm::backup`] with its reads paced by `rate`.
     fn backup_at(
         &self,
-        rate: u64,
+        rate: Rate,
         full: bool,
         abort: &AtomicBool,
         on_size: Option<store::Progress<'_>>,
@@ -191,6 +191,7 @@ fn started_incremental(vm: &Vm, q: &mut Qmp, base: &Report) -> Member {
         ours: Vec::new(),
         fleece: Fleece::default(),
         added: false,
+        pacing: None,
     };
     m.fleece.prepare(q, &m.names, &drive, &vm.dir).unwrap();
     q.transaction(&m.start_actions(65536)).unwrap();
@@ -337,7 +338,7 @@ fn an_incremental_copies_before_write_only_what_it_reads() {
         scratch: vm.dir.clone(),
         qga: None,
         threads: Some(2),
-        rate: 0,
+        rate: Rate::Fixed(0),
         abort: &no_abort(),
         progress: Some(&during),
         on_size: None,
@@ -364,13 +365,29 @@ fn an_incremental_copies_before_write_only_what_it_reads() {
 }
 
 #[test]
+fn auto_pacing_needs_a_guest_device() {
+    // `-M none`: the node is attached to no device, so there is no guest
+    // latency to watch. A clear error, and nothing left in QEMU.
+    let Some(vm) = Vm::start("qcow2") else {
+        return;
+    };
+    let e = vm
+        .backup_at(Rate::Auto, false, &no_abort(), None)
+        .unwrap_err();
+    assert!(e.to_string().contains("attached to no device"), "{e}");
+    vm.assert_clean();
+}
+
+#[test]
 fn a_rate_limit_paces_the_reads() {
     let Some(vm) = Vm::start("qcow2") else {
         return;
     };
     let rate = 4 * MIB;
     let started = std::time::Instant::now();
-    let r = vm.backup_at(rate, false, &no_abort(), None).unwrap();
+    let r = vm
+        .backup_at(Rate::Fixed(rate), false, &no_abort(), None)
+        .unwrap();
     let took = started.elapsed().as_secs_f64();
     assert_eq!(r.bytes_read, 3 * MIB + 65536, "{r:?}");
     // Each read waits for its slot: all but the first (at most a few
@@ -517,7 +534,7 @@ fn raw_disk_bitmaps_live_in_memory_and_bad_input_is_clear() {
         scratch: vm.dir.clone(),
         qga: None,
         threads: None,
-        rate: 0,
+        rate: Rate::Fixed(0),
         abort: &no_abort(),
         progress: None,
         on_size: None,
@@ -587,7 +604,7 @@ fn guest_agent_freezes_only_around_the_start_transaction() {
         scratch: vm.dir.clone(),
         qga: Some(sock),
         threads: None,
-        rate: 0,
+        rate: Rate::Fixed(0),
         abort: &abort,
         progress: None,
         on_size: None,

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use hypervisor::libvirt;
 use hypervisor::live_backup::{self, Report};
+use hypervisor::pacing::Rate;
 
 use super::{backup, open_store};
 use crate::output;
@@ -54,10 +55,12 @@ pub struct LiveArgs {
     #[arg(long, value_name = "QGA_SOCKET", requires = "qmp")]
     pub qga: Option<PathBuf>,
     /// Read at most RATE bytes per second from the VM (e.g. 50M; default
-    /// unlimited). QEMU serves the backup's reads in the same main loop as
-    /// the guest's I/O: a limit trades backup time for guest latency.
-    #[arg(long, value_name = "RATE", value_parser = super::monitor::parse_rate, requires = "live_vm")]
-    pub rate: Option<u64>,
+    /// unlimited), or `auto`: slow down whenever the guest's own disk
+    /// latency rises above 1.5x its usual. QEMU serves the backup's reads
+    /// in the same main loop as the guest's I/O: a limit trades backup
+    /// time for guest latency.
+    #[arg(long, value_name = "RATE|auto", value_parser = parse_live_rate, requires = "live_vm")]
+    pub rate: Option<Rate>,
 }
 
 /// Which VM, and how to reach it.
@@ -84,8 +87,8 @@ pub struct Config {
     pub full: bool,
     pub scratch: PathBuf,
     pub threads: Option<usize>,
-    /// NBD read rate limit, bytes per second (0: unlimited).
-    pub rate: u64,
+    /// How the NBD reads are paced.
+    pub rate: Rate,
     pub json: bool,
 }
 
@@ -118,10 +121,20 @@ impl TryFrom<backup::Args> for Config {
             full: l.full,
             scratch: l.scratch.unwrap_or_else(std::env::temp_dir),
             threads: a.threads,
-            rate: l.rate.unwrap_or(0),
+            rate: l.rate.unwrap_or(Rate::Fixed(0)),
             json: a.json,
         })
     }
+}
+
+/// `--rate`: `auto`, or a rate as `set-rate` takes it.
+fn parse_live_rate(s: &str) -> Result<Rate, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(Rate::Auto);
+    }
+    super::monitor::parse_rate(s)
+        .map(Rate::Fixed)
+        .map_err(|e| format!("{e}, or auto"))
 }
 
 /// Nice value of a live backup's threads: the VM's QEMU serves the
@@ -208,6 +221,25 @@ pub fn run(c: Config) -> anyhow::Result<()> {
     print_report(&report)
 }
 
+/// What `--rate auto` did, in one line.
+fn pacing_line(p: &hypervisor::pacing::Report) -> String {
+    let rate = |r: u64| match r {
+        0 => "unlimited".to_owned(),
+        r => control::human::format_rate(r as f64),
+    };
+    let mut line = format!(
+        "pacing      auto: {} windows, slowed {} times, lowest {}, at the end {}",
+        p.windows,
+        p.slowed,
+        rate(p.lowest_rate),
+        rate(p.final_rate)
+    );
+    if let Some(e) = &p.error {
+        line.push_str(&format!(" (stopped: {e})"));
+    }
+    line
+}
+
 fn print_report(r: &Report) -> anyhow::Result<()> {
     output::line(&format!("snapshot    {}", r.snapshot))?;
     output::line(&format!(
@@ -241,6 +273,9 @@ fn print_report(r: &Report) -> anyhow::Result<()> {
         "guest       paused {:.1} ms{frozen}",
         r.blackout_ms
     ))?;
+    if let Some(p) = &r.pacing {
+        output::line(&pacing_line(p))?;
+    }
     if !r.leftovers_cleared.is_empty() {
         output::line(&format!(
             "cleared     {} (left by an interrupted run)",
