@@ -40,7 +40,7 @@
 //! dirty cluster is copied the job ends and QEMU removes its filter. A
 //! guest write anywhere else costs nothing.
 //!
-//! # What the guest pays
+//! # Pacing the reads
 //! QEMU serves the NBD reads in the main loop that also serves the guest's
 //! I/O (without an iothread, the default). `Config::rate` paces the reads
 //! (`block::migrate::RateLimiter`, as the migration copier): inside a TCG
