@@ -702,23 +702,16 @@ impl Member {
         let result = match guest {
             None => session.run(&src, &copts),
             Some((device, qdev)) => {
-                let done = AtomicBool::new(false);
-                std::thread::scope(|s| {
-                    let pacer = s.spawn(|| {
-                        let mut probe = pacing::QmpProbe { q, device, qdev };
-                        pacing::run(
-                            &mut probe,
-                            opts.limit,
-                            &src.bytes_read,
-                            &done,
-                            pacing::WINDOW,
-                        )
-                    });
-                    let r = session.run(&src, &copts);
-                    done.store(true, Ordering::Relaxed);
-                    self.pacing = pacer.join().ok();
-                    r
-                })
+                let mut probe = pacing::QmpProbe { q, device, qdev };
+                let (r, report) = pacing::beside(
+                    &mut probe,
+                    opts.limit,
+                    &src.bytes_read,
+                    pacing::WINDOW,
+                    || session.run(&src, &copts),
+                );
+                self.pacing = report;
+                r
             }
         };
         let mut stats = match result {

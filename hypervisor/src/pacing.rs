@@ -381,6 +381,24 @@ pub fn run(
     }
 }
 
+/// Run `work` (the store's reads) while [`run`] paces `limit` beside it on
+/// a scoped thread; `work`'s result and the pacing's report.
+pub fn beside<R>(
+    probe: &mut (dyn LatencyProbe + Send),
+    limit: &RateLimiter,
+    read: &AtomicU64,
+    window: Duration,
+    work: impl FnOnce() -> R,
+) -> (R, Option<Report>) {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let pacer = s.spawn(|| run(probe, limit, read, &done, window));
+        let r = work();
+        done.store(true, Ordering::Relaxed);
+        (r, pacer.join().ok())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

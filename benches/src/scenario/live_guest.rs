@@ -619,9 +619,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
          time, paced, and times each write from the syscall to its return. \
          `recovery-cli backup --qmp QEMU_QMP --drive data0` runs back to back in the second case \
          (the very first one full, then incrementals through the persistent bitmap), and 1 s \
-         apart (the first with --full) in the third and fourth, the fourth with --rate on \
-         every backup; the harness names the writer's phase on the serial console when each \
-         backup process starts and ends.",
+         apart (the first with --full) in the third, fourth and fifth, the fourth with --rate \
+         on every backup and the fifth with --rate auto; the harness names the writer's phase \
+         on the serial console when each backup process starts and ends.",
     );
     let mut report = ctx.report("live-backup-guest");
     report.tables.push(t);

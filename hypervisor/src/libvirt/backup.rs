@@ -584,21 +584,15 @@ fn backup(
     let (result, pacing) = match cfg.rate {
         Rate::Fixed(_) => (session.run(&src, &opts), None),
         Rate::Auto => {
-            let done = AtomicBool::new(false);
-            std::thread::scope(|s| {
-                let pacer = s.spawn(|| {
-                    let mut probe = BlkstatProbe {
-                        virsh: v,
-                        domain: &cfg.domain,
-                        disk: &cfg.disk,
-                    };
-                    // A virsh process per sample: a longer window.
-                    let window = pacing::WINDOW * 2;
-                    pacing::run(&mut probe, &limit, &src.bytes_read, &done, window)
-                });
-                let r = session.run(&src, &opts);
-                done.store(true, Ordering::Relaxed);
-                (r, pacer.join().ok())
+            let mut probe = BlkstatProbe {
+                virsh: v,
+                domain: &cfg.domain,
+                disk: &cfg.disk,
+            };
+            // A virsh process per sample: a longer window.
+            let window = pacing::WINDOW * 2;
+            pacing::beside(&mut probe, &limit, &src.bytes_read, window, || {
+                session.run(&src, &opts)
             })
         }
     };
