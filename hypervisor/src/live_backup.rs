@@ -353,11 +353,8 @@ fn start_and_read(
         })?),
         None => None,
     };
-    if cfg.rate == Rate::Auto && member.drive.guest.is_none() {
-        return Err(Error::Unsupported(format!(
-            "--rate auto paces by the guest's I/O latency, but drive {} is attached to no device",
-            cfg.drive
-        )));
+    if cfg.rate == Rate::Auto {
+        member.require_guest()?;
     }
     let actions = member.start_actions(store.chunk_size());
     let limit = RateLimiter::new(cfg.rate.initial());
@@ -721,6 +718,18 @@ impl Member {
         // What crossed NBD (zero ranges and parent data were not read).
         stats.bytes_read = src.bytes_read.load(Ordering::Relaxed);
         Ok((stats, plan.dirty_bytes, plan.count(ChunkState::Unchanged)))
+    }
+
+    /// For `--rate auto`: the drive must be attached to a guest device,
+    /// whose latency the pacing watches.
+    pub fn require_guest(&self) -> Result<()> {
+        match self.drive.guest {
+            Some(_) => Ok(()),
+            None => Err(Error::Unsupported(format!(
+                "--rate auto paces by the guest's I/O latency, but drive {} is attached to no device",
+                self.drive.node
+            ))),
+        }
     }
 
     /// Phase 4: remove the export, server, job, scratch node and file (in

@@ -59,6 +59,13 @@
 //! tail. Incrementals are mostly over before the first window ends: they
 //! run at [`START_RATE`].
 //!
+//! # Where it applies
+//! `backup --qmp`, `backup --domain`, and `backup --plan` / `protect
+//! --plan`, where each VM gets a limiter and a controller of its own
+//! (`service::backup`): one guest's latency says nothing about another's.
+//! The drive must be attached to a guest device (checked before the start
+//! transaction: a clear error otherwise).
+//!
 //! # Threads
 //! [`run`] runs on its own thread beside the store's readers, for as long
 //! as they read; it owns the QMP session meanwhile (the backup's thread

@@ -49,7 +49,7 @@ fn main() {
             abort: &abort,
             threads: None,
             full: false,
-            rate: 0,
+            rate: hypervisor::pacing::Rate::Fixed(0),
         };
         backup::run(&plan, &opts).unwrap();
         let mut group = Vec::new();

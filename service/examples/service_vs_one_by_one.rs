@@ -118,7 +118,7 @@ fn group(s: &Setup) {
         abort: &abort,
         threads: None,
         full: false,
-        rate: 0,
+        rate: hypervisor::pacing::Rate::Fixed(0),
     };
     backup::run(&s.plan, &opts).unwrap();
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use block::migrate::RateLimiter;
 use hypervisor::live_backup::{self, fleece, Member, ReadOptions, Report, Target};
+use hypervisor::pacing::Rate;
 use hypervisor::qga::Qga;
 use hypervisor::qmp::{self, Qmp};
 use serde::Serialize;
@@ -125,9 +126,10 @@ pub struct Options<'a> {
     pub threads: Option<usize>,
     /// Read every disk in full, even where an incremental is possible.
     pub full: bool,
-    /// Read at most this many bytes per second over NBD, all disks
-    /// together (0: unlimited).
-    pub rate: u64,
+    /// How the NBD reads are paced: at most this many bytes per second,
+    /// all disks together (0: unlimited), or each VM by its own guest's
+    /// latency (`Rate::Auto`, every drive attached to a device).
+    pub rate: Rate,
 }
 
 /// One VM during the backup.
@@ -248,7 +250,10 @@ pub fn run_in(store: &Store, plan: &Plan, opts: &Options<'_>) -> Result<GroupRep
                 let newest = sessions[m].as_ref().and_then(|s| s.newest());
                 let member = Member::prepare(&mut v.q, store, newest, n, &target)
                     .map_err(|source| member_err(&planned[m], source))?;
+                let auto = opts.rate == Rate::Auto;
+                let guest = if auto { member.require_guest() } else { Ok(()) };
                 members[m] = Some(member);
+                guest.map_err(|source| member_err(&planned[m], source))?;
             }
         }
         let all_agents = plan.vms.iter().all(|v| v.qga.is_some());
@@ -551,8 +556,10 @@ fn read_members(
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
     let threads = Some((total / workers).max(1));
-    // One limiter for every read at once: the service's rate.
-    let limit = RateLimiter::new(opts.rate);
+    // One limiter for every read at once: the service's rate; with
+    // `auto`, one per VM, each set by its own guest's latency.
+    let auto = opts.rate == Rate::Auto;
+    let limit = RateLimiter::new(opts.rate.initial());
     let queue = Mutex::new(work);
     let failed = AtomicBool::new(false);
     let results: Mutex<Vec<(usize, Result<live_backup::Done>)>> = Mutex::new(Vec::new());
@@ -562,6 +569,8 @@ fn read_members(
                 let Some((v, mine)) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
                     return;
                 };
+                let own = RateLimiter::new(opts.rate.initial());
+                let limit = if auto { &own } else { &limit };
                 for (m, member) in mine {
                     if failed.load(Ordering::Relaxed) {
                         return;
@@ -578,8 +587,8 @@ fn read_members(
                                 progress: None,
                                 threads,
                                 abort: opts.abort,
-                                limit: &limit,
-                                auto: false,
+                                limit,
+                                auto,
                             },
                         )
                         .map_err(|source| match source {

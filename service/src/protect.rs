@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hypervisor::pacing::Rate;
 use serde::Serialize;
 use store::Store;
 use tracing::warn;
@@ -42,8 +43,9 @@ pub struct PointOutcome {
 pub struct Options<'a> {
     pub stop: &'a AtomicBool,
     pub threads: Option<usize>,
-    /// NBD read rate limit of each group point (0: unlimited).
-    pub rate: u64,
+    /// How each group point's NBD reads are paced (see
+    /// [`backup::Options::rate`]).
+    pub rate: Rate,
     /// Stop after this many points (tests).
     pub max_points: Option<u64>,
     /// Called after every point.

@@ -233,6 +233,13 @@ fn plan_backup_failure_recovery_and_policy() {
     app.assert_clean();
     assert!(db.running() && app.running());
 
+    // `--rate auto` watches each guest's device; these disks have none
+    // (`-M none`): one line naming the drive, nothing left in QEMU.
+    let out = cli(&["backup", "--plan", p, "--rate", "auto"]);
+    assert_one_error(&out, &["VM db drive", "attached to no device"]);
+    db.assert_clean();
+    app.assert_clean();
+
     // First group point: full, three members, one instant.
     let g1 = ok_json(&cli(&["backup", "--plan", p, "--json"]));
     assert!(g1["group"].as_str().unwrap().starts_with("portal@"), "{g1}");
@@ -625,12 +632,18 @@ fn group_point_of_two_guests_is_a_consistent_cut() {
     // The group point, taken while the writes go on.
     let writer = Writer::start(vms);
     writer.wait_done(4);
+    // Each VM's reads paced by its own guest's latency.
     let g = ok_json(&cli(&[
         "backup",
         "--plan",
         plan.to_str().unwrap(),
         "--json",
+        "--rate",
+        "auto",
     ]));
+    for m in g["members"].as_array().unwrap() {
+        assert_eq!(m["pacing"]["error"], serde_json::Value::Null, "{m}");
+    }
     let after = writer.done.load(Ordering::SeqCst);
     writer.wait_done(after + 2);
     let mut present = BTreeSet::new();

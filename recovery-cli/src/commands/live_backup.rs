@@ -128,7 +128,7 @@ impl TryFrom<backup::Args> for Config {
 }
 
 /// `--rate`: `auto`, or a rate as `set-rate` takes it.
-fn parse_live_rate(s: &str) -> Result<Rate, String> {
+pub(crate) fn parse_live_rate(s: &str) -> Result<Rate, String> {
     if s.trim().eq_ignore_ascii_case("auto") {
         return Ok(Rate::Auto);
     }

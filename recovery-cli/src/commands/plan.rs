@@ -1,10 +1,10 @@
 //! Service plans (see the `service` crate):
 //! ```text
-//! recovery-cli backup    --plan portal.toml [--full] [--rate RATE] [--json]
+//! recovery-cli backup    --plan portal.toml [--full] [--rate RATE|auto] [--json]
 //! recovery-cli snapshots --plan portal.toml [--at TIME] [--json]
 //! recovery-cli check     --plan portal.toml [--json]
 //! recovery-cli forget    --plan portal.toml [--dry-run] [--json]
-//! recovery-cli protect   --plan portal.toml [--rate RATE]
+//! recovery-cli protect   --plan portal.toml [--rate RATE|auto]
 //! recovery-cli instant-boot --plan portal.toml [GROUP_ID | --at TIME] --state DIR --socket-dir DIR [--qemu]
 //! ```
 //! `check` and `protect` are subcommands of their own. `backup`,
@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use hypervisor::pacing::Rate;
 use service::backup::GroupReport;
 use service::{backup, policy, protect, Plan};
 
@@ -44,9 +45,10 @@ pub struct BackupArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Read at most RATE bytes per second from the VMs, all disks together
-    /// (e.g. 50M; default unlimited).
-    #[arg(long, value_name = "RATE", value_parser = super::monitor::parse_rate)]
-    pub rate: Option<u64>,
+    /// (e.g. 50M; default unlimited), or `auto`: each VM's reads slow down
+    /// whenever its guest's disk latency rises.
+    #[arg(long, value_name = "RATE|auto", value_parser = super::live_backup::parse_live_rate)]
+    pub rate: Option<Rate>,
     #[arg(long)]
     pub json: bool,
 }
@@ -97,9 +99,10 @@ pub struct ProtectArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Read at most RATE bytes per second from the VMs in each group
-    /// point, all disks together (e.g. 50M; default unlimited).
-    #[arg(long, value_name = "RATE", value_parser = super::monitor::parse_rate)]
-    pub rate: Option<u64>,
+    /// point, all disks together (e.g. 50M; default unlimited), or `auto`
+    /// (each VM by its guest's disk latency).
+    #[arg(long, value_name = "RATE|auto", value_parser = super::live_backup::parse_live_rate)]
+    pub rate: Option<Rate>,
     /// One JSON object per point on stdout instead of a log line.
     #[arg(long)]
     pub json: bool,
@@ -198,7 +201,7 @@ fn backup_plan(a: BackupArgs) -> anyhow::Result<()> {
             abort: &abort,
             threads: a.threads,
             full: a.full,
-            rate: a.rate.unwrap_or(0),
+            rate: a.rate.unwrap_or(Rate::Fixed(0)),
         },
     );
     let recorded = match &r {
@@ -448,7 +451,7 @@ pub fn protect(a: ProtectArgs) -> anyhow::Result<()> {
         &protect::Options {
             stop: &stop,
             threads: a.threads,
-            rate: a.rate.unwrap_or(0),
+            rate: a.rate.unwrap_or(Rate::Fixed(0)),
             max_points: a.points,
             on_point: &on_point,
             control: a.control.as_deref(),
