@@ -349,6 +349,11 @@ pub fn run(
     done: &AtomicBool,
     window: Duration,
 ) -> Report {
+    // The limiter may be shared by the next read (a plan's next disk of
+    // the same VM): never leave it paused.
+    if limit.rate() == PAUSED {
+        limit.set_rate(START_RATE);
+    }
     let mut c = match probe.totals() {
         Ok(t) => Controller::new(t, Instant::now()),
         Err(e) => {
@@ -367,6 +372,7 @@ pub fn run(
         let until = Instant::now() + window;
         while Instant::now() < until {
             if done.load(Ordering::Relaxed) {
+                limit.set_rate(c.report.final_rate);
                 return c.report.clone();
             }
             std::thread::sleep(step);
@@ -381,6 +387,8 @@ pub fn run(
             }
             Err(e) => {
                 warn!(error = %e, "cannot read the guest's I/O counters; the backup keeps its rate");
+                // Never left paused: the reads go on at the last rate.
+                limit.set_rate(c.report.final_rate);
                 c.report.error = Some(e);
                 return c.report.clone();
             }
@@ -545,6 +553,40 @@ mod tests {
         fn totals(&mut self) -> Result<IoTotals, String> {
             Err("no such device".into())
         }
+    }
+
+    /// Busy 1 ms writes for `ok` samples, then an error.
+    struct FailsAfter {
+        ok: u32,
+        t: IoTotals,
+    }
+    impl LatencyProbe for FailsAfter {
+        fn totals(&mut self) -> Result<IoTotals, String> {
+            if self.ok == 0 {
+                return Err("QMP gone".into());
+            }
+            self.ok -= 1;
+            self.t = writes(self.t, 50, 1.0);
+            Ok(self.t)
+        }
+    }
+
+    #[test]
+    fn a_probe_that_fails_in_a_pause_leaves_the_reads_running() {
+        // Start, one busy window (a pause follows), then the probe fails
+        // at the end of the pause.
+        let limit = RateLimiter::new(START_RATE);
+        let mut probe = FailsAfter { ok: 2, t: start() };
+        let r = run(
+            &mut probe,
+            &limit,
+            &AtomicU64::new(0),
+            &AtomicBool::new(false),
+            Duration::from_millis(1),
+        );
+        assert_eq!(r.error.as_deref(), Some("QMP gone"));
+        assert_eq!(r.windows, 1);
+        assert_eq!(limit.rate(), START_RATE + START_RATE / 2);
     }
 
     #[test]
