@@ -446,7 +446,7 @@ mod tests {
         assert_eq!(c.report().baseline_write_us, Some(1000.0));
         assert_eq!(c.report().baseline_read_us, Some(2000.0));
         assert_eq!(c.limit(), START_RATE);
-        // Writes at 1.2 ms: within 1.5x, faster by half; the guest is busy,
+        // Writes at 1.2 ms: within 1.25x, faster by half; the guest is busy,
         // so the next window is a pause.
         let t1 = writes(start(), 50, 1.2);
         assert_eq!(c.judge(t1, 12 << 20, t0 + WINDOW), Verdict::Rate(PAUSED));

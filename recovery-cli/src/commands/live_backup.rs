@@ -56,7 +56,8 @@ pub struct LiveArgs {
     pub qga: Option<PathBuf>,
     /// Read at most RATE bytes per second from the VM (e.g. 50M; default
     /// unlimited), or `auto`: slow down whenever the guest's own disk
-    /// latency rises above 1.5x its usual. QEMU serves the backup's reads
+    /// latency rises 1.25x above what it is while the backup pauses (one
+    /// short pause in six). QEMU serves the backup's reads
     /// in the same main loop as the guest's I/O: a limit trades backup
     /// time for guest latency.
     #[arg(long, value_name = "RATE|auto", value_parser = parse_live_rate, requires = "live_vm")]
