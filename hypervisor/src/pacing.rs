@@ -212,7 +212,8 @@ pub enum Verdict {
 /// it, so tests drive it without a guest.
 #[derive(Debug)]
 pub struct Controller {
-    /// Lifetime (read, write) averages at the start, ns.
+    /// (read, write) averages, ns: the disk's lifetime ones at the start,
+    /// then each kind's from the last pause window that measured it.
     baseline: [Option<f64>; 2],
     /// Counters and bytes read where the open window started.
     start: (IoTotals, u64, Instant),
@@ -300,7 +301,7 @@ impl Controller {
             self.pausing = true;
         }
         let limit = self.limit();
-        self.report.final_rate = if self.rate >= CEILING { 0 } else { self.rate };
+        self.report.final_rate = self.nominal();
         debug!(?avg, baseline = ?self.baseline, delivered, hurt, limit, "pacing window");
         Verdict::Rate(limit)
     }
@@ -309,7 +310,14 @@ impl Controller {
     pub fn limit(&self) -> u64 {
         if self.pausing {
             PAUSED
-        } else if self.rate >= CEILING {
+        } else {
+            self.nominal()
+        }
+    }
+
+    /// The rate outside pauses (0: unlimited).
+    fn nominal(&self) -> u64 {
+        if self.rate >= CEILING {
             0
         } else {
             self.rate
@@ -372,12 +380,11 @@ pub fn run(
     };
     limit.set_rate(c.limit());
     let step = Duration::from_millis(10).min(window);
-    loop {
+    'pace: loop {
         let until = Instant::now() + window;
         while Instant::now() < until {
             if done.load(Ordering::Relaxed) {
-                limit.set_rate(c.report.final_rate);
-                return c.report.clone();
+                break 'pace;
             }
             std::thread::sleep(step);
         }
@@ -391,13 +398,14 @@ pub fn run(
             }
             Err(e) => {
                 warn!(error = %e, "cannot read the guest's I/O counters; the backup keeps its rate");
-                // Never left paused: the reads go on at the last rate.
-                limit.set_rate(c.report.final_rate);
                 c.report.error = Some(e);
-                return c.report.clone();
+                break 'pace;
             }
         }
     }
+    // Never left paused: any reads still to come go on at the last rate.
+    limit.set_rate(c.report.final_rate);
+    c.report
 }
 
 /// Run `work` (the store's reads) while [`run`] paces `limit` beside it on

@@ -569,8 +569,8 @@ fn read_members(
                 let Some((v, mine)) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
                     return;
                 };
-                let own = RateLimiter::new(opts.rate.initial());
-                let limit = if auto { &own } else { &limit };
+                let own = auto.then(|| RateLimiter::new(opts.rate.initial()));
+                let limit = own.as_ref().unwrap_or(&limit);
                 for (m, member) in mine {
                     if failed.load(Ordering::Relaxed) {
                         return;
