@@ -124,6 +124,7 @@ pub mod cache;
 pub mod device;
 pub mod file;
 pub mod io;
+pub mod latency;
 #[cfg(any(test, feature = "test-util"))]
 pub mod mem_device;
 pub mod metered;

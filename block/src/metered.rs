@@ -1,8 +1,11 @@
 //! Guest I/O counters: [`MeteredDevice`] wraps the device the guest sees.
 //!
 //! Every request is counted (ops, bytes, errors) with relaxed atomics;
-//! the daemon's status report (`guest_*` fields) reads them. The time of
-//! the last request is recorded too ([`MeteredDevice::idle_for`]). The
+//! the daemon's status report (`guest_*` fields) reads them. So is each
+//! request's time through the layers below, into a latency histogram per
+//! request type ([`MeteredDevice::latency`], module `latency`): what the
+//! stack adds to a guest's request, without the virtqueue's own queueing.
+//! The time of the last request is recorded too ([`MeteredDevice::idle_for`]). The
 //! copier does not read any of this: it keeps its own guest-activity
 //! clock inside [`MigratingDevice`](crate::migrate::MigratingDevice),
 //! which sees every guest request and yields to it.
@@ -18,6 +21,7 @@ use std::time::{Duration, Instant};
 use vm_memory::VolatileSlice;
 
 use crate::device::{total_len, BlockDevice};
+use crate::latency::{LatencyRecorder, LatencySnapshot};
 
 /// A snapshot of the guest counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,6 +42,16 @@ pub struct GuestCounters {
     pub io_errors: u64,
 }
 
+/// Latency histograms of the guest's requests, by type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestLatency {
+    pub read: LatencySnapshot,
+    pub write: LatencySnapshot,
+    pub flush: LatencySnapshot,
+    /// Discard and write-zeroes requests.
+    pub discard: LatencySnapshot,
+}
+
 /// A [`BlockDevice`] that counts the requests passing through it.
 pub struct MeteredDevice {
     inner: Arc<dyn BlockDevice>,
@@ -48,6 +62,10 @@ pub struct MeteredDevice {
     flush_ops: AtomicU64,
     discard_ops: AtomicU64,
     io_errors: AtomicU64,
+    read_latency: LatencyRecorder,
+    write_latency: LatencyRecorder,
+    flush_latency: LatencyRecorder,
+    discard_latency: LatencyRecorder,
     epoch: Instant,
     /// Nanoseconds after `epoch` of the last request's end, 0 = none yet.
     last_io_ns: AtomicU64,
@@ -65,6 +83,10 @@ impl MeteredDevice {
             flush_ops: AtomicU64::new(0),
             discard_ops: AtomicU64::new(0),
             io_errors: AtomicU64::new(0),
+            read_latency: LatencyRecorder::default(),
+            write_latency: LatencyRecorder::default(),
+            flush_latency: LatencyRecorder::default(),
+            discard_latency: LatencyRecorder::default(),
             epoch: Instant::now(),
             last_io_ns: AtomicU64::new(0),
         }
@@ -89,6 +111,16 @@ impl MeteredDevice {
         }
     }
 
+    /// The latency histograms now (failed requests included).
+    pub fn latency(&self) -> GuestLatency {
+        GuestLatency {
+            read: self.read_latency.snapshot(),
+            write: self.write_latency.snapshot(),
+            flush: self.flush_latency.snapshot(),
+            discard: self.discard_latency.snapshot(),
+        }
+    }
+
     /// How long since the last request ended, `None` before the first.
     pub fn idle_for(&self) -> Option<Duration> {
         let last = self.last_io_ns.load(Ordering::Relaxed);
@@ -99,12 +131,16 @@ impl MeteredDevice {
         })
     }
 
+    /// Counts a request that started at `start` and ended with `r`.
     fn count<T>(
         &self,
-        ops: &AtomicU64,
+        start: Instant,
+        (ops, latency): (&AtomicU64, &LatencyRecorder),
         bytes: Option<(&AtomicU64, u64)>,
         r: io::Result<T>,
     ) -> io::Result<T> {
+        let end = Instant::now();
+        latency.record(end.saturating_duration_since(start));
         ops.fetch_add(1, Ordering::Relaxed);
         match &r {
             Ok(_) => {
@@ -116,9 +152,23 @@ impl MeteredDevice {
                 self.io_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let ns = (self.epoch.elapsed().as_nanos() as u64).max(1);
+        let ns = (end.saturating_duration_since(self.epoch).as_nanos() as u64).max(1);
         self.last_io_ns.fetch_max(ns, Ordering::Relaxed);
         r
+    }
+}
+
+impl MeteredDevice {
+    fn reads(&self) -> (&AtomicU64, &LatencyRecorder) {
+        (&self.read_ops, &self.read_latency)
+    }
+
+    fn writes(&self) -> (&AtomicU64, &LatencyRecorder) {
+        (&self.write_ops, &self.write_latency)
+    }
+
+    fn discards(&self) -> (&AtomicU64, &LatencyRecorder) {
+        (&self.discard_ops, &self.discard_latency)
     }
 }
 
@@ -136,48 +186,49 @@ impl BlockDevice for MeteredDevice {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let n = buf.len() as u64;
+        let (start, n) = (Instant::now(), buf.len() as u64);
         let r = self.inner.read_at(buf, offset);
-        self.count(&self.read_ops, Some((&self.read_bytes, n)), r)
+        self.count(start, self.reads(), Some((&self.read_bytes, n)), r)
     }
 
     /// Passes guest memory down, so the layers below fill it directly.
     fn read_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        let start = Instant::now();
         let r = self.inner.read_vectored_at(bufs, offset);
-        self.count(&self.read_ops, Some((&self.read_bytes, total_len(bufs))), r)
+        let bytes = Some((&self.read_bytes, total_len(bufs)));
+        self.count(start, self.reads(), bytes, r)
     }
 
     fn write_vectored_at(&self, bufs: &[VolatileSlice<'_>], offset: u64) -> io::Result<()> {
+        let start = Instant::now();
         let r = self.inner.write_vectored_at(bufs, offset);
-        self.count(
-            &self.write_ops,
-            Some((&self.write_bytes, total_len(bufs))),
-            r,
-        )
+        let bytes = Some((&self.write_bytes, total_len(bufs)));
+        self.count(start, self.writes(), bytes, r)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let start = Instant::now();
         let r = self.inner.write_at(buf, offset);
-        self.count(
-            &self.write_ops,
-            Some((&self.write_bytes, buf.len() as u64)),
-            r,
-        )
+        let bytes = Some((&self.write_bytes, buf.len() as u64));
+        self.count(start, self.writes(), bytes, r)
     }
 
     fn flush(&self) -> io::Result<()> {
+        let start = Instant::now();
         let r = self.inner.flush();
-        self.count(&self.flush_ops, None, r)
+        self.count(start, (&self.flush_ops, &self.flush_latency), None, r)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let start = Instant::now();
         let r = self.inner.discard(offset, len);
-        self.count(&self.discard_ops, None, r)
+        self.count(start, self.discards(), None, r)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let start = Instant::now();
         let r = self.inner.write_zeroes(offset, len);
-        self.count(&self.discard_ops, None, r)
+        self.count(start, self.discards(), None, r)
     }
 }
 
@@ -208,6 +259,13 @@ mod tests {
         assert_eq!(after.read_bytes - before.read_bytes, 4096);
         assert_eq!(after.write_bytes - before.write_bytes, 512);
         assert!(dev.idle_for().unwrap() < Duration::from_secs(5));
+        // Every request is timed, failed ones too, under its own type.
+        let l = dev.latency();
+        assert_eq!(l.read.count, after.read_ops);
+        assert_eq!(l.write.count, after.write_ops);
+        assert_eq!(l.flush.count, after.flush_ops);
+        assert_eq!(l.discard.count, after.discard_ops);
+        assert!(l.write.sum_ns > 0);
     }
 
     #[test]

@@ -58,6 +58,7 @@
 //! | `overlay_write_bytes` | bytes of guest writes that went through the overlay (the migration counts them; without a target, every guest write) |
 //! | `journal_active`, `journal_inactive_reason` | whether the live bitmap journals run (`block::bitmap::PersistentBitmap::journal_state`), and if not why |
 //! | `guest_*_ops`, `guest_*_bytes`, `guest_io_errors` | the guest counters of `block::metered::MeteredDevice` |
+//! | `guest_latency` (`/metrics`: the histogram `guest_request_seconds`) | its latency histograms per request type (`block::latency`), as [`latency::Latency`]: buckets, count, sum, p50/p99/p99.9 |
 //! | `chunk_read_errors` | failed store fetches counted by each `block::store_source::StoreSource` (served and repair snapshot) |
 //! | `overlay_bytes`, `cache_hit_rate`, `uptime_seconds`, `snapshot` | the overlay (or the migration), the chunk cache, the daemon |
 //!
@@ -80,6 +81,7 @@
 
 pub mod client;
 pub mod human;
+pub mod latency;
 pub mod metrics;
 pub mod progress;
 pub mod status;

@@ -9,6 +9,7 @@
 
 use std::fmt::Write as _;
 
+use crate::latency::GuestLatency;
 use crate::status::{Protection, ProtectionState, RemoteStore, State, Status};
 
 const PREFIX: &str = "instant_recovery_";
@@ -218,6 +219,9 @@ pub fn render_metrics(status: &Status) -> String {
             .unwrap_or("no reason given");
         out.sample("journal_inactive_info", &[("reason", reason)], 1.0);
     }
+    if let Some(l) = &status.guest_latency {
+        render_latency(&mut out, l);
+    }
     if let Some(p) = &status.protection {
         render_protection(&mut out, p);
     }
@@ -375,6 +379,40 @@ fn render_remote_store(out: &mut Metrics, r: &RemoteStore) {
     }
 }
 
+/// `guest_request_seconds`: a histogram per request type, with `le` at
+/// 1-2-5 steps from 1 µs to 100 s (bounds of the recorded buckets, so
+/// the cumulative counts are exact).
+fn render_latency(out: &mut Metrics, l: &GuestLatency) {
+    const NAME: &str = "guest_request_seconds";
+    out.metric(
+        NAME,
+        Kind::Histogram,
+        "Time guest requests spent in the daemon's block layers, by type.",
+    );
+    let bucket = format!("{NAME}_bucket");
+    for (op, h) in l.by_op() {
+        let mut le_ns = 1_000u64;
+        while le_ns <= 100_000_000_000 {
+            for step in [1, 2, 5] {
+                let le = le_ns * step;
+                if le > 100_000_000_000 {
+                    break;
+                }
+                let secs = format_value(le as f64 / 1e9);
+                out.sample(
+                    &bucket,
+                    &[("op", op), ("le", &secs)],
+                    h.count_at_most(le) as f64,
+                );
+            }
+            le_ns *= 10;
+        }
+        out.sample(&bucket, &[("op", op), ("le", "+Inf")], h.count as f64);
+        out.sample(&format!("{NAME}_sum"), &[("op", op)], h.sum_seconds);
+        out.sample(&format!("{NAME}_count"), &[("op", op)], h.count as f64);
+    }
+}
+
 /// The `protection_*` metrics (only while the daemon protects the disk).
 fn render_protection(out: &mut Metrics, p: &Protection) {
     out.metric(
@@ -460,6 +498,7 @@ fn instant_seconds(s: &str) -> Option<f64> {
 enum Kind {
     Counter,
     Gauge,
+    Histogram,
 }
 
 #[derive(Default)]
@@ -472,6 +511,7 @@ impl Metrics {
         let kind = match kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
         };
         // Writing to a String cannot fail.
         let _ = writeln!(self.text, "# HELP {PREFIX}{name} {}", escape_help(help));
@@ -670,7 +710,7 @@ mod tests {
                 );
             } else if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').expect("TYPE has kind");
-                assert!(["counter", "gauge"].contains(&kind), "{line}");
+                assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
                 assert!(
                     types.insert(name.to_string(), kind.to_string()).is_none(),
                     "dup TYPE {name}"
@@ -678,10 +718,16 @@ mod tests {
             } else {
                 assert!(!line.starts_with('#'), "unknown comment {line}");
                 let sample = parse_sample(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+                // A histogram's samples carry a suffix on its name.
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .filter_map(|x| sample.name.strip_suffix(x))
+                    .find(|base| types.get(*base).is_some_and(|k| k == "histogram"))
+                    .unwrap_or(&sample.name);
                 let kind = types
-                    .get(&sample.name)
+                    .get(family)
                     .unwrap_or_else(|| panic!("no TYPE for {line}"));
-                assert!(helps.contains_key(&sample.name), "no HELP for {line}");
+                assert!(helps.contains_key(family), "no HELP for {line}");
                 assert_eq!(kind == "counter", sample.name.ends_with("_total"), "{line}");
                 assert!(sample.name.starts_with(PREFIX), "{line}");
                 samples.push(sample);
@@ -856,6 +902,53 @@ mod tests {
             ),
             1.0
         );
+    }
+
+    #[test]
+    fn latency_is_a_cumulative_histogram_per_request_type() {
+        use crate::latency::{GuestLatency, Latency, ABOVE_ALL};
+        assert!(!render_metrics(&sample_status()).contains("guest_request_seconds"));
+        let write = Latency::new(
+            2_500_000,
+            vec![[1_120, 5], [2_000, 3], [45_000, 1], [ABOVE_ALL, 1]],
+        );
+        let status = Status {
+            guest_latency: Some(GuestLatency {
+                write,
+                ..GuestLatency::default()
+            }),
+            ..sample_status()
+        };
+        let samples = parse(&render_metrics(&status));
+        let bucket = |op, le| {
+            value(
+                &samples,
+                "guest_request_seconds_bucket",
+                &[("op", op), ("le", le)],
+            )
+        };
+        assert_eq!(bucket("write", "0.000001"), 0.0);
+        assert_eq!(bucket("write", "0.000002"), 8.0);
+        assert_eq!(bucket("write", "0.00005"), 9.0);
+        assert_eq!(bucket("write", "100"), 9.0);
+        assert_eq!(bucket("write", "+Inf"), 10.0);
+        assert_eq!(bucket("read", "+Inf"), 0.0);
+        assert_eq!(
+            value(&samples, "guest_request_seconds_count", &[("op", "write")]),
+            10.0
+        );
+        assert_eq!(
+            value(&samples, "guest_request_seconds_sum", &[("op", "write")]),
+            0.0025
+        );
+        // Cumulative: never decreasing along `le`, 25 bounds and +Inf.
+        let writes: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.name.ends_with("_bucket") && s.labels["op"] == "write")
+            .map(|s| s.value)
+            .collect();
+        assert_eq!(writes.len(), 26);
+        assert!(writes.windows(2).all(|w| w[0] <= w[1]));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::latency::GuestLatency;
+
 /// Where the daemon is in its life.
 ///
 /// ```text
@@ -122,6 +124,11 @@ pub struct Status {
     pub guest_flush_ops: u64,
     /// Guest requests that completed with an I/O error status.
     pub guest_io_errors: u64,
+    /// The time guest requests spent in the daemon's block layers, by
+    /// type (histograms and quantiles; the virtqueue's own queueing is
+    /// not in it). Absent from daemons that do not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_latency: Option<GuestLatency>,
     /// Chunk fetches from the store that failed (corrupt, missing or
     /// unreadable chunk), by the guest's reads and the copier alike.
     #[serde(default)]

@@ -126,6 +126,7 @@ impl Control for DaemonStatus {
             guest_write_bytes: guest.write_bytes,
             guest_flush_ops: guest.flush_ops,
             guest_io_errors: guest.io_errors,
+            guest_latency: Some(guest_latency(&self.metered.latency())),
             chunk_read_errors: self.sources.iter().map(|s| s.read_errors()).sum(),
             overlay_write_bytes: guest.write_bytes,
             overlay_bytes: self.overlay.as_ref().map_or(0, |o| o.allocated_bytes()),
@@ -238,6 +239,19 @@ fn journal_fields(state: JournalState) -> (bool, Option<String>) {
     }
 }
 
+/// The block layer's latency histograms as a status report.
+fn guest_latency(l: &block::metered::GuestLatency) -> control::latency::GuestLatency {
+    let one = |h: &block::latency::LatencySnapshot| {
+        control::latency::Latency::new(h.sum_ns, h.buckets.iter().map(|&(le, n)| [le, n]).collect())
+    };
+    control::latency::GuestLatency {
+        read: one(&l.read),
+        write: one(&l.write),
+        flush: one(&l.flush),
+        discard: one(&l.discard),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,6 +277,11 @@ mod tests {
         assert_eq!((s.guest_read_ops, s.guest_read_bytes), (1, 1024));
         assert_eq!((s.guest_write_ops, s.guest_write_bytes), (1, 512));
         assert_eq!((s.guest_flush_ops, s.guest_io_errors), (1, 0));
+        // Each request is in its type's latency histogram.
+        let l = s.guest_latency.expect("latency");
+        assert_eq!((l.read.count, l.write.count, l.flush.count), (1, 1, 1));
+        assert!(l.write.p99_us.is_some_and(|us| us > 0.0));
+        assert_eq!(l.discard.p99_us, None);
         assert_eq!(s.target, None);
         // Every guest write went to the overlay; nothing is left to copy.
         assert_eq!(s.overlay_write_bytes, 512);

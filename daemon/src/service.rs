@@ -48,6 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use block::migrate::{MigratingDevice, RateLimiter};
+use control::latency::GuestLatency;
 use control::{Control, DiskStatus, State, Status};
 use vhost_backend::socket::StopHandle;
 
@@ -534,6 +535,14 @@ fn totals(disks: &[DiskStatus]) -> Status {
         guest_write_bytes: sum(|s| s.guest_write_bytes),
         guest_flush_ops: sum(|s| s.guest_flush_ops),
         guest_io_errors: sum(|s| s.guest_io_errors),
+        guest_latency: disks
+            .iter()
+            .filter_map(|d| d.status.guest_latency.as_ref())
+            .fold(None, |acc: Option<GuestLatency>, l| {
+                let mut acc = acc.unwrap_or_default();
+                acc.merge(l);
+                Some(acc)
+            }),
         chunk_read_errors: sum(|s| s.chunk_read_errors),
         overlay_write_bytes: sum(|s| s.overlay_write_bytes),
         overlay_bytes: sum(|s| s.overlay_bytes),
@@ -584,6 +593,10 @@ mod tests {
                 copy_rate: rate,
                 journal_active: true,
                 guest_read_ops: 2,
+                guest_latency: Some(GuestLatency {
+                    read: control::latency::Latency::new(1, vec![[10_000, 2]]),
+                    ..GuestLatency::default()
+                }),
                 ..Status::default()
             },
         }
@@ -606,6 +619,8 @@ mod tests {
         assert_eq!(t.bytes_total, 128 << 20);
         assert_eq!((t.bytes_to_copy, t.bytes_copied), (16 << 20, 10 << 20));
         assert_eq!(t.guest_read_ops, 4);
+        // The disks' latency histograms add up.
+        assert_eq!(t.guest_latency.as_ref().map(|l| l.read.count), Some(4));
         assert!(t.journal_active);
         // 6 MiB left at 3 MiB/s.
         assert_eq!(t.eta_seconds, Some(2.0));

@@ -167,6 +167,16 @@ fn guest_writes_during_migration_all_reach_the_target() {
     assert_eq!(num(&last, "chunks_migrated"), num(&last, "chunks_total"));
     assert_eq!(num(&last, "overlay_bytes"), 0);
     assert!(num(&last, "bytes_copied_on_read") > 0, "{last}");
+    // Every guest request was timed, under its own type.
+    let latency = &last["guest_latency"];
+    for (op, ops) in [("write", "guest_write_ops"), ("flush", "guest_flush_ops")] {
+        assert_eq!(latency[op]["count"], last[ops], "{op}: {latency}");
+        let (p50, p99) = (&latency[op]["p50_us"], &latency[op]["p99_us"]);
+        assert!(
+            p50.as_f64() > Some(0.0) && p99.as_f64() >= p50.as_f64(),
+            "{op}: {latency}"
+        );
+    }
 
     // After completion, I/O passes straight to the target.
     random_io(&mut client, &mut model, &mut rng, 40);

@@ -29,6 +29,8 @@ use std::time::Duration;
 use anyhow::bail;
 use serde::Serialize;
 
+use control::latency::Latency;
+
 use crate::client::{Client, Pattern, Stats, Workload};
 use crate::image;
 use crate::peers::Ours;
@@ -132,6 +134,10 @@ struct Outcome {
     /// Of which manifests (`snapshots/`).
     manifest_growth: u64,
     final_protection: serde_json::Value,
+    /// The daemon's own time per write (`guest_latency.write` of the last
+    /// status: through its block layers, without the client's or the
+    /// virtqueue's scheduling); `None` from a daemon that does not report it.
+    daemon_write: Option<Latency>,
 }
 
 /// Samples `status` every 250 ms until `stop`: (rpo_seconds, state).
@@ -225,13 +231,34 @@ fn run_case(
         manifest_growth: tools::dir_bytes(&ours.store.join("snapshots"))?
             .saturating_sub(manifests_before),
         final_protection: pr,
+        daemon_write: serde_json::from_value(last["guest_latency"]["write"].clone()).ok(),
     };
     crate::remove_dir_if_exists(&sub)?;
     eprintln!(
-        "protect: {}: {:.0} IOPS, p99 {:.0} µs, RPO max {:.2} s p99 {:.2} s, {} points",
-        case.label, out.stats.iops, out.stats.lat_p99_us, out.rpo_max, out.rpo_p99, out.points
+        "protect: {}: {:.0} IOPS, p99 {:.0} µs (the daemon's {}), RPO max {:.2} s p99 {:.2} s, {} points",
+        case.label,
+        out.stats.iops,
+        out.stats.lat_p99_us,
+        us(out.daemon_write.as_ref().and_then(|l| l.p99_us)),
+        out.rpo_max,
+        out.rpo_p99,
+        out.points
     );
     Ok(out)
+}
+
+/// `"125 µs"`, or `"-"` when unknown.
+fn us(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |v| format!("{v:.0} µs"))
+}
+
+/// The daemon's write histograms of every round of a case, merged (`None`
+/// when a round has none).
+fn pooled_daemon_writes(rounds: &[Outcome]) -> Option<Latency> {
+    rounds.iter().try_fold(Latency::default(), |mut acc, o| {
+        acc.merge(o.daemon_write.as_ref()?);
+        Some(acc)
+    })
 }
 
 /// The cases to run: `SIDEBYSIDE_PROTECT_CASES` (comma-separated
@@ -290,12 +317,18 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
                 .iter()
                 .map(|o| format!("{:.0}", o.stats.lat_p99_us))
                 .collect();
+            let daemon: Vec<String> = r
+                .iter()
+                .map(|o| us(o.daemon_write.as_ref().and_then(|l| l.p99_us)))
+                .collect();
             eprintln!(
-                "protect: case {i} write p99 per round (µs): {}",
-                p99.join(" ")
+                "protect: case {i} write p99 per round (µs): {}; the daemon's: {}",
+                p99.join(" "),
+                daemon.join(", ")
             );
         }
     }
+    let pooled: Vec<Option<Latency>> = rounds.iter().map(|r| pooled_daemon_writes(r)).collect();
     let by_case: Vec<Option<Outcome>> = rounds
         .into_iter()
         .map(|r| median_by(r, |o: &Outcome| o.stats.lat_p99_us))
@@ -315,6 +348,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             "MB/s",
             "write p50",
             "write p99",
+            "the daemon's write p50",
+            "the daemon's write p99",
             "daemon CPU",
             "RPO max",
             "RPO p99",
@@ -337,6 +372,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             format!("{:.1}", s.mb_per_s),
             format!("{:.0} µs", s.lat_p50_us),
             format!("{:.0} µs", s.lat_p99_us),
+            us(o.daemon_write.as_ref().and_then(|l| l.p50_us)),
+            us(o.daemon_write.as_ref().and_then(|l| l.p99_us)),
             format!("{:.1} s", o.daemon_cpu),
             dash(format!("{:.2} s", o.rpo_max)),
             dash(format!("{:.2} s", o.rpo_p99)),
@@ -358,6 +395,12 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
          incompressible data; a fresh store per case; paced cases submit at 20 MB/s (5120 IOPS) when a slot is free; \
          the hot-set case writes only into the first 64 MiB."
     ));
+    t.note(
+        "The daemon's write p50/p99: `guest_latency.write` of `status --json` at the end of the \
+         case, the time each write spent in the daemon's block layers (protection included; the \
+         client's and the virtqueue's scheduling are not), from histograms with buckets at most \
+         15 % wide.",
+    );
     t.note(
         "Daemon CPU: user + system seconds of the daemon process (all threads: the guest's \
          requests and the points) while the client ran, from `/proc/PID/stat`.",
@@ -389,6 +432,15 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<Report> {
             on.stats.lat_p99_us / off.stats.lat_p99_us,
             1.3,
         );
+    }
+    if let (Some(Some(off)), Some(Some(on))) = (pooled.get(2), pooled.get(3)) {
+        if let (Some(a), Some(b)) = (off.p99_us, on.p99_us) {
+            report.target_max(
+                "the daemon's own write p99 with protection ÷ without, 20 MB/s, every round pooled",
+                b / a,
+                1.3,
+            );
+        }
     }
     if let (Some(off), Some(on)) = (off_max, on_max) {
         report.target_max(
