@@ -156,15 +156,17 @@ impl MeteredDevice {
         self.last_io_ns.fetch_max(ns, Ordering::Relaxed);
         r
     }
-}
 
-impl MeteredDevice {
     fn reads(&self) -> (&AtomicU64, &LatencyRecorder) {
         (&self.read_ops, &self.read_latency)
     }
 
     fn writes(&self) -> (&AtomicU64, &LatencyRecorder) {
         (&self.write_ops, &self.write_latency)
+    }
+
+    fn flushes(&self) -> (&AtomicU64, &LatencyRecorder) {
+        (&self.flush_ops, &self.flush_latency)
     }
 
     fn discards(&self) -> (&AtomicU64, &LatencyRecorder) {
@@ -216,7 +218,7 @@ impl BlockDevice for MeteredDevice {
     fn flush(&self) -> io::Result<()> {
         let start = Instant::now();
         let r = self.inner.flush();
-        self.count(start, (&self.flush_ops, &self.flush_latency), None, r)
+        self.count(start, self.flushes(), None, r)
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

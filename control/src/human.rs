@@ -54,6 +54,13 @@ pub fn format_duration(seconds: f64) -> String {
     }
 }
 
+/// A latency in microseconds as `"125 µs"`; `None` (no requests yet)
+/// prints as `"-"`.
+pub fn format_micros(us: Option<f64>) -> String {
+    us.filter(|v| v.is_finite())
+        .map_or("-".to_string(), |v| format!("{v:.0} µs"))
+}
+
 /// `bytes_migrated / bytes_total` as a percentage in `0.0..=100.0`; an
 /// empty image counts as fully migrated.
 pub fn percent(done: u64, total: u64) -> f64 {
@@ -93,6 +100,8 @@ mod tests {
         );
         assert_eq!(format_duration(-1.0), "-");
         assert_eq!(format_duration(f64::INFINITY), "-");
+        assert_eq!(format_micros(Some(124.6)), "125 µs");
+        assert_eq!(format_micros(None), "-");
     }
 
     #[test]

@@ -29,6 +29,7 @@ use std::time::Duration;
 use anyhow::bail;
 use serde::Serialize;
 
+use control::human::format_micros as us;
 use control::latency::Latency;
 
 use crate::client::{Client, Pattern, Stats, Workload};
@@ -245,11 +246,6 @@ fn run_case(
         out.points
     );
     Ok(out)
-}
-
-/// `"125 µs"`, or `"-"` when unknown.
-fn us(v: Option<f64>) -> String {
-    v.map_or("-".to_string(), |v| format!("{v:.0} µs"))
 }
 
 /// The daemon's write histograms of every round of a case, merged (`None`

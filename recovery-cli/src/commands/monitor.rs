@@ -672,7 +672,7 @@ pub fn summary(s: &Status) -> String {
 /// used, with their median and p99 through the daemon's layers; `None`
 /// before the first request.
 fn latency_line(l: &control::latency::GuestLatency) -> Option<String> {
-    let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} µs"));
+    let us = human::format_micros;
     let parts: Vec<String> = l
         .by_op()
         .iter()
