@@ -66,8 +66,6 @@ impl Default for LatencyRecorder {
 /// What a [`LatencyRecorder`] holds at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LatencySnapshot {
-    /// Requests recorded.
-    pub count: u64,
     /// Sum of their durations in nanoseconds.
     pub sum_ns: u64,
     /// The non-empty buckets, ascending: (upper bound in nanoseconds,
@@ -85,10 +83,10 @@ impl LatencyRecorder {
         self.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
-    /// The counts now. Buckets are read one by one while requests may be
-    /// recorded, so `count` is the sum of the buckets read.
+    /// The counts now (buckets are read one by one while requests may be
+    /// recorded).
     pub fn snapshot(&self) -> LatencySnapshot {
-        let buckets: Vec<(u64, u64)> = self
+        let buckets = self
             .counts
             .iter()
             .enumerate()
@@ -99,10 +97,16 @@ impl LatencyRecorder {
             .filter(|&(_, n)| n > 0)
             .collect();
         LatencySnapshot {
-            count: buckets.iter().map(|b| b.1).sum(),
             sum_ns: self.sum_ns.load(Ordering::Relaxed),
             buckets,
         }
+    }
+}
+
+impl LatencySnapshot {
+    /// Requests recorded: the sum of the buckets.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.1).sum()
     }
 }
 
@@ -135,7 +139,7 @@ mod tests {
         r.record(Duration::from_micros(100)); // exactly a bound
         r.record(Duration::from_secs(1_000)); // above the last bound
         let s = r.snapshot();
-        assert_eq!(s.count, 6);
+        assert_eq!(s.count(), 6);
         assert_eq!(
             s.buckets,
             vec![(1_000, 3), (1_120, 1), (100_000, 1), (u64::MAX, 1)]
@@ -156,6 +160,6 @@ mod tests {
                 });
             }
         });
-        assert_eq!(r.snapshot().count, 40_000);
+        assert_eq!(r.snapshot().count(), 40_000);
     }
 }

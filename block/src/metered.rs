@@ -263,10 +263,10 @@ mod tests {
         assert!(dev.idle_for().unwrap() < Duration::from_secs(5));
         // Every request is timed, failed ones too, under its own type.
         let l = dev.latency();
-        assert_eq!(l.read.count, after.read_ops);
-        assert_eq!(l.write.count, after.write_ops);
-        assert_eq!(l.flush.count, after.flush_ops);
-        assert_eq!(l.discard.count, after.discard_ops);
+        assert_eq!(l.read.count(), after.read_ops);
+        assert_eq!(l.write.count(), after.write_ops);
+        assert_eq!(l.flush.count(), after.flush_ops);
+        assert_eq!(l.discard.count(), after.discard_ops);
         assert!(l.write.sum_ns > 0);
     }
 
