@@ -1,14 +1,17 @@
 //! criterion benches of the device read path below virtio: the snapshot
 //! layer reading a real store snapshot through the chunk cache, on hits
-//! (chunk cached) and misses (pack read + lz4 decode + blake3 verify).
+//! (chunk cached) and misses (pack read + lz4 decode + blake3 verify);
+//! and what the guest counters and latency histograms of `MeteredDevice`
+//! (the top of the daemon's stack) add to a warm 4 KiB read.
 //!
-//! `cargo bench -p benches --bench device`
+//! `cargo bench -p benches --bench device` (`-- metered` for the latter)
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use block::cache::ChunkCache;
 use block::device::BlockDevice;
+use block::metered::MeteredDevice;
 use block::snapshot::SnapshotLayer;
 use block::source::{ChunkSource, VecSource};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -114,5 +117,40 @@ fn read_path(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, read_path);
+/// A warm 4 KiB read of the snapshot layer (chunk cached, from memory),
+/// bare and through `MeteredDevice`: the cost of counting and timing a
+/// request on the fastest path the guest has.
+fn metered(c: &mut Criterion) {
+    let data = image(1);
+    let src: Arc<dyn ChunkSource> = Arc::new(VecSource::new(data, CHUNK));
+    let layer = Arc::new(
+        SnapshotLayer::new(src, Arc::new(ChunkCache::new(2 * IMAGE as u64))).expect("layer"),
+    );
+    let mut mb = vec![0u8; 1 << 20];
+    for off in (0..IMAGE as u64).step_by(1 << 20) {
+        layer.read_at(&mut mb, off).expect("warm read");
+    }
+    let metered = MeteredDevice::new(layer.clone());
+    let offs = offsets(4096, 4096);
+    let mut buf = vec![0u8; 4096];
+    let mut g = c.benchmark_group("metered_read");
+    g.sample_size(50)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_millis(500));
+    for (name, dev) in [
+        ("bare", &*layer as &dyn BlockDevice),
+        ("metered", &metered as &dyn BlockDevice),
+    ] {
+        let mut i = 0;
+        g.bench_function(BenchmarkId::new(name, 4096), |b| {
+            b.iter(|| {
+                dev.read_at(&mut buf, offs[i % offs.len()]).expect("read");
+                i += 1;
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, read_path, metered);
 criterion_main!(benches);
