@@ -24,7 +24,7 @@ fn key(i: u64) -> ChunkKey {
 /// `threads` threads sharing `iters * OPS_PER_ITER` lookups over
 /// `keys` distinct chunks; returns the wall time.
 fn run(cache: &Arc<ChunkCache>, threads: usize, keys: u64, iters: u64) -> Duration {
-    let chunk: Arc<[u8]> = vec![7u8; CHUNK].into();
+    let chunk = Arc::new(vec![7u8; CHUNK]);
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {

@@ -1,6 +1,6 @@
 //! The chunk cache shared by every queue worker.
 //!
-//! Values are whole plaintext chunks (`Arc<[u8]>`) keyed by content key,
+//! Values are whole plaintext chunks ([`ChunkData`]) keyed by content key,
 //! so deduplicated chunks are cached once. The cache is split into shards
 //! by key; each shard has its own byte budget (`budget / shards`) and its
 //! own lock, so 16 workers rarely meet. Small budgets get fewer shards
@@ -112,15 +112,19 @@ impl CacheStats {
     }
 }
 
+/// A cached chunk: the buffer it was fetched into, shared. (An `Arc<[u8]>`
+/// would cost a second allocation and a copy of every chunk fetched.)
+pub type ChunkData = Arc<Vec<u8>>;
+
 struct Slot {
     key: ChunkKey,
-    data: Arc<[u8]>,
+    data: ChunkData,
     referenced: AtomicBool,
 }
 
 /// The outcome of a fetch, shared with every waiter. `io::Error` is not
 /// `Clone`, so errors travel as kind + message.
-type Shared = Result<Arc<[u8]>, (io::ErrorKind, String)>;
+type Shared = Result<ChunkData, (io::ErrorKind, String)>;
 
 struct InFlight {
     result: Mutex<Option<Shared>>,
@@ -128,7 +132,7 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn wait(&self) -> io::Result<Arc<[u8]>> {
+    fn wait(&self) -> io::Result<ChunkData> {
         let mut guard = self.result.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(result) = guard.as_ref() {
@@ -166,7 +170,7 @@ impl ShardInner {
         Some(slot)
     }
 
-    fn lookup(&self, key: &ChunkKey) -> Option<Arc<[u8]>> {
+    fn lookup(&self, key: &ChunkKey) -> Option<ChunkData> {
         self.slot(key).map(|slot| slot.data.clone())
     }
 
@@ -194,7 +198,7 @@ impl ShardInner {
         evicted
     }
 
-    fn insert(&mut self, key: ChunkKey, data: Arc<[u8]>) {
+    fn insert(&mut self, key: ChunkKey, data: ChunkData) {
         if self.index.contains_key(&key) {
             return;
         }
@@ -283,7 +287,7 @@ impl ChunkCache {
     }
 
     /// The cached chunk for `key`, if any (counts as a hit).
-    pub fn get(&self, key: &ChunkKey) -> Option<Arc<[u8]>> {
+    pub fn get(&self, key: &ChunkKey) -> Option<ChunkData> {
         let shard = self.shard(key);
         let found = shard
             .inner
@@ -315,7 +319,7 @@ impl ChunkCache {
 
     /// The chunk for `key`: from the cache, or from another thread's fetch
     /// in flight, or else read with `fetch` (outside any lock) and cached.
-    pub fn get_or_fetch<F>(&self, key: &ChunkKey, fetch: F) -> io::Result<Arc<[u8]>>
+    pub fn get_or_fetch<F>(&self, key: &ChunkKey, fetch: F) -> io::Result<ChunkData>
     where
         F: FnOnce() -> io::Result<Vec<u8>>,
     {
@@ -325,14 +329,14 @@ impl ChunkCache {
     /// Like [`ChunkCache::get_or_fetch`], but a chunk this call fetches is
     /// not inserted: for one-pass readers such as the background copier,
     /// which should not push the guest's working set out.
-    pub fn get_or_fetch_transient<F>(&self, key: &ChunkKey, fetch: F) -> io::Result<Arc<[u8]>>
+    pub fn get_or_fetch_transient<F>(&self, key: &ChunkKey, fetch: F) -> io::Result<ChunkData>
     where
         F: FnOnce() -> io::Result<Vec<u8>>,
     {
         self.lookup_or_fetch(key, fetch, false)
     }
 
-    fn lookup_or_fetch<F>(&self, key: &ChunkKey, fetch: F, insert: bool) -> io::Result<Arc<[u8]>>
+    fn lookup_or_fetch<F>(&self, key: &ChunkKey, fetch: F, insert: bool) -> io::Result<ChunkData>
     where
         F: FnOnce() -> io::Result<Vec<u8>>,
     {
@@ -371,7 +375,8 @@ impl ChunkCache {
         guard.armed = false;
         match result {
             Ok(data) => {
-                let data: Arc<[u8]> = data.into();
+                // The fetched buffer itself: no second allocation and copy.
+                let data: ChunkData = Arc::new(data);
                 self.finish(shard, *key, &guard.flight, Some(Ok(data.clone())), insert);
                 Ok(data)
             }

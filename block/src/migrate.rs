@@ -126,6 +126,7 @@ use std::time::{Duration, Instant};
 use vm_memory::VolatileSlice;
 
 use crate::bitmap::{self, BitmapHeader, BitmapKind, JournalState, PersistentBitmap};
+use crate::cache::ChunkData;
 use crate::device::{total_len, BlockDevice, ReadDest, ReadRun};
 use crate::file::check_bounds;
 use crate::overlay::{LockTable, Overlay};
@@ -360,7 +361,7 @@ struct Ctl {
 
 /// A chunk read for copying.
 enum ChunkBuf {
-    Shared(Arc<[u8]>),
+    Shared(ChunkData),
     Owned(Vec<u8>),
 }
 
@@ -946,7 +947,7 @@ impl MigratingDevice {
         &self,
         l: &Layers,
         c: u64,
-        prefetched: Option<Option<Arc<[u8]>>>,
+        prefetched: Option<Option<ChunkData>>,
     ) -> std::result::Result<Copied, CopyError> {
         let start = self.chunk_start(c);
         let len = self.chunk_len(c);

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use vm_memory::VolatileSlice;
 
-use crate::cache::ChunkCache;
+use crate::cache::{ChunkCache, ChunkData};
 use crate::device::{total_len, BlockDevice, ReadDest};
 use crate::file::{check_bounds, out_of_range, units_touched};
 use crate::source::{chunk_len, ChunkSource};
@@ -87,7 +87,7 @@ impl SnapshotLayer {
     /// Chunk `index` in full: `None` for a zero chunk. With `transient`,
     /// a chunk fetched by this call is not kept in the cache (one-pass
     /// readers such as the copier).
-    pub fn chunk(&self, index: u64, transient: bool) -> io::Result<Option<Arc<[u8]>>> {
+    pub fn chunk(&self, index: u64, transient: bool) -> io::Result<Option<ChunkData>> {
         let expected = chunk_len(self.size, self.chunk_size, index);
         if expected == 0 {
             return Err(out_of_range(

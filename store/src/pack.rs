@@ -14,10 +14,18 @@
 //! cache: the fsync writes the pack to disk anyway, and the copy into the
 //! page cache was a tenth of a backup's CPU. A file system that refuses
 //! `O_DIRECT` gets an ordinary write.
+//!
+//! A writer's buffer outlives it: up to [`SPARE_BUFFERS`] buffers are kept
+//! for the next writers of the process, so repeated backups in one process
+//! (the daemon's protection points, every few seconds) fill memory that is
+//! already mapped instead of faulting in tens of MiB of fresh pages per
+//! point (an eighth of a point's CPU at 20 MB/s of random guest writes).
+//! They hold at most `SPARE_BUFFERS` × (target + 4 MiB) of memory.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::Mutex;
 
 use tracing::debug;
 
@@ -35,6 +43,44 @@ pub const PACK_TARGET_SIZE: usize = 32 << 20;
 
 /// Alignment (and granularity) of `O_DIRECT` pack writes.
 const WRITE_ALIGN: usize = 4096;
+
+/// Buffers of dropped writers kept for the next ones (see the module doc).
+pub const SPARE_BUFFERS: usize = 2;
+
+/// Kept buffers, at most [`SPARE_BUFFERS`].
+struct Spares(Mutex<Vec<Vec<u8>>>);
+
+static SPARES: Spares = Spares(Mutex::new(Vec::new()));
+
+impl Spares {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A kept buffer of at least `capacity` bytes (not more than twice
+    /// that: a small pack does not pin a large buffer), emptied, or a new
+    /// one.
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        let mut spare = self.lock();
+        let fits = |b: &Vec<u8>| (capacity..=capacity.saturating_mul(2)).contains(&b.capacity());
+        match spare.iter().position(fits) {
+            Some(i) => {
+                let mut b = spare.swap_remove(i);
+                b.clear();
+                b
+            }
+            None => Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Keeps `buf` for a later writer, if there is room.
+    fn keep(&self, buf: Vec<u8>) {
+        let mut spare = self.lock();
+        if spare.len() < SPARE_BUFFERS && buf.capacity() > 0 {
+            spare.push(buf);
+        }
+    }
+}
 
 /// Accumulates records and publishes packs with their index.
 #[derive(Debug)]
@@ -59,7 +105,7 @@ pub struct PublishedPack {
 impl PackWriter {
     /// A writer that publishes once a pack reaches `target` bytes.
     pub fn new(target: usize) -> PackWriter {
-        let mut buf: Vec<u8> = Vec::with_capacity(target + (4 << 20) + 2 * WRITE_ALIGN);
+        let mut buf = SPARES.take(target + (4 << 20) + 2 * WRITE_ALIGN);
         // The capacity is never exceeded in normal use (records are at most
         // a few MiB past the target), so the buffer stays where it is.
         let at = buf.as_ptr().align_offset(WRITE_ALIGN).min(WRITE_ALIGN);
@@ -127,6 +173,12 @@ impl PackWriter {
         debug!(pack = %id, size, chunks = entries.len(), "published pack");
         self.buf.truncate(self.at + PACK_HEADER_LEN);
         Ok(Some(PublishedPack { id, entries, size }))
+    }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        SPARES.keep(std::mem::take(&mut self.buf));
     }
 }
 
@@ -207,6 +259,30 @@ mod tests {
     use super::*;
     use crate::backend::LocalBackend;
     use crate::chunk::{decode_record, encode_record};
+
+    #[test]
+    fn buffers_are_kept_for_later_writers_within_bounds() {
+        let spares = Spares(Mutex::new(Vec::new()));
+        let a = spares.take(1 << 20);
+        let (ptr, cap) = (a.as_ptr(), a.capacity());
+        spares.keep(a);
+        // Reused as it is for the same size, emptied.
+        let mut b = spares.take(1 << 20);
+        assert_eq!((b.as_ptr(), b.capacity(), b.len()), (ptr, cap, 0));
+        b.extend_from_slice(&[1, 2, 3]);
+        spares.keep(b);
+        // Not for a writer that needs more, nor for one that needs less
+        // than half of it: those get new buffers, and it stays kept.
+        let (more, less) = (spares.take(2 << 20), spares.take(256 << 10));
+        assert!(more.as_ptr() != ptr && less.as_ptr() != ptr);
+        assert_eq!(spares.lock().len(), 1);
+        assert!(spares.take(1 << 20).is_empty());
+        // At most SPARE_BUFFERS kept.
+        for _ in 0..SPARE_BUFFERS + 3 {
+            spares.keep(Vec::with_capacity(4096));
+        }
+        assert_eq!(spares.lock().len(), SPARE_BUFFERS);
+    }
 
     #[test]
     fn publish_then_scan_and_index_agree() {
