@@ -19,7 +19,7 @@
 //! for the next writers of the process, so repeated backups in one process
 //! (the daemon's protection points, every few seconds) fill memory that is
 //! already mapped instead of faulting in tens of MiB of fresh pages per
-//! point (an eighth of a point's CPU at 20 MB/s of random guest writes).
+//! point (about 7 % of a point's CPU at 20 MB/s of random guest writes).
 //! They hold at most `SPARE_BUFFERS` × (target + 4 MiB) of memory.
 
 use std::fs::OpenOptions;
