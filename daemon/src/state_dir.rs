@@ -260,12 +260,23 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// it alive as long as anything uses the files inside.
 pub struct StateDir {
     dir: PathBuf,
-    _lock: File,
+    lock: File,
     state: Mutex<StateFile>,
     /// This open created the directory.
     created_dir: bool,
     /// This open wrote the first `state.json`.
     created_state: bool,
+}
+
+impl Drop for StateDir {
+    /// Unlock explicitly, as `store::lock::WriterLock` does: a child being
+    /// spawned holds a copy of the descriptor until its exec, and the
+    /// `flock` would outlive this drop by that moment.
+    fn drop(&mut self) {
+        if let Err(e) = rustix::fs::flock(&self.lock, rustix::fs::FlockOperation::Unlock) {
+            tracing::warn!(dir = %self.dir.display(), "failed to unlock the state dir: {e}");
+        }
+    }
 }
 
 impl std::fmt::Debug for StateDir {
@@ -370,7 +381,7 @@ impl StateDir {
         };
         Ok(StateDir {
             dir: dir.to_path_buf(),
-            _lock: lock,
+            lock,
             state: Mutex::new(state),
             created_dir,
             created_state,

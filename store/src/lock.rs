@@ -58,8 +58,24 @@ pub const LOCK_FILE: &str = "lock";
 /// second writer can say who holds it.
 #[derive(Debug)]
 pub struct WriterLock {
-    _file: Option<File>,
+    file: Option<File>,
     lease: Option<Lease>,
+}
+
+impl Drop for WriterLock {
+    /// Unlock explicitly rather than by closing: a child another thread of
+    /// this process is spawning holds a copy of every descriptor between
+    /// its fork and its exec, and a `flock` lives until the last copy of
+    /// the descriptor is closed. Closing alone could leave the store
+    /// locked for that moment, and a writer that follows at once would
+    /// fail with "locked by PID" naming this very process.
+    fn drop(&mut self) {
+        if let Some(f) = &self.file {
+            if let Err(e) = f.unlock() {
+                warn!("failed to unlock the store's writer lock: {e}");
+            }
+        }
+    }
 }
 
 impl WriterLock {
@@ -96,7 +112,7 @@ impl WriterLock {
         };
         write_pid(&mut file).map_err(|e| Error::io_path("Failed to write", &path, e))?;
         Ok(WriterLock {
-            _file: Some(file),
+            file: Some(file),
             lease: None,
         })
     }
@@ -125,7 +141,7 @@ impl WriterLock {
         let lease = Lease::start(backend, WRITER_KEY.to_string(), body)?;
         info!(store = %place, "took the writer lock (lease {} s)", lease_secs());
         Ok(WriterLock {
-            _file: None,
+            file: None,
             lease: Some(lease),
         })
     }
@@ -533,5 +549,25 @@ mod tests {
         );
         drop(l);
         WriterLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_copy_of_the_descriptor_does_not_keep_the_store_locked() {
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().unwrap();
+        let l = WriterLock::acquire(dir.path()).unwrap();
+        // What a child being spawned holds between its fork and its exec:
+        // another descriptor of the same open file.
+        let copy = l
+            .file
+            .as_ref()
+            .unwrap()
+            .as_fd()
+            .try_clone_to_owned()
+            .unwrap();
+        drop(l);
+        let again = WriterLock::acquire(dir.path());
+        drop(copy);
+        again.unwrap();
     }
 }

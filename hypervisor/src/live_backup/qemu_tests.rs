@@ -550,7 +550,8 @@ fn raw_disk_bitmaps_live_in_memory_and_bad_input_is_clear() {
         ..cfg
     };
     let e = run(&vm.store, &cfg).unwrap_err();
-    assert!(crate::nbd::error_chain(&e).contains("missing.sock"), "{e}");
+    let chain = crate::nbd::error_chain(&e);
+    assert!(chain.contains("missing.sock"), "{chain}");
     assert!(vm.proc.running());
 }
 
