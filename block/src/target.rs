@@ -36,9 +36,10 @@
 //! [`Target::open_with`] with [`TargetOpen::lock`] makes the target the
 //! caller's until it is dropped:
 //! - a file gets an exclusive open-file-description lock over its whole
-//!   length (`F_OFD_SETLK`, write lock). The kernel drops it when the file
-//!   is closed, however the process ends, so a stale lock never blocks a
-//!   restart. QEMU takes the same kind of lock on the images it opens, so
+//!   length (`F_OFD_SETLK`, write lock). Drop releases it explicitly (a
+//!   child being spawned holds a copy of the descriptor until its exec),
+//!   and the kernel drops it when the file is closed, however the process
+//!   ends, so a stale lock never blocks a restart. QEMU takes the same kind of lock on the images it opens, so
 //!   neither a second daemon nor a QEMU or `qemu-img` pointed at the target
 //!   can use it while a migration writes it;
 //! - a block device is opened `O_EXCL`: the kernel refuses it while another
@@ -170,6 +171,21 @@ pub struct Target {
     capacity: u64,
     image_size: u64,
     created: bool,
+    /// A file under our OFD lock.
+    locked: bool,
+}
+
+impl Drop for Target {
+    /// Releases the OFD lock explicitly rather than by closing: a child
+    /// another thread is spawning holds a copy of the descriptor until its
+    /// exec, and the lock lives as long as any copy does.
+    fn drop(&mut self) {
+        if self.locked {
+            if let Err(e) = set_ofd_lock(&self.file, libc::F_UNLCK) {
+                tracing::warn!(target = %self.path.display(), "failed to unlock the target: {e}");
+            }
+        }
+    }
 }
 
 /// How [`Target::open_with`] opens a target.
@@ -340,6 +356,7 @@ impl Target {
             capacity,
             image_size,
             created,
+            locked: how.lock && kind == TargetKind::File,
         })
     }
 
@@ -569,20 +586,9 @@ fn disk_identity(devno: &str) -> String {
 /// Takes an exclusive OFD write lock over the whole file, or names who
 /// holds it.
 fn lock_file(file: &File, path: &Path) -> Result<()> {
-    let lock = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 0,
-        l_pid: 0,
-    };
-    // SAFETY: `file` is an open descriptor for the duration of the call and
-    // `lock` is a valid `struct flock` that F_OFD_SETLK only reads.
-    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
-    if ret == 0 {
+    let Err(err) = set_ofd_lock(file, libc::F_WRLCK) else {
         return Ok(());
-    }
-    let err = io::Error::last_os_error();
+    };
     match err.raw_os_error() {
         Some(libc::EAGAIN) | Some(libc::EACCES) => Err(Error::Locked {
             path: path.to_path_buf(),
@@ -592,6 +598,26 @@ fn lock_file(file: &File, path: &Path) -> Result<()> {
             path: path.to_path_buf(),
             source: err,
         }),
+    }
+}
+
+/// Sets (`F_WRLCK`) or releases (`F_UNLCK`) an OFD lock over the whole
+/// file, without waiting.
+fn set_ofd_lock(file: &File, kind: libc::c_int) -> io::Result<()> {
+    let lock = libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: `file` is an open descriptor for the duration of the call and
+    // `lock` is a valid `struct flock` that F_OFD_SETLK only reads.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -747,14 +773,13 @@ mod tests {
         );
         // Unlocked opens are not refused (tests, readers).
         Target::open(&path, 8192).unwrap();
+        // Free once dropped, even while another descriptor of the same open
+        // file lives on (what a child being spawned holds until its exec).
+        let copy = held.file.try_clone().unwrap();
         drop(held);
-        // Free once no process has the description open: a child another
-        // test thread forks may hold a copy until its exec closes it.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while let Err(e) = Target::open_with(&path, 8192, LOCKED) {
-            assert!(std::time::Instant::now() < deadline, "{e}");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let again = Target::open_with(&path, 8192, LOCKED);
+        drop(copy);
+        again.unwrap();
     }
 
     #[test]

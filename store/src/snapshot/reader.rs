@@ -23,6 +23,35 @@ use crate::snapshot::delta::Delta;
 use crate::snapshot::manifest::{decode_entry, read_header, verify_trailer, Manifest, ENTRY_LEN};
 use crate::snapshot::{Listed, SnapshotInfo};
 
+/// A local manifest under the reader's shared `flock`, unlocked explicitly
+/// when the last user drops it: closing alone would leave the lock held
+/// while a child another thread is spawning still has a copy of the
+/// descriptor (until its exec), and gc would keep the manifest once more.
+#[derive(Debug)]
+struct LockedManifest(File);
+
+impl Object for LockedManifest {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        Object::read_at(&self.0, buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Object::len(&self.0)
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.0)
+    }
+}
+
+impl Drop for LockedManifest {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.unlock() {
+            tracing::warn!("failed to unlock a snapshot manifest: {e}");
+        }
+    }
+}
+
 /// Reads one snapshot. `Send + Sync`; holds the shared lock until dropped.
 #[derive(Debug)]
 pub struct SnapshotReader {
@@ -67,7 +96,7 @@ impl SnapshotReader {
                 }
                 // Encrypted store: the file holds a sealed manifest.
                 store
-                    .unseal(&key, Arc::new(file))
+                    .unseal(&key, Arc::new(LockedManifest(file)))
                     .ctx(|| format!("Failed to open snapshot manifest {key}"))?
             }
             None => {
@@ -356,5 +385,27 @@ impl SnapshotReader {
             }),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::backup::tests::{image, setup};
+    use crate::gc::GcOptions;
+
+    #[test]
+    fn a_copy_of_the_manifest_descriptor_does_not_keep_it_from_gc() {
+        let (dir, store) = setup(4096);
+        let a = dir.path().join("a.img");
+        std::fs::write(&a, image(14, 256 << 10)).unwrap();
+        store.backup("a", &a, &Default::default()).unwrap();
+        let reader = store.open_snapshot("a").unwrap();
+        // What a child being spawned holds between its fork and its exec.
+        let copy = reader.obj.file().unwrap().try_clone().unwrap();
+        store.forget("a").unwrap();
+        drop(reader);
+        let s = store.gc(&GcOptions::default()).unwrap();
+        drop(copy);
+        assert_eq!((s.manifests_in_use, s.manifests_deleted), (0, 1), "{s:?}");
     }
 }
