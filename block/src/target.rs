@@ -39,9 +39,10 @@
 //!   length (`F_OFD_SETLK`, write lock). Drop releases it explicitly (a
 //!   child being spawned holds a copy of the descriptor until its exec),
 //!   and the kernel drops it when the file is closed, however the process
-//!   ends, so a stale lock never blocks a restart. QEMU takes the same kind of lock on the images it opens, so
-//!   neither a second daemon nor a QEMU or `qemu-img` pointed at the target
-//!   can use it while a migration writes it;
+//!   ends, so a stale lock never blocks a restart. QEMU takes the same
+//!   kind of lock on the images it opens, so neither a second daemon nor
+//!   a QEMU or `qemu-img` pointed at the target can use it while a
+//!   migration writes it;
 //! - a block device is opened `O_EXCL`: the kernel refuses it while another
 //!   exclusive opener holds it or a file system on it is mounted.
 //!
